@@ -1,0 +1,1 @@
+"""Sign-up, login (/oauth/token), the user profile and access tokens."""

@@ -1,0 +1,1 @@
+"""Credentials -> Subject, and the one policy that answers "may this subject do this"."""

@@ -1,0 +1,86 @@
+"""FastAPI dependencies: the caller's token, subject and a per-request context."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.auth.subject import Subject, resolve_token
+from corral.db.session import get_db
+from corral.kit.errors import OAuthError, Unauthorized
+from corral.settings import Settings
+
+_BEARER = re.compile(r"^Bearer\s+(\S+)\s*$", re.IGNORECASE)
+
+Db = Annotated[AsyncSession, Depends(get_db, scope="function")]
+
+
+async def token_from_request(request: Request) -> str | None:
+    """Find the token in exactly one of: Authorization header, query, form body."""
+    found: list[str] = []
+    header = request.headers.get("authorization")
+    if header and not header.lower().startswith("basic "):
+        m = _BEARER.match(header)
+        if not m:
+            raise OAuthError("Malformed auth header", code="invalid_request")
+        found.append(m.group(1))
+    if "access_token" in request.query_params:
+        found.append(request.query_params["access_token"])
+    ctype = request.headers.get("content-type", "")
+    if request.method != "GET" and ctype.startswith("application/x-www-form-urlencoded"):
+        form = await request.form()
+        value = form.get("access_token")
+        if isinstance(value, str):
+            found.append(value)
+    if len(found) > 1:
+        raise OAuthError(
+            "Only one method may be used to authenticate at a time (Auth header,  GET or POST).",
+            code="invalid_request",
+        )
+    return found[0] if found else None
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+@dataclass
+class Ctx:
+    """What a route hands to a service: the transaction, the caller, settings, the source IP."""
+
+    db: AsyncSession
+    settings: Settings
+    ip: str
+    subject: Subject | None
+    request: Request
+
+    @property
+    def me(self) -> Subject:
+        if self.subject is None:
+            raise Unauthorized("The access token was not found")
+        return self.subject
+
+    @property
+    def runtime(self) -> Any:
+        return self.request.app.state.runtime
+
+
+async def optional_ctx(request: Request, db: Db) -> Ctx:
+    token = await token_from_request(request)
+    subject = await resolve_token(db, token) if token else None
+    return Ctx(db=db, settings=request.app.state.settings, ip=client_ip(request),
+               subject=subject, request=request)
+
+
+async def auth_ctx(ctx: Annotated[Ctx, Depends(optional_ctx)]) -> Ctx:
+    """A context whose caller is authenticated: 401 without a token."""
+    ctx.me  # noqa: B018 - raises when no token was given
+    return ctx
+
+
+AnyCtx = Annotated[Ctx, Depends(optional_ctx)]
+AuthCtx = Annotated[Ctx, Depends(auth_ctx)]

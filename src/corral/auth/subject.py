@@ -1,0 +1,59 @@
+"""Who is calling: resolved from a bearer token by :func:`resolve_token`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.auth.models import AccessToken, OAuthClient, User
+from corral.kit import clock
+from corral.kit.errors import Unauthorized
+from corral.kit.secrets import digest
+
+
+@dataclass(frozen=True)
+class Subject:
+    kind: str  # user | api | client
+    token_id: int
+    client: str
+    user_id: int | None = None
+    username: str | None = None
+    product_id: int | None = None  # api users and client tokens are bound to one product
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    oauth_client_id: int | None = None
+
+    @property
+    def is_person(self) -> bool:
+        return self.kind == "user"
+
+    @property
+    def label(self) -> str:
+        return self.username or self.client
+
+
+async def resolve_token(db: AsyncSession, token: str) -> Subject:
+    row = (
+        await db.execute(select(AccessToken).where(AccessToken.token_hash == digest(token)))
+    ).scalar_one_or_none()
+    if row is None:
+        raise Unauthorized("The access token provided is invalid.")
+    if row.expires_at is not None and row.expires_at <= clock.now():
+        raise Unauthorized("The access token provided has expired.", code="expired_token")
+    if row.user_id is not None:
+        user = await db.get(User, row.user_id)
+        if user is None:
+            raise Unauthorized("The access token provided is invalid.")
+        if user.kind == "api":
+            return Subject(kind="api", token_id=row.id, client=row.client, user_id=user.id,
+                           username=user.username, product_id=user.api_product_id,
+                           scopes=frozenset(user.api_scopes or ()))
+        return Subject(kind="user", token_id=row.id, client=row.client, user_id=user.id,
+                       username=user.username, scopes=frozenset(row.scopes or ()))
+    client = await db.get(OAuthClient, row.oauth_client_id) if row.oauth_client_id else None
+    if client is None:
+        raise Unauthorized("The access token provided is invalid.")
+    return Subject(kind="client", token_id=row.id, client=client.client_id,
+                   product_id=client.product_id, scopes=frozenset(row.scopes or ()),
+                   oauth_client_id=client.id)

@@ -1,0 +1,51 @@
+"""The request's transaction: one per request, committed by the boundary, never by services.
+
+Work to run only if the transaction commits (e-mail wake-ups, bus publishes) is queued with
+:func:`after_commit`; it is dropped on rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.kit.errors import Conflict
+
+log = logging.getLogger(__name__)
+
+
+def after_commit(db: AsyncSession, fn: Callable[[], Any]) -> None:
+    db.info.setdefault("after_commit", []).append(fn)
+
+
+async def commit(db: AsyncSession) -> None:
+    """Commit, map a lost uniqueness race to 409, then run the after-commit hooks."""
+    try:
+        await db.commit()
+    except IntegrityError as exc:
+        await db.rollback()
+        db.info.pop("after_commit", None)
+        raise Conflict("That conflicts with an existing record") from exc
+    for fn in db.info.pop("after_commit", []):
+        try:
+            fn()
+        except Exception:  # a side effect must not turn a committed write into an error
+            log.exception("after-commit hook failed")
+
+
+async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency (use with ``scope="function"``): commit on success, else roll back."""
+    async with request.app.state.sessionmaker() as db:
+        try:
+            yield db
+        except BaseException:
+            await db.rollback()
+            db.info.pop("after_commit", None)
+            raise
+        else:
+            await commit(db)

@@ -1,0 +1,1 @@
+"""Domain-free helpers: errors, clock, identifiers and secrets, passwords, text."""

@@ -1,0 +1,1 @@
+"""Products: the container for devices, firmware, groups and the product team."""

@@ -1,0 +1,5 @@
+"""Routes (filled in below)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

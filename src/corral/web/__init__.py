@@ -1,0 +1,1 @@
+"""The FastAPI application: composes every domain's routes, errors, metrics and health."""

@@ -1,0 +1,117 @@
+"""The application factory: ``create_app(settings)`` composes every domain."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+import corral
+from corral.db import migrate
+from corral.db.engine import make_engine
+from corral.mail.backends import MailBackend, make_backend
+from corral.mail.tasks import Mailer
+from corral.settings import Settings
+from corral.web import errors
+from corral.web.middleware import BodyLimit, Metrics
+
+log = logging.getLogger("corral.web")
+
+
+class Runtime:
+    """Long-lived parts of one server process: engine, sessions, background workers."""
+
+    def __init__(self, settings: Settings, *, mail_backend: MailBackend | None = None) -> None:
+        self.settings = settings
+        self.mail_backend = mail_backend or make_backend(settings)
+        self.engine: AsyncEngine | None = None
+        self.sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        self.mailer: Mailer | None = None
+
+    async def start(self, app: FastAPI, *, migrate_db: bool = True,
+                    background: bool = True) -> None:
+        url = self.settings.resolved_database_url()
+        if url.startswith("sqlite"):
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(url)
+        if migrate_db:
+            await migrate.upgrade(self.engine)
+        self.mailer = Mailer(None, self.mail_backend)  # type: ignore[arg-type]
+        self.sessionmaker = async_sessionmaker(
+            self.engine, expire_on_commit=False, info={"wake_mailer": self.mailer.wake}
+        )
+        self.mailer.sessionmaker = self.sessionmaker
+        app.state.sessionmaker = self.sessionmaker
+        if background:
+            self.mailer.start()
+
+    async def stop(self) -> None:
+        if self.mailer:
+            await self.mailer.stop()
+        if self.engine:
+            await self.engine.dispose()
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
+    rt = runtime or Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await rt.start(app)
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    app = FastAPI(
+        title="corral",
+        version=corral.__version__,
+        description="A self-hosted device cloud. `/v1` follows Particle's Device Cloud API.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.runtime = rt
+    errors.install(app)
+
+    from corral.accounts.api import router as accounts_router
+    from corral.audit.api import router as audit_router
+    from corral.orgs.api import router as orgs_router
+    from corral.products.api import router as products_router
+
+    for router in (accounts_router, orgs_router, products_router, audit_router):
+        app.include_router(router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness and database reachability."""
+        try:
+            async with request.app.state.sessionmaker() as db:
+                await db.execute(text("SELECT 1"))
+        except Exception as exc:  # report, never raise
+            return JSONResponse({"ok": False, "database": repr(exc)[:200]}, status_code=503)
+        return JSONResponse({"ok": True, "version": corral.__version__})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(Metrics)  # type: ignore[arg-type]
+    return app
+
+
+def asgi_app() -> Any:  # pragma: no cover - for `uvicorn corral.web.app:asgi_app --factory`
+    from corral.settings import get_settings
+
+    return create_app(get_settings())

@@ -1,0 +1,109 @@
+"""Test harness: every test gets a migrated, empty database and an in-process client.
+
+SQLite by default; set ``CORRAL_TEST_DATABASE_URL`` (e.g.
+``postgresql+asyncpg://postgres@127.0.0.1:5432/test``) to run the same suite on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from corral.db.base import Base, all_models
+from corral.db.engine import make_engine
+from corral.db.migrate import upgrade
+from corral.kit import clock
+from corral.mail.backends import LogBackend
+from corral.settings import Settings
+from corral.web.app import Runtime, create_app
+
+all_models()
+PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
+
+
+def _fresh_schema(url: str) -> None:
+    async def go() -> None:
+        engine = make_engine(url)
+        if not url.startswith("sqlite"):
+            async with engine.begin() as conn:
+                await conn.execute(text("DROP SCHEMA public CASCADE"))
+                await conn.execute(text("CREATE SCHEMA public"))
+        await upgrade(engine)
+        await engine.dispose()
+
+    asyncio.run(go())
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if PG_URL:
+        url = PG_URL
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'corral-test.db'}"
+    _fresh_schema(url)
+    return url
+
+
+async def _truncate(url: str) -> None:
+    engine = make_engine(url)
+    names = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    async with engine.begin() as conn:
+        if url.startswith("sqlite"):
+            await conn.execute(text("PRAGMA foreign_keys=OFF"))
+            for name in names:
+                await conn.execute(text(f'DELETE FROM "{name}"'))
+            await conn.execute(text("PRAGMA foreign_keys=ON"))
+        else:
+            joined = ", ".join(f'"{n}"' for n in names)
+            await conn.execute(text(f"TRUNCATE {joined} RESTART IDENTITY CASCADE"))
+    await engine.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data", database_url=database_url,
+        argon2_time_cost=1, argon2_memory_kib=8, log_format="text",
+    )
+
+
+@pytest.fixture
+def manual_clock() -> AsyncIterator[clock.ManualClock]:
+    import datetime as dt
+
+    mc = clock.ManualClock(dt.datetime.now(dt.UTC).replace(microsecond=0))
+    previous = clock.install(mc)
+    yield mc  # type: ignore[misc]
+    clock.install(previous)
+
+
+@pytest.fixture
+async def app(settings: Settings, database_url: str) -> AsyncIterator[Any]:
+    await _truncate(database_url)
+    runtime = Runtime(settings, mail_backend=LogBackend())
+    application = create_app(settings, runtime=runtime)
+    await runtime.start(application, migrate_db=False, background=False)
+    try:
+        yield application
+    finally:
+        await runtime.stop()
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as c:
+        yield c
+
+
+@pytest.fixture
+def mailbox(app: Any) -> LogBackend:
+    """Messages the log backend delivered (call ``await app.state.runtime.mailer.deliver_due()``)."""
+    return app.state.runtime.mail_backend
