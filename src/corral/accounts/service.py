@@ -99,7 +99,7 @@ class IssuedToken:
         if self.row.expires_at is None:
             out["expires_in"] = 0
         else:
-            out["expires_in"] = max(0, int((self.row.expires_at - clock.now()).total_seconds()))
+            out["expires_in"] = max(0, round((self.row.expires_at - clock.now()).total_seconds()))
         if self.refresh_token:
             out["refresh_token"] = self.refresh_token
         if self.row.scopes:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -59,6 +59,16 @@ class Runtime:
             await self.engine.dispose()
 
 
+def routers() -> list[APIRouter]:
+    """Every domain's router, in mounting order (the permission-matrix test walks these)."""
+    from corral.accounts.api import router as accounts_router
+    from corral.audit.api import router as audit_router
+    from corral.orgs.api import router as orgs_router
+    from corral.products.api import router as products_router
+
+    return [accounts_router, orgs_router, products_router, audit_router]
+
+
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
     rt = runtime or Runtime(settings)
 
@@ -83,12 +93,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.state.runtime = rt
     errors.install(app)
 
-    from corral.accounts.api import router as accounts_router
-    from corral.audit.api import router as audit_router
-    from corral.orgs.api import router as orgs_router
-    from corral.products.api import router as products_router
-
-    for router in (accounts_router, orgs_router, products_router, audit_router):
+    for router in routers():
         app.include_router(router)
 
     @app.get("/healthz", include_in_schema=False)
