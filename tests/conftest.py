@@ -16,13 +16,14 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from corral.db.base import Base, all_models
+from corral.db.base import all_models
 from corral.db.engine import make_engine
 from corral.db.migrate import upgrade
 from corral.kit import clock
 from corral.mail.backends import LogBackend
 from corral.settings import Settings
 from corral.web.app import Runtime, create_app
+from dbreset import truncate_all
 
 all_models()
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
@@ -51,21 +52,6 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-async def _truncate(url: str) -> None:
-    engine = make_engine(url)
-    names = [t.name for t in reversed(Base.metadata.sorted_tables)]
-    async with engine.begin() as conn:
-        if url.startswith("sqlite"):
-            await conn.execute(text("PRAGMA foreign_keys=OFF"))
-            for name in names:
-                await conn.execute(text(f'DELETE FROM "{name}"'))
-            await conn.execute(text("PRAGMA foreign_keys=ON"))
-        else:
-            joined = ", ".join(f'"{n}"' for n in names)
-            await conn.execute(text(f"TRUNCATE {joined} RESTART IDENTITY CASCADE"))
-    await engine.dispose()
-
-
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
@@ -86,7 +72,7 @@ def manual_clock() -> AsyncIterator[clock.ManualClock]:
 
 @pytest.fixture
 async def app(settings: Settings, database_url: str) -> AsyncIterator[Any]:
-    await _truncate(database_url)
+    await truncate_all(database_url)
     runtime = Runtime(settings, mail_backend=LogBackend())
     application = create_app(settings, runtime=runtime)
     await runtime.start(application, migrate_db=False, background=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+
 from helpers import PASSWORD, bearer, login, new_user, signup
 
 FORM = {"grant_type": "password", "client_id": "particle-cli", "client_secret": "particle-cli"}

@@ -23,10 +23,12 @@ from corral.accounts.service import issue_token
 from corral.auth.guards import Guard
 from corral.auth.models import Membership, User
 from corral.auth.policy import API_USER_SCOPES, Role, role_allows
+from corral.devices.models import Device
 from corral.orgs.models import Organization
 from corral.products.models import Product
 from corral.settings import Settings
 from corral.web.app import routers
+from dbreset import truncate_all
 
 
 def _guards(dependant: Any) -> list[Guard]:
@@ -59,20 +61,35 @@ PERSONAS = ["org:Owner", "org:Administrator", "org:Developer", "org:Support", "o
             "product:Administrator", "product:View-only", "outsider", "api:all", "api:products:get"]
 
 
+DEVICE_ID = "0123456789abcdef01234567"  # a device of the tenant's product
+
+
 @dataclass
 class World:
     org: Organization
     product: Product
-    token: str
+    tokens: dict[str, str]
+
+    @property
+    def token(self) -> str:  # the Owner's (used by other tests)
+        return self.tokens["org:Owner"]
 
 
-async def build_world(db: AsyncSession, settings: Settings, persona: str) -> World:
-    def user(name: str, kind: str = "user", **kw: Any) -> User:
-        u = User(username=f"{name}@matrix.test", password_hash=None, kind=kind, **kw)
+async def build_world(db: AsyncSession, settings: Settings, persona: str | None = None) -> World:
+    """Tenant A (org, product "widget", one device) with one caller per persona, and tenant B
+    (another org and product) for the outsider. ``persona`` is accepted for callers that want
+    just one; every persona's token is in ``World.tokens``."""
+    n = 0
+
+    def user(kind: str = "user", **kw: Any) -> User:
+        nonlocal n
+        n += 1
+        u = User(username=f"caller{n}@matrix.test", password_hash=None, kind=kind, **kw)
         db.add(u)
         return u
 
-    owner = user("owner")
+    owner = user()
+    owner.username = "owner@matrix.test"
     org = Organization(name="Tenant A", slug="tenant-a")
     other_org = Organization(name="Tenant B", slug="tenant-b")
     db.add_all([org, other_org])
@@ -82,31 +99,38 @@ async def build_world(db: AsyncSession, settings: Settings, persona: str) -> Wor
     db.add_all([product, other_product])
     await db.flush()
     db.add(Membership(user_id=owner.id, org_id=org.id, role="Owner"))
+    db.add(Device(id=DEVICE_ID, product_id=product.id, platform_id=12, name="matrix-device"))
 
-    kind, _, rest = persona.partition(":")
-    if kind == "org":
-        caller = owner if rest == "Owner" else user("caller")
-        await db.flush()
-        if caller is not owner:
-            db.add(Membership(user_id=caller.id, org_id=org.id, role=rest))
-    elif kind == "product":
-        caller = user("caller")
-        await db.flush()
-        db.add(Membership(user_id=caller.id, org_id=org.id, product_id=product.id, role=rest))
-    elif kind == "outsider":
-        caller = user("outsider")
-        await db.flush()
-        db.add(Membership(user_id=caller.id, org_id=other_org.id, role="Owner"))
-        db.add(Membership(user_id=caller.id, org_id=other_org.id, product_id=other_product.id,
-                          role="Owner"))
-    else:  # API user of the product
-        scopes = sorted(API_USER_SCOPES) if rest == "all" else [rest]
-        caller = user("api", kind="api", api_product_id=product.id, api_scopes=scopes,
-                      friendly_name="matrix")
-        await db.flush()
-    issued = issue_token(db, settings, user_id=caller.id, client="matrix", expires_at=None)
+    callers: dict[str, User] = {}
+    for p in PERSONAS if persona is None else [persona]:
+        kind, _, rest = p.partition(":")
+        if kind == "org":
+            caller = owner if rest == "Owner" else user()
+            await db.flush()
+            if caller is not owner:
+                db.add(Membership(user_id=caller.id, org_id=org.id, role=rest))
+        elif kind == "product":
+            caller = user()
+            await db.flush()
+            db.add(Membership(user_id=caller.id, org_id=org.id, product_id=product.id, role=rest))
+        elif kind == "outsider":
+            caller = user()
+            await db.flush()
+            db.add(Membership(user_id=caller.id, org_id=other_org.id, role="Owner"))
+            db.add(Membership(user_id=caller.id, org_id=other_org.id,
+                              product_id=other_product.id, role="Owner"))
+        else:  # API user of the product
+            scopes = sorted(API_USER_SCOPES) if rest == "all" else [rest]
+            caller = user(kind="api", api_product_id=product.id, api_scopes=scopes,
+                          friendly_name="matrix")
+            await db.flush()
+        callers[p] = caller
+    if "org:Owner" not in callers:
+        callers["org:Owner"] = owner
+    tokens = {p: issue_token(db, settings, user_id=u.id, client="matrix",
+                             expires_at=None).access_token for p, u in callers.items()}
     await db.commit()
-    return World(org=org, product=product, token=issued.access_token)
+    return World(org=org, product=product, tokens=tokens)
 
 
 def expected(persona: str, guard: Guard) -> str:
@@ -126,26 +150,27 @@ def expected(persona: str, guard: Guard) -> str:
 
 def fill(path: str, world: World) -> str:
     path = path.replace("{product}", world.product.slug).replace("{org}", world.org.slug)
+    path = path.replace("{device_id}", DEVICE_ID)
     return re.sub(r"\{[^}]+\}", "matrix-placeholder", path)
 
 
 @pytest.mark.parametrize(("method", "path", "guard"), ROUTES,
                          ids=[f"{m} {p}" for m, p, _ in ROUTES])
 async def test_route_matrix(app, client, database_url, method, path, guard):
-    from conftest import _truncate
-
+    world: World | None = None
     for persona in PERSONAS:
-        await _truncate(database_url)
-        async with app.state.sessionmaker() as db:
-            world = await build_world(db, app.state.settings, persona)
+        if world is None:  # rebuilt only after a request that may have changed something
+            await truncate_all(database_url)
+            async with app.state.sessionmaker() as db:
+                world = await build_world(db, app.state.settings)
         r = await client.request(method, fill(path, world), json={},
-                                 headers={"Authorization": f"Bearer {world.token}"})
+                                 headers={"Authorization": f"Bearer {world.tokens[persona]}"})
         want = expected(persona, guard)
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
         where = f"{persona} {method} {path} -> {r.status_code} {r.text[:300]}"
         assert r.status_code != 401 and r.status_code < 500, where
         missing = r.status_code == 404 and body.get("error_description") in (
-            "Product not found", "Organization not found")
+            "Product not found", "Organization not found", "Device not found")
         denied = r.status_code == 403 and body.get("error") in ("forbidden", "unauthorized")
         if want == "missing":
             assert missing, where
@@ -153,6 +178,8 @@ async def test_route_matrix(app, client, database_url, method, path, guard):
             assert denied, where
         else:
             assert not missing and not denied, where
+            if method != "GET":
+                world = None
 
 
 def test_matrix_covers_routes():
@@ -162,10 +189,11 @@ def test_matrix_covers_routes():
 
 
 def test_every_tenant_route_is_guarded():
-    """A route with {product} or {org} in its path must declare a Guard."""
+    """A route with {product}, {org} or {device_id} in its path must declare a Guard."""
     for router in routers():
         for route in router.routes:
-            if isinstance(route, APIRoute) and ("{product}" in route.path or "{org}" in route.path):
+            if isinstance(route, APIRoute) and any(
+                    p in route.path for p in ("{product}", "{org}", "{device_id}")):
                 assert _guards(route.dependant), f"unguarded tenant route {route.path}"
 
 

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
 
     # --- HTTP input limits
     max_body_bytes: int = 1_048_576
+    max_import_bytes: int = 16 * 1_048_576  # device-ID imports and key uploads
 
     # --- e-mail outbox backend
     email_backend: Literal["log", "smtp"] = "log"
@@ -52,6 +53,13 @@ class Settings(BaseSettings):
     # --- the CLI's client side
     api_url: str = "http://127.0.0.1:8080"
     token: str | None = None
+    # where `corral login` keeps its token: $XDG_CONFIG_HOME/corral/config.json
+    xdg_config_home: Path | None = Field(default=None, validation_alias="XDG_CONFIG_HOME")
+
+    # --- `corral serve --demo`: an owner account, an organization and a product to try things
+    demo: bool = False
+    demo_username: str = "demo@corral.example"  # .local is refused as an e-mail domain
+    demo_password: str = "corral-demo"
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -63,6 +71,12 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.http_port}"
+
+    def cli_config_path(self) -> Path:
+        """Where ``corral login`` keeps its token: ``$XDG_CONFIG_HOME/corral/config.json``."""
+        xdg = self.xdg_config_home  # the XDG spec ignores an empty or relative value
+        base = xdg if xdg and xdg.is_absolute() else Path.home() / ".config"
+        return base / "corral" / "config.json"
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.accounts.models import LoginFailure
 from corral.audit import service as audit
-from corral.auth.models import AccessToken, Membership, OAuthClient, User
+from corral.auth.models import AccessToken, Customer, Membership, OAuthClient, User
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
 from corral.kit import clock
@@ -209,6 +209,16 @@ async def password_grant(db: AsyncSession, settings: Settings, *, username: str 
                          expires_at: dt.datetime | None, ip: str) -> IssuedToken:
     if not username or not password:
         raise OAuthError("Missing parameter: `username` and `password` are required")
+    if oauth_client is not None and oauth_client.product_id is not None:
+        # a product's own client: its customers log in here (people still can, below)
+        customer = await find_product_customer(db, oauth_client.product_id, username)
+        if customer is not None:
+            if not verify_password(customer.password_hash, password):  # shadow: no password
+                raise OAuthError("User credentials are invalid", code="invalid_grant")
+            await clear_failures(db, ip)
+            return issue_customer_token(db, settings, customer, client=client,
+                                        oauth_client_id=oauth_client.id, expires_at=expires_at,
+                                        ip=ip)
     user = await find_user(db, username.strip())
     if user is None or user.kind != "user" or not verify_password(user.password_hash, password):
         raise OAuthError("User credentials are invalid", code="invalid_grant")
@@ -217,6 +227,26 @@ async def password_grant(db: AsyncSession, settings: Settings, *, username: str 
                          oauth_client_id=None, ip=ip)
     audit.record(db, actor=None, actor_label=user.username, ip=ip, action="token.created",
                  target_type="user", target_id=user.id, details={"client": client})
+    return issued
+
+
+async def find_product_customer(db: AsyncSession, product_id: int, email: str) -> Customer | None:
+    """The customer ``email`` (any case) of the product, if any."""
+    return (await db.execute(select(Customer).where(
+        Customer.product_id == product_id, Customer.email == email.strip().lower()))
+    ).scalar_one_or_none()
+
+
+def issue_customer_token(db: AsyncSession, settings: Settings, customer: Customer, *,
+                         client: str, oauth_client_id: int | None,
+                         expires_at: dt.datetime | None, ip: str | None) -> IssuedToken:
+    """A token that acts as ``customer`` (no user, no scopes: the customer's own devices)."""
+    issued = issue_token(db, settings, user_id=None, client=client, expires_at=expires_at,
+                         oauth_client_id=oauth_client_id, ip=ip)
+    issued.row.customer_id = customer.id
+    audit.record(db, actor=None, actor_label=customer.email, ip=ip, action="token.created",
+                 product_id=customer.product_id, target_type="customer",
+                 target_id=customer.email, details={"client": client})
     return issued
 
 
@@ -242,9 +272,19 @@ async def client_credentials_grant(db: AsyncSession, settings: Settings, *, oaut
                                    scope: str | None, expires_at: dt.datetime | None,
                                    ip: str) -> IssuedToken:
     if scope and scope.strip():
-        raise OAuthError(
-            "Customer-scoped tokens need a customer of this product; none matches this scope",
-            code="invalid_scope")
+        # ``customer=<email>``: a token for that customer of the client's product (shadow
+        # customers included: the product's backend vouches for them)
+        kind, _, email = scope.strip().partition("=")
+        customer = None
+        if kind == "customer" and email.strip() and oauth_client.product_id is not None:
+            customer = await find_product_customer(db, oauth_client.product_id, email)
+        if customer is None:
+            raise OAuthError(
+                "Customer-scoped tokens need a customer of this product; none matches this scope",
+                code="invalid_scope")
+        return issue_customer_token(db, settings, customer, client=oauth_client.client_id,
+                                    oauth_client_id=oauth_client.id, expires_at=expires_at,
+                                    ip=ip)
     scopes = client_scopes(oauth_client)
     issued = issue_token(db, settings, user_id=None, client=oauth_client.client_id,
                          expires_at=expires_at, scopes=scopes, oauth_client_id=oauth_client.id,

@@ -42,6 +42,9 @@ class AccessToken(Base):
     oauth_client_id: Mapped[int | None] = mapped_column(
         ForeignKey("oauth_clients.id", ondelete="CASCADE"), index=True
     )
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="CASCADE"), index=True
+    )
     scopes: Mapped[list[str]] = mapped_column(default=list)
     expires_at: Mapped[dt.datetime | None]
     refresh_expires_at: Mapped[dt.datetime | None]
@@ -83,3 +86,18 @@ class OAuthClient(Timestamps, Base):
     owner_user_id: Mapped[int | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL"), index=True
     )
+
+
+class Customer(Timestamps, Base):
+    """An end customer of one product (e-mail + password, or a password-less shadow customer).
+
+    An identity like a user, so it lives with the other credentials; the customers package
+    holds the rules."""
+
+    __tablename__ = "customers"
+    __table_args__ = (UniqueConstraint("product_id", "email", name="uq_customers_product_email"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), index=True)
+    email: Mapped[str] = mapped_column(String(254))
+    password_hash: Mapped[str | None] = mapped_column(String(200))  # None: shadow customer

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.auth.models import AccessToken, OAuthClient, User
+from corral.auth.models import AccessToken, Customer, OAuthClient, User
 from corral.kit import clock
 from corral.kit.errors import Unauthorized
 from corral.kit.secrets import digest
@@ -15,7 +15,7 @@ from corral.kit.secrets import digest
 
 @dataclass(frozen=True)
 class Subject:
-    kind: str  # user | api | client
+    kind: str  # user | api | client | customer
     token_id: int
     client: str
     user_id: int | None = None
@@ -23,6 +23,7 @@ class Subject:
     product_id: int | None = None  # api users and client tokens are bound to one product
     scopes: frozenset[str] = field(default_factory=frozenset)
     oauth_client_id: int | None = None
+    customer_id: int | None = None  # customer tokens: an end user of one product
 
     @property
     def is_person(self) -> bool:
@@ -52,6 +53,14 @@ async def resolve_token(db: AsyncSession, token: str) -> Subject:
         return Subject(kind="user", token_id=row.id, client=row.client, user_id=user.id,
                        username=user.username, scopes=frozenset(row.scopes or ()))
     client = await db.get(OAuthClient, row.oauth_client_id) if row.oauth_client_id else None
+    if row.customer_id is not None:
+        customer = await db.get(Customer, row.customer_id)
+        if customer is None:
+            raise Unauthorized("The access token provided is invalid.")
+        return Subject(kind="customer", token_id=row.id, client=row.client,
+                       username=customer.email, product_id=customer.product_id,
+                       scopes=frozenset(), customer_id=customer.id,
+                       oauth_client_id=row.oauth_client_id)
     if client is None:
         raise Unauthorized("The access token provided is invalid.")
     return Subject(kind="client", token_id=row.id, client=client.client_id,

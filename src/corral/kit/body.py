@@ -25,13 +25,17 @@ async def read_body(request: Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise BadRequest("Request body must be a JSON object", code="invalid_json")
     data.pop("access_token", None)
     return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def as_bool(value: Any, *, field: str) -> bool:

@@ -52,7 +52,7 @@ async def product_role(db: AsyncSession, user_id: int, product: Product) -> Role
 
 async def authorize_product(db: AsyncSession, subject: Subject, product: Product,
                             permission: str) -> Role | None:
-    if subject.kind in ("api", "client"):
+    if subject.kind in ("api", "client", "customer"):
         if subject.product_id != product.id:
             raise NotFound("Product not found")
         check_scopes(subject.scopes, permission)

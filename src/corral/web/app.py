@@ -63,10 +63,15 @@ def routers() -> list[APIRouter]:
     """Every domain's router, in mounting order (the permission-matrix test walks these)."""
     from corral.accounts.api import router as accounts_router
     from corral.audit.api import router as audit_router
+    from corral.customers.api import router as customers_router
+    from corral.devices.api import router as devices_router
+    from corral.devices.claims_api import router as claims_router
+    from corral.devices.credentials_api import router as credentials_router
     from corral.orgs.api import router as orgs_router
     from corral.products.api import router as products_router
 
-    return [accounts_router, orgs_router, products_router, audit_router]
+    return [accounts_router, orgs_router, products_router, audit_router, claims_router,
+            credentials_router, customers_router, devices_router]
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
@@ -111,7 +116,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
+    bulk = [(r"^/v1/products/[^/]+/(devices|device_keys)/?$", settings.max_import_bytes)]
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, large=bulk)  # type: ignore[arg-type]
     app.add_middleware(Metrics)  # type: ignore[arg-type]
     return app
 

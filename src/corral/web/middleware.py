@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -16,24 +17,34 @@ Scope = dict[str, Any]
 
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413 JSON, by header or by counting."""
+    """Refuse bodies over ``limit`` bytes with 413 JSON, by header or by counting.
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    ``large`` maps path regexes to a larger limit (bulk uploads)."""
+
+    def __init__(self, app: Any, limit: int, large: list[tuple[str, int]] | None = None) -> None:
+        self.app, self.default = app, limit
+        self.large = [(re.compile(p), n) for p, n in (large or [])]
+
+    def limit_for(self, path: str) -> int:
+        for pattern, n in self.large:
+            if pattern.match(path):
+                return n
+        return self.default
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope.get("path", ""))
         for k, v in scope.get("headers", ()):
             if k == b"content-length":
                 try:
-                    too_big = int(v) > self.limit
+                    too_big = int(v) > limit
                 except ValueError:
                     too_big = True
                 if too_big:
                     await _send_json(send, 413, {"ok": False, "error": "payload_too_large",
-                                                 "error_description": f"Body exceeds {self.limit} bytes"})
+                                                 "error_description": f"Body exceeds {limit} bytes"})
                     return
         seen = 0
         started = False
@@ -43,7 +54,7 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise _TooLarge
             return msg
 
@@ -58,7 +69,7 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await _send_json(send, 413, {"ok": False, "error": "payload_too_large",
-                                             "error_description": f"Body exceeds {self.limit} bytes"})
+                                             "error_description": f"Body exceeds {limit} bytes"})
 
 
 class _TooLarge(Exception):

@@ -1,0 +1,36 @@
+# The README's commands: `make serve` (run corral with a demo account) and `make test`.
+# Both create .venv with `python3 -m venv` when it is missing and install corral into it
+# (editable, with the dev extras); the install is redone only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint install
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+serve: $(STAMP)
+	$(BIN)/corral serve --demo $(SERVE_ARGS)
+
+# SQLite first; then, when CORRAL_TEST_DATABASE_URL is set (CI: PostgreSQL), the suite again.
+test: $(STAMP)
+	env -u CORRAL_TEST_DATABASE_URL $(BIN)/pytest $(PYTEST_ARGS)
+	@if [ -n "$$CORRAL_TEST_DATABASE_URL" ]; then \
+		echo "== the suite again on $$CORRAL_TEST_DATABASE_URL"; \
+		$(BIN)/pytest $(PYTEST_ARGS); \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests

@@ -1,0 +1,71 @@
+"""Start a real corral server (uvicorn subprocess) for a benchmark and stop it by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def corral_server(data_dir: Path, *, database_url: str | None = None) -> Iterator[str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update({
+        "CORRAL_DATA_DIR": str(data_dir), "CORRAL_HTTP_PORT": str(port),
+        "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
+        "CORRAL_ARGON2_MEMORY_KIB": "8",
+    })
+    if database_url:
+        env["CORRAL_DATABASE_URL"] = database_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "corral.web.app:asgi_app", "--factory",
+         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("corral did not start within 30 s")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def signup_and_login(base: str, username: str = "bench@example.com",
+                     password: str = "bench-password") -> str:
+    httpx.post(f"{base}/v1/users", json={"username": username, "password": password}, timeout=30)
+    r = httpx.post(f"{base}/oauth/token", data={
+        "grant_type": "password", "username": username, "password": password,
+        "client_id": "bench", "client_secret": "bench"}, timeout=30)
+    r.raise_for_status()
+    return str(r.json()["access_token"])
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]

@@ -1,0 +1,114 @@
+"""B3: product device listing at scale — p50/p99 of one page with 1,000,000 devices.
+
+    .venv/bin/python bench/bench_inventory.py [--devices 1000000] [--requests 200]
+
+Seeds a product with N devices straight into a fresh SQLite database (migrated by corral's own
+Alembic migrations; bulk core inserts, ~10 % of devices in a group, varied names, firmware
+versions and last_heard), starts corral on it, and times `GET /v1/products/{p}/devices`
+for the query shapes the console and the CLI use. Each shape: `--requests` sequential
+requests (bounded), random page in the first 400 pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from _server import corral_server, percentile, signup_and_login
+from sqlalchemy import insert, select
+
+from corral.db.engine import make_engine
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+from corral.products.models import Product
+
+SHAPES = [
+    ("default (lastConnection desc)", {}),
+    ("sortAttr=deviceId asc", {"sortAttr": "deviceId", "sortDir": "asc"}),
+    ("sortAttr=firmwareVersion desc", {"sortAttr": "firmwareVersion", "sortDir": "desc"}),
+    ("deviceId prefix", {"deviceId": "{prefix}"}),
+    ("deviceName partial", {"deviceName": "sensor-12"}),
+    ("groups=beta", {"groups": "beta"}),
+    ("quarantined=true", {"quarantined": "true"}),
+]
+
+
+async def seed(url: str, slug: str, n: int) -> None:
+    engine = make_engine(url)
+    rnd = random.Random(7)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    async with engine.begin() as conn:
+        pid = (await conn.execute(select(Product.id).where(Product.slug == slug))).scalar_one()
+        gid = (await conn.execute(insert(DeviceGroup).values(
+            product_id=pid, name="beta", created_at=now, updated_at=now).returning(DeviceGroup.id))
+        ).scalar_one()
+        batch: list[dict] = []
+        members: list[dict] = []
+        for i in range(n):
+            did = f"{rnd.getrandbits(96):024x}"
+            batch.append({"id": did, "product_id": pid, "name": f"sensor-{i}", "platform_id": 12,
+                          "firmware_version": rnd.randint(1, 20), "quarantined": i % 1000 == 0,
+                          "last_heard": now - dt.timedelta(seconds=rnd.randint(0, 10**7)),
+                          "created_at": now, "updated_at": now, "tags": [],
+                          "serial_number": f"SN{i:09d}"})
+            if i % 10 == 0:
+                members.append({"device_id": did, "group_id": gid})
+            if len(batch) == 20_000:
+                await conn.execute(insert(Device), batch)
+                batch.clear()
+        if batch:
+            await conn.execute(insert(Device), batch)
+        for k in range(0, len(members), 20_000):
+            await conn.execute(insert(DeviceGroupMember), members[k:k + 20_000])
+    async with engine.begin() as conn:
+        if url.startswith("sqlite"):
+            from sqlalchemy import text
+
+            await conn.execute(text("ANALYZE"))
+    await engine.dispose()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=1_000_000)
+    ap.add_argument("--requests", type=int, default=200)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite+aiosqlite:///{Path(tmp) / 'corral.db'}"
+        with corral_server(Path(tmp), database_url=url) as base:
+            token = signup_and_login(base)
+            h = {"Authorization": f"Bearer {token}"}
+            r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},
+                           headers=h, timeout=30)
+            r.raise_for_status()
+            slug = r.json()["product"]["slug"]
+        t = time.perf_counter()
+        asyncio.run(seed(url, slug, args.devices))
+        print(f"seeded {args.devices} devices in {time.perf_counter() - t:.1f} s")
+        with corral_server(Path(tmp), database_url=url) as base:
+            token = signup_and_login(base)
+            rnd = random.Random(1)
+            print(f"{'query':34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+            with httpx.Client(base_url=base, timeout=60,
+                              headers={"Authorization": f"Bearer {token}"}) as c:
+                for label, params in SHAPES:
+                    lat = []
+                    for _ in range(args.requests):
+                        q = {k: (f"{rnd.getrandbits(12):03x}" if v == "{prefix}" else v)
+                             for k, v in params.items()}
+                        q.update({"page": str(rnd.randint(1, 400)), "per_page": "25"})
+                        t = time.perf_counter()
+                        r = c.get(f"/v1/products/{slug}/devices", params=q)
+                        lat.append(time.perf_counter() - t)
+                        r.raise_for_status()
+                    print(f"{label:34} {percentile(lat, 50) * 1e3:8.1f} "
+                          f"{percentile(lat, 99) * 1e3:8.1f} {max(lat) * 1e3:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

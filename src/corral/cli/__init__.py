@@ -1,0 +1,1 @@
+"""The ``corral`` command: ``serve``, ``admin`` (local database tasks) and REST API clients."""

@@ -1,0 +1,1 @@
+"""Product customers: end users who claim and use their own devices."""

@@ -1,0 +1,140 @@
+"""Product customers (Particle wire format, reference §1.9)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.accounts import service as accounts
+from corral.auth.deps import Ctx, optional_ctx
+from corral.auth.guards import Guard
+from corral.auth.models import OAuthClient
+from corral.auth.policy import Role, check_scopes
+from corral.customers import service
+from corral.kit.body import read_body
+from corral.kit.errors import NotFound, OAuthError
+from corral.kit.responses import NO_STORE, ok, paging
+from corral.products.access import ProductCtx, ProductGuard, get_product
+from corral.products.models import Product
+
+router = APIRouter(tags=["customers"])
+
+
+@dataclass
+class CustomerCreateCtx:
+    """The product, and who asks: a team member (``oauth_client`` None) or the product's
+    OAuth client ("two-legged")."""
+
+    ctx: Ctx
+    product: Product
+    role: Role | None
+    oauth_client: OAuthClient | None
+
+    @property
+    def db(self) -> AsyncSession:
+        return self.ctx.db
+
+
+def _basic(request: Request) -> tuple[str | None, str | None]:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("basic "):
+        return None, None
+    try:
+        raw = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise OAuthError("Malformed auth header", code="invalid_client") from exc
+    cid, _, secret = raw.partition(":")
+    return cid, secret
+
+
+def _client_may_create_customers(client: OAuthClient) -> None:
+    """A client without a scope is a plain product client (Particle: scope only limits it);
+    one with a scope needs ``customers:create`` (or ``*:*``)."""
+    if client.scope:
+        check_scopes(frozenset(accounts.client_scopes(client)), "customers:create")
+
+
+class CustomerCreateGuard(Guard):
+    """``customers:create`` on ``{product}``: the product's OAuth client credentials (HTTP
+    Basic, or ``client_id``/``client_secret`` in the body), else a bearer token judged by
+    :class:`ProductGuard`."""
+
+    scope = "product"
+    path_param = "product"
+
+    async def __call__(self, product: str, request: Request,
+                       ctx: Ctx = Depends(optional_ctx)) -> CustomerCreateCtx:
+        cid, secret = _basic(request)
+        if cid is None:
+            body = await read_body(request)
+            if body.get("client_id") not in (None, ""):
+                cid, secret = body.get("client_id"), body.get("client_secret")
+                if not isinstance(cid, str) or not isinstance(secret, str | None):
+                    raise OAuthError("Invalid or missing client_id parameter")
+        if cid is None:
+            pc = await ProductGuard(self.permission)(product, ctx)
+            return CustomerCreateCtx(ctx=ctx, product=pc.product, role=pc.role, oauth_client=None)
+        client = await accounts.authenticate_client(ctx.db, cid, secret, required=True)
+        assert client is not None
+        row = await get_product(ctx.db, product)
+        if row is None or client.product_id != row.id:
+            raise NotFound("Product not found")
+        _client_may_create_customers(client)
+        return CustomerCreateCtx(ctx=ctx, product=row, role=None, oauth_client=client)
+
+
+@router.post("/v1/products/{product}/customers", summary="Create a customer", status_code=201)
+async def create_customer(
+    request: Request, cc: CustomerCreateCtx = Depends(CustomerCreateGuard("customers:create")),
+) -> JSONResponse:
+    """`email` + `password` (team token or client credentials), or `no_password=true` (client credentials)."""
+    ctx = cc.ctx
+    creator = service.Creator(actor=ctx.subject if cc.oauth_client is None else None,
+                              oauth_client=cc.oauth_client)
+    issued = await service.create_customer(cc.db, ctx.settings, creator=creator,
+                                           product=cc.product, body=await read_body(request),
+                                           ip=ctx.ip)
+    return JSONResponse(issued.body(), status_code=201, headers=NO_STORE)
+
+
+@router.get("/v1/products/{product}/customers", summary="List customers")
+async def list_customers(
+    pc: ProductCtx = Depends(ProductGuard("customers:list")),
+    page: int = Query(1, ge=1, le=1_000_000),
+    per_page: int | None = Query(None, ge=1, le=1000),
+    perPage: int | None = Query(None, ge=1, le=1000),
+) -> dict[str, Any]:
+    """The product's customers with the ids of their devices (`page`, `per_page`/`perPage`)."""
+    size = per_page or perPage or 25
+    result = await service.list_customers(pc.db, pc.product, page=page, per_page=size)
+    return {
+        "customers": [{"id": c.id, "username": c.email, "devices": devices}
+                      for c, devices in result.rows],
+        "meta": paging(page, size, result.total),
+    }
+
+
+@router.put("/v1/products/{product}/customers/{email}", summary="Change a customer's password")
+async def update_customer(
+    email: str, request: Request, pc: ProductCtx = Depends(ProductGuard("customers:update")),
+) -> dict[str, Any]:
+    """Set the customer's `password` (team token; a shadow customer gets one)."""
+    await service.update_customer(pc.db, pc.ctx.settings, actor=pc.ctx.me, product=pc.product,
+                                  email=email, body=await read_body(request), ip=pc.ctx.ip)
+    return ok()
+
+
+@router.delete("/v1/products/{product}/customers/{email}", summary="Delete a customer")
+async def delete_customer(
+    email: str, pc: ProductCtx = Depends(ProductGuard("customers:remove")),
+) -> dict[str, Any]:
+    """Delete the customer, revoke their tokens and claim codes and release their devices."""
+    await service.delete_customer(pc.db, actor=pc.ctx.me, product=pc.product, email=email,
+                                  ip=pc.ctx.ip)
+    return ok()

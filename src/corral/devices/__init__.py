@@ -1,0 +1,1 @@
+"""The device inventory: import, listing, groups, quarantine, credentials, claiming."""

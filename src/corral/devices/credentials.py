@@ -1,0 +1,729 @@
+"""Device credentials for the two transports, product CA certificates and JITP.
+
+* **Particle protocol**: each device may have one RSA public key (1024-4096 bits), stored as
+  DER SubjectPublicKeyInfo. The device server looks it up with :func:`device_public_key`.
+* **MQTT**: each device may have one generated secret, shown once and stored as a SHA-256
+  digest. The MQTT server checks it with :func:`verify_mqtt_secret`.
+* **X.509 (JITP)**: a product registers CA certificates; a device presenting a leaf
+  certificate signed by an active one (CommonName = its 24-hex id) is provisioned into that
+  product on first connect by :func:`provision_from_certificate`. Reconnects may use
+  :func:`device_for_certificate`.
+
+Every credential change bumps ``Device.credentials_version`` (transports compare it to drop
+sessions whose credentials were revoked), except recording a JITP certificate fingerprint,
+which only adds a credential. :func:`reset_credentials` clears all of them (a forced switch
+to another product calls it). Services never commit; they audit every change, and never put
+a secret or a key in audit details (fingerprints only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.audit import service as audit
+from corral.audit.models import AuditEntry
+from corral.auth.subject import Subject
+from corral.devices.access import is_device_id
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember, ProductCA
+from corral.kit import clock
+from corral.kit.body import as_bool, as_str
+from corral.kit.errors import BadRequest, Conflict, NotFound
+from corral.kit.secrets import digest, new_secret, same
+from corral.products.models import Product
+
+MIN_RSA_BITS = 1024
+MAX_RSA_BITS = 4096
+MAX_KEY_TEXT = 64 * 1024  # one PEM/DER key, generously
+MAX_BULK_KEYS = 10_000
+MAX_CERT_TEXT = 64 * 1024
+MAX_JITP_GROUPS = 50
+MAX_JITP_TAGS = 50
+MAX_TAG_LEN = 100
+CHUNK = 5_000  # IN (...) lists stay well under SQLite's bound-parameter limit
+GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 of DER bytes, lowercase hex (64 characters)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def _audit(db: AsyncSession, *, actor: Subject | None, ip: str | None, action: str,
+           device: Device, org_id: int | None, details: dict[str, Any] | None = None,
+           actor_label: str | None = None) -> None:
+    audit.record(db, actor=actor, ip=ip, action=action, org_id=org_id,
+                 product_id=device.product_id, target_type="device", target_id=device.id,
+                 details=details, actor_label=actor_label)
+
+
+async def _org_id(db: AsyncSession, product_id: int | None) -> int | None:
+    if product_id is None:
+        return None
+    product = await db.get(Product, product_id)
+    return product.org_id if product else None
+
+
+# --- RSA public keys (Particle protocol) --------------------------------------------------
+
+def load_rsa_public_key(data: bytes | str) -> rsa.RSAPublicKey:
+    """Parse a PEM or DER RSA public key (SubjectPublicKeyInfo or PKCS#1) and check it.
+
+    400 ``invalid_key`` unless it parses, is RSA, has 1024-4096 bits and an odd public
+    exponent between 3 and 2**32. Private keys are refused (send only the public half).
+    """
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if len(raw) > MAX_KEY_TEXT:
+        raise BadRequest("The public key is too large", code="invalid_key")
+    text = raw.strip()
+    if not text:
+        raise BadRequest("The public key is empty", code="invalid_key")
+    if b"PRIVATE KEY" in text[:100]:
+        raise BadRequest("That is a private key; send only the public key", code="invalid_key")
+    try:
+        if text.startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(text)
+        else:
+            key = serialization.load_der_public_key(raw)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise BadRequest("The public key could not be parsed (expected a PEM or DER RSA "
+                         "public key)", code="invalid_key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise BadRequest("The public key is not an RSA key", code="invalid_key")
+    bits = key.key_size
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        raise BadRequest(f"The RSA key has {bits} bits; {MIN_RSA_BITS}-{MAX_RSA_BITS} are "
+                         "accepted", code="invalid_key")
+    e = key.public_numbers().e
+    if e % 2 == 0 or not 3 <= e <= 2**32:
+        raise BadRequest("The RSA public exponent is not acceptable", code="invalid_key")
+    return key
+
+
+def _spki_der(key: rsa.RSAPublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_json(device: Device) -> dict[str, Any] | None:
+    """``{"algorithm", "bits", "fingerprint"}`` of the stored key, or ``None``."""
+    if not device.public_key_der:
+        return None
+    try:
+        bits: int | None = serialization.load_der_public_key(device.public_key_der).key_size  # type: ignore[union-attr]
+    except (ValueError, UnsupportedAlgorithm, AttributeError):
+        bits = None
+    return {"algorithm": device.public_key_algorithm or "rsa", "bits": bits,
+            "fingerprint": fingerprint(device.public_key_der)}
+
+
+def check_algorithm(value: Any) -> str:
+    """The ``algorithm`` field: ``rsa`` (default). ECC is refused for now."""
+    algo = (as_str(value, field="algorithm", max_len=20) or "rsa").strip().lower()
+    if algo in ("ecc", "ec", "ecdsa"):
+        raise BadRequest("ECC device keys are not supported yet; use an RSA key",
+                         code="invalid_key")
+    if algo != "rsa":
+        raise BadRequest("algorithm must be rsa", code="invalid_key")
+    return algo
+
+
+def _store_key(device: Device, der: bytes) -> None:
+    device.public_key_der = der
+    device.public_key_algorithm = "rsa"
+    device.credentials_version = (device.credentials_version or 0) + 1
+
+
+async def set_public_key(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                         device: Device, key_data: bytes | str,
+                         algorithm: Any = None) -> dict[str, Any]:
+    """Validate and store ``device``'s RSA public key; returns :func:`public_key_json`."""
+    check_algorithm(algorithm)
+    der = _spki_der(load_rsa_public_key(key_data))
+    _store_key(device, der)
+    info = public_key_json(device)
+    assert info is not None
+    _audit(db, actor=actor, ip=ip, action="device.key_set", device=device,
+           org_id=await _org_id(db, device.product_id), details=dict(info))
+    return info
+
+
+def _entry_field(entry: dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in entry:
+            return entry[n]
+    return None
+
+
+def parse_bulk_keys(body: dict[str, Any] | list[Any] | bytes | str) -> list[Any]:
+    """The ``keys`` list of a bulk upload: a JSON object ``{"keys": [...]}`` (or its text, or
+    the bytes of an uploaded file), or a bare list. 400 when it is none of those."""
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise BadRequest("The file is not valid JSON (expected {\"keys\": [...]})",
+                             code="invalid_json") from None
+    keys = body.get("keys") if isinstance(body, dict) else body
+    if isinstance(keys, str):
+        return parse_bulk_keys(keys if keys.lstrip().startswith("[") else "null")
+    if not isinstance(keys, list):
+        raise BadRequest("keys must be a list of {device_id, public_key}", code="invalid_request")
+    if not keys:
+        raise BadRequest("keys is empty", code="invalid_request")
+    if len(keys) > MAX_BULK_KEYS:
+        raise BadRequest(f"At most {MAX_BULK_KEYS:,} keys per request", code="too_many_keys")
+    return keys
+
+
+async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                        product: Product, keys: Sequence[Any]) -> int:
+    """Set many devices' keys in ``product``, all or nothing.
+
+    Any bad entry (malformed, bad key, device not in the product, listed twice) makes the
+    whole request fail with 400 ``invalid_keys`` and an ``invalid`` list of
+    ``{device_id, reason}``; nothing is written. Returns the number of devices updated.
+    """
+    if len(keys) > MAX_BULK_KEYS:
+        raise BadRequest(f"At most {MAX_BULK_KEYS:,} keys per request", code="too_many_keys")
+    invalid: list[dict[str, Any]] = []
+    parsed: dict[str, tuple[bytes, int]] = {}  # device id -> (SPKI DER, bits)
+    for entry in keys:
+        if not isinstance(entry, dict):
+            invalid.append({"device_id": None, "reason": "entry must be an object"})
+            continue
+        raw_id = _entry_field(entry, "device_id", "deviceId", "deviceID", "id")
+        if not isinstance(raw_id, str) or not is_device_id(raw_id):
+            invalid.append({"device_id": raw_id[:100] if isinstance(raw_id, str) else None,
+                            "reason": "device_id must be 24 hex characters"})
+            continue
+        device_id = raw_id.lower()
+        if device_id in parsed:
+            invalid.append({"device_id": device_id, "reason": "listed more than once"})
+            continue
+        pem = _entry_field(entry, "public_key", "publicKey")
+        if not isinstance(pem, str) or not pem.strip():
+            invalid.append({"device_id": device_id, "reason": "public_key (PEM) is required"})
+            parsed[device_id] = (b"", 0)
+            continue
+        try:
+            key = load_rsa_public_key(pem)
+            parsed[device_id] = (_spki_der(key), key.key_size)
+        except BadRequest as exc:
+            invalid.append({"device_id": device_id, "reason": exc.description})
+            parsed[device_id] = (b"", 0)
+
+    ids = list(parsed)
+    found: set[str] = set()
+    for i in range(0, len(ids), CHUNK):
+        found.update((await db.execute(select(Device.id).where(
+            Device.id.in_(ids[i:i + CHUNK]), Device.product_id == product.id))).scalars())
+    invalid.extend({"device_id": d, "reason": "device is not in this product"}
+                   for d in ids if d not in found)
+    if invalid:
+        raise BadRequest(f"{len(invalid)} key(s) are invalid; nothing was changed",
+                         code="invalid_keys", invalid=invalid)
+
+    # one executemany UPDATE; devices already in this session are expired so they reload
+    now = clock.now()
+    table = Device.__table__
+    stmt = (update(table).where(table.c.id == bindparam("b_id"))
+            .values(public_key_der=bindparam("b_der"), public_key_algorithm="rsa",
+                    credentials_version=table.c.credentials_version + 1, updated_at=now))
+    await db.execute(stmt, [{"b_id": d, "b_der": der} for d, (der, _) in parsed.items()])
+    for obj in list(db.identity_map.values()):
+        if isinstance(obj, Device) and obj.id in parsed:
+            db.expire(obj)
+    # one audit row per device, written as one executemany (ORM inserts of 10k rows that
+    # each need their id back are issued one by one on SQLite: seconds instead of ms)
+    await db.execute(insert(AuditEntry.__table__), [
+        {"at": now, "actor_user_id": actor.user_id if actor else None,
+         "actor": actor.label if actor else "system", "ip": ip, "action": "device.key_set",
+         "org_id": product.org_id, "product_id": product.id, "target_type": "device",
+         "target_id": device_id,
+         "details": {"algorithm": "rsa", "bits": bits, "fingerprint": fingerprint(der),
+                     "bulk": True}}
+        for device_id, (der, bits) in parsed.items()])
+    return len(parsed)
+
+
+async def clear_public_key(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                           device: Device) -> bool:
+    """Remove the device's public key; False (and no change) when it had none."""
+    if device.public_key_der is None:
+        return False
+    old = fingerprint(device.public_key_der)
+    device.public_key_der = None
+    device.public_key_algorithm = None
+    device.credentials_version = (device.credentials_version or 0) + 1
+    _audit(db, actor=actor, ip=ip, action="device.key_cleared", device=device,
+           org_id=await _org_id(db, device.product_id), details={"fingerprint": old})
+    return True
+
+
+async def device_public_key(db: AsyncSession, device_id: str) -> rsa.RSAPublicKey | None:
+    """The device's RSA public key for the Particle handshake; ``None`` for an unknown or
+    denied device, or one without a key."""
+    if not isinstance(device_id, str) or not is_device_id(device_id):
+        return None
+    device = await db.get(Device, device_id.lower())
+    if device is None or device.denied or not device.public_key_der:
+        return None
+    try:
+        key = serialization.load_der_public_key(device.public_key_der)
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    return key if isinstance(key, rsa.RSAPublicKey) else None
+
+
+# --- MQTT secrets -------------------------------------------------------------------------
+
+async def rotate_mqtt_secret(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                             device: Device) -> str:
+    """Generate a new MQTT secret (the old one stops working); returns it, once."""
+    secret = new_secret(24)
+    device.mqtt_secret_hash = digest(secret)
+    device.mqtt_secret_rotated_at = clock.now()
+    device.credentials_version = (device.credentials_version or 0) + 1
+    _audit(db, actor=actor, ip=ip, action="device.mqtt_secret_rotated", device=device,
+           org_id=await _org_id(db, device.product_id))
+    return secret
+
+
+async def clear_mqtt_secret(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                            device: Device) -> bool:
+    """Remove the device's MQTT secret; False (and no change) when it had none."""
+    if device.mqtt_secret_hash is None:
+        return False
+    device.mqtt_secret_hash = None
+    device.mqtt_secret_rotated_at = None
+    device.credentials_version = (device.credentials_version or 0) + 1
+    _audit(db, actor=actor, ip=ip, action="device.mqtt_secret_cleared", device=device,
+           org_id=await _org_id(db, device.product_id))
+    return True
+
+
+async def verify_mqtt_secret(db: AsyncSession, device_id: str, secret: str) -> Device | None:
+    """The device when ``secret`` is its current MQTT secret (constant-time compare);
+    ``None`` for an unknown or denied device, a device without a secret, or a wrong one."""
+    if not isinstance(device_id, str) or not is_device_id(device_id):
+        return None
+    if not isinstance(secret, str) or not secret or len(secret) > 1024:
+        return None
+    device = await db.get(Device, device_id.lower())
+    if device is None or device.denied or not device.mqtt_secret_hash:
+        return None
+    return device if same(digest(secret), device.mqtt_secret_hash) else None
+
+
+# --- all credentials ----------------------------------------------------------------------
+
+def reset_credentials(device: Device) -> None:
+    """Clear every credential (key, MQTT secret, certificate) and bump the version.
+
+    No audit entry: the caller (e.g. the importer's forced product switch) audits its own
+    change. The caller flushes/commits.
+    """
+    device.public_key_der = None
+    device.public_key_algorithm = None
+    device.mqtt_secret_hash = None
+    device.mqtt_secret_rotated_at = None
+    device.certificate_fingerprint = None
+    device.credentials_version = (device.credentials_version or 0) + 1
+
+
+def credentials_json(device: Device) -> dict[str, Any]:
+    """What credentials a device has, never the secrets themselves."""
+    return {
+        "device_id": device.id,
+        "public_key": public_key_json(device),
+        "mqtt_secret": {"set": device.mqtt_secret_hash is not None,
+                        "rotated_at": clock.iso(device.mqtt_secret_rotated_at)},
+        "certificate_fingerprint": device.certificate_fingerprint,
+        "credentials_version": device.credentials_version or 0,
+    }
+
+
+# --- product CA certificates ---------------------------------------------------------------
+
+def _subject_text(name: x509.Name) -> str:
+    return name.rfc4514_string()[:500]
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(bc.ca)
+
+
+def _valid_now(cert: x509.Certificate, now: dt.datetime) -> str | None:
+    """None when ``cert`` is valid at ``now``; else "expired" / "not yet valid"."""
+    if now < cert.not_valid_before_utc:
+        return "not yet valid"
+    if now > cert.not_valid_after_utc:
+        return "expired"
+    return None
+
+
+def load_certificate(data: bytes | str) -> x509.Certificate:
+    """Exactly one X.509 certificate, PEM or DER; 400 ``invalid_certificate`` otherwise."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if len(raw) > MAX_CERT_TEXT:
+        raise BadRequest("The certificate is too large", code="invalid_certificate")
+    text = raw.strip()
+    if not text:
+        raise BadRequest("certificate is required", code="invalid_request")
+    if b"PRIVATE KEY" in text:
+        raise BadRequest("Send only the CA certificate, never its private key",
+                         code="invalid_certificate")
+    try:
+        if text.startswith(b"-----BEGIN"):
+            certs = x509.load_pem_x509_certificates(text)
+        else:
+            certs = [x509.load_der_x509_certificate(raw)]
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise BadRequest("The certificate could not be parsed (expected one PEM or DER "
+                         "X.509 certificate)", code="invalid_certificate") from None
+    if len(certs) != 1:
+        raise BadRequest("Send exactly one certificate (the CA), not a chain",
+                         code="invalid_certificate")
+    return certs[0]
+
+
+def clean_jitp(value: Any, *, current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate JITP settings ``{groups, tags, development}``; keys not given keep
+    ``current`` (or the defaults: no groups, no tags, not development)."""
+    base = {"groups": [], "tags": [], "development": False, **(current or {})}
+    if value is None:
+        return base
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRequest("jitp must be an object", code="invalid_request") from None
+    if not isinstance(value, dict):
+        raise BadRequest("jitp must be an object", code="invalid_request")
+    unknown = set(value) - {"groups", "tags", "development"}
+    if unknown:
+        raise BadRequest(f"Unknown jitp setting(s): {', '.join(sorted(map(str, unknown)))}",
+                         code="invalid_request")
+    out = dict(base)
+    if "groups" in value:
+        groups = value["groups"] if value["groups"] is not None else []
+        if not isinstance(groups, list) or len(groups) > MAX_JITP_GROUPS:
+            raise BadRequest(f"jitp.groups must be a list of at most {MAX_JITP_GROUPS} "
+                             "group names", code="invalid_request")
+        for g in groups:
+            if not isinstance(g, str) or not GROUP_NAME_RE.match(g):
+                raise BadRequest("Group names are 1-64 lowercase letters, digits, - or _ "
+                                 f"(got {str(g)[:70]!r})", code="invalid_request")
+        out["groups"] = list(dict.fromkeys(groups))
+    if "tags" in value:
+        tags = value["tags"] if value["tags"] is not None else []
+        if not isinstance(tags, list) or len(tags) > MAX_JITP_TAGS:
+            raise BadRequest(f"jitp.tags must be a list of at most {MAX_JITP_TAGS} strings",
+                             code="invalid_request")
+        for t in tags:
+            if not isinstance(t, str) or not t.strip() or len(t) > MAX_TAG_LEN:
+                raise BadRequest(f"jitp.tags must be non-empty strings of at most "
+                                 f"{MAX_TAG_LEN} characters", code="invalid_request")
+        out["tags"] = list(dict.fromkeys(t.strip() for t in tags))
+    if "development" in value:
+        out["development"] = as_bool(value["development"], field="jitp.development")
+    return out
+
+
+def ca_json(ca: ProductCA, *, full: bool = False) -> dict[str, Any]:
+    """A CA as the API shows it; ``full`` adds the PEM certificate (public)."""
+    jitp = clean_jitp(None, current=ca.jitp or {})
+    out: dict[str, Any] = {
+        "id": ca.id, "product_id": ca.product_id, "fingerprint": ca.fingerprint,
+        "subject": ca.subject, "not_after": clock.iso(ca.not_after), "active": ca.active,
+        "jitp": {"groups": jitp["groups"], "tags": jitp["tags"],
+                 "development": jitp["development"]},
+        "created_at": clock.iso(ca.created_at), "updated_at": clock.iso(ca.updated_at),
+    }
+    if full:
+        out["certificate"] = ca.pem
+    return out
+
+
+async def list_cas(db: AsyncSession, product: Product) -> list[ProductCA]:
+    return list((await db.execute(
+        select(ProductCA).where(ProductCA.product_id == product.id).order_by(ProductCA.id)
+    )).scalars())
+
+
+async def get_ca(db: AsyncSession, product: Product, ca_id: str | int) -> ProductCA:
+    """The CA ``ca_id`` of ``product``, or 404."""
+    key = str(ca_id)
+    ca = await db.get(ProductCA, int(key)) if key.isdigit() and len(key) < 12 else None
+    if ca is None or ca.product_id != product.id:
+        raise NotFound("Certificate authority not found")
+    return ca
+
+
+async def create_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                    product: Product, certificate: bytes | str | None, jitp: Any = None,
+                    active: Any = None) -> ProductCA:
+    """Register a CA certificate for ``product``.
+
+    400 unless it is one X.509 certificate with BasicConstraints ca=True, valid now; 409 if
+    its SHA-256 fingerprint is already registered (to any product).
+    """
+    if certificate is None or certificate in ("", b""):
+        raise BadRequest("certificate is required", code="invalid_request")
+    cert = load_certificate(certificate)
+    if not _is_ca(cert):
+        raise BadRequest("The certificate is not a CA (BasicConstraints ca=TRUE is required)",
+                         code="invalid_certificate")
+    problem = _valid_now(cert, clock.now())
+    if problem:
+        raise BadRequest(f"The CA certificate is {problem}", code="invalid_certificate")
+    settings = clean_jitp(jitp)
+    is_active = True if active is None else as_bool(active, field="active")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    fp = fingerprint(der)
+    taken = (await db.execute(select(ProductCA.id).where(ProductCA.fingerprint == fp))).first()
+    if taken is not None:
+        raise Conflict("This CA certificate is already registered", code="ca_exists")
+    ca = ProductCA(product_id=product.id, fingerprint=fp, subject=_subject_text(cert.subject),
+                   pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                   not_after=cert.not_valid_after_utc, active=is_active, jitp=settings)
+    db.add(ca)
+    await db.flush()
+    audit.record(db, actor=actor, ip=ip, action="ca.created", org_id=product.org_id,
+                 product_id=product.id, target_type="ca", target_id=ca.id,
+                 details={"fingerprint": fp, "subject": ca.subject, "active": is_active,
+                          "jitp": settings})
+    return ca
+
+
+async def update_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                    product: Product, ca: ProductCA, body: dict[str, Any]) -> ProductCA:
+    """Change ``active`` and/or ``jitp`` (given jitp keys replace those keys)."""
+    unknown = set(body) - {"active", "jitp"}
+    if unknown:
+        raise BadRequest(f"Only active and jitp can be changed (got {', '.join(sorted(unknown))})",
+                         code="invalid_request")
+    changes: dict[str, Any] = {}
+    if "active" in body:
+        active = as_bool(body["active"], field="active")
+        if active != ca.active:
+            changes["active"] = active
+    if "jitp" in body:
+        settings = clean_jitp(body["jitp"], current=clean_jitp(None, current=ca.jitp or {}))
+        if settings != clean_jitp(None, current=ca.jitp or {}):
+            changes["jitp"] = settings
+    if "active" in changes:
+        ca.active = changes["active"]
+    if "jitp" in changes:
+        ca.jitp = changes["jitp"]
+    if changes:
+        ca.updated_at = clock.now()
+        audit.record(db, actor=actor, ip=ip, action="ca.updated", org_id=product.org_id,
+                     product_id=product.id, target_type="ca", target_id=ca.id,
+                     details={"fingerprint": ca.fingerprint, **changes})
+        await db.flush()
+    return ca
+
+
+async def delete_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                    product: Product, ca: ProductCA) -> None:
+    """Unregister a CA. Devices it provisioned keep their product and certificate."""
+    audit.record(db, actor=actor, ip=ip, action="ca.deleted", org_id=product.org_id,
+                 product_id=product.id, target_type="ca", target_id=ca.id,
+                 details={"fingerprint": ca.fingerprint, "subject": ca.subject})
+    await db.delete(ca)
+    await db.flush()
+
+
+async def active_ca_certificates(db: AsyncSession) -> list[x509.Certificate]:
+    """Every active registered CA certificate (a TLS server's client-certificate trust set)."""
+    pems = (await db.execute(select(ProductCA.pem).where(ProductCA.active.is_(True)))).scalars()
+    return [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+
+
+# --- just-in-time provisioning -------------------------------------------------------------
+
+@dataclass
+class JitpResult:
+    """The outcome of a device presenting a certificate. ``reason`` explains a refusal (or
+    says what happened on acceptance)."""
+
+    accepted: bool
+    device: Device | None
+    product_id: int | None
+    created: bool
+    reason: str
+
+
+def _refuse(reason: str, product_id: int | None = None) -> JitpResult:
+    return JitpResult(accepted=False, device=None, product_id=product_id, created=False,
+                      reason=reason)
+
+
+def certificate_device_id(leaf: x509.Certificate) -> str | None:
+    """The lowercased 24-hex device id in the leaf's subject CommonName, or None."""
+    cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        return None
+    value = cns[0].value
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    value = value.strip()
+    return value.lower() if is_device_id(value) else None
+
+
+async def _issuing_ca(db: AsyncSession, leaf: x509.Certificate) -> tuple[ProductCA | None, str]:
+    """The registered CA that signed ``leaf`` (subject = leaf issuer, signature verifies)."""
+    rows = (await db.execute(select(ProductCA).where(
+        ProductCA.subject == _subject_text(leaf.issuer)).order_by(ProductCA.id))).scalars()
+    inactive = False
+    for ca in rows:
+        try:
+            ca_cert = x509.load_pem_x509_certificate(ca.pem.encode())
+            if ca_cert.subject != leaf.issuer:
+                continue
+            leaf.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue
+        if not ca.active:
+            inactive = True
+            continue
+        problem = _valid_now(ca_cert, clock.now())
+        if problem:
+            return None, f"the issuing CA certificate is {problem}"
+        return ca, ""
+    if inactive:
+        return None, "the issuing CA is deactivated"
+    return None, "the certificate is not signed by a registered CA"
+
+
+def _insert_ignore(db: AsyncSession, table: Table, conflict: list[str]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for PostgreSQL and SQLite (concurrent JITP)."""
+    if db.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=conflict)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=conflict)
+
+
+async def _join_groups(db: AsyncSession, product_id: int, device_id: str,
+                       names: list[str]) -> None:
+    if not names:
+        return
+    now = clock.now()
+    await db.execute(_insert_ignore(db, DeviceGroup.__table__, ["product_id", "name"]),
+                     [{"product_id": product_id, "name": n, "created_at": now, "updated_at": now}
+                      for n in names])
+    group_ids = (await db.execute(select(DeviceGroup.id).where(
+        DeviceGroup.product_id == product_id, DeviceGroup.name.in_(names)))).scalars().all()
+    await db.execute(_insert_ignore(db, DeviceGroupMember.__table__, ["device_id", "group_id"]),
+                     [{"device_id": device_id, "group_id": gid} for gid in group_ids])
+
+
+async def provision_from_certificate(db: AsyncSession, chain: list[x509.Certificate], *,
+                                     ip: str | None = None) -> JitpResult:
+    """Decide on a device presenting ``chain`` (``chain[0]`` its leaf) and provision it.
+
+    Accepted when the leaf (not a CA, valid now, CommonName = 24-hex device id) is signed
+    by an active, valid registered CA and the device is either in that CA's product (its
+    certificate fingerprint is recorded) or unknown (created in the product with the CA's
+    JITP tags, development flag and groups; missing groups are created; audited as
+    ``device.jitp_provisioned``). Refused for a device in another product, a sandbox
+    device, or a denied one. Safe under concurrent first connects. Never commits.
+    """
+    if not chain or not isinstance(chain[0], x509.Certificate):
+        return _refuse("no client certificate was presented")
+    leaf = chain[0]
+    if _is_ca(leaf):
+        return _refuse("the presented certificate is a CA, not a device certificate")
+    ca, why = await _issuing_ca(db, leaf)
+    if ca is None:
+        return _refuse(why)
+    now = clock.now()
+    problem = _valid_now(leaf, now)
+    if problem:
+        return _refuse(f"the device certificate is {problem}", ca.product_id)
+    device_id = certificate_device_id(leaf)
+    if device_id is None:
+        return _refuse("the certificate CommonName must be the device id (24 hex characters)",
+                       ca.product_id)
+    fp = fingerprint(leaf.public_bytes(serialization.Encoding.DER))
+    product = await db.get(Product, ca.product_id)
+    if product is None:  # deleted under us
+        return _refuse("the issuing CA's product no longer exists")
+    settings = clean_jitp(None, current=ca.jitp or {})
+
+    for _ in range(2):
+        device = await db.get(Device, device_id, populate_existing=True)
+        if device is not None:
+            if device.denied:
+                return _refuse("the device is denied", ca.product_id)
+            if device.product_id != ca.product_id:
+                return _refuse("the device belongs to another product", ca.product_id)
+            if device.certificate_fingerprint != fp:
+                device.certificate_fingerprint = fp
+                audit.record(db, actor=None, actor_label="jitp", ip=ip,
+                             action="device.jitp_provisioned", org_id=product.org_id,
+                             product_id=product.id, target_type="device", target_id=device.id,
+                             details={"created": False, "ca_id": ca.id, "fingerprint": fp})
+                await db.flush()
+            return JitpResult(accepted=True, device=device, product_id=product.id,
+                              created=False, reason="known device")
+        inserted = (await db.execute(
+            _insert_ignore(db, Device.__table__, ["id"]).values(
+                id=device_id, product_id=product.id, platform_id=product.platform_id,
+                tags=list(settings["tags"]), development=bool(settings["development"]),
+                imported_at=now, certificate_fingerprint=fp, created_at=now, updated_at=now,
+            ).returning(Device.__table__.c.id)
+        )).first()
+        if inserted is None:
+            continue  # another connection created it first: decide on that row
+        await _join_groups(db, product.id, device_id, list(settings["groups"]))
+        device = await db.get(Device, device_id, populate_existing=True)
+        assert device is not None
+        audit.record(db, actor=None, actor_label="jitp", ip=ip,
+                     action="device.jitp_provisioned", org_id=product.org_id,
+                     product_id=product.id, target_type="device", target_id=device_id,
+                     details={"created": True, "ca_id": ca.id, "fingerprint": fp,
+                              "groups": settings["groups"], "tags": settings["tags"],
+                              "development": settings["development"]})
+        await db.flush()
+        return JitpResult(accepted=True, device=device, product_id=product.id, created=True,
+                          reason="provisioned")
+    return _refuse("the device could not be provisioned; try again", ca.product_id)
+
+
+async def device_for_certificate(db: AsyncSession, leaf: x509.Certificate) -> Device | None:
+    """The (non-denied) device whose recorded certificate fingerprint is ``leaf``'s.
+
+    A lookup for reconnects only: it does not re-check the CA (a transport that must honour
+    a CA being deactivated calls :func:`provision_from_certificate` instead).
+    """
+    fp = fingerprint(leaf.public_bytes(serialization.Encoding.DER))
+    device = (await db.execute(select(Device).where(
+        Device.certificate_fingerprint == fp).limit(1))).scalar_one_or_none()
+    if device is None or device.denied:
+        return None
+    return device

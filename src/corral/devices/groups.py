@@ -1,0 +1,272 @@
+"""Device groups of a product: create, rename, recolor, delete, and device membership.
+
+A device may be in many groups of its product. Setting a device's groups takes an absolute
+list and creates unknown names; batch add/remove works on up to ``MAX_BATCH`` devices.
+Group names are lowercase letters, digits, ``-`` and ``_`` (Particle's rule).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.audit import service as audit
+from corral.auth.subject import Subject
+from corral.devices.models import DeviceGroup, DeviceGroupMember
+from corral.kit import clock
+from corral.kit.body import as_str, as_str_list
+from corral.kit.errors import BadRequest, Conflict, NotFound
+from corral.products.models import Product
+
+GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
+MAX_DESCRIPTION = 500
+MAX_GROUPS_PER_DEVICE = 100
+CHUNK = 5000
+# a stable default color per name (Particle gives every group one)
+PALETTE = ("#0ea5e9", "#22c55e", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
+           "#14b8a6", "#64748b", "#84cc16")
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def clean_group_name(value: Any, *, field: str = "name") -> str:
+    if not isinstance(value, str) or not GROUP_NAME_RE.match(value):
+        raise BadRequest(f"{field} must be 1-64 lowercase letters, digits, '-' or '_'",
+                         code="invalid_request")
+    return value
+
+
+def clean_group_names(value: Any, *, field: str = "groups") -> list[str]:
+    """An absolute list of group names (JSON list, repeated form field or comma string)."""
+    names = as_str_list(value, field=field, max_items=MAX_GROUPS_PER_DEVICE, max_len=64)
+    return list(dict.fromkeys(clean_group_name(n, field=field) for n in names))
+
+
+def _clean_color(value: Any) -> str:
+    if not isinstance(value, str) or not COLOR_RE.match(value):
+        raise BadRequest("color must be a hex color like #1a2b3c", code="invalid_request")
+    return value.lower()
+
+
+def _default_color(name: str) -> str:
+    return PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
+
+
+def group_json(g: DeviceGroup, device_count: int = 0) -> dict[str, Any]:
+    return {"id": g.id, "name": g.name, "description": g.description, "color": g.color,
+            "fw_version": None, "device_count": device_count,
+            "created_at": clock.iso(g.created_at), "updated_at": clock.iso(g.updated_at)}
+
+
+async def device_counts(db: AsyncSession, group_ids: list[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for chunk in chunks(group_ids):
+        rows = await db.execute(
+            select(DeviceGroupMember.group_id, func.count())
+            .where(DeviceGroupMember.group_id.in_(chunk)).group_by(DeviceGroupMember.group_id))
+        out.update({gid: int(n) for gid, n in rows.all()})
+    return out
+
+
+async def list_groups(db: AsyncSession, product: Product,
+                      name: str | None = None) -> list[tuple[DeviceGroup, int]]:
+    """The product's groups by name (``name``: case-insensitive partial match)."""
+    q = select(DeviceGroup).where(DeviceGroup.product_id == product.id)
+    if name:
+        q = q.where(DeviceGroup.name.icontains(name, autoescape=True))
+    groups = list((await db.execute(q.order_by(DeviceGroup.name))).scalars())
+    counts = await device_counts(db, [g.id for g in groups])
+    return [(g, counts.get(g.id, 0)) for g in groups]
+
+
+async def get_group(db: AsyncSession, product: Product, name: str) -> DeviceGroup:
+    row = (await db.execute(select(DeviceGroup).where(
+        DeviceGroup.product_id == product.id, DeviceGroup.name == name))).scalar_one_or_none()
+    if row is None:
+        raise NotFound("Group not found", code="group_not_found")
+    return row
+
+
+async def group_with_count(db: AsyncSession, product: Product,
+                           name: str) -> tuple[DeviceGroup, int]:
+    g = await get_group(db, product, name)
+    return g, (await device_counts(db, [g.id])).get(g.id, 0)
+
+
+async def _flush_or_conflict(db: AsyncSession, name: str) -> None:
+    """Flush; a name taken by a concurrent request becomes 409 (the boundary rolls back)."""
+    try:
+        await db.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"A group named {name!r} already exists", code="group_exists") from exc
+
+
+async def _name_free(db: AsyncSession, product: Product, name: str) -> None:
+    taken = (await db.execute(select(DeviceGroup.id).where(
+        DeviceGroup.product_id == product.id, DeviceGroup.name == name))).first()
+    if taken:
+        raise Conflict(f"A group named {name!r} already exists", code="group_exists")
+
+
+async def create_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                       body: dict[str, Any]) -> DeviceGroup:
+    """Create a group from ``name`` (required), ``color`` and ``description``; 409 if taken."""
+    unknown = set(body) - {"name", "color", "description"}
+    if unknown:
+        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}", code="invalid_request")
+    name = clean_group_name(body.get("name"))
+    color = _clean_color(body["color"]) if body.get("color") not in (None, "") else None
+    description = as_str(body.get("description"), field="description", max_len=MAX_DESCRIPTION)
+    await _name_free(db, product, name)
+    g = DeviceGroup(product_id=product.id, name=name, description=description,
+                    color=color or _default_color(name))
+    db.add(g)
+    await _flush_or_conflict(db, name)
+    audit.record(db, actor=actor, ip=ip, action="group.created", org_id=product.org_id,
+                 product_id=product.id, target_type="group", target_id=name,
+                 details={"color": g.color})
+    return g
+
+
+async def update_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                       name: str, body: dict[str, Any]) -> tuple[DeviceGroup, int]:
+    """Change ``name``, ``color`` and/or ``description`` (at least one)."""
+    g = await get_group(db, product, name)
+    unknown = set(body) - {"name", "color", "description"}
+    if unknown:
+        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}", code="invalid_request")
+    changed: dict[str, Any] = {}
+    if "name" in body:
+        new = clean_group_name(body["name"])
+        if new != g.name:
+            await _name_free(db, product, new)
+            changed["name"] = {"from": g.name, "to": new}
+            g.name = new
+    if "color" in body:
+        g.color = _clean_color(body["color"])
+        changed["color"] = g.color
+    if "description" in body:
+        g.description = as_str(body["description"], field="description",
+                               max_len=MAX_DESCRIPTION)
+        changed["description"] = True
+    if not set(body) & {"name", "color", "description"}:
+        raise BadRequest("Nothing to update: send name, color or description",
+                         code="invalid_request")
+    await _flush_or_conflict(db, g.name)
+    audit.record(db, actor=actor, ip=ip, action="group.updated", org_id=product.org_id,
+                 product_id=product.id, target_type="group", target_id=g.name, details=changed)
+    return g, (await device_counts(db, [g.id])).get(g.id, 0)
+
+
+async def delete_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                       name: str) -> None:
+    """Delete the group; its devices simply leave it."""
+    g = await get_group(db, product, name)
+    n = (await device_counts(db, [g.id])).get(g.id, 0)
+    await db.execute(delete(DeviceGroupMember).where(DeviceGroupMember.group_id == g.id)
+                     .execution_options(synchronize_session=False))
+    audit.record(db, actor=actor, ip=ip, action="group.deleted", org_id=product.org_id,
+                 product_id=product.id, target_type="group", target_id=g.name,
+                 details={"devices": n})
+    await db.delete(g)
+    await db.flush()
+
+
+async def ensure_groups(db: AsyncSession, *, actor: Subject | None, ip: str | None,
+                        product: Product, names: list[str]) -> dict[str, DeviceGroup]:
+    """The product's groups named ``names``, creating the unknown ones (audited)."""
+    if not names:
+        return {}
+    found = {g.name: g for g in (await db.execute(select(DeviceGroup).where(
+        DeviceGroup.product_id == product.id, DeviceGroup.name.in_(names)))).scalars()}
+    for name in names:
+        if name in found:
+            continue
+        g = DeviceGroup(product_id=product.id, name=name, color=_default_color(name))
+        db.add(g)
+        found[name] = g
+        audit.record(db, actor=actor, ip=ip, action="group.created", org_id=product.org_id,
+                     product_id=product.id, target_type="group", target_id=name,
+                     details={"color": g.color, "implicit": True})
+    await _flush_or_conflict(db, ", ".join(names))
+    return found
+
+
+async def group_names_for(db: AsyncSession, device_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Group names of each device, in one query per chunk (no per-device queries)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for chunk in chunks(list(device_ids)):
+        rows = await db.execute(
+            select(DeviceGroupMember.device_id, DeviceGroup.name)
+            .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
+            .where(DeviceGroupMember.device_id.in_(chunk)))
+        for device_id, name in rows.all():
+            out[device_id].append(name)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+async def set_device_groups(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                            device_id: str, names: list[str]) -> list[str]:
+    """Make the device's groups exactly ``names`` (unknown names are created)."""
+    groups = await ensure_groups(db, actor=actor, ip=ip, product=product, names=names)
+    wanted = {g.id for g in groups.values()}
+    current = set((await db.execute(select(DeviceGroupMember.group_id).where(
+        DeviceGroupMember.device_id == device_id))).scalars())
+    gone = current - wanted
+    if gone:
+        await db.execute(delete(DeviceGroupMember).where(
+            DeviceGroupMember.device_id == device_id, DeviceGroupMember.group_id.in_(gone))
+            .execution_options(synchronize_session=False))
+    new = wanted - current
+    if new:
+        await db.execute(insert(DeviceGroupMember),
+                         [{"device_id": device_id, "group_id": gid} for gid in sorted(new)])
+    return sorted(names)
+
+
+async def batch_groups(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                       device_ids: list[str], add: list[str], remove: list[str]) -> None:
+    """Add ``device_ids`` (all in ``product``, checked by the caller) to the groups ``add``
+    (created when unknown) and take them out of ``remove`` (unknown names are ignored)."""
+    add_groups = await ensure_groups(db, actor=actor, ip=ip, product=product, names=add)
+    remove_ids = []
+    if remove:
+        remove_ids = list((await db.execute(select(DeviceGroup.id).where(
+            DeviceGroup.product_id == product.id, DeviceGroup.name.in_(remove)))).scalars())
+    add_ids = [g.id for g in add_groups.values() if g.name not in set(remove)]
+    for chunk in chunks(device_ids):
+        if remove_ids:
+            await db.execute(delete(DeviceGroupMember).where(
+                DeviceGroupMember.device_id.in_(chunk), DeviceGroupMember.group_id.in_(remove_ids))
+                .execution_options(synchronize_session=False))
+        if add_ids:
+            have = {(d, g) for d, g in await db.execute(
+                select(DeviceGroupMember.device_id, DeviceGroupMember.group_id).where(
+                    DeviceGroupMember.device_id.in_(chunk),
+                    DeviceGroupMember.group_id.in_(add_ids)))}
+            rows = [{"device_id": d, "group_id": g} for d in chunk for g in add_ids
+                    if (d, g) not in have]
+            if rows:
+                await db.execute(insert(DeviceGroupMember), rows)
+    audit.record(db, actor=actor, ip=ip, action="devices.groups_updated", org_id=product.org_id,
+                 product_id=product.id, target_type="product", target_id=product.id,
+                 details={"devices": len(device_ids), "add": add, "remove": remove})
+
+
+async def clear_device_groups(db: AsyncSession, device_ids: Sequence[str]) -> None:
+    """Take devices out of every group (they are leaving their product)."""
+    for chunk in chunks(list(device_ids)):
+        await db.execute(delete(DeviceGroupMember).where(DeviceGroupMember.device_id.in_(chunk))
+                         .execution_options(synchronize_session=False))
+

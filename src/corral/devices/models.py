@@ -1,0 +1,124 @@
+"""Devices, device groups, product CA certificates and claim codes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from corral.db.base import Base, Timestamps
+
+
+class Device(Timestamps, Base):
+    """One physical device, by its 24-hex id. Belongs to at most one product."""
+
+    __tablename__ = "devices"
+    __table_args__ = (
+        # listing and sorting a product's devices stay indexed at 1M rows
+        Index("ix_devices_product_id_id", "product_id", "id"),
+        Index("ix_devices_product_last_heard", "product_id", "last_heard"),
+        Index("ix_devices_product_fw", "product_id", "firmware_version"),
+        Index("ix_devices_product_name", "product_id", "name"),
+        Index("ix_devices_product_quarantined", "product_id", "quarantined"),
+        Index("ix_devices_owner_name", "owner_user_id", "name"),
+        Index("ix_devices_serial", "serial_number"),
+    )
+
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)  # lowercase hex
+    product_id: Mapped[int | None] = mapped_column(ForeignKey("products.id", ondelete="RESTRICT"))
+    owner_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str | None] = mapped_column(String(64))
+    notes: Mapped[str | None] = mapped_column(Text)
+    serial_number: Mapped[str | None] = mapped_column(String(64))
+    iccid: Mapped[str | None] = mapped_column(String(32), index=True)
+    imei: Mapped[str | None] = mapped_column(String(32), index=True)
+    platform_id: Mapped[int] = mapped_column(default=0)
+    cellular: Mapped[bool] = mapped_column(default=False)
+    tags: Mapped[list[str]] = mapped_column(default=list)
+
+    development: Mapped[bool] = mapped_column(default=False)
+    quarantined: Mapped[bool] = mapped_column(default=False)
+    denied: Mapped[bool] = mapped_column(default=False)
+
+    # presence and billing facts (kept exact by the device-session core)
+    online: Mapped[bool] = mapped_column(default=False)
+    last_heard: Mapped[dt.datetime | None]
+    last_handshake_at: Mapped[dt.datetime | None]
+    first_online_at: Mapped[dt.datetime | None]  # set once; billing counts from here
+    last_ip_address: Mapped[str | None] = mapped_column(String(64))
+
+    # firmware facts (the firmware issue drives these)
+    firmware_version: Mapped[int | None]
+    system_firmware_version: Mapped[str | None] = mapped_column(String(32))
+    desired_firmware_version: Mapped[int | None]
+    firmware_updates_enabled: Mapped[bool] = mapped_column(default=True)
+    firmware_updates_forced: Mapped[bool] = mapped_column(default=False)
+
+    # credentials for the two transports; a forced product switch clears both
+    public_key_der: Mapped[bytes | None] = mapped_column(LargeBinary)
+    public_key_algorithm: Mapped[str | None] = mapped_column(String(16))
+    mqtt_secret_hash: Mapped[str | None] = mapped_column(String(64))
+    mqtt_secret_rotated_at: Mapped[dt.datetime | None]
+    certificate_fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    credentials_version: Mapped[int] = mapped_column(default=0)
+
+    imported_at: Mapped[dt.datetime | None]
+    claimed_at: Mapped[dt.datetime | None]
+
+
+class DeviceGroup(Timestamps, Base):
+    __tablename__ = "device_groups"
+    __table_args__ = (UniqueConstraint("product_id", "name", name="uq_device_groups_product_name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(String(500))
+    color: Mapped[str | None] = mapped_column(String(7))
+
+
+class DeviceGroupMember(Base):
+    __tablename__ = "device_group_members"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("device_groups.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class ProductCA(Timestamps, Base):
+    """An X.509 CA registered to a product for just-in-time provisioning (JITP)."""
+
+    __tablename__ = "product_cas"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the DER
+    subject: Mapped[str] = mapped_column(String(500))
+    pem: Mapped[str] = mapped_column(Text)
+    not_after: Mapped[dt.datetime]
+    active: Mapped[bool] = mapped_column(default=True)
+    # what a device provisioned through this CA gets: {"groups": [...], "tags": [...], "development": bool}
+    jitp: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ClaimCode(Base):
+    """A code a device presents after connecting so the cloud claims it to its creator."""
+
+    __tablename__ = "claim_codes"
+    __table_args__ = (Index("ix_claim_codes_user", "user_id"), Index("ix_claim_codes_customer", "customer_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    product_id: Mapped[int | None] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+    used_at: Mapped[dt.datetime | None]
+    device_id: Mapped[str | None] = mapped_column(String(24))

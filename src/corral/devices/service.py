@@ -1,0 +1,622 @@
+"""Device inventory rules (import, listing, groups, quarantine, presence facts).
+
+Bulk import lives in :mod:`corral.devices.importer`, group rules in
+:mod:`corral.devices.groups`. The device-session core calls :func:`admit`,
+:func:`mark_online`, :func:`mark_offline` and :func:`touch`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import and_, false, func, literal, literal_column, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
+
+from corral.audit import service as audit
+from corral.auth.models import Customer, Membership, User
+from corral.auth.policy import Role, api_users_not_allowed, role_allows
+from corral.auth.subject import Subject
+from corral.devices import groups as group_rules
+from corral.devices.access import is_device_id
+from corral.devices.json import device_json
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+from corral.kit import clock
+from corral.kit.body import as_bool, as_int, as_str, as_str_list
+from corral.kit.errors import BadRequest, Forbidden
+from corral.kit.responses import paging
+from corral.products import service as products
+from corral.products.models import Product
+
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_NOTES = 1000
+MAX_PER_PAGE = 1000
+DEFAULT_PER_PAGE = 25
+MAX_BATCH = 10_000
+FEW_MATCHES = 20_000  # filtered listings this small are sorted after filtering
+CHUNK = 5_000
+
+
+async def product_device_count(db: AsyncSession, product_id: int) -> int:
+    return int((await db.execute(
+        select(func.count()).select_from(Device).where(Device.product_id == product_id)
+    )).scalar_one())
+
+
+async def refuse_delete_with_devices(db: AsyncSession, product: Product) -> str | None:
+    """A product is deleted only once it has no devices (remove or move them first)."""
+    n = await product_device_count(db, product.id)
+    if n:
+        return f"The product still has {n} device(s); remove them before deleting the product"
+    return None
+
+
+products.DELETE_CHECKS.append(refuse_delete_with_devices)
+
+
+# --- shaping helpers ---------------------------------------------------------------------------
+
+async def owner_names(db: AsyncSession, devices: Sequence[Device]) -> dict[str, str]:
+    """Device id -> its owner's username (or the e-mail of the customer it is claimed to),
+    with one query per kind of owner."""
+    user_ids = sorted({d.owner_user_id for d in devices if d.owner_user_id is not None})
+    customer_ids = sorted({d.customer_id for d in devices
+                           if d.owner_user_id is None and d.customer_id is not None})
+    users: dict[int, str] = {}
+    if user_ids:
+        users = {uid: name for uid, name in await db.execute(
+            select(User.id, User.username).where(User.id.in_(user_ids)))}
+    customers: dict[int, str] = {}
+    if customer_ids:
+        customers = {cid: email for cid, email in await db.execute(
+            select(Customer.id, Customer.email).where(Customer.id.in_(customer_ids)))}
+    out: dict[str, str] = {}
+    for d in devices:
+        if d.owner_user_id is not None and d.owner_user_id in users:
+            out[d.id] = users[d.owner_user_id]
+        elif d.customer_id is not None and d.customer_id in customers:
+            out[d.id] = customers[d.customer_id]
+    return out
+
+
+async def device_view(db: AsyncSession, device: Device) -> dict[str, Any]:
+    """The device object; devices in a product get the product fields and their groups."""
+    owner = (await owner_names(db, [device])).get(device.id)
+    if device.product_id is None:
+        return device_json(device, owner=owner)
+    groups = (await group_rules.group_names_for(db, [device.id])).get(device.id, [])
+    return device_json(device, groups=groups, owner=owner, product=True)
+
+
+# --- the product inventory ---------------------------------------------------------------------
+
+SORT_ATTRS: dict[str, Any] = {
+    "deviceId": Device.id, "deviceName": Device.name,
+    "firmwareVersion": Device.firmware_version, "lastConnection": Device.last_heard,
+}
+HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{1,24}$")
+
+
+@dataclass
+class DeviceQuery:
+    page: int = 1
+    per_page: int = DEFAULT_PER_PAGE
+    device_id: str | None = None
+    device_name: str | None = None
+    serial_number: str | None = None
+    groups: list[str] | None = None
+    quarantined: bool | None = None
+    online: bool | None = None
+    development: bool | None = None
+    sort_attr: str = "lastConnection"
+    sort_dir: str = "desc"
+
+
+def parse_device_query(params: Mapping[str, str]) -> DeviceQuery:
+    """Particle's query parameters (``per_page`` and ``perPage`` both work); 400 on bad ones."""
+    q = DeviceQuery()
+    q.page = as_int(params.get("page"), field="page", lo=1, hi=10_000_000, default=1) or 1
+    per_page = params.get("per_page", params.get("perPage"))
+    q.per_page = as_int(per_page, field="per_page", lo=1, hi=MAX_PER_PAGE,
+                        default=DEFAULT_PER_PAGE) or DEFAULT_PER_PAGE
+    q.device_id = as_str(params.get("deviceId"), field="deviceId", max_len=64)
+    q.device_name = as_str(params.get("deviceName"), field="deviceName", max_len=64)
+    q.serial_number = as_str(params.get("serialNumber"), field="serialNumber", max_len=64)
+    if params.get("groups"):
+        q.groups = as_str_list(params["groups"], field="groups", max_items=100, max_len=64)
+    for name in ("quarantined", "online", "development"):
+        if params.get(name) not in (None, ""):
+            setattr(q, name, as_bool(params[name], field=name))
+    sort_attr = params.get("sortAttr") or "lastConnection"
+    if sort_attr not in SORT_ATTRS:
+        raise BadRequest(f"sortAttr must be one of {', '.join(SORT_ATTRS)}",
+                         code="invalid_request")
+    q.sort_attr = sort_attr
+    sort_dir = (params.get("sortDir") or "desc").lower()
+    if sort_dir not in ("asc", "desc"):
+        raise BadRequest("sortDir must be asc or desc", code="invalid_request")
+    q.sort_dir = sort_dir
+    return q
+
+
+def _filters(product: Product, q: DeviceQuery) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = [Device.product_id == product.id]
+    if q.device_id:
+        prefix = q.device_id.strip().lower()
+        if HEX_PREFIX_RE.match(prefix):
+            # a range on (product_id, id) instead of LIKE: indexed under any collation
+            conds += [Device.id >= prefix, Device.id < prefix + "g"]
+        else:
+            conds.append(false())
+    if q.device_name:
+        conds.append(Device.name.icontains(q.device_name, autoescape=True))
+    if q.serial_number:
+        conds.append(Device.serial_number.icontains(q.serial_number, autoescape=True))
+    if q.groups:
+        members = (select(DeviceGroupMember.device_id)
+                   .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
+                   .where(DeviceGroup.product_id == product.id, DeviceGroup.name.in_(q.groups)))
+        conds.append(Device.id.in_(members))
+    for name in ("quarantined", "online", "development"):
+        value = getattr(q, name)
+        if value is not None:
+            conds.append(getattr(Device, name).is_(value))
+    return conds
+
+
+@dataclass
+class DevicePage:
+    devices: list[Device]
+    groups: dict[str, list[str]]
+    owners: dict[str, str]
+    customers: list[dict[str, Any]]
+    total: int
+    page: int
+    per_page: int
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "devices": [device_json(d, groups=self.groups.get(d.id, []),
+                                    owner=self.owners.get(d.id), product=True)
+                        for d in self.devices],
+            "customers": self.customers,
+            "meta": paging(self.page, self.per_page, self.total),
+        }
+
+
+def _tiebreak(db: AsyncSession) -> Any:
+    """The column that orders rows with equal sort keys. SQLite: the rowid, which every
+    SQLite index already carries, so ``(product_id, column)`` indexes give the full order
+    without a sort; elsewhere the device id (the lead may widen those indexes with it)."""
+    if db.get_bind().dialect.name == "sqlite":
+        return literal_column("devices.rowid")
+    return Device.id
+
+
+async def _slice(db: AsyncSession, conds: list[ColumnElement[bool]], order: list[Any],
+                 offset: int, limit: int) -> list[str]:
+    """The ids of one slice. Only ids: the offset walks the index, not the rows."""
+    if limit <= 0:
+        return []
+    q = select(Device.id).where(*conds).order_by(*order).offset(offset).limit(limit)
+    return list((await db.execute(q)).scalars())
+
+
+async def _few_matches_slice(db: AsyncSession, conds: list[ColumnElement[bool]], col: Any,
+                             tie: Any, desc: bool, offset: int, limit: int) -> list[str]:
+    """A filter matched few devices: collect them once (by whatever plan suits the filter),
+    then sort that small set, rather than walk the sort index of the whole product
+    checking the filter row by row. Same order as the indexed path."""
+    m = (select(Device.id.label("id"), col.label("k"), tie.label("t")).where(*conds)
+         .cte("matches").prefix_with("MATERIALIZED"))
+    if desc:
+        order = [m.c.k.is_(None), m.c.k.desc(), m.c.t.desc()]
+    else:
+        order = [m.c.k.is_not(None), m.c.k.asc(), m.c.t.asc()]
+    q = select(m.c.id).order_by(*order).offset(offset).limit(limit)
+    return list((await db.execute(q)).scalars())
+
+
+async def list_product_devices(db: AsyncSession, product: Product,
+                               q: DeviceQuery) -> DevicePage:
+    """One page of the product's devices, filtered and sorted.
+
+    Sorting by a nullable column runs as two indexed queries (rows with a value, ordered by
+    ``(column, tiebreak)``; rows without, by the tiebreak alone) instead of one
+    ``NULLS LAST`` sort, so a million never-connected devices do not turn every page into a
+    full sort. A missing value sorts as the smallest (last in ``desc``) on SQLite and
+    PostgreSQL alike. The page's ids are found first, then its rows are loaded by id.
+    """
+    conds = _filters(product, q)
+    col = SORT_ATTRS[q.sort_attr]
+    desc = q.sort_dir == "desc"
+    offset, limit = (q.page - 1) * q.per_page, q.per_page
+    tie = Device.id if col is Device.id else _tiebreak(db)
+    total, with_value = (await db.execute(
+        select(func.count(), func.count(col)).where(*conds))).one()
+    total, with_value = int(total), int(with_value)
+    if len(conds) > 1 and total <= FEW_MATCHES:
+        page_ids = await _few_matches_slice(db, conds, col, tie, desc, offset, limit)
+    elif col is Device.id:
+        page_ids = await _slice(db, conds, [Device.id.desc() if desc else Device.id.asc()],
+                                offset, limit)
+    else:
+        valued = ([*conds, col.is_not(None)],
+                  [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()], with_value)
+        empty = ([*conds, col.is_(None)], [tie.desc() if desc else tie.asc()],
+                 total - with_value)
+        first, second = (valued, empty) if desc else (empty, valued)
+        page_ids = []
+        if offset < first[2]:
+            page_ids = await _slice(db, first[0], first[1], offset,
+                                    min(limit, first[2] - offset))
+        rest = limit - len(page_ids)
+        if rest > 0 and offset + len(page_ids) < total:
+            page_ids += await _slice(db, second[0], second[1], max(0, offset - first[2]),
+                                     rest)
+    rows = {d.id: d for d in (await db.execute(
+        select(Device).where(Device.id.in_(page_ids)))).scalars()} if page_ids else {}
+    devices = [rows[i] for i in page_ids if i in rows]
+    ids = [d.id for d in devices]
+    groups = await group_rules.group_names_for(db, ids)
+    owners = await owner_names(db, devices)
+    customer_ids = sorted({d.customer_id for d in devices if d.customer_id is not None})
+    customers: list[dict[str, Any]] = []
+    if customer_ids:
+        customers = [{"id": cid, "username": email} for cid, email in (await db.execute(
+            select(Customer.id, Customer.email).where(Customer.id.in_(customer_ids))
+            .order_by(Customer.id))).all()]
+    return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page)
+
+
+# --- updating a device -------------------------------------------------------------------------
+
+PRODUCT_FIELDS = frozenset({"name", "notes", "development", "groups", "firmware_updates_forced",
+                            "quarantined"})
+SANDBOX_FIELDS = frozenset({"name", "notes", "firmware_updates_forced"})
+FIRMWARE_FIELDS = frozenset({"desired_firmware_version", "flash"})
+
+
+def clean_device_name(value: Any) -> str:
+    if not isinstance(value, str) or not DEVICE_NAME_RE.match(value):
+        raise BadRequest("name must be 1-64 letters, digits, '-' or '_'",
+                         code="invalid_request")
+    if is_device_id(value):
+        raise BadRequest("name must not look like a device ID", code="invalid_request")
+    return value
+
+
+async def _check_name_free(db: AsyncSession, device: Device, name: str) -> None:
+    """Names are unique among one owner's devices (the CLI addresses devices by name)."""
+    if device.owner_user_id is not None:
+        scope = Device.owner_user_id == device.owner_user_id
+    elif device.customer_id is not None:
+        scope = Device.customer_id == device.customer_id
+    else:
+        return
+    taken = (await db.execute(select(Device.id).where(
+        scope, Device.name == name, Device.id != device.id).limit(1))).first()
+    if taken:
+        raise BadRequest(f"You already have a device named {name!r}", code="name_taken")
+
+
+def may_mark_development(subject: Subject, role: Role | None) -> bool:
+    """Development devices are exempt from releases: whoever may release firmware decides."""
+    if role is not None:
+        return role_allows(role, "firmware:release")
+    return "firmware:release" in subject.scopes
+
+
+async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: Device,
+                        body: dict[str, Any], product: Product | None = None,
+                        role: Role | None = None, product_route: bool = False
+                        ) -> dict[str, Any]:
+    """Apply a device PUT. On the product route (``product_route``, with the device's
+    ``product`` and the caller's ``role``) the product fields are allowed too. Everything is
+    validated before anything changes. Returns ``{"id", <changed fields>, "updated_at"}``."""
+    allowed = PRODUCT_FIELDS if product_route else SANDBOX_FIELDS
+    firmware = set(body) & FIRMWARE_FIELDS
+    if firmware and product_route:
+        raise BadRequest("Product firmware is not available yet: desired_firmware_version "
+                         "and flash come with the firmware feature", code="not_supported")
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(f"Unknown or unsupported fields: {', '.join(sorted(unknown)[:10])}",
+                         code="invalid_request")
+    if not body:
+        raise BadRequest(f"Nothing to update: send {', '.join(sorted(allowed))}",
+                         code="invalid_request")
+    changes: dict[str, Any] = {}
+    if "name" in body:
+        changes["name"] = clean_device_name(body["name"])
+        await _check_name_free(db, device, changes["name"])
+    if "notes" in body:
+        changes["notes"] = as_str(body["notes"], field="notes", max_len=MAX_NOTES)
+    if "firmware_updates_forced" in body:
+        changes["firmware_updates_forced"] = as_bool(body["firmware_updates_forced"],
+                                                     field="firmware_updates_forced")
+    if "development" in body:
+        changes["development"] = as_bool(body["development"], field="development")
+        if not may_mark_development(actor, role):
+            raise Forbidden("Marking development devices needs the firmware:release "
+                            "permission", code="forbidden", required="firmware:release")
+    if "quarantined" in body:
+        if as_bool(body["quarantined"], field="quarantined"):
+            raise BadRequest("A device cannot be put in quarantine by hand; deny it with "
+                             "DELETE and deny=true", code="invalid_request")
+        changes["quarantined"] = False
+    group_names = None
+    if "groups" in body:
+        group_names = group_rules.clean_group_names(body["groups"])
+
+    out: dict[str, Any] = {"id": device.id}
+    for key, value in changes.items():
+        setattr(device, key, value)
+        out[key] = value
+    if changes.get("quarantined") is False:
+        device.denied = False
+    if group_names is not None:
+        assert product is not None, "groups are set on the product route"
+        out["groups"] = await group_rules.set_device_groups(
+            db, actor=actor, ip=ip, product=product, device_id=device.id, names=group_names)
+    device.updated_at = clock.now()
+    await db.flush()
+    out["updated_at"] = clock.iso(device.updated_at)
+    audit.record(db, actor=actor, ip=ip, action="device.updated",
+                 org_id=product.org_id if product else None,
+                 product_id=device.product_id, target_type="device", target_id=device.id,
+                 details={"fields": sorted(k for k in out if k not in ("id", "updated_at"))})
+    return out
+
+
+async def remove_product_device(db: AsyncSession, *, actor: Subject, ip: str,
+                                product: Product, device: Device, deny: bool) -> None:
+    """``deny``: the device stays, denied, so it is refused when it connects. Otherwise it
+    leaves the product: an owned device stays as its owner's developer device; an unowned
+    one is forgotten."""
+    if deny:
+        device.denied, device.quarantined = True, False
+        device.updated_at = clock.now()
+        await db.flush()
+        audit.record(db, actor=actor, ip=ip, action="device.denied", org_id=product.org_id,
+                     product_id=product.id, target_type="device", target_id=device.id)
+        return
+    await group_rules.clear_device_groups(db, [device.id])
+    kept = device.owner_user_id is not None
+    audit.record(db, actor=actor, ip=ip, action="device.removed", org_id=product.org_id,
+                 product_id=product.id, target_type="device", target_id=device.id,
+                 details={"kept_by_owner": kept})
+    if kept:
+        device.product_id = None
+        device.customer_id = None
+        device.development = device.quarantined = device.denied = False
+        device.desired_firmware_version = None
+        device.updated_at = clock.now()
+    else:
+        await db.delete(device)
+    await db.flush()
+
+
+def _as_object(value: Any, field: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise BadRequest(f"{field} must be an object", code="invalid_request") from exc
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{field} must be an object", code="invalid_request")
+    return value
+
+
+async def batch_update(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                       body: dict[str, Any]) -> None:
+    """``{"action":"groups","devices":[ids],"metadata":{"add":[...],"remove":[...]}}``:
+    every device must be in the product, else nothing is written."""
+    if body.get("action") != "groups":
+        raise BadRequest("action must be \"groups\"", code="invalid_request")
+    raw = as_str_list(body.get("devices"), field="devices", max_items=MAX_BATCH, max_len=64)
+    if not raw:
+        raise BadRequest("devices must list at least one device ID", code="invalid_request")
+    bad = [d for d in raw if not is_device_id(d)]
+    if bad:
+        raise BadRequest("devices must be device IDs (24 hex characters)",
+                         code="invalid_request", invalidDeviceIds=bad[:100])
+    ids = list(dict.fromkeys(d.lower() for d in raw))
+    meta = _as_object(body.get("metadata"), "metadata")
+    unknown = set(meta) - {"add", "remove"}
+    if unknown:
+        raise BadRequest(f"Unknown metadata fields: {', '.join(sorted(unknown)[:10])}",
+                         code="invalid_request")
+    add = group_rules.clean_group_names(meta.get("add"), field="metadata.add")
+    remove = group_rules.clean_group_names(meta.get("remove"), field="metadata.remove")
+    if not add and not remove:
+        raise BadRequest("metadata must name groups to add or remove", code="invalid_request")
+    both = sorted(set(add) & set(remove))
+    if both:
+        raise BadRequest(f"Groups both added and removed: {', '.join(both)}",
+                         code="invalid_request")
+    present: set[str] = set()
+    for i in range(0, len(ids), CHUNK):
+        present.update((await db.execute(select(Device.id).where(
+            Device.product_id == product.id, Device.id.in_(ids[i:i + CHUNK])))).scalars())
+    missing = [d for d in ids if d not in present]
+    if missing:
+        raise BadRequest(f"{len(missing)} device(s) are not in this product",
+                         code="invalid_request", deviceIds=missing[:1000])
+    await group_rules.batch_groups(db, actor=actor, ip=ip, product=product, device_ids=ids,
+                                   add=add, remove=remove)
+
+
+# --- a user's or customer's own devices --------------------------------------------------------
+
+async def my_devices(db: AsyncSession, subject: Subject) -> list[dict[str, Any]]:
+    """The caller's own devices (a customer: those claimed to them), by last handshake."""
+    if subject.kind == "user":
+        cond = Device.owner_user_id == subject.user_id
+    elif subject.kind == "customer":
+        cond = Device.customer_id == subject.customer_id
+    else:
+        raise api_users_not_allowed()
+    rows = list((await db.execute(select(Device).where(cond).order_by(
+        Device.last_handshake_at.desc().nulls_last(), Device.id))).scalars())
+    return [device_json(d, owner=subject.username) for d in rows]
+
+
+# --- admission (called by the device-session core) ---------------------------------------------
+
+Decision = Literal["accepted", "quarantined", "denied", "unknown_device", "unknown_product",
+                  "wrong_product"]
+
+
+@dataclass
+class Admission:
+    decision: Decision
+    device: Device | None
+    reason: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.decision == "accepted"
+
+
+def _insert_ignoring_existing(db: AsyncSession, values: dict[str, Any]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for a device row (SQLite and PostgreSQL)."""
+    if db.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"])
+
+
+def _state(device: Device) -> Admission:
+    if device.denied:
+        return Admission("denied", device, "The device was denied by its product")
+    if device.quarantined:
+        return Admission("quarantined", device, "The device waits for approval in quarantine")
+    return Admission("accepted", device, "The device is known")
+
+
+async def _owner_on_team(db: AsyncSession, user_id: int, product: Product) -> bool:
+    return (await db.execute(select(Membership.id).where(
+        Membership.user_id == user_id,
+        or_(and_(Membership.org_id == product.org_id, Membership.product_id.is_(None)),
+            Membership.product_id == product.id)).limit(1))).first() is not None
+
+
+async def admit(db: AsyncSession, *, device_id: str, product_id: int | None,
+                platform_id: int | None = None) -> Admission:
+    """May this device connect, claiming ``product_id`` (from its firmware)?
+
+    A device unknown to the product is quarantined or auto-approved as the product's
+    ``quarantine`` setting says (created either way). A device of another product, or the
+    developer device of someone outside the product team, is ``wrong_product``.
+    """
+    if not is_device_id(device_id):
+        return Admission("unknown_device", None, "Not a device ID")
+    did = device_id.lower()
+    device = await db.get(Device, did)
+    if product_id is None:
+        if device is None:
+            return Admission("unknown_device", None, "The device is not known")
+        return _state(device) if device.product_id is not None else Admission(
+            "accepted", device, "A developer device")
+    product = await db.get(Product, product_id)
+    if product is None:
+        return Admission("unknown_product", device, f"There is no product {product_id}")
+    if device is not None:
+        if device.product_id == product.id:
+            return _state(device)
+        if device.product_id is not None:
+            return Admission("wrong_product", device,
+                             f"The device belongs to another product ({device.product_id})")
+        if device.owner_user_id is not None and not await _owner_on_team(
+                db, device.owner_user_id, product):
+            return Admission("wrong_product", device,
+                             "The device belongs to someone outside this product's team")
+    quarantine = bool((product.settings or {}).get("quarantine", True))
+    now = clock.now()
+    if device is None:
+        values = {"id": did, "product_id": product.id, "quarantined": quarantine,
+                  "platform_id": platform_id if platform_id is not None else product.platform_id,
+                  "tags": [], "created_at": now, "updated_at": now}
+        res = await db.execute(_insert_ignoring_existing(db, values))
+        if not res.rowcount:  # type: ignore[attr-defined]
+            # another connection created it meanwhile: decide on that row
+            return await admit(db, device_id=did, product_id=product_id,
+                               platform_id=platform_id)
+        device = await db.get(Device, did)
+        assert device is not None
+    else:
+        device.product_id, device.quarantined, device.denied = product.id, quarantine, False
+        if platform_id is not None and not device.platform_id:
+            device.platform_id = platform_id
+        device.updated_at = now
+        await db.flush()
+    action = "device.quarantined" if quarantine else "device.auto_approved"
+    audit.record(db, actor=None, ip=None, action=action, org_id=product.org_id,
+                 product_id=product.id, target_type="device", target_id=did,
+                 details={"platform_id": device.platform_id})
+    if quarantine:
+        return Admission("quarantined", device,
+                         "Unknown to the product; quarantined until approved")
+    return Admission("accepted", device, "Unknown to the product; approved automatically")
+
+
+# --- presence and billing facts ----------------------------------------------------------------
+
+async def _refresh_if_loaded(db: AsyncSession, device_id: str) -> None:
+    """Keep a copy of the row this session already holds current (no lazy loads in async)."""
+    loaded = db.identity_map.get(db.identity_key(Device, device_id))
+    if loaded is not None:
+        await db.refresh(loaded)
+
+
+async def mark_online(db: AsyncSession, device_id: str, *, at: dt.datetime,
+                      ip: str | None = None) -> bool:
+    """The device connected. ``first_online_at`` is set only the first time (billing counts a
+    device from then). False when there is no such device."""
+    values: dict[str, Any] = {
+        "online": True, "last_heard": at, "last_handshake_at": at,
+        "first_online_at": func.coalesce(Device.first_online_at,
+                                         literal(at, Device.first_online_at.type)),
+    }
+    if ip is not None:
+        values["last_ip_address"] = ip[:64]
+    did = device_id.lower()
+    res = await db.execute(update(Device).where(Device.id == did).values(**values)
+                           .execution_options(synchronize_session=False))
+    await _refresh_if_loaded(db, did)
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+async def mark_offline(db: AsyncSession, device_id: str, *, at: dt.datetime) -> bool:
+    """The device disconnected (it was last heard at ``at``)."""
+    did = device_id.lower()
+    res = await db.execute(update(Device).where(Device.id == did)
+                           .values(online=False, last_heard=at)
+                           .execution_options(synchronize_session=False))
+    await _refresh_if_loaded(db, did)
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+async def touch(db: AsyncSession, device_ids: Sequence[str], *, at: dt.datetime) -> None:
+    """Many devices were heard from (bulk ``last_heard``; cheap, no session sync)."""
+    ids = sorted({d.lower() for d in device_ids})
+    for i in range(0, len(ids), CHUNK):
+        await db.execute(update(Device).where(Device.id.in_(ids[i:i + CHUNK]))
+                         .values(last_heard=at)
+                         .execution_options(synchronize_session=False))
+
+
+__all__ = ["Admission", "DeviceQuery", "admit", "batch_update", "device_view",
+           "list_product_devices", "mark_offline", "mark_online", "my_devices",
+           "parse_device_query", "remove_product_device", "touch", "update_device"]

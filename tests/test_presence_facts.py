@@ -1,0 +1,78 @@
+"""Presence and billing facts: online, last_heard, first_online_at (set once)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from corral.devices import service
+from corral.devices.models import Device
+from corral.kit import clock
+from helpers import bearer
+from test_device_import import load, owner_and_product, seed
+
+ID = "0123456789abcdef01234567"
+
+
+async def test_first_online_is_set_once(app, client, manual_clock):
+    tok, p = await owner_and_product(client)
+    await seed(app, {"id": ID, "product_id": p["id"]})
+    first = manual_clock.now()
+    async with app.state.sessionmaker() as db:
+        assert await service.mark_online(db, ID.upper(), at=clock.now(), ip="203.0.113.7")
+        await db.commit()
+    d = await load(app, ID)
+    assert d.online and d.first_online_at == first and d.last_heard == first
+    assert d.last_handshake_at == first and d.last_ip_address == "203.0.113.7"
+
+    manual_clock.advance(hours=5)
+    async with app.state.sessionmaker() as db:
+        assert await service.mark_offline(db, ID, at=clock.now())
+        await db.commit()
+    d = await load(app, ID)
+    assert not d.online and d.last_heard == first + dt.timedelta(hours=5)
+
+    manual_clock.advance(days=40)
+    later = clock.now()
+    async with app.state.sessionmaker() as db:
+        await service.mark_online(db, ID, at=later)
+        await db.commit()
+    d = await load(app, ID)
+    assert d.first_online_at == first  # never moves after the first time
+    assert d.last_handshake_at == later and d.online
+    assert d.last_ip_address == "203.0.113.7"  # no ip given: the last one stays
+
+    r = await client.get(f"/v1/products/{p['slug']}/devices/{ID}", headers=bearer(tok))
+    body = r.json()
+    assert body["first_online_at"] == clock.iso(first) and body["online"] is True
+    assert body["last_heard"] == clock.iso(later)
+    r = await client.get(f"/v1/products/{p['slug']}/devices", headers=bearer(tok),
+                         params={"online": "true"})
+    assert [x["id"] for x in r.json()["devices"]] == [ID]
+
+
+async def test_mark_online_updates_a_loaded_device(app, client, manual_clock):
+    """The session's copy of the row is refreshed, not left stale."""
+    tok, p = await owner_and_product(client)
+    await seed(app, {"id": ID, "product_id": p["id"]})
+    async with app.state.sessionmaker() as db:
+        d = await db.get(Device, ID)
+        assert d.first_online_at is None
+        await service.mark_online(db, ID, at=clock.now())
+        assert d.online is True and d.first_online_at == manual_clock.now()
+        await db.commit()
+
+
+async def test_touch_and_unknown_devices(app, client, manual_clock):
+    tok, p = await owner_and_product(client)
+    ids = [f"{i:024x}" for i in range(1, 6001)]
+    await seed(app, *[{"id": i, "product_id": p["id"]} for i in ids])
+    async with app.state.sessionmaker() as db:
+        await service.touch(db, ids + ["f" * 24], at=clock.now())
+        assert not await service.mark_online(db, "f" * 24, at=clock.now())
+        assert not await service.mark_offline(db, "f" * 24, at=clock.now())
+        await db.commit()
+    for i in (ids[0], ids[-1]):
+        d = await load(app, i)
+        assert d.last_heard == manual_clock.now() and d.first_online_at is None
+        assert not d.online
+    assert await load(app, "f" * 24) is None
