@@ -249,10 +249,9 @@ async def test_unclaim_product_device_keeps_it_usable(client, app):
     d = await get_device(app, PRODUCT_DEV)
     assert d is not None and d.product_id == p["id"] and d.name == "kept"
     assert (d.owner_user_id, d.customer_id, d.claimed_at) == (None, None, None)
-    # the customer no longer reaches it (DeviceGuard answers 403 for a customer of the same
-    # product today; 404 would hide the device better)
+    # the customer no longer reaches it: another customer's device does not exist for them
     r = await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(cust))
-    assert r.status_code in (403, 404), r.text
+    assert r.status_code == 404, r.text
     # a Support member claims it, and can be unclaimed by another team member
     assert (await claim(client, support, PRODUCT_DEV)).status_code == 200
     r = await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(owner))
@@ -271,7 +270,7 @@ async def test_customer_cannot_unclaim_another_customers_device(client, app):
     cust2 = await make_customer(client, owner, p, "cust2@example.com")
     assert (await claim(client, cust, PRODUCT_DEV)).status_code == 200
     r = await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(cust2))
-    assert r.status_code in (403, 404), r.text  # see test_unclaim_product_device_keeps_it_usable
+    assert r.status_code == 404, r.text
     assert (await get_device(app, PRODUCT_DEV)).customer_id is not None
 
 

@@ -436,3 +436,32 @@ async def test_client_credentials_customer_scope(client, app, shop):
         row = (await db.execute(select(AccessToken).where(
             AccessToken.token_hash == digest(r.json()["access_token"])))).scalar_one()
         assert row.customer_id is None and row.oauth_client_id is not None
+
+
+async def test_refreshed_customer_token_stays_a_customer_token(client, app):
+    """A refresh keeps the customer identity (and so the customer's devices)."""
+    from helpers import bearer, new_user
+
+    owner = await new_user(client, "refresh-owner@example.com")
+    r = await client.post("/v1/user/products", headers=bearer(owner), json={"name": "Refresher"})
+    slug = r.json()["product"]["slug"]
+    r = await client.post(f"/v1/products/{slug}/clients", headers=bearer(owner),
+                          json={"name": "app", "type": "installed"})
+    cl = r.json()["client"]
+    r = await client.post(f"/v1/products/{slug}/customers",
+                          data={"email": "cu@example.com", "password": "customer-pass",
+                                "client_id": cl["id"], "client_secret": cl["secret"]})
+    assert r.status_code == 201, r.text
+    first = r.json()
+    issued_to = (await client.get("/v1/access_tokens/current",
+                                  headers=bearer(first["access_token"]))).json()["client"]
+    assert issued_to == cl["id"]
+    r = await client.post("/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+        "client_id": cl["id"], "client_secret": cl["secret"]})
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    r = await client.get("/v1/access_tokens/current", headers=bearer(token))
+    assert r.status_code == 200
+    r = await client.post("/v1/device_claims", headers=bearer(token))
+    assert r.status_code == 200, r.text  # only a customer (or person) may ask for a claim code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -158,6 +159,15 @@ async def test_junk_files_are_refused_whole(app, client):
     r = await post_file(client, tok, p["slug"], garbage.encode())
     assert r.status_code == 400 and r.json()["error"] == "invalid_file"
     assert len(r.content) < 2000
+    # 10 MB of random bytes (the route allows 16 MiB bodies) and 17 MiB of anything
+    r = await post_file(client, tok, p["slug"], os.urandom(10 * 1024 * 1024))
+    assert r.status_code == 400 and r.json()["error"] == "invalid_file"
+    r = await post_file(client, tok, p["slug"], b"0" * (17 * 1024 * 1024))
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+    # 10 MB of text on one line: one invalid entry, echoed back shortened
+    body = result(await post_file(client, tok, p["slug"], b"x" * (10 * 1024 * 1024)))
+    assert body["updated"] == 0 and len(body["invalidDeviceIds"]) == 1
+    assert len(body["invalidDeviceIds"][0]) < 100
     # an empty file says so
     r = await post_file(client, tok, p["slug"], b"\r\n\r\n")
     assert r.status_code == 400 and r.json()["error"] == "invalid_file"
@@ -183,6 +193,11 @@ async def test_too_many_ids_and_missing_input(app, client):
     assert r.status_code == 400
     r = await post_ids(client, tok, p["slug"], id=ID1, color="red")
     assert r.status_code == 400 and "color" in r.json()["error_description"]
+    r = await post_ids(client, tok, p["slug"], id=ID1, claim_user="someone@example.com")
+    assert r.status_code == 400 and r.json()["error"] == "not_supported"
+    assert result(await post_ids(client, tok, p["slug"], id=ID1, import_sims=False))["updated"] == 1
+    await client.request("DELETE", f"/v1/products/{p['slug']}/devices/{ID1}",
+                         headers=bearer(tok))
     assert await device_count(app) == 0
 
 
@@ -330,9 +345,10 @@ async def test_import_100k_new_ids_quickly(app, client):
     body = result(r)
     assert body["updated"] == 100_000 and body["updatedDeviceIds"][-1] == ids[-1]
     assert await device_count(app, product_id=p["id"]) == 100_000
-    # the target is < 5 s on SQLite on this machine; leave room for a loaded test runner
-    assert elapsed < 15, f"100k import took {elapsed:.1f}s"
+    # the target: < 5 s on SQLite on this machine (about 1 s measured, 2.5 s on PostgreSQL)
+    limit = 5 if "sqlite" in str(app.state.settings.resolved_database_url()) else 10
+    assert elapsed < limit, f"100k import took {elapsed:.1f}s"
     started = time.perf_counter()
     body = result(await post_file(client, tok, p["slug"], content))
-    assert len(body["existingDeviceIds"]) == 100_000
-    assert time.perf_counter() - started < 15
+    assert len(body["existingDeviceIds"]) == 100_000 and body["updated"] == 0
+    assert time.perf_counter() - started < limit

@@ -67,7 +67,7 @@ async def test_touch_and_unknown_devices(app, client, manual_clock):
     ids = [f"{i:024x}" for i in range(1, 6001)]
     await seed(app, *[{"id": i, "product_id": p["id"]} for i in ids])
     async with app.state.sessionmaker() as db:
-        await service.touch(db, ids + ["f" * 24], at=clock.now())
+        await service.touch(db, [*ids, "f" * 24], at=clock.now())
         assert not await service.mark_online(db, "f" * 24, at=clock.now())
         assert not await service.mark_offline(db, "f" * 24, at=clock.now())
         await db.commit()

@@ -17,7 +17,7 @@ from corral.auth.models import AccessToken, Customer, Membership, OAuthClient, U
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
 from corral.kit import clock
-from corral.kit.errors import BadRequest, Conflict, Forbidden, LoginLocked, OAuthError
+from corral.kit.errors import BadRequest, Conflict, Forbidden, LoginLocked, NotFound, OAuthError
 from corral.kit.passwords import hash_password, verify_password
 from corral.kit.secrets import digest, new_short_id, new_token, same
 from corral.orgs import service as orgs
@@ -264,6 +264,7 @@ async def refresh_grant(db: AsyncSession, settings: Settings, *, refresh_token: 
     expires = clock.now() + lifetime if lifetime else None
     issued = issue_token(db, settings, user_id=old.user_id, client=old.client, expires_at=expires,
                          scopes=list(old.scopes or []), oauth_client_id=old.oauth_client_id, ip=ip)
+    issued.row.customer_id = old.customer_id  # a customer's token stays a customer's
     await db.delete(old)  # rotation: a refresh token works once
     return issued
 
@@ -408,3 +409,24 @@ async def delete_user(db: AsyncSession, me: Subject, password: Any, ip: str) -> 
                  target_id=user.id)
     await db.delete(personal)
     await db.delete(user)
+
+
+# --- operator tasks (``corral admin``) ----------------------------------------------------
+
+async def set_password(db: AsyncSession, settings: Settings, username: str, password: str, *,
+                       revoke_tokens: bool, actor_label: str) -> int:
+    """Set a person's password; optionally revoke their tokens. Returns tokens revoked."""
+    user = await find_user(db, username.strip())
+    if user is None or user.kind != "user":
+        raise NotFound(f"No user {username!r}")
+    user.password_hash = hash_for(settings, check_password_rules(password))
+    revoked = await revoke_all(db, user.id) if revoke_tokens else 0
+    audit.record(db, actor=None, actor_label=actor_label, ip=None, action="user.updated",
+                 target_type="user", target_id=user.id,
+                 details={"fields": ["password"], "tokens_revoked": revoked})
+    return revoked
+
+
+async def list_users(db: AsyncSession) -> list[User]:
+    """Every account, people and API users, oldest first."""
+    return list((await db.execute(select(User).order_by(User.id))).scalars())

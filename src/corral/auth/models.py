@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from corral.db.base import Base, Timestamps
@@ -59,6 +59,9 @@ class Membership(Timestamps, Base):
     __table_args__ = (
         UniqueConstraint("user_id", "org_id", "product_id", name="uq_memberships_scope"),
         Index("ix_memberships_org_product", "org_id", "product_id"),
+        # NULLs are distinct in the constraint above: one org-scope role per user and org
+        Index("uq_memberships_org_scope", "user_id", "org_id", unique=True,
+              sqlite_where=text("product_id IS NULL"), postgresql_where=text("product_id IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -12,20 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.accounts import service as accounts
-from corral.audit import service as audit
-from corral.auth.models import User
 from corral.cli.config import settings_from
 from corral.cli.output import console, fail, print_json, table
 from corral.db import migrate
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.db.session import commit
-from corral.kit.errors import CorralError, NotFound
+from corral.kit.errors import CorralError
 from corral.settings import Settings
 
 T = TypeVar("T")
@@ -124,17 +121,8 @@ def set_password(
     secret = _new_password(password)
 
     async def work(db: AsyncSession) -> int:
-        # TODO(lead): this belongs in accounts.service (e.g. ``set_password``); it composes
-        # that module's public rules until then.
-        user = await accounts.find_user(db, username.strip())
-        if user is None or user.kind != "user":
-            raise NotFound(f"No user {username!r}")
-        user.password_hash = accounts.hash_for(settings, accounts.check_password_rules(secret))
-        revoked = await accounts.revoke_all(db, user.id) if revoke_tokens else 0
-        audit.record(db, actor=None, actor_label=ACTOR, ip=None, action="user.updated",
-                     target_type="user", target_id=user.id,
-                     details={"fields": ["password"], "tokens_revoked": revoked})
-        return revoked
+        return await accounts.set_password(db, settings, username, secret,
+                                           revoke_tokens=revoke_tokens, actor_label=ACTOR)
 
     revoked = run_in_db(settings, work)
     extra = f"; {revoked} token(s) revoked" if revoke_tokens else ""
@@ -150,8 +138,7 @@ def list_users(
     settings = settings_from(data_dir=data_dir, database_url=database_url)
 
     async def work(db: AsyncSession) -> list[dict[str, Any]]:
-        # TODO(lead): a ``list_users`` in accounts.service would own this query.
-        rows = (await db.execute(select(User).order_by(User.id))).scalars()
+        rows = await accounts.list_users(db)
         return [{"id": u.id, "username": u.username, "kind": u.kind,
                  "created_at": u.created_at.isoformat(timespec="seconds")} for u in rows]
 

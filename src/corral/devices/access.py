@@ -79,6 +79,8 @@ async def authorize_device(db: AsyncSession, subject: Subject, device: Device,
         if permission not in CUSTOMER_DEVICE_PERMISSIONS:
             raise Forbidden("Customers may not do this", code="forbidden", required=permission)
         return None, None, "customer"
+    if subject.kind == "customer":  # another customer's device does not exist for them
+        raise NotFound("Device not found")
     if device.product_id is None:
         raise NotFound("Device not found")
     product = await db.get(Product, device.product_id)

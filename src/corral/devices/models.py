@@ -16,11 +16,12 @@ class Device(Timestamps, Base):
 
     __tablename__ = "devices"
     __table_args__ = (
-        # listing and sorting a product's devices stay indexed at 1M rows
+        # listing and sorting a product's devices stay indexed at 1M rows; the trailing id
+        # is the tie-breaker, so deep pages are read from the index without a sort
         Index("ix_devices_product_id_id", "product_id", "id"),
-        Index("ix_devices_product_last_heard", "product_id", "last_heard"),
-        Index("ix_devices_product_fw", "product_id", "firmware_version"),
-        Index("ix_devices_product_name", "product_id", "name"),
+        Index("ix_devices_product_last_heard", "product_id", "last_heard", "id"),
+        Index("ix_devices_product_fw", "product_id", "firmware_version", "id"),
+        Index("ix_devices_product_name", "product_id", "name", "id"),
         Index("ix_devices_product_quarantined", "product_id", "quarantined"),
         Index("ix_devices_owner_name", "owner_user_id", "name"),
         Index("ix_devices_serial", "serial_number"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ForeignKey, Index, String
+from sqlalchemy import ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from corral.db.base import Base, Timestamps
@@ -24,7 +24,16 @@ class Organization(Timestamps, Base):
 
 class Invitation(Timestamps, Base):
     __tablename__ = "invitations"
-    __table_args__ = (Index("ix_invitations_email_status", "email", "status"),)
+    __table_args__ = (
+        Index("ix_invitations_email_status", "email", "status"),
+        # one pending invitation per address and scope (re-inviting updates it in place)
+        Index("uq_invitations_pending_org", "org_id", "email", unique=True,
+              sqlite_where=text("product_id IS NULL AND status = 'pending'"),
+              postgresql_where=text("product_id IS NULL AND status = 'pending'")),
+        Index("uq_invitations_pending_product", "product_id", "email", unique=True,
+              sqlite_where=text("product_id IS NOT NULL AND status = 'pending'"),
+              postgresql_where=text("product_id IS NOT NULL AND status = 'pending'")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
