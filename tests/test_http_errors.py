@@ -42,3 +42,20 @@ async def test_query_validation_is_400_json(client):
     r = await client.get(f"/v1/orgs/{orgs[0]['slug']}/audit", params={"page": "x"},
                          headers=bearer(token))
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+async def test_nul_characters_are_refused_everywhere(client):
+    """PostgreSQL cannot store NUL: it is refused at the edge in paths, queries and bodies."""
+    token = await new_user(client, "nul@example.com")
+    h = bearer(token)
+    for r in (
+        await client.get("/v1/products/a%00b", headers=h),
+        await client.get("/v1/user", params={"x": "a\x00b"}, headers=h),
+        await client.post("/v1/orgs", json={"name": "a\u0000b"}, headers=h),
+        await client.post("/v1/orgs", data={"name": "a\x00b"}, headers=h),
+        await client.post("/oauth/token", data={"grant_type": "password", "username": "a\x00",
+                                                "password": "x", "client_id": "particle-api",
+                                                "client_secret": "particle-api"}),
+    ):
+        assert r.status_code == 400, r.text
+        assert "NUL" in r.json()["error_description"]

@@ -15,7 +15,7 @@ from corral.auth.models import AccessToken, User
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
 from corral.kit import clock
-from corral.kit.body import read_body
+from corral.kit.body import check_no_nul, read_body
 from corral.kit.errors import NotFound, OAuthError
 from corral.kit.responses import NO_STORE, ok
 
@@ -49,6 +49,7 @@ async def create_token(request: Request, ctx: AnyCtx) -> JSONResponse:
     await service.check_lockout(ctx.db, ctx.ip)
     form = await request.form()
     f = {k: v for k, v in form.items() if isinstance(v, str)}
+    check_no_nul(f)
     grant = f.get("grant_type")
     basic_id, basic_secret = _basic_credentials(request)
     client_id = basic_id if basic_id is not None else f.get("client_id")

@@ -10,8 +10,23 @@ from fastapi import Request
 from corral.kit.errors import BadRequest
 
 
+def check_no_nul(value: Any, depth: int = 0) -> None:
+    """Text with NUL characters is refused: PostgreSQL cannot store it, and no field needs it."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise BadRequest("NUL characters are not allowed", code="invalid_request")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_no_nul(k, depth + 1)
+            check_no_nul(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_no_nul(v, depth + 1)
+
+
 async def read_body(request: Request) -> dict[str, Any]:
-    """Return the body as a dict; empty for no body. 400 on malformed JSON or non-object."""
+    """Return the body as a dict; empty for no body. 400 on malformed JSON, a non-object, or
+    text containing NUL characters. Uploaded files are left to their readers."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
         form = await request.form()
@@ -20,6 +35,7 @@ async def read_body(request: Request) -> dict[str, Any]:
             values = form.getlist(key)
             out[key] = values[0] if len(values) == 1 else list(values)
         out.pop("access_token", None)
+        check_no_nul({k: v for k, v in out.items() if isinstance(v, str | list)})
         return out
     raw = await request.body()
     if not raw.strip():
@@ -31,6 +47,7 @@ async def read_body(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("Request body must be a JSON object", code="invalid_json")
     data.pop("access_token", None)
+    check_no_nul(data)
     return data
 
 

@@ -20,7 +20,7 @@ from corral.mail.backends import MailBackend, make_backend
 from corral.mail.tasks import Mailer
 from corral.settings import Settings
 from corral.web import errors
-from corral.web.middleware import BodyLimit, Metrics
+from corral.web.middleware import BodyLimit, Metrics, RejectNul
 
 log = logging.getLogger("corral.web")
 
@@ -118,6 +118,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     bulk = [(r"^/v1/products/[^/]+/(devices|device_keys)/?$", settings.max_import_bytes)]
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, large=bulk)  # type: ignore[arg-type]
+    app.add_middleware(RejectNul)  # type: ignore[arg-type]
     app.add_middleware(Metrics)  # type: ignore[arg-type]
     return app
 

@@ -108,3 +108,21 @@ class Metrics:
             path = getattr(route, "path", None) or "unmatched"
             REQUESTS.labels(scope["method"], path, str(status)).inc()
             LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
+
+
+class RejectNul:
+    """NUL characters in a path or query are refused (PostgreSQL text cannot store them, and no
+    identifier, name or parameter of ours contains one)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
+            or b"\x00" in scope.get("query_string", b"")
+        ):
+            await _send_json(send, 400, {"ok": False, "error": "invalid_request",
+                                         "error_description": "NUL characters are not allowed"})
+            return
+        await self.app(scope, receive, send)

@@ -57,7 +57,7 @@ def role_table(scopes: frozenset[str], title: str) -> list[str]:
         cells = [_mark(perm in ROLE_PERMISSIONS[r]) for r in roles]
         api = _mark(perm in API_USER_SCOPES)
         lines.append(f"| `{perm}` | " + " | ".join(cells) + f" | {api} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _guards(dependant: Any) -> list[Guard]:
