@@ -192,8 +192,8 @@ async def test_list_and_revoke_tokens(client):
     assert (await client.get("/v1/user", headers=bearer(t2))).status_code == 401
     assert (await client.delete(f"/v1/access_tokens/{t2}")).status_code == 404
     # revoke by id needs the owner's bearer
-    other = [t for t in (await client.get("/v1/access_tokens", headers=bearer(t1))).json()
-             if not t["current"]][0]
+    other = next(t for t in (await client.get("/v1/access_tokens", headers=bearer(t1))).json()
+                 if not t["current"])
     assert (await client.delete(f"/v1/access_tokens/{other['id']}")).status_code == 401
     intruder = await new_user(client, "intruder@example.com")
     r = await client.delete(f"/v1/access_tokens/{other['id']}", headers=bearer(intruder))

@@ -17,12 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
 
-from corral.demo import DEMO_ORG, DEMO_PLATFORM_ID, DEMO_PRODUCT, ensure_demo
-from corral.orgs.models import Organization
-from corral.products.models import Product
-from corral.settings import Settings
+from corral.demo import DEMO_ORG, DEMO_PLATFORM_ID, DEMO_PRODUCT
 from helpers import bearer
 
 START_TIMEOUT_S = 20
@@ -157,24 +153,3 @@ def test_serve_demo_twice_creates_nothing_new(tmp_path: Path) -> None:
         stdout, stderr = second.output()
     assert "Demo login (already present)" in stdout
     assert "Uvicorn running" in stderr and not stderr.lstrip().startswith("{")
-
-
-async def test_ensure_demo_is_idempotent(app: Any, settings: Settings, client: Any) -> None:
-    first = await ensure_demo(app.state.sessionmaker, settings)
-    assert first.created == ["user", "org", "product"]
-    second = await ensure_demo(app.state.sessionmaker, settings)
-    assert second.created == []
-    assert (second.org_id, second.product_id) == (first.org_id, first.product_id)
-
-    async with app.state.sessionmaker() as db:
-        n_orgs = (await db.execute(select(func.count()).select_from(Organization)
-                                   .where(Organization.name == DEMO_ORG))).scalar_one()
-        product = (await db.execute(select(Product))).scalars().all()
-    assert n_orgs == 1
-    assert [(p.name, p.platform_id, p.org_id) for p in product] == [
-        (DEMO_PRODUCT, DEMO_PLATFORM_ID, first.org_id)]
-
-    r = await client.post("/oauth/token", data={
-        "grant_type": "password", "username": first.username, "password": first.password,
-        "client_id": "corral-cli", "client_secret": "corral-cli"})
-    assert r.status_code == 200, r.text

@@ -1,12 +1,21 @@
-"""Demo data for ``corral serve --demo``: an owner account, an organization, a product.
+"""Demo data for ``corral serve --demo``: an owner account, an organization, a product and a
+small fleet of devices in it.
 
 :func:`ensure_demo` is idempotent: each piece is looked up first and only created when
-missing, so running it again changes nothing. Each piece is one ``_ensure_*`` step; later
-pieces (a demo fleet of devices) are further steps that build on :class:`DemoInfo`.
+missing, so running it again changes nothing. Each piece is one ``_ensure_*`` step.
+
+The fleet: ``DEMO_FLEET_SIZE`` devices imported into the product, with IDs derived from a
+fixed seed (the same on every machine), named ``demo-sensor-01``..., the first
+``DEMO_BETA_SIZE`` in group ``beta`` and the rest in ``field``, the first
+``DEMO_DEVELOPMENT_SIZE`` marked as development devices; plus one device left in quarantine,
+as if an unknown device had connected claiming the product. The devices are never online
+(nothing connects them). Only devices whose ID does not exist at all are created and set up,
+so a device the user changed, moved or denied is left as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -15,9 +24,14 @@ from corral.accounts import service as accounts
 from corral.auth.models import User
 from corral.auth.subject import Subject
 from corral.db.session import commit
+from corral.devices import groups as device_groups
+from corral.devices import importer
+from corral.devices import service as devices
+from corral.devices.access import find_device
 from corral.orgs import service as orgs
 from corral.orgs.models import Organization
 from corral.products import service as products
+from corral.products.access import product_role
 from corral.products.models import Product
 from corral.settings import Settings
 
@@ -25,6 +39,30 @@ DEMO_ORG = "Demo Org"
 DEMO_PRODUCT = "Demo Product"
 DEMO_PLATFORM_ID = 12  # Argon
 DEMO_DESCRIPTION = "Created by `corral serve --demo`."
+
+DEMO_FLEET_SEED = "corral-demo-fleet"
+DEMO_FLEET_SIZE = 24
+DEMO_BETA_SIZE = 6  # the first devices are in "beta", the rest in "field"
+DEMO_DEVELOPMENT_SIZE = 2  # the first devices are development devices
+DEMO_GROUPS = {"beta": ("#a855f7", "Early adopters: get new firmware first"),
+               "field": ("#22c55e", "Deployed sensors")}
+
+
+def demo_device_id(n: int) -> str:
+    """The ID of demo device ``n`` (1-based; 0 is the quarantined one): 24 lowercase hex."""
+    return hashlib.sha256(f"{DEMO_FLEET_SEED}:{n}".encode()).hexdigest()[:24]
+
+
+def demo_device_name(n: int) -> str:
+    return f"demo-sensor-{n:02d}"
+
+
+def demo_device_groups(n: int) -> list[str]:
+    return ["beta"] if n <= DEMO_BETA_SIZE else ["field"]
+
+
+DEMO_FLEET_IDS = [demo_device_id(n) for n in range(1, DEMO_FLEET_SIZE + 1)]
+DEMO_QUARANTINED_ID = demo_device_id(0)
 
 
 @dataclass
@@ -36,11 +74,20 @@ class DemoInfo:
     product_id: int
     product_slug: str
     created: list[str] = field(default_factory=list)  # what this run added ("user", ...)
+    devices: int = 0  # devices in the demo product now
+    quarantined: int = 0  # of those, waiting in quarantine
+
+    @property
+    def fleet_summary(self) -> str:
+        """The demo product's devices for the serve banner, e.g. "25 (1 in quarantine)"."""
+        extra = f" ({self.quarantined} in quarantine)" if self.quarantined else ""
+        return f"{self.devices}{extra}"
 
 
 async def ensure_demo(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
                       ) -> DemoInfo:
-    """Make sure the demo owner, "Demo Org" and "Demo Product" exist (one transaction)."""
+    """Make sure the demo owner, "Demo Org", "Demo Product" and its fleet exist (one
+    transaction)."""
     created: list[str] = []
     async with sessionmaker() as db:
         user = await _ensure_user(db, settings, created)
@@ -49,10 +96,13 @@ async def ensure_demo(sessionmaker: async_sessionmaker[AsyncSession], settings: 
                         username=user.username)
         org = await _ensure_org(db, owner, created)
         product = await _ensure_product(db, owner, org, created)
+        await _ensure_fleet(db, owner, product, created)
+        await _ensure_quarantined(db, product, created)
+        total, quarantined = await _fleet_counts(db, product)
         await commit(db)
     return DemoInfo(username=user.username, password=settings.demo_password, org_id=org.id,
                     org_slug=org.slug, product_id=product.id, product_slug=product.slug,
-                    created=created)
+                    created=created, devices=total, quarantined=quarantined)
 
 
 async def _ensure_user(db: AsyncSession, settings: Settings, created: list[str]) -> User:
@@ -84,3 +134,57 @@ async def _ensure_product(db: AsyncSession, owner: Subject, org: Organization,
     view = await products.create_product(db, actor=owner, org=org, body=body,
                                          ip=None)  # type: ignore[arg-type]
     return view.product
+
+
+async def _missing(db: AsyncSession, ids: list[str]) -> list[str]:
+    """The IDs no device has (in any product, or none)."""
+    return [did for did in ids if await find_device(db, did, None) is None]
+
+
+async def _ensure_fleet(db: AsyncSession, owner: Subject, product: Product,
+                        created: list[str]) -> None:
+    """Import the demo devices that do not exist yet, then name, group and mark those."""
+    new = await _missing(db, DEMO_FLEET_IDS)
+    if not new:
+        return
+    await importer.import_devices(db, actor=owner, ip=None,  # type: ignore[arg-type]
+                                  product=product, request=importer.ImportInput(entries=new))
+    existing = {g.name for g, _n in await device_groups.list_groups(db, product)}
+    for name, (color, description) in DEMO_GROUPS.items():
+        if name not in existing:
+            await device_groups.create_group(db, actor=owner, ip=None,  # type: ignore[arg-type]
+                                             product=product, body={
+                                                 "name": name, "color": color,
+                                                 "description": description})
+    role = await product_role(db, owner.user_id, product) if owner.user_id else None
+    for n, did in enumerate(DEMO_FLEET_IDS, start=1):
+        if did not in new:
+            continue
+        device = await find_device(db, did, None)
+        assert device is not None and device.product_id == product.id
+        body: dict[str, object] = {"name": demo_device_name(n),
+                                   "groups": demo_device_groups(n)}
+        if n <= DEMO_DEVELOPMENT_SIZE:
+            body["development"] = True
+        await devices.update_device(db, actor=owner, ip=None,  # type: ignore[arg-type]
+                                    device=device, body=body, product=product, role=role,
+                                    product_route=True)
+    created.append("devices")
+
+
+async def _ensure_quarantined(db: AsyncSession, product: Product, created: list[str]) -> None:
+    """One device that "connected" without being imported: admitted as the product's
+    quarantine setting says (quarantined by default). Nothing connects it for real."""
+    if not await _missing(db, [DEMO_QUARANTINED_ID]):
+        return
+    await devices.admit(db, device_id=DEMO_QUARANTINED_ID, product_id=product.id,
+                        platform_id=product.platform_id)
+    created.append("quarantined device")
+
+
+async def _fleet_counts(db: AsyncSession, product: Product) -> tuple[int, int]:
+    """How many devices the product has, and how many of them wait in quarantine."""
+    everything = await devices.list_product_devices(db, product, devices.DeviceQuery(per_page=1))
+    waiting = await devices.list_product_devices(
+        db, product, devices.DeviceQuery(per_page=1, quarantined=True))
+    return everything.total, waiting.total

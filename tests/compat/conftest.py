@@ -6,6 +6,8 @@
 * ``corral_server``: ``python -m uvicorn corral.web.app:asgi_app --factory`` on 127.0.0.1
   and a free port, with a fresh SQLite database in a temporary directory (always SQLite,
   whatever ``CORRAL_TEST_DATABASE_URL`` says). Stopped by PID at the end of the module.
+* ``run_driver``: runs a ``tests/compat/*.mjs`` driver against ``corral_server`` and returns
+  the one JSON document it printed, plus ``_exit_code``, ``_stderr`` and ``_server_log``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -205,3 +208,33 @@ def corral_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pytest.fail(f"corral did not start: {failure}\n--- server log ---\n"
                 f"{log_path.read_text(errors='replace')[-4000:]}", pytrace=False)
 
+
+# ---------------------------------------------------------------- running a driver
+
+
+@pytest.fixture(scope="module")
+def run_driver(node_tools: NodeTools,
+               corral_server: Server) -> Callable[[str, dict[str, str]], dict[str, Any]]:
+    """``run_driver("driver_x.mjs", env)``: run the driver (bounded by ``DRIVER_TIMEOUT_S``)
+    with ``CORRAL_COMPAT_BASE_URL`` set to the server, and return the JSON document it printed
+    last, with ``_exit_code``, ``_stderr`` and ``_server_log`` added. No JSON fails the test."""
+
+    def run(script: str, env: dict[str, str]) -> dict[str, Any]:
+        proc = node_tools.run_script(
+            script, {"CORRAL_COMPAT_BASE_URL": corral_server.base_url, **env})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        try:
+            doc = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            pytest.fail(f"{script} printed no JSON (exit {proc.returncode})\nstdout:\n"
+                        f"{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}\n"
+                        f"--- server log ---\n{corral_server.log_tail()}", pytrace=False)
+        if not isinstance(doc, dict):
+            pytest.fail(f"{script} printed JSON that is not an object: {lines[-1][:500]}",
+                        pytrace=False)
+        doc["_exit_code"] = proc.returncode
+        doc["_stderr"] = proc.stderr[-2000:]
+        doc["_server_log"] = corral_server.log_tail()
+        return doc
+
+    return run

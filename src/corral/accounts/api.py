@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from corral.accounts import service
-from corral.auth.deps import AnyCtx, AuthCtx
+from corral.auth.deps import AnyCtx, AuthCtx, basic_credentials
 from corral.auth.models import AccessToken, User
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
@@ -28,18 +26,6 @@ def _person(me: Subject) -> Subject:
     return me
 
 
-def _basic_credentials(request: Request) -> tuple[str | None, str | None]:
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("basic "):
-        return None, None
-    try:
-        raw = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise OAuthError("Malformed auth header", code="invalid_client", status=401) from exc
-    cid, _, secret = raw.partition(":")
-    return cid, secret
-
-
 @router.post("/oauth/token", summary="Create an access token (OAuth 2)")
 async def create_token(request: Request, ctx: AnyCtx) -> JSONResponse:
     """Issue a token: password, refresh_token or client_credentials grant (form-encoded)."""
@@ -51,7 +37,7 @@ async def create_token(request: Request, ctx: AnyCtx) -> JSONResponse:
     f = {k: v for k, v in form.items() if isinstance(v, str)}
     check_no_nul(f)
     grant = f.get("grant_type")
-    basic_id, basic_secret = _basic_credentials(request)
+    basic_id, basic_secret = basic_credentials(request)
     client_id = basic_id if basic_id is not None else f.get("client_id")
     client_secret = basic_secret if basic_id is not None else f.get("client_secret")
     if grant not in ("password", "refresh_token", "client_credentials"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -42,6 +44,19 @@ async def token_from_request(request: Request) -> str | None:
             code="invalid_request",
         )
     return found[0] if found else None
+
+
+def basic_credentials(request: Request) -> tuple[str | None, str | None]:
+    """``(client_id, secret)`` from an HTTP Basic header, or ``(None, None)`` without one."""
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("basic "):
+        return None, None
+    try:
+        raw = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise OAuthError("Malformed auth header", code="invalid_client", status=401) from exc
+    cid, _, secret = raw.partition(":")
+    return cid, secret
 
 
 def client_ip(request: Request) -> str:

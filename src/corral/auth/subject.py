@@ -35,15 +35,17 @@ class Subject:
 
 
 async def resolve_token(db: AsyncSession, token: str) -> Subject:
-    row = (
-        await db.execute(select(AccessToken).where(AccessToken.token_hash == digest(token)))
-    ).scalar_one_or_none()
-    if row is None:
+    # one round trip for the common case: the token and its user together
+    found = (await db.execute(
+        select(AccessToken, User).outerjoin(User, User.id == AccessToken.user_id)
+        .where(AccessToken.token_hash == digest(token))
+    )).first()
+    if found is None:
         raise Unauthorized("The access token provided is invalid.")
+    row, user = found
     if row.expires_at is not None and row.expires_at <= clock.now():
         raise Unauthorized("The access token provided has expired.", code="expired_token")
     if row.user_id is not None:
-        user = await db.get(User, row.user_id)
         if user is None:
             raise Unauthorized("The access token provided is invalid.")
         if user.kind == "api":

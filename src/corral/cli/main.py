@@ -9,6 +9,7 @@ import typer
 import corral
 from corral.cli import client
 from corral.cli.admin import admin_app
+from corral.cli.devices import devices_app
 from corral.cli.serve import serve
 
 app = typer.Typer(
@@ -49,6 +50,7 @@ app.command()(client.whoami)
 app.add_typer(client.orgs_app, name="orgs")
 app.add_typer(client.products_app, name="products")
 app.add_typer(client.team_app, name="team")
+app.add_typer(devices_app, name="devices")
 
 if __name__ == "__main__":
     app()

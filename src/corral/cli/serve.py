@@ -39,8 +39,8 @@ def serve(
     log_format: Annotated[LogFormat | None, typer.Option(
         help="Log lines on stderr. (env CORRAL_LOG_FORMAT; default json)")] = None,
     demo: Annotated[bool | None, typer.Option(
-        "--demo/--no-demo", help="Create a demo account, organization and product "
-        "(idempotent) and print how to log in. (env CORRAL_DEMO)")] = None,
+        "--demo/--no-demo", help="Create a demo account, organization, product and "
+        "fleet of devices (idempotent) and print how to log in. (env CORRAL_DEMO)")] = None,
 ) -> None:
     """Run corral: migrate the database, then serve the API until SIGINT/SIGTERM."""
     settings = settings_from(data_dir=data_dir, host=host, http_port=http_port,
@@ -111,6 +111,7 @@ def _banner(settings: Settings, info: DemoInfo | None) -> None:
     demo.add_row("Password", info.password)
     demo.add_row("Organization", f"{info.org_slug} (id {info.org_id})")
     demo.add_row("Product", f"{info.product_slug} (id {info.product_id})")
+    demo.add_row("Devices", info.fleet_summary)
     state = f"created {', '.join(info.created)}" if info.created else "already present"
     console.print(Panel(demo, title=f"Demo login ({state})", title_align="left",
                         expand=False), highlight=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.accounts import service as accounts
-from corral.auth.deps import Ctx, optional_ctx
+from corral.auth.deps import Ctx, basic_credentials, optional_ctx
 from corral.auth.guards import Guard
 from corral.auth.models import OAuthClient
 from corral.auth.policy import Role, check_scopes
@@ -41,18 +39,6 @@ class CustomerCreateCtx:
         return self.ctx.db
 
 
-def _basic(request: Request) -> tuple[str | None, str | None]:
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("basic "):
-        return None, None
-    try:
-        raw = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise OAuthError("Malformed auth header", code="invalid_client") from exc
-    cid, _, secret = raw.partition(":")
-    return cid, secret
-
-
 def _client_may_create_customers(client: OAuthClient) -> None:
     """A client without a scope is a plain product client (Particle: scope only limits it);
     one with a scope needs ``customers:create`` (or ``*:*``)."""
@@ -70,7 +56,7 @@ class CustomerCreateGuard(Guard):
 
     async def __call__(self, product: str, request: Request,
                        ctx: Ctx = Depends(optional_ctx)) -> CustomerCreateCtx:
-        cid, secret = _basic(request)
+        cid, secret = basic_credentials(request)
         if cid is None:
             body = await read_body(request)
             if body.get("client_id") not in (None, ""):

@@ -51,8 +51,8 @@ def all_models() -> None:
     """Import every models module so Base.metadata is complete (Alembic, tests)."""
     from corral.accounts import models as _accounts  # noqa: F401
     from corral.audit import models as _audit  # noqa: F401
-    from corral.devices import models as _devices  # noqa: F401
     from corral.auth import models as _auth  # noqa: F401
+    from corral.devices import models as _devices  # noqa: F401
     from corral.mail import models as _mail  # noqa: F401
     from corral.orgs import models as _orgs  # noqa: F401
     from corral.products import models as _products  # noqa: F401

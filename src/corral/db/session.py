@@ -11,12 +11,25 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from corral.kit.errors import Conflict
 
 log = logging.getLogger(__name__)
+
+
+@event.listens_for(Session, "after_flush")
+def _flushed(session: Session, _ctx: Any) -> None:
+    session.info["wrote"] = True
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _executed(state: ORMExecuteState) -> None:
+    if not state.is_select:  # core insert/update/delete through the session
+        state.session.info["wrote"] = True
 
 
 def after_commit(db: AsyncSession, fn: Callable[[], Any]) -> None:
@@ -31,6 +44,7 @@ async def commit(db: AsyncSession) -> None:
         await db.rollback()
         db.info.pop("after_commit", None)
         raise Conflict("That conflicts with an existing record") from exc
+    db.info.pop("wrote", None)
     for fn in db.info.pop("after_commit", []):
         try:
             fn()
@@ -48,4 +62,6 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
             db.info.pop("after_commit", None)
             raise
         else:
-            await commit(db)
+            if db.new or db.dirty or db.deleted or db.info.pop("wrote", False):
+                await commit(db)
+            # a read-only request ends with close() (a rollback): one round trip, not two

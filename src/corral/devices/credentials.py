@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from corral.audit import service as audit
 from corral.audit.models import AuditEntry
 from corral.auth.subject import Subject
 from corral.devices.access import is_device_id
+from corral.devices.groups import clean_group_name
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember, ProductCA
 from corral.kit import clock
 from corral.kit.body import as_bool, as_str
@@ -54,7 +54,6 @@ MAX_JITP_GROUPS = 50
 MAX_JITP_TAGS = 50
 MAX_TAG_LEN = 100
 CHUNK = 5_000  # IN (...) lists stay well under SQLite's bound-parameter limit
-GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -431,9 +430,7 @@ def clean_jitp(value: Any, *, current: dict[str, Any] | None = None) -> dict[str
             raise BadRequest(f"jitp.groups must be a list of at most {MAX_JITP_GROUPS} "
                              "group names", code="invalid_request")
         for g in groups:
-            if not isinstance(g, str) or not GROUP_NAME_RE.match(g):
-                raise BadRequest("Group names are 1-64 lowercase letters, digits, - or _ "
-                                 f"(got {str(g)[:70]!r})", code="invalid_request")
+            clean_group_name(g, field="jitp.groups[]")
         out["groups"] = list(dict.fromkeys(groups))
     if "tags" in value:
         tags = value["tags"] if value["tags"] is not None else []

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# B1w: foundation API throughput measured with wrk (Debian package `wrk`) as the load
+# generator, so the client's own CPU cost stays small. Bounded: each run lasts --seconds.
+#   bash bench/bench_api_wrk.sh [seconds=10] [connections=32] [database-url]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}; CONNS=${2:-32}; DBURL=${3:-}
+command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)"; exit 1; }
+TMP=$(mktemp -d)
+PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+env -u CORRAL_DATABASE_URL CORRAL_DATA_DIR="$TMP" CORRAL_LOG_LEVEL=WARNING \
+    ${DBURL:+CORRAL_DATABASE_URL=$DBURL} \
+    .venv/bin/python -m uvicorn corral.web.app:asgi_app --factory --host 127.0.0.1 --port "$PORT" \
+    --no-access-log --log-level warning --loop uvloop --http httptools &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$TMP"' EXIT
+for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.5; done
+BASE="http://127.0.0.1:$PORT"
+curl -sf -X POST "$BASE/v1/users" -H 'content-type: application/json' \
+  -d '{"username":"wrk@example.com","password":"wrk-password"}' >/dev/null || true
+TOKEN=$(curl -sf -X POST "$BASE/oauth/token" -d grant_type=password -d username=wrk@example.com \
+  -d password=wrk-password -d client_id=bench -d client_secret=bench | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+curl -sf -X POST "$BASE/v1/user/products" -H "Authorization: Bearer $TOKEN" \
+  -H 'content-type: application/json' -d '{"product":{"name":"Bench"}}' >/dev/null
+printf '%-34s %9s %9s %9s\n' route req/s p50_ms p99_ms
+for path in /healthz /v1/user /v1/products/bench /v1/products/bench/team /v1/products/bench/devices; do
+  out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$BASE$path")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  printf '%-34s %9s %9s %9s %s\n' "GET $path" "$rps" "$p50" "$p99" "${non2xx:+non-2xx=$non2xx}"
+done
