@@ -40,6 +40,9 @@ class Mailer:
                 .where(OutboxMail.sent_at.is_(None), OutboxMail.next_attempt_at <= now,
                        OutboxMail.attempts < MAX_ATTEMPTS)
                 .order_by(OutboxMail.id).limit(limit)
+                # several nodes may run a deliverer: each row is claimed by one (PostgreSQL;
+                # SQLite has a single writer and ignores this)
+                .with_for_update(skip_locked=True)
             )).scalars().all()
             for mail in rows:
                 mail.attempts += 1
