@@ -1,0 +1,1 @@
+"""Device transports: wire protocols translated to device-session calls (MQTT, Particle)."""
