@@ -1,0 +1,1 @@
+"""Device and cloud events: durable storage (group-committed), queries, retention."""
