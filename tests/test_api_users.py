@@ -10,15 +10,9 @@ from sqlalchemy import select
 
 from corral.auth.models import AccessToken, Membership, User
 from corral.auth.policy import API_USER_SCOPES
-from helpers import bearer, new_user
+from helpers import assert_error, bearer, make_product, new_user
 
 USERNAME = re.compile(r"^[a-z0-9-]+\+[0-9a-f]{6}@api\.corral\.local$")
-
-
-async def make_product(client, token: str, name: str = "Widget") -> dict[str, Any]:
-    r = await client.post("/v1/user/products", headers=bearer(token), json={"name": name})
-    assert r.status_code == 200, r.text
-    return r.json()["product"]
 
 
 async def make_api_user(client, token: str, product: int | str, scopes: list[str],
@@ -27,15 +21,6 @@ async def make_api_user(client, token: str, product: int | str, scopes: list[str
                           json={"friendly_name": name, "scopes": scopes})
     assert r.status_code == 200, r.text
     return r.json()["created"]
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["ok"] is False and "error" in body and "error_description" in body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
 
 
 async def test_create_api_user_shape_and_token(client):

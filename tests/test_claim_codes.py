@@ -10,21 +10,25 @@ from sqlalchemy import select
 from corral.devices import claims
 from corral.devices.models import ClaimCode
 from corral.kit.secrets import digest
-from helpers import bearer, new_user
+from helpers import (
+    add_device,
+    add_role,
+    assert_any_error,
+    bearer,
+    make_product,
+    new_user,
+    owner_with_products,
+    user_id,
+)
 from test_claiming import (
     DEV_A,
     DEV_B,
     OTHER_DEV,
     PRODUCT_DEV,
-    add_device,
-    add_member,
-    assert_error,
     audit_actions,
     claim,
     get_device,
     make_customer,
-    make_product,
-    user_id,
 )
 
 URLSAFE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -81,29 +85,29 @@ async def test_iccid_and_imei_become_the_code(client, app):
     # asking again replaces the pending code; someone else cannot take it over
     r = await client.post("/v1/device_claims", headers=bearer(ada), data={"iccid": ICCID})
     assert r.status_code == 200 and r.json()["claim_code"] == ICCID
-    assert_error(await client.post("/v1/device_claims", headers=bearer(bob),
-                                   json={"iccid": ICCID}), 409, "claim_code_taken")
+    assert_any_error(await client.post("/v1/device_claims", headers=bearer(bob),
+                                       json={"iccid": ICCID}), 409, "claim_code_taken")
     async with app.state.sessionmaker() as db:
         rows = (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == digest(ICCID)))
                 ).scalars().all()
         assert len(rows) == 1 and rows[0].user_id == await user_id(app, "ada@example.com")
     for body in ({"iccid": ICCID, "imei": IMEI}, {"iccid": "12ab"}, {"iccid": 5},
                  {"imei": "1" * 30}, {"imei": ["1"]}):
-        assert_error(await client.post("/v1/device_claims", headers=bearer(ada), json=body), 400)
+        assert_any_error(await client.post("/v1/device_claims", headers=bearer(ada), json=body), 400)
 
 
 async def test_callers_of_device_claims(client, app):
     owner = await new_user(client, "owner@example.com")
     p = await make_product(client, owner)
-    assert_error(await client.post("/v1/device_claims"), 401)
+    assert_any_error(await client.post("/v1/device_claims"), 401)
     r = await client.post(f"/v1/products/{p['id']}/team", headers=bearer(owner),
                           json={"friendly_name": "bot", "scopes": ["devices:update"]})
     api_tok = r.json()["created"]["tokens"][0]["token"]
-    assert_error(await client.post("/v1/device_claims", headers=bearer(api_tok)), 403,
-                 "unauthorized")
+    assert_any_error(await client.post("/v1/device_claims", headers=bearer(api_tok)), 403,
+                     "unauthorized")
     # on the product path the scope passes, but an API user still cannot own devices
-    body = assert_error(await client.post(f"/v1/products/{p['id']}/device_claims",
-                                          headers=bearer(api_tok)), 400, "unauthorized")
+    body = assert_any_error(await client.post(f"/v1/products/{p['id']}/device_claims",
+                                              headers=bearer(api_tok)), 400, "unauthorized")
     assert "API users" in body["error_description"]
     # a customer's plain code is bound to their product
     cust = await make_customer(client, owner, p, "cust@example.com")
@@ -120,7 +124,7 @@ async def test_product_claim_codes(client, app):
     p = await make_product(client, owner)
     other = await make_product(client, owner, "Other")
     viewer = await new_user(client, "viewer@example.com")
-    await add_member(app, "viewer@example.com", p, "View-only")
+    await add_role(app, "viewer@example.com", p, "View-only")
     outsider = await new_user(client, "outsider@example.com")
     cust = await make_customer(client, owner, p, "cust@example.com")
     other_cust = await make_customer(client, owner, other, "far@example.com")
@@ -133,12 +137,12 @@ async def test_product_claim_codes(client, app):
     assert body == {"claim_code": IMEI, "device_ids": []}
     row = await code_row(app, IMEI)
     assert row.customer_id is not None and row.product_id == p["id"]
-    assert_error(await client.post(path, headers=bearer(viewer)), 403, "forbidden")
-    body = assert_error(await client.post(path, headers=bearer(outsider)), 404)
+    assert_any_error(await client.post(path, headers=bearer(viewer)), 403, "forbidden")
+    body = assert_any_error(await client.post(path, headers=bearer(outsider)), 404)
     assert body["error_description"] == "Product not found"
-    assert_error(await client.post(path, headers=bearer(other_cust)), 404)
-    assert_error(await client.post(f"/v1/products/{other['id']}/device_claims",
-                                   headers=bearer(cust)), 404)
+    assert_any_error(await client.post(path, headers=bearer(other_cust)), 404)
+    assert_any_error(await client.post(f"/v1/products/{other['id']}/device_claims",
+                                       headers=bearer(cust)), 404)
     entries = await audit_actions(app, "claim_code.created")
     assert [e.product_id for e in entries] == [p["id"], p["id"]]
 
@@ -204,11 +208,8 @@ async def test_redeem_refuses_someone_elses_device(client, app):
 
 
 async def test_redeem_customer_code(client, app):
-    owner = await new_user(client, "owner@example.com")
-    p = await make_product(client, owner)
-    other = await make_product(client, owner, "Other")
-    await add_device(app, PRODUCT_DEV, p["id"])
-    await add_device(app, OTHER_DEV, other["id"])
+    owner, (p, other) = await owner_with_products(client, app,
+                                                  {"Widget": PRODUCT_DEV, "Other": OTHER_DEV})
     await add_device(app, DEV_A)
     cust = await make_customer(client, owner, p, "cust@example.com")
     code = (await new_code(client, cust))["claim_code"]

@@ -7,9 +7,17 @@ from typing import Any
 from sqlalchemy import select
 
 from corral.audit.models import AuditEntry
-from corral.auth.models import Membership, User
 from corral.devices.models import Device
-from helpers import bearer, new_user
+from helpers import (
+    add_device,
+    add_role,
+    assert_any_error,
+    bearer,
+    make_product,
+    new_user,
+    owner_with_products,
+    user_id,
+)
 
 BELONGS = "That belongs to someone else."
 DEV_A = "aaaaaaaaaaaaaaaaaaaaaaaa"
@@ -22,35 +30,9 @@ CUSTOMER_PASSWORD = "customer secret 1"
 
 # --- helpers shared with test_claim_codes.py and test_customers.py -------------------------
 
-async def make_product(client, token: str, name: str = "Widget") -> dict[str, Any]:
-    r = await client.post("/v1/user/products", headers=bearer(token), json={"name": name})
-    assert r.status_code == 200, r.text
-    return r.json()["product"]
-
-
-async def add_device(app, device_id: str, product_id: int | None = None, **fields: Any) -> None:
-    async with app.state.sessionmaker() as db:
-        db.add(Device(id=device_id, product_id=product_id, platform_id=12, **fields))
-        await db.commit()
-
-
 async def get_device(app, device_id: str) -> Device | None:
     async with app.state.sessionmaker() as db:
         return await db.get(Device, device_id)
-
-
-async def add_member(app, username: str, product: dict[str, Any], role: str) -> None:
-    """Give ``username`` a product-scope role directly (invitations are tested elsewhere)."""
-    async with app.state.sessionmaker() as db:
-        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
-        db.add(Membership(user_id=user.id, org_id=product["org_id"], product_id=product["id"],
-                          role=role))
-        await db.commit()
-
-
-async def user_id(app, username: str) -> int:
-    async with app.state.sessionmaker() as db:
-        return (await db.execute(select(User.id).where(User.username == username))).scalar_one()
 
 
 async def make_customer(client, team_token: str, product: dict[str, Any], email: str,
@@ -66,15 +48,6 @@ async def audit_actions(app, action: str) -> list[AuditEntry]:
     async with app.state.sessionmaker() as db:
         return list((await db.execute(select(AuditEntry).where(AuditEntry.action == action)
                                       .order_by(AuditEntry.id))).scalars())
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert "error" in body and "error_description" in body, body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
 
 
 async def claim(client, token: str, device_id: str, **extra: Any):
@@ -125,16 +98,16 @@ async def test_someone_elses_device_is_403_with_the_cli_phrase(client, app):
 async def test_claim_bad_input_and_callers(client, app):
     tok = await new_user(client, "ada@example.com")
     for body in ({}, {"id": ""}, {"id": 5}, {"id": "abc"}, {"id": "g" * 24}, {"id": DEV_A + "0"}):
-        assert_error(await client.post("/v1/devices", headers=bearer(tok), json=body), 400)
-    assert_error(await client.post("/v1/devices", headers=bearer(tok),
-                                   json={"id": DEV_A, "request_transfer": "maybe"}), 400)
-    assert_error(await client.post("/v1/devices", json={"id": DEV_A}), 401)
+        assert_any_error(await client.post("/v1/devices", headers=bearer(tok), json=body), 400)
+    assert_any_error(await client.post("/v1/devices", headers=bearer(tok),
+                                       json={"id": DEV_A, "request_transfer": "maybe"}), 400)
+    assert_any_error(await client.post("/v1/devices", json={"id": DEV_A}), 401)
     # API users cannot own devices
     p = await make_product(client, tok)
     r = await client.post(f"/v1/products/{p['id']}/team", headers=bearer(tok),
                           json={"friendly_name": "bot", "scopes": ["devices:update"]})
     api_tok = r.json()["created"]["tokens"][0]["token"]
-    body = assert_error(await claim(client, api_tok, DEV_A), 403, "unauthorized")
+    body = assert_any_error(await claim(client, api_tok, DEV_A), 403, "unauthorized")
     assert "API users" in body["error_description"]
     assert await get_device(app, DEV_A) is None
 
@@ -146,16 +119,16 @@ async def test_product_device_needs_a_role_with_devices_update(client, app):
     p = await make_product(client, owner)
     await add_device(app, PRODUCT_DEV, p["id"])
     viewer = await new_user(client, "viewer@example.com")
-    await add_member(app, "viewer@example.com", p, "View-only")
+    await add_role(app, "viewer@example.com", p, "View-only")
     support = await new_user(client, "support@example.com")
-    await add_member(app, "support@example.com", p, "Support")
+    await add_role(app, "support@example.com", p, "Support")
     dev = await new_user(client, "dev@example.com")
-    await add_member(app, "dev@example.com", p, "Developer")
+    await add_role(app, "dev@example.com", p, "Developer")
     outsider = await new_user(client, "outsider@example.com")
 
-    body = assert_error(await claim(client, outsider, PRODUCT_DEV), 404)
+    body = assert_any_error(await claim(client, outsider, PRODUCT_DEV), 404)
     assert body["error_description"] == "Device not found"
-    body = assert_error(await claim(client, viewer, PRODUCT_DEV), 403, "forbidden")
+    body = assert_any_error(await claim(client, viewer, PRODUCT_DEV), 403, "forbidden")
     assert body["required"] == "devices:update"
     r = await claim(client, support, PRODUCT_DEV)
     assert r.status_code == 200, r.text
@@ -166,7 +139,7 @@ async def test_product_device_needs_a_role_with_devices_update(client, app):
     r = await claim(client, dev, PRODUCT_DEV)
     assert r.status_code == 403 and r.json()["errors"] == [BELONGS]
     # the outsider still cannot even see it
-    assert_error(await claim(client, outsider, PRODUCT_DEV), 404)
+    assert_any_error(await claim(client, outsider, PRODUCT_DEV), 404)
     [entry] = await audit_actions(app, "device.claimed")
     assert entry.product_id == p["id"] and entry.org_id == p["org_id"]
 
@@ -175,24 +148,21 @@ async def test_denied_device_cannot_be_claimed(client, app):
     owner = await new_user(client, "owner@example.com")
     p = await make_product(client, owner)
     await add_device(app, PRODUCT_DEV, p["id"], denied=True)
-    body = assert_error(await claim(client, owner, PRODUCT_DEV), 403, "forbidden")
+    body = assert_any_error(await claim(client, owner, PRODUCT_DEV), 403, "forbidden")
     assert "denied" in body["error_description"]
     assert (await get_device(app, PRODUCT_DEV)).owner_user_id is None
 
 
 async def test_customer_claims_only_devices_of_their_product(client, app):
-    owner = await new_user(client, "owner@example.com")
-    p = await make_product(client, owner)
-    other = await make_product(client, owner, "Other")
-    await add_device(app, PRODUCT_DEV, p["id"])
-    await add_device(app, OTHER_DEV, other["id"])
+    owner, (p, other) = await owner_with_products(client, app,
+                                                  {"Widget": PRODUCT_DEV, "Other": OTHER_DEV})
     cust = await make_customer(client, owner, p, "cust@example.com")
     cust2 = await make_customer(client, owner, p, "cust2@example.com")
     assert (await claim(client, owner, DEV_A)).status_code == 200  # a developer device
 
-    assert_error(await claim(client, cust, OTHER_DEV), 404)
-    assert_error(await claim(client, cust, DEV_A), 404)
-    assert_error(await claim(client, cust, DEV_B), 404)  # unknown ids are not created
+    assert_any_error(await claim(client, cust, OTHER_DEV), 404)
+    assert_any_error(await claim(client, cust, DEV_A), 404)
+    assert_any_error(await claim(client, cust, DEV_B), 404)  # unknown ids are not created
     assert await get_device(app, DEV_B) is None
     r = await claim(client, cust, PRODUCT_DEV)
     assert r.status_code == 200, r.text
@@ -215,14 +185,14 @@ async def test_unclaim_developer_device_deletes_it(client, app):
     ada = await new_user(client, "ada@example.com")
     bob = await new_user(client, "bob@example.com")
     assert (await claim(client, ada, DEV_A)).status_code == 200
-    body = assert_error(await client.delete(f"/v1/devices/{DEV_A}", headers=bearer(bob)), 404)
+    body = assert_any_error(await client.delete(f"/v1/devices/{DEV_A}", headers=bearer(bob)), 404)
     assert body["error_description"] == "Device not found"
     r = await client.delete(f"/v1/devices/{DEV_A.upper()}", headers=bearer(ada))
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert await get_device(app, DEV_A) is None
     [entry] = await audit_actions(app, "device.unclaimed")
     assert entry.target_id == DEV_A and entry.details["deleted"] is True
-    assert_error(await client.delete(f"/v1/devices/{DEV_A}", headers=bearer(ada)), 404)
+    assert_any_error(await client.delete(f"/v1/devices/{DEV_A}", headers=bearer(ada)), 404)
     # now anyone may claim the id afresh
     assert (await claim(client, bob, DEV_A)).status_code == 200
 
@@ -232,16 +202,16 @@ async def test_unclaim_product_device_keeps_it_usable(client, app):
     p = await make_product(client, owner)
     await add_device(app, PRODUCT_DEV, p["id"], name="kept")
     viewer = await new_user(client, "viewer@example.com")
-    await add_member(app, "viewer@example.com", p, "View-only")
+    await add_role(app, "viewer@example.com", p, "View-only")
     support = await new_user(client, "support@example.com")
-    await add_member(app, "support@example.com", p, "Support")
+    await add_role(app, "support@example.com", p, "Support")
     outsider = await new_user(client, "outsider@example.com")
     cust = await make_customer(client, owner, p, "cust@example.com")
     assert (await claim(client, cust, PRODUCT_DEV)).status_code == 200
 
-    assert_error(await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(outsider)), 404)
-    body = assert_error(await client.delete(f"/v1/devices/{PRODUCT_DEV}",
-                                            headers=bearer(viewer)), 403)
+    assert_any_error(await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(outsider)), 404)
+    body = assert_any_error(await client.delete(f"/v1/devices/{PRODUCT_DEV}",
+                                                headers=bearer(viewer)), 403)
     assert body["required"] == "devices:update"
     # the customer releases their own device
     r = await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(cust))
@@ -275,24 +245,21 @@ async def test_customer_cannot_unclaim_another_customers_device(client, app):
 
 
 async def test_remove_product_device_owner(client, app):
-    owner = await new_user(client, "owner@example.com")
-    p = await make_product(client, owner)
-    other = await make_product(client, owner, "Other")
-    await add_device(app, PRODUCT_DEV, p["id"])
-    await add_device(app, OTHER_DEV, other["id"])
+    owner, (p, other) = await owner_with_products(client, app,
+                                                  {"Widget": PRODUCT_DEV, "Other": OTHER_DEV})
     viewer = await new_user(client, "viewer@example.com")
-    await add_member(app, "viewer@example.com", p, "View-only")
+    await add_role(app, "viewer@example.com", p, "View-only")
     cust = await make_customer(client, owner, p, "cust@example.com")
     assert (await claim(client, cust, PRODUCT_DEV)).status_code == 200
 
     url = f"/v1/products/{p['slug']}/devices/{PRODUCT_DEV}/owner"
-    assert_error(await client.delete(url, headers=bearer(viewer)), 403)
-    assert_error(await client.delete(url, headers=bearer(cust)), 403)  # a team route
-    body = assert_error(await client.delete(
+    assert_any_error(await client.delete(url, headers=bearer(viewer)), 403)
+    assert_any_error(await client.delete(url, headers=bearer(cust)), 403)  # a team route
+    body = assert_any_error(await client.delete(
         f"/v1/products/{p['slug']}/devices/{OTHER_DEV}/owner", headers=bearer(owner)), 404)
     assert body["error_description"] == "Device not found"
-    assert_error(await client.delete(f"/v1/products/{p['slug']}/devices/nope/owner",
-                                     headers=bearer(owner)), 404)
+    assert_any_error(await client.delete(f"/v1/products/{p['slug']}/devices/nope/owner",
+                                         headers=bearer(owner)), 404)
     r = await client.delete(url, headers=bearer(owner))
     assert r.status_code == 200 and r.json() == {"ok": True}
     d = await get_device(app, PRODUCT_DEV)

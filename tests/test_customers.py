@@ -13,28 +13,26 @@ from sqlalchemy import select
 from corral.auth.models import AccessToken, Customer
 from corral.devices.models import ClaimCode
 from corral.kit.secrets import digest
-from helpers import bearer, login, new_user
+from helpers import (
+    add_device,
+    add_role,
+    assert_any_error,
+    bearer,
+    login,
+    make_client,
+    make_product,
+    new_user,
+)
 from test_claiming import (
     CUSTOMER_PASSWORD,
     OTHER_DEV,
     PRODUCT_DEV,
-    add_device,
-    add_member,
-    assert_error,
     claim,
     get_device,
     make_customer,
-    make_product,
 )
 
 TOKEN = re.compile(r"^[0-9a-f]{40}$")
-
-
-async def make_client(client, token: str, product: dict[str, Any], **body: Any) -> dict[str, Any]:
-    r = await client.post(f"/v1/products/{product['id']}/clients", headers=bearer(token),
-                          json={"name": "app", "type": "installed", **body})
-    assert r.status_code == 200, r.text
-    return r.json()["client"]
 
 
 async def get_customer(app, email: str) -> Customer | None:
@@ -105,20 +103,20 @@ async def test_customer_token_reaches_only_its_own_things(client, app, shop):
                          ("PUT", f"/v1/products/{p['id']}/customers/cust@example.com"),
                          ("DELETE", f"/v1/products/{p['id']}/customers/cust@example.com")):
         r = await client.request(method, path, headers=bearer(cust), json={"password": "x" * 10})
-        assert_error(r, 403, "forbidden")
+        assert_any_error(r, 403, "forbidden")
     for path in (f"/v1/products/{other['id']}", f"/v1/products/{other['id']}/team",
                  f"/v1/products/{other['id']}/customers"):
-        body = assert_error(await client.get(path, headers=bearer(cust)), 404)
+        body = assert_any_error(await client.get(path, headers=bearer(cust)), 404)
         assert body["error_description"] == "Product not found"
     r = await client.post(f"/v1/products/{p['id']}/customers", headers=bearer(cust),
                           json={"email": "friend@example.com", "password": CUSTOMER_PASSWORD})
-    assert_error(r, 403, "forbidden")
-    assert_error(await client.post("/v1/user/products", headers=bearer(cust),
-                                   json={"name": "Mine"}), 403)
+    assert_any_error(r, 403, "forbidden")
+    assert_any_error(await client.post("/v1/user/products", headers=bearer(cust),
+                                       json={"name": "Mine"}), 403)
     # its own devices only
     await add_device(app, PRODUCT_DEV, p["id"])
     await add_device(app, OTHER_DEV, other["id"])
-    assert_error(await claim(client, cust, OTHER_DEV), 404)
+    assert_any_error(await claim(client, cust, OTHER_DEV), 404)
     assert (await claim(client, cust, PRODUCT_DEV)).status_code == 200
     assert (await client.delete(f"/v1/devices/{PRODUCT_DEV}", headers=bearer(cust))
             ).status_code == 200
@@ -172,15 +170,15 @@ async def test_shadow_customer(client, app, shop):
     body = r.json()
     assert "scope" not in body and TOKEN.match(body["access_token"])
     cust_tok = body["access_token"]
-    assert_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(cust_tok)), 403)
+    assert_any_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(cust_tok)), 403)
     async with app.state.sessionmaker() as db:
         row = (await db.execute(select(AccessToken).where(
             AccessToken.token_hash == digest(cust_tok)))).scalar_one()
         assert row.customer_id is not None and row.scopes == []
     # a team member may not make shadow customers with a bearer token
-    assert_error(await client.post(f"/v1/products/{p['id']}/customers",
-                                   headers=bearer(shop["owner"]),
-                                   json={"email": "s2@example.com", "no_password": True}), 400)
+    assert_any_error(await client.post(f"/v1/products/{p['id']}/customers",
+                                       headers=bearer(shop["owner"]),
+                                       json={"email": "s2@example.com", "no_password": True}), 400)
 
 
 @pytest.mark.parametrize("body", [
@@ -198,7 +196,7 @@ async def test_create_validation(client, app, shop, body):
     oc = shop["oc"]
     r = await client.post(f"/v1/products/{shop['p']['id']}/customers",
                           json={**body, "client_id": oc["id"], "client_secret": oc["secret"]})
-    assert_error(r, 400)
+    assert_any_error(r, 400)
     async with app.state.sessionmaker() as db:
         assert (await db.execute(select(Customer))).first() is None
 
@@ -208,7 +206,7 @@ async def test_email_unique_per_product(client, app, shop):
     await make_customer(client, owner, p, "cust@example.com")
     r = await client.post(f"/v1/products/{p['id']}/customers", headers=bearer(owner),
                           json={"email": "CUST@example.com", "password": CUSTOMER_PASSWORD})
-    body = assert_error(r, 409, "customer_exists")
+    body = assert_any_error(r, 409, "customer_exists")
     assert "already exists" in body["error_description"]
     # the same e-mail may be a customer of another product
     await make_customer(client, owner, other, "cust@example.com")
@@ -220,49 +218,49 @@ async def test_client_credentials_checks(client, app, shop):
     url = f"/v1/products/{p['id']}/customers"
     # wrong secret, unknown client, missing secret
     oc = shop["oc"]
-    assert_error(await client.post(url, data={**body, "client_id": oc["id"],
-                                              "client_secret": "0" * 48}), 400, "invalid_client")
-    assert_error(await client.post(url, data={**body, "client_id": "no-such-client",
-                                              "client_secret": "x"}), 400, "invalid_client")
-    assert_error(await client.post(url, data={**body, "client_id": oc["id"]}), 400)
+    assert_any_error(await client.post(url, data={**body, "client_id": oc["id"],
+                                                  "client_secret": "0" * 48}), 400, "invalid_client")
+    assert_any_error(await client.post(url, data={**body, "client_id": "no-such-client",
+                                                  "client_secret": "x"}), 400, "invalid_client")
+    assert_any_error(await client.post(url, data={**body, "client_id": oc["id"]}), 400)
     # a client of another product does not see this one
     far = await make_client(client, owner, other, name="far")
     r = await client.post(url, data={**body, "client_id": far["id"], "client_secret": far["secret"]})
-    assert assert_error(r, 404)["error_description"] == "Product not found"
+    assert assert_any_error(r, 404)["error_description"] == "Product not found"
     # a client limited to other scopes may not create customers; customers:create may
     reader = await make_client(client, owner, p, name="reader", scope="products:get")
     r = await client.post(url, data={**body, "client_id": reader["id"],
                                      "client_secret": reader["secret"]})
-    assert assert_error(r, 403, "forbidden")["required"] == "customers:create"
+    assert assert_any_error(r, 403, "forbidden")["required"] == "customers:create"
     maker = await make_client(client, owner, p, name="maker", scope="customers:create")
     r = await client.post(url, data={**body, "client_id": maker["id"],
                                      "client_secret": maker["secret"]})
     assert r.status_code == 201, r.text
     # neither a token nor client credentials
-    assert_error(await client.post(url, json=body), 401)
+    assert_any_error(await client.post(url, json=body), 401)
 
 
 async def test_team_roles_for_customer_routes(client, app, shop):
     p, owner = shop["p"], shop["owner"]
     viewer = await new_user(client, "viewer@example.com")
-    await add_member(app, "viewer@example.com", p, "View-only")
+    await add_role(app, "viewer@example.com", p, "View-only")
     support = await new_user(client, "support@example.com")
-    await add_member(app, "support@example.com", p, "Support")
+    await add_role(app, "support@example.com", p, "Support")
     outsider = await new_user(client, "outsider@example.com")
     await make_customer(client, owner, p, "cust@example.com")
     body = {"email": "new@example.com", "password": CUSTOMER_PASSWORD}
     base = f"/v1/products/{p['id']}/customers"
-    assert assert_error(await client.post(base, headers=bearer(support), json=body),
-                        403)["required"] == "customers:create"
-    assert_error(await client.post(base, headers=bearer(outsider), json=body), 404)
+    assert assert_any_error(await client.post(base, headers=bearer(support), json=body),
+                            403)["required"] == "customers:create"
+    assert_any_error(await client.post(base, headers=bearer(outsider), json=body), 404)
     assert (await client.get(base, headers=bearer(viewer))).status_code == 200
-    assert_error(await client.get(base, headers=bearer(outsider)), 404)
-    assert_error(await client.put(f"{base}/cust@example.com", headers=bearer(viewer),
-                                  json={"password": "new password 1"}), 403)
+    assert_any_error(await client.get(base, headers=bearer(outsider)), 404)
+    assert_any_error(await client.put(f"{base}/cust@example.com", headers=bearer(viewer),
+                                      json={"password": "new password 1"}), 403)
     r = await client.put(f"{base}/cust@example.com", headers=bearer(support),
                          json={"password": "new password 1"})
     assert r.status_code == 200 and r.json() == {"ok": True}
-    assert_error(await client.delete(f"{base}/cust@example.com", headers=bearer(support)), 403)
+    assert_any_error(await client.delete(f"{base}/cust@example.com", headers=bearer(support)), 403)
 
 
 # --- listing -----------------------------------------------------------------------------
@@ -294,8 +292,8 @@ async def test_list_customers_with_devices_and_paging(client, app, shop):
                          params={"perPage": 1})
     assert len(r.json()["customers"]) == 1 and r.json()["meta"]["total_pages"] == 3
     for bad in ({"page": 0}, {"per_page": "x"}, {"per_page": 100000}):
-        assert_error(await client.get(f"/v1/products/{p['id']}/customers",
-                                      headers=bearer(owner), params=bad), 400)
+        assert_any_error(await client.get(f"/v1/products/{p['id']}/customers",
+                                          headers=bearer(owner), params=bad), 400)
 
 
 # --- update and delete ---------------------------------------------------------------------
@@ -311,16 +309,16 @@ async def test_update_customer_password(client, app, shop):
             ).status_code == 400
     assert (await password_login(client, oc, "cust@example.com", "brand new secret")
             ).status_code == 200
-    assert_error(await client.put(f"{base}/cust@example.com", headers=bearer(owner),
-                                  json={"password": "short"}), 400)
-    assert_error(await client.put(f"{base}/cust@example.com", headers=bearer(owner), json={}), 400)
-    body = assert_error(await client.put(f"{base}/nobody@example.com", headers=bearer(owner),
-                                         json={"password": "brand new secret"}), 404)
+    assert_any_error(await client.put(f"{base}/cust@example.com", headers=bearer(owner),
+                                      json={"password": "short"}), 400)
+    assert_any_error(await client.put(f"{base}/cust@example.com", headers=bearer(owner), json={}), 400)
+    body = assert_any_error(await client.put(f"{base}/nobody@example.com", headers=bearer(owner),
+                                             json={"password": "brand new secret"}), 404)
     assert body["error_description"] == "Customer not found"
     # a customer of another product is not found here
     await make_customer(client, owner, shop["other"], "far@example.com")
-    assert_error(await client.put(f"{base}/far@example.com", headers=bearer(owner),
-                                  json={"password": "brand new secret"}), 404)
+    assert_any_error(await client.put(f"{base}/far@example.com", headers=bearer(owner),
+                                      json={"password": "brand new secret"}), 404)
     entries = await product_audit(client, owner, p)
     assert [e["action"] for e in entries].count("customer.updated") == 1
 
@@ -353,7 +351,7 @@ async def test_delete_customer_revokes_and_releases(client, app, shop):
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert await get_customer(app, "cust@example.com") is None
     for tok in (cust, cust2):
-        assert_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(tok)), 401)
+        assert_any_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(tok)), 401)
     async with app.state.sessionmaker() as db:
         assert (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == digest(code)))
                 ).first() is None
@@ -366,7 +364,7 @@ async def test_delete_customer_revokes_and_releases(client, app, shop):
     [deleted] = [e for e in entries if e["action"] == "customer.deleted"]
     assert deleted["details"] == {"tokens_revoked": 2, "claim_codes_revoked": 1,
                                   "devices_released": 1}
-    assert_error(await client.delete(f"{base}/cust@example.com", headers=bearer(owner)), 404)
+    assert_any_error(await client.delete(f"{base}/cust@example.com", headers=bearer(owner)), 404)
     # the address is free again
     await make_customer(client, owner, p, "cust@example.com")
 
@@ -384,17 +382,17 @@ async def test_password_grant_for_customers(client, app, shop):
         row = (await db.execute(select(AccessToken).where(
             AccessToken.token_hash == digest(body["access_token"])))).scalar_one()
         assert row.customer_id is not None and row.user_id is None and row.client == oc["id"]
-    body = assert_error(await password_login(client, oc, "cust@example.com", "wrong password"),
-                        400, "invalid_grant")
+    body = assert_any_error(await password_login(client, oc, "cust@example.com", "wrong password"),
+                            400, "invalid_grant")
     assert body["error_description"] == "User credentials are invalid"
     # customers are not people: other clients do not log them in
     r = await client.post("/oauth/token", data={
         "grant_type": "password", "username": "cust@example.com", "password": CUSTOMER_PASSWORD,
         "client_id": "particle-api", "client_secret": "particle-api"})
-    assert_error(r, 400, "invalid_grant")
+    assert_any_error(r, 400, "invalid_grant")
     far = await make_client(client, owner, shop["other"], name="far")
-    assert_error(await password_login(client, far, "cust@example.com", CUSTOMER_PASSWORD),
-                 400, "invalid_grant")
+    assert_any_error(await password_login(client, far, "cust@example.com", CUSTOMER_PASSWORD),
+                     400, "invalid_grant")
     # people still log in through a product client
     r = await password_login(client, oc, "owner@example.com", "correct horse battery")
     assert r.status_code == 200, r.text
@@ -408,7 +406,7 @@ async def test_person_who_is_also_a_customer(client, app, shop):
     await make_customer(client, owner, p, "both@example.com")
     r = await password_login(client, oc, "both@example.com", CUSTOMER_PASSWORD)
     assert r.status_code == 200
-    assert_error(await client.get("/v1/user", headers=bearer(r.json()["access_token"])), 403)
+    assert_any_error(await client.get("/v1/user", headers=bearer(r.json()["access_token"])), 403)
     person = await login(client, "both@example.com")
     assert (await client.get("/v1/user", headers=bearer(person))).status_code == 200
 
@@ -421,13 +419,13 @@ async def test_client_credentials_customer_scope(client, app, shop):
     assert r.status_code == 200, r.text
     assert r.json()["expires_in"] == 3600
     tok = r.json()["access_token"]
-    assert_error(await client.get(f"/v1/products/{p['id']}/customers", headers=bearer(tok)), 403)
+    assert_any_error(await client.get(f"/v1/products/{p['id']}/customers", headers=bearer(tok)), 403)
     for scope in ("customer=nobody@example.com", "customer=far@example.com", "customer=",
                   "devices:list", "user=cust@example.com"):
         r = await client.post("/oauth/token", data={
             "grant_type": "client_credentials", "client_id": oc["id"],
             "client_secret": oc["secret"], "scope": scope})
-        assert_error(r, 400, "invalid_scope")
+        assert_any_error(r, 400, "invalid_scope")
     # without a scope the client still gets its own (client) token
     r = await client.post("/oauth/token", data={
         "grant_type": "client_credentials", "client_id": oc["id"], "client_secret": oc["secret"]})

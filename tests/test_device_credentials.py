@@ -17,8 +17,7 @@ from corral.audit.models import AuditEntry
 from corral.devices import credentials
 from corral.devices.models import Device
 from corral.kit.secrets import digest
-from helpers import bearer, new_user
-from test_products import add_member, make_product
+from helpers import add_devices, add_member, bearer, new_user, two_tenants
 
 DEV_A = "0123456789abcdef0123aaaa"
 DEV_B = "0123456789abcdef0123bbbb"
@@ -52,12 +51,6 @@ def raw_public_pem(n: int, e: int) -> str:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-async def add_devices(app, product_id: int | None, *ids: str, **fields: Any) -> None:
-    async with app.state.sessionmaker() as db:
-        db.add_all([Device(id=i, product_id=product_id, platform_id=12, **fields) for i in ids])
-        await db.commit()
-
-
 async def load(app, device_id: str) -> Device:
     async with app.state.sessionmaker() as db:
         d = await db.get(Device, device_id)
@@ -74,14 +67,10 @@ async def audits(app, action: str) -> list[AuditEntry]:
 @pytest.fixture
 async def world(app, client) -> dict[str, Any]:
     """ada owns product Widget with devices A, B, C; bob owns Gadget with device OTHER."""
-    ada = await new_user(client, "ada@example.com")
-    bob = await new_user(client, "bob@example.com")
-    widget = await make_product(client, ada, "Widget")
-    gadget = await make_product(client, bob, "Gadget")
-    await add_devices(app, widget["id"], DEV_A, DEV_B, DEV_C)
-    await add_devices(app, gadget["id"], DEV_OTHER)
-    return {"ada": ada, "bob": bob, "widget": widget, "gadget": gadget,
-            "p": f"/v1/products/{widget['slug']}"}
+    w = await two_tenants(client)
+    await add_devices(app, w["widget"]["id"], DEV_A, DEV_B, DEV_C)
+    await add_devices(app, w["gadget"]["id"], DEV_OTHER)
+    return {**w, "p": f"/v1/products/{w['widget']['slug']}"}
 
 
 # --- POST /v1/provisioning/:deviceId -------------------------------------------------------

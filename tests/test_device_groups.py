@@ -5,8 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from corral.devices.models import DeviceGroupMember
-from helpers import bearer, new_user
-from test_device_import import add_role, audit_actions, owner_and_product, seed
+from helpers import add_role, audit_actions, bearer, new_user, owner_and_product, seed
 
 
 def hexid(n: int) -> str:

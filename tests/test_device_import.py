@@ -8,78 +8,27 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from corral.audit.models import AuditEntry
-from corral.auth.models import Membership, User
 from corral.devices import importer
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.kit.errors import BadRequest
-from helpers import bearer, new_user
+from helpers import (
+    add_role,
+    audit_actions,
+    bearer,
+    device_count,
+    load,
+    new_user,
+    owner_and_product,
+    post_ids,
+    seed,
+    user_id,
+)
 
 ID1 = "0123456789abcdef01234567"
 ID2 = "0123456789abcdef01234568"
 ID3 = "aaaaaaaaaaaaaaaaaaaaaaaa"
 EMPTY = {"updatedDeviceIds": [], "existingDeviceIds": [], "invalidDeviceIds": [],
          "nonmemberDeviceIds": [], "protectedDeviceIds": []}
-
-
-# --- shared helpers (imported by the other device test modules) ---------------------------------
-
-async def make_product(client, token: str, name: str = "Widget", **fields: Any) -> dict[str, Any]:
-    r = await client.post("/v1/user/products", headers=bearer(token),
-                          json={"product": {"name": name, "platform_id": 12, **fields}})
-    assert r.status_code == 200, r.text
-    return r.json()["product"]
-
-
-async def owner_and_product(client, username: str = "ada@example.com",
-                            **fields: Any) -> tuple[str, dict[str, Any]]:
-    tok = await new_user(client, username)
-    return tok, await make_product(client, tok, **fields)
-
-
-async def user_id(app, username: str) -> int:
-    async with app.state.sessionmaker() as db:
-        return (await db.execute(select(User.id).where(User.username == username))).scalar_one()
-
-
-async def add_role(app, username: str, product: dict[str, Any], role: str,
-                   *, org: bool = False) -> None:
-    async with app.state.sessionmaker() as db:
-        uid = (await db.execute(select(User.id).where(User.username == username))).scalar_one()
-        db.add(Membership(user_id=uid, org_id=product["org_id"],
-                          product_id=None if org else product["id"], role=role))
-        await db.commit()
-
-
-async def seed(app, *rows: dict[str, Any]) -> None:
-    """Insert device rows directly (the state a device session or an earlier import left)."""
-    async with app.state.sessionmaker() as db:
-        for row in rows:
-            db.add(Device(**row))
-        await db.commit()
-
-
-async def load(app, device_id: str) -> Device | None:
-    async with app.state.sessionmaker() as db:
-        return await db.get(Device, device_id)
-
-
-async def device_count(app, **where: Any) -> int:
-    async with app.state.sessionmaker() as db:
-        q = select(func.count()).select_from(Device)
-        for k, v in where.items():
-            q = q.where(getattr(Device, k) == v)
-        return int((await db.execute(q)).scalar_one())
-
-
-async def audit_actions(app, prefix: str = "") -> list[AuditEntry]:
-    async with app.state.sessionmaker() as db:
-        return list((await db.execute(select(AuditEntry).where(
-            AuditEntry.action.startswith(prefix)).order_by(AuditEntry.id))).scalars())
-
-
-async def post_ids(client, token: str, product: Any, **body: Any):
-    return await client.post(f"/v1/products/{product}/devices", headers=bearer(token), json=body)
 
 
 async def post_file(client, token: str, product: Any, content: bytes, **form: str):

@@ -12,12 +12,13 @@ from corral.auth.models import AccessToken, Customer, User
 from corral.devices.models import DeviceGroup, DeviceGroupMember
 from corral.kit import clock
 from corral.kit.secrets import digest, new_short_id
-from helpers import bearer, new_user
-from test_device_import import (
+from helpers import (
     add_role,
     audit_actions,
+    bearer,
     device_count,
     load,
+    new_user,
     owner_and_product,
     post_ids,
     seed,

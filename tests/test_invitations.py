@@ -17,24 +17,9 @@ from corral.mail.models import OutboxMail
 from corral.orgs import service
 from corral.orgs.models import Invitation, Organization
 from corral.products.models import Product
-from helpers import bearer, new_user
+from helpers import assert_error, bearer, make_org, new_user
 
 CODE = re.compile(r"invitation code: ([0-9a-f]{40})")
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["ok"] is False and body["error"] and body["error_description"], body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
-
-
-async def make_org(client, token: str, name: str = "Acme Inc") -> dict[str, Any]:
-    r = await client.post("/v1/orgs", headers=bearer(token), json={"name": name})
-    assert r.status_code == 201, r.text
-    return r.json()["organization"]
 
 
 async def invite(client, token: str, org: str, username: str, role: str | None = "Developer",

@@ -15,9 +15,8 @@ from sqlalchemy import func, select
 from corral.audit.models import AuditEntry
 from corral.devices import credentials
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
-from helpers import bearer, new_user
+from helpers import bearer, make_product, new_user
 from test_product_cas import ec_key, make_cert, name, new_ca, pem, rsa_key
-from test_products import make_product
 
 DEV = "00112233445566778899aabb"
 DEV2 = "00112233445566778899ccdd"

@@ -10,36 +10,14 @@ from sqlalchemy import select
 
 from corral.auth.models import Membership, OAuthClient, User
 from corral.kit.secrets import digest
-from helpers import bearer, new_user
+from helpers import assert_any_error, bearer, make_client, make_product, new_user
 
 CLIENT_ID = re.compile(r"^[a-z0-9_-]{3,40}$")
-
-
-async def make_product(client, token: str, name: str = "Widget") -> dict[str, Any]:
-    r = await client.post("/v1/user/products", headers=bearer(token), json={"name": name})
-    assert r.status_code == 200, r.text
-    return r.json()["product"]
-
-
-async def make_client(client, token: str, product: int | str | None, **body: Any) -> dict[str, Any]:
-    path = f"/v1/products/{product}/clients" if product is not None else "/v1/clients"
-    r = await client.post(path, headers=bearer(token), json={"type": "installed", **body})
-    assert r.status_code == 200, r.text
-    return r.json()["client"]
 
 
 async def client_token(client, cid: str, secret: str) -> Any:
     return await client.post("/oauth/token", data={
         "grant_type": "client_credentials", "client_id": cid, "client_secret": secret})
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert "error" in body and "error_description" in body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
 
 
 async def test_create_product_client_shape_and_secret_once(client, app):
@@ -98,16 +76,16 @@ async def test_client_credentials_token_follows_scope(client):
     assert "products:get" in r.json()["scope"].split()
     r = await client.get(f"/v1/products/{p['id']}", headers=bearer(ctok))
     assert r.status_code == 200 and r.json()["product"]["id"] == p["id"]
-    assert_error(await client.put(f"/v1/products/{p['id']}", headers=bearer(ctok),
-                                  json={"name": "x"}), 403)
-    assert_error(await client.get(f"/v1/products/{other['id']}", headers=bearer(ctok)), 404)
+    assert_any_error(await client.put(f"/v1/products/{p['id']}", headers=bearer(ctok),
+                                      json={"name": "x"}), 403)
+    assert_any_error(await client.get(f"/v1/products/{other['id']}", headers=bearer(ctok)), 404)
     # without products:get the token cannot read the product
     lister = await make_client(client, tok, p["id"], name="lister", scope="devices:list")
     ltok = (await client_token(client, lister["id"], lister["secret"])).json()["access_token"]
-    assert_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(ltok)), 403)
+    assert_any_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(ltok)), 403)
     bare = await make_client(client, tok, p["id"], name="bare")
     btok = (await client_token(client, bare["id"], bare["secret"])).json()["access_token"]
-    assert_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(btok)), 403)
+    assert_any_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(btok)), 403)
     wild = await make_client(client, tok, p["id"], name="wild", scope="*:*")
     wtok = (await client_token(client, wild["id"], wild["secret"])).json()["access_token"]
     assert (await client.get(f"/v1/products/{p['id']}", headers=bearer(wtok))).status_code == 200
@@ -115,7 +93,7 @@ async def test_client_credentials_token_follows_scope(client):
                              json={"description": "by client"})).status_code == 200
     # a wrong secret is refused
     r = await client_token(client, reader["id"], "0" * 48)
-    assert_error(r, 400, "invalid_client")
+    assert_any_error(r, 400, "invalid_client")
 
 
 async def test_scope_change_revokes_tokens_and_none_clears(client):
@@ -135,13 +113,13 @@ async def test_scope_change_revokes_tokens_and_none_clears(client):
     assert r.json()["client"]["scope"] is None
     assert (await client.get(f"/v1/products/{p['id']}", headers=bearer(ctok))).status_code == 401
     ntok = (await client_token(client, c["id"], c["secret"])).json()["access_token"]
-    assert_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(ntok)), 403)
-    assert_error(await client.put(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok),
-                                  json={"scope": "bogus:scope"}), 400, "invalid_scope")
-    assert_error(await client.put(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok),
-                                  json={}), 400)
-    assert_error(await client.put(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok),
-                                  json={"name": ""}), 400)
+    assert_any_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(ntok)), 403)
+    assert_any_error(await client.put(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok),
+                                      json={"scope": "bogus:scope"}), 400, "invalid_scope")
+    assert_any_error(await client.put(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok),
+                                      json={}), 400)
+    assert_any_error(await client.put(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok),
+                                      json={"name": ""}), 400)
 
 
 async def test_delete_client_revokes_tokens(client):
@@ -152,9 +130,9 @@ async def test_delete_client_revokes_tokens(client):
     r = await client.delete(f"/v1/products/{p['id']}/clients/{c['id']}", headers=bearer(tok))
     assert r.status_code == 204 and r.content == b""
     assert (await client.get(f"/v1/products/{p['id']}", headers=bearer(ctok))).status_code == 401
-    assert_error(await client_token(client, c["id"], c["secret"]), 400, "invalid_client")
-    assert_error(await client.delete(f"/v1/products/{p['id']}/clients/{c['id']}",
-                                     headers=bearer(tok)), 404)
+    assert_any_error(await client_token(client, c["id"], c["secret"]), 400, "invalid_client")
+    assert_any_error(await client.delete(f"/v1/products/{p['id']}/clients/{c['id']}",
+                                         headers=bearer(tok)), 404)
     assert (await client.get(f"/v1/products/{p['id']}/clients",
                              headers=bearer(tok))).json()["clients"] == []
 
@@ -176,9 +154,9 @@ async def test_delete_client_revokes_tokens(client):
 async def test_bad_client_input(client, app, body):
     tok = await new_user(client, "ada@example.com")
     p = await make_product(client, tok)
-    assert_error(await client.post(f"/v1/products/{p['id']}/clients", headers=bearer(tok),
-                                   json=body), 400)
-    assert_error(await client.post("/v1/clients", headers=bearer(tok), json=body), 400)
+    assert_any_error(await client.post(f"/v1/products/{p['id']}/clients", headers=bearer(tok),
+                                       json=body), 400)
+    assert_any_error(await client.post("/v1/clients", headers=bearer(tok), json=body), 400)
     async with app.state.sessionmaker() as db:
         assert (await db.execute(select(OAuthClient))).first() is None
 
@@ -200,15 +178,15 @@ async def test_product_clients_are_tenant_scoped(client, app):
     pb = await make_product(client, b, "B")
     ca = await make_client(client, a, pa["id"], name="a-app")
     # bob cannot see ada's product, nor reach her client through his own product
-    assert_error(await client.get(f"/v1/products/{pa['id']}/clients", headers=bearer(b)), 404)
+    assert_any_error(await client.get(f"/v1/products/{pa['id']}/clients", headers=bearer(b)), 404)
     for method in ("PUT", "DELETE"):
         r = await client.request(method, f"/v1/products/{pb['id']}/clients/{ca['id']}",
                                  headers=bearer(b), json={"name": "x"})
-        assert_error(r, 404)
+        assert_any_error(r, 404)
         # nor through the personal-client routes (a product client is not anyone's personal one)
         r = await client.request(method, f"/v1/clients/{ca['id']}", headers=bearer(a),
                                  json={"name": "x"})
-        assert_error(r, 404)
+        assert_any_error(r, 404)
     # a View-only member lists but may not create, change or delete
     async with app.state.sessionmaker() as db:
         uid = (await db.execute(select(User.id).where(User.username == "bob@example.com"))
@@ -217,12 +195,12 @@ async def test_product_clients_are_tenant_scoped(client, app):
         await db.commit()
     r = await client.get(f"/v1/products/{pa['id']}/clients", headers=bearer(b))
     assert r.status_code == 200 and [x["id"] for x in r.json()["clients"]] == [ca["id"]]
-    assert_error(await client.post(f"/v1/products/{pa['id']}/clients", headers=bearer(b),
-                                   json={"name": "x", "type": "installed"}), 403)
-    assert_error(await client.put(f"/v1/products/{pa['id']}/clients/{ca['id']}", headers=bearer(b),
-                                  json={"name": "x"}), 403)
-    assert_error(await client.delete(f"/v1/products/{pa['id']}/clients/{ca['id']}",
-                                     headers=bearer(b)), 403)
+    assert_any_error(await client.post(f"/v1/products/{pa['id']}/clients", headers=bearer(b),
+                                       json={"name": "x", "type": "installed"}), 403)
+    assert_any_error(await client.put(f"/v1/products/{pa['id']}/clients/{ca['id']}", headers=bearer(b),
+                                      json={"name": "x"}), 403)
+    assert_any_error(await client.delete(f"/v1/products/{pa['id']}/clients/{ca['id']}",
+                                         headers=bearer(b)), 403)
 
 
 async def test_api_user_with_client_scopes(client):
@@ -234,12 +212,12 @@ async def test_api_user_with_client_scopes(client):
     c = await make_client(client, api_tok, p["id"], name="made-by-bot", scope="products:get")
     r = await client.get(f"/v1/products/{p['id']}/clients", headers=bearer(api_tok))
     assert [x["id"] for x in r.json()["clients"]] == [c["id"]]
-    assert_error(await client.delete(f"/v1/products/{p['id']}/clients/{c['id']}",
-                                     headers=bearer(api_tok)), 403)
+    assert_any_error(await client.delete(f"/v1/products/{p['id']}/clients/{c['id']}",
+                                         headers=bearer(api_tok)), 403)
     # people-only personal clients
-    assert_error(await client.get("/v1/clients", headers=bearer(api_tok)), 403, "unauthorized")
-    assert_error(await client.post("/v1/clients", headers=bearer(api_tok),
-                                   json={"name": "x", "type": "installed"}), 403)
+    assert_any_error(await client.get("/v1/clients", headers=bearer(api_tok)), 403, "unauthorized")
+    assert_any_error(await client.post("/v1/clients", headers=bearer(api_tok),
+                                       json={"name": "x", "type": "installed"}), 403)
 
 
 async def test_personal_clients(client):
@@ -255,16 +233,16 @@ async def test_personal_clients(client):
     assert [x["id"] for x in r.json()["clients"]] == [mine["id"]]
     assert mine["secret"] not in r.text
     assert (await client.get("/v1/clients", headers=bearer(b))).json()["clients"] == []
-    assert_error(await client.put(f"/v1/clients/{mine['id']}", headers=bearer(b),
-                                  json={"name": "x"}), 404)
-    assert_error(await client.delete(f"/v1/clients/{mine['id']}", headers=bearer(b)), 404)
+    assert_any_error(await client.put(f"/v1/clients/{mine['id']}", headers=bearer(b),
+                                      json={"name": "x"}), 404)
+    assert_any_error(await client.delete(f"/v1/clients/{mine['id']}", headers=bearer(b)), 404)
     r = await client.put(f"/v1/clients/{mine['id']}", headers=bearer(a),
                          data={"name": "renamed", "scope": "customers:create"})
     assert r.status_code == 200, r.text
     assert (r.json()["client"]["name"], r.json()["client"]["scope"]) == ("renamed", "customers:create")
     # a personal client's token is bound to no product
     ctok = (await client_token(client, mine["id"], mine["secret"])).json()["access_token"]
-    assert_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(ctok)), 404)
+    assert_any_error(await client.get(f"/v1/products/{p['id']}", headers=bearer(ctok)), 404)
     r = await client.delete(f"/v1/clients/{mine['id']}", headers=bearer(a))
     assert r.status_code == 204
     assert (await client.get("/v1/clients", headers=bearer(a))).json()["clients"] == []

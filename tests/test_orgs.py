@@ -11,22 +11,7 @@ from corral.audit.models import AuditEntry
 from corral.auth.models import Membership, User
 from corral.orgs.models import Invitation, Organization
 from corral.products.models import Product
-from helpers import bearer, new_user
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["ok"] is False and body["error"] and body["error_description"], body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
-
-
-async def make_org(client, token: str, name: str = "Acme Inc") -> dict[str, Any]:
-    r = await client.post("/v1/orgs", headers=bearer(token), json={"name": name})
-    assert r.status_code == 201, r.text
-    return r.json()["organization"]
+from helpers import assert_error, bearer, make_org, new_user
 
 
 async def add_member(app, org_id: int, username: str, role: str,

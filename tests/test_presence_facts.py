@@ -7,8 +7,7 @@ import datetime as dt
 from corral.devices import service
 from corral.devices.models import Device
 from corral.kit import clock
-from helpers import bearer
-from test_device_import import load, owner_and_product, seed
+from helpers import bearer, load, owner_and_product, seed
 
 ID = "0123456789abcdef01234567"
 

@@ -16,8 +16,7 @@ from sqlalchemy import select
 from corral.audit.models import AuditEntry
 from corral.devices.models import ProductCA
 from corral.kit import clock
-from helpers import bearer, new_user
-from test_products import add_member, make_product
+from helpers import add_member, bearer, new_user, two_tenants
 
 
 def rsa_key() -> rsa.RSAPrivateKey:
@@ -73,12 +72,8 @@ async def audits(app, prefix: str) -> list[AuditEntry]:
 
 @pytest.fixture
 async def world(app, client) -> dict[str, Any]:
-    ada = await new_user(client, "ada@example.com")
-    bob = await new_user(client, "bob@example.com")
-    widget = await make_product(client, ada, "Widget")
-    gadget = await make_product(client, bob, "Gadget")
-    return {"ada": ada, "bob": bob, "widget": widget, "gadget": gadget,
-            "url": f"/v1/products/{widget['slug']}/certificate_authorities"}
+    w = await two_tenants(client)
+    return {**w, "url": f"/v1/products/{w['widget']['slug']}/certificate_authorities"}
 
 
 async def test_register_list_get(app, client, world):

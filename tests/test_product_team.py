@@ -8,15 +8,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from corral.auth.models import Membership, User
 from corral.orgs.models import Invitation
-from helpers import bearer, new_user
-
-
-async def make_org(client, token: str, name: str = "Acme") -> dict[str, Any]:
-    r = await client.post("/v1/orgs", headers=bearer(token), json={"name": name})
-    assert r.status_code == 201, r.text
-    return r.json()["organization"]
+from helpers import add_member, assert_error, bearer, make_org, new_user
 
 
 async def make_product(client, token: str, org: str, name: str = "Widget") -> dict[str, Any]:
@@ -24,14 +17,6 @@ async def make_product(client, token: str, org: str, name: str = "Widget") -> di
                           json={"product": {"name": name}})
     assert r.status_code == 200, r.text
     return r.json()["product"]
-
-
-async def add_member(app, username: str, *, org_id: int, product_id: int | None,
-                     role: str) -> None:
-    async with app.state.sessionmaker() as db:
-        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
-        db.add(Membership(user_id=user.id, org_id=org_id, product_id=product_id, role=role))
-        await db.commit()
 
 
 async def accept(client, app, token: str, email: str) -> dict[str, Any]:
@@ -47,22 +32,13 @@ async def accept(client, app, token: str, email: str) -> dict[str, Any]:
     return r.json()["membership"]
 
 
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["ok"] is False and "error" in body and "error_description" in body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
-
-
 @pytest.fixture
 async def team(client, app) -> dict[str, Any]:
     """ada owns Acme with product Widget; bob is an org Developer; cy has no role yet."""
     ada = await new_user(client, "ada@example.com")
     bob = await new_user(client, "bob@example.com")
     cy = await new_user(client, "cy@example.com")
-    org = await make_org(client, ada)
+    org = await make_org(client, ada, "Acme")
     product = await make_product(client, ada, org["slug"])
     await add_member(app, "bob@example.com", org_id=org["id"], product_id=None, role="Developer")
     return {"ada": ada, "bob": bob, "cy": cy, "org": org, "product": product,

@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from sqlalchemy import func, select
 
 from corral.auth.models import Membership, OAuthClient, User
 from corral.products import service as product_service
-from helpers import bearer, new_user
+from helpers import add_member, assert_error, bearer, make_product, new_user
 
 
 async def personal_slug(client, token: str) -> str:
     r = await client.get("/v1/user", headers=bearer(token))
     assert r.status_code == 200, r.text
     return r.json()["orgs"][0]["slug"]
-
-
-async def make_product(client, token: str, name: str = "Widget", **fields: Any) -> dict[str, Any]:
-    r = await client.post("/v1/user/products", headers=bearer(token),
-                          json={"product": {"name": name, **fields}})
-    assert r.status_code == 200, r.text
-    return r.json()["product"]
-
-
-async def add_member(app, username: str, *, org_id: int, product_id: int | None,
-                     role: str) -> None:
-    """Give ``username`` a role directly (the invite flow is tested in test_product_team)."""
-    async with app.state.sessionmaker() as db:
-        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
-        db.add(Membership(user_id=user.id, org_id=org_id, product_id=product_id, role=role))
-        await db.commit()
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["ok"] is False and "error" in body and "error_description" in body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
 
 
 async def test_create_nested_json_and_shape(client):

@@ -7,12 +7,13 @@ from sqlalchemy import update
 from corral.devices import service
 from corral.devices.models import Device
 from corral.products.models import Product
-from helpers import bearer, new_user
-from test_device_import import (
+from helpers import (
     add_role,
     audit_actions,
+    bearer,
     device_count,
     load,
+    new_user,
     owner_and_product,
     post_ids,
     seed,

@@ -13,16 +13,7 @@
 // Anything else (a bug here, a network error, a non-Error rejection) is "unexpected": it is
 // recorded too, and the exit code is then 1. Missing input gives exit code 2.
 
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-
-const require = createRequire(import.meta.url);
-const Particle = require('particle-api-js');
-// The package's "exports" hides package.json; its main file is lib/src/Particle.js.
-const libMain = require.resolve('particle-api-js');
-const libVersion = JSON.parse(
-    readFileSync(join(dirname(libMain), '..', '..', 'package.json'), 'utf8')).version;
+import { Particle, recorder } from './lib.mjs';
 
 const env = process.env;
 const baseUrl = env.CORRAL_COMPAT_BASE_URL;
@@ -41,73 +32,7 @@ if (baseUrl.endsWith('/')) {
 }
 
 const particle = new Particle({ baseUrl });
-const results = {
-    library: { name: 'particle-api-js', version: libVersion },
-    node: process.version,
-    baseUrl,
-    steps: {},
-    unexpected: [],
-};
-
-// A plain, JSON-safe copy of what the library hands to its caller on rejection.
-function describeRejection(err) {
-    const out = { ok: false };
-    if (!(err instanceof Error)) {
-        out.unexpected = true;
-        out.message = `non-Error rejection: ${String(err)}`;
-        return out;
-    }
-    out.message = err.message;
-    out.statusCode = err.statusCode ?? null;
-    out.shortErrorDescription = err.shortErrorDescription ?? null;
-    out.errorDescription = err.errorDescription ?? null;
-    const body = err.body;
-    if (body instanceof Error) {
-        // The library could not JSON.parse the error body (or the request never got a response).
-        out.bodyIsJson = false;
-        out.bodyErrorName = body.name;
-        out.bodyErrorMessage = body.message;
-        out.body = null;
-    } else if (body && typeof body === 'object') {
-        out.bodyIsJson = true;
-        out.body = {};
-        for (const [k, v] of Object.entries(body)) {
-            if (k !== 'response') { // the library attaches the fetch Response here
-                out.body[k] = v;
-            }
-        }
-        const resp = body.response;
-        if (resp && resp.headers && typeof resp.headers.get === 'function') {
-            out.contentType = resp.headers.get('content-type');
-        }
-    } else {
-        out.bodyIsJson = false;
-        out.body = body ?? null;
-    }
-    if (typeof out.statusCode !== 'number') {
-        // No HTTP status: a network error or a bug, never a server answer.
-        out.unexpected = true;
-    }
-    return out;
-}
-
-async function step(name, fn) {
-    try {
-        const res = await fn();
-        results.steps[name] = { ok: true, statusCode: res.statusCode, body: res.body };
-    } catch (err) {
-        const rec = describeRejection(err);
-        results.steps[name] = rec;
-        if (rec.unexpected) {
-            results.unexpected.push(`${name}: ${rec.message}`);
-        }
-    }
-    return results.steps[name];
-}
-
-function skip(name, why) {
-    results.steps[name] = { ok: false, skipped: why };
-}
+const { step, skip, run, finish } = recorder(baseUrl);
 
 async function main() {
     const login = await step('login', () => particle.login({ username, password }));
@@ -146,14 +71,4 @@ async function main() {
     }));
 }
 
-let exitCode = 0;
-try {
-    await main();
-} catch (err) {
-    results.unexpected.push(`driver crashed: ${err && err.stack ? err.stack : String(err)}`);
-}
-if (results.unexpected.length) {
-    exitCode = 1;
-}
-process.stdout.write(`${JSON.stringify(results)}\n`);
-process.exitCode = exitCode;
+finish(await run(main));

@@ -17,15 +17,7 @@
 // the library (an HTTP error) is a result, not a crash: the Python test judges it. Anything
 // else is "unexpected" (exit code 1). Missing input gives exit code 2.
 
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-
-const require = createRequire(import.meta.url);
-const Particle = require('particle-api-js');
-const libMain = require.resolve('particle-api-js');
-const libVersion = JSON.parse(
-    readFileSync(join(dirname(libMain), '..', '..', 'package.json'), 'utf8')).version;
+import { Particle, recorder } from './lib.mjs';
 
 const env = process.env;
 const baseUrl = env.CORRAL_COMPAT_BASE_URL;
@@ -70,19 +62,7 @@ for (const key of need) {
 
 const particle = new Particle({ baseUrl });
 const productClient = new Particle({ baseUrl, clientId, clientSecret });
-const results = {
-    library: { name: 'particle-api-js', version: libVersion },
-    node: process.version,
-    baseUrl,
-    steps: {},
-    order: [],
-    unexpected: [],
-};
-
-function finish(exitCode) {
-    process.stdout.write(`${JSON.stringify(results)}\n`);
-    process.exitCode = exitCode;
-}
+const { results, step, run, finish } = recorder(baseUrl, { ordered: true });
 
 // The whole run is bounded: print what we have and stop if the server hangs.
 const watchdog = setTimeout(() => {
@@ -90,62 +70,6 @@ const watchdog = setTimeout(() => {
     finish(1);
     process.exit(1);
 }, deadlineMs);
-
-function describeRejection(err) {
-    const out = { ok: false };
-    if (!(err instanceof Error)) {
-        out.unexpected = true;
-        out.message = `non-Error rejection: ${String(err)}`;
-        return out;
-    }
-    out.message = err.message;
-    out.statusCode = err.statusCode ?? null;
-    out.shortErrorDescription = err.shortErrorDescription ?? null;
-    const body = err.body;
-    if (body instanceof Error) {
-        out.bodyIsJson = false;
-        out.bodyErrorName = body.name;
-        out.bodyErrorMessage = body.message;
-        out.body = null;
-    } else if (body && typeof body === 'object') {
-        out.bodyIsJson = true;
-        out.body = {};
-        for (const [k, v] of Object.entries(body)) {
-            if (k !== 'response') {
-                out.body[k] = v;
-            }
-        }
-        const resp = body.response;
-        if (resp && resp.headers && typeof resp.headers.get === 'function') {
-            out.contentType = resp.headers.get('content-type');
-        }
-    } else {
-        out.bodyIsJson = false;
-        out.body = body ?? null;
-    }
-    if (typeof out.statusCode !== 'number') {
-        out.unexpected = true;
-    }
-    return out;
-}
-
-async function step(name, fn) {
-    if (name in results.steps) {
-        throw new Error(`step ${name} recorded twice`);
-    }
-    results.order.push(name);
-    try {
-        const res = await fn();
-        results.steps[name] = { ok: true, statusCode: res.statusCode, body: res.body };
-    } catch (err) {
-        const rec = describeRejection(err);
-        results.steps[name] = rec;
-        if (rec.unexpected) {
-            results.unexpected.push(`${name}: ${rec.message}`);
-        }
-    }
-    return results.steps[name];
-}
 
 function tokenOf(rec) {
     return rec.ok && rec.body && typeof rec.body.access_token === 'string'
@@ -235,14 +159,6 @@ async function main() {
     }
 }
 
-let exitCode = 0;
-try {
-    await main();
-} catch (err) {
-    results.unexpected.push(`driver crashed: ${err && err.stack ? err.stack : String(err)}`);
-}
+const exitCode = await run(main);
 clearTimeout(watchdog);
-if (results.unexpected.length) {
-    exitCode = 1;
-}
 finish(exitCode);
