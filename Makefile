@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install
+.PHONY: serve test lint typecheck install
 
 install: $(STAMP)
 
@@ -33,4 +33,8 @@ test: $(STAMP)
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
+
+# DESIGN §4.10: strict typing on the domain-free and transport layers
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict src/corral/kit src/corral/bus src/corral/transports src/corral/events
