@@ -326,3 +326,16 @@ async def test_remove_member(client, app):
     assert r.status_code == 200, r.text
     assert await team(client, ada, slug) == {"ada@example.com": "Owner"}
     assert (await audit_actions(app, org["id"])).count("team.removed") == 2
+
+
+async def test_org_slugs_take_the_smallest_free_suffix(client):
+    """Organizations and products share one slug rule: ``name``, then ``name-2``, ``name-3``."""
+    from helpers import bearer, new_user
+
+    token = await new_user(client, "slugs@example.com")
+    slugs = []
+    for _ in range(3):
+        r = await client.post("/v1/orgs", json={"name": "Acme Labs"}, headers=bearer(token))
+        assert r.status_code == 201, r.text
+        slugs.append(r.json()["organization"]["slug"])
+    assert slugs == ["acme-labs", "acme-labs-2", "acme-labs-3"]

@@ -18,10 +18,10 @@ from corral.audit import service as audit
 from corral.auth.models import Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, assignable_roles
 from corral.auth.subject import Subject
+from corral.db.slugs import unique_slug
 from corral.kit import clock
 from corral.kit.errors import BadRequest, Conflict, Forbidden, NotFound
-from corral.kit.secrets import digest, new_short_id, new_token
-from corral.kit.text import slugify
+from corral.kit.secrets import digest, new_token
 from corral.mail import service as mail
 from corral.orgs.models import Invitation, Organization
 from corral.products.models import Product
@@ -31,14 +31,6 @@ PENDING = "pending"
 
 
 # --- organizations ------------------------------------------------------------------------
-
-async def unique_org_slug(db: AsyncSession, name: str) -> str:
-    base = slugify(name)
-    slug = base
-    while (await db.execute(select(Organization.id).where(Organization.slug == slug))).first():
-        slug = f"{base}-{new_short_id(3)}"
-    return slug
-
 
 def clean_org_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
@@ -53,7 +45,7 @@ async def create_org(db: AsyncSession, owner: User, name: str, *, personal: bool
                      ) -> Organization:
     """Create an organization with ``owner`` as its Owner."""
     name = clean_org_name(name)
-    org = Organization(name=name, slug=await unique_org_slug(db, name), personal=personal,
+    org = Organization(name=name, slug=await unique_slug(db, Organization.slug, name), personal=personal,
                        owner_user_id=owner.id if personal else None)
     db.add(org)
     await db.flush()

@@ -23,6 +23,7 @@ from corral.audit import service as audit
 from corral.auth.models import AccessToken, Membership, OAuthClient, User
 from corral.auth.policy import API_USER_SCOPES, Role
 from corral.auth.subject import Subject
+from corral.db.slugs import unique_slug
 from corral.kit.body import as_bool, as_int, as_str, as_str_list
 from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound
 from corral.kit.secrets import digest, new_secret, new_short_id
@@ -175,19 +176,6 @@ async def _check_name_free(db: AsyncSession, org_id: int, name: str,
                        code="name_taken")
 
 
-async def _unique_slug(db: AsyncSession, name: str) -> str:
-    """The slug of ``name``, or ``<slug>-<n>`` with the smallest free n (globally unique)."""
-    base = slugify(name, max_len=60)
-    taken = set((await db.execute(select(Product.slug).where(
-        or_(Product.slug == base, Product.slug.like(f"{base}-%"))))).scalars())
-    if base not in taken:
-        return base
-    n = 2
-    while f"{base}-{n}" in taken:
-        n += 1
-    return f"{base}-{n}"
-
-
 async def view(db: AsyncSession, product: Product) -> ProductView:
     org = await orgs.get_org(db, str(product.org_id))
     return ProductView(product, org.slug if org else "")
@@ -211,7 +199,7 @@ async def create_product(db: AsyncSession, *, actor: Subject, org: Organization,
     if fields.get("settings") not in (None, ""):
         settings = clean_settings(fields["settings"], settings)
     product = Product(
-        org_id=org.id, name=name, name_key=name.lower(), slug=await _unique_slug(db, name),
+        org_id=org.id, name=name, name_key=name.lower(), slug=await unique_slug(db, Product.slug, name),
         description=_clean_description(fields.get("description")),
         tags=_clean_tags(fields.get("tags")),
         platform_id=_clean_platform(fields.get("platform_id")),
