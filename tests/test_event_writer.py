@@ -143,5 +143,5 @@ async def test_after_commit_hook_gets_stored_events(sm, writer, manual_clock):
     assert [e for batch in got for e in batch] == [StoredEvent(
         id=event_id, published_at=manual_clock.now(), name="door", data="7", ttl=60,
         source="device", device_id="a" * 24, product_id=1, org_id=None, owner_user_id=None,
-        private=True,
+        customer_id=None, private=True,
     )]

@@ -73,6 +73,7 @@ def _start(data_dir: Path, logs: Path, *args: str) -> Served:
     with out.open("wb") as fo, err.open("wb") as fe:
         proc = subprocess.Popen(
             [sys.executable, "-m", "corral.cli.main", "serve", "--http-port", str(port),
+             "--mqtt-port", str(free_port()), "--mqtt-tls-port", "0",
              "--data-dir", str(data_dir), *args],
             stdout=fo, stderr=fe, env=env)
     return Served(proc, f"http://127.0.0.1:{port}", out, err)

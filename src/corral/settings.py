@@ -41,6 +41,31 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 16 * 1_048_576  # device-ID imports and key uploads
 
+    # --- device transports (the device-session core serves both)
+    mqtt_port: int = Field(default=1883, ge=0, le=65535, description="MQTT (plain); 0 = off")
+    mqtt_tls_port: int = Field(default=8883, ge=0, le=65535, description="MQTT over TLS; 0 = off")
+    mqtt_tls_cert: Path | None = Field(
+        default=None, description="Server certificate (PEM) for MQTT/TLS; default: "
+        "a self-signed one created in data_dir")
+    mqtt_tls_key: Path | None = None
+    mqtt_max_packet_bytes: int = Field(default=65_536, ge=1024)
+    mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)  # CONNECT must arrive within
+    mqtt_max_keepalive_s: int = Field(default=1200, ge=10)  # keep-alive the server grants at most
+    mqtt_session_expiry_s: int = Field(default=3600, ge=0)  # persistent sessions kept at most
+
+    # --- device traffic rules (per product overrides in product settings)
+    event_data_max_bytes: int = Field(default=1024, ge=1, le=16_384)
+    event_rate_per_s: float = Field(default=1.0, gt=0)  # average publishes per device
+    event_rate_burst: int = Field(default=4, ge=1)
+    event_retention_days: int = Field(default=30, ge=1)
+    device_call_timeout_s: float = Field(default=30.0, gt=0)  # functions and variables
+    function_arg_max_bytes: int = Field(default=1024, ge=1)
+    max_functions: int = Field(default=20, ge=1)
+    max_variables: int = Field(default=20, ge=1)
+    presence_flush_s: float = Field(default=1.0, gt=0)  # last_heard batching
+    sse_keepalive_s: float = Field(default=9.0, gt=0)
+    sse_queue_max: int = Field(default=1000, ge=1)  # events a slow SSE client may lag behind
+
     # --- e-mail outbox backend
     email_backend: Literal["log", "smtp"] = "log"
     email_from: str = "corral@localhost"
@@ -60,6 +85,7 @@ class Settings(BaseSettings):
     demo: bool = False
     demo_username: str = "demo@corral.example"  # .local is refused as an e-mail domain
     demo_password: str = "corral-demo"
+    demo_simulated_devices: int = Field(default=5, ge=0)  # live MQTT devices `serve --demo` runs
 
     def resolved_database_url(self) -> str:
         if self.database_url:

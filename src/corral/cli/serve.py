@@ -38,13 +38,22 @@ def serve(
     database_url: DatabaseUrl = None,
     log_format: Annotated[LogFormat | None, typer.Option(
         help="Log lines on stderr. (env CORRAL_LOG_FORMAT; default json)")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(
+        "--mqtt-port", help="MQTT port for devices; 0 turns it off. "
+        "(env CORRAL_MQTT_PORT; default 1883)")] = None,
+    mqtt_tls_port: Annotated[int | None, typer.Option(
+        "--mqtt-tls-port", help="MQTT over TLS (client certificates provision devices from "
+        "product CAs); 0 turns it off. (env CORRAL_MQTT_TLS_PORT; default 8883)")] = None,
     demo: Annotated[bool | None, typer.Option(
         "--demo/--no-demo", help="Create a demo account, organization, product and "
-        "fleet of devices (idempotent) and print how to log in. (env CORRAL_DEMO)")] = None,
+        "fleet of devices (idempotent), run a few of them as live simulated devices, and "
+        "print how to log in. (env CORRAL_DEMO)")] = None,
 ) -> None:
-    """Run corral: migrate the database, then serve the API until SIGINT/SIGTERM."""
+    """Run corral: migrate the database, then serve the API and the device transports until
+    SIGINT/SIGTERM."""
     settings = settings_from(data_dir=data_dir, host=host, http_port=http_port,
-                             database_url=database_url,
+                             database_url=database_url, mqtt_port=mqtt_port,
+                             mqtt_tls_port=mqtt_tls_port,
                              log_format=log_format.value if log_format else None, demo=demo)
     logs.setup(settings.log_format, settings.log_level)
 
@@ -53,7 +62,7 @@ def serve(
     from corral.web.app import create_app
 
     server = uvicorn.Server(uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.http_port,
+        create_app(settings, transports=True), host=settings.host, port=settings.http_port,
         log_config=None,  # keep the handlers corral.web.logs installed (JSON lines)
         access_log=True, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     ))
@@ -100,6 +109,11 @@ def _banner(settings: Settings, info: DemoInfo | None) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_row("API", url)
     grid.add_row("Docs", f"{url}/docs")
+    mqtt_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    if settings.mqtt_port:
+        grid.add_row("MQTT", f"mqtt://{mqtt_host}:{settings.mqtt_port}")
+    if settings.mqtt_tls_port:
+        grid.add_row("MQTT/TLS", f"mqtts://{mqtt_host}:{settings.mqtt_tls_port}")
     grid.add_row("Data dir", str(settings.data_dir.resolve()))
     grid.add_row("Database", database_label(settings))
     console.print(Panel(grid, title=f"corral {corral.__version__}", title_align="left",

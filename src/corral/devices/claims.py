@@ -32,6 +32,7 @@ from corral.audit import service as audit
 from corral.auth.models import Customer, User
 from corral.auth.policy import api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
+from corral.devices import signals
 from corral.devices.access import is_device_id
 from corral.devices.models import ClaimCode, Device
 from corral.kit import clock
@@ -131,10 +132,11 @@ async def refusal(db: AsyncSession, device: Device, claimant: Claimant) -> Refus
     return None
 
 
-def _assign(device: Device, claimant: Claimant) -> None:
+def _assign(db: AsyncSession, device: Device, claimant: Claimant) -> None:
     device.owner_user_id = claimant.user_id
     device.customer_id = claimant.customer_id
     device.claimed_at = clock.now()
+    signals.tenancy_changed(db, device.id)
 
 
 async def _product_org(db: AsyncSession, product_id: int | None) -> tuple[int | None, int | None]:
@@ -179,7 +181,7 @@ async def claim_device(db: AsyncSession, *, actor: Subject, device_id: Any,
         raise refused.error
     if claimant.owns(device):
         return device
-    _assign(device, claimant)
+    _assign(db, device, claimant)
     org_id, product_id = await _product_org(db, device.product_id)
     audit.record(db, actor=actor, ip=ip, action="device.claimed", org_id=org_id,
                  product_id=product_id, target_type="device", target_id=did,
@@ -206,6 +208,7 @@ async def unclaim_device(db: AsyncSession, *, actor: Subject, device: Device,
     device.owner_user_id = None
     device.customer_id = None
     device.claimed_at = None
+    signals.tenancy_changed(db, device.id)
     audit.record(db, actor=actor, ip=ip, action="device.unclaimed", org_id=org_id,
                  product_id=product_id, target_type="device", target_id=device.id,
                  details=previous)
@@ -389,7 +392,7 @@ async def redeem_claim_code(db: AsyncSession, *, device_id: str, code: str) -> C
     row.device_id = did
     if claimant.owns(device):
         return ClaimResult(True, did, None, changed=False, **ids)
-    _assign(device, claimant)
+    _assign(db, device, claimant)
     org_id, product_id = await _product_org(db, device.product_id)
     audit.record(db, actor=None, actor_label=claimant.label, ip=None, action="device.claimed",
                  org_id=org_id, product_id=product_id, target_type="device", target_id=did,

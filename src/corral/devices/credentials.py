@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from corral.audit import service as audit
 from corral.audit.models import AuditEntry
 from corral.auth.subject import Subject
+from corral.devices import signals
 from corral.devices.access import is_device_id
 from corral.devices.groups import clean_group_name
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember, ProductCA
@@ -299,6 +300,7 @@ async def rotate_mqtt_secret(db: AsyncSession, *, actor: Subject | None, ip: str
     device.mqtt_secret_hash = digest(secret)
     device.mqtt_secret_rotated_at = clock.now()
     device.credentials_version = (device.credentials_version or 0) + 1
+    _credentials_changed(db, device)
     _audit(db, actor=actor, ip=ip, action="device.mqtt_secret_rotated", device=device,
            org_id=await _org_id(db, device.product_id))
     return secret
@@ -312,6 +314,7 @@ async def clear_mqtt_secret(db: AsyncSession, *, actor: Subject | None, ip: str 
     device.mqtt_secret_hash = None
     device.mqtt_secret_rotated_at = None
     device.credentials_version = (device.credentials_version or 0) + 1
+    _credentials_changed(db, device)
     _audit(db, actor=actor, ip=ip, action="device.mqtt_secret_cleared", device=device,
            org_id=await _org_id(db, device.product_id))
     return True
@@ -344,6 +347,10 @@ def reset_credentials(device: Device) -> None:
     device.mqtt_secret_rotated_at = None
     device.certificate_fingerprint = None
     device.credentials_version = (device.credentials_version or 0) + 1
+
+
+def _credentials_changed(db: AsyncSession, device: Device) -> None:
+    signals.disconnect(db, device.id, "The device's credentials changed")
 
 
 def credentials_json(device: Device) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from corral.audit import service as audit
 from corral.auth.models import Membership
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
+from corral.devices import signals
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.kit import clock
 from corral.kit.body import as_bool, read_body
@@ -338,6 +339,7 @@ async def _write(db: AsyncSession, actor: Subject, ip: str, product: Product,
                                  desired_firmware_version=None, updated_at=now)
                          .execution_options(synchronize_session=False))
     for did in moved:
+        signals.disconnect(db, did, "The device moved to another product")
         audit.record(db, actor=actor, ip=ip, action="device.moved", org_id=product.org_id,
                      product_id=product.id, target_type="device", target_id=did,
                      details={"old_product_id": plan.force_move[did],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from corral.db.base import Base, Timestamps
@@ -52,6 +52,14 @@ class Device(Timestamps, Base):
     last_handshake_at: Mapped[dt.datetime | None]
     first_online_at: Mapped[dt.datetime | None]  # set once; billing counts from here
     last_ip_address: Mapped[str | None] = mapped_column(String(64))
+    last_disconnect_at: Mapped[dt.datetime | None]
+    last_disconnect_reason: Mapped[str | None] = mapped_column(String(200))
+    transport: Mapped[str | None] = mapped_column(String(16))  # mqtt | particle, last session
+
+    # what the device last described (the device-session core keeps these)
+    functions: Mapped[list[str]] = mapped_column(default=list, server_default=text("'[]'"))
+    variables: Mapped[dict[str, Any]] = mapped_column(  # name -> type
+        default=dict, server_default=text("'{}'"))
 
     # firmware facts (the firmware issue drives these)
     firmware_version: Mapped[int | None]

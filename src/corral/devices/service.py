@@ -23,6 +23,7 @@ from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
 from corral.devices import groups as group_rules
+from corral.devices import signals
 from corral.devices.access import is_device_id
 from corral.devices.json import device_json
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
@@ -382,12 +383,14 @@ async def remove_product_device(db: AsyncSession, *, actor: Subject, ip: str,
     if deny:
         device.denied, device.quarantined = True, False
         device.updated_at = clock.now()
+        signals.disconnect(db, device.id, "The device was denied by its product")
         await db.flush()
         audit.record(db, actor=actor, ip=ip, action="device.denied", org_id=product.org_id,
                      product_id=product.id, target_type="device", target_id=device.id)
         return
     await group_rules.clear_device_groups(db, [device.id])
     kept = device.owner_user_id is not None
+    signals.disconnect(db, device.id, "The device was removed from its product")
     audit.record(db, actor=actor, ip=ip, action="device.removed", org_id=product.org_id,
                  product_id=product.id, target_type="device", target_id=device.id,
                  details={"kept_by_owner": kept})

@@ -26,6 +26,7 @@ class Event(Base):
         Index("ix_events_device_time", "device_id", "published_at"),
         Index("ix_events_owner_time", "owner_user_id", "published_at"),
         Index("ix_events_org_time", "org_id", "published_at"),
+        Index("ix_events_customer_time", "customer_id", "published_at"),
         Index("ix_events_time", "published_at"),  # retention deletes
     )
 
@@ -39,4 +40,5 @@ class Event(Base):
     product_id: Mapped[int | None] = mapped_column(Integer)
     org_id: Mapped[int | None] = mapped_column(Integer)
     owner_user_id: Mapped[int | None] = mapped_column(Integer)  # sandbox streams
+    customer_id: Mapped[int | None] = mapped_column(Integer)  # customer streams
     private: Mapped[bool] = mapped_column(default=True)

@@ -36,6 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.events.models import Event
 from corral.kit import clock
+from corral.metering import ledger
+from corral.metering.ledger import Usage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class NewEvent:
     product_id: int | None = None
     org_id: int | None = None
     owner_user_id: int | None = None
+    customer_id: int | None = None
     private: bool = True
     published_at: dt.datetime = dataclasses.field(default_factory=clock.now)
 
@@ -62,7 +65,8 @@ class NewEvent:
             "published_at": self.published_at, "name": self.name, "data": self.data,
             "ttl": self.ttl, "source": self.source, "device_id": self.device_id,
             "product_id": self.product_id, "org_id": self.org_id,
-            "owner_user_id": self.owner_user_id, "private": self.private,
+            "owner_user_id": self.owner_user_id, "customer_id": self.customer_id,
+            "private": self.private,
         }
 
 
@@ -80,6 +84,7 @@ class StoredEvent:
     product_id: int | None
     org_id: int | None
     owner_user_id: int | None
+    customer_id: int | None
     private: bool
 
     @classmethod
@@ -92,7 +97,8 @@ AfterCommit = Callable[[list[StoredEvent]], Any]
 
 @dataclasses.dataclass(slots=True)
 class _Item:
-    row: NewEvent
+    row: NewEvent | None  # None: a usage increment only
+    usage: Usage | None
     future: asyncio.Future[int]
     queued_at: float
 
@@ -122,6 +128,7 @@ class EventWriter:
         self.batches_committed = 0
         self.batches_failed = 0
         self.rows_committed = 0
+        self.usage_committed = 0
         self._pending: collections.deque[_Item] = collections.deque()
         self._wake = asyncio.Event()  # worker: rows arrived / batch full / closing
         self._space = asyncio.Event()  # writers: the queue has room again
@@ -161,29 +168,40 @@ class EventWriter:
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def write(self, row: NewEvent) -> int:
-        """Queue ``row`` (waiting while the queue is full) and return its id once committed."""
-        return await (await self.submit(row))
+    async def write(self, row: NewEvent | None, usage: Usage | None = None) -> int:
+        """Queue ``row`` (waiting while the queue is full) and return its id once committed.
 
-    async def submit(self, row: NewEvent) -> asyncio.Future[int]:
+        ``usage`` (optional) is the metering increment the event counts as; it commits in
+        the same transaction. With ``row=None`` only ``usage`` is recorded (returns 0)."""
+        return await (await self.submit(row, usage))
+
+    async def count(self, usage: Usage) -> None:
+        """Record one usage increment; returns once it is committed."""
+        await self.write(None, usage)
+
+    async def submit(self, row: NewEvent | None, usage: Usage | None = None
+                     ) -> asyncio.Future[int]:
         """Queue ``row``, waiting while the queue is full; the future resolves after commit."""
         while not self._closing and len(self._pending) >= self.max_pending:
             self._space.clear()
             await self._space.wait()
-        return self.write_nowait(row)
+        return self.write_nowait(row, usage)
 
-    def write_nowait(self, row: NewEvent) -> asyncio.Future[int]:
+    def write_nowait(self, row: NewEvent | None, usage: Usage | None = None
+                     ) -> asyncio.Future[int]:
         """Queue ``row`` without waiting; the future resolves with its id after commit.
 
         Raises :class:`asyncio.QueueFull` when ``max_pending`` rows are already queued and
         :class:`WriterStopped` once :meth:`stop` has begun."""
+        if row is None and usage is None:
+            raise ValueError("nothing to write")
         if self._closing:
             raise WriterStopped("event writer is stopping")
         if len(self._pending) >= self.max_pending:
             raise asyncio.QueueFull
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        self._pending.append(_Item(row, fut, loop.time()))
+        self._pending.append(_Item(row, usage, fut, loop.time()))
         n = len(self._pending)
         if n == 1 or n >= self.max_batch:
             self._wake.set()
@@ -215,10 +233,14 @@ class EventWriter:
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Item]) -> None:
-        rows = [item.row for item in batch]
+        with_rows = [item for item in batch if item.row is not None]
+        rows = [item.row for item in with_rows if item.row is not None]
+        usage = [item.usage for item in batch if item.usage is not None]
         try:
             async with self._sessionmaker() as db:
-                ids = await self._insert(db, rows)
+                ids = await self._insert(db, rows) if rows else []
+                if usage:
+                    await ledger.apply(db, usage)
                 await db.commit()
             if len(ids) != len(rows):
                 raise RuntimeError(f"insert returned {len(ids)} ids for {len(rows)} rows")
@@ -233,9 +255,13 @@ class EventWriter:
             return
         self.batches_committed += 1
         self.rows_committed += len(rows)
-        for item, event_id in zip(batch, ids, strict=True):
+        self.usage_committed += len(usage)
+        for item, event_id in zip(with_rows, ids, strict=True):
             if not item.future.done():  # the caller may have been cancelled
                 item.future.set_result(event_id)
+        for item in batch:
+            if not item.future.done():  # usage-only items (and cancelled callers)
+                item.future.set_result(0)
         if self.after_commit:
             stored = [StoredEvent.of(i, r) for i, r in zip(ids, rows, strict=True)]
             for hook in list(self.after_commit):

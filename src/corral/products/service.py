@@ -128,12 +128,28 @@ def clean_name(value: Any) -> str:
     return name
 
 
+def _as_rate(value: Any) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = -1.0
+    if isinstance(value, bool) or not 0.01 <= rate <= 1000:
+        raise BadRequest("settings.event_rate_per_s must be a number from 0.01 to 1000",
+                         code="invalid_request")
+    return rate
+
+
 def clean_settings(value: Any, current: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge the known settings keys of ``value`` into ``current``; unknown keys are dropped."""
     raw = _as_object(value, field="settings")
     out = dict(current or {})
     if "quarantine" in raw:
         out["quarantine"] = as_bool(raw["quarantine"], field="settings.quarantine")
+    for key, lo, hi in (("event_data_max_bytes", 1, 16_384), ("event_rate_burst", 1, 1000)):
+        if key in raw:
+            out[key] = as_int(raw[key], field=f"settings.{key}", lo=lo, hi=hi)
+    if "event_rate_per_s" in raw:
+        out["event_rate_per_s"] = _as_rate(raw["event_rate_per_s"])
     if "location" in raw:
         loc = _as_object(raw["location"], field="settings.location")
         out["location"] = {"opt_in": as_bool(loc.get("opt_in"), field="settings.location.opt_in")}

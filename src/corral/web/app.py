@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,10 +16,16 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import corral
+from corral.bus import Bus
+from corral.bus.inprocess import InProcessBus
 from corral.db import migrate
 from corral.db.engine import make_engine
+from corral.events.service import delete_older_than
+from corral.events.writer import EventWriter
+from corral.kit import clock
 from corral.mail.backends import MailBackend, make_backend
 from corral.mail.tasks import Mailer
+from corral.sessions.core import SessionHub, publish_after_commit
 from corral.settings import Settings
 from corral.web import errors
 from corral.web.middleware import BodyLimit, Metrics, RejectNul
@@ -28,12 +36,18 @@ log = logging.getLogger("corral.web")
 class Runtime:
     """Long-lived parts of one server process: engine, sessions, background workers."""
 
-    def __init__(self, settings: Settings, *, mail_backend: MailBackend | None = None) -> None:
+    def __init__(self, settings: Settings, *, mail_backend: MailBackend | None = None,
+                 bus: Bus | None = None) -> None:
         self.settings = settings
         self.mail_backend = mail_backend or make_backend(settings)
         self.engine: AsyncEngine | None = None
         self.sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self.mailer: Mailer | None = None
+        self.bus: Bus = bus or InProcessBus()
+        self.writer: EventWriter | None = None
+        self.hub: SessionHub | None = None
+        self.transports: list[Any] = []  # started device listeners (each has .stop())
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self, app: FastAPI, *, migrate_db: bool = True,
                     background: bool = True) -> None:
@@ -45,14 +59,62 @@ class Runtime:
             await migrate.upgrade(self.engine)
         self.mailer = Mailer(None, self.mail_backend)  # type: ignore[arg-type]
         self.sessionmaker = async_sessionmaker(
-            self.engine, expire_on_commit=False, info={"wake_mailer": self.mailer.wake}
+            self.engine, expire_on_commit=False, info={"wake_mailer": self.mailer.wake, "bus": self.bus}
         )
         self.mailer.sessionmaker = self.sessionmaker
         app.state.sessionmaker = self.sessionmaker
+        self.writer = EventWriter(self.sessionmaker)
+        bus = self.bus
+        self.writer.after_commit.append(lambda events: publish_after_commit(bus, events))
+        self.writer.start()
+        self.hub = SessionHub(self.settings, self.sessionmaker, self.bus, self.writer,
+                              reset_presence=isinstance(self.bus, InProcessBus))
+        await self.hub.start()
         if background:
             self.mailer.start()
+            self._retention = asyncio.get_running_loop().create_task(
+                self._retention_loop(), name="event-retention")
+
+    async def start_transports(self) -> None:
+        """Open the device listeners the settings ask for (``corral serve``); with
+        ``settings.demo``, also run the demo's simulated devices against them."""
+        from corral.transports.mqtt.server import start_mqtt_listeners
+
+        assert self.hub is not None
+        self.transports.extend(await start_mqtt_listeners(self.hub, self.settings))
+        if self.settings.demo and self.settings.demo_simulated_devices:
+            from corral.demo import start_demo_fleet
+
+            self.transports.append(await start_demo_fleet(self))
+
+    async def _retention_loop(self) -> None:
+        """Delete events older than ``event_retention_days``, hourly."""
+        assert self.sessionmaker is not None
+        while True:
+            cutoff = clock.now() - dt.timedelta(days=self.settings.event_retention_days)
+            try:
+                async with self.sessionmaker() as db:
+                    n = await delete_older_than(db, cutoff)
+                if n:
+                    log.info("event retention: deleted %d events before %s", n, cutoff)
+            except Exception:
+                log.exception("event retention failed")
+            await asyncio.sleep(3600)
 
     async def stop(self) -> None:
+        for t in reversed(self.transports):  # the demo fleet first, then the listeners
+            with contextlib.suppress(Exception):
+                await t.stop()
+        self.transports.clear()
+        if self.hub:
+            await self.hub.stop()
+        if self._retention:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+        if self.writer:
+            await self.writer.stop()
+        await self.bus.close()
         if self.mailer:
             await self.mailer.stop()
         if self.engine:
@@ -74,13 +136,17 @@ def routers() -> list[APIRouter]:
             credentials_router, customers_router, devices_router]
 
 
-def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
+def create_app(settings: Settings, *, runtime: Runtime | None = None,
+               transports: bool = False) -> FastAPI:
+    """The ASGI app. ``transports=True`` (``corral serve``) also opens the device listeners."""
     rt = runtime or Runtime(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.start(app)
         try:
+            if transports:
+                await rt.start_transports()
             yield
         finally:
             await rt.stop()

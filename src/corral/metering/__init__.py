@@ -1,0 +1,1 @@
+"""Usage metering: per-device, per-month counters of device traffic (data operations)."""
