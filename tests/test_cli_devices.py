@@ -214,3 +214,23 @@ def test_api_errors_exit_1_with_the_servers_message(cli: Cli, user: str,
     assert r.exit_code == 1 and "No device IDs" in r.output
     r = cli("devices", "import", str(tmp_path / "missing.txt"), "--product", "x")
     assert r.exit_code == 2 and "Cannot read" in r.output
+
+
+def test_secret_prints_a_new_mqtt_secret_once(cli: Cli, user: str, live_server: str,
+                                              config_home: Path, tmp_path: Path) -> None:
+    login(cli, user)
+    product = new_product(cli, "Meters")
+    [dev] = device_ids(1, "secret")
+    ids = tmp_path / "ids.txt"
+    ids.write_text(dev + "\n")
+    assert cli("devices", "import", str(ids), "--product", product).exit_code == 0
+    r = cli("devices", "secret", dev, "--product", product)
+    assert r.exit_code == 0, r.output
+    secret = r.stdout.strip().splitlines()[-1]
+    assert len(secret) >= 24 and "secret" not in secret
+    again = cli("devices", "secret", dev, "--product", product, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["mqtt_secret"] != secret
+    body = api_get(live_server, config_home, f"/v1/products/{product}/devices/{dev}")
+    assert body.get("functions", body.get("device", {}).get("functions")) == []
+    missing = cli("devices", "secret", "f" * 24, "--product", product)
+    assert missing.exit_code == 1

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from corral.bus.base import NoResponders
 from corral.auth.models import User
+from corral.bus.base import NoResponders
 from corral.devices.models import Device
 from corral.events.models import Event
 from corral.events.writer import NewEvent
@@ -477,3 +477,23 @@ async def test_a_rolled_back_change_does_not_touch_the_session(app, hub, client)
     assert r.status_code >= 400
     await asyncio.sleep(0.1)
     assert not s.closed
+
+
+async def test_a_call_in_flight_fails_at_once_when_the_device_leaves(app, hub, product):
+    link = ScriptedLink()
+    started = asyncio.Event()
+
+    async def hang(arg: str) -> int:
+        started.set()
+        await asyncio.sleep(30)
+        return 0
+
+    link.functions["hang"] = hang
+    s = await hub.open(Hello(DEV), link)
+    await s.describe(functions=["hang"])
+    call = asyncio.create_task(hub.bus.request(contract.request_subject(DEV),
+                                               {"kind": "function", "name": "hang"}, timeout=20))
+    await asyncio.wait_for(started.wait(), WAIT)
+    await s.close("connection lost")
+    reply = (await asyncio.wait_for(call, 2)).json()
+    assert reply["status"] == 404 and reply["error"] == "device_offline"

@@ -299,15 +299,21 @@ class InProcessBus:
         if self._closed:
             raise BusClosed("bus is closed")
         validate_subject(subject)
-        msg = Message(subject, encode_payload(payload), reply, self)
-        receivers = 0
+        fut = None
         if self._replies and subject.startswith(_INBOX_PREFIX):
             fut = self._replies.get(subject)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result(msg)
-                receivers += 1
-        for sub in self._index.match(subject):
+        subs = self._index.match(subject)
+        if fut is None and not subs:
+            if not isinstance(payload, (bytes, dict)):  # reject what no bus could carry
+                raise TypeError(f"bus payload must be bytes or dict, not {type(payload).__name__}")
+            return 0  # nobody listens: skip the encoding
+        msg = Message(subject, encode_payload(payload), reply, self)
+        receivers = 0
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(msg)
+            receivers += 1
+        for sub in subs:
             sub._deliver(msg)
             receivers += 1
         return receivers

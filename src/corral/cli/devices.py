@@ -198,8 +198,9 @@ def devices_list(
 
 
 _DEVICE_KEYS = ["id", "name", "product_id", "platform_id", "online", "last_heard",
-                "first_online_at", "groups", "development", "quarantined", "denied", "owner",
-                "notes", "serial_number", "firmware_version", "system_firmware_version"]
+                "first_online_at", "last_disconnect_reason", "transport", "groups",
+                "development", "quarantined", "denied", "owner", "notes", "serial_number",
+                "firmware_version", "system_firmware_version", "functions", "variables"]
 
 
 @devices_app.command("get")
@@ -217,3 +218,21 @@ def devices_get(
         print_json(body)
     else:
         fields("Device", _unwrap(body, "device"), _DEVICE_KEYS)
+
+
+@devices_app.command("secret")
+def devices_secret(
+    ctx: typer.Context,
+    device: Annotated[str, typer.Argument(help="Device ID.")],
+    product: Product,
+    as_json: Json = False,
+) -> None:
+    """Give a device a new MQTT secret and print it; it is shown only this once, and the old
+    one stops working (POST /v1/products/PRODUCT/devices/ID/mqtt_secret)."""
+    body = api(ctx).call("POST", f"/v1/products/{product}/devices/{device}/mqtt_secret")
+    if as_json:
+        print_json(body)
+        return
+    secret = body.get("mqtt_secret") if isinstance(body, dict) else None
+    console.print(f"MQTT secret of {device} (shown once):", highlight=False)
+    console.print(str(secret), highlight=False, markup=False, soft_wrap=True)

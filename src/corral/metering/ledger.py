@@ -90,24 +90,35 @@ def fold(items: Iterable[Usage]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-async def apply(db: AsyncSession, items: Sequence[Usage], *, chunk: int = 500) -> int:
-    """Add ``items`` to the counters in the session's transaction (an upsert per chunk of
-    distinct (device, period) rows). Returns the number of rows touched."""
-    rows = fold(items)
-    if not rows:
-        return 0
-    dialect = db.get_bind().dialect.name
-    ins: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    for i in range(0, len(rows), chunk):
-        stmt = ins(USAGE).values(rows[i:i + chunk])
-        exc = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
+def _upsert(dialect: str) -> Any:
+    """One parametrized upsert, compiled once per dialect and run as an executemany."""
+    stmt = _UPSERTS.get(dialect)
+    if stmt is None:
+        ins: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        base = ins(USAGE)
+        exc = base.excluded
+        stmt = base.on_conflict_do_update(
             index_elements=[USAGE.c.device_id, USAGE.c.period],
             set_={**{c: USAGE.c[c] + exc[c] for c in _COUNTERS},
                   "product_id": exc.product_id, "org_id": exc.org_id,
                   "owner_user_id": exc.owner_user_id, "updated_at": exc.updated_at},
         )
-        await db.execute(stmt)
+        _UPSERTS[dialect] = stmt
+    return stmt
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
+    """Add ``items`` to the counters in the session's transaction (one upsert per distinct
+    (device, period), sent as one executemany). Returns the number of rows touched."""
+    rows = fold(items)
+    if not rows:
+        return 0
+    # sorted keys: concurrent writers (several nodes) lock rows in the same order
+    rows.sort(key=lambda r: (r["device_id"], r["period"]))
+    await db.execute(_upsert(db.get_bind().dialect.name), rows)
     return len(rows)
 
 

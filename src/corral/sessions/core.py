@@ -157,8 +157,8 @@ class TokenBucket:
         self.tokens = float(burst)
         self.updated = clock.now()
 
-    def take(self) -> bool:
-        now = clock.now()
+    def take(self, now: dt.datetime | None = None) -> bool:
+        now = now or clock.now()
         elapsed = max(0.0, (now - self.updated).total_seconds())
         self.updated = now
         self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate)
@@ -244,6 +244,7 @@ class DeviceSession:
         self.closed = False
         self.close_reason: str | None = None
         self._subs: list[Subscription] = []
+        self._requests: set[Message] = set()  # being answered (answered on close, too)
         self._event_sub: Subscription | None = None
         self._event_pattern: str | None = None
 
@@ -338,13 +339,14 @@ class DeviceSession:
             reason = await self.hub.gate.refuse(self.facts, "publish")
             if reason:
                 raise Refused("paused", reason)
-        if not system and not self.bucket.take():
+        now = clock.now()
+        if not system and not self.bucket.take(now):
             self.discarded += 1
             self.hub.discarded += 1
             self._count_nowait("discarded", size)
             raise Refused("rate_limited", "Too many events; this one was discarded")
-        row = self._event(name, data or None, ttl=ttl, private=private)
-        usage = self._usage("publish", size) if counted else None
+        row = self._event(name, data or None, ttl=ttl, private=private, at=now)
+        usage = self._usage("publish", size, at=now) if counted else None
         try:
             return await self.hub.writer.write(row, usage)
         except WriterStopped:
@@ -387,6 +389,13 @@ class DeviceSession:
         self.closed = True
         self.close_reason = reason
         self.hub._forget(self)
+        # callers of requests in flight learn now, not at their timeout (unsubscribing below
+        # cancels the handlers that would have answered them)
+        for msg in list(self._requests):
+            with contextlib.suppress(Exception):
+                await msg.respond(_reply_error(404, "device_offline",
+                                               "The device disconnected during the request"))
+        self._requests.clear()
         for sub in [*self._subs, *([self._event_sub] if self._event_sub else [])]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -419,17 +428,18 @@ class DeviceSession:
             raise Refused("closed", "The session is closed")
 
     def _event(self, name: str, data: str | None, *, ttl: int = 60, private: bool = True,
-               source: str = "device") -> NewEvent:
+               source: str = "device", at: dt.datetime | None = None) -> NewEvent:
         f = self.facts
         return NewEvent(name=name, data=data, ttl=ttl, source=source, device_id=f.device_id,
                         product_id=f.product_id, org_id=f.org_id,
                         owner_user_id=f.owner_user_id, customer_id=f.customer_id,
-                        private=private)
+                        private=private, published_at=at or clock.now())
 
-    def _usage(self, kind: Kind, size: int) -> Usage:
+    def _usage(self, kind: Kind, size: int, *, at: dt.datetime | None = None) -> Usage:
         f = self.facts
         return Usage(device_id=f.device_id, kind=kind, product_id=f.product_id,
-                     org_id=f.org_id, owner_user_id=f.owner_user_id, payload_bytes=size)
+                     org_id=f.org_id, owner_user_id=f.owner_user_id, payload_bytes=size,
+                     at=at or clock.now())
 
     def _count_nowait(self, kind: Kind, size: int) -> None:
         try:
@@ -525,11 +535,14 @@ class DeviceSession:
     async def _on_request(self, msg: Message) -> None:
         if msg.reply is None:
             return
+        self._requests.add(msg)
         try:
             reply = await self._answer(msg)
         except Exception:  # never leave the caller waiting for its timeout
             log.exception("request to %s failed", self.device_id)
             reply = _reply_error(502, "device_error", "The request to the device failed")
+        finally:
+            self._requests.discard(msg)
         with contextlib.suppress(Exception):
             await msg.respond(reply)
 

@@ -1,0 +1,107 @@
+"""The MQTT topic contract (docs/mqtt.md): which topics a device may publish and subscribe to.
+
+Pure functions over strings; the server maps the results to session calls. A device only
+ever talks about itself: every topic starts with ``devices/{its id}/`` (the ID is compared
+case-insensitively; corral writes it in lower case).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+DEVICE_ID_RE: Final = re.compile(r"^[0-9a-fA-F]{24}$")
+ROOT: Final = "devices"
+
+PublishKind = Literal["event", "describe", "reply", "claim"]
+SubscribeKind = Literal["requests", "inbox", "ota"]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishTarget:
+    """What a device's PUBLISH topic means: ``kind`` and its argument (the event name for
+    ``event``, the request id for ``reply``, empty otherwise)."""
+
+    kind: PublishKind
+    arg: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeTarget:
+    """What a device's topic filter means: ``requests``, ``inbox`` (``arg`` is the event name
+    prefix, empty for every event) or ``ota``."""
+
+    kind: SubscribeKind
+    arg: str = ""
+
+
+def is_device_id(value: str) -> bool:
+    return DEVICE_ID_RE.fullmatch(value) is not None
+
+
+def _own_rest(device_id: str, topic: str) -> str | None:
+    """``topic`` without its ``devices/{device_id}/`` head, or None if it is not the
+    device's own."""
+    parts = topic.split("/", 2)
+    if len(parts) != 3 or parts[0] != ROOT or parts[1].lower() != device_id:
+        return None
+    return parts[2]
+
+
+def request_topic(device_id: str, request_id: str) -> str:
+    return f"{ROOT}/{device_id}/requests/{request_id}"
+
+
+def inbox_topic(device_id: str, event_name: str) -> str:
+    return f"{ROOT}/{device_id}/inbox/{event_name}"
+
+
+def events_topic(device_id: str, event_name: str) -> str:
+    return f"{ROOT}/{device_id}/events/{event_name}"
+
+
+def parse_publish(device_id: str, topic: str) -> PublishTarget | None:
+    """The meaning of a PUBLISH from ``device_id`` (lower case) on ``topic``; None when the
+    device may not publish there."""
+    rest = _own_rest(device_id, topic)
+    if rest is None:
+        return None
+    if rest.startswith("events/"):
+        name = rest[len("events/"):]
+        return PublishTarget("event", name) if name else None
+    if rest == "describe":
+        return PublishTarget("describe")
+    if rest == "claim":
+        return PublishTarget("claim")
+    if rest.startswith("replies/"):
+        rid = rest[len("replies/"):]
+        return PublishTarget("reply", rid) if rid and "/" not in rid else None
+    return None
+
+
+def parse_filter(device_id: str, topic_filter: str) -> SubscribeTarget | None:
+    """The meaning of a SUBSCRIBE/UNSUBSCRIBE topic filter from ``device_id`` (lower case);
+    None when the device may not subscribe to it.
+
+    ``requests/+`` and ``requests/#`` receive requests; ``inbox/#`` every event in scope;
+    ``inbox/{prefix}`` (no wildcard) events whose names start with ``prefix``; ``ota/#``
+    is reserved for firmware updates. Anything else is refused."""
+    rest = _own_rest(device_id, topic_filter)
+    if rest is None:
+        return None
+    if rest in ("requests/+", "requests/#"):
+        return SubscribeTarget("requests")
+    if rest == "ota/#":
+        return SubscribeTarget("ota")
+    if rest == "inbox/#":
+        return SubscribeTarget("inbox", "")
+    if rest.startswith("inbox/"):
+        prefix = rest[len("inbox/"):]
+        if prefix and "+" not in prefix and "#" not in prefix:
+            return SubscribeTarget("inbox", prefix)
+    return None
+
+
+__all__ = ["PublishTarget", "SubscribeTarget", "events_topic", "inbox_topic", "is_device_id",
+           "parse_filter", "parse_publish", "request_topic"]
