@@ -38,4 +38,4 @@ lint: $(STAMP)
 # DESIGN §4.10: strict typing on the domain-free and transport layers
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/corral/kit src/corral/bus src/corral/transports src/corral/events \
-		src/corral/sessions src/corral/metering
+		src/corral/sessions src/corral/metering src/corral/device

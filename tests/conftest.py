@@ -82,9 +82,35 @@ async def app(settings: Settings, database_url: str) -> AsyncIterator[Any]:
         await runtime.stop()
 
 
+class FirstChunkOfStreams:
+    """httpx's ASGITransport buffers a whole response, so an endless SSE stream would hang
+    the in-process client: a ``text/event-stream`` response ends after its first body chunk
+    (``:ok``), and the app then sees the client disconnect. Real streaming is tested over
+    real sockets (tests/test_sse.py)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        streaming = ended = False
+
+        async def first_chunk_only(message: Any) -> None:
+            nonlocal streaming, ended
+            if ended:
+                return
+            if message["type"] == "http.response.start":
+                streaming = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                for k, v in message.get("headers", ()))
+            elif message["type"] == "http.response.body" and streaming:
+                message, ended = {**message, "more_body": False}, True
+            await send(message)
+
+        await self.app(scope, receive, first_chunk_only)
+
+
 @pytest.fixture
 async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    transport = httpx.ASGITransport(app=FirstChunkOfStreams(app), client=("127.0.0.1", 50000))
     async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as c:
         yield c
 

@@ -323,14 +323,14 @@ async def test_puback_only_after_commit(gw):
 
 
 async def test_puback_waits_for_the_commit_but_pings_do_not(gw, monkeypatch):
-    real = gw.hub.writer.write
+    real = gw.hub.writer._commit
 
-    async def slow(row: Any, usage: Any = None) -> int:
+    async def slow(batch: Any) -> None:  # every batch commits 0.4 s late
         await asyncio.sleep(0.4)
-        return await real(row, usage)
+        await real(batch)
 
     r = await raw(gw)
-    monkeypatch.setattr(gw.hub.writer, "write", slow)
+    monkeypatch.setattr(gw.hub.writer, "_commit", slow)
     started = time.monotonic()
     r.send(Publish(t("events", "slow"), b"1", 1, packet_id=5))
     await r.ping()  # answered while the commit is still pending
@@ -339,6 +339,23 @@ async def test_puback_waits_for_the_commit_but_pings_do_not(gw, monkeypatch):
     assert ack.packet_id == 5 and time.monotonic() - started >= 0.4
     assert [e.data for e in await events(gw.app, name="slow")] == ["1"]
     r.close()
+
+
+async def test_a_publish_that_cannot_be_stored_is_never_acknowledged(gw, monkeypatch):
+    async def broken(db: Any, rows: Any) -> list[int]:
+        raise RuntimeError("disk full")
+
+    v5 = await raw(gw, MQTT_5)
+    monkeypatch.setattr(gw.hub.writer, "_insert", broken)
+    ack = await v5.publish(t("events", "lost"), "1", packet_id=9)
+    assert ack.reason_code == 0x83  # MQTT 5: refused in the PUBACK
+    monkeypatch.undo()  # (connecting stores a spark/status event)
+    v3 = await raw(gw, MQTT_311)
+    monkeypatch.setattr(gw.hub.writer, "_insert", broken)
+    v3.send(Publish(t("events", "lost"), b"2", 1, packet_id=10))
+    before_close = await v3.closed()  # 3.1.1: no PUBACK, the connection is dropped
+    assert not [p for p in before_close if isinstance(p, Puback)]
+    assert await events(gw.app, name="lost") == []
 
 
 async def test_pipelined_publishes_acked_in_order_and_stored_in_order(gw):

@@ -372,7 +372,7 @@ async def test_control_disconnect_closes_the_session(app, hub, product):
 
 async def test_the_gate_can_pause_device_traffic(app, hub, product):
     class Paused:
-        async def refuse(self, facts: DeviceFacts, kind: str) -> str | None:
+        def refuse(self, facts: DeviceFacts, kind: str) -> str | None:
             return "The monthly data operations are used up"
 
     link = ScriptedLink()

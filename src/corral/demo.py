@@ -8,15 +8,23 @@ The fleet: ``DEMO_FLEET_SIZE`` devices imported into the product, with IDs deriv
 fixed seed (the same on every machine), named ``demo-sensor-01``..., the first
 ``DEMO_BETA_SIZE`` in group ``beta`` and the rest in ``field``, the first
 ``DEMO_DEVELOPMENT_SIZE`` marked as development devices; plus one device left in quarantine,
-as if an unknown device had connected claiming the product. The devices are never online
-(nothing connects them). Only devices whose ID does not exist at all are created and set up,
-so a device the user changed, moved or denied is left as it is.
+as if an unknown device had connected claiming the product. Only devices whose ID does not
+exist at all are created and set up, so a device the user changed, moved or denied is left
+as it is.
+
+:func:`start_demo_fleet` makes the first ``settings.demo_simulated_devices`` approved fleet
+devices live: each gets a fresh MQTT secret and runs as a simulated sensor (the device SDK's
+:class:`~corral.device.simulator.Fleet`) against this server's own MQTT listener, publishing
+``sim/temperature`` every few seconds and answering functions and variables.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,8 +32,9 @@ from corral.accounts import service as accounts
 from corral.auth.models import User
 from corral.auth.subject import Subject
 from corral.db.session import commit
+from corral.device.simulator import Fleet
+from corral.devices import credentials, importer
 from corral.devices import groups as device_groups
-from corral.devices import importer
 from corral.devices import service as devices
 from corral.devices.access import find_device
 from corral.orgs import service as orgs
@@ -44,6 +53,7 @@ DEMO_FLEET_SEED = "corral-demo-fleet"
 DEMO_FLEET_SIZE = 24
 DEMO_BETA_SIZE = 6  # the first devices are in "beta", the rest in "field"
 DEMO_DEVELOPMENT_SIZE = 2  # the first devices are development devices
+DEMO_SIM_INTERVAL_S = 5.0  # seconds between a live demo device's events
 DEMO_GROUPS = {"beta": ("#a855f7", "Early adopters: get new firmware first"),
                "field": ("#22c55e", "Deployed sensors")}
 
@@ -76,12 +86,22 @@ class DemoInfo:
     created: list[str] = field(default_factory=list)  # what this run added ("user", ...)
     devices: int = 0  # devices in the demo product now
     quarantined: int = 0  # of those, waiting in quarantine
+    live: int = 0  # of the others, how many `serve --demo` runs as simulated MQTT devices
 
     @property
     def fleet_summary(self) -> str:
-        """The demo product's devices for the serve banner, e.g. "25 (1 in quarantine)"."""
-        extra = f" ({self.quarantined} in quarantine)" if self.quarantined else ""
-        return f"{self.devices}{extra}"
+        """The demo product's devices for the serve banner, e.g. "25 (1 in quarantine,
+        5 live over MQTT)"."""
+        notes = [f"{self.quarantined} in quarantine"] if self.quarantined else []
+        if self.live:
+            notes.append(f"{self.live} live over MQTT")
+        return f"{self.devices} ({', '.join(notes)})" if notes else str(self.devices)
+
+
+def _owner(user: User) -> Subject:
+    """The demo owner as the actor of demo set-up steps (audit entries name them)."""
+    return Subject(kind="user", token_id=0, client="corral-demo", user_id=user.id,
+                   username=user.username)
 
 
 async def ensure_demo(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
@@ -92,17 +112,19 @@ async def ensure_demo(sessionmaker: async_sessionmaker[AsyncSession], settings: 
     async with sessionmaker() as db:
         user = await _ensure_user(db, settings, created)
         # the steps below act as the demo owner (audit entries name them), without a token
-        owner = Subject(kind="user", token_id=0, client="corral-demo", user_id=user.id,
-                        username=user.username)
+        owner = _owner(user)
         org = await _ensure_org(db, owner, created)
         product = await _ensure_product(db, owner, org, created)
         await _ensure_fleet(db, owner, product, created)
         await _ensure_quarantined(db, product, created)
         total, quarantined = await _fleet_counts(db, product)
         await commit(db)
+    live = 0
+    if settings.demo and (settings.mqtt_port or settings.mqtt_tls_port):
+        live = min(settings.demo_simulated_devices, total - quarantined)
     return DemoInfo(username=user.username, password=settings.demo_password, org_id=org.id,
                     org_slug=org.slug, product_id=product.id, product_slug=product.slug,
-                    created=created, devices=total, quarantined=quarantined)
+                    created=created, devices=total, quarantined=quarantined, live=live)
 
 
 async def _ensure_user(db: AsyncSession, settings: Settings, created: list[str]) -> User:
@@ -188,3 +210,97 @@ async def _fleet_counts(db: AsyncSession, product: Product) -> tuple[int, int]:
     waiting = await devices.list_product_devices(
         db, product, devices.DeviceQuery(per_page=1, quarantined=True))
     return everything.total, waiting.total
+
+
+# --- live simulated devices (`corral serve --demo`) ------------------------------------------
+
+log = logging.getLogger("corral.demo")
+
+
+async def _demo_product(db: AsyncSession, settings: Settings) -> tuple[Subject, Product] | None:
+    """The demo owner and "Demo Product", when :func:`ensure_demo` made them."""
+    user = await accounts.find_user(db, accounts.normalize_email(settings.demo_username))
+    if user is None:
+        return None
+    owner = _owner(user)
+    for org, _role in await orgs.list_orgs(db, actor=owner):
+        if not org.personal and org.name == DEMO_ORG:
+            for view in await products.org_products(db, org):
+                if view.product.name_key == DEMO_PRODUCT.lower():
+                    return owner, view.product
+    return None
+
+
+async def live_demo_credentials(sessionmaker: async_sessionmaker[AsyncSession],
+                                settings: Settings) -> list[tuple[str, str]]:
+    """``(device ID, new MQTT secret)`` for the first ``demo_simulated_devices`` fleet devices
+    that are approved in the demo product (one transaction; the old secrets stop working)."""
+    want = settings.demo_simulated_devices
+    out: list[tuple[str, str]] = []
+    async with sessionmaker() as db:
+        found = await _demo_product(db, settings)
+        if found is None or not want:
+            return out
+        owner, product = found
+        for did in DEMO_FLEET_IDS:
+            device = await find_device(db, did, None)
+            if device is None or device.product_id != product.id or device.quarantined \
+                    or device.denied:
+                continue
+            secret = await credentials.rotate_mqtt_secret(db, actor=owner, ip=None,
+                                                          device=device)
+            out.append((device.id, secret))
+            if len(out) >= want:
+                break
+        await commit(db)
+    return out
+
+
+def _mqtt_endpoint(runtime: Any) -> tuple[str, int, ssl.SSLContext | None] | None:
+    """Where the demo devices connect: the running plain MQTT listener, else the TLS one
+    (our own server on this machine: its certificate is not checked)."""
+    listeners = [t for t in runtime.transports if isinstance(getattr(t, "port", None), int)
+                 and getattr(t, "port", 0) > 0]
+    listeners.sort(key=lambda t: bool(getattr(t, "tls", False)))  # plain first
+    if not listeners:
+        return None
+    listener = listeners[0]
+    host = str(getattr(listener, "host", "") or "127.0.0.1")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    context = None
+    if getattr(listener, "tls", False):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return host, int(listener.port), context
+
+
+class _NoFleet:
+    """What :func:`start_demo_fleet` returns when there is nothing to run."""
+
+    async def stop(self) -> None:
+        return None
+
+
+async def start_demo_fleet(runtime: Any) -> Fleet | _NoFleet:
+    """Run the first ``settings.demo_simulated_devices`` approved demo devices as simulated
+    MQTT devices against this server's listener; returns the fleet (``await .stop()``)."""
+    settings: Settings = runtime.settings
+    endpoint = _mqtt_endpoint(runtime)
+    if endpoint is None:
+        log.warning("demo: no MQTT listener is running; the demo devices stay offline")
+        return _NoFleet()
+    creds = await live_demo_credentials(runtime.sessionmaker, settings)
+    if not creds:
+        log.warning("demo: no approved demo device to run")
+        return _NoFleet()
+    host, port, context = endpoint
+    labels = [demo_device_name(DEMO_FLEET_IDS.index(did) + 1) for did, _s in creds]
+    fleet = Fleet(creds, host, port, interval=DEMO_SIM_INTERVAL_S, tls=context,
+                  labels=labels, connect_concurrency=10)
+    await fleet.start()
+    log.info("demo: %d simulated devices connecting to %s:%d", len(creds), host, port)
+    return fleet

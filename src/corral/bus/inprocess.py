@@ -291,6 +291,11 @@ class InProcessBus:
         """Live subscriptions (for metrics and tests)."""
         return self._index.count
 
+    def interested(self, subject: str) -> bool:
+        """Whether a publish on ``subject`` would reach any subscription now (lets a hot
+        publisher skip building a payload nobody receives; NATS cannot answer this)."""
+        return bool(self._index.match(subject))
+
     async def publish(self, subject: str, payload: Payload) -> None:
         """Fan ``payload`` out to matching subscriptions without waiting for handlers."""
         self._publish(subject, payload, None)

@@ -11,6 +11,7 @@ from corral.cli import client
 from corral.cli.admin import admin_app
 from corral.cli.devices import devices_app
 from corral.cli.serve import serve
+from corral.cli.simulate import simulate
 
 app = typer.Typer(
     name="corral",
@@ -51,6 +52,7 @@ app.add_typer(client.orgs_app, name="orgs")
 app.add_typer(client.products_app, name="products")
 app.add_typer(client.team_app, name="team")
 app.add_typer(devices_app, name="devices")
+app.command()(simulate)
 
 if __name__ == "__main__":
     app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import signal
+import socket
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -56,6 +57,7 @@ def serve(
                              mqtt_tls_port=mqtt_tls_port,
                              log_format=log_format.value if log_format else None, demo=demo)
     logs.setup(settings.log_format, settings.log_level)
+    settings = _free_default_ports(settings)
 
     import uvicorn  # imported late: the admin and client commands never need it
 
@@ -72,6 +74,32 @@ def serve(
     server.run()  # uvloop/httptools when installed
     if not server.started:
         fail("corral did not start; see the log above.", code=3)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_default_ports(settings: Settings) -> Settings:
+    """A device port left at its default (1883, 8883) that another program already holds
+    (typically a local Mosquitto) moves to a free port, and the banner says which; a port
+    chosen with a flag or variable is used as given (and fails loudly if taken)."""
+    changes: dict[str, int] = {}
+    for name in ("mqtt_port", "mqtt_tls_port"):
+        port = getattr(settings, name)
+        if port and name not in settings.model_fields_set and not _port_free(settings.host, port):
+            with socket.socket() as s:
+                s.bind((settings.host, 0))
+                changes[name] = s.getsockname()[1]
+            console.print(f"Port {port} is in use (another MQTT broker?); corral listens for "
+                          f"devices on {changes[name]} instead. Choose one with "
+                          f"--{name.replace('_', '-')}.", highlight=False)
+    return settings.model_copy(update=changes) if changes else settings
 
 
 def _stop_on_signals(server: Any) -> None:

@@ -52,6 +52,16 @@ async def commit(db: AsyncSession) -> None:
             log.exception("after-commit hook failed")
 
 
+async def release(db: AsyncSession) -> None:
+    """End the request's transaction early (committing what it wrote, if anything) so its
+    pooled connection is not held during a long wait that needs no database, such as a
+    device call or the event writer's commit. The session stays usable afterwards."""
+    if db.new or db.dirty or db.deleted or db.info.get("wrote"):
+        await commit(db)
+    else:
+        await db.close()
+
+
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
     """FastAPI dependency (use with ``scope="function"``): commit on success, else roll back."""
     async with request.app.state.sessionmaker() as db:

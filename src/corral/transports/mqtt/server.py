@@ -223,10 +223,12 @@ class Connection:
         self.connack_sent = False
         self.ready = asyncio.Event()  # CONNACK sent, or the connection is closing
         self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.acks: asyncio.Queue[tuple[Publish, Awaitable[tuple[int, str | None]]] | None] = \
-            asyncio.Queue()
+        # publishes waiting for their acknowledgement, in arrival order; the awaitable gives
+        # an event id (stored: success) or a (reason code, reason) pair
+        self.acks: asyncio.Queue[tuple[Publish, Awaitable[Any]] | None] = asyncio.Queue()
         self.slots = asyncio.Semaphore(RECEIVE_MAXIMUM)
         self.acker: asyncio.Task[None] | None = None
+        self._corked: list[bytes] | None = None  # packets gathered for one write
         self.control = asyncio.Lock()  # describe and claim run one at a time, in order
         self.task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
@@ -342,9 +344,18 @@ class Connection:
         if self.client_max_packet is not None and len(data) > self.client_max_packet:
             DROPPED.inc()
             return False
-        self.writer.write(data)
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            self.writer.write(data)
         _OUT[_kind(packet)].inc()
         return True
+
+    def _uncork(self) -> None:
+        """Write what was sent while corked, in one write (one syscall for many acks)."""
+        out, self._corked = self._corked, None
+        if out and not self.closing:
+            self.writer.write(b"".join(out))
 
     async def _flush(self) -> None:
         """Wait while the device is slow to read; drop it when it does not read at all."""
@@ -680,21 +691,33 @@ class Connection:
                 await self._ack(p, self._done(code, why))
             return
         await self.slots.acquire()
-        task = asyncio.get_running_loop().create_task(self._process(target, p))
-        self.acks.put_nowait((p, task))
+        if target.kind == "event":
+            # the hot path: validated now, acknowledged by the ack loop once committed
+            result: Awaitable[Any] = self._publish_event(target.arg, p)
+        else:
+            result = asyncio.get_running_loop().create_task(self._process(target, p))
+        self.acks.put_nowait((p, result))
+
+    def _publish_event(self, name: str, p: Publish) -> Awaitable[Any]:
+        session = self.session
+        assert session is not None
+        try:
+            check_event_name(name)
+        except Refused as exc:
+            return self._done(RC_TOPIC_NAME_INVALID, exc.reason)
+        expiry = p.properties.message_expiry_interval
+        try:
+            return session.publish_nowait(name, p.payload, ttl=60 if expiry is None else expiry)
+        except Refused as exc:
+            return self._done(PUBACK_CODES.get(exc.code, RC_IMPLEMENTATION), exc.reason)
+        except Exception:
+            log.exception("publish of %s on %r failed", self.device_id, p.topic)
+            return self._done(RC_IMPLEMENTATION, "internal error")
 
     async def _process(self, target: topics.PublishTarget, p: Publish) -> tuple[int, str | None]:
         session = self.session
         assert session is not None
         try:
-            if target.kind == "event":
-                try:
-                    check_event_name(target.arg)
-                except Refused as exc:
-                    return RC_TOPIC_NAME_INVALID, exc.reason
-                expiry = p.properties.message_expiry_interval
-                await session.publish(target.arg, p.payload, ttl=60 if expiry is None else expiry)
-                return 0, None
             async with self.control:
                 if target.kind == "describe":
                     return await self._describe(session, p.payload)
@@ -745,26 +768,59 @@ class Connection:
         return 0, None
 
     async def _ack_loop(self) -> None:
-        """Send PUBACKs in arrival order, each once its publish has been handled."""
+        """Send PUBACKs in arrival order, each once its publish has been handled. Acks
+        whose results are ready together go out in one write; nothing else waits for them
+        (a PINGRESP is written at once even while an ack waits for its commit)."""
+        acks = self.acks
         while True:
-            item = await self.acks.get()
+            item = await acks.get()
             if item is None:
                 return
             p, result = item
+            outcome = await self._outcome(result)
+            self._corked = []
             try:
-                code, reason = await asyncio.shield(result)
-            except Exception:
-                code, reason = RC_IMPLEMENTATION, None
+                self._acknowledge(p, outcome)
+                while not acks.empty():
+                    # peek (asyncio.Queue keeps its items in a deque): is the next one ready?
+                    nxt = acks._queue[0]  # type: ignore[attr-defined]
+                    if nxt is None or not (isinstance(nxt[1], asyncio.Future) and nxt[1].done()):
+                        break
+                    p, result = acks.get_nowait()  # type: ignore[misc]
+                    self._acknowledge(p, await self._outcome(result))
             finally:
-                self.slots.release()
-            if code >= 0x80:
-                REFUSALS.labels("publish", hex(code)).inc()
-            if p.qos and p.packet_id is not None and not self.closing:
-                if self.version == MQTT_5:
-                    self._send(Puback(p.packet_id, code, self._reason_props(reason)))
-                else:
-                    self._send(Puback(p.packet_id))
-                await self._flush()
+                self._uncork()
+            await self._flush()
+
+    async def _outcome(self, result: Awaitable[Any]) -> tuple[int, str | None, bool]:
+        """(reason code, reason, stored) of a handled publish; frees its in-flight slot."""
+        try:
+            if isinstance(result, asyncio.Future) and result.done():
+                outcome = result.result()
+            else:
+                outcome = await result
+            code, reason = (0, None) if isinstance(outcome, int) else outcome
+            return code, reason, True
+        except Exception:  # not stored (database failure, shutdown): never acknowledged as ok
+            return RC_IMPLEMENTATION, "the event could not be stored", False
+        finally:
+            self.slots.release()
+
+    def _acknowledge(self, p: Publish, outcome: tuple[int, str | None, bool]) -> None:
+        code, reason, stored = outcome
+        if code >= 0x80:
+            REFUSALS.labels("publish", hex(code)).inc()
+        if not p.qos or p.packet_id is None or self.closing:
+            return
+        if self.version == MQTT_5:
+            self._send(Puback(p.packet_id, code, self._reason_props(reason)))
+        elif stored:
+            self._send(Puback(p.packet_id))
+        else:
+            # 3.1.1 cannot refuse in a PUBACK: drop the connection, so the device sends the
+            # unacknowledged publish again after it reconnects
+            self._end("the event could not be stored", cause="store_failed")
+            self._abort()
 
     # -- subscriptions ----------------------------------------------------------------------------
 

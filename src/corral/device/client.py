@@ -1,0 +1,883 @@
+"""``Device``: a corral device over MQTT (3.1.1 or 5), on asyncio streams.
+
+Built on corral's sans-IO MQTT codec, so thousands of devices can share one event loop
+(the fleet simulator does). The topics are the device contract in ``docs/mqtt.md``:
+
+* ``devices/{id}/events/{name}``: :meth:`Device.publish`
+* ``devices/{id}/describe``: sent after every connect and whenever functions, variables or
+  describe facts change
+* ``devices/{id}/requests/+`` -> ``devices/{id}/replies/{request_id}``: function calls and
+  variable reads are answered by the registered handlers
+* ``devices/{id}/inbox/{prefix}``: :meth:`Device.subscribe` (Particle-style name prefixes)
+* ``devices/{id}/ota/#``: :meth:`Device.on_ota`
+* ``devices/{id}/claim``: :meth:`Device.claim`
+
+Handlers may be plain functions or coroutine functions. Plain ones run on the event loop,
+so they must be quick; put slow work in ``async def`` handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
+
+from corral.device.backoff import Backoff
+from corral.device.errors import (
+    ConnectError,
+    NotConnected,
+    PublishRefused,
+    SubscribeRefused,
+    reason_name,
+)
+from corral.transports.mqtt.codec import (
+    Connack,
+    Connect,
+    Decoder,
+    Disconnect,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsuback,
+    Unsubscribe,
+    encode,
+)
+from corral.transports.mqtt.properties import EMPTY, Properties, ProtocolError
+
+log = logging.getLogger("corral.device")
+
+VariableType: TypeAlias = Literal["bool", "int32", "double", "string"]
+FunctionHandler: TypeAlias = Callable[[str], int | Awaitable[int]]
+VariableGetter: TypeAlias = Callable[[], Any]
+EventHandler: TypeAlias = Callable[[str, str], Awaitable[None] | None]
+OtaHandler: TypeAlias = Callable[[str, bytes], Awaitable[None] | None]
+ConnectHandler: TypeAlias = Callable[[], Awaitable[None] | None]
+DisconnectHandler: TypeAlias = Callable[[str], Awaitable[None] | None]
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEVICE_ID_RE: Final = re.compile(r"^[0-9a-fA-F]{24}$")
+EVENT_NAME_RE: Final = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
+MAX_MEMBERS: Final = 20  # functions, and variables, a device may describe
+INT32: Final = (-(2**31), 2**31 - 1)
+VARIABLE_TYPES: Final[dict[object, VariableType]] = {
+    "bool": "bool", "boolean": "bool", bool: "bool",
+    "int32": "int32", "int": "int32", "integer": "int32", int: "int32",
+    "double": "double", "float": "double", "number": "double", float: "double",
+    "string": "string", "str": "string", str: "string",
+}
+STABLE_AFTER_S: Final = 10.0  # a connection this old counts as a success: backoff resets
+
+
+def _utf8(payload: bytes) -> str:
+    return payload.decode("utf-8", errors="replace")
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a sync or async handler."""
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _check_member(name: str, what: str) -> str:
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
+        raise ValueError(f"{what} names are 1 to 64 printable characters, not {name!r}")
+    return name
+
+
+def check_event_name(name: str) -> str:
+    """The contract's rule for event names (``ValueError`` otherwise). ``+`` and ``#`` are
+    also refused: MQTT topic names cannot carry them."""
+    if not isinstance(name, str) or EVENT_NAME_RE.fullmatch(name) is None:
+        raise ValueError("event names are 1 to 64 printable ASCII characters without spaces, "
+                         f"not {name!r}")
+    if "+" in name or "#" in name:
+        raise ValueError(f"event names cannot contain + or # over MQTT: {name!r}")
+    if name.lower().startswith(("spark", "particle")):
+        raise ValueError(f"event names starting with spark or particle are reserved: {name!r}")
+    return name
+
+
+def _variable_value(value: Any, vtype: VariableType) -> bool | int | float | str:
+    """``value`` as JSON of the declared type; ``ValueError`` when it is not one."""
+    if vtype == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif vtype == "int32":
+        if isinstance(value, int) and INT32[0] <= int(value) <= INT32[1]:
+            return int(value)
+        if isinstance(value, float) and value.is_integer() and INT32[0] <= value <= INT32[1]:
+            return int(value)
+    elif vtype == "double":
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and math.isfinite(float(value)):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ValueError(f"the getter returned {value!r}, which is not a {vtype}")
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One MQTT connection's state; a reconnect makes a new one."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    version: int
+    keepalive: int
+    receive_maximum: int
+    decoder: Decoder
+    last_tx: float
+    last_rx: float
+    pending: dict[int, asyncio.Future[Packet]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # the connection is dead
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # ... and cleaned up
+    ready: bool = False  # subscribed and described
+    reason: str = ""
+    pong: asyncio.Future[None] | None = None
+    next_pid: int = 0
+    inflight: asyncio.Semaphore | None = None
+    opened_at: float = 0.0
+
+    def send(self, packet: Packet) -> None:
+        if self.done.is_set():
+            raise NotConnected(f"the connection is closed ({self.reason})")
+        self.writer.write(encode(packet, self.version))
+        self.last_tx = asyncio.get_running_loop().time()
+
+    def new_pid(self) -> int:
+        for _ in range(0xFFFF):
+            self.next_pid = self.next_pid % 0xFFFF + 1
+            if self.next_pid not in self.pending:
+                return self.next_pid
+        raise NotConnected("no free packet identifier")
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def lose(self, reason: str) -> None:
+        """Mark the connection dead (idempotent): fail waiters, drop the socket."""
+        if self.done.is_set():
+            return
+        self.reason = self.reason or reason
+        self.done.set()
+        # a waiter may be cancelled before it wakes up: mark the exceptions as retrieved so
+        # asyncio does not log "Future exception was never retrieved" for them
+        waiters: list[asyncio.Future[Any]] = [*self.pending.values()]
+        if self.pong is not None:
+            waiters.append(self.pong)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(NotConnected(f"the connection ended: {self.reason}"))
+                fut.exception()
+        self.pending.clear()
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
+
+class Device:
+    """A device connected to corral over MQTT. See the module docstring and
+    ``docs/device-sdk.md``.
+
+    ``secret`` is the device's MQTT secret; leave it out when ``client_cert`` (a PEM file,
+    or a ``(cert, key)`` pair of files) authenticates the device over TLS. ``tls`` is the
+    :class:`ssl.SSLContext` to connect with (``client_cert`` is loaded into it; without
+    ``tls`` a default context is made for a client certificate). ``protocol`` is the MQTT
+    protocol level: 5 (MQTT 5) or 4 (3.1.1). ``connect_limit`` is a semaphore shared by
+    many devices to bound how many connect at the same moment.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        secret: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        tls: ssl.SSLContext | None = None,
+        client_cert: str | os.PathLike[str] | tuple[str | os.PathLike[str],
+                                                    str | os.PathLike[str]] | None = None,
+        server_hostname: str | None = None,
+        protocol: int = 5,
+        keepalive: int = 60,
+        clean_session: bool = True,
+        session_expiry: int = 3600,
+        connect_timeout: float = 10.0,
+        ack_timeout: float = 30.0,
+        ping_timeout: float | None = None,
+        reconnect_initial: float = 1.0,
+        reconnect_max: float = 60.0,
+        max_packet_size: int = 262_144,
+        subscription_qos: int = 1,
+        connect_limit: asyncio.Semaphore | None = None,
+    ) -> None:
+        if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
+            raise ValueError(f"a device ID is 24 hexadecimal characters, not {device_id!r}")
+        if protocol not in (4, 5):
+            raise ValueError("protocol is 5 (MQTT 5) or 4 (MQTT 3.1.1)")
+        if not 0 <= keepalive <= 0xFFFF:
+            raise ValueError("keepalive is 0 to 65535 seconds")
+        if subscription_qos not in (0, 1):
+            raise ValueError("subscription_qos is 0 or 1")
+        if secret is None and client_cert is None:
+            raise ValueError("give the device's MQTT secret or a client certificate")
+        self.device_id = device_id.lower()
+        self.secret = secret
+        self.host = host
+        self.port = port
+        if client_cert is not None:
+            tls = tls or ssl.create_default_context()
+            if isinstance(client_cert, tuple):
+                tls.load_cert_chain(client_cert[0], client_cert[1])
+            else:
+                tls.load_cert_chain(client_cert)
+        self.tls = tls
+        self.server_hostname = server_hostname
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.clean_session = clean_session
+        self.session_expiry = session_expiry
+        self.connect_timeout = connect_timeout
+        self.ack_timeout = ack_timeout
+        self.ping_timeout = ping_timeout
+        self.max_packet_size = max_packet_size
+        self.subscription_qos = subscription_qos
+        self.backoff = Backoff(reconnect_initial, reconnect_max)
+        self._connect_limit = connect_limit
+
+        self._functions: dict[str, FunctionHandler] = {}
+        self._variables: dict[str, tuple[VariableType, VariableGetter]] = {}
+        self._subscriptions: dict[str, list[EventHandler]] = {}
+        self._ota: OtaHandler | None = None
+        self._facts: dict[str, Any] = {}
+        self._on_connect: list[ConnectHandler] = []
+        self._on_disconnect: list[DisconnectHandler] = []
+
+        self._conn: _Conn | None = None
+        self._connect_lock = asyncio.Lock()
+        self._closing = False
+        self._stop: asyncio.Event | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._ready = asyncio.Event()  # set while a connection is up and set up
+        self.session_present = False  # from the last CONNACK
+        self.connects = 0  # successful connections so far
+        self.last_disconnect_reason: str | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<Device {self.device_id} {self.host}:{self.port} {state}>"
+
+    # --- what the device offers -------------------------------------------------------------
+
+    def function(self, name: str) -> Callable[[F], F]:
+        """Register a cloud-callable function (decorator): ``handler(arg: str) -> int``."""
+        _check_member(name, "Function")
+
+        def register(handler: F) -> F:
+            if name not in self._functions and len(self._functions) >= MAX_MEMBERS:
+                raise ValueError(f"at most {MAX_MEMBERS} functions")
+            self._functions[name] = handler
+            self._changed()
+            return handler
+
+        return register
+
+    def variable(self, name: str, vtype: VariableType | type, getter: VariableGetter) -> None:
+        """Register a cloud-readable variable of type ``bool``, ``int32``, ``double`` or
+        ``string`` (or the Python types ``bool``, ``int``, ``float``, ``str``); ``getter()``
+        (sync or async) returns its current value."""
+        _check_member(name, "Variable")
+        t = VARIABLE_TYPES.get(vtype.lower() if isinstance(vtype, str) else vtype)
+        if t is None:
+            raise ValueError(f"variable type must be bool, int32, double or string, not {vtype!r}")
+        if name not in self._variables and len(self._variables) >= MAX_MEMBERS:
+            raise ValueError(f"at most {MAX_MEMBERS} variables")
+        self._variables[name] = (t, getter)
+        self._changed()
+
+    def describe(self, *, firmware_version: int | None = None,
+                 system_version: str | None = None, updates_enabled: bool | None = None,
+                 **extra: Any) -> None:
+        """Facts sent with the describe message besides functions and variables."""
+        facts = {"firmware_version": firmware_version, "system_version": system_version,
+                 "updates_enabled": updates_enabled, **extra}
+        for key, value in facts.items():
+            if key in ("functions", "variables"):
+                raise ValueError(f"{key} are described from the registered handlers")
+            if value is not None:
+                self._facts[key] = value
+        self._changed()
+
+    def describe_payload(self) -> dict[str, Any]:
+        """The JSON this device sends on ``devices/{id}/describe``."""
+        return {"functions": list(self._functions),
+                "variables": {name: t for name, (t, _g) in self._variables.items()},
+                **self._facts}
+
+    def subscribe(self, prefix: str, handler: EventHandler) -> None:
+        """Call ``handler(name, data)`` for every event in the device's scope whose name
+        starts with ``prefix`` (``""``: all events), as Particle's ``subscribe`` does."""
+        if not isinstance(prefix, str) or len(prefix) > 64 or "+" in prefix or "#" in prefix \
+                or (prefix and not prefix.isprintable()):
+            raise ValueError(f"a prefix is at most 64 printable characters without + or #: "
+                             f"{prefix!r}")
+        new = prefix not in self._subscriptions
+        self._subscriptions.setdefault(prefix, []).append(handler)
+        conn = self._conn
+        if new and conn is not None and not conn.done.is_set():
+            self._in_background(self._subscribe(conn, [self._inbox_filter(prefix)]),
+                                f"subscribe {prefix!r}")
+
+    def unsubscribe(self, prefix: str) -> None:
+        """Stop receiving the events of ``prefix`` (all its handlers)."""
+        if self._subscriptions.pop(prefix, None) is None:
+            return
+        conn = self._conn
+        if conn is not None and not conn.done.is_set():
+            self._in_background(self._unsubscribe(conn, self._inbox_filter(prefix)),
+                                f"unsubscribe {prefix!r}")
+
+    def on_ota(self, handler: OtaHandler) -> OtaHandler:
+        """Receive firmware-update messages: ``handler(subtopic, payload)`` for each message on
+        ``devices/{id}/ota/{subtopic}`` (reserved by the contract for firmware updates)."""
+        self._ota = handler
+        conn = self._conn
+        if conn is not None and not conn.done.is_set():
+            self._in_background(self._subscribe(conn, [self._topic("ota/#")]), "subscribe ota")
+        return handler
+
+    def on_connect(self, handler: ConnectHandler) -> ConnectHandler:
+        """Call ``handler()`` after each successful connect (subscriptions and describe done)."""
+        self._on_connect.append(handler)
+        return handler
+
+    def on_disconnect(self, handler: DisconnectHandler) -> DisconnectHandler:
+        """Call ``handler(reason)`` each time an established connection ends."""
+        self._on_disconnect.append(handler)
+        return handler
+
+    # --- connection ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and not conn.done.is_set()
+
+    async def connect(self) -> None:
+        """Make one connection attempt: connect, subscribe, describe. Returns once the
+        device is ready; raises :class:`ConnectError` when refused or unreachable."""
+        async with self._connect_lock:
+            if self.connected:
+                return
+            self._closing = False
+            limit = self._connect_limit or contextlib.nullcontext()
+            async with limit:
+                conn = await self._open()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._setup(conn)
+            except (NotConnected, TimeoutError, OSError, SubscribeRefused) as exc:
+                conn.lose(f"set-up failed: {exc!r}")
+                await self._wait_finished(conn)
+                raise ConnectError(f"connection set-up failed: {exc!r}") from exc
+            if self._closing:  # close() was called meanwhile: it wins
+                await self._disconnect(conn)
+                raise ConnectError("closed while connecting")
+            conn.ready = True
+            self._ready.set()
+            self.connects += 1
+        for handler in list(self._on_connect):
+            try:
+                await _call(handler)
+            except Exception:
+                log.exception("device %s: on_connect handler failed", self.device_id)
+
+    async def run_forever(self) -> None:
+        """Stay connected until :meth:`close`: connect, and reconnect whenever the connection
+        ends, after a delay that grows exponentially (with jitter, capped at
+        ``reconnect_max``) and resets once a connection has lasted ``STABLE_AFTER_S``.
+        Raises :class:`ConnectError` for a permanent refusal (a wrong secret, say)."""
+        self._closing = False
+        self._stop = stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            while not stop.is_set():
+                if not self.connected:
+                    try:
+                        await self.connect()
+                    except ConnectError as exc:
+                        if exc.permanent:
+                            raise
+                        delay = self.backoff.next()
+                        log.info("device %s: %s; retrying in %.1f s", self.device_id, exc, delay)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay)
+                        continue
+                conn = self._conn
+                if conn is None:
+                    continue
+                waiters = [asyncio.ensure_future(stop.wait()),
+                           asyncio.ensure_future(conn.finished.wait())]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+                if stop.is_set():
+                    break
+                if loop.time() - conn.opened_at >= STABLE_AFTER_S:
+                    self.backoff.reset()
+                delay = self.backoff.next()
+                log.info("device %s: disconnected (%s); reconnecting in %.1f s",
+                         self.device_id, conn.reason, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            if self._stop is stop:
+                self._stop = None
+
+    async def wait_connected(self) -> None:
+        """Wait until the device is connected and set up (for use with :meth:`run_forever`;
+        bound it with ``asyncio.timeout``)."""
+        await self._ready.wait()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (MQTT DISCONNECT) and stop :meth:`run_forever`."""
+        self._closing = True
+        if self._stop is not None:
+            self._stop.set()
+        for task in list(self._background):
+            task.cancel()
+        conn = self._conn
+        if conn is not None:
+            await self._disconnect(conn)
+
+    async def _disconnect(self, conn: _Conn) -> None:
+        """Send DISCONNECT, close the socket, wait for the clean-up."""
+        if not conn.done.is_set():
+            conn.reason = "closed by the device"
+            with contextlib.suppress(Exception):
+                conn.send(Disconnect())
+                conn.writer.close()  # flushes the DISCONNECT first
+                async with asyncio.timeout(1.0):
+                    await conn.writer.wait_closed()
+            conn.lose(conn.reason)
+        await self._wait_finished(conn)
+
+    async def __aenter__(self) -> Device:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    # --- device -> cloud ----------------------------------------------------------------------
+
+    async def publish(self, name: str, data: str | bytes = "", *, qos: int = 1,
+                      ttl: int | None = None) -> None:
+        """Publish the event ``name``. With QoS 1 this returns once the server acknowledged it,
+        which corral does after the event is committed; :class:`PublishRefused` carries the
+        reason (MQTT 5 only; a 3.1.1 server closes the connection instead, which raises
+        :class:`NotConnected`). ``ttl`` (MQTT 5 message expiry) sets the event's ttl."""
+        check_event_name(name)
+        if qos not in (0, 1):
+            raise ValueError("qos is 0 or 1 (corral does not support QoS 2)")
+        if ttl is not None and not 0 < ttl <= 0xFFFFFFFF:
+            raise ValueError("ttl is 1 to 4294967295 seconds")
+        payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        conn = self._require()
+        props = EMPTY
+        if ttl is not None and conn.version == 5:
+            props = Properties(message_expiry_interval=ttl)
+        await self._publish(conn, self._topic(f"events/{name}"), payload, qos, props)
+
+    async def claim(self, code: str) -> None:
+        """Present a claim code (``POST /v1/device_claims``); the server claims the device to
+        whoever created it. Returns once the server acknowledged the message."""
+        if not isinstance(code, str) or not code:
+            raise ValueError("a claim code is non-empty text")
+        await self._publish(self._require(), self._topic("claim"), code.encode("utf-8"), 1)
+
+    async def send_describe(self) -> None:
+        """Send the describe message now (it is sent on connect and after changes anyway)."""
+        conn = self._require()
+        await self._publish(conn, self._topic("describe"),
+                            json.dumps(self.describe_payload()).encode("utf-8"), 1)
+
+    # --- internals: connecting ----------------------------------------------------------------
+
+    def _topic(self, rest: str) -> str:
+        return f"devices/{self.device_id}/{rest}"
+
+    def _inbox_filter(self, prefix: str) -> str:
+        return self._topic(f"inbox/{prefix}" if prefix else "inbox/#")
+
+    def _require(self) -> _Conn:
+        conn = self._conn
+        if conn is None or conn.done.is_set():
+            raise NotConnected(f"device {self.device_id} is not connected")
+        return conn
+
+    async def _open(self) -> _Conn:
+        """TCP (+TLS), CONNECT, CONNACK."""
+        loop = asyncio.get_running_loop()
+        where = f"{self.host}:{self.port}"
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self.tls,
+                    server_hostname=(self.server_hostname or self.host) if self.tls else None)
+                props = EMPTY
+                if self.protocol == 5 and not self.clean_session:
+                    props = Properties(session_expiry_interval=self.session_expiry)
+                username = self.device_id if self.secret is not None else None
+                writer.write(encode(Connect(
+                    client_id=self.device_id, clean_start=self.clean_session,
+                    keep_alive=self.keepalive, username=username,
+                    password=self.secret.encode("utf-8") if self.secret is not None else None,
+                    properties=props, protocol_level=self.protocol), self.protocol))
+                await writer.drain()
+                decoder = Decoder(self.protocol, self.max_packet_size)
+                packets: list[Packet] = []
+                while not packets:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise ConnectError(f"{where} closed the connection before CONNACK")
+                    packets = decoder.feed(data)
+        except ConnectError:
+            if writer is not None:
+                writer.transport.abort()
+            raise
+        except TimeoutError:
+            if writer is not None:
+                writer.transport.abort()
+            raise ConnectError(f"no answer from {where} within {self.connect_timeout:g} s") \
+                from None
+        except ProtocolError as exc:
+            assert writer is not None
+            writer.transport.abort()
+            raise ConnectError(f"{where} sent a malformed answer: {exc.message}") from None
+        except (OSError, ssl.SSLError) as exc:
+            if writer is not None:
+                writer.transport.abort()
+            raise ConnectError(f"cannot connect to {where}: {exc}") from exc
+        except BaseException:  # cancelled: do not leave the socket open
+            if writer is not None:
+                writer.transport.abort()
+            raise
+        ack = packets[0]
+        if not isinstance(ack, Connack):
+            writer.transport.abort()
+            raise ConnectError(f"{where} answered CONNECT with {type(ack).__name__}")
+        if ack.reason_code:
+            writer.transport.abort()
+            raise ConnectError(reason_name(ack.reason_code, self.protocol),
+                               reason_code=ack.reason_code, protocol=self.protocol,
+                               server_reason=ack.properties.reason_string)
+        keepalive = self.keepalive
+        if ack.properties.server_keep_alive is not None:
+            keepalive = ack.properties.server_keep_alive
+        receive_max = ack.properties.receive_maximum or 65535
+        now = loop.time()
+        conn = _Conn(reader=reader, writer=writer, version=self.protocol, keepalive=keepalive,
+                     receive_maximum=receive_max, decoder=decoder, last_tx=now, last_rx=now,
+                     opened_at=now)
+        conn.inflight = asyncio.Semaphore(min(receive_max, 1024))
+        self.session_present = ack.session_present
+        self._conn = conn
+        conn.spawn(self._read_loop(conn, packets[1:]), f"mqtt-read-{self.device_id}")
+        if keepalive:
+            conn.spawn(self._keepalive_loop(conn), f"mqtt-ping-{self.device_id}")
+        return conn
+
+    async def _setup(self, conn: _Conn) -> None:
+        """Subscribe to requests, inbox prefixes and OTA; then describe."""
+        filters = [self._topic("requests/+")]
+        filters += [self._inbox_filter(p) for p in self._subscriptions]
+        if self._ota is not None:
+            filters.append(self._topic("ota/#"))
+        await self._subscribe(conn, filters, strict=True)
+        await self._publish(conn, self._topic("describe"),
+                            json.dumps(self.describe_payload()).encode("utf-8"), 1)
+
+    async def _cleanup(self, conn: _Conn) -> None:
+        """After a connection died (run by its read loop): stop its other tasks, forget it,
+        tell the disconnect handlers."""
+        try:
+            current = asyncio.current_task()
+            tasks = [t for t in conn.tasks if t is not current]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._conn is conn:
+                self._conn = None
+                self._ready.clear()
+            self.last_disconnect_reason = conn.reason
+            if conn.ready:
+                log.info("device %s: disconnected: %s", self.device_id, conn.reason)
+                for handler in list(self._on_disconnect):
+                    try:
+                        await _call(handler, conn.reason)
+                    except Exception:
+                        log.exception("device %s: on_disconnect handler failed",
+                                      self.device_id)
+        finally:
+            conn.finished.set()
+
+    async def _wait_finished(self, conn: _Conn) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await conn.finished.wait()
+
+    def _in_background(self, coro: Awaitable[Any], what: str) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("device %s: %s failed: %s", self.device_id, what, t.exception())
+
+        task.add_done_callback(done)
+
+    def _changed(self) -> None:
+        """Functions, variables or facts changed: re-describe if connected."""
+        conn = self._conn
+        if conn is not None and not conn.done.is_set() and self.connects:
+            self._in_background(self._publish(
+                conn, self._topic("describe"),
+                json.dumps(self.describe_payload()).encode("utf-8"), 1), "describe")
+
+    # --- internals: packets -------------------------------------------------------------------
+
+    async def _request(self, conn: _Conn, packet_id: int, packet: Packet) -> Packet:
+        """Send a packet that the server acknowledges with the same packet id."""
+        fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
+        conn.pending[packet_id] = fut
+        try:
+            conn.send(packet)
+            await conn.writer.drain()
+            async with asyncio.timeout(self.ack_timeout):
+                return await fut
+        except (ConnectionError, OSError) as exc:
+            conn.lose(f"write failed: {exc}")
+            raise NotConnected(f"the connection ended: {conn.reason}") from exc
+        finally:
+            if conn.pending.get(packet_id) is fut:
+                del conn.pending[packet_id]
+
+    async def _publish(self, conn: _Conn, topic: str, payload: bytes, qos: int,
+                       props: Properties = EMPTY) -> None:
+        if qos == 0:
+            conn.send(Publish(topic, payload, 0, properties=props))
+            try:
+                await conn.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                conn.lose(f"write failed: {exc}")
+                raise NotConnected(f"the connection ended: {conn.reason}") from exc
+            return
+        assert conn.inflight is not None
+        async with conn.inflight:
+            pid = conn.new_pid()
+            ack = await self._request(conn, pid, Publish(topic, payload, 1, packet_id=pid,
+                                                         properties=props))
+        if isinstance(ack, Puback) and ack.reason_code >= 0x80:
+            raise PublishRefused(topic, ack.reason_code, ack.properties.reason_string)
+
+    async def _subscribe(self, conn: _Conn, filters: list[str], *, strict: bool = False) -> None:
+        pid = conn.new_pid()
+        subs = tuple(Subscription(f, self.subscription_qos) for f in filters)
+        ack = await self._request(conn, pid, Subscribe(pid, subs))
+        if not isinstance(ack, Suback):
+            raise NotConnected(f"SUBSCRIBE answered with {type(ack).__name__}")
+        for f, code in zip(filters, ack.reason_codes, strict=False):
+            if code >= 0x80:
+                # only the request topic is essential; a refused prefix is reported
+                if strict and f == self._topic("requests/+"):
+                    raise SubscribeRefused(f, code)
+                log.warning("device %s: %s", self.device_id, SubscribeRefused(f, code))
+
+    async def _unsubscribe(self, conn: _Conn, topic_filter: str) -> None:
+        pid = conn.new_pid()
+        await self._request(conn, pid, Unsubscribe(pid, (topic_filter,)))
+
+    async def _read_loop(self, conn: _Conn, early: list[Packet]) -> None:
+        """Read and dispatch packets until the connection dies; then clean it up."""
+        loop = asyncio.get_running_loop()
+        reason = "connection lost"
+        try:
+            for packet in early:
+                self._dispatch(conn, packet)
+            while not conn.done.is_set():
+                data = await conn.reader.read(65536)
+                if not data:
+                    reason = "the server closed the connection"
+                    break
+                packets = conn.decoder.feed(data)
+                conn.last_rx = loop.time()
+                for packet in packets:
+                    self._dispatch(conn, packet)
+        except ProtocolError as exc:
+            reason = f"protocol error from the server: {exc.message}"
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection lost: {exc!r}"
+        except asyncio.CancelledError:
+            reason = "cancelled"
+            raise
+        finally:
+            conn.lose(reason)  # keeps an earlier, more precise reason
+            await self._cleanup(conn)
+
+    def _dispatch(self, conn: _Conn, packet: Packet) -> None:
+        if conn.done.is_set():
+            return
+        if isinstance(packet, Publish):
+            if packet.qos == 1 and packet.packet_id is not None:
+                conn.send(Puback(packet.packet_id))
+            self._incoming(conn, packet)
+        elif isinstance(packet, Puback | Suback | Unsuback):
+            fut = conn.pending.pop(packet.packet_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(packet)
+        elif isinstance(packet, Pingresp):
+            if conn.pong is not None and not conn.pong.done():
+                conn.pong.set_result(None)
+        elif isinstance(packet, Disconnect):
+            text = reason_name(packet.reason_code)
+            if packet.properties.reason_string:
+                text += f": {packet.properties.reason_string}"
+            conn.lose(f"disconnected by the server ({text})")
+        else:  # CONNACK again, PUBREC/PUBREL/PUBCOMP (we never use QoS 2), AUTH
+            conn.lose(f"unexpected {type(packet).__name__} from the server")
+
+    def _incoming(self, conn: _Conn, p: Publish) -> None:
+        prefix = f"devices/{self.device_id}/"
+        if not p.topic.startswith(prefix):
+            log.warning("device %s: message on foreign topic %s ignored", self.device_id,
+                        p.topic)
+            return
+        kind, _, rest = p.topic[len(prefix):].partition("/")
+        if kind == "requests" and rest:
+            conn.spawn(self._answer(conn, rest, p.payload), f"request-{rest}")
+        elif kind == "inbox" and rest:
+            data = _utf8(p.payload)
+            for sub_prefix, handlers in list(self._subscriptions.items()):
+                if rest.startswith(sub_prefix):
+                    for handler in list(handlers):
+                        conn.spawn(self._deliver(handler, rest, data), f"event-{rest}")
+        elif kind == "ota" and self._ota is not None:
+            conn.spawn(self._run_ota(self._ota, rest, p.payload), f"ota-{rest}")
+        else:
+            log.info("device %s: message on %s ignored", self.device_id, p.topic)
+
+    async def _deliver(self, handler: EventHandler, name: str, data: str) -> None:
+        try:
+            await _call(handler, name, data)
+        except Exception:
+            log.exception("device %s: event handler for %s failed", self.device_id, name)
+
+    async def _run_ota(self, handler: OtaHandler, subtopic: str, payload: bytes) -> None:
+        try:
+            await _call(handler, subtopic, payload)
+        except Exception:
+            log.exception("device %s: OTA handler failed", self.device_id)
+
+    async def _answer(self, conn: _Conn, request_id: str, payload: bytes) -> None:
+        """Answer one cloud request on ``replies/{request_id}``."""
+        try:
+            request = json.loads(payload)
+            kind = request.get("kind")
+        except (ValueError, AttributeError):
+            log.warning("device %s: malformed request %s ignored", self.device_id, request_id)
+            return
+        if kind == "describe":
+            with contextlib.suppress(NotConnected, TimeoutError):
+                await self._publish(conn, self._topic("describe"),
+                                    json.dumps(self.describe_payload()).encode("utf-8"), 1)
+            return
+        reply: dict[str, Any]
+        name = request.get("name")
+        try:
+            if kind == "function":
+                reply = {"return_value": await self._run_function(name, request.get("arg"))}
+            elif kind == "variable":
+                reply = {"result": await self._read_variable(name)}
+            else:
+                reply = {"error": f"unknown request kind {kind!r}"}
+        except Exception as exc:
+            log.info("device %s: %s %r failed: %r", self.device_id, kind, name, exc)
+            reply = {"error": str(exc) or type(exc).__name__}
+        with contextlib.suppress(NotConnected, TimeoutError):
+            await self._publish(conn, self._topic(f"replies/{request_id}"),
+                                json.dumps(reply).encode("utf-8"), 1)
+
+    async def _run_function(self, name: Any, arg: Any) -> int:
+        handler = self._functions.get(name) if isinstance(name, str) else None
+        if handler is None:
+            raise LookupError(f"unknown function {name!r}")
+        value = await _call(cast(Callable[..., Any], handler),
+                            arg if isinstance(arg, str) else "")
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, int) or not INT32[0] <= value <= INT32[1]:
+            raise ValueError(f"function {name} returned {value!r}, not a 32-bit integer")
+        return value
+
+    async def _read_variable(self, name: Any) -> bool | int | float | str:
+        entry = self._variables.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise LookupError(f"unknown variable {name!r}")
+        vtype, getter = entry
+        return _variable_value(await _call(getter), vtype)
+
+    async def _keepalive_loop(self, conn: _Conn) -> None:
+        """Ping when nothing was sent or received for ``keepalive`` seconds; a PINGRESP that
+        does not come within the ping timeout means the server is gone."""
+        loop = asyncio.get_running_loop()
+        interval = float(conn.keepalive)
+        timeout = self.ping_timeout or min(30.0, max(1.0, interval / 2))
+        while not conn.done.is_set():
+            due = min(conn.last_tx, conn.last_rx) + interval
+            now = loop.time()
+            if now < due:
+                await asyncio.sleep(due - now)
+                continue
+            conn.pong = loop.create_future()
+            try:
+                conn.send(Pingreq())
+                async with asyncio.timeout(timeout):
+                    await conn.pong
+            except TimeoutError:
+                conn.lose(f"no PINGRESP within {timeout:g} s")
+                return
+            except (NotConnected, ConnectionError, OSError):
+                return
+            conn.last_rx = loop.time()
+
+
+__all__ = ["Device", "EventHandler", "FunctionHandler", "OtaHandler", "VariableGetter",
+           "VariableType", "check_event_name"]
