@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from corral.devices import presence
 from corral.events.models import Event
 from corral.kit import clock
 from corral.metering import ledger
@@ -110,8 +111,9 @@ AfterCommit = Callable[[list[StoredEvent]], Any]
 
 @dataclasses.dataclass(slots=True)
 class _Item:
-    row: NewEvent | None  # None: a usage increment only
+    row: NewEvent | None  # None: a usage increment (or presence change) only
     usage: Usage | None
+    presence: presence.Change | None
     future: asyncio.Future[int]
     queued_at: float
 
@@ -181,32 +183,35 @@ class EventWriter:
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def write(self, row: NewEvent | None, usage: Usage | None = None) -> int:
+    async def write(self, row: NewEvent | None, usage: Usage | None = None, *,
+                    change: presence.Change | None = None) -> int:
         """Queue ``row`` (waiting while the queue is full) and return its id once committed.
 
-        ``usage`` (optional) is the metering increment the event counts as; it commits in
-        the same transaction. With ``row=None`` only ``usage`` is recorded (returns 0)."""
-        return await (await self.submit(row, usage))
+        ``usage`` (optional) is the metering increment the event counts as, ``change`` a
+        device presence change (a ``spark/status`` event's); they commit in the same
+        transaction, changes in arrival order. With ``row=None`` only those are recorded
+        (returns 0)."""
+        return await (await self.submit(row, usage, change=change))
 
     async def count(self, usage: Usage) -> None:
         """Record one usage increment; returns once it is committed."""
         await self.write(None, usage)
 
-    async def submit(self, row: NewEvent | None, usage: Usage | None = None
-                     ) -> asyncio.Future[int]:
+    async def submit(self, row: NewEvent | None, usage: Usage | None = None, *,
+                     change: presence.Change | None = None) -> asyncio.Future[int]:
         """Queue ``row``, waiting while the queue is full; the future resolves after commit."""
         while not self._closing and len(self._pending) >= self.max_pending:
             self._space.clear()
             await self._space.wait()
-        return self.write_nowait(row, usage)
+        return self.write_nowait(row, usage, change=change)
 
-    def write_nowait(self, row: NewEvent | None, usage: Usage | None = None
-                     ) -> asyncio.Future[int]:
+    def write_nowait(self, row: NewEvent | None, usage: Usage | None = None, *,
+                     change: presence.Change | None = None) -> asyncio.Future[int]:
         """Queue ``row`` without waiting; the future resolves with its id after commit.
 
         Raises :class:`asyncio.QueueFull` when ``max_pending`` rows are already queued and
         :class:`WriterStopped` once :meth:`stop` has begun."""
-        if row is None and usage is None:
+        if row is None and usage is None and change is None:
             raise ValueError("nothing to write")
         if self._closing:
             raise WriterStopped("event writer is stopping")
@@ -214,7 +219,7 @@ class EventWriter:
             raise asyncio.QueueFull
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        self._pending.append(_Item(row, usage, fut, loop.time()))
+        self._pending.append(_Item(row, usage, change, fut, loop.time()))
         n = len(self._pending)
         if n == 1 or n >= self.max_batch:
             self._wake.set()
@@ -249,11 +254,14 @@ class EventWriter:
         with_rows = [item for item in batch if item.row is not None]
         rows = [item.row for item in with_rows if item.row is not None]
         usage = [item.usage for item in batch if item.usage is not None]
+        changes = [item.presence for item in batch if item.presence is not None]
         try:
             async with self._sessionmaker() as db:
                 ids = await self._insert(db, rows) if rows else []
                 if usage:
                     await ledger.apply(db, usage)
+                if changes:
+                    await presence.apply(db, changes)
                 await db.commit()
             if len(ids) != len(rows):
                 raise RuntimeError(f"insert returned {len(ids)} ids for {len(rows)} rows")

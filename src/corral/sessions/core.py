@@ -26,12 +26,12 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.bus.base import Bus, Message, Subscription
 from corral.devices import claims as claim_rules
-from corral.devices import credentials
+from corral.devices import credentials, presence
 from corral.devices import service as devices
 from corral.devices.models import Device
 from corral.events.writer import EventWriter, NewEvent, WriterStopped
@@ -427,17 +427,10 @@ class DeviceSession:
         if replaced:
             return
         now = clock.now()
+        change = presence.Offline(self.device_id, now, self.handshake_at, reason)
         try:
-            async with self.hub.sessionmaker() as db:
-                await db.execute(
-                    update(Device)
-                    .where(and_(Device.id == self.device_id,
-                                Device.last_handshake_at == self.handshake_at))
-                    .values(online=False, last_heard=now, last_disconnect_at=now,
-                            last_disconnect_reason=reason[:200])
-                    .execution_options(synchronize_session=False))
-                await db.commit()
-            await self.hub.writer.write(self._event("spark/status", "offline", source="cloud"))
+            await self.hub.writer.write(self._event("spark/status", "offline", source="cloud",
+                                                    at=now), change=change)
         except WriterStopped:
             pass
         except Exception:
@@ -737,6 +730,7 @@ class SessionHub:
         if self._stopping:
             raise Refused("busy", "The server is shutting down")
         now = clock.now()
+        did = hello.device_id.lower()
         async with self.sessionmaker() as db:
             adm = await devices.admit(db, device_id=hello.device_id, product_id=hello.product_id,
                                       platform_id=hello.platform_id)
@@ -745,23 +739,12 @@ class SessionHub:
                 self.refused += 1
                 log.info("device %s refused: %s (%s)", hello.device_id, adm.decision, adm.reason)
                 raise Refused(adm.decision, adm.reason)
-            did = hello.device_id.lower()
-            await devices.mark_online(db, did, at=now, ip=hello.remote)
-            values: dict[str, Any] = {"transport": link.transport}
-            if hello.firmware_version is not None:
-                values["firmware_version"] = hello.firmware_version
-            if hello.system_version is not None:
-                values["system_firmware_version"] = hello.system_version[:32]
-            await db.execute(update(Device).where(Device.id == did).values(**values)
-                             .execution_options(synchronize_session=False))
-            facts = await self._facts(db, did)
-            row = (await db.execute(select(Device.functions, Device.variables)
-                                    .where(Device.id == did))).one()
-            await db.commit()
-        assert facts is not None
-        session = DeviceSession(self, facts, link, handshake_at=now,
-                                functions=list(row.functions or []),
-                                variables=dict(row.variables or {}))
+            loaded = await self._load(db, did)
+            await db.commit()  # usually a read-only transaction: no write lock taken
+        assert loaded is not None
+        facts, functions, variables = loaded
+        session = DeviceSession(self, facts, link, handshake_at=now, functions=functions,
+                                variables=variables)
         old = self.sessions.get(did)
         self.sessions[did] = session
         if old is not None:
@@ -771,11 +754,20 @@ class SessionHub:
         # sessions of this device on other nodes close themselves
         await self.bus.publish(contract.control_subject(did), {"op": "kick", "session": session.id})
         self.opened += 1
-        log.info("device %s online (%s) from %s", did, link.transport, hello.remote)
+        # online: the presence change commits with the spark/status event, in the writer's
+        # next batch (a connection storm is a few transactions, not one per device)
+        change = presence.Online(did, now, ip=hello.remote, transport=link.transport,
+                                 firmware_version=hello.firmware_version,
+                                 system_version=hello.system_version)
         try:
-            await self.writer.write(session._event("spark/status", "online", source="cloud"))
+            await self.writer.write(session._event("spark/status", "online", source="cloud",
+                                                   at=now), change=change)
         except WriterStopped:
             pass
+        except Exception:
+            await session.close("The server could not record the connection")
+            raise
+        log.info("device %s online (%s) from %s", did, link.transport, hello.remote)
         return session
 
     async def _kick(self, session: DeviceSession, reason: str, *, replaced: bool = False) -> None:
@@ -788,16 +780,23 @@ class SessionHub:
             del self.sessions[session.device_id]
 
     async def _facts(self, db: AsyncSession, device_id: str) -> DeviceFacts | None:
+        loaded = await self._load(db, device_id)
+        return loaded[0] if loaded else None
+
+    async def _load(self, db: AsyncSession, device_id: str
+                    ) -> tuple[DeviceFacts, list[str], dict[str, str]] | None:
+        """The device's facts and what it last described, in one query."""
         row = (await db.execute(
             select(Device.id, Device.product_id, Device.owner_user_id, Device.customer_id,
-                   Device.development, Device.platform_id, Product.org_id, Product.settings)
+                   Device.development, Device.platform_id, Device.functions, Device.variables,
+                   Product.org_id, Product.settings)
             .outerjoin(Product, Product.id == Device.product_id)
             .where(Device.id == device_id.lower()))).one_or_none()
         if row is None:
             return None
         cfg = self.settings
         ps: dict[str, Any] = row.settings or {}
-        return DeviceFacts(
+        facts = DeviceFacts(
             device_id=row.id, product_id=row.product_id, org_id=row.org_id,
             owner_user_id=row.owner_user_id, customer_id=row.customer_id,
             development=row.development, platform_id=row.platform_id,
@@ -805,6 +804,7 @@ class SessionHub:
             rate_per_s=float(ps.get("event_rate_per_s") or cfg.event_rate_per_s),
             rate_burst=int(ps.get("event_rate_burst") or cfg.event_rate_burst),
         )
+        return facts, list(row.functions or []), dict(row.variables or {})
 
 
 async def publish_after_commit(bus: Bus, events: Sequence[Any]) -> None:

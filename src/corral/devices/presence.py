@@ -1,0 +1,101 @@
+"""Presence changes written in batches, in order, through the event writer.
+
+A connection storm must not become thousands of small write transactions (on SQLite they
+queue on the database's single write lock). The device-session core hands each change to
+the event writer together with its ``spark/status`` event; the writer applies a batch's
+changes in one transaction, in arrival order, so a device that connects and disconnects
+within one batch ends offline, and an offline change of an older session never overrides
+a newer session (it applies only while ``last_handshake_at`` is still that session's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Table, and_, bindparam, func, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.devices.models import Device
+
+DEVICES: Table = Device.__table__  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Online:
+    """A session was accepted at ``at`` (its handshake time identifies it)."""
+
+    device_id: str
+    at: dt.datetime
+    ip: str | None = None
+    transport: str | None = None
+    firmware_version: int | None = None
+    system_version: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Offline:
+    """The session that was accepted at ``handshake_at`` ended at ``at``."""
+
+    device_id: str
+    at: dt.datetime
+    handshake_at: dt.datetime
+    reason: str
+
+
+Change = Online | Offline
+
+_ONLINE = (
+    update(DEVICES).where(DEVICES.c.id == bindparam("did")).values(
+        online=True, last_heard=bindparam("at"), last_handshake_at=bindparam("at"),
+        first_online_at=func.coalesce(DEVICES.c.first_online_at, bindparam("at")),
+        last_ip_address=func.coalesce(bindparam("ip"), DEVICES.c.last_ip_address),
+        transport=func.coalesce(bindparam("transport"), DEVICES.c.transport),
+        firmware_version=func.coalesce(bindparam("fw"), DEVICES.c.firmware_version),
+        system_firmware_version=func.coalesce(bindparam("sv"),
+                                              DEVICES.c.system_firmware_version),
+    )
+)
+_OFFLINE = (
+    update(DEVICES)
+    .where(and_(DEVICES.c.id == bindparam("did"),
+                DEVICES.c.last_handshake_at == bindparam("handshake")))
+    .values(online=False, last_heard=bindparam("at"), last_disconnect_at=bindparam("at"),
+            last_disconnect_reason=bindparam("reason"))
+)
+
+
+def _params(c: Change) -> dict[str, Any]:
+    if isinstance(c, Online):
+        return {"did": c.device_id, "at": c.at, "ip": c.ip[:64] if c.ip else None,
+                "transport": c.transport, "fw": c.firmware_version,
+                "sv": c.system_version[:32] if c.system_version else None}
+    return {"did": c.device_id, "at": c.at, "handshake": c.handshake_at,
+            "reason": c.reason[:200]}
+
+
+async def apply(db: AsyncSession, changes: Sequence[Change]) -> None:
+    """Apply ``changes`` in order in the session's transaction: consecutive changes of one
+    kind for distinct devices go out as one executemany."""
+    run: list[Change] = []
+    seen: set[str] = set()
+
+    async def flush() -> None:
+        if run:
+            stmt = _ONLINE if isinstance(run[0], Online) else _OFFLINE
+            await db.execute(stmt.execution_options(synchronize_session=False),
+                             [_params(c) for c in run])
+            run.clear()
+            seen.clear()
+
+    for c in changes:
+        if run and (type(c) is not type(run[0]) or c.device_id in seen):
+            await flush()
+        run.append(c)
+        seen.add(c.device_id)
+    await flush()
+
+
+__all__ = ["Change", "Offline", "Online", "apply"]
