@@ -14,7 +14,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, false, func, literal, literal_column, or_, select, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    false,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -620,6 +630,20 @@ async def touch(db: AsyncSession, device_ids: Sequence[str], *, at: dt.datetime)
                          .execution_options(synchronize_session=False))
 
 
+async def touch_each(db: AsyncSession, heard: Mapping[str, dt.datetime]) -> None:
+    """Each device was last heard at its own time (one executemany; only online devices,
+    so a late flush never moves ``last_heard`` past a disconnect)."""
+    if not heard:
+        return
+    stmt = (update(Device.__table__)  # type: ignore[arg-type]
+            .where(and_(Device.__table__.c.id == bindparam("did"),
+                        Device.__table__.c.online.is_(True)))
+            .values(last_heard=bindparam("at")))
+    rows = [{"did": d.lower(), "at": at} for d, at in sorted(heard.items())]
+    for i in range(0, len(rows), CHUNK):
+        await db.execute(stmt.execution_options(synchronize_session=False), rows[i:i + CHUNK])
+
+
 __all__ = ["Admission", "DeviceQuery", "admit", "batch_update", "device_view",
            "list_product_devices", "mark_offline", "mark_online", "my_devices",
-           "parse_device_query", "remove_product_device", "touch", "update_device"]
+           "parse_device_query", "remove_product_device", "touch", "touch_each", "update_device"]

@@ -261,7 +261,7 @@ class DeviceSession:
     def heard(self) -> None:
         """Any traffic from the device (``last_heard`` is written in batches)."""
         if not self.closed:
-            self.hub.heard.add(self.device_id)
+            self.hub.heard[self.device_id] = clock.now()
 
     async def describe(self, *, functions: Sequence[str] | None = None,
                        variables: dict[str, str] | None = None,
@@ -411,6 +411,7 @@ class DeviceSession:
         self.closed = True
         self.close_reason = reason
         self.hub._forget(self)
+        self.hub.heard.pop(self.device_id, None)  # the offline change sets last_heard
         # callers of requests in flight learn now, not at their timeout (unsubscribing below
         # cancels the handlers that would have answered them)
         for msg in list(self._requests):
@@ -636,7 +637,7 @@ class SessionHub:
         self.gate: CommunicationGate = gate or OpenGate()
         self.reset_presence = reset_presence
         self.sessions: dict[str, DeviceSession] = {}
-        self.heard: set[str] = set()
+        self.heard: dict[str, dt.datetime] = {}  # device -> when last heard, not yet written
         self.discarded = 0
         self.opened = 0
         self.refused = 0
@@ -687,9 +688,9 @@ class SessionHub:
     async def flush_presence(self) -> None:
         if not self.heard:
             return
-        ids, self.heard = sorted(self.heard), set()
+        heard, self.heard = self.heard, {}
         async with self.sessionmaker() as db:
-            await devices.touch(db, ids, at=clock.now())
+            await devices.touch_each(db, heard)
             await db.commit()
 
     # -- authentication (transports call these) ------------------------------------------------
