@@ -74,6 +74,7 @@ def _start(data_dir: Path, logs: Path, *args: str) -> Served:
         proc = subprocess.Popen(
             [sys.executable, "-m", "corral.cli.main", "serve", "--http-port", str(port),
              "--mqtt-port", str(free_port()), "--mqtt-tls-port", "0",
+             "--particle-port", "0",
              "--data-dir", str(data_dir), *args],
             stdout=fo, stderr=fe, env=env)
     return Served(proc, f"http://127.0.0.1:{port}", out, err)

@@ -254,7 +254,7 @@ async def test_serve_demo_runs_live_devices(settings: Settings, database_url: st
     await truncate_all(database_url)
     demo_settings = settings.model_copy(update={
         "demo": True, "demo_simulated_devices": 3, "host": "127.0.0.1",
-        "mqtt_port": _free_port(), "mqtt_tls_port": 0})
+        "mqtt_port": _free_port(), "mqtt_tls_port": 0, "particle_port": 0})
     runtime = Runtime(demo_settings, mail_backend=LogBackend())
     app = create_app(demo_settings, runtime=runtime)
     await runtime.start(app, migrate_db=False, background=False)

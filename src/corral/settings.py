@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)  # CONNECT must arrive within
     mqtt_max_keepalive_s: int = Field(default=1200, ge=10)  # keep-alive the server grants at most
     mqtt_session_expiry_s: int = Field(default=3600, ge=0)  # persistent sessions kept at most
+    particle_port: int = Field(default=5683, ge=0, le=65535,
+                               description="Particle device protocol (TCP); 0 = off")
+    particle_handshake_timeout_s: float = Field(default=20.0, gt=0)  # each handshake step
 
     # --- device traffic rules (per product overrides in product settings)
     event_data_max_bytes: int = Field(default=1024, ge=1, le=16_384)

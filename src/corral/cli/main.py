@@ -10,6 +10,7 @@ import corral
 from corral.cli import client
 from corral.cli.admin import admin_app
 from corral.cli.devices import devices_app
+from corral.cli.keys import keys_app
 from corral.cli.serve import serve
 from corral.cli.simulate import simulate
 
@@ -53,6 +54,7 @@ app.add_typer(client.products_app, name="products")
 app.add_typer(client.team_app, name="team")
 app.add_typer(devices_app, name="devices")
 app.command()(simulate)
+app.add_typer(keys_app, name="keys")
 
 if __name__ == "__main__":
     app()

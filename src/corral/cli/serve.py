@@ -45,6 +45,9 @@ def serve(
     mqtt_tls_port: Annotated[int | None, typer.Option(
         "--mqtt-tls-port", help="MQTT over TLS (client certificates provision devices from "
         "product CAs); 0 turns it off. (env CORRAL_MQTT_TLS_PORT; default 8883)")] = None,
+    particle_port: Annotated[int | None, typer.Option(
+        "--particle-port", help="Particle device protocol (TCP) port; 0 turns it off. "
+        "(env CORRAL_PARTICLE_PORT; default 5683)")] = None,
     demo: Annotated[bool | None, typer.Option(
         "--demo/--no-demo", help="Create a demo account, organization, product and "
         "fleet of devices (idempotent), run a few of them as live simulated devices, and "
@@ -54,7 +57,7 @@ def serve(
     SIGINT/SIGTERM."""
     settings = settings_from(data_dir=data_dir, host=host, http_port=http_port,
                              database_url=database_url, mqtt_port=mqtt_port,
-                             mqtt_tls_port=mqtt_tls_port,
+                             mqtt_tls_port=mqtt_tls_port, particle_port=particle_port,
                              log_format=log_format.value if log_format else None, demo=demo)
     logs.setup(settings.log_format, settings.log_level)
     settings = _free_default_ports(settings)
@@ -86,17 +89,17 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _free_default_ports(settings: Settings) -> Settings:
-    """A device port left at its default (1883, 8883) that another program already holds
+    """A device port left at its default (1883, 8883, 5683) that another program already holds
     (typically a local Mosquitto) moves to a free port, and the banner says which; a port
     chosen with a flag or variable is used as given (and fails loudly if taken)."""
     changes: dict[str, int] = {}
-    for name in ("mqtt_port", "mqtt_tls_port"):
+    for name in ("mqtt_port", "mqtt_tls_port", "particle_port"):
         port = getattr(settings, name)
         if port and name not in settings.model_fields_set and not _port_free(settings.host, port):
             with socket.socket() as s:
                 s.bind((settings.host, 0))
                 changes[name] = s.getsockname()[1]
-            console.print(f"Port {port} is in use (another MQTT broker?); corral listens for "
+            console.print(f"Port {port} is in use (another broker?); corral listens for "
                           f"devices on {changes[name]} instead. Choose one with "
                           f"--{name.replace('_', '-')}.", highlight=False)
     return settings.model_copy(update=changes) if changes else settings
@@ -142,6 +145,8 @@ def _banner(settings: Settings, info: DemoInfo | None) -> None:
         grid.add_row("MQTT", f"mqtt://{mqtt_host}:{settings.mqtt_port}")
     if settings.mqtt_tls_port:
         grid.add_row("MQTT/TLS", f"mqtts://{mqtt_host}:{settings.mqtt_tls_port}")
+    if settings.particle_port:
+        grid.add_row("Particle", f"tcp://{mqtt_host}:{settings.particle_port}")
     grid.add_row("Data dir", str(settings.data_dir.resolve()))
     grid.add_row("Database", database_label(settings))
     console.print(Panel(grid, title=f"corral {corral.__version__}", title_align="left",

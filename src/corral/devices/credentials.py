@@ -291,6 +291,34 @@ async def device_public_key(db: AsyncSession, device_id: str) -> rsa.RSAPublicKe
     return key if isinstance(key, rsa.RSAPublicKey) else None
 
 
+async def device_key_state(db: AsyncSession, device_id: str) -> tuple[bool, rsa.RSAPublicKey | None]:
+    """(whether the device is known, its usable RSA key) for the Particle handshake."""
+    if not isinstance(device_id, str) or not is_device_id(device_id):
+        return False, None
+    known = await db.get(Device, device_id.lower()) is not None
+    return known, await device_public_key(db, device_id) if known else None
+
+
+async def pin_public_key(db: AsyncSession, device_id: str, key: rsa.RSAPublicKey) -> bool:
+    """Trust on first use: record ``key`` for a device that has none yet (a device that was
+    unknown until its first handshake); audited. False when the device already had a key
+    or does not exist."""
+    did = device_id.lower()
+    res = await db.execute(
+        update(Device).where(Device.id == did, Device.public_key_der.is_(None))
+        .values(public_key_der=_spki_der(key), public_key_algorithm="rsa",
+                credentials_version=Device.credentials_version + 1)
+        .execution_options(synchronize_session=False))
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return False
+    device = await db.get(Device, did)
+    if device is not None:
+        await db.refresh(device)
+        _audit(db, actor=None, ip=None, action="device.key_pinned", device=device,
+               org_id=await _org_id(db, device.product_id))
+    return True
+
+
 # --- MQTT secrets -------------------------------------------------------------------------
 
 async def rotate_mqtt_secret(db: AsyncSession, *, actor: Subject | None, ip: str | None,

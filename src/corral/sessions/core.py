@@ -22,7 +22,7 @@ import math
 import re
 import uuid
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -721,6 +721,27 @@ class SessionHub:
         """The device's registered RSA public key (Particle handshake)."""
         async with self.sessionmaker() as db:
             return await credentials.device_public_key(db, device_id)
+
+    async def check_device_key(self, device_id: str, key: rsa.RSAPublicKey
+                               ) -> Literal["registered", "unknown", "refused"]:
+        """May a device present ``key`` in a key-based handshake? A known device must present
+        its registered key (a known device without one is refused: register it with
+        ``POST /v1/provisioning/:id``); an unknown device may go on, and admission on its
+        Hello decides (its key is then pinned: :meth:`pin_device_key`)."""
+        async with self.sessionmaker() as db:
+            known, registered = await credentials.device_key_state(db, device_id)
+        if not known:
+            return "unknown"
+        if registered is not None and registered.public_numbers() == key.public_numbers():
+            return "registered"
+        return "refused"
+
+    async def pin_device_key(self, device_id: str, key: rsa.RSAPublicKey) -> bool:
+        """Record the key a first-time device used (trust on first use), if it has none."""
+        async with self.sessionmaker() as db:
+            pinned = await credentials.pin_public_key(db, device_id, key)
+            await db.commit()
+        return pinned
 
     # -- sessions ------------------------------------------------------------------------------
 

@@ -82,6 +82,10 @@ class Runtime:
 
         assert self.hub is not None
         self.transports.extend(await start_mqtt_listeners(self.hub, self.settings))
+        if self.settings.particle_port:
+            from corral.transports.particle.server import start_particle_listener
+
+            self.transports.append(await start_particle_listener(self.hub, self.settings))
         if self.settings.demo and self.settings.demo_simulated_devices:
             from corral.demo import start_demo_fleet
 

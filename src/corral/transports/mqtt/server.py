@@ -38,6 +38,7 @@ from corral.sessions.core import (
     check_event_name,
 )
 from corral.settings import Settings
+from corral.transports.listening import close_server
 from corral.transports.mqtt import topics
 from corral.transports.mqtt.codec import (
     MQTT_5,
@@ -1026,12 +1027,7 @@ class MqttListener:
         if self._server is None:
             return
         srv, self._server = self._server, None
-        srv.close()
-        await asyncio.gather(*(c.shutdown("The server is shutting down")
-                               for c in list(self.connections)), return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                await srv.wait_closed()
+        await close_server(srv, self.connections)
         await self.server._detach(self)
 
 

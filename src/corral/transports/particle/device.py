@@ -1,0 +1,470 @@
+"""A Particle device over TCP ("lightssl"), in asyncio: corral's own device side of the protocol.
+
+Used by the test suite and the simulator against corral's gateway (or any Particle TCP
+server): handshake, Hello, describes (app JSON and a minimal system describe), publish,
+subscribe and receive, functions and variables, time, pings both ways, Goodbye, and OTA
+(legacy and fast: CRC-32 per chunk, missing-chunk requests, the image is kept).
+
+It behaves like Device OS where that matters to a server: message ids go up by one for every
+message the device originates, the ACK to a server ping carries the device's own next message
+id, answers to functions/variables come as an empty ACK and then a separate NON response with
+the request's token, and answers to describe requests as a separate CON response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from corral.transports.particle import coap, crypto, messages
+from corral.transports.particle.coap import Message
+from corral.transports.particle.errors import ParticleProtocolError
+
+log = logging.getLogger("corral.particle.device")
+
+FunctionFn = Callable[[str], "int | Awaitable[int]"]
+VariableFn = Callable[[], Any]
+TYPE_NUMBERS = {"bool": 1, "int32": 2, "int": 2, "string": 4, "double": 9}
+HELLO_FLAGS = 0x36  # diagnostics, immediate updates, goodbye, device-initiated describe
+FAST_OTA = 0x01
+
+
+class DeviceClosed(Exception):
+    """The connection ended (``reason`` says why, as far as the device knows)."""
+
+
+@dataclasses.dataclass(slots=True)
+class Update:
+    """An OTA transfer the device received."""
+
+    size: int
+    chunk_size: int
+    fast: bool
+    image: bytearray
+    received: set[int] = dataclasses.field(default_factory=set)
+    next_index: int = 0
+    bad_crc: int = 0
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+
+class ParticleDevice:
+    """One simulated Device OS device (TCP protocol)."""
+
+    def __init__(self, device_id: str, device_key: rsa.RSAPrivateKey,
+                 server_key: rsa.RSAPublicKey, *, product_id: int | None = None,
+                 product_version: int = 1, platform_id: int = 6, system_version: int = 6200,
+                 functions: dict[str, FunctionFn] | None = None,
+                 variables: dict[str, tuple[str, VariableFn]] | None = None,
+                 ota_chunk_size: int = 512, max_binary_size: int = 10 * 1024 * 1024,
+                 fast_ota: bool = False, describe_on_connect: bool = True,
+                 system_subscriptions: bool = True) -> None:
+        self.device_id = device_id.lower()
+        self.device_key = device_key
+        self.server_key = server_key
+        self.product_id = product_id if product_id is not None else platform_id
+        self.product_version = product_version
+        self.platform_id = platform_id
+        self.system_version = system_version
+        self.functions: dict[str, FunctionFn] = dict(functions or {})
+        self.variables: dict[str, tuple[str, VariableFn]] = dict(variables or {})
+        self.ota_chunk_size = ota_chunk_size
+        self.max_binary_size = max_binary_size
+        self.fast_ota = fast_ota
+        self.describe_on_connect = describe_on_connect
+        self.system_subscriptions = system_subscriptions
+        self.events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # delivered to us
+        self.updates: list[bytes] = []  # completed OTA images
+        self.update: Update | None = None
+        self.drop_chunks: set[int] = set()  # tests: fast-OTA chunks to "lose" once
+        self.server_pings = 0
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.channel: crypto.Session | None = None
+        self.frames = crypto.FrameReader(65_535)
+        self.mid = int.from_bytes(os.urandom(2), "big")
+        self.token = 0
+        self.pending: dict[int, asyncio.Future[Message]] = {}  # by our message id
+        self.by_token: dict[bytes, asyncio.Future[Message]] = {}
+        self.hello_event = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.close_reason: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._work: set[asyncio.Task[Any]] = set()
+
+    # -- connecting --------------------------------------------------------------------------
+
+    async def handshake(self, host: str, port: int, *, within: float = 5.0,
+                        nonce_override: bytes | None = None) -> None:
+        """TCP connect and the RSA handshake (no Hello yet). ``nonce_override`` (tests) echoes
+        another nonce than the server's."""
+        async with asyncio.timeout(within):
+            self.reader, self.writer = await asyncio.open_connection(host, port)
+            nonce = await self.reader.readexactly(crypto.NONCE_LEN)
+            blob = crypto.device_blob(self.server_key, nonce_override or nonce, self.device_id,
+                                      self.device_key)
+            self.writer.write(blob)
+            await self.writer.drain()
+            reply = await self.reader.readexactly(crypto.SERVER_REPLY_LEN)
+        creds = crypto.open_server_reply(self.device_key, self.server_key, reply)
+        self.channel = crypto.Session.from_creds(creds)
+
+    async def connect(self, host: str, port: int, *, within: float = 5.0) -> None:
+        """Handshake, Hello, wait for the server Hello, then describes and the system
+        subscriptions (as Device OS does after connecting)."""
+        await self.handshake(host, port, within=within)
+        self.start()
+        self.send_hello()
+        try:
+            async with asyncio.timeout(within):
+                hello = asyncio.ensure_future(self.hello_event.wait())
+                closed = asyncio.ensure_future(self.closed.wait())
+                await asyncio.wait([hello, closed], return_when=asyncio.FIRST_COMPLETED)
+                hello.cancel()
+                closed.cancel()
+        except TimeoutError:
+            await self.close()
+            raise DeviceClosed("no server Hello") from None
+        if not self.hello_event.is_set():
+            raise DeviceClosed(self.close_reason or "the server closed the connection")
+        if self.describe_on_connect:
+            await self.request(coap.POST, (b"d",), (bytes((1,)),), self.system_describe(),
+                               content_format=42, within=within)
+            await self.request(coap.POST, (b"d",), (bytes((2,)),), self.app_describe(),
+                               within=within)
+        if self.system_subscriptions:
+            self.subscribe("particle")
+            self.subscribe("spark")
+
+    def start(self) -> None:
+        """Start reading (after :meth:`handshake`)."""
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    def send_hello(self) -> None:
+        payload = messages.hello_payload(messages.Hello(
+            product_id=self.product_id, product_version=self.product_version,
+            flags=HELLO_FLAGS, platform_id=self.platform_id,
+            system_version=self.system_version, max_message_size=1152,
+            max_binary_size=self.max_binary_size, ota_chunk_size=self.ota_chunk_size))
+        self.send(Message(coap.NON, coap.POST, self.next_mid(), options=((coap.URI_PATH, b"h"),),
+                          payload=payload))
+
+    async def close(self) -> None:
+        """Drop the connection (no Goodbye)."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.transport.abort()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for t in list(self._work):
+            t.cancel()
+        self._closed("closed by the device")
+
+    async def goodbye(self) -> None:
+        """Say Goodbye (POST /x), then close."""
+        self.send(Message(coap.NON, coap.POST, self.next_mid(), options=((coap.URI_PATH, b"x"),),
+                          payload=b"\x00"))
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                await self.writer.drain()
+        await self.close()
+
+    async def wait_closed(self, within: float = 5.0) -> str | None:
+        async with asyncio.timeout(within):
+            await self.closed.wait()
+        return self.close_reason
+
+    # -- what a device does ------------------------------------------------------------------
+
+    def app_describe(self) -> bytes:
+        return json.dumps({"f": list(self.functions),
+                           "v": {n: TYPE_NUMBERS[t] for n, (t, _) in self.variables.items()}},
+                          separators=(",", ":")).encode()
+
+    def system_describe(self) -> bytes:
+        """A minimal protobuf ``SystemDescribe``: no modules, only the field tags corral ignores."""
+        return b""
+
+    def publish(self, name: str, data: str | bytes | None = None, *, ttl: int = 60) -> None:
+        """A NON event (as Device OS over TCP): no answer."""
+        self.send(self._event(coap.NON, self.next_mid(), name, data, ttl))
+
+    async def publish_confirmed(self, name: str, data: str | bytes | None = None, *,
+                                ttl: int = 60, within: float = 5.0) -> int:
+        """A CON event; the code of the server's ACK (2.04 stored)."""
+        mid, fut = self._expect()
+        self.send(self._event(coap.CON, mid, name, data, ttl, token=self._token()))
+        async with asyncio.timeout(within):
+            return (await fut).code
+
+    def _event(self, kind: int, mid: int, name: str, data: str | bytes | None, ttl: int,
+               token: bytes = b"") -> Message:
+        options: list[tuple[int, bytes]] = [(coap.URI_PATH, b"E"),
+                                            (coap.URI_PATH, name.encode())]
+        if ttl != 60:
+            options.append((coap.MAX_AGE, ttl.to_bytes(4, "big").lstrip(b"\x00")))
+        payload = data.encode() if isinstance(data, str) else (data or b"")
+        return Message(kind, coap.POST, mid, token, tuple(options), payload)
+
+    def subscribe(self, prefix: str) -> None:
+        options = ((coap.URI_PATH, b"e"),) + (((coap.URI_PATH, prefix.encode()),)
+                                              if prefix else ())
+        self.send(Message(coap.NON, coap.GET, self.next_mid(), options=options))
+
+    async def time(self, within: float = 5.0) -> int:
+        """Ask the server for the time (unix seconds)."""
+        reply = await self.request(coap.GET, (b"t",), within=within)
+        return int.from_bytes(reply.payload, "big")
+
+    async def ping(self, within: float = 5.0) -> None:
+        """A keep-alive ping (empty CON); returns when the server ACKs it."""
+        mid, fut = self._expect()
+        self.send(Message(coap.CON, coap.EMPTY, mid))
+        async with asyncio.timeout(within):
+            await fut
+
+    async def request(self, code: int, path: tuple[bytes, ...], query: tuple[bytes, ...] = (),
+                      payload: bytes = b"", *, content_format: int | None = None,
+                      within: float = 5.0) -> Message:
+        """A CON request; the server's piggy-backed answer."""
+        mid, fut = self._expect()
+        options = [(coap.URI_PATH, s) for s in path]
+        if content_format is not None:
+            options.append((coap.CONTENT_FORMAT, bytes((content_format,))))
+        options += [(coap.URI_QUERY, q) for q in query]
+        self.send(Message(coap.CON, code, mid, self._token(), tuple(options), payload))
+        async with asyncio.timeout(within):
+            return await fut
+
+    # -- low level (also for tests that misbehave on purpose) --------------------------------
+
+    def next_mid(self) -> int:
+        mid = self.mid
+        self.mid = (mid + 1) & 0xFFFF
+        return mid
+
+    def _token(self) -> bytes:
+        self.token = self.token % 255 + 1
+        return bytes((self.token,))
+
+    def _expect(self) -> tuple[int, asyncio.Future[Message]]:
+        mid = self.next_mid()
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.pending[mid] = fut
+        return mid, fut
+
+    def send(self, m: Message) -> None:
+        self.send_plain(coap.encode(m))
+
+    def send_plain(self, plaintext: bytes) -> None:
+        """Encrypt and frame any plaintext (a CoAP message, or anything at all)."""
+        if self.channel is None or self.writer is None:
+            raise DeviceClosed("not connected")
+        self.writer.write(self.channel.seal(plaintext))
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes as they are, on the wire."""
+        if self.writer is None:
+            raise DeviceClosed("not connected")
+        self.writer.write(data)
+
+    def _closed(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        for fut in [*self.pending.values(), *self.by_token.values()]:
+            if not fut.done():
+                fut.set_exception(DeviceClosed(reason))
+        self.pending.clear()
+        self.by_token.clear()
+        self.closed.set()
+
+    # -- input -------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        assert self.reader is not None and self.channel is not None
+        try:
+            while True:
+                data = await self.reader.read(65_536)
+                if not data:
+                    self._closed("the server closed the connection")
+                    return
+                for ciphertext in self.frames.feed(data):
+                    await self._handle(coap.decode(self.channel.open(ciphertext)))
+        except ParticleProtocolError as exc:
+            self._closed(f"protocol error: {exc}")
+        except (ConnectionError, OSError) as exc:
+            self._closed(f"connection lost: {exc!r}")
+
+    async def _handle(self, m: Message) -> None:
+        if m.type in (coap.ACK, coap.RST):
+            fut = self.pending.pop(m.message_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(m)
+            return
+        if m.is_response:  # a separate answer to one of our requests
+            fut = self.by_token.pop(m.token, None)
+            if fut is not None and not fut.done():
+                fut.set_result(m)
+            if m.type == coap.CON:
+                self.send(Message(coap.ACK, coap.EMPTY, m.message_id))
+            return
+        if m.code == coap.EMPTY:
+            if m.type == coap.CON:  # the server's ping: Device OS ACKs with its own next id
+                self.server_pings += 1
+                self.send(Message(coap.ACK, coap.EMPTY, self.next_mid()))
+            return
+        segments = m.options_of(coap.URI_PATH)
+        resource = segments[0] if segments else b""
+        name = "/".join(s.decode("utf-8", "replace") for s in segments[1:])
+        if resource == b"h":
+            self.hello_event.set()
+        elif resource == b"e" and m.code == coap.POST:
+            self.events.put_nowait((name, m.payload.decode("utf-8", "replace")))
+        elif resource == b"f":
+            self._later(self._answer_function(m, name))
+        elif resource == b"v":
+            self._later(self._answer_variable(m, name))
+        elif resource == b"d":
+            self._later(self._answer_describe(m))
+        elif resource == b"u" and m.code == coap.POST:
+            self._update_begin(m)
+        elif resource == b"c" and m.code == coap.POST:
+            self._chunk(m)
+        elif resource == b"u" and m.code == coap.PUT:
+            self._update_done(m)
+        elif m.type == coap.CON:
+            self.send(Message(coap.ACK, coap.NOT_FOUND, m.message_id, m.token))
+
+    def _later(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    def _empty_ack(self, m: Message) -> None:
+        if m.type == coap.CON:
+            self.send(Message(coap.ACK, coap.EMPTY, m.message_id))
+
+    def _answer(self, m: Message, code: int, payload: bytes = b"", *, con: bool = False
+                ) -> None:
+        self.send(Message(coap.CON if con else coap.NON, code, self.next_mid(), m.token,
+                          payload=payload))
+
+    async def _answer_function(self, m: Message, name: str) -> None:
+        self._empty_ack(m)
+        fn = self.functions.get(name)
+        if fn is None:
+            self._answer(m, coap.NOT_FOUND)
+            return
+        query = m.options_of(coap.URI_QUERY)
+        arg = b"&".join(query).decode("utf-8", "replace")
+        result = fn(arg)
+        if inspect.isawaitable(result):
+            result = await result
+        self._answer(m, coap.CHANGED, int(result).to_bytes(4, "big", signed=True))
+
+    async def _answer_variable(self, m: Message, name: str) -> None:
+        self._empty_ack(m)
+        var = self.variables.get(name)
+        if var is None:
+            self._answer(m, coap.NOT_FOUND)
+            return
+        vtype, getter = var
+        value = getter()
+        if inspect.isawaitable(value):
+            value = await value
+        if vtype == "bool":
+            payload = b"\x01" if value else b"\x00"
+        elif vtype in ("int32", "int"):
+            payload = int(value).to_bytes(4, "big", signed=True)
+        elif vtype == "double":
+            payload = struct.pack("<d", float(value))
+        else:
+            payload = str(value).encode("utf-8")
+        self._answer(m, coap.CONTENT, payload)
+
+    async def _answer_describe(self, m: Message) -> None:
+        self._empty_ack(m)
+        query = m.options_of(coap.URI_QUERY)
+        kind = query[0][0] if query and len(query[0]) == 1 else 0
+        if kind == 2:
+            self._answer(m, coap.CONTENT, self.app_describe(), con=True)
+        elif kind == 1:
+            self._answer(m, coap.CONTENT, self.system_describe(), con=True)
+        else:  # Device OS: one type per request, anything else is an error
+            self._answer(m, coap.BAD_REQUEST, con=True)
+
+    # -- OTA ---------------------------------------------------------------------------------
+
+    def _update_begin(self, m: Message) -> None:
+        self._empty_ack(m)
+        try:
+            flags, chunk_size, size, _store, _address = struct.unpack(">BHIBI", m.payload[:12])
+        except struct.error:
+            self._answer(m, coap.BAD_REQUEST)
+            return
+        if size > self.max_binary_size or chunk_size == 0:
+            self._answer(m, coap.BAD_REQUEST)
+            return
+        fast = bool(flags & FAST_OTA) and self.fast_ota
+        self.update = Update(size, chunk_size, fast, bytearray(size))
+        self._answer(m, coap.CHANGED, bytes((FAST_OTA if fast else 0,)))
+
+    def _chunk(self, m: Message) -> None:
+        up = self.update
+        self._empty_ack(m)
+        if up is None:
+            if m.type == coap.CON:
+                self._answer(m, coap.BAD_REQUEST)
+            return
+        query = m.options_of(coap.URI_QUERY)
+        crc = int.from_bytes(query[0], "big") if query else -1
+        if up.fast and len(query) > 1:
+            index = int.from_bytes(query[1], "big")
+        else:
+            index = up.next_index
+        good = zlib.crc32(m.payload) == crc and index < up.chunks
+        if up.fast and index in self.drop_chunks:
+            self.drop_chunks.discard(index)
+            good = False
+        if good:
+            start = index * up.chunk_size
+            up.image[start:start + len(m.payload)] = m.payload
+            up.received.add(index)
+            up.next_index = index + 1
+        else:
+            up.bad_crc += 1
+        if not up.fast:
+            self._answer(m, coap.CHANGED if good else coap.BAD_REQUEST)
+        elif index == up.chunks - 1 or (good and len(up.received) == up.chunks):
+            missing = [i for i in range(up.chunks) if i not in up.received]
+            if missing:
+                mid, fut = self._expect()
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                self.send(Message(coap.CON, coap.GET, mid, options=((coap.URI_PATH, b"c"),),
+                                  payload=b"".join(i.to_bytes(2, "big") for i in missing)))
+
+    def _update_done(self, m: Message) -> None:
+        up, self.update = self.update, None
+        if up is None or len(up.received) != up.chunks:
+            self.send(Message(coap.ACK, coap.BAD_REQUEST, m.message_id, m.token))
+            return
+        self.updates.append(bytes(up.image))
+        self.send(Message(coap.ACK, coap.CHANGED, m.message_id, m.token, payload=b'{"r":0}'))
+
+
+__all__ = ["DeviceClosed", "ParticleDevice", "Update"]
