@@ -3,7 +3,8 @@
 Over the REST API (the stored login, as every client command): import the simulated device
 IDs into the product, give each an MQTT secret; then connect them all with the device SDK
 (``corral.device.simulator``). IDs and secrets are kept in a state file (mode 0600) so the
-next run reuses the same devices.
+next run reuses the same devices. ``--transport particle``: Particle TCP devices instead, each
+with its own RSA key registered over the API (``corral.cli.simulate_particle``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import re
 import secrets
 import signal
 import time
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,7 +28,7 @@ from rich.table import Table
 from corral.cli import config
 from corral.cli.client import TIMEOUT_S, Api, Product, api, error_message
 from corral.cli.output import console, errors, fail
-from corral.device.simulator import MAX_INTERVAL_S, MIN_INTERVAL_S, Fleet
+from corral.device.simulator import MAX_INTERVAL_S, MIN_INTERVAL_S, Fleet, FleetStats
 
 MAX_DEVICES = 10_000
 IMPORT_CHUNK = 10_000
@@ -34,6 +36,9 @@ API_CONCURRENCY = 16  # secret requests in flight
 REFRESH_S = 0.5
 STATE_VERSION = 1
 DEVICE_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+# per device in the state file: the MQTT secret, the Particle key (PEM) and whether the
+# server has that key
+KEPT_FIELDS = ("secret", "rsa_key", "rsa_registered")
 
 
 def _safe(text: str) -> str:
@@ -59,9 +64,8 @@ def load_state(path: Path, a: Api, product: str) -> list[dict[str, str]]:
     for entry in data.get("devices") or []:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) \
                 and DEVICE_ID_RE.fullmatch(entry["id"]):
-            secret = entry.get("secret")
-            out.append({"id": entry["id"], **({"secret": secret}
-                                               if isinstance(secret, str) and secret else {})})
+            out.append({"id": entry["id"], **{k: v for k in KEPT_FIELDS
+                                               if isinstance(v := entry.get(k), str) and v}})
     return out
 
 
@@ -127,7 +131,23 @@ async def _tick(stop: asyncio.Event, deadline: float | None) -> bool:
     return not stop.is_set()
 
 
-def _summary(fleet: Fleet, started: float, duration: float | None) -> Table:
+class Transport(StrEnum):
+    MQTT = "mqtt"
+    PARTICLE = "particle"
+
+
+class FleetView(Protocol):
+    """What the summary shows of a fleet (MQTT or Particle)."""
+
+    @property
+    def stats(self) -> FleetStats: ...
+    @property
+    def connected(self) -> int: ...
+    @property
+    def ever_connected(self) -> int: ...
+
+
+def _summary(fleet: FleetView, started: float, duration: float | None) -> Table:
     s = fleet.stats
     elapsed = time.monotonic() - started
     t = Table(title="corral simulate", title_justify="left")
@@ -231,12 +251,25 @@ def simulate(
         min=1, max=1000, help="Devices connecting at the same moment, at most.")] = 50,
     protocol: Annotated[int, typer.Option(
         min=4, max=5, help="MQTT protocol level: 5 (MQTT 5) or 4 (MQTT 3.1.1).")] = 5,
+    transport: Annotated[Transport, typer.Option(
+        "--transport", help="How the devices connect: mqtt, or particle (Particle's TCP "
+        "protocol; needs --server-key).")] = Transport.MQTT,
+    server_key: Annotated[Path | None, typer.Option(
+        "--server-key", help="Particle: the server_key file `corral keys server` writes "
+        "(or the server's public key as PEM).")] = None,
+    particle_host: Annotated[str, typer.Option(
+        "--particle-host", help="Particle: the gateway's address.")] = "127.0.0.1",
+    particle_port: Annotated[int, typer.Option(
+        "--particle-port", min=1, max=65535, help="Particle: the gateway's TCP port.")] = 5683,
 ) -> None:
     """Run simulated devices in a product: they publish `sim/temperature`, answer the
     functions led/reboot/interval and the variables temperature/uptime/label/on."""
     a = api(ctx)
     if not a.token:
         fail("Not logged in: run `corral login` (or pass --token / set CORRAL_TOKEN).")
+    if transport is Transport.PARTICLE and server_key is None:
+        fail("--transport particle needs --server-key (the file `corral keys server` writes).",
+             code=2)
     state_path = state or default_state_path(a, product)
     known = load_state(state_path, a, product)
     fleet_devices = known[:devices]
@@ -256,12 +289,22 @@ def simulate(
     for d in fleet_devices:
         if d["id"] in new:  # new to the product (or re-added): credentials start empty
             d.pop("secret", None)
+            d.pop("rsa_registered", None)
     fleet_devices = [d for d in fleet_devices if d["id"] not in refused]
     if not fleet_devices:
         fail("No device could be imported into the product.")
     all_devices = fleet_devices + known[devices:]  # the state keeps devices of bigger runs
     save_state(state_path, a, product, all_devices)
 
+    if transport is Transport.PARTICLE:
+        from corral.cli.simulate_particle import simulate_particle
+
+        assert server_key is not None
+        simulate_particle(a, product, fleet_devices, all_devices, state_path,
+                          server_key=server_key, host=particle_host, port=particle_port,
+                          interval=interval, duration=duration,
+                          connect_concurrency=connect_concurrency)
+        return
     host = mqtt_host or urlsplit(a.api_url).hostname or "127.0.0.1"
     console.print(f"Simulating {len(fleet_devices):,} device(s) of {product} on "
                   f"mqtt://{host}:{mqtt_port} (state: {state_path})", highlight=False,
