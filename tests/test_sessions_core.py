@@ -497,3 +497,20 @@ async def test_a_call_in_flight_fails_at_once_when_the_device_leaves(app, hub, p
     await s.close("connection lost")
     reply = (await asyncio.wait_for(call, 2)).json()
     assert reply["status"] == 404 and reply["error"] == "device_offline"
+
+
+async def test_system_events_are_not_delivered_and_system_prefixes_join_no_fanout(
+        app, hub, product):
+    a, b = ScriptedLink(), ScriptedLink()
+    sa = await hub.open(Hello(DEV), a)
+    before = hub.bus.subscription_count
+    await sa.subscribe("spark")
+    await sa.subscribe("particle")
+    assert hub.bus.subscription_count == before  # no fan-out for system prefixes
+    await sa.subscribe("")  # everything else in scope
+    assert hub.bus.subscription_count == before + 1
+    sb = await hub.open(Hello(DEV2), b)  # publishes spark/status online for DEV2
+    await sb.publish("temperature", "20")
+    await asyncio.wait_for(a.delivery.wait(), WAIT)
+    await asyncio.sleep(0.05)
+    assert [name for name, _data, _coreid in a.delivered] == ["temperature"]

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     particle_port: int = Field(default=5683, ge=0, le=65535,
                                description="Particle device protocol (TCP); 0 = off")
     particle_handshake_timeout_s: float = Field(default=20.0, gt=0)  # each handshake step
+    particle_max_handshakes: int = Field(default=64, ge=1)  # in progress at once; others wait
 
     # --- device traffic rules (per product overrides in product settings)
     event_data_max_bytes: int = Field(default=1024, ge=1, le=16_384)

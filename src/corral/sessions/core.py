@@ -376,16 +376,25 @@ class DeviceSession:
 
     async def subscribe(self, prefix: str) -> None:
         """Receive events (in the device's scope) whose names start with ``prefix`` (``""``:
-        all). Idempotent."""
+        all). Idempotent.
+
+        Events named ``spark*``/``particle*`` (the cloud's system events, such as other
+        devices' ``spark/status``) are never delivered to devices, so a subscription to such
+        a prefix (Device OS subscribes to ``spark`` and ``particle`` on every connect) is
+        recorded but costs nothing: it joins no fan-out. Without this, each connect in a
+        product would wake every connected device of the product (quadratic storms)."""
         self._check_open()
         if not isinstance(prefix, str) or len(prefix) > 64 or (prefix and not prefix.isprintable()):
             raise Refused("invalid", "A subscription prefix is at most 64 printable characters")
         self.prefixes.add(prefix)
         await self._ensure_event_sub()
 
+    def _fanout_prefixes(self) -> bool:
+        return any(not uncounted_name(p) or not p for p in self.prefixes)
+
     async def unsubscribe(self, prefix: str) -> None:
         self.prefixes.discard(prefix)
-        if not self.prefixes and self._event_sub is not None:
+        if not self._fanout_prefixes() and self._event_sub is not None:
             sub, self._event_sub, self._event_pattern = self._event_sub, None, None
             await sub.unsubscribe()
 
@@ -482,7 +491,7 @@ class DeviceSession:
         return contract.stream_pattern(device_id=f.device_id)
 
     async def _ensure_event_sub(self) -> None:
-        if not self.prefixes or self.closed:
+        if not self._fanout_prefixes() or self.closed:
             return
         pattern = self._scope_pattern()
         if self._event_sub is not None and self._event_pattern == pattern:
@@ -512,18 +521,19 @@ class DeviceSession:
             name = ev["name"]
         except (ValueError, KeyError, TypeError):
             return
+        if uncounted_name(name):  # the cloud's system events are not for devices
+            return
         if not any(contract.name_matches(p, name) for p in self.prefixes):
             return
         data = ev.get("data")
         size = len(data.encode("utf-8")) if isinstance(data, str) else 0
-        if not uncounted_name(name):
-            if self.hub.gate.refuse(self.facts, "delivery"):
-                return
-            try:
-                await self.hub.writer.count(self._usage("delivery", size))
-            except Exception:
-                log.warning("delivery to %s not counted; not delivered", self.device_id)
-                return
+        if self.hub.gate.refuse(self.facts, "delivery"):
+            return
+        try:
+            await self.hub.writer.count(self._usage("delivery", size))
+        except Exception:
+            log.warning("delivery to %s not counted; not delivered", self.device_id)
+            return
         try:
             await self.link.deliver_event(name, data, published_at=ev.get("published_at", ""),
                                           ttl=int(ev.get("ttl", 60)),

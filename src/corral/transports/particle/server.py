@@ -172,6 +172,7 @@ class ParticleConnection:
         peer = writer.get_extra_info("peername")
         self.peer_ip: str | None = peer[0] if isinstance(peer, tuple) and peer else None
         self.device_id = ""
+        self._early: list[Message] = []  # messages that came with the Hello
         self.sent_key: rsa.RSAPublicKey | None = None
         self.first_time = False
         self.hello: messages.Hello | None = None
@@ -267,6 +268,17 @@ class ParticleConnection:
     # -- handshake and the read loop ---------------------------------------------------------
 
     async def _serve(self) -> None:
+        # admission control: at most `max_handshakes` connections are between accept and
+        # the server Hello at once; the others wait here, before any work is spent on them,
+        # instead of all timing out together in a reconnect storm
+        async with self.listener.handshakes:
+            await self._handshake_and_hello()
+        for m in self._early:
+            await self._handle(m)
+        self._early = []
+        await self._loop()
+
+    async def _handshake_and_hello(self) -> None:
         loop = asyncio.get_running_loop()
         within = self.listener.settings.particle_handshake_timeout_s
         nonce = crypto.new_nonce()
@@ -310,9 +322,7 @@ class ParticleConnection:
         except TimeoutError:
             raise _Close("no Hello from the device") from None
         await self._on_hello(first)
-        for m in early:
-            await self._handle(m)
-        await self._loop()
+        self._early = early
 
     def _decode(self, data: bytes) -> list[Message]:
         assert self.channel is not None
@@ -803,6 +813,7 @@ class ParticleListener:
         self.keepalive_timeout_s = 60.0  # and drop one silent for this long
         self.drain_timeout_s = 10.0  # a device that reads nothing for this long is dropped
         self.request_timeout_s = 10.0  # describe requests
+        self.handshakes = asyncio.Semaphore(settings.particle_max_handshakes)
         self._server: asyncio.Server | None = None
 
     async def _start(self, host: str, port: int) -> None:
