@@ -45,7 +45,19 @@ class Offline:
     reason: str
 
 
-Change = Online | Offline
+@dataclasses.dataclass(frozen=True, slots=True)
+class Described:
+    """The device described itself; ``None`` keeps a field as it was."""
+
+    device_id: str
+    functions: list[str] | None = None
+    variables: dict[str, str] | None = None
+    firmware_version: int | None = None
+    system_version: str | None = None
+    updates_enabled: bool | None = None
+
+
+Change = Online | Offline | Described
 
 _ONLINE = (
     update(DEVICES).where(DEVICES.c.id == bindparam("did")).values(
@@ -67,7 +79,27 @@ _OFFLINE = (
 )
 
 
+_DESCRIBED = (
+    update(DEVICES).where(DEVICES.c.id == bindparam("did")).values(
+        functions=func.coalesce(bindparam("functions", type_=DEVICES.c.functions.type),
+                                DEVICES.c.functions),
+        variables=func.coalesce(bindparam("variables", type_=DEVICES.c.variables.type),
+                                DEVICES.c.variables),
+        firmware_version=func.coalesce(bindparam("fw"), DEVICES.c.firmware_version),
+        system_firmware_version=func.coalesce(bindparam("sv"),
+                                              DEVICES.c.system_firmware_version),
+        firmware_updates_enabled=func.coalesce(
+            bindparam("updates", type_=DEVICES.c.firmware_updates_enabled.type),
+            DEVICES.c.firmware_updates_enabled),
+    )
+)
+_STATEMENTS: dict[type, Any] = {}
+
+
 def _params(c: Change) -> dict[str, Any]:
+    if isinstance(c, Described):
+        return {"did": c.device_id, "functions": c.functions, "variables": c.variables,
+                "fw": c.firmware_version, "sv": c.system_version, "updates": c.updates_enabled}
     if isinstance(c, Online):
         return {"did": c.device_id, "at": c.at, "ip": c.ip[:64] if c.ip else None,
                 "transport": c.transport, "fw": c.firmware_version,
@@ -84,7 +116,7 @@ async def apply(db: AsyncSession, changes: Sequence[Change]) -> None:
 
     async def flush() -> None:
         if run:
-            stmt = _ONLINE if isinstance(run[0], Online) else _OFFLINE
+            stmt = _STATEMENTS[type(run[0])]
             await db.execute(stmt.execution_options(synchronize_session=False),
                              [_params(c) for c in run])
             run.clear()
@@ -98,4 +130,6 @@ async def apply(db: AsyncSession, changes: Sequence[Change]) -> None:
     await flush()
 
 
-__all__ = ["Change", "Offline", "Online", "apply"]
+_STATEMENTS.update({Online: _ONLINE, Offline: _OFFLINE, Described: _DESCRIBED})
+
+__all__ = ["Change", "Described", "Offline", "Online", "apply"]

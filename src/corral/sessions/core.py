@@ -304,10 +304,14 @@ class DeviceSession:
         self.heard()
         if not values:
             return
-        async with self.hub.sessionmaker() as db:
-            await db.execute(update(Device).where(Device.id == self.device_id).values(**values)
-                             .execution_options(synchronize_session=False))
-            await db.commit()
+        # stored through the writer's batches (a reconnect storm describes thousands of
+        # devices at once), in order after this session's presence change
+        await self.hub.writer.write(None, change=presence.Described(
+            self.device_id, functions=values.get("functions"),
+            variables=values.get("variables"),
+            firmware_version=values.get("firmware_version"),
+            system_version=values.get("system_firmware_version"),
+            updates_enabled=values.get("firmware_updates_enabled")))
         self.functions = values.get("functions", self.functions)
         self.variables = values.get("variables", self.variables)
 
