@@ -40,6 +40,7 @@ from corral.device.simulator import (
     MAX_INTERVAL_S,
     MIN_INTERVAL_S,
     FleetStats,
+    SimulatedBehaviour,
 )
 from corral.transports.particle import coap
 from corral.transports.particle.device import DeviceClosed, ParticleDevice
@@ -128,7 +129,7 @@ class ParticleFleetStats(FleetStats):
     connect_failures: int = 0
 
 
-class SimulatedParticleDevice:
+class SimulatedParticleDevice(SimulatedBehaviour):
     """One simulated sensor over Particle TCP (see the module docstring)."""
 
     def __init__(self, device_id: str, key: rsa.RSAPrivateKey, server_key: rsa.RSAPublicKey,
@@ -184,40 +185,6 @@ class SimulatedParticleDevice:
             return getter()
 
         return run
-
-    def _led(self, arg: str) -> int:
-        command = arg.strip().lower()
-        if command in ("on", "1", "true"):
-            self.on = True
-        elif command in ("off", "0", "false"):
-            self.on = False
-        elif command == "toggle":
-            self.on = not self.on
-        else:
-            raise ValueError("led takes on, off or toggle")
-        return int(self.on)
-
-    def _reboot(self, _arg: str) -> int:
-        self._boot = asyncio.get_running_loop().time()
-        return 1
-
-    def _set_interval(self, arg: str) -> int:
-        try:
-            seconds = float(arg)
-        except ValueError:
-            raise ValueError("interval takes a number of seconds") from None
-        if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
-            raise ValueError("interval out of range")
-        self.interval = seconds
-        return round(seconds)
-
-    def uptime(self) -> int:
-        return int(asyncio.get_running_loop().time() - self._boot)
-
-    def next_temperature(self) -> float:
-        """A mean-reverting random walk around this device's base temperature."""
-        self.temperature += 0.1 * (self.base - self.temperature) + self.rng.gauss(0.0, 0.15)
-        return round(self.temperature, 2)
 
     def _new_device(self) -> ParticleDevice:
         return ParticleDevice(

@@ -55,7 +55,54 @@ class FleetStats:
     gave_up: int = 0  # devices that stopped (credentials refused for good)
 
 
-class SimulatedDevice:
+class SimulatedBehaviour:
+    """What every simulated device does, whatever its transport: the functions ``led``,
+    ``reboot``, ``interval`` and the values behind the variables. The class using it sets
+    ``on``, ``interval``, ``temperature``, ``base``, ``rng`` and ``_boot``."""
+
+    on: bool
+    interval: float
+    temperature: float
+    base: float
+    rng: random.Random
+    _boot: float
+
+    def _led(self, arg: str) -> int:
+        command = arg.strip().lower()
+        if command in ("on", "1", "true"):
+            self.on = True
+        elif command in ("off", "0", "false"):
+            self.on = False
+        elif command == "toggle":
+            self.on = not self.on
+        else:
+            raise ValueError("led takes on, off or toggle")
+        return int(self.on)
+
+    def _reboot(self, _arg: str) -> int:
+        self._boot = asyncio.get_running_loop().time()
+        return 1
+
+    def _set_interval(self, arg: str) -> int:
+        try:
+            seconds = float(arg)
+        except ValueError:
+            raise ValueError("interval takes a number of seconds") from None
+        if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
+            raise ValueError(f"interval is {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} seconds")
+        self.interval = seconds
+        return round(seconds)
+
+    def uptime(self) -> int:
+        return int(asyncio.get_running_loop().time() - self._boot)
+
+    def next_temperature(self) -> float:
+        """A mean-reverting random walk around this device's base temperature."""
+        self.temperature += 0.1 * (self.base - self.temperature) + self.rng.gauss(0.0, 0.15)
+        return round(self.temperature, 2)
+
+
+class SimulatedDevice(SimulatedBehaviour):
     """One simulated sensor (see the module docstring)."""
 
     def __init__(self, device_id: str, secret: str, host: str, port: int, *,
@@ -123,40 +170,6 @@ class SimulatedDevice:
         dev.on_disconnect(disconnected)
 
     # --- functions and variables --------------------------------------------------------------
-
-    def _led(self, arg: str) -> int:
-        command = arg.strip().lower()
-        if command in ("on", "1", "true"):
-            self.on = True
-        elif command in ("off", "0", "false"):
-            self.on = False
-        elif command == "toggle":
-            self.on = not self.on
-        else:
-            raise ValueError("led takes on, off or toggle")
-        return int(self.on)
-
-    def _reboot(self, _arg: str) -> int:
-        self._boot = asyncio.get_running_loop().time()
-        return 1
-
-    def _set_interval(self, arg: str) -> int:
-        try:
-            seconds = float(arg)
-        except ValueError:
-            raise ValueError("interval takes a number of seconds") from None
-        if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
-            raise ValueError(f"interval is {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} seconds")
-        self.interval = seconds
-        return round(seconds)
-
-    def uptime(self) -> int:
-        return int(asyncio.get_running_loop().time() - self._boot)
-
-    def next_temperature(self) -> float:
-        """A mean-reverting random walk around this device's base temperature."""
-        self.temperature += 0.1 * (self.base - self.temperature) + self.rng.gauss(0.0, 0.15)
-        return round(self.temperature, 2)
 
     # --- running ------------------------------------------------------------------------------
 
