@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -31,7 +33,8 @@ from corral.transports.mqtt.codec import (
     encode,
 )
 from corral.transports.mqtt.properties import EMPTY, Properties
-from helpers import bearer
+from corral.transports.mqtt.server import MqttServer
+from helpers import add_devices, bearer, owner_and_product
 
 DEV = "0123456789abcdef01234567"
 DEV2 = "0123456789abcdef0123abcd"
@@ -282,3 +285,35 @@ class Paho:
         self.c.loop_stop()
         with contextlib.suppress(Exception):
             self.c.socket() and self.c.socket().close()  # type: ignore[func-returns-value]
+
+
+# --- the gateway fixture shared by the MQTT test files (import `settings`, `gw` and `t`) ------
+
+@pytest.fixture
+def settings(settings: Any) -> Any:
+    return settings.model_copy(update={
+        "mqtt_connect_timeout_s": 0.5, "event_rate_burst": 1000, "event_rate_per_s": 1000.0,
+        "mqtt_session_expiry_s": 60, "presence_flush_s": 0.05})
+
+
+@pytest.fixture
+async def gw(app: Any, client: Any) -> Any:
+    """A plain listener on a free port, product Widget with devices DEV and DEV2 (secrets)."""
+    hub = app.state.runtime.hub
+    server = MqttServer(hub, app.state.settings)
+    listener = await server.listen("127.0.0.1", 0)
+    token, product = await owner_and_product(client)
+    await add_devices(app, product["id"], DEV, DEV2)
+    secret = await rotate_secret(client, token, product, DEV)
+    secret2 = await rotate_secret(client, token, product, DEV2)
+    try:
+        yield SimpleNamespace(app=app, client=client, hub=hub, server=server,
+                              port=listener.port, token=token, product=product,
+                              secret=secret, secret2=secret2)
+    finally:
+        Raw.close_all()
+        await server.stop()
+
+
+def t(kind: str, rest: str = "", device: str = DEV) -> str:
+    return f"devices/{device}/{kind}" + (f"/{rest}" if rest else "")

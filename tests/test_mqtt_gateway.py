@@ -8,12 +8,12 @@ import asyncio
 import json
 import shutil
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
+import mqtt_helpers
 from corral.events.writer import NewEvent
 from corral.products.models import Product
 from corral.sessions import contract
@@ -29,8 +29,8 @@ from corral.transports.mqtt.codec import (
     Unsubscribe,
 )
 from corral.transports.mqtt.properties import Properties
-from corral.transports.mqtt.server import MqttServer, start_mqtt_listeners
-from helpers import add_devices, bearer, owner_and_product
+from corral.transports.mqtt.server import start_mqtt_listeners
+from helpers import bearer
 from mqtt_helpers import (
     DEV,
     DEV2,
@@ -40,40 +40,14 @@ from mqtt_helpers import (
     events,
     rotate_secret,
     statuses,
+    t,
     until,
 )
 
+# the gateway fixtures shared by the MQTT test files (pytest finds them by name)
+settings, gw = mqtt_helpers.settings, mqtt_helpers.gw
+
 FOREIGN = "ffffffffffffffffffffffff"
-
-
-@pytest.fixture
-def settings(settings):
-    return settings.model_copy(update={
-        "mqtt_connect_timeout_s": 0.5, "event_rate_burst": 1000, "event_rate_per_s": 1000.0,
-        "mqtt_session_expiry_s": 60, "presence_flush_s": 0.05})
-
-
-@pytest.fixture
-async def gw(app, client) -> Any:
-    """A plain listener on a free port, product Widget with devices DEV and DEV2 (secrets)."""
-    hub = app.state.runtime.hub
-    server = MqttServer(hub, app.state.settings)
-    listener = await server.listen("127.0.0.1", 0)
-    token, product = await owner_and_product(client)
-    await add_devices(app, product["id"], DEV, DEV2)
-    secret = await rotate_secret(client, token, product, DEV)
-    secret2 = await rotate_secret(client, token, product, DEV2)
-    try:
-        yield SimpleNamespace(app=app, client=client, hub=hub, server=server,
-                              port=listener.port, token=token, product=product,
-                              secret=secret, secret2=secret2)
-    finally:
-        Raw.close_all()
-        await server.stop()
-
-
-def t(kind: str, rest: str = "", device: str = DEV) -> str:
-    return f"devices/{device}/{kind}" + (f"/{rest}" if rest else "")
 
 
 async def raw(gw: Any, version: int = MQTT_5, **kw: Any) -> Raw:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+import mqtt_helpers
 from corral.events.writer import NewEvent
 from corral.sessions import contract
 from corral.transports.mqtt.codec import (
@@ -25,39 +26,23 @@ from corral.transports.mqtt.codec import (
     Will,
 )
 from corral.transports.mqtt.properties import Properties
-from corral.transports.mqtt.server import MqttServer
-from helpers import add_devices, bearer, owner_and_product
-from mqtt_helpers import DEV, DEV2, Paho, Raw, device_row, events, rotate_secret, until
+from helpers import bearer
+from mqtt_helpers import (
+    DEV,
+    DEV2,
+    Paho,
+    Raw,
+    device_row,
+    events,
+    t,
+    until,
+)
 from test_product_cas import ec_key, make_cert, name, new_ca, pem
 
+# the gateway fixtures shared by the MQTT test files (pytest finds them by name)
+settings, gw = mqtt_helpers.settings, mqtt_helpers.gw
+
 DEV3 = "00112233445566778899aabb"
-
-
-@pytest.fixture
-def settings(settings):
-    return settings.model_copy(update={
-        "mqtt_connect_timeout_s": 0.5, "event_rate_burst": 1000, "event_rate_per_s": 1000.0,
-        "mqtt_session_expiry_s": 60, "presence_flush_s": 0.05})
-
-
-@pytest.fixture
-async def gw(app, client) -> Any:
-    hub = app.state.runtime.hub
-    server = MqttServer(hub, app.state.settings)
-    listener = await server.listen("127.0.0.1", 0)
-    token, product = await owner_and_product(client)
-    await add_devices(app, product["id"], DEV, DEV2)
-    secret = await rotate_secret(client, token, product, DEV)
-    try:
-        yield SimpleNamespace(app=app, client=client, hub=hub, server=server,
-                              port=listener.port, token=token, product=product, secret=secret)
-    finally:
-        Raw.close_all()
-        await server.stop()
-
-
-def t(kind: str, rest: str = "", device: str = DEV) -> str:
-    return f"devices/{device}/{kind}" + (f"/{rest}" if rest else "")
 
 
 async def cloud_event(gw: Any, name: str, data: str) -> None:
