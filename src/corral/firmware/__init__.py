@@ -1,0 +1,1 @@
+"""Product firmware: uploads, releases, targeting, per-device update state, signing."""

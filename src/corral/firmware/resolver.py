@@ -1,0 +1,258 @@
+"""Which firmware each device should run: Particle's precedence rules, plus phased rollouts.
+
+The rules (Particle's "firmware precedence"), first match wins:
+
+1. a **development** device gets nothing automatically;
+2. a **locked** device (``desired_firmware_version``) gets that version;
+3. a device in **groups with releases** gets the highest version released to any of them;
+4. otherwise the **product default** release;
+5. otherwise nothing.
+
+A release under a phased rollout (:mod:`corral.rollouts`) admits only part of the devices it
+would target; a device it does not admit keeps what that release replaced (the previous
+product default, or its group's previous release, when the rollout started with the
+release), and otherwise falls through to the next rule (another group's release, then the
+product default). A device already
+running a rolled-out version stays admitted (so a rollout never turns into a downgrade), and
+an aborted rollout admits no one else.
+
+:func:`resolve` is pure (plain data in, a :class:`Target` out); :func:`targets_for` loads a
+product's releases and devices and resolves them in bulk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.devices.models import Device, DeviceGroupMember
+from corral.firmware.models import FirmwareGroupRelease, ProductFirmware
+from corral.rollouts.models import Rollout
+
+Source = Literal["development", "locked", "group", "default", "none"]
+BUCKETS = 10_000  # rollout shares are in basis points
+CHUNK = 5_000
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    id: str
+    development: bool = False
+    desired_version: int | None = None
+    group_ids: frozenset[int] = frozenset()
+    firmware_version: int | None = None  # what it runs now
+
+
+def sticky_value(firmware_id: int, device_id: str) -> int:
+    """A device's fixed place in a release's rollout order (64 bits of SHA-256)."""
+    digest = hashlib.sha256(f"{firmware_id}:{device_id.lower()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def bucket(firmware_id: int, device_id: str) -> int:
+    """0..9,999: a device is in a rollout of ``percent_bp`` basis points when below it."""
+    return sticky_value(firmware_id, device_id) % BUCKETS
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A live or aborted rollout of one released version."""
+
+    rollout_id: int
+    firmware_id: int
+    version: int
+    state: str  # active | paused | aborted
+    percent_bp: int | None = None
+    admitted_ids: frozenset[str] | None = None  # count mode, computed by :func:`count_admitted`
+    # what the release replaced, for the devices it does not admit: the previous product
+    # default, and each group's previous release (group id -> version)
+    fallback_default: int | None = None
+    fallback_groups: Mapping[int, int] = field(default_factory=dict)
+
+    def admits(self, device: DeviceFacts) -> bool:
+        if device.firmware_version == self.version:
+            return True
+        if self.state == "aborted":
+            return False
+        if self.admitted_ids is not None:
+            return device.id in self.admitted_ids
+        return bucket(self.firmware_id, device.id) < (self.percent_bp or 0)
+
+
+@dataclass(frozen=True)
+class ReleaseSet:
+    """A product's releases: the default version and each group's released version."""
+
+    default_version: int | None = None
+    group_versions: Mapping[int, int] = field(default_factory=dict)  # group id -> version
+    gates: Mapping[int, Gate] = field(default_factory=dict)  # version -> its rollout
+
+
+@dataclass(frozen=True)
+class Target:
+    version: int | None
+    source: Source
+    rollout_id: int | None = None
+    held: bool = False  # its rollout is paused: targeted, but no update may start now
+
+
+MAX_FALLBACKS = 8  # a chain of rollouts, each over the previous release
+
+
+def _admitted(version: int | None, source: Source, device: DeviceFacts, releases: ReleaseSet,
+              group_id: int | None = None) -> Target | None:
+    """The first release along ``version`` and what each gated release replaced (for this
+    group, or the default) that admits ``device``."""
+    for _ in range(MAX_FALLBACKS):
+        if version is None:
+            return None
+        gate = releases.gates.get(version)
+        if gate is None:
+            return Target(version, source)
+        if gate.admits(device):
+            return Target(version, source, rollout_id=gate.rollout_id,
+                          held=gate.state == "paused" and device.firmware_version != version)
+        version = (gate.fallback_default if group_id is None
+                   else gate.fallback_groups.get(group_id))
+    return None
+
+
+def resolve(device: DeviceFacts, releases: ReleaseSet) -> Target:
+    """The firmware ``device`` should run under ``releases`` (see the module docstring)."""
+    if device.development:
+        return Target(None, "development")
+    if device.desired_version is not None:
+        return Target(device.desired_version, "locked")
+    found = [t for g in sorted(device.group_ids) if g in releases.group_versions
+             if (t := _admitted(releases.group_versions[g], "group", device, releases, g))]
+    if found:
+        assert all(t.version is not None for t in found)
+        return max(found, key=lambda t: (t.version or 0, t.rollout_id is None))
+    target = _admitted(releases.default_version, "default", device, releases)
+    return target if target is not None else Target(None, "none")
+
+
+def count_admitted(gate: Gate, count: int, devices: Iterable[DeviceFacts],
+                   releases: ReleaseSet) -> frozenset[str]:
+    """The devices a count-mode rollout admits: of those this release would target (with
+    every other gate as it is), the ones already running it, then the smallest sticky
+    values, ``count`` in all. With the same devices, a larger count only adds devices."""
+    open_gate = replace(gate, admitted_ids=None, percent_bp=BUCKETS, state="active")
+    trial = replace(releases, gates={**releases.gates, gate.version: open_gate})
+    eligible = [d for d in devices if _targets(resolve(d, trial), gate.version)]
+    if gate.state == "aborted":
+        return frozenset(d.id for d in eligible if d.firmware_version == gate.version)
+    eligible.sort(key=lambda d: (d.firmware_version != gate.version,
+                                 sticky_value(gate.firmware_id, d.id), d.id))
+    return frozenset(d.id for d in eligible[:max(0, count)])
+
+
+def _targets(target: Target, version: int) -> bool:
+    return target.version == version and target.source in ("group", "default")
+
+
+# --- the database side -------------------------------------------------------------------------
+
+@dataclass
+class ProductTargets:
+    """Everything needed to resolve a product's devices."""
+
+    releases: ReleaseSet
+    firmware_ids: dict[int, int]  # version -> firmware id (uploaded ones)
+    counts: dict[int, int]  # version -> count, for count-mode rollouts
+
+
+async def load_releases(db: AsyncSession, product_id: int,
+                        include_aborted: bool = True) -> ProductTargets:
+    """The product's default and group releases and their rollouts (count gates are
+    completed by :func:`finish_count_gates`, which needs the devices)."""
+    rows = (await db.execute(select(ProductFirmware.id, ProductFirmware.version,
+                                    ProductFirmware.product_default)
+                             .where(ProductFirmware.product_id == product_id))).all()
+    firmware_ids = {int(v): int(i) for i, v, _d in rows}
+    defaults = [int(v) for _i, v, d in rows if d]
+    by_id = {int(i): int(v) for i, v, _d in rows}
+    group_versions = {int(g): by_id[int(f)] for g, f in (await db.execute(
+        select(FirmwareGroupRelease.group_id, FirmwareGroupRelease.firmware_id)
+        .where(FirmwareGroupRelease.product_id == product_id))).all() if int(f) in by_id}
+    states = ("active", "paused", "aborted") if include_aborted else ("active", "paused")
+    gates: dict[int, Gate] = {}
+    counts: dict[int, int] = {}
+    for r in (await db.execute(select(Rollout).where(
+            Rollout.product_id == product_id, Rollout.state.in_(states))
+            .order_by(Rollout.id))).scalars():
+        gates[r.version] = Gate(
+            rollout_id=r.id, firmware_id=r.firmware_id, version=r.version, state=r.state,
+            percent_bp=r.percent_bp, fallback_default=r.fallback_default,
+            fallback_groups={int(g): int(v) for g, v in (r.fallback_groups or {}).items()})
+        if r.count is not None:
+            counts[r.version] = r.count
+        else:
+            counts.pop(r.version, None)
+    releases = ReleaseSet(default_version=max(defaults) if defaults else None,
+                          group_versions=group_versions, gates=gates)
+    return ProductTargets(releases=releases, firmware_ids=firmware_ids, counts=counts)
+
+
+def finish_count_gates(pt: ProductTargets, devices: Sequence[DeviceFacts]) -> ReleaseSet:
+    """Fix each count-mode gate's admitted devices, highest version first (a higher
+    release decides before a lower one which devices fall through to it)."""
+    releases = pt.releases
+    for version in sorted(pt.counts, reverse=True):
+        gate = releases.gates[version]
+        admitted = count_admitted(gate, pt.counts[version], devices, releases)
+        releases = replace(releases, gates={**releases.gates,
+                                            version: replace(gate, admitted_ids=admitted)})
+    return releases
+
+
+async def device_facts(db: AsyncSession, product_id: int,
+                       device_ids: Sequence[str] | None = None) -> list[DeviceFacts]:
+    """The product's devices (or those of ``device_ids`` in it) as resolver input."""
+    groups: dict[str, set[int]] = defaultdict(set)
+    rows: list[tuple[str, bool, int | None, int | None]] = []
+    cols = (Device.id, Device.development, Device.desired_firmware_version,
+            Device.firmware_version)
+    if device_ids is None:
+        rows = [tuple(r) for r in (await db.execute(  # type: ignore[misc]
+            select(*cols).where(Device.product_id == product_id).order_by(Device.id))).all()]
+        member_rows = (await db.execute(
+            select(DeviceGroupMember.device_id, DeviceGroupMember.group_id)
+            .join(Device, Device.id == DeviceGroupMember.device_id)
+            .where(Device.product_id == product_id))).all()
+        for did, gid in member_rows:
+            groups[did].add(int(gid))
+    else:
+        ids = sorted(set(device_ids))
+        for i in range(0, len(ids), CHUNK):
+            chunk = ids[i:i + CHUNK]
+            rows += [tuple(r) for r in (await db.execute(  # type: ignore[misc]
+                select(*cols).where(Device.product_id == product_id,
+                                    Device.id.in_(chunk)))).all()]
+            for did, gid in (await db.execute(
+                    select(DeviceGroupMember.device_id, DeviceGroupMember.group_id)
+                    .where(DeviceGroupMember.device_id.in_(chunk)))).all():
+                groups[did].add(int(gid))
+    return [DeviceFacts(id=did, development=bool(dev), desired_version=desired,
+                        group_ids=frozenset(groups.get(did, ())), firmware_version=fw)
+            for did, dev, desired, fw in rows]
+
+
+async def targets_for(db: AsyncSession, product_id: int,
+                      device_ids: Sequence[str] | None = None,
+                      releases: ProductTargets | None = None) -> dict[str, Target]:
+    """Device id -> its target, for the product's devices (or just ``device_ids``)."""
+    pt = releases or await load_releases(db, product_id)
+    if pt.counts:  # count gates rank every device the release could target
+        everyone = await device_facts(db, product_id)
+        rs = finish_count_gates(pt, everyone)
+        wanted = set(device_ids) if device_ids is not None else None
+        return {d.id: resolve(d, rs) for d in everyone if wanted is None or d.id in wanted}
+    facts = await device_facts(db, product_id, device_ids)
+    return {d.id: resolve(d, pt.releases) for d in facts}

@@ -1,0 +1,1 @@
+"""Phased rollouts of a firmware release: a sticky share of its devices, paused by failures."""
