@@ -9,11 +9,12 @@ them; nothing else writes them.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
-from sqlalchemy import BigInteger, Date, Index, Integer, String
+from sqlalchemy import BigInteger, Date, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from corral.db.base import Base
+from corral.db.base import Base, Timestamps
 
 Count = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -49,4 +50,101 @@ class UsageCounter(Base):
     data_operations: Mapped[int] = mapped_column(Count, default=0)
     data_operations_kb: Mapped[int] = mapped_column(Count, default=0)
     payload_bytes: Mapped[int] = mapped_column(Count, default=0)
+    # stored location points (one data operation each) and a cellular device's session
+    # traffic in bytes, both sides (counted towards the pooled cellular allowance)
+    location_points: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    cellular_bytes: Mapped[int] = mapped_column(Count, default=0, server_default="0")
     updated_at: Mapped[dt.datetime]
+
+
+class Plan(Base):
+    """A plan's terms, as data (seeded by migration 0006; an operator may edit the rows).
+
+    An allowance is ``base + blocks * per-block``; a ``None`` base means "from the
+    organization's contract" (Enterprise: :class:`OrgPlan` carries the maximums)."""
+
+    __tablename__ = "plans"
+
+    code: Mapped[str] = mapped_column(String(20), primary_key=True)  # free | basic | enterprise
+    name: Mapped[str] = mapped_column(String(60))
+    period: Mapped[str] = mapped_column(String(8))  # month | year (pooling period)
+    max_devices: Mapped[int | None] = mapped_column(Integer)
+    max_data_ops: Mapped[int | None] = mapped_column(Count)
+    max_cellular_mb: Mapped[int | None] = mapped_column(Integer)
+    max_storage_mb: Mapped[int | None] = mapped_column(Integer)
+    block_devices: Mapped[int] = mapped_column(Integer, default=0)
+    block_data_ops: Mapped[int] = mapped_column(Count, default=0)
+    block_cellular_mb: Mapped[int] = mapped_column(Integer, default=0)
+    block_price_cents: Mapped[int] = mapped_column(Integer, default=0)
+    min_blocks: Mapped[int] = mapped_column(Integer, default=0)
+    pause_at_limit: Mapped[bool] = mapped_column(default=False)
+    per_kb: Mapped[bool] = mapped_column(default=False)  # data operations per started KiB
+    self_service: Mapped[bool] = mapped_column(default=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class OrgPlan(Timestamps, Base):
+    """The plan an organization is on (no row: Free). Enterprise rows carry the contracted
+    maximums and the contract start (annual pooling runs from its month); ``per_kb`` and
+    ``pause_at_limit`` override the plan's when set."""
+
+    __tablename__ = "org_plans"
+
+    org_id: Mapped[int] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
+    plan_code: Mapped[str] = mapped_column(ForeignKey("plans.code", ondelete="RESTRICT"))
+    blocks: Mapped[int] = mapped_column(Integer, default=0)
+    max_devices: Mapped[int | None] = mapped_column(Integer)
+    max_data_ops: Mapped[int | None] = mapped_column(Count)
+    max_cellular_mb: Mapped[int | None] = mapped_column(Integer)
+    max_storage_mb: Mapped[int | None] = mapped_column(Integer)
+    contract_start: Mapped[dt.date | None] = mapped_column(Date)
+    per_kb: Mapped[bool | None]
+    pause_at_limit: Mapped[bool | None]
+
+
+class UsageAlert(Base):
+    """A usage threshold that fired: at most one row per (organization, allowance period,
+    metric, threshold), which is what makes each warning fire exactly once."""
+
+    __tablename__ = "usage_alerts"
+    __table_args__ = (UniqueConstraint("org_id", "period", "metric", "threshold"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    period: Mapped[dt.date] = mapped_column(Date)  # first day of the allowance period
+    metric: Mapped[str] = mapped_column(String(20))  # data_operations | cellular_data
+    threshold: Mapped[int] = mapped_column(Integer)  # 70 | 90 | 100
+    used: Mapped[int] = mapped_column(Count)
+    allowance: Mapped[int] = mapped_column(Count)
+    created_at: Mapped[dt.datetime]
+
+
+class Notification(Base):
+    """A console/API notification for an organization's administrators."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_org_id", "org_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(60))  # e.g. usage.threshold
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime]
+    read_at: Mapped[dt.datetime | None]
+
+
+class SimDeactivation(Base):
+    """One interval during which a SIM (by ICCID) was deactivated; ``reactivated_at`` is
+    None while it still is. A cellular device whose SIM was deactivated for a whole month
+    is not billable that month."""
+
+    __tablename__ = "sim_deactivations"
+    __table_args__ = (Index("ix_sim_deactivations_iccid", "iccid", "deactivated_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    iccid: Mapped[str] = mapped_column(String(32))
+    deactivated_at: Mapped[dt.datetime]
+    reactivated_at: Mapped[dt.datetime | None]
