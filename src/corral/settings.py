@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     # --- HTTP input limits
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 16 * 1_048_576  # device-ID imports and key uploads
+    firmware_max_bytes: int = Field(default=8 * 1_048_576, ge=1024)  # one firmware binary
 
     # --- device transports (the device-session core serves both)
     mqtt_port: int = Field(default=1883, ge=0, le=65535, description="MQTT (plain); 0 = off")
@@ -67,6 +68,8 @@ class Settings(BaseSettings):
     max_functions: int = Field(default=20, ge=1)
     max_variables: int = Field(default=20, ge=1)
     presence_flush_s: float = Field(default=1.0, gt=0)  # last_heard batching
+    # usage gate refresh (plans, limits, pause); also at once after a plan change
+    metering_refresh_s: float = Field(default=5.0, gt=0)
     sse_keepalive_s: float = Field(default=9.0, gt=0)
     sse_queue_max: int = Field(default=1000, ge=1)  # events a slow SSE client may lag behind
 
@@ -78,6 +81,17 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: str | None = None
     smtp_starttls: bool = False
+
+    # --- billing: subscriptions and payments (corral.billing)
+    payment_provider: Literal["fake", "stripe"] = "fake"
+    stripe_api_key: str | None = None
+    billing_currency: str = Field(default="usd", min_length=3, max_length=3)
+    # per team member per month, by plan code ("default": any other plan); an annual
+    # interval charges 12 months at once. Env: JSON, e.g. {"default": 4900, "plus": 9900}
+    billing_seat_price_cents: dict[str, int] = Field(default_factory=lambda: {"default": 4900})
+    billing_retry_interval_s: int = Field(default=3 * 86_400, ge=1)  # between charge retries
+    billing_max_retries: int = Field(default=3, ge=0)  # after the first attempt; then locked
+    billing_tick_s: float = Field(default=300.0, gt=0)  # renewals, retries, seat counts
 
     # --- the CLI's client side
     api_url: str = "http://127.0.0.1:8080"

@@ -64,6 +64,7 @@ DEVELOPER_EXTRA = frozenset({
     "firmware:create", "firmware:update", "firmware:release", "firmware:remove",
     "groups:create", "groups:update", "groups:remove", "customers:create", "customers:remove",
     "clients:create", "clients:update", "clients:remove", "rollouts:manage",
+    "sims:update",
 })
 ADMIN_EXTRA = frozenset({
     "products:update", "products:remove", "teams.users:invite", "teams.users:update",

@@ -63,7 +63,7 @@ async def get_product_device(
 async def update_product_device(
     device_id: str, request: Request, pc: ProductCtx = Depends(ProductGuard("devices:update")),
 ) -> dict[str, Any]:
-    """Change `name`, `notes`, `development`, `groups`, `firmware_updates_forced`, or approve (`quarantined: false`)."""
+    """Change `name`, `notes`, `development`, `groups`, `firmware_updates_forced`, lock firmware (`desired_firmware_version`, `null` unlocks; `flash` updates now), or approve (`quarantined: false`)."""
     device = await product_device(pc, device_id)
     return await service.update_device(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, device=device,
                                        body=await read_body(request), product=pc.product,

@@ -9,8 +9,9 @@ from corral.kit import clock
 
 
 def device_json(d: Device, *, groups: list[str] | None = None, owner: str | None = None,
-                product: bool = False) -> dict[str, Any]:
-    """``product=True`` adds the product fields (groups, firmware targeting, quarantine...)."""
+                product: bool = False, targeted: int | None = None) -> dict[str, Any]:
+    """``product=True`` adds the product fields (groups, firmware targeting, quarantine...);
+    ``targeted`` is the version the firmware precedence rules give the device."""
     out: dict[str, Any] = {
         "id": d.id,
         "name": d.name,
@@ -47,7 +48,7 @@ def device_json(d: Device, *, groups: list[str] | None = None, owner: str | None
             "groups": sorted(groups or []),
             "firmware_version": d.firmware_version,
             "desired_firmware_version": d.desired_firmware_version,
-            "targeted_firmware_release_version": None,
+            "targeted_firmware_release_version": targeted,
             "firmware_product_id": d.product_id,
         })
     return out

@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -101,7 +101,18 @@ async def device_view(db: AsyncSession, device: Device) -> dict[str, Any]:
     if device.product_id is None:
         return device_json(device, owner=owner)
     groups = (await group_rules.group_names_for(db, [device.id])).get(device.id, [])
-    return device_json(device, groups=groups, owner=owner, product=True)
+    targets = await _targets(db, device.product_id, [device.id])
+    return device_json(device, groups=groups, owner=owner, product=True,
+                       targeted=targets.get(device.id))
+
+
+async def _targets(db: AsyncSession, product_id: int, ids: list[str]) -> dict[str, int | None]:
+    """Device id -> ``targeted_firmware_release_version`` (the firmware precedence rules)."""
+    from corral.firmware.resolver import targets_for
+
+    if not ids:
+        return {}
+    return {i: t.version for i, t in (await targets_for(db, product_id, ids)).items()}
 
 
 # --- the product inventory ---------------------------------------------------------------------
@@ -189,11 +200,13 @@ class DevicePage:
     total: int
     page: int
     per_page: int
+    targets: dict[str, int | None] = field(default_factory=dict)
 
     def json(self) -> dict[str, Any]:
         return {
             "devices": [device_json(d, groups=self.groups.get(d.id, []),
-                                    owner=self.owners.get(d.id), product=True)
+                                    owner=self.owners.get(d.id), product=True,
+                                    targeted=self.targets.get(d.id))
                         for d in self.devices],
             "customers": self.customers,
             "meta": paging(self.page, self.per_page, self.total),
@@ -282,7 +295,8 @@ async def list_product_devices(db: AsyncSession, product: Product,
         customers = [{"id": cid, "username": email} for cid, email in (await db.execute(
             select(Customer.id, Customer.email).where(Customer.id.in_(customer_ids))
             .order_by(Customer.id))).all()]
-    return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page)
+    return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page,
+                      await _targets(db, product.id, ids))
 
 
 # --- updating a device -------------------------------------------------------------------------
@@ -330,11 +344,7 @@ async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: De
     """Apply a device PUT. On the product route (``product_route``, with the device's
     ``product`` and the caller's ``role``) the product fields are allowed too. Everything is
     validated before anything changes. Returns ``{"id", <changed fields>, "updated_at"}``."""
-    allowed = PRODUCT_FIELDS if product_route else SANDBOX_FIELDS
-    firmware = set(body) & FIRMWARE_FIELDS
-    if firmware and product_route:
-        raise BadRequest("Product firmware is not available yet: desired_firmware_version "
-                         "and flash come with the firmware feature", code="not_supported")
+    allowed = PRODUCT_FIELDS | FIRMWARE_FIELDS if product_route else SANDBOX_FIELDS
     unknown = set(body) - allowed
     if unknown:
         raise BadRequest(f"Unknown or unsupported fields: {', '.join(sorted(unknown)[:10])}",
@@ -364,6 +374,13 @@ async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: De
     group_names = None
     if "groups" in body:
         group_names = group_rules.clean_group_names(body["groups"])
+    lock = None
+    if set(body) & FIRMWARE_FIELDS:
+        from corral.firmware import service as firmware
+
+        assert product is not None, "firmware locks are set on the product route"
+        lock = await firmware.parse_lock(db, actor=actor, role=role, product=product,
+                                         device=device, body=body)
 
     out: dict[str, Any] = {"id": device.id}
     for key, value in changes.items():
@@ -375,6 +392,10 @@ async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: De
         assert product is not None, "groups are set on the product route"
         out["groups"] = await group_rules.set_device_groups(
             db, actor=actor, ip=ip, product=product, device_id=device.id, names=group_names)
+    if lock is not None:
+        assert product is not None
+        out.update(await firmware.apply_lock(db, actor=actor, ip=ip, product=product,
+                                             device=device, req=lock))
     device.updated_at = clock.now()
     await db.flush()
     out["updated_at"] = clock.iso(device.updated_at)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
-from corral.auth.guards import Guard
+from corral.auth.guards import Guard, check_tenant
 from corral.auth.models import Membership
 from corral.auth.policy import Role, api_users_not_allowed, check_role
 from corral.auth.subject import Subject
@@ -41,7 +41,9 @@ async def authorize_org(db: AsyncSession, subject: Subject, org: Organization,
     if subject.kind != "user":
         raise api_users_not_allowed()
     assert subject.user_id is not None
-    return check_role(await org_role(db, subject.user_id, org.id), permission, what="Organization")
+    role = check_role(await org_role(db, subject.user_id, org.id), permission, what="Organization")
+    await check_tenant(db, org.id, permission)  # e.g. billing: subscription inactive
+    return role
 
 
 class OrgGuard(Guard):

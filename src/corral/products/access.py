@@ -9,7 +9,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
-from corral.auth.guards import Guard
+from corral.auth.guards import Guard, check_tenant
 from corral.auth.models import Membership
 from corral.auth.policy import Role, check_role, check_scopes
 from corral.auth.subject import Subject
@@ -56,10 +56,12 @@ async def authorize_product(db: AsyncSession, subject: Subject, product: Product
         if subject.product_id != product.id:
             raise NotFound("Product not found")
         check_scopes(subject.scopes, permission)
+        await check_tenant(db, product.org_id, permission)  # e.g. billing: subscription inactive
         return None
     assert subject.user_id is not None
-    role = await product_role(db, subject.user_id, product)
-    return check_role(role, permission, what="Product")
+    role = check_role(await product_role(db, subject.user_id, product), permission, what="Product")
+    await check_tenant(db, product.org_id, permission)
+    return role
 
 
 class ProductGuard(Guard):

@@ -48,6 +48,7 @@ VARIABLE_TYPES = {"bool": "bool", "boolean": "bool", "int": "int32", "int32": "i
                   "string": "string", "str": "string"}
 NAME_RE = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
 INT32 = (-(2**31), 2**31 - 1)
+CELLULAR_BATCH = 16 * 1024  # bytes of cellular traffic per usage increment
 
 
 # --- values ---------------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class DeviceFacts:
     event_data_max: int
     rate_per_s: float
     rate_burst: int
+    cellular: bool = False  # its session traffic counts towards the cellular allowance
 
 
 class DeviceLink(Protocol):
@@ -140,11 +142,19 @@ class CommunicationGate(Protocol):
 
     def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None: ...
 
+    def refuse_connect(self, facts: DeviceFacts) -> str | None:
+        """A device that has never been online connects: ``None`` admits it, else why not
+        (the plan's device cap)."""
+        ...
+
 
 class OpenGate:
     """The default gate: everything is allowed."""
 
     def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None:
+        return None
+
+    def refuse_connect(self, facts: DeviceFacts) -> str | None:
         return None
 
 
@@ -248,6 +258,7 @@ class DeviceSession:
         self._requests: set[Message] = set()  # being answered (answered on close, too)
         self._event_sub: Subscription | None = None
         self._event_pattern: str | None = None
+        self.unmetered_bytes = 0  # cellular session traffic not yet handed to the writer
 
     @property
     def device_id(self) -> str:
@@ -257,6 +268,24 @@ class DeviceSession:
         return f"<DeviceSession {self.device_id} {self.link.transport} {self.id[:8]}>"
 
     # -- from the device ---------------------------------------------------------------------
+
+    def count_bytes(self, n: int) -> None:
+        """A transport read or wrote ``n`` bytes of this session (cellular devices only:
+        batched into usage increments of at least ``CELLULAR_BATCH`` bytes)."""
+        if self.facts.cellular:
+            self.unmetered_bytes += n
+            if self.unmetered_bytes >= CELLULAR_BATCH:
+                self.flush_bytes()
+
+    def flush_bytes(self) -> None:
+        """Hand the counted cellular bytes to the event writer (also on close and timer)."""
+        n, self.unmetered_bytes = self.unmetered_bytes, 0
+        if n:
+            try:
+                fut = self.hub.writer.write_nowait(None, self._usage("cellular", n))
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            except (asyncio.QueueFull, WriterStopped):
+                self.unmetered_bytes += n
 
     def heard(self) -> None:
         """Any traffic from the device (``last_heard`` is written in batches)."""
@@ -423,6 +452,7 @@ class DeviceSession:
             return
         self.closed = True
         self.close_reason = reason
+        self.flush_bytes()
         self.hub._forget(self)
         self.hub.heard.pop(self.device_id, None)  # the offline change sets last_heard
         # callers of requests in flight learn now, not at their timeout (unsubscribing below
@@ -778,6 +808,11 @@ class SessionHub:
             loaded = await self._load(db, did)
             await db.commit()  # usually a read-only transaction: no write lock taken
         assert loaded is not None
+        if adm.device is not None and adm.device.first_online_at is None:  # plan device cap
+            cap = self.gate.refuse_connect(loaded[0])
+            if cap:
+                self.refused += 1
+                raise Refused("device_limit", cap)
         facts, functions, variables = loaded
         session = DeviceSession(self, facts, link, handshake_at=now, functions=functions,
                                 variables=variables)
@@ -825,7 +860,7 @@ class SessionHub:
         row = (await db.execute(
             select(Device.id, Device.product_id, Device.owner_user_id, Device.customer_id,
                    Device.development, Device.platform_id, Device.functions, Device.variables,
-                   Product.org_id, Product.settings)
+                   Product.org_id, Product.settings, Device.cellular)
             .outerjoin(Product, Product.id == Device.product_id)
             .where(Device.id == device_id.lower()))).one_or_none()
         if row is None:
@@ -839,6 +874,7 @@ class SessionHub:
             event_data_max=int(ps.get("event_data_max_bytes") or cfg.event_data_max_bytes),
             rate_per_s=float(ps.get("event_rate_per_s") or cfg.event_rate_per_s),
             rate_burst=int(ps.get("event_rate_burst") or cfg.event_rate_burst),
+            cellular=bool(row.cellular),
         )
         return facts, list(row.functions or []), dict(row.variables or {})
 

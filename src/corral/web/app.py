@@ -16,6 +16,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import corral
+from corral.auth.guards import add_tenant_check
+from corral.billing.providers import PaymentProvider, make_provider
+from corral.billing.service import BillingService, lock_check, paused_orgs
 from corral.bus import Bus
 from corral.bus.inprocess import InProcessBus
 from corral.db import migrate
@@ -25,6 +28,8 @@ from corral.events.writer import EventWriter
 from corral.kit import clock
 from corral.mail.backends import MailBackend, make_backend
 from corral.mail.tasks import Mailer
+from corral.metering.gate import UsageGate
+from corral.metering.tasks import MeteringService
 from corral.sessions.core import SessionHub, publish_after_commit
 from corral.settings import Settings
 from corral.web import errors
@@ -37,7 +42,7 @@ class Runtime:
     """Long-lived parts of one server process: engine, sessions, background workers."""
 
     def __init__(self, settings: Settings, *, mail_backend: MailBackend | None = None,
-                 bus: Bus | None = None) -> None:
+                 bus: Bus | None = None, payments: PaymentProvider | None = None) -> None:
         self.settings = settings
         self.mail_backend = mail_backend or make_backend(settings)
         self.engine: AsyncEngine | None = None
@@ -48,6 +53,13 @@ class Runtime:
         self.hub: SessionHub | None = None
         self.transports: list[Any] = []  # started device listeners (each has .stop())
         self._retention: asyncio.Task[None] | None = None
+        self.gate = UsageGate()  # data-operation limits, pause, device cap (corral.metering)
+        self.metering = MeteringService(settings, self.gate)
+        # billing: the payment provider (fake | stripe) and the renewal/retry loop
+        self.payments: PaymentProvider = payments or make_provider(settings)
+        self.billing: BillingService | None = None
+        self._billing_task: asyncio.Task[None] | None = None
+        self.gate.add_pause_source(paused_orgs)  # locked orgs whose devices pause
 
     async def start(self, app: FastAPI, *, migrate_db: bool = True,
                     background: bool = True) -> None:
@@ -59,7 +71,8 @@ class Runtime:
             await migrate.upgrade(self.engine)
         self.mailer = Mailer(None, self.mail_backend)  # type: ignore[arg-type]
         self.sessionmaker = async_sessionmaker(
-            self.engine, expire_on_commit=False, info={"wake_mailer": self.mailer.wake, "bus": self.bus}
+            self.engine, expire_on_commit=False, info={"wake_mailer": self.mailer.wake, "bus": self.bus,
+                                       "metering_wake": self.metering.wake}
         )
         self.mailer.sessionmaker = self.sessionmaker
         app.state.sessionmaker = self.sessionmaker
@@ -68,10 +81,15 @@ class Runtime:
         self.writer.after_commit.append(lambda events: publish_after_commit(bus, events))
         self.writer.start()
         self.hub = SessionHub(self.settings, self.sessionmaker, self.bus, self.writer,
-                              reset_presence=isinstance(self.bus, InProcessBus))
+                              gate=self.gate, reset_presence=isinstance(self.bus, InProcessBus))
         await self.hub.start()
+        self.metering.attach(self.sessionmaker, self.writer, self.hub)
+        await self.metering.start(background=background)
+        self.billing = BillingService(self.sessionmaker, self.settings, self.payments)
         if background:
             self.mailer.start()
+            self._billing_task = asyncio.get_running_loop().create_task(
+                self.billing.run(), name="billing")
             self._retention = asyncio.get_running_loop().create_task(
                 self._retention_loop(), name="event-retention")
 
@@ -112,6 +130,14 @@ class Runtime:
         self.transports.clear()
         if self.hub:
             await self.hub.stop()
+        await self.metering.stop()
+        if self._billing_task:
+            self._billing_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._billing_task
+        aclose = getattr(self.payments, "aclose", None)  # the Stripe adapter's HTTP client
+        if aclose is not None:
+            await aclose()
         if self._retention:
             self._retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -129,20 +155,25 @@ def routers() -> list[APIRouter]:
     """Every domain's router, in mounting order (the permission-matrix test walks these)."""
     from corral.accounts.api import router as accounts_router
     from corral.audit.api import router as audit_router
+    from corral.billing.api import router as billing_router
     from corral.customers.api import router as customers_router
     from corral.devices.api import router as devices_router
     from corral.devices.claims_api import router as claims_router
     from corral.devices.credentials_api import router as credentials_router
     from corral.events.api import router as events_router
+    from corral.firmware.api import router as firmware_router
+    from corral.metering.api import router as metering_router
     from corral.orgs.api import router as orgs_router
     from corral.products.api import router as products_router
+    from corral.rollouts.api import router as rollouts_router
     from corral.sessions.api import router as sessions_router
 
     # events before devices (/v1/devices/events must win over /v1/devices/{id}); functions
     # and variables last (/v1/devices/{id}/{name} must not shadow any other device route)
-    return [accounts_router, orgs_router, products_router, audit_router, events_router,
+    return [accounts_router, orgs_router, billing_router, products_router, audit_router,
+            events_router,
             claims_router, credentials_router, customers_router, devices_router,
-            sessions_router]
+            firmware_router, rollouts_router, metering_router, sessions_router]
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None,
@@ -172,6 +203,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
     app.state.settings = settings
     app.state.runtime = rt
     errors.install(app)
+    add_tenant_check(lock_check)  # a locked or inactive organization answers 402
 
     for router in routers():
         app.include_router(router)
@@ -191,7 +223,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    bulk = [(r"^/v1/products/[^/]+/(devices|device_keys)/?$", settings.max_import_bytes)]
+    bulk = [(r"^/v1/products/[^/]+/(devices|device_keys)/?$", settings.max_import_bytes),
+            # a firmware upload: the binary plus the multipart framing and form fields
+            (r"^/v1/products/[^/]+/firmware/?$", settings.firmware_max_bytes + 65_536)]
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, large=bulk)  # type: ignore[arg-type]
     app.add_middleware(RejectNul)  # type: ignore[arg-type]
     app.add_middleware(Metrics)  # type: ignore[arg-type]

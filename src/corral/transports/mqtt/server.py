@@ -349,6 +349,8 @@ class Connection:
             self._corked.append(data)
         else:
             self.writer.write(data)
+        if self.session is not None:
+            self.session.count_bytes(len(data))
         _OUT[_kind(packet)].inc()
         return True
 
@@ -599,6 +601,8 @@ class Connection:
                 if not data:
                     self._end("connection lost", will=True)
                     return
+                if self.session is not None:
+                    self.session.count_bytes(len(data))
                 try:
                     packets = self.decoder.feed(data)
                 except ProtocolError as exc:

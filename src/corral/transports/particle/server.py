@@ -382,6 +382,8 @@ class ParticleConnection:
                 continue
             if not data:
                 raise _Close("connection lost")
+            if self.session is not None:
+                self.session.count_bytes(len(data))
             self.last_heard = loop.time()
             for m in self._decode(data):
                 await self._handle(m)
@@ -409,7 +411,10 @@ class ParticleConnection:
             self._end("the device does not read what it is sent")
             self._abort()
             return False
-        self.writer.write(self.channel.seal(coap.encode(m)))
+        sealed = self.channel.seal(coap.encode(m))
+        self.writer.write(sealed)
+        if self.session is not None:
+            self.session.count_bytes(len(sealed))
         return True
 
     async def _flush(self) -> None:

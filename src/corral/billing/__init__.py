@@ -1,0 +1,1 @@
+"""Subscriptions, payments and invoices of organizations (see docs/billing.md)."""
