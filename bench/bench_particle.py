@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import resource
@@ -114,6 +115,7 @@ class Connector:
         self.describe = describe
         self.latencies: list[float] = []
         self.retries = 0
+        self.retry_reasons: collections.Counter[str] = collections.Counter()
         self.failures: list[str] = []
 
     async def connect(self, did: str, key: rsa.RSAPrivateKey) -> ParticleDevice | None:
@@ -127,6 +129,7 @@ class Connector:
                     await dev.close()
                     self.retries += 1
                     last = repr(exc)
+                    self.retry_reasons[type(exc).__name__ + ": " + str(exc)[:60]] += 1
                     await asyncio.sleep(0.2)
                     continue
                 self.latencies.append(time.perf_counter() - t)
@@ -291,6 +294,9 @@ async def storm(srv: Any, port: int, server: rsa.RSAPublicKey, n: int, concurren
               f"{percentile(conn.latencies, 50) * 1000:.0f} ms | "
               f"{percentile(conn.latencies, 99) * 1000:.0f} ms | {server_cpu:.1f} s | "
               f"{client_cpu:.1f} s | {conn.retries} | {len(conn.failures)} |")
+    for phase, _ok, _wall, conn, *_ in rows:
+        if conn.retry_reasons:
+            print(f"retries in '{phase}':", dict(conn.retry_reasons.most_common(5)))
     await close_all(devices)
 
 

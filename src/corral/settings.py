@@ -57,6 +57,10 @@ class Settings(BaseSettings):
                                description="Particle device protocol (TCP); 0 = off")
     particle_handshake_timeout_s: float = Field(default=20.0, gt=0)  # each handshake step
     particle_max_handshakes: int = Field(default=64, ge=1)  # in progress at once; others wait
+    # connections the kernel holds for a device listener before it accepts them (capped by
+    # net.core.somaxconn). A fleet reconnecting at once overflows a short queue, and a
+    # connection dropped there waits out SYN-ACK retransmissions (~1 min) before it gets in.
+    device_listen_backlog: int = Field(default=4096, ge=1)
 
     # --- device traffic rules (per product overrides in product settings)
     event_data_max_bytes: int = Field(default=1024, ge=1, le=16_384)

@@ -1,7 +1,8 @@
 """Device credentials for the two transports, product CA certificates and JITP.
 
 * **Particle protocol**: each device may have one RSA public key (1024-4096 bits), stored as
-  DER SubjectPublicKeyInfo. The device server looks it up with :func:`device_public_key`.
+  DER SubjectPublicKeyInfo (:func:`spki_der`); the device server compares the key a device
+  presents with it byte for byte (:meth:`corral.sessions.core.SessionHub.check_device_key`).
 * **MQTT**: each device may have one generated secret, shown once and stored as a SHA-256
   digest. The MQTT server checks it with :func:`verify_mqtt_secret`.
 * **X.509 (JITP)**: a product registers CA certificates; a device presenting a leaf
@@ -115,7 +116,8 @@ def load_rsa_public_key(data: bytes | str) -> rsa.RSAPublicKey:
     return key
 
 
-def _spki_der(key: rsa.RSAPublicKey) -> bytes:
+def spki_der(key: rsa.RSAPublicKey) -> bytes:
+    """The one form device public keys are stored in (compare stored keys as bytes)."""
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -154,7 +156,7 @@ async def set_public_key(db: AsyncSession, *, actor: Subject | None, ip: str | N
                          algorithm: Any = None) -> dict[str, Any]:
     """Validate and store ``device``'s RSA public key; returns :func:`public_key_json`."""
     check_algorithm(algorithm)
-    der = _spki_der(load_rsa_public_key(key_data))
+    der = spki_der(load_rsa_public_key(key_data))
     _store_key(device, der)
     info = public_key_json(device)
     assert info is not None
@@ -223,7 +225,7 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
             continue
         try:
             key = load_rsa_public_key(pem)
-            parsed[device_id] = (_spki_der(key), key.key_size)
+            parsed[device_id] = (spki_der(key), key.key_size)
         except BadRequest as exc:
             invalid.append({"device_id": device_id, "reason": exc.description})
             parsed[device_id] = (b"", 0)
@@ -291,14 +293,6 @@ async def device_public_key(db: AsyncSession, device_id: str) -> rsa.RSAPublicKe
     return key if isinstance(key, rsa.RSAPublicKey) else None
 
 
-async def device_key_state(db: AsyncSession, device_id: str) -> tuple[bool, rsa.RSAPublicKey | None]:
-    """(whether the device is known, its usable RSA key) for the Particle handshake."""
-    if not isinstance(device_id, str) or not is_device_id(device_id):
-        return False, None
-    known = await db.get(Device, device_id.lower()) is not None
-    return known, await device_public_key(db, device_id) if known else None
-
-
 async def pin_public_key(db: AsyncSession, device_id: str, key: rsa.RSAPublicKey) -> bool:
     """Trust on first use: record ``key`` for a device that has none yet (a device that was
     unknown until its first handshake); audited. False when the device already had a key
@@ -306,7 +300,7 @@ async def pin_public_key(db: AsyncSession, device_id: str, key: rsa.RSAPublicKey
     did = device_id.lower()
     res = await db.execute(
         update(Device).where(Device.id == did, Device.public_key_der.is_(None))
-        .values(public_key_der=_spki_der(key), public_key_algorithm="rsa",
+        .values(public_key_der=spki_der(key), public_key_algorithm="rsa",
                 credentials_version=Device.credentials_version + 1)
         .execution_options(synchronize_session=False))
     if not res.rowcount:  # type: ignore[attr-defined]

@@ -532,11 +532,32 @@ def _insert_ignoring_existing(db: AsyncSession, values: dict[str, Any]) -> Any:
 
 
 def _state(device: Device) -> Admission:
-    if device.denied:
-        return Admission("denied", device, "The device was denied by its product")
-    if device.quarantined:
-        return Admission("quarantined", device, "The device waits for approval in quarantine")
-    return Admission("accepted", device, "The device is known")
+    decision, reason = known_state(denied=device.denied, quarantined=device.quarantined)
+    return Admission(decision, device, reason)
+
+
+def known_state(*, denied: bool, quarantined: bool) -> tuple[Decision, str]:
+    """The decision for a device its product already knows."""
+    if denied:
+        return "denied", "The device was denied by its product"
+    if quarantined:
+        return "quarantined", "The device waits for approval in quarantine"
+    return "accepted", "The device is known"
+
+
+def admission_without_writes(row_product_id: int | None, *, denied: bool, quarantined: bool,
+                             claimed_product_id: int | None) -> tuple[Decision, str] | None:
+    """:func:`admit`'s answer for a device row already read, when it needs no write: the
+    device is in the product its firmware claims (or a developer device that claims none).
+    ``None`` means "ask :func:`admit`" (an unknown device, a device moving product, a
+    product ID to check). The connection path reads the row once and decides here."""
+    if claimed_product_id is None:
+        if row_product_id is None:
+            return "accepted", "A developer device"
+        return known_state(denied=denied, quarantined=quarantined)
+    if row_product_id == claimed_product_id:
+        return known_state(denied=denied, quarantined=quarantined)
+    return None
 
 
 async def _owner_on_team(db: AsyncSession, user_id: int, product: Product) -> bool:

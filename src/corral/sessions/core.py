@@ -39,6 +39,7 @@ from corral.kit import clock
 from corral.metering.ledger import Kind, Usage, uncounted_name
 from corral.products.models import Product
 from corral.sessions import contract
+from corral.sessions.lookup import DeviceRows
 from corral.settings import Settings
 
 log = logging.getLogger("corral.sessions")
@@ -676,6 +677,7 @@ class SessionHub:
                  reset_presence: bool = True) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
+        self._rows = DeviceRows(sessionmaker.kw["bind"], _FACTS)
         self.bus = bus
         self.writer = writer
         self.gate: CommunicationGate = gate or OpenGate()
@@ -761,22 +763,17 @@ class SessionHub:
         async with self.sessionmaker() as db:
             return await credentials.active_ca_certificates(db)
 
-    async def device_public_key(self, device_id: str) -> rsa.RSAPublicKey | None:
-        """The device's registered RSA public key (Particle handshake)."""
-        async with self.sessionmaker() as db:
-            return await credentials.device_public_key(db, device_id)
-
     async def check_device_key(self, device_id: str, key: rsa.RSAPublicKey
                                ) -> Literal["registered", "unknown", "refused"]:
         """May a device present ``key`` in a key-based handshake? A known device must present
         its registered key (a known device without one is refused: register it with
         ``POST /v1/provisioning/:id``); an unknown device may go on, and admission on its
         Hello decides (its key is then pinned: :meth:`pin_device_key`)."""
-        async with self.sessionmaker() as db:
-            known, registered = await credentials.device_key_state(db, device_id)
-        if not known:
+        row = await self._rows.get(device_id)  # coalesced with concurrent handshakes' reads
+        if row is None:
             return "unknown"
-        if registered is not None and registered.public_numbers() == key.public_numbers():
+        # stored keys are canonical SubjectPublicKeyInfo DER (credentials.spki_der)
+        if not row.denied and row.public_key_der == credentials.spki_der(key):
             return "registered"
         return "refused"
 
@@ -792,28 +789,38 @@ class SessionHub:
     async def open(self, hello: Hello, link: DeviceLink) -> DeviceSession:
         """Admit an authenticated device and make it online. Raises :class:`Refused`
         (``unknown_device``, ``unknown_product``, ``wrong_product``, ``quarantined``,
-        ``denied``, ``busy``)."""
+        ``denied``, ``device_limit``, ``busy``)."""
         if self._stopping:
             raise Refused("busy", "The server is shutting down")
         now = clock.now()
         did = hello.device_id.lower()
-        async with self.sessionmaker() as db:
-            adm = await devices.admit(db, device_id=hello.device_id, product_id=hello.product_id,
-                                      platform_id=hello.platform_id)
-            if not adm.accepted:
-                await db.commit()  # admit may have created a quarantined device
-                self.refused += 1
-                log.info("device %s refused: %s (%s)", hello.device_id, adm.decision, adm.reason)
-                raise Refused(adm.decision, adm.reason)
-            loaded = await self._load(db, did)
-            await db.commit()  # usually a read-only transaction: no write lock taken
-        assert loaded is not None
-        if adm.device is not None and adm.device.first_online_at is None:  # plan device cap
-            cap = self.gate.refuse_connect(loaded[0])
+        # the usual case, a device its product knows, is decided on one read with no ORM
+        # session; anything that needs a write (a new device, a move) goes through admit()
+        row = await self._rows.get(did)
+        quick = None if row is None else devices.admission_without_writes(
+            row.product_id, denied=row.denied, quarantined=row.quarantined,
+            claimed_product_id=hello.product_id)
+        if quick is None:
+            async with self.sessionmaker() as db:
+                adm = await devices.admit(db, device_id=hello.device_id,
+                                          product_id=hello.product_id,
+                                          platform_id=hello.platform_id)
+                if adm.accepted:
+                    row = (await db.execute(_FACTS.where(Device.id == did))).one_or_none()
+                await db.commit()  # admit may have created or moved the device
+            quick = (adm.decision, adm.reason)
+        decision, reason = quick
+        if decision != "accepted" or row is None:
+            self.refused += 1
+            log.info("device %s refused: %s (%s)", hello.device_id, decision, reason)
+            raise Refused(decision, reason)
+        facts, functions, variables = self._facts_of(row)
+        if row.first_online_at is None:  # never online before: the plan's device cap
+            cap = self.gate.refuse_connect(facts)
             if cap:
                 self.refused += 1
+                log.info("device %s refused: device_limit (%s)", hello.device_id, cap)
                 raise Refused("device_limit", cap)
-        facts, functions, variables = loaded
         session = DeviceSession(self, facts, link, handshake_at=now, functions=functions,
                                 variables=variables)
         old = self.sessions.get(did)
@@ -857,14 +864,10 @@ class SessionHub:
     async def _load(self, db: AsyncSession, device_id: str
                     ) -> tuple[DeviceFacts, list[str], dict[str, str]] | None:
         """The device's facts and what it last described, in one query."""
-        row = (await db.execute(
-            select(Device.id, Device.product_id, Device.owner_user_id, Device.customer_id,
-                   Device.development, Device.platform_id, Device.functions, Device.variables,
-                   Product.org_id, Product.settings, Device.cellular)
-            .outerjoin(Product, Product.id == Device.product_id)
-            .where(Device.id == device_id.lower()))).one_or_none()
-        if row is None:
-            return None
+        row = (await db.execute(_FACTS.where(Device.id == device_id.lower()))).one_or_none()
+        return None if row is None else self._facts_of(row)
+
+    def _facts_of(self, row: Any) -> tuple[DeviceFacts, list[str], dict[str, str]]:
         cfg = self.settings
         ps: dict[str, Any] = row.settings or {}
         facts = DeviceFacts(
@@ -877,6 +880,16 @@ class SessionHub:
             cellular=bool(row.cellular),
         )
         return facts, list(row.functions or []), dict(row.variables or {})
+
+
+# what a connection needs of its device: key, admission state, tenancy, limits, last describe
+_FACTS = (
+    select(Device.id, Device.product_id, Device.owner_user_id, Device.customer_id,
+           Device.development, Device.platform_id, Device.functions, Device.variables,
+           Device.quarantined, Device.denied, Device.public_key_der, Device.cellular,
+           Device.first_online_at, Product.org_id, Product.settings)
+    .outerjoin(Product, Product.id == Device.product_id)
+)
 
 
 async def publish_after_commit(bus: Bus, events: Sequence[Any]) -> None:

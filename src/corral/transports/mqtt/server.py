@@ -1016,7 +1016,8 @@ class MqttListener:
         self._server = await asyncio.start_server(
             self._on_client, host, port, ssl=tls.base if tls else None,
             ssl_handshake_timeout=self.server.settings.mqtt_connect_timeout_s if tls else None,
-            limit=READ_SIZE, reuse_address=True)
+            limit=READ_SIZE, reuse_address=True,
+            backlog=self.server.settings.device_listen_backlog)
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
         log.info("MQTT%s listening on %s:%d", "/TLS" if self.tls else "", self.host, self.port)

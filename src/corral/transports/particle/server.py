@@ -822,8 +822,9 @@ class ParticleListener:
         self._server: asyncio.Server | None = None
 
     async def _start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._on_client, host, port, limit=READ_SIZE,
-                                                  reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._on_client, host, port, limit=READ_SIZE, reuse_address=True,
+            backlog=self.settings.device_listen_backlog)
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
         log.info("Particle devices: listening on %s:%d", self.host, self.port)
