@@ -307,6 +307,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int)
     ap.add_argument("--no-describe", action="store_true")
     ap.add_argument("--database-url")
+    ap.add_argument("--max-handshakes", type=int, help="the server's particle_max_handshakes")
     a = ap.parse_args()
     defaults = {"handshakes": (300, 50), "held": (5000, 200), "storm": (10_000, 500)}
     n = a.devices or defaults[a.what][0]
@@ -320,7 +321,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = load_or_create_server_key(Path(tmp)).public_key()
         with corral_serve(Path(tmp), database_url=a.database_url, extra_env={
-                "CORRAL_PARTICLE_PORT": str(port)}) as srv:
+                "CORRAL_PARTICLE_PORT": str(port),
+                **({"CORRAL_PARTICLE_MAX_HANDSHAKES": str(a.max_handshakes)}
+                   if a.max_handshakes else {})}) as srv:
             run = {"handshakes": handshakes, "held": held, "storm": storm}[a.what]
             asyncio.run(run(srv, port, server, n, concurrency, describe))
     print(f"(database: {'PostgreSQL' if a.database_url else 'SQLite'}; "

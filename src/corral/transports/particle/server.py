@@ -814,8 +814,9 @@ class ParticleListener:
         self.connections: set[ParticleConnection] = set()
         self.host = ""
         self.port = 0
-        self.ping_interval_s = 30.0  # we ping a device silent for this long
-        self.keepalive_timeout_s = 60.0  # and drop one silent for this long
+        self.ping_interval_s = settings.particle_ping_interval_s
+        self.keepalive_timeout_s = max(settings.particle_keepalive_timeout_s,
+                                       settings.particle_ping_interval_s)
         self.drain_timeout_s = 10.0  # a device that reads nothing for this long is dropped
         self.request_timeout_s = 10.0  # describe requests
         self.handshakes = asyncio.Semaphore(settings.particle_max_handshakes)
