@@ -54,7 +54,7 @@ ROLE_LABELS = {
 PRODUCT_READ = frozenset({
     "products:get", "teams.users:list", "clients:list", "customers:list", "devices:list",
     "devices:get", "events:get", "firmware:list", "firmware:get", "groups:list", "groups:get",
-    "rollouts:list", "fleet:get", "usage:get",
+    "rollouts:list", "fleet:get", "usage:get", "locations:get",
 })
 SUPPORT_EXTRA = frozenset({
     "devices:update", "devices.function:call", "devices.variable:get", "customers:update",

@@ -56,6 +56,7 @@ def all_models() -> None:
     from corral.devices import models as _devices  # noqa: F401
     from corral.events import models as _events  # noqa: F401
     from corral.firmware import models as _firmware  # noqa: F401
+    from corral.locations import models as _locations  # noqa: F401
     from corral.mail import models as _mail  # noqa: F401
     from corral.metering import models as _metering  # noqa: F401
     from corral.orgs import models as _orgs  # noqa: F401

@@ -26,6 +26,7 @@ from corral.db.engine import make_engine
 from corral.events.service import delete_older_than
 from corral.events.writer import EventWriter
 from corral.kit import clock
+from corral.locations.service import LocationRecorder
 from corral.mail.backends import MailBackend, make_backend
 from corral.mail.tasks import Mailer
 from corral.metering.gate import UsageGate
@@ -51,6 +52,7 @@ class Runtime:
         self.bus: Bus = bus or InProcessBus()
         self.writer: EventWriter | None = None
         self.hub: SessionHub | None = None
+        self.locations: LocationRecorder | None = None
         self.transports: list[Any] = []  # started device listeners (each has .stop())
         self._retention: asyncio.Task[None] | None = None
         self.gate = UsageGate()  # data-operation limits, pause, device cap (corral.metering)
@@ -79,6 +81,8 @@ class Runtime:
         self.writer = EventWriter(self.sessionmaker)
         bus = self.bus
         self.writer.after_commit.append(lambda events: publish_after_commit(bus, events))
+        self.locations = LocationRecorder(self.sessionmaker)  # points of committed `loc` events
+        self.writer.after_commit.append(self.locations)
         self.writer.start()
         self.hub = SessionHub(self.settings, self.sessionmaker, self.bus, self.writer,
                               gate=self.gate, reset_presence=isinstance(self.bus, InProcessBus))
@@ -144,6 +148,8 @@ class Runtime:
                 await self._retention
         if self.writer:
             await self.writer.stop()
+        if self.locations is not None:
+            await self.locations.drain()
         await self.bus.close()
         if self.mailer:
             await self.mailer.stop()
@@ -162,6 +168,7 @@ def routers() -> list[APIRouter]:
     from corral.devices.credentials_api import router as credentials_router
     from corral.events.api import router as events_router
     from corral.firmware.api import router as firmware_router
+    from corral.locations.api import router as locations_router
     from corral.metering.api import router as metering_router
     from corral.orgs.api import router as orgs_router
     from corral.products.api import router as products_router
@@ -173,7 +180,8 @@ def routers() -> list[APIRouter]:
     return [accounts_router, orgs_router, billing_router, products_router, audit_router,
             events_router,
             claims_router, credentials_router, customers_router, devices_router,
-            firmware_router, rollouts_router, metering_router, sessions_router]
+            firmware_router, rollouts_router, metering_router, locations_router,
+            sessions_router]
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None,

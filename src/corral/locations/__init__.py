@@ -1,0 +1,1 @@
+"""Stored device locations (Tracker-style ``loc`` events): each point is a data operation."""
