@@ -75,7 +75,8 @@ def test_fleet_ids_are_fixed_and_distinct() -> None:
 async def test_ensure_demo_is_idempotent(app: Any, settings: Settings,
                                          client: httpx.AsyncClient) -> None:
     first = await ensure_demo(app.state.sessionmaker, settings)
-    assert first.created == ["user", "org", "product", "devices", "quarantined device"]
+    assert first.created == ["user", "org", "product", "devices", "quarantined device",
+                             "subscription"]
     assert (first.devices, first.quarantined) == (DEMO_FLEET_SIZE + 1, 1)
     assert first.fleet_summary == f"{DEMO_FLEET_SIZE + 1} (1 in quarantine)"
     token = await _token(client, first)
@@ -152,3 +153,57 @@ async def test_rerun_keeps_the_users_changes_and_restores_missing_devices(
             devices[DEMO_QUARANTINED_ID]["quarantined"]) == (True, False)
     assert (devices[removed]["name"], devices[removed]["groups"]) == ("demo-sensor-11",
                                                                       ["field"])
+
+
+async def test_demo_org_is_subscribed_on_the_fake_provider(
+        app: Any, settings: Settings, client: httpx.AsyncClient) -> None:
+    import datetime as dt
+
+    from corral.kit import clock
+
+    mc = clock.ManualClock(dt.datetime(2027, 3, 10, 9, 0, tzinfo=dt.UTC))
+    previous = clock.install(mc)
+    try:
+        info = await ensure_demo(app.state.sessionmaker, settings)
+        token = await _token(client, info)
+        base = f"/v1/orgs/{info.org_slug}"
+        r = await client.get(f"{base}/billing", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        billing = r.json()["billing"]
+        assert (billing["plan"]["code"], billing["plan"]["blocks"]) == ("basic", 1)
+        sub = billing["subscription"]
+        assert (sub["status"], sub["plan"], sub["interval"]) == ("active", "basic", "month")
+        assert sub["payment_method"]["label"] == "visa •••• 4242"
+        r = await client.get(f"{base}/invoices", headers=bearer(token))
+        [inv] = r.json()["invoices"]
+        assert (inv["reason"], inv["status"], inv["total_cents"]) == (
+            "subscribe", "paid", 4900 + 29_900)
+        r = await client.get(f"{base}/usage", headers=bearer(token))
+        assert r.status_code == 200, r.text
+
+        # a second run leaves the subscription alone (no second charge)
+        assert "subscription" not in (await ensure_demo(app.state.sessionmaker,
+                                                        settings)).created
+        assert len((await client.get(f"{base}/invoices", headers=bearer(token))
+                    ).json()["invoices"]) == 1
+
+        # the server's own fake provider renews it, and March's statement follows April 1
+        mc.set(dt.datetime(2027, 4, 10, 10, 0, tzinfo=dt.UTC))
+        await app.state.runtime.billing.tick(mc.now())
+        token = await _token(client, info)
+        invs = (await client.get(f"{base}/invoices", headers=bearer(token))).json()["invoices"]
+        assert [(i["reason"], i["status"]) for i in reversed(invs)] == [
+            ("subscribe", "paid"), ("renewal", "paid"), ("statement", "paid")]
+        assert invs[0]["number"].endswith("-M202703")
+    finally:
+        clock.install(previous)
+
+
+async def test_demo_never_subscribes_with_a_real_provider(
+        app: Any, settings: Settings) -> None:
+    real = settings.model_copy(update={"payment_provider": "stripe"})
+    info = await ensure_demo(app.state.sessionmaker, real)
+    assert "subscription" not in info.created
+    async with app.state.sessionmaker() as db:
+        from corral.billing import service as billing
+        assert await billing.get_subscription(db, info.org_id) is None

@@ -1,5 +1,6 @@
-"""Demo data for ``corral serve --demo``: an owner account, an organization, a product and a
-small fleet of devices in it.
+"""Demo data for ``corral serve --demo``: an owner account, an organization (subscribed to
+Basic with one block on the fake payment provider), a product and a small fleet of devices
+in it.
 
 :func:`ensure_demo` is idempotent: each piece is looked up first and only created when
 missing, so running it again changes nothing. Each piece is one ``_ensure_*`` step.
@@ -31,12 +32,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from corral.accounts import service as accounts
 from corral.auth.models import User
 from corral.auth.subject import Subject
+from corral.billing import service as billing
+from corral.billing.providers import FakeProvider
 from corral.db.session import commit
 from corral.device.simulator import Fleet
 from corral.devices import credentials, importer
 from corral.devices import groups as device_groups
 from corral.devices import service as devices
 from corral.devices.access import find_device
+from corral.kit import clock
 from corral.orgs import service as orgs
 from corral.orgs.models import Organization
 from corral.products import service as products
@@ -48,6 +52,10 @@ DEMO_ORG = "Demo Org"
 DEMO_PRODUCT = "Demo Product"
 DEMO_PLATFORM_ID = 12  # Argon
 DEMO_DESCRIPTION = "Created by `corral serve --demo`."
+
+DEMO_PLAN = "basic"  # the demo org's subscription (fake payment provider only)
+DEMO_BLOCKS = 1
+DEMO_PAYMENT_METHOD = "pm_card_visa"  # the fake provider's (and Stripe's) test card
 
 DEMO_FLEET_SEED = "corral-demo-fleet"
 DEMO_FLEET_SIZE = 24
@@ -117,6 +125,7 @@ async def ensure_demo(sessionmaker: async_sessionmaker[AsyncSession], settings: 
         product = await _ensure_product(db, owner, org, created)
         await _ensure_fleet(db, owner, product, created)
         await _ensure_quarantined(db, product, created)
+        await _ensure_subscription(db, settings, owner, org, created)
         total, quarantined = await _fleet_counts(db, product)
         await commit(db)
     live = 0
@@ -143,6 +152,24 @@ async def _ensure_org(db: AsyncSession, owner: Subject, created: list[str]) -> O
             return org
     created.append("org")
     return await orgs.new_org(db, actor=owner, name=DEMO_ORG, ip=None)  # type: ignore[arg-type]
+
+
+async def _ensure_subscription(db: AsyncSession, settings: Settings, owner: Subject,
+                               org: Organization, created: list[str]) -> None:
+    """Subscribe the demo organization to Basic with one block, monthly, paid with the fake
+    provider's test card, so billing, usage and invoices have something to show. Only with
+    the fake provider (a demo never charges a real card), and only once: a subscription the
+    user changed or cancelled is left as it is."""
+    if settings.payment_provider != "fake":
+        return
+    if await billing.get_subscription(db, org.id) is not None:
+        return
+    outcome = await billing.subscribe(
+        db, settings, FakeProvider(), org=org, actor=owner, ip="127.0.0.1",
+        plan_code=DEMO_PLAN, interval="month", blocks=DEMO_BLOCKS,
+        payment_method=DEMO_PAYMENT_METHOD, pause_devices_when_locked=None, now=clock.now())
+    if not outcome.declined:
+        created.append("subscription")
 
 
 async def _ensure_product(db: AsyncSession, owner: Subject, org: Organization,

@@ -66,8 +66,10 @@ class Invoice(Timestamps, Base):
     subscription_id: Mapped[int] = mapped_column(
         ForeignKey("billing_subscriptions.id", ondelete="CASCADE"), index=True)
     number: Mapped[str] = mapped_column(String(30), unique=True)
-    reason: Mapped[str] = mapped_column(String(20))  # subscribe | renewal | reactivation
-    status: Mapped[str] = mapped_column(String(14))  # open | paid | uncollectible | void
+    # subscribe | renewal | reactivation | statement (the monthly bill, billing.statements)
+    reason: Mapped[str] = mapped_column(String(20))
+    # open | paid | uncollectible | void; a statement: paid | issued (it collects nothing)
+    status: Mapped[str] = mapped_column(String(14))
     currency: Mapped[str] = mapped_column(String(3))
     total_cents: Mapped[int] = mapped_column(default=0)
     period_start: Mapped[dt.datetime]

@@ -32,12 +32,14 @@ from fractions import Fraction
 from typing import Any
 
 from sqlalchemy import distinct, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.audit import service as audit
 from corral.auth.models import Membership, User
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
+from corral.billing import locks
 from corral.billing.models import (
     ACTIVE,
     CANCELED,
@@ -128,6 +130,8 @@ def money(cents: int, currency: str) -> str:
 
 
 def seat_price(settings: Settings, plan_code: str) -> int:
+    if plan_code == "enterprise":  # contracted; invoiced outside corral (billing.enterprise)
+        return 0
     prices = settings.billing_seat_price_cents
     return int(prices.get(plan_code, prices.get("default", 0)))
 
@@ -176,9 +180,8 @@ async def lock_check(db: AsyncSession, org_id: int, permission: str) -> None:
     lookup of the subscription's status). Installed in :mod:`corral.auth.guards`."""
     if permission in ALLOWED_WHEN_SHUT:
         return
-    status = (await db.execute(select(Subscription.status).where(
-        Subscription.org_id == org_id))).scalar_one_or_none()
-    if status in SHUT:
+    status = (await locks.shut_statuses(db, (org_id,))).get(org_id)
+    if status is not None:
         why = ("three payment attempts failed" if status == LOCKED
                else "the subscription was cancelled and its period has ended")
         raise SubscriptionInactive(
@@ -299,15 +302,23 @@ def invoice_json(inv: Invoice, lines: Sequence[InvoiceLine] | None = None,
 def invoice_text(inv: Invoice, lines: Sequence[InvoiceLine], org: Organization) -> str:
     """A plain-text rendering of an invoice."""
     day = "%Y-%m-%d"
-    out = [f"Invoice {inv.number}", f"Organization: {org.name} ({org.slug})",
+    title = f"Invoice {inv.number}"
+    if inv.reason == "statement":
+        title += f" (monthly statement, {inv.period_start:%B %Y})"
+    out = [title, f"Organization: {org.name} ({org.slug})",
            f"Issued: {inv.issued_at.strftime(day)}",
            f"Period: {inv.period_start.strftime(day)} to {inv.period_end.strftime(day)}",
            f"Status: {inv.status}", ""]
+    # a statement's usage lines carry numbers, not money: listed after the total
+    usage_lines = [line for line in lines if line.kind in ("usage", "usage_total")]
+    lines = [line for line in lines if line.kind not in ("usage", "usage_total")]
     width = max([len(line.description) for line in lines] + [20])
     for line in lines:
         qty = f"{line.quantity} x " if line.quantity != 1 else ""
         out.append(f"{line.description:<{width}}  {qty:>8}{money(line.amount_cents, inv.currency):>16}")
     out += ["-" * (width + 26), f"{'Total':<{width}}  {'':>8}{money(inv.total_cents, inv.currency):>16}"]
+    if usage_lines:
+        out += ["", "Usage:"] + [f"  {line.description}" for line in usage_lines]
     return "\n".join(out) + "\n"
 
 
@@ -455,8 +466,9 @@ async def change_terms(db: AsyncSession, settings: Settings, *, sub: Subscriptio
 # --- invoices and charges ------------------------------------------------------------------
 
 async def _next_number(db: AsyncSession, org_id: int) -> str:
+    # monthly statements have numbers of their own (CRL-<org>-M<yyyymm>, billing.statements)
     n = (await db.execute(select(func.count(Invoice.id)).where(
-        Invoice.org_id == org_id))).scalar_one()
+        Invoice.org_id == org_id, Invoice.reason != "statement"))).scalar_one()
     return f"CRL-{org_id:06d}-{int(n) + 1:04d}"
 
 
@@ -923,6 +935,7 @@ class BillingService:
         self.sessionmaker = sessionmaker
         self.settings = settings
         self.provider = provider
+        self._statements_through: dt.date | None = None  # every statement up to this month
 
     async def tick(self, now: dt.datetime | None = None) -> int:
         """Process every subscription that may have work; returns how many were visited."""
@@ -942,7 +955,39 @@ class BillingService:
                     await commit(db)
             except Exception:
                 log.exception("billing: subscription %s failed to advance", sub_id)
+        await self.statements(now)
         return len(ids)
+
+    async def statements(self, now: dt.datetime | None = None) -> int:
+        """Write the monthly statements owed at ``now`` (:mod:`corral.billing.statements`),
+        one organization per transaction; a no-op until the next month closes once every
+        organization is done. Returns how many were written."""
+        from corral.billing import statements  # it builds on this module
+
+        now = now or clock.now()
+        month = statements.last_closed_month(now)
+        if self._statements_through == month:
+            return 0
+        async with self.sessionmaker() as db:
+            ids = list((await db.execute(select(Subscription.id).where(
+                Subscription.status != INCOMPLETE).order_by(Subscription.id))).scalars())
+        written, failed = 0, False
+        for sub_id in ids:
+            try:
+                async with self.sessionmaker() as db:
+                    sub = await db.get(Subscription, sub_id)
+                    if sub is None:
+                        continue
+                    written += len(await statements.issue_due(db, sub, now))
+                    await commit(db)
+            except IntegrityError:  # another server wrote the same statement first
+                log.info("billing: statement of subscription %s written concurrently", sub_id)
+            except Exception:
+                failed = True
+                log.exception("billing: statements of subscription %s failed", sub_id)
+        if not failed:
+            self._statements_through = month
+        return written
 
     async def run(self) -> None:
         import asyncio

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -17,11 +18,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.accounts import service as accounts
+from corral.billing import enterprise as enterprise_terms
+from corral.billing import service as billing
 from corral.cli.config import settings_from
 from corral.cli.output import console, fail, print_json, table
 from corral.db import migrate
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.db.session import commit
+from corral.kit import clock
 from corral.kit.errors import CorralError
 from corral.settings import Settings
 
@@ -148,3 +152,58 @@ def list_users(
     else:
         table("Users", ["id", "username", "kind", "created"],
               [(u["id"], u["username"], u["kind"], u["created_at"]) for u in users])
+
+
+@admin_app.command("enterprise")
+def enterprise(
+    org: Annotated[str, typer.Argument(help="The organization (id or slug).")],
+    max_devices: Annotated[int, typer.Option(
+        "--max-devices", min=0, help="Contracted billable devices.")],
+    max_data_ops: Annotated[int, typer.Option(
+        "--max-data-ops", min=0, help="Contracted data operations per contract year.")],
+    max_cellular_mb: Annotated[int, typer.Option(
+        "--max-cellular-mb", min=0, help="Contracted cellular MB per contract year.")],
+    max_storage_mb: Annotated[int | None, typer.Option(
+        "--max-storage-mb", min=0, help="Contracted storage (MB).")] = None,
+    contract_start: Annotated[str | None, typer.Option(
+        "--contract-start", help="First day of the contract, YYYY-MM-DD (default: today, or "
+        "the current contract's).")] = None,
+    per_kb: Annotated[bool | None, typer.Option(
+        "--per-kb/--per-operation", help="Count data operations per started KiB.")] = None,
+    pause_at_limit: Annotated[bool | None, typer.Option(
+        "--pause-at-limit/--no-pause-at-limit",
+        help="Pause devices at the data operations maximum.")] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="End a self-service subscription (no refund) and replace it.")
+    ] = False,
+    data_dir: DataDir = None, database_url: DatabaseUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Put an organization on the Enterprise plan with contracted maximums (again: update
+    them). Its contract is invoiced outside corral; corral renews it yearly at zero and
+    sends the monthly statements."""
+    settings = settings_from(data_dir=data_dir, database_url=database_url)
+    start = None
+    if contract_start is not None:
+        try:
+            start = dt.date.fromisoformat(contract_start)
+        except ValueError:
+            fail("--contract-start must be a date as YYYY-MM-DD")
+
+    async def work(db: AsyncSession) -> dict[str, Any]:
+        sub = await enterprise_terms.put_on_enterprise(
+            db, settings, org_key=org, max_devices=max_devices, max_data_ops=max_data_ops,
+            max_cellular_mb=max_cellular_mb, max_storage_mb=max_storage_mb,
+            contract_start=start, per_kb=per_kb, pause_at_limit=pause_at_limit,
+            replace=replace, actor_label=ACTOR, now=clock.now())
+        return billing.subscription_json(sub)
+
+    sub = run_in_db(settings, work)
+    if as_json:
+        print_json({"subscription": sub})
+        return
+    console.print(
+        f"Organization [bold]{org}[/] is on Enterprise: {max_devices:,} devices, "
+        f"{max_data_ops:,} data operations and {max_cellular_mb:,} MB per contract year "
+        f"({sub['current_period_start'][:10]} to {sub['current_period_end'][:10]}).",
+        highlight=False)

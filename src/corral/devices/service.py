@@ -32,6 +32,7 @@ from corral.audit import service as audit
 from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
+from corral.billing import locks as billing_locks
 from corral.devices import groups as group_rules
 from corral.devices import signals
 from corral.devices.access import is_device_id
@@ -500,7 +501,17 @@ async def my_devices(db: AsyncSession, subject: Subject) -> list[dict[str, Any]]
         raise api_users_not_allowed()
     rows = list((await db.execute(select(Device).where(cond).order_by(
         Device.last_handshake_at.desc().nulls_last(), Device.id))).scalars())
-    return [device_json(d, owner=subject.username) for d in rows]
+    # a device in a product of a locked or inactive organization stays the caller's (its
+    # owner still reaches it) but is marked: its product's routes answer 402
+    in_products = {d.product_id for d in rows if d.product_id is not None}
+    org_of: dict[int, int] = {}
+    if in_products:
+        org_of = {int(pid): int(oid) for pid, oid in (await db.execute(
+            select(Product.id, Product.org_id).where(Product.id.in_(in_products)))).all()}
+    shut = await billing_locks.shut_statuses(db, org_of.values())
+    return [billing_locks.mark(device_json(d, owner=subject.username),
+                               shut.get(org_of.get(d.product_id or 0, 0)))
+            for d in rows]
 
 
 # --- admission (called by the device-session core) ---------------------------------------------

@@ -23,6 +23,7 @@ from corral.audit import service as audit
 from corral.auth.models import AccessToken, Membership, OAuthClient, User
 from corral.auth.policy import API_USER_SCOPES, Role
 from corral.auth.subject import Subject
+from corral.billing import locks as billing_locks
 from corral.db.slugs import unique_slug
 from corral.kit.body import as_bool, as_int, as_str, as_str_list
 from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound
@@ -239,25 +240,34 @@ async def create_personal_product(db: AsyncSession, *, actor: Subject, body: dic
     return await create_product(db, actor=actor, org=org, body=body, ip=ip)
 
 
+async def _open_only(db: AsyncSession, products: list[Product]) -> list[Product]:
+    """Leave out the products of organizations whose subscription is locked or inactive:
+    opening one answers 402 (billing's lock check in the guards), so a list does not offer
+    it (docs/billing.md, "Locked and inactive organizations in lists")."""
+    shut = await billing_locks.shut_statuses(db, {p.org_id for p in products})
+    return [p for p in products if p.org_id not in shut]
+
+
 async def visible_products(db: AsyncSession, subject: Subject) -> list[ProductView]:
     """Every product ``subject`` can see.
 
     People: all products of organizations where they hold an org-scope role, plus products
     where they hold a product-scope role. API users and client tokens: their own product, if
     their scopes include ``products:get`` (the same rule as ``GET /v1/products/{product}``).
+    Products of a locked or inactive organization are left out.
     """
     if subject.kind != "user":
         if subject.product_id is None or "products:get" not in subject.scopes:
             return []
         row = await db.get(Product, subject.product_id)
-        return await _views(db, [row] if row else [])
+        return await _views(db, await _open_only(db, [row] if row else []))
     org_ids = select(Membership.org_id).where(Membership.user_id == subject.user_id,
                                               Membership.product_id.is_(None))
     product_ids = select(Membership.product_id).where(Membership.user_id == subject.user_id,
                                                       Membership.product_id.is_not(None))
     q = (select(Product).where(or_(Product.org_id.in_(org_ids), Product.id.in_(product_ids)))
          .order_by(Product.id))
-    return await _views(db, list((await db.execute(q)).scalars()))
+    return await _views(db, await _open_only(db, list((await db.execute(q)).scalars())))
 
 
 async def org_products(db: AsyncSession, org: Organization) -> list[ProductView]:
