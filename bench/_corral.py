@@ -102,6 +102,30 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+async def create_product(c: httpx.AsyncClient, name: str, n: int,
+                         settings: dict[str, Any]) -> dict[str, Any]:
+    """A product for ``n`` devices. Up to 100 it lives in the user's personal organization
+    (Free plan); beyond, the Free plan's device cap would refuse first connections, so it
+    lives in an organization of its own on Basic, a block per 100 devices, paid through the
+    default fake payment provider."""
+    if n <= 100:
+        r = await c.post("/v1/user/products", json={"product": {
+            "name": name, "platform_id": 12, "settings": settings}})
+        r.raise_for_status()
+        return dict(r.json()["product"])
+    r = await c.post("/v1/orgs", json={"name": f"{name} org"})
+    r.raise_for_status()
+    org = r.json()["organization"]["slug"]
+    r = await c.put(f"/v1/orgs/{org}/billing", json={
+        "plan": "basic", "blocks": -(-n // 100), "interval": "month",
+        "payment_method": "pm_card_visa"})
+    r.raise_for_status()
+    r = await c.post(f"/v1/orgs/{org}/products", json={"product": {
+        "name": name, "platform_id": 12, "settings": settings}})
+    r.raise_for_status()
+    return dict(r.json()["product"])
+
+
 async def provision_fleet(base: str, n: int, *, settings: dict[str, Any] | None = None,
                           salt: str = "bench") -> tuple[str, str, list[tuple[str, str]]]:
     """A user, a product (with ``settings``) and ``n`` devices with MQTT secrets.
@@ -110,11 +134,8 @@ async def provision_fleet(base: str, n: int, *, settings: dict[str, Any] | None 
     token = await asyncio.to_thread(signup_and_login, base)
     auth = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, headers=auth, timeout=60) as c:
-        r = await c.post("/v1/user/products", json={"product": {
-            "name": f"Bench {salt}", "platform_id": 12,
-            "settings": {"quarantine": False, **(settings or {})}}})
-        r.raise_for_status()
-        product = r.json()["product"]["slug"]
+        product = (await create_product(c, f"Bench {salt}", n,
+                                        {"quarantine": False, **(settings or {})}))["slug"]
         ids = device_ids(n, salt)
         r = await c.post(f"/v1/products/{product}/devices", json={"ids": ids})
         r.raise_for_status()

@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx
-from _corral import corral_serve, device_ids, rss_kib
+from _corral import corral_serve, create_product, device_ids, rss_kib
 from _server import free_port, percentile, signup_and_login
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -79,10 +79,7 @@ async def provision(base: str, n: int, salt: str
     token = await asyncio.to_thread(signup_and_login, base)
     async with httpx.AsyncClient(base_url=base, timeout=300,
                                  headers={"Authorization": f"Bearer {token}"}) as c:
-        r = await c.post("/v1/user/products", json={"product": {
-            "name": f"Bench {salt}", "platform_id": 12, "settings": {"quarantine": False}}})
-        r.raise_for_status()
-        product = r.json()["product"]
+        product = await create_product(c, f"Bench {salt}", n, {"quarantine": False})
         r = await c.post(f"/v1/products/{product['slug']}/devices", json={"ids": ids})
         r.raise_for_status()
         t = time.perf_counter()

@@ -58,8 +58,7 @@ async def drain(bus: InProcessBus) -> None:
     """Wait (bounded) until every subscription worker is idle with an empty queue."""
 
     def idle(sub: InProcessSubscription) -> bool:
-        waiting = sub._waiter is not None and not sub._waiter.done()
-        return sub._worker.done() or (not sub.pending and waiting)
+        return sub._worker is None or sub._worker.done()
 
     async def until() -> None:
         while not all(idle(s) for s in bus._subs):  # noqa: ASYNC110 (yield to the workers)
@@ -445,7 +444,7 @@ async def test_unsubscribe_stops_delivery(bus: InProcessBus) -> None:
     await b.wait_for(2)
     await drain(bus)
     assert a.subjects == ["u.1"]
-    assert sa._worker.done()
+    assert sa._worker is None or sa._worker.done()
     assert bus.subscription_count == 1
     assert bus._index.patterns() == ["u.*"]
 
@@ -501,7 +500,7 @@ async def test_close_stops_everything() -> None:
     subs = [await bus.subscribe(p, inbox) for p in ("a", "a.>", "*")]
     await bus.close()
     await bus.close()  # idempotent
-    assert all(s._worker.done() for s in subs)
+    assert all(s._worker is None or s._worker.done() for s in subs)
     assert bus.subscription_count == 0
     with pytest.raises(BusClosed):
         await bus.publish("a", b"")
@@ -523,3 +522,32 @@ async def test_many_literal_subscriptions_index_stays_exact(bus: InProcessBus) -
     await drain(bus)
     hits = Counter(i for i, inbox in inboxes.items() if inbox.messages)
     assert list(hits) == [0x123]
+
+
+async def test_an_idle_subscription_holds_no_task_and_a_delivery_starts_one() -> None:
+    bus = InProcessBus()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def slow(msg: Message) -> None:
+        seen.append(msg.subject)
+        started.set()
+        await release.wait()
+
+    sub = await bus.subscribe("dev.*", slow)
+    assert sub._worker is None  # nothing pending: no worker
+    await bus.publish("dev.a", b"1")
+    await bus.publish("dev.b", b"2")
+    await asyncio.wait_for(started.wait(), 5)
+    worker = sub._worker
+    assert worker is not None and not worker.done()
+    release.set()
+    await asyncio.wait_for(asyncio.shield(worker), 5)
+    assert seen == ["dev.a", "dev.b"]  # one worker, in order
+    assert sub._worker is None  # drained: the worker is gone until the next delivery
+    await bus.publish("dev.c", b"3")
+    await drain(bus)
+    assert seen == ["dev.a", "dev.b", "dev.c"]
+    await sub.unsubscribe()
+    await bus.close()

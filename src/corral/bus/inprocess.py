@@ -53,7 +53,9 @@ _INBOX_PREFIX = "_INBOX."
 
 
 class InProcessSubscription:
-    """A subscription of :class:`InProcessBus`: a bounded FIFO plus one worker task."""
+    """A subscription of :class:`InProcessBus`: a bounded FIFO, drained by one worker task
+    that exists only while messages are pending (most device subscriptions - requests,
+    control - are idle nearly always, and a reconnect storm creates thousands of them)."""
 
     __slots__ = (
         "_bus",
@@ -62,7 +64,6 @@ class InProcessSubscription:
         "_handler",
         "_max_pending",
         "_pending",
-        "_waiter",
         "_worker",
         "pattern",
         "queue",
@@ -84,10 +85,7 @@ class InProcessSubscription:
         self._pending: deque[Message] = deque()
         self._dropped = 0
         self._closed = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._worker = asyncio.get_running_loop().create_task(
-            self._run(), name=f"bus-sub:{pattern}"
-        )
+        self._worker: asyncio.Task[None] | None = None
 
     @property
     def dropped(self) -> int:
@@ -107,24 +105,24 @@ class InProcessSubscription:
             pending.popleft()
             self._dropped += 1
         pending.append(msg)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._run(), name=f"bus-sub:{self.pattern}")
 
     async def _run(self) -> None:
         pending = self._pending
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            if not pending:
-                self._waiter = loop.create_future()
-                await self._waiter
-                self._waiter = None
-                continue
-            msg = pending.popleft()
-            try:
-                await self._handler(msg)
-            except Exception:
-                log.exception("bus handler for %r failed on %r", self.pattern, msg.subject)
+        try:
+            while pending and not self._closed:
+                msg = pending.popleft()
+                try:
+                    await self._handler(msg)
+                except Exception:
+                    log.exception("bus handler for %r failed on %r", self.pattern, msg.subject)
+        finally:
+            # nothing pending (or closed): the next delivery starts a new worker; no await
+            # between the last check and this, so no message can slip in unseen
+            if self._worker is asyncio.current_task():
+                self._worker = None
 
     async def unsubscribe(self) -> None:
         """Stop delivery now; pending undelivered messages are discarded. Idempotent."""
@@ -134,8 +132,8 @@ class InProcessSubscription:
         self._pending.clear()
         self._bus._remove(self)
         worker = self._worker
-        if worker is asyncio.current_task():
-            # Called from our own handler: the loop ends when the handler returns.
+        if worker is None or worker is asyncio.current_task():
+            # idle, or called from our own handler: the loop ends when the handler returns
             return
         worker.cancel()
         # asyncio.wait never raises the worker's CancelledError into us, but our own
@@ -375,9 +373,10 @@ class InProcessBus:
             sub._closed = True
             sub._pending.clear()
             self._index.remove(sub)
-            if sub._worker is not asyncio.current_task():
-                sub._worker.cancel()
-                workers.append(sub._worker)
+            worker = sub._worker
+            if worker is not None and worker is not asyncio.current_task():
+                worker.cancel()
+                workers.append(worker)
         self._subs.clear()
         if workers:
             await asyncio.wait(workers)
