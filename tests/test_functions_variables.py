@@ -211,6 +211,8 @@ async def test_other_device_routes_are_not_shadowed(client, shop):
 async def test_no_database_connection_is_held_during_a_call(client, app, shop):
     pool = app.state.runtime.engine.pool
     release = asyncio.Event()
+    # the session's own start-up work (firmware delivery's check on connect) settles first
+    await wait_for(lambda: pool.checkedout() == 0)
     baseline = pool.checkedout()
 
     async def slow(arg: str) -> int:

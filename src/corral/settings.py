@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     max_import_bytes: int = 16 * 1_048_576  # device-ID imports and key uploads
     firmware_max_bytes: int = Field(default=8 * 1_048_576, ge=1024)  # one firmware binary
 
+    # --- firmware delivery (corral.firmware.delivery)
+    firmware_max_transfers: int = Field(default=50, ge=1)  # transfers at once on one node
+    firmware_max_attempts: int = Field(default=5, ge=1)  # per update; then it is failed
+    firmware_retry_backoff_s: float = Field(default=30.0, ge=0)  # doubles per attempt
+    firmware_retry_backoff_max_s: float = Field(default=3600.0, ge=0)
+    firmware_download_ttl_s: int = Field(default=900, ge=10)  # MQTT download links
+    firmware_download_chunk_bytes: int = Field(default=1_048_576, ge=1024)  # Range size offered
+    firmware_transfer_timeout_s: float = Field(default=300.0, gt=0)  # MQTT: silence allowed
+    # HMAC key of download links; default: a random key kept in data_dir/firmware/
+    firmware_download_secret: str | None = None
+
     # --- device transports (the device-session core serves both)
     mqtt_port: int = Field(default=1883, ge=0, le=65535, description="MQTT (plain); 0 = off")
     mqtt_tls_port: int = Field(default=8883, ge=0, le=65535, description="MQTT over TLS; 0 = off")

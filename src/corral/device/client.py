@@ -521,6 +521,28 @@ class Device:
             raise ValueError("a claim code is non-empty text")
         await self._publish(self._require(), self._topic("claim"), code.encode("utf-8"), 1)
 
+    async def send_ota_status(self, state: str, *, reason: str | None = None,
+                              bytes_received: int | None = None) -> None:
+        """Report a firmware update's progress on ``devices/{id}/ota/status``: ``state`` is
+        ``downloading``, ``applied`` or ``failed`` (see :mod:`corral.device.ota`)."""
+        if state not in ("downloading", "applied", "failed"):
+            raise ValueError("state is downloading, applied or failed")
+        body: dict[str, Any] = {"state": state}
+        if reason is not None:
+            body["reason"] = reason[:300]
+        if bytes_received is not None:
+            body["bytes"] = bytes_received
+        await self._publish(self._require(), self._topic("ota/status"),
+                            json.dumps(body).encode("utf-8"), 1)
+
+    async def reconnect(self) -> None:
+        """Disconnect cleanly and connect again at once (a device restarting, e.g. after
+        applying a firmware update; it describes itself again on the new connection)."""
+        conn = self._conn
+        if conn is not None:
+            await self._disconnect(conn)
+        await self.connect()
+
     async def send_describe(self) -> None:
         """Send the describe message now (it is sent on connect and after changes anyway)."""
         conn = self._require()

@@ -10,6 +10,8 @@ protocol, no server code) and behaves like the MQTT simulator's devices:
 * offers the functions ``led`` (``on``/``off``/``toggle``), ``reboot`` and ``interval`` and
   the variables ``temperature`` (double), ``uptime`` (int32), ``label`` (string), ``on``
   (bool); a bad argument is answered with ``-1`` (Particle functions return an int);
+* applies OTA firmware updates: after a complete image it restarts (Goodbye, reconnect) and
+  reports the image's product version (read from its module header) in its Hello;
 * reconnects with :class:`~corral.device.backoff.Backoff` when the connection drops or a
   connect fails (a refused key looks like a dropped connection: the server just closes).
 
@@ -42,6 +44,7 @@ from corral.device.simulator import (
     FleetStats,
     SimulatedBehaviour,
 )
+from corral.firmware.module import parse_module
 from corral.transports.particle import coap
 from corral.transports.particle.device import DeviceClosed, ParticleDevice
 from corral.transports.particle.errors import ParticleProtocolError
@@ -158,7 +161,9 @@ class SimulatedParticleDevice(SimulatedBehaviour):
         self.on = False
         self.connects = 0
         self.device: ParticleDevice | None = None  # the current connection's device
+        self.firmware_version = FIRMWARE_VERSION  # the Hello's product version
         self._boot = asyncio.get_running_loop().time()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
     @property
@@ -186,10 +191,24 @@ class SimulatedParticleDevice(SimulatedBehaviour):
 
         return run
 
+    def _updated(self, image: bytes) -> None:
+        """A whole OTA image arrived: "flash" it and restart on its product version (an
+        image without one leaves the version as it was, and the cloud sees that)."""
+        info = parse_module(image)
+        if info is not None and info.product_version is not None:
+            self.firmware_version = info.product_version
+        self.stats.updates_applied += 1
+        self._boot = asyncio.get_running_loop().time()
+        dev = self.device
+        if dev is not None:
+            task = asyncio.get_running_loop().create_task(dev.goodbye())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def _new_device(self) -> ParticleDevice:
-        return ParticleDevice(
+        dev = ParticleDevice(
             self.device_id, self.key, self.server_key, product_id=self.product_id,
-            product_version=FIRMWARE_VERSION, platform_id=self.platform_id,
+            product_version=self.firmware_version, platform_id=self.platform_id,
             system_version=SYSTEM_VERSION,
             functions={"led": self._counted(self._led), "reboot": self._counted(self._reboot),
                        "interval": self._counted(self._set_interval)},
@@ -197,6 +216,8 @@ class SimulatedParticleDevice(SimulatedBehaviour):
                        "uptime": ("int32", self._read(self.uptime)),
                        "label": ("string", self._read(lambda: self.label)),
                        "on": ("bool", self._read(lambda: self.on))})
+        dev.on_update = self._updated
+        return dev
 
     # --- running ------------------------------------------------------------------------------
 

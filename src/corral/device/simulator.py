@@ -7,7 +7,9 @@ Each :class:`SimulatedDevice` is a :class:`~corral.device.Device` that
 * offers the functions ``led`` (``on``/``off``/``toggle``), ``reboot`` and ``interval``
   (seconds between events) and the variables ``temperature`` (double), ``uptime`` (int32),
   ``label`` (string) and ``on`` (bool);
-* reconnects with the SDK's backoff.
+* reconnects with the SDK's backoff;
+* applies firmware updates the cloud offers (:class:`~corral.device.ota.OtaUpdater`: the
+  image is downloaded and checked, then the device reports the new version and reconnects).
 
 A :class:`Fleet` runs many of them in one event loop, bounds how many connect at the same
 moment, and counts what happens in :class:`FleetStats`. Credentials come from the caller
@@ -25,8 +27,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import httpx
+
 from corral.device.client import Device
 from corral.device.errors import ConnectError, NotConnected, PublishRefused
+from corral.device.ota import Offer, OtaUpdater
 
 log = logging.getLogger("corral.device.simulator")
 
@@ -53,6 +58,7 @@ class FleetStats:
     calls_answered: int = 0  # function calls and variable reads
     reprovisioned: int = 0  # secrets replaced after a refusal
     gave_up: int = 0  # devices that stopped (credentials refused for good)
+    updates_applied: int = 0  # firmware images downloaded, checked and applied
 
 
 class SimulatedBehaviour:
@@ -111,7 +117,8 @@ class SimulatedDevice(SimulatedBehaviour):
                  protocol: int = 5, keepalive: int = 60,
                  connect_limit: asyncio.Semaphore | None = None,
                  reprovision: Reprovision | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 http: httpx.AsyncClient | None = None) -> None:
         self.stats = stats
         self.rng = rng or random.Random()
         self.interval = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, interval))
@@ -126,6 +133,18 @@ class SimulatedDevice(SimulatedBehaviour):
                              server_hostname=server_hostname, protocol=protocol,
                              keepalive=keepalive, connect_limit=connect_limit)
         self._wire()
+        self.ota = OtaUpdater(self.device, self._apply_update, http=http).attach()
+
+    def _apply_update(self, offer: Offer, image: bytes) -> None:
+        """"Flash" the checked image: the updater then reports the new version and
+        reconnects, as a device restarting on new firmware does."""
+        self.stats.updates_applied += 1
+        self._boot = asyncio.get_running_loop().time()
+
+    @property
+    def firmware_version(self) -> int | None:
+        value = self.device.describe_payload().get("firmware_version")
+        return value if isinstance(value, int) else None
 
     @property
     def device_id(self) -> str:
@@ -217,6 +236,7 @@ class SimulatedDevice(SimulatedBehaviour):
             await asyncio.sleep(self.interval * self.rng.uniform(0.8, 1.2))
 
     async def close(self) -> None:
+        await self.ota.close()
         await self.device.close()
 
 
@@ -247,6 +267,7 @@ class Fleet:
         self.devices: list[SimulatedDevice] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._progress = asyncio.Event()  # set whenever a device connects
+        self._http: httpx.AsyncClient | None = None  # firmware downloads, shared
 
     @property
     def connected(self) -> int:
@@ -260,6 +281,8 @@ class Fleet:
 
     async def start(self) -> None:
         limit = asyncio.Semaphore(self.connect_concurrency)
+        self._http = httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(
+            max_connections=self.connect_concurrency, max_keepalive_connections=20))
         for i, (device_id, secret) in enumerate(self.credentials):
             label = self.labels[i] if self.labels is not None and i < len(self.labels) else None
             sim = SimulatedDevice(device_id, secret, self.host, self.port, stats=self.stats,
@@ -267,7 +290,7 @@ class Fleet:
                                   server_hostname=self.server_hostname, protocol=self.protocol,
                                   keepalive=self.keepalive, connect_limit=limit,
                                   reprovision=self.reprovision,
-                                  rng=random.Random(self.rng.random()))
+                                  rng=random.Random(self.rng.random()), http=self._http)
             sim.device.on_connect(self._progress.set)
             self.devices.append(sim)
             self._tasks.append(asyncio.get_running_loop().create_task(
@@ -288,6 +311,9 @@ class Fleet:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
 __all__ = ["EVENT_NAME", "Fleet", "FleetStats", "Reprovision", "SimulatedDevice"]

@@ -21,7 +21,8 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
@@ -103,6 +104,52 @@ class DeviceFacts:
     cellular: bool = False  # its session traffic counts towards the cellular allowance
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class FirmwareImage:
+    """A firmware update as a transport sends it: Particle streams the file at ``path`` over
+    OTA; MQTT offers ``url`` (a short-lived download) with the rest as facts to check."""
+
+    version: int
+    size: int
+    sha256: str  # hex
+    path: Path
+    url: str | None = None
+    signature: str | None = None  # base64 Ed25519 signature (corral.firmware.signing)
+    key_id: str | None = None
+    public_keys: tuple[str, ...] = ()  # base64, the product's active signing keys
+    chunk_size: int = 1_048_576  # MQTT: the Range size a device should ask for
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TransferResult:
+    """How a firmware transfer ended. ``dropped``: the connection ended during it (the
+    update is retried when the device reconnects). ``retry`` False: trying again cannot
+    help (the device does not take firmware updates at all)."""
+
+    ok: bool
+    reason: str
+    bytes_sent: int = 0
+    dropped: bool = False
+    retry: bool = True
+
+
+FirmwareProgress = Callable[[int, int], Any]  # (bytes sent, total)
+
+
+class SessionObserver(Protocol):
+    """Something that follows sessions (the firmware delivery engine). Called on the event
+    loop; must not block (spawn tasks for work)."""
+
+    def opened(self, session: DeviceSession, hello: Hello) -> None: ...
+
+    def described(self, session: DeviceSession, *, firmware_version: int | None,
+                  updates_enabled: bool | None) -> None: ...
+
+    def control(self, session: DeviceSession, body: dict[str, Any]) -> None:
+        """A control op the core does not handle itself (e.g. ``firmware``)."""
+        ...
+
+
 class DeviceLink(Protocol):
     """How the core reaches one connected device (implemented by each transport)."""
 
@@ -129,6 +176,17 @@ class DeviceLink(Protocol):
     async def disconnect(self, reason: str) -> None:
         """Close the connection from the server side (kicked, shut down). Must not call
         back into :meth:`DeviceSession.close` synchronously with a different reason."""
+        ...
+
+    async def deliver_firmware(self, image: FirmwareImage, *,
+                               progress: FirmwareProgress | None = None) -> TransferResult:
+        """Transfer ``image`` to the device (Particle: OTA chunks; MQTT: an offer the device
+        downloads). Ok once the device has the whole image and will apply it (it reboots
+        and reconnects on the new version). Never raises for device-side failures."""
+        ...
+
+    async def update_pending(self, pending: bool) -> None:
+        """Tell the device an update waits for it (it has updates disabled)."""
         ...
 
 
@@ -344,6 +402,14 @@ class DeviceSession:
             updates_enabled=values.get("firmware_updates_enabled")))
         self.functions = values.get("functions", self.functions)
         self.variables = values.get("variables", self.variables)
+        for observer in self.hub.observers:
+            observer.described(self, firmware_version=values.get("firmware_version"),
+                               updates_enabled=values.get("firmware_updates_enabled"))
+
+    async def system_event(self, name: str, data: str | None) -> None:
+        """Store a cloud-sourced system event of this device (``spark/flash/status``,
+        ``particle/device/updates/...``): in its stream, never metered."""
+        await self.hub.writer.write(self._event(name, data, source="cloud"))
 
     async def publish(self, name: str, data: str | bytes | None, *, ttl: int = 60,
                       private: bool = True, system: bool = False) -> int:
@@ -592,6 +658,9 @@ class DeviceSession:
         elif op == "describe":
             with contextlib.suppress(Exception):
                 await self.link.request_describe()
+        elif isinstance(body, dict):
+            for observer in self.hub.observers:
+                observer.control(self, body)
 
     async def _on_request(self, msg: Message) -> None:
         if msg.reply is None:
@@ -687,6 +756,7 @@ class SessionHub:
         self.discarded = 0
         self.opened = 0
         self.refused = 0
+        self.observers: list[SessionObserver] = []  # e.g. the firmware delivery engine
         self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -846,6 +916,8 @@ class SessionHub:
             await session.close("The server could not record the connection")
             raise
         log.info("device %s online (%s) from %s", did, link.transport, hello.remote)
+        for observer in self.observers:
+            observer.opened(session, hello)
         return session
 
     async def _kick(self, session: DeviceSession, reason: str, *, replaced: bool = False) -> None:
@@ -908,5 +980,6 @@ async def publish_after_commit(bus: Bus, events: Sequence[Any]) -> None:
 
 
 __all__ = ["CommunicationGate", "DeviceError", "DeviceFacts", "DeviceLink", "DeviceSession",
-           "Hello", "OpenGate", "Refused", "SessionHub", "TokenBucket", "check_event_name",
+           "FirmwareImage", "FirmwareProgress", "Hello", "OpenGate", "Refused", "SessionHub",
+           "SessionObserver", "TokenBucket", "TransferResult", "check_event_name",
            "coerce_variable", "publish_after_commit"]

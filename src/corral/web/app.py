@@ -52,6 +52,7 @@ class Runtime:
         self.bus: Bus = bus or InProcessBus()
         self.writer: EventWriter | None = None
         self.hub: SessionHub | None = None
+        self.delivery: Any = None  # corral.firmware.delivery.FirmwareDelivery, once started
         self.locations: LocationRecorder | None = None
         self.transports: list[Any] = []  # started device listeners (each has .stop())
         self._retention: asyncio.Task[None] | None = None
@@ -87,6 +88,10 @@ class Runtime:
         self.hub = SessionHub(self.settings, self.sessionmaker, self.bus, self.writer,
                               gate=self.gate, reset_presence=isinstance(self.bus, InProcessBus))
         await self.hub.start()
+        from corral.firmware.delivery import FirmwareDelivery
+
+        self.delivery = FirmwareDelivery(self.settings, self.sessionmaker, self.hub)
+        self.delivery.start()
         self.metering.attach(self.sessionmaker, self.writer, self.hub)
         await self.metering.start(background=background)
         self.billing = BillingService(self.sessionmaker, self.settings, self.payments)
@@ -132,6 +137,8 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await t.stop()
         self.transports.clear()
+        if self.delivery is not None:
+            await self.delivery.stop()
         if self.hub:
             await self.hub.stop()
         await self.metering.stop()
@@ -168,6 +175,7 @@ def routers() -> list[APIRouter]:
     from corral.devices.credentials_api import router as credentials_router
     from corral.events.api import router as events_router
     from corral.firmware.api import router as firmware_router
+    from corral.firmware.download_api import router as firmware_delivery_router
     from corral.locations.api import router as locations_router
     from corral.metering.api import router as metering_router
     from corral.orgs.api import router as orgs_router
@@ -180,7 +188,8 @@ def routers() -> list[APIRouter]:
     return [accounts_router, orgs_router, billing_router, products_router, audit_router,
             events_router,
             claims_router, credentials_router, customers_router, devices_router,
-            firmware_router, rollouts_router, metering_router, locations_router,
+            firmware_router, firmware_delivery_router, rollouts_router, metering_router,
+            locations_router,
             sessions_router]
 
 

@@ -32,9 +32,12 @@ from corral.sessions import contract
 from corral.sessions.core import (
     DeviceError,
     DeviceSession,
+    FirmwareImage,
+    FirmwareProgress,
     Hello,
     Refused,
     SessionHub,
+    TransferResult,
     check_event_name,
 )
 from corral.settings import Settings
@@ -138,6 +141,9 @@ _IN = {n: PACKETS_IN.labels(n) for n in _PACKET_NAMES}
 _OUT = {n: PACKETS_OUT.labels(n) for n in _PACKET_NAMES}
 
 
+OTA_STATES: Final = ("downloading", "applied", "failed")
+
+
 def _kind(packet: Packet) -> str:
     return type(packet).__name__.lower()
 
@@ -231,6 +237,8 @@ class Connection:
         self.acker: asyncio.Task[None] | None = None
         self._corked: list[bytes] | None = None  # packets gathered for one write
         self.control = asyncio.Lock()  # describe and claim run one at a time, in order
+        # firmware: the device's ota/status reports while a transfer waits for them
+        self.ota_status: asyncio.Queue[dict[str, Any]] | None = None
         self.task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
 
@@ -695,6 +703,11 @@ class Connection:
             if p.qos:
                 await self._ack(p, self._done(code, why))
             return
+        if target.kind == "ota_status":
+            code, why = self._on_ota_status(p.payload)
+            if p.qos:
+                await self._ack(p, self._done(code, why))
+            return
         await self.slots.acquire()
         if target.kind == "event":
             # the hot path: validated now, acknowledged by the ack loop once committed
@@ -770,6 +783,28 @@ class Connection:
             return RC_PAYLOAD_INVALID, "a reply must be a JSON object"
         if fut is not None and not fut.done():
             fut.set_result(body)
+        return 0, None
+
+    def _on_ota_status(self, payload: bytes) -> tuple[int, str | None]:
+        """``devices/{id}/ota/status``: {"state": "downloading"|"applied"|"failed",
+        "reason", "bytes"} for the transfer waiting in :meth:`deliver_firmware`."""
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or body.get("state") not in OTA_STATES:
+            return RC_PAYLOAD_INVALID, ("ota/status must be a JSON object with a state of "
+                                        + ", ".join(OTA_STATES))
+        sent = body.get("bytes")
+        if sent is not None and (isinstance(sent, bool) or not isinstance(sent, int)
+                                 or sent < 0):
+            return RC_PAYLOAD_INVALID, "bytes must be a non-negative integer"
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            return RC_PAYLOAD_INVALID, "reason must be text"
+        if self.ota_status is not None:
+            self.ota_status.put_nowait({"state": body["state"], "bytes": sent,
+                                        "reason": (reason or "")[:300]})
         return 0, None
 
     async def _ack_loop(self) -> None:
@@ -984,6 +1019,71 @@ class Connection:
         rid = secrets.token_hex(8)
         await self._publish_out(topics.request_topic(self.device_id, rid), b'{"kind":"describe"}',
                                 state.requests_qos, keep=False)
+
+    async def deliver_firmware(self, image: FirmwareImage, *,
+                               progress: FirmwareProgress | None = None) -> TransferResult:
+        """Offer ``image`` on ``devices/{id}/ota/offer``; the device downloads it over HTTP
+        and reports on ``ota/status`` until ``applied`` or ``failed``."""
+        state = self.state
+        if self.closing or state is None:
+            return TransferResult(False, "the device is not connected", dropped=True)
+        if state.ota_qos is None:
+            return TransferResult(False, "The device does not take firmware updates (it is "
+                                  "not subscribed to its ota/# topics)", retry=False)
+        if self.ota_status is not None:
+            return TransferResult(False, "another transfer is in progress")
+        offer = {"version": image.version, "size": image.size, "sha256": image.sha256,
+                 "signature": image.signature, "key_id": image.key_id, "url": image.url,
+                 "chunk_size": image.chunk_size, "public_keys": list(image.public_keys)}
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ota_status = queue
+        sent = 0
+        try:
+            await self._publish_out(topics.ota_topic(self.device_id, "offer"),
+                                    json.dumps(offer, separators=(",", ":")).encode(),
+                                    state.ota_qos, keep=False)
+            quiet = self.settings.firmware_transfer_timeout_s
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                ended = asyncio.ensure_future(self.done.wait())
+                try:
+                    await asyncio.wait([getter, ended], timeout=quiet,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ended.cancel()
+                    if not getter.done():
+                        getter.cancel()
+                if not getter.done() or getter.cancelled():
+                    if self.closing or self.done.is_set():
+                        return TransferResult(False, "the device disconnected during the "
+                                              "transfer", sent, dropped=True)
+                    return TransferResult(False, f"the device reported nothing for {quiet:g} s",
+                                          sent)
+                report = getter.result()
+                if report["bytes"] is not None:
+                    sent = max(sent, min(int(report["bytes"]), image.size))
+                if report["state"] == "downloading":
+                    if progress is not None:
+                        progress(sent, image.size)
+                elif report["state"] == "applied":
+                    return TransferResult(True, "applied", image.size)
+                else:
+                    return TransferResult(False, report["reason"] or "the device reported "
+                                          "a failure", sent)
+        except ConnectionError:
+            return TransferResult(False, "the device disconnected during the transfer", sent,
+                                  dropped=True)
+        finally:
+            self.ota_status = None
+
+    async def update_pending(self, pending: bool) -> None:
+        state = self.state
+        if state is None or state.ota_qos is None or self.closing:
+            return
+        body = json.dumps({"pending": pending}).encode()
+        with contextlib.suppress(ConnectionError):
+            await self._publish_out(topics.ota_topic(self.device_id, "pending"), body,
+                                    state.ota_qos, keep=False)
 
     async def disconnect(self, reason: str) -> None:
         self.kicked = True

@@ -14,7 +14,7 @@ from typing import Final, Literal
 DEVICE_ID_RE: Final = re.compile(r"^[0-9a-fA-F]{24}$")
 ROOT: Final = "devices"
 
-PublishKind = Literal["event", "describe", "reply", "claim"]
+PublishKind = Literal["event", "describe", "reply", "claim", "ota_status"]
 SubscribeKind = Literal["requests", "inbox", "ota"]
 
 
@@ -61,6 +61,12 @@ def events_topic(device_id: str, event_name: str) -> str:
     return f"{ROOT}/{device_id}/events/{event_name}"
 
 
+def ota_topic(device_id: str, sub: str) -> str:
+    """``devices/{id}/ota/{sub}``: ``offer`` and ``pending`` go to the device, ``status``
+    comes from it."""
+    return f"{ROOT}/{device_id}/ota/{sub}"
+
+
 def parse_publish(device_id: str, topic: str) -> PublishTarget | None:
     """The meaning of a PUBLISH from ``device_id`` (lower case) on ``topic``; None when the
     device may not publish there."""
@@ -74,6 +80,8 @@ def parse_publish(device_id: str, topic: str) -> PublishTarget | None:
         return PublishTarget("describe")
     if rest == "claim":
         return PublishTarget("claim")
+    if rest == "ota/status":
+        return PublishTarget("ota_status")
     if rest.startswith("replies/"):
         rid = rest[len("replies/"):]
         return PublishTarget("reply", rid) if rid and "/" not in rid else None
@@ -104,4 +112,4 @@ def parse_filter(device_id: str, topic_filter: str) -> SubscribeTarget | None:
 
 
 __all__ = ["PublishTarget", "SubscribeTarget", "events_topic", "inbox_topic", "is_device_id",
-           "parse_filter", "parse_publish", "request_topic"]
+           "ota_topic", "parse_filter", "parse_publish", "request_topic"]

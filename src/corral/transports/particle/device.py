@@ -90,6 +90,9 @@ class ParticleDevice:
         self.updates: list[bytes] = []  # completed OTA images
         self.update: Update | None = None
         self.drop_chunks: set[int] = set()  # tests: fast-OTA chunks to "lose" once
+        self.corrupt_chunks: set[int] = set()  # tests: chunks damaged in transit, every time
+        # called with each completed image (a simulator applies it: reboot on a new version)
+        self.on_update: Callable[[bytes], None] | None = None
         self.server_pings = 0
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -437,7 +440,10 @@ class ParticleDevice:
             index = int.from_bytes(query[1], "big")
         else:
             index = up.next_index
-        good = zlib.crc32(m.payload) == crc and index < up.chunks
+        payload = m.payload
+        if index in self.corrupt_chunks and payload:  # a bit flipped on the way
+            payload = bytes((payload[0] ^ 0x01,)) + payload[1:]
+        good = zlib.crc32(payload) == crc and index < up.chunks
         if up.fast and index in self.drop_chunks:
             self.drop_chunks.discard(index)
             good = False
@@ -465,6 +471,8 @@ class ParticleDevice:
             return
         self.updates.append(bytes(up.image))
         self.send(Message(coap.ACK, coap.CHANGED, m.message_id, m.token, payload=b'{"r":0}'))
+        if self.on_update is not None:  # quick; a reboot runs in the caller's own task
+            self.on_update(bytes(up.image))
 
 
 __all__ = ["DeviceClosed", "ParticleDevice", "Update"]

@@ -34,7 +34,16 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from corral.kit import clock
-from corral.sessions.core import DeviceError, DeviceSession, Hello, Refused, SessionHub
+from corral.sessions.core import (
+    DeviceError,
+    DeviceSession,
+    FirmwareImage,
+    FirmwareProgress,
+    Hello,
+    Refused,
+    SessionHub,
+    TransferResult,
+)
 from corral.settings import Settings
 from corral.transports.listening import close_server
 from corral.transports.particle import coap, crypto, messages
@@ -55,6 +64,8 @@ MAX_PENDING: Final = 255  # Device OS tokens are one byte
 VARIABLE_TYPES: Final[dict[int, str]] = {1: "bool", 2: "int32", 4: "string", 9: "double"}
 DESCRIBE_SYSTEM: Final = 1
 DESCRIBE_APP: Final = 2
+UPDATES_ENABLED_EVENT: Final = "particle/device/updates/enabled"  # from the device
+UPDATES_PENDING_EVENT: Final = "particle/device/updates/pending"  # to the device
 # known CoAP codes: empty, the four methods, and success/error responses
 _KNOWN_CODES: Final = frozenset([coap.EMPTY, coap.GET, coap.POST, coap.PUT, coap.DELETE,
                                  *range(0x41, 0x46), *range(0x80, 0x90), *range(0xA0, 0xA6)])
@@ -593,6 +604,13 @@ class ParticleConnection:
         max_age = m.option(coap.MAX_AGE)
         ttl = _uint(max_age) if max_age is not None else 60
         system = name.lower().startswith(("spark", "particle"))
+        if name == UPDATES_ENABLED_EVENT:  # Device OS says whether it accepts updates
+            enabled = (m.payload or b"").strip().lower() in (b"true", b"1")
+            task = asyncio.get_running_loop().create_task(
+                session.describe(updates_enabled=enabled))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(_consume)
         try:
             fut = session.publish_nowait(name, m.payload or None, ttl=ttl, private=private,
                                          system=system)
@@ -695,6 +713,24 @@ class ParticleConnection:
         self._abort()
 
     # -- OTA ---------------------------------------------------------------------------------
+
+    async def deliver_firmware(self, image: FirmwareImage, *,
+                               progress: FirmwareProgress | None = None) -> TransferResult:
+        """The DeviceLink seam: OTA of the file at ``image.path`` (fast OTA when the device
+        offers it); ok once the device accepted UpdateDone (it then reboots)."""
+        try:
+            data = await asyncio.to_thread(image.path.read_bytes)
+        except OSError as exc:
+            return TransferResult(False, f"the firmware binary cannot be read ({exc.strerror})")
+        # fast OTA is asked for; the device's UpdateBegin answer says whether it takes it
+        result = await self.send_firmware(data, fast=True, progress=progress)
+        return TransferResult(result.ok, result.reason, result.bytes_sent,
+                              dropped=not result.ok and (self.closing or self.session is None
+                                                         or self.session.closed))
+
+    async def update_pending(self, pending: bool) -> None:
+        await self.deliver_event(UPDATES_PENDING_EVENT, "true" if pending else "false",
+                                 published_at=clock.iso(clock.now()) or "", ttl=60, coreid="")
 
     async def send_firmware(self, image: bytes, *, chunk_size: int | None = None,
                             fast: bool = False, progress: ProgressFn | None = None,
