@@ -371,3 +371,19 @@ async def test_the_sdk_resumes_from_the_last_byte_of_a_cut_response():
         await u.wait()
     assert asked == ["bytes=0-8191", "bytes=3000-9999"]  # resumed at the last byte received
     assert applied == [data] and u.applied == [2]
+
+
+async def test_a_forced_update_reaches_a_device_with_updates_disabled(w):
+    await upload(w, 2)
+    d, u = w.device(1)
+    d.describe(updates_enabled=False)
+    did = w.ids[1]
+    await d.connect()
+    await until(lambda: _disabled(w, did), WAIT, "updates disabled")
+    r = await w.client.put(f"/v1/products/{w.product['id']}/devices/{did}",
+                           headers=bearer(w.token), json={"firmware_updates_forced": True})
+    assert r.status_code == 200, r.text
+    await release(w, 2, intelligent=True)
+    await until(lambda: state_is(w, did, "applied"), WAIT, "applied although disabled")
+    assert u.forced is True and u.pending is False  # told it is forced, never deferred
+    assert u.applied == [2]

@@ -180,6 +180,9 @@ async def test_updates_disabled_defer_until_enabled_and_forced_overrides(gw):
                             headers=bearer(gw.token), json={"firmware_updates_forced": True})
     assert r.status_code == 200, r.text
     data3 = await upload_and_release(gw, 3, intelligent=True)
+    name, payload = await asyncio.wait_for(_next_event(dev, "particle/device/updates/forced"),
+                                           WAIT)
+    assert payload == "true"  # the device is told before the transfer begins
     await until(lambda: dev.updates, WAIT, "the forced update")
     assert dev.updates == [data3]
     names = [e.name for e in await events(gw.app, DEV) if e.name.startswith("particle/")]

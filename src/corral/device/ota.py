@@ -18,6 +18,8 @@ downloaded (the cloud offers it again, up to its attempt limit).
 
 ``ota/pending`` ``{"pending": true}`` says an update waits while the device has updates
 disabled (``Device.describe(updates_enabled=False)``); :attr:`OtaUpdater.pending` keeps it.
+``ota/forced`` ``{"forced": true}`` comes before the offer of a forced update (the device has
+updates disabled, and the product forces them); :attr:`OtaUpdater.forced` keeps it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class OtaUpdater:
         self._http = http  # given: shared, the caller closes it
         self._own_http: httpx.AsyncClient | None = None  # made on first use, kept
         self.pending = False
+        self.forced = False  # the cloud said the next update is forced (ota/forced)
         self.applied: list[int] = []  # versions applied, in order
         self.failures: list[str] = []  # reasons reported
         self._partial: dict[str, bytearray] = {}  # sha256 -> bytes downloaded so far
@@ -121,6 +124,10 @@ class OtaUpdater:
         if subtopic == "pending":
             with contextlib.suppress(ValueError, AttributeError):
                 self.pending = bool(json.loads(payload).get("pending"))
+            return
+        if subtopic == "forced":
+            with contextlib.suppress(ValueError, AttributeError):
+                self.forced = bool(json.loads(payload).get("forced"))
             return
         if subtopic != "offer":
             return

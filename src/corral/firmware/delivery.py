@@ -248,11 +248,15 @@ class FirmwareDelivery:
                     await db.commit()
                     return _Step(delay=wait)
                 image = await self._image(db, fw, u, did)
-                if not device.firmware_updates_enabled:
+                forced = not device.firmware_updates_enabled
+                if forced:
                     notes.append((UPDATES_FORCED, "true"))
                 await updates.mark_sending(db, u.id, transport=session.link.transport)
                 await db.commit()
                 await self._emit(session, notes)
+                if forced:  # the device applies it although it has updates disabled
+                    with contextlib.suppress(Exception):
+                        await session.link.update_forced(True)
                 return _Step(update_id=u.id, image=image)
         await self._emit(session, notes)
         if pending:

@@ -189,6 +189,11 @@ class DeviceLink(Protocol):
         """Tell the device an update waits for it (it has updates disabled)."""
         ...
 
+    async def update_forced(self, forced: bool) -> None:
+        """Tell the device the next update is forced: it applies it although it has updates
+        disabled (``firmware_updates_forced``)."""
+        ...
+
 
 class CommunicationGate(Protocol):
     """The seam where billing decides whether device traffic is allowed right now.

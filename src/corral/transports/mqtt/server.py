@@ -1085,6 +1085,15 @@ class Connection:
             await self._publish_out(topics.ota_topic(self.device_id, "pending"), body,
                                     state.ota_qos, keep=False)
 
+    async def update_forced(self, forced: bool) -> None:
+        state = self.state
+        if state is None or state.ota_qos is None or self.closing:
+            return
+        body = json.dumps({"forced": forced}).encode()
+        with contextlib.suppress(ConnectionError):
+            await self._publish_out(topics.ota_topic(self.device_id, "forced"), body,
+                                    state.ota_qos, keep=False)
+
     async def disconnect(self, reason: str) -> None:
         self.kicked = True
         lowered = reason.lower()

@@ -66,6 +66,7 @@ DESCRIBE_SYSTEM: Final = 1
 DESCRIBE_APP: Final = 2
 UPDATES_ENABLED_EVENT: Final = "particle/device/updates/enabled"  # from the device
 UPDATES_PENDING_EVENT: Final = "particle/device/updates/pending"  # to the device
+UPDATES_FORCED_EVENT: Final = "particle/device/updates/forced"  # to the device
 # known CoAP codes: empty, the four methods, and success/error responses
 _KNOWN_CODES: Final = frozenset([coap.EMPTY, coap.GET, coap.POST, coap.PUT, coap.DELETE,
                                  *range(0x41, 0x46), *range(0x80, 0x90), *range(0xA0, 0xA6)])
@@ -730,6 +731,10 @@ class ParticleConnection:
 
     async def update_pending(self, pending: bool) -> None:
         await self.deliver_event(UPDATES_PENDING_EVENT, "true" if pending else "false",
+                                 published_at=clock.iso(clock.now()) or "", ttl=60, coreid="")
+
+    async def update_forced(self, forced: bool) -> None:
+        await self.deliver_event(UPDATES_FORCED_EVENT, "true" if forced else "false",
                                  published_at=clock.iso(clock.now()) or "", ttl=60, coreid="")
 
     async def send_firmware(self, image: bytes, *, chunk_size: int | None = None,
