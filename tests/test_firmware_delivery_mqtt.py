@@ -387,3 +387,25 @@ async def test_a_forced_update_reaches_a_device_with_updates_disabled(w):
     await until(lambda: state_is(w, did, "applied"), WAIT, "applied although disabled")
     assert u.forced is True and u.pending is False  # told it is forced, never deferred
     assert u.applied == [2]
+
+
+async def test_ota_still_works_while_communication_is_paused(w):
+    """Issue 7: at the Free plan's limit the device's publishes are refused, but its
+    firmware offer, download and status reports still go through."""
+    from corral.sessions.core import Refused
+    from meteringkit import set_plan_terms, tick
+
+    await set_plan_terms(w.app, "free", max_data_ops=1)
+    await upload(w, 2)
+    d, u = w.device(2)
+    did = w.ids[2]
+    await d.connect()
+    await until(lambda: did in w.app.state.runtime.hub.sessions, WAIT, "online")
+    session = w.app.state.runtime.hub.sessions[did]
+    await session.publish("temp", "21")  # the one operation the plan allows
+    await tick(w.app)
+    with pytest.raises(Refused):
+        await session.publish("temp", "22")
+    await release(w, 2, intelligent=True)
+    await until(lambda: state_is(w, did, "applied"), WAIT, "applied while paused")
+    assert u.applied == [2]

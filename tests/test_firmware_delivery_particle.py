@@ -238,3 +238,27 @@ async def test_the_particle_fleet_simulator_applies_an_update_and_reconnects(gw)
         assert [d.firmware_version for d in fleet.devices] == [2, 2]
     finally:
         await fleet.stop()
+
+
+async def test_ota_still_works_while_communication_is_paused(gw):
+    """Issue 7: on the Free plan at its limit, publishes, calls and reads are refused, but
+    the device stays connected and still gets its firmware."""
+    from corral.sessions.core import Refused
+    from meteringkit import set_plan_terms, tick
+
+    await set_plan_terms(gw.app, "free", max_data_ops=1)
+    dev = echo_device(gw, product_version=1)
+    await dev.connect("127.0.0.1", gw.port)
+    await until(lambda: _online(gw), WAIT, "online")
+    session = gw.app.state.runtime.hub.sessions[DEV]
+    await session.publish("temp", "21")  # the one operation the plan allows
+    await tick(gw.app)
+    with pytest.raises(Refused) as refused:
+        await session.publish("temp", "22")
+    assert refused.value.code == "paused"
+    data = await upload_and_release(gw, 2, intelligent=True)
+    await until(lambda: dev.updates, WAIT, "the update while paused")
+    assert dev.updates == [data]
+    await reboot(gw, dev, 2)
+    await until(lambda: _state_is(gw, "applied"), WAIT, "applied")
+    assert sum(c.data_operations for c in await counters(gw.app, DEV)) == 1
