@@ -303,8 +303,9 @@ class EventWriter:
           rowid (INTEGER PRIMARY KEY without AUTOINCREMENT), so the new rows get the
           consecutive ids that end at ``max(id)``. Datetimes are stored in the text format
           SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree.
-        * PostgreSQL: the ids are taken from the table's sequence first (in order), then
-          the rows go in with ``COPY`` on the same connection and transaction."""
+        * PostgreSQL: the ids are taken from the table's sequence first (in order; this
+          statement begins the transaction), then the rows go in with ``COPY`` on the same
+          connection and transaction."""
         conn = await db.connection()
         if conn.dialect.name == "sqlite":
             params = [(_sqlite_time(r.published_at), r.name, r.data, r.ttl, r.source,
@@ -313,11 +314,15 @@ class EventWriter:
             await conn.exec_driver_sql(_SQLITE_INSERT, params)
             last = (await conn.exec_driver_sql("SELECT max(id) FROM events")).scalar_one()
             return list(range(int(last) - len(rows) + 1, int(last) + 1))
+        # the ids through SQLAlchemy's driver adapter: its first statement begins the
+        # session's transaction (the adapter begins lazily), so the COPY below, the usage
+        # upsert and the presence changes commit with it, or not at all. (Sent to the bare
+        # asyncpg connection first, each statement would commit on its own.)
+        ids = [int(i) for i in (await conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('events', 'id')) "
+            "FROM generate_series(1, $1)", (len(rows),))).scalars()]
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
-        ids = [int(r[0]) for r in await raw.fetch(
-            "SELECT nextval(pg_get_serial_sequence('events', 'id')) "
-            "FROM generate_series(1, $1)", len(rows))]
         records = [(i, r.published_at, r.name, r.data, r.ttl, r.source, r.device_id,
                     r.product_id, r.org_id, r.owner_user_id, r.customer_id, r.private)
                    for i, r in zip(ids, rows, strict=True)]
