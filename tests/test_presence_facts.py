@@ -75,3 +75,42 @@ async def test_touch_and_unknown_devices(app, client, manual_clock):
         assert d.last_heard == manual_clock.now() and d.first_online_at is None
         assert not d.online
     assert await load(app, "f" * 24) is None
+
+
+async def test_presence_changes_lock_device_rows_in_id_order(app, client):
+    """A writer batch whose changes arrive as B, A must not deadlock with a transaction that
+    holds A and then wants B (the order touch_each takes rows in). On SQLite the database
+    lock serializes them anyway; on PostgreSQL this is the row-lock order."""
+    import asyncio
+
+    from sqlalchemy import update
+
+    from corral.devices import presence
+
+    _tok, prod = await owner_and_product(client)
+    a, b = "0000000000000000000000aa", "0000000000000000000000bb"
+    await seed(app, {"id": a, "product_id": prod["id"], "platform_id": 12},
+               {"id": b, "product_id": prod["id"], "platform_id": 12})
+    if app.state.runtime.engine.dialect.name != "postgresql":
+        return  # one writer at a time: nothing to interleave
+    now = clock.now()
+    async with app.state.sessionmaker() as other:
+        await other.execute(update(Device).where(Device.id == a).values(notes="held"))
+        batch_done = asyncio.Event()
+
+        async def batch() -> None:
+            async with app.state.sessionmaker() as db:
+                await presence.apply(db, [presence.Online(b, now), presence.Online(a, now)])
+                await db.commit()
+            batch_done.set()
+
+        task = asyncio.create_task(batch())
+        await asyncio.sleep(0.3)  # the batch now waits for A (and must not hold B)
+        assert not batch_done.is_set()
+        await asyncio.wait_for(other.execute(
+            update(Device).where(Device.id == b).values(notes="held too")), 5)
+        await other.commit()
+        await asyncio.wait_for(task, 10)
+    da, db_ = await load(app, a), await load(app, b)
+    assert da is not None and db_ is not None
+    assert da.online and db_.online and db_.notes == "held too"

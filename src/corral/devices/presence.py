@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, func, update
+from sqlalchemy import Table, and_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.models import Device
@@ -110,7 +110,18 @@ def _params(c: Change) -> dict[str, Any]:
 
 async def apply(db: AsyncSession, changes: Sequence[Change]) -> None:
     """Apply ``changes`` in order in the session's transaction: consecutive changes of one
-    kind for distinct devices go out as one executemany."""
+    kind for distinct devices go out as one executemany.
+
+    On PostgreSQL the rows are first locked in device-id order, the order every other
+    multi-row device update (``touch_each``) takes them in: statements applied in arrival
+    order would otherwise lock B before A while another transaction holds A and waits for B
+    (a deadlock, seen in a connection burst of three devices)."""
+    if not changes:
+        return
+    if db.get_bind().dialect.name == "postgresql":
+        ids = sorted({c.device_id for c in changes})
+        await db.execute(select(Device.id).where(Device.id.in_(ids)).order_by(Device.id)
+                         .with_for_update())
     run: list[Change] = []
     seen: set[str] = set()
 
