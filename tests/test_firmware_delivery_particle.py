@@ -262,3 +262,32 @@ async def test_ota_still_works_while_communication_is_paused(gw):
     await reboot(gw, dev, 2)
     await until(lambda: _state_is(gw, "applied"), WAIT, "applied")
     assert sum(c.data_operations for c in await counters(gw.app, DEV)) == 1
+
+
+async def test_a_group_release_reaches_a_connecting_device_and_nothing_runs_without_one(gw):
+    """The connect pre-check: a device with no open update, no lock and no release in its
+    product is left alone (the full check is skipped); a group-only release is found."""
+    delivery = gw.app.state.runtime.delivery
+    dev = echo_device(gw, product_version=1)
+    await dev.connect("127.0.0.1", gw.port)
+    await until(lambda: _online(gw), WAIT, "online")
+    await delivery.idle()
+    assert delivery._connect_rows.gets >= 1 and await updates_of(gw) == []
+    await dev.close()
+
+    pid = gw.product["id"]
+    r = await gw.client.put(f"/v1/products/{pid}/devices/{DEV}", headers=bearer(gw.token),
+                            json={"groups": ["beta"]})
+    assert r.status_code == 200, r.text
+    data = module(gw, 2)
+    r = await gw.client.post(f"/v1/products/{pid}/firmware", headers=bearer(gw.token),
+                             data={"version": "2", "title": "v2"},
+                             files={"file": ("fw.bin", data, "application/octet-stream")})
+    assert r.status_code == 201, r.text
+    r = await gw.client.put(f"/v1/products/{pid}/firmware/release", headers=bearer(gw.token),
+                            json={"version": 2, "groups": ["beta"]})
+    assert r.status_code == 200, r.text
+    dev = echo_device(gw, product_version=1)
+    await dev.connect("127.0.0.1", gw.port)
+    await until(lambda: dev.updates, WAIT, "the group release on connect")
+    assert dev.updates == [data]

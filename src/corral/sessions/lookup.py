@@ -16,7 +16,6 @@ import asyncio
 import logging
 from typing import Any
 
-from sqlalchemy import Select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,11 +29,11 @@ class DeviceRows:
     for that device, or ``None``; concurrent gets share one query of up to ``max_batch``
     ids."""
 
-    def __init__(self, engine: AsyncEngine, query: Select[Any], *, max_batch: int = 500) -> None:
+    def __init__(self, engine: AsyncEngine, query: Any, *, max_batch: int = 500) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.engine = engine
-        self.query = query
+        self.query = query  # a Select of Device columns, Device.id among them
         self.max_batch = max_batch
         self.queries = 0  # how many queries answered how many gets (tests, metrics)
         self.gets = 0
