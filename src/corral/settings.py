@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     particle_port: int = Field(default=5683, ge=0, le=65535,
                                description="Particle device protocol (TCP); 0 = off")
     particle_handshake_timeout_s: float = Field(default=20.0, gt=0)  # each handshake step
-    particle_max_handshakes: int = Field(default=64, ge=1)  # in progress at once; others wait
+    particle_max_handshakes: int = Field(default=128, ge=1)  # in progress at once; others wait
     particle_ping_interval_s: float = Field(default=30.0, gt=0)  # ping a device silent this long
     particle_keepalive_timeout_s: float = Field(default=60.0, gt=0)  # drop one silent this long
     # connections the kernel holds for a device listener before it accepts them (capped by
