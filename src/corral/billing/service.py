@@ -657,13 +657,8 @@ async def subscribe(db: AsyncSession, settings: Settings, provider: PaymentProvi
         raise BadRequest("payment_method is required to subscribe",
                          code="payment_method_required")
     await _void_open(db, sub)
-    end = period_end(now, now, interval)
-    inv = await _issue(db, sub, reason="subscribe", start=now, end=end, now=now)
-    result = await _attempt(db, provider, sub, inv, now)
+    inv, result = await _charge_new_cycle(db, provider, sub, "subscribe", now)
     if result.succeeded:
-        _activate(sub)
-        _start_cycle(sub, now)
-        await _apply_plan(db, sub)
         audit.record(db, actor=actor, ip=ip, action="billing.subscribed", org_id=org.id,
                      target_type="subscription", target_id=sub.id,
                      details={"plan": sub.plan_code, "interval": sub.interval,
@@ -672,6 +667,20 @@ async def subscribe(db: AsyncSession, settings: Settings, provider: PaymentProvi
     else:  # the organization stays on the plan it had; PUT again with another card
         await _void_open(db, sub)
     return Outcome(sub, inv, result)
+
+
+async def _charge_new_cycle(db: AsyncSession, provider: PaymentProvider, sub: Subscription,
+                            reason: str, now: dt.datetime) -> tuple[Invoice, ChargeResult]:
+    """Invoice a period starting now and charge it; paid, the subscription is active on a
+    new cycle with its plan applied (a first subscription, a reactivation when inactive)."""
+    end = period_end(now, now, sub.interval)
+    inv = await _issue(db, sub, reason=reason, start=now, end=end, now=now)
+    result = await _attempt(db, provider, sub, inv, now)
+    if result.succeeded:
+        _activate(sub)
+        _start_cycle(sub, now)
+        await _apply_plan(db, sub)
+    return inv, result
 
 
 async def _void_open(db: AsyncSession, sub: Subscription) -> None:
@@ -780,13 +789,8 @@ async def reactivate(db: AsyncSession, settings: Settings, provider: PaymentProv
     sub.block_price_cents = (await plans.get_plan(db, sub.plan_code)).block_price_cents
     if sub.next_interval:
         sub.interval, sub.next_interval = sub.next_interval, None
-    end = period_end(now, now, sub.interval)
-    inv = await _issue(db, sub, reason="reactivation", start=now, end=end, now=now)
-    result = await _attempt(db, provider, sub, inv, now)
+    inv, result = await _charge_new_cycle(db, provider, sub, "reactivation", now)
     if result.succeeded:
-        _activate(sub)
-        _start_cycle(sub, now)
-        await _apply_plan(db, sub)
         audit.record(db, actor=actor, ip=ip, action="billing.reactivated", org_id=org.id,
                      target_type="subscription", target_id=sub.id,
                      details={"kept_cycle": False, "invoice": inv.number,
