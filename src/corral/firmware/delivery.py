@@ -267,12 +267,12 @@ class FirmwareDelivery:
                 await self._emit(session, notes)
                 if forced:  # the device applies it although it has updates disabled
                     with contextlib.suppress(Exception):
-                        await session.link.update_forced(True)
+                        await session.link.update_notice("forced", True)
                 return _Step(update_id=u.id, image=image)
         await self._emit(session, notes)
         if pending:
             with contextlib.suppress(Exception):
-                await session.link.update_pending(True)
+                await session.link.update_notice("pending", True)
         return None
 
     async def _image(self, db: AsyncSession, fw: ProductFirmware, u: DeviceUpdate,

@@ -150,6 +150,9 @@ class SessionObserver(Protocol):
         ...
 
 
+UpdateNotice = Literal["pending", "forced"]
+
+
 class DeviceLink(Protocol):
     """How the core reaches one connected device (implemented by each transport)."""
 
@@ -185,13 +188,10 @@ class DeviceLink(Protocol):
         and reconnects on the new version). Never raises for device-side failures."""
         ...
 
-    async def update_pending(self, pending: bool) -> None:
-        """Tell the device an update waits for it (it has updates disabled)."""
-        ...
-
-    async def update_forced(self, forced: bool) -> None:
-        """Tell the device the next update is forced: it applies it although it has updates
-        disabled (``firmware_updates_forced``)."""
+    async def update_notice(self, kind: UpdateNotice, value: bool) -> None:
+        """Tell a device with updates disabled that an update waits for it (``pending``),
+        or that the next one is forced and to be applied anyway (``forced``,
+        ``firmware_updates_forced``)."""
         ...
 
 
@@ -986,5 +986,5 @@ async def publish_after_commit(bus: Bus, events: Sequence[Any]) -> None:
 
 __all__ = ["CommunicationGate", "DeviceError", "DeviceFacts", "DeviceLink", "DeviceSession",
            "FirmwareImage", "FirmwareProgress", "Hello", "OpenGate", "Refused", "SessionHub",
-           "SessionObserver", "TokenBucket", "TransferResult", "check_event_name",
+           "SessionObserver", "TokenBucket", "TransferResult", "UpdateNotice", "check_event_name",
            "coerce_variable", "publish_after_commit"]

@@ -38,6 +38,7 @@ from corral.sessions.core import (
     Refused,
     SessionHub,
     TransferResult,
+    UpdateNotice,
     check_event_name,
 )
 from corral.settings import Settings
@@ -1076,22 +1077,14 @@ class Connection:
         finally:
             self.ota_status = None
 
-    async def update_pending(self, pending: bool) -> None:
+    async def update_notice(self, kind: UpdateNotice, value: bool) -> None:
+        """``devices/{id}/ota/pending`` ``{"pending": true}`` or ``.../ota/forced``."""
         state = self.state
         if state is None or state.ota_qos is None or self.closing:
             return
-        body = json.dumps({"pending": pending}).encode()
+        body = json.dumps({kind: value}).encode()
         with contextlib.suppress(ConnectionError):
-            await self._publish_out(topics.ota_topic(self.device_id, "pending"), body,
-                                    state.ota_qos, keep=False)
-
-    async def update_forced(self, forced: bool) -> None:
-        state = self.state
-        if state is None or state.ota_qos is None or self.closing:
-            return
-        body = json.dumps({"forced": forced}).encode()
-        with contextlib.suppress(ConnectionError):
-            await self._publish_out(topics.ota_topic(self.device_id, "forced"), body,
+            await self._publish_out(topics.ota_topic(self.device_id, kind), body,
                                     state.ota_qos, keep=False)
 
     async def disconnect(self, reason: str) -> None:

@@ -43,6 +43,7 @@ from corral.sessions.core import (
     Refused,
     SessionHub,
     TransferResult,
+    UpdateNotice,
 )
 from corral.settings import Settings
 from corral.transports.listening import close_server
@@ -65,8 +66,7 @@ VARIABLE_TYPES: Final[dict[int, str]] = {1: "bool", 2: "int32", 4: "string", 9: 
 DESCRIBE_SYSTEM: Final = 1
 DESCRIBE_APP: Final = 2
 UPDATES_ENABLED_EVENT: Final = "particle/device/updates/enabled"  # from the device
-UPDATES_PENDING_EVENT: Final = "particle/device/updates/pending"  # to the device
-UPDATES_FORCED_EVENT: Final = "particle/device/updates/forced"  # to the device
+UPDATES_EVENT_PREFIX: Final = "particle/device/updates/"  # + pending | forced, to the device
 # known CoAP codes: empty, the four methods, and success/error responses
 _KNOWN_CODES: Final = frozenset([coap.EMPTY, coap.GET, coap.POST, coap.PUT, coap.DELETE,
                                  *range(0x41, 0x46), *range(0x80, 0x90), *range(0xA0, 0xA6)])
@@ -729,12 +729,9 @@ class ParticleConnection:
                               dropped=not result.ok and (self.closing or self.session is None
                                                          or self.session.closed))
 
-    async def update_pending(self, pending: bool) -> None:
-        await self.deliver_event(UPDATES_PENDING_EVENT, "true" if pending else "false",
-                                 published_at=clock.iso(clock.now()) or "", ttl=60, coreid="")
-
-    async def update_forced(self, forced: bool) -> None:
-        await self.deliver_event(UPDATES_FORCED_EVENT, "true" if forced else "false",
+    async def update_notice(self, kind: UpdateNotice, value: bool) -> None:
+        # Device OS's system events: particle/device/updates/pending and .../forced
+        await self.deliver_event(f"{UPDATES_EVENT_PREFIX}{kind}", "true" if value else "false",
                                  published_at=clock.iso(clock.now()) or "", ttl=60, coreid="")
 
     async def send_firmware(self, image: bytes, *, chunk_size: int | None = None,
