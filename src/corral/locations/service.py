@@ -84,15 +84,11 @@ async def store(db: AsyncSession, events: Sequence[StoredEvent]) -> int:
             for e, p in candidates if _opted_in(settings.get(e.product_id))]
     if not rows:
         return 0
-    dialect = (await db.connection()).dialect.name
+    dialect = (await db.connection()).dialect.name  # corral runs on SQLite or PostgreSQL
     ins: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stored = (await db.execute(ins(LocationPoint).on_conflict_do_nothing(
+    new = set((await db.execute(ins(LocationPoint).on_conflict_do_nothing(
         index_elements=[LocationPoint.event_id]).returning(LocationPoint.event_id), rows)
-    ).scalars().all() if dialect in ("postgresql", "sqlite") else None
-    if stored is None:  # another database: plain inserts (no replays expected there)
-        db.add_all(LocationPoint(**r) for r in rows)
-        stored = [r["event_id"] for r in rows]
-    new = set(stored)
+    ).scalars().all())
     by_event = {e.id: e for e, _ in candidates}
     await ledger.apply(db, [
         ledger.Usage(device_id=by_event[i].device_id or "", kind="location",
