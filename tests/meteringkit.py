@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 
 from corral.events.models import Event
 from corral.mail.models import OutboxMail
+from corral.metering import ledger
 from corral.metering.models import Notification, Plan, UsageAlert, UsageCounter
 from corral.metering.tasks import TickResult
 from helpers import add_member, bearer, make_org, new_user
@@ -31,7 +32,17 @@ async def tick(app: Any, now: dt.datetime | None = None) -> TickResult:
     return await app.state.runtime.metering.tick(now)
 
 
+async def fold(app: Any) -> int:
+    """Fold the committed usage deltas into the counters (what the metering tick does first)."""
+    async with app.state.sessionmaker() as db:
+        n = await ledger.fold_deltas(db)
+        await db.commit()
+    return n
+
+
 async def counters(app: Any, device_id: str | None = None) -> list[UsageCounter]:
+    """The device's counter rows, after folding the deltas committed so far."""
+    await fold(app)
     async with app.state.sessionmaker() as db:
         q = select(UsageCounter).order_by(UsageCounter.device_id, UsageCounter.period)
         if device_id is not None:

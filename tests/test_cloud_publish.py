@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from corral.events.models import Event
-from corral.metering.models import UsageCounter
+from corral.metering.models import UsageCounter, UsageDelta
 from helpers import (
     add_role,
     assert_error,
@@ -169,6 +169,7 @@ async def test_publishes_are_not_metered(client, app):
     assert len(await stored(app)) == 3
     async with app.state.sessionmaker() as db:
         assert (await db.execute(select(func.count()).select_from(UsageCounter))).scalar() == 0
+        assert (await db.execute(select(func.count()).select_from(UsageDelta))).scalar() == 0
 
 
 async def test_product_publish_reaches_subscribed_devices(client, app):

@@ -14,6 +14,7 @@ from corral.events.writer import StoredEvent
 from corral.kit import clock
 from corral.locations import service
 from corral.locations.models import LocationPoint
+from corral.metering import ledger
 from corral.metering.models import UsageCounter
 from corral.sessions.core import Hello
 from helpers import add_device, bearer, new_user, owner_and_product
@@ -57,6 +58,8 @@ async def points(app: Any) -> list[LocationPoint]:
 
 async def usage(app: Any, device_id: str) -> UsageCounter:
     async with app.state.sessionmaker() as db:
+        await ledger.fold_deltas(db)
+        await db.commit()
         return (await db.execute(select(UsageCounter).where(
             UsageCounter.device_id == device_id))).scalar_one()
 

@@ -186,8 +186,11 @@ def stored_and_counted(db_path: Path) -> dict[str, tuple[int, int]]:
             stored = con.execute(
                 "SELECT count(*) FROM events WHERE device_id = ? AND lower(name) NOT LIKE "
                 "'spark%' AND lower(name) NOT LIKE 'particle%'", (d,)).fetchone()[0]
-            counted = con.execute("SELECT coalesce(sum(data_operations), 0) FROM "
-                                  "usage_counters WHERE device_id = ?", (d,)).fetchone()[0]
+            # folded into the counters, or still a delta (the usage readers add both)
+            counted = con.execute(
+                "SELECT coalesce(sum(data_operations), 0) FROM (SELECT data_operations FROM "
+                "usage_counters WHERE device_id = ?1 UNION ALL SELECT data_operations FROM "
+                "usage_deltas WHERE device_id = ?1)", (d,)).fetchone()[0]
             out[d] = (stored, counted)
         return out
     finally:

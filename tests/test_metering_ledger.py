@@ -1,6 +1,7 @@
-"""The usage ledger's batch upsert on both databases: new and existing rows in one batch,
-only the counters a batch uses, tenancy moves, the text/array encodings of the PostgreSQL
-statement, rollbacks, and (PostgreSQL) two writers adding to the same rows at once."""
+"""The usage ledger on both databases: writer batches append deltas, the fold adds them to
+the counters exactly once (new and existing rows, only the counters a batch uses, tenancy
+moves, rollbacks, concurrent writers and folds on PostgreSQL), and readers see counters plus
+unfolded deltas."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
-from corral.metering import ledger
+from corral.metering import ledger, usage
 from corral.metering.ledger import Usage
-from corral.metering.models import UsageCounter
+from corral.metering.models import UsageCounter, UsageDelta
 
 A = "0123456789abcdef0000cc01"
 B = "0123456789abcdef0000cc02"
@@ -35,7 +36,22 @@ async def apply(app: Any, items: list[Usage]) -> int:
     return n
 
 
+async def fold(app: Any) -> int:
+    async with app.state.sessionmaker() as db:
+        n = await ledger.fold_deltas(db)
+        await db.commit()
+    return n
+
+
+async def deltas(app: Any) -> int:
+    async with app.state.sessionmaker() as db:
+        return int((await db.execute(select(func.count()).select_from(UsageDelta))).scalar_one())
+
+
 async def rows(app: Any) -> dict[tuple[str, dt.date], UsageCounter]:
+    """The counter rows after a fold."""
+    await fold(app)
+    assert await deltas(app) == 0
     async with app.state.sessionmaker() as db:
         got = (await db.execute(select(UsageCounter))).scalars().all()
     return {(r.device_id, r.period): r for r in got}
@@ -90,23 +106,34 @@ async def test_tenancy_follows_the_device_and_null_tenancy_is_kept(app):
     assert (a.product_id, a.org_id, a.owner_user_id, a.events_published) == (None, None, 42, 4)
 
 
-async def test_tenancy_written_by_another_node_is_corrected(app):
-    """The row's tenancy changes behind this process's back (another writer node); the next
-    batch still writes this node's tenancy (no per-process cache decides it on PostgreSQL)."""
+@pytest.mark.parametrize("order", [(8, 9, 7), (9, 7, 8)])
+async def test_one_fold_of_many_batches_takes_the_latest_batchs_tenancy(app, order):
+    """Deltas of several batches folded at once: the counter row gets the tenancy of the
+    batch committed last, whatever the product ids' order."""
+    for product in order:
+        await apply(app, [pub(A, product=product), pub(B, product=5)])
+    got = await rows(app)
+    a = got[(A, dt.date(2026, 1, 1))]
+    assert (a.product_id, a.events_published) == (order[-1], 3)
+    assert got[(B, dt.date(2026, 1, 1))].product_id == 5
+
+
+async def test_tenancy_changed_behind_the_ledger_is_corrected_by_the_next_fold(app):
+    """The counter row's tenancy changes behind this process's back (an operator, another
+    node's older code): the next fold writes the tenancy of the device's latest delta."""
     await apply(app, [pub(A, product=7, org=3)])
+    await fold(app)
     async with app.state.sessionmaker() as db:
         await db.execute(text("UPDATE usage_counters SET product_id = 99, org_id = 98"))
         await db.commit()
     await apply(app, [pub(A, product=7, org=3)])
     a = (await rows(app))[(A, dt.date(2026, 1, 1))]
-    if is_pg(app):
-        assert (a.product_id, a.org_id) == (7, 3)
-    assert a.events_published == 2
+    assert (a.product_id, a.org_id, a.events_published) == (7, 3, 2)
 
 
 @pytest.mark.parametrize("odd", ["", "dev,ice"])
-async def test_device_ids_the_text_encoding_cannot_carry(app, odd):
-    """An empty id (a location without a device) or one with a comma goes as arrays."""
+async def test_any_device_id_is_carried(app, odd):
+    """An empty id (a location without a device) or one with a comma."""
     for _ in range(2):
         await apply(app, [pub(odd, 10), pub(A, 20), pub(odd, 1, at=FEB)])
     got = await rows(app)
@@ -117,71 +144,115 @@ async def test_device_ids_the_text_encoding_cannot_carry(app, odd):
 
 
 async def test_a_rolled_back_batch_counts_nothing(app):
+    """Also when the ledger's write is the transaction's first statement (a usage-only
+    batch: on PostgreSQL the COPY must not commit on its own)."""
     await apply(app, [pub(A)])
     async with app.state.sessionmaker() as db:
         await ledger.apply(db, [pub(A), pub(B), pub(A, product=8)])
         await db.rollback()
+    assert await deltas(app) == 1
     got = await rows(app)
     assert set(got) == {(A, dt.date(2026, 1, 1))}
     assert got[(A, dt.date(2026, 1, 1))].events_published == 1
     assert got[(A, dt.date(2026, 1, 1))].product_id == 7
-    await apply(app, [pub(A, product=8)])  # the rolled-back move taught nothing
+    await apply(app, [pub(A, product=8)])
     got = await rows(app)
     assert (got[(A, dt.date(2026, 1, 1))].product_id,
             got[(A, dt.date(2026, 1, 1))].events_published) == (8, 2)
 
 
-async def _wait_for_lock_wait(app: Any) -> None:
+async def test_a_rolled_back_fold_keeps_the_deltas(app):
+    await apply(app, [pub(A, 10)])
     async with app.state.sessionmaker() as db:
-        for _ in range(500):  # bounded: at most ~5 s
-            waiting = (await db.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"))).scalar_one()
-            if waiting:
-                return
-            await db.rollback()
-            await asyncio.sleep(0.01)
-    raise AssertionError("the second writer never waited for the first")
+        assert await ledger.fold_deltas(db) == 1
+        await db.rollback()
+    assert await deltas(app) == 1
+    assert (await rows(app))[(A, dt.date(2026, 1, 1))].payload_bytes == 10
 
 
-@pytest.mark.parametrize("existing", [False, True])
-async def test_two_writers_on_the_same_rows_add_exactly(app, existing):
-    """PostgreSQL, two nodes: the second writer's batch touches rows the first one has
-    inserted (or updated) and not committed yet. It waits, then adds to them: nothing lost
-    (a row invisible to its UPDATE goes to the INSERT ... ON CONFLICT part), nothing
-    doubled."""
+async def test_readers_add_the_unfolded_deltas(app):
+    """usage.* sums counters and deltas: the same answer before a fold, after it and in
+    between; a device that moved shows its unfolded deltas where they were made."""
+    scope = usage.Scope(3)
+    jan, feb = dt.date(2026, 1, 1), dt.date(2026, 2, 1)
+
+    async def read() -> tuple[dict[str, int], dict[Any, dict[str, int]], list[Any]]:
+        async with app.state.sessionmaker() as db:
+            return (await usage.totals(db, scope, jan, feb),
+                    await usage.by_product(db, scope, jan, feb),
+                    await usage.by_device(db, scope, jan, feb))
+
+    await apply(app, [pub(A, 10), pub(B, 20)])
+    await fold(app)
+    await apply(app, [pub(A, 30), Usage(A, "function", product_id=7, org_id=3, at=JAN)])
+    before = await read()
+    assert before[0]["data_operations"] == 4 and before[0]["payload_bytes"] == 60
+    assert [(d["device_id"], d["data_operations"]) for d in before[2]] == [(A, 3), (B, 1)]
+    await fold(app)
+    assert await read() == before
+    async with app.state.sessionmaker() as db:
+        monthly = await usage.monthly_by_org(db, jan, {})
+    assert monthly[3][jan]["data_operations"] == 4
+    await apply(app, [pub(A, 5, product=8)])  # A moved to product 8 (same organization)
+    totals, products, _ = await read()
+    assert totals["data_operations"] == 5
+    assert {p: r["data_operations"] for p, r in products.items()} == {7: 4, 8: 1}
+    await fold(app)
+    totals, products, _ = await read()
+    assert totals["data_operations"] == 5
+    assert {p: r["data_operations"] for p, r in products.items()} == {8: 4, 7: 1}
+
+
+async def test_writers_never_wait_for_each_other_and_a_fold_takes_only_committed_deltas(app):
+    """PostgreSQL, several nodes: two open writer transactions on the same devices append
+    without waiting for each other; a fold meanwhile sees neither; after both commit every
+    delta is added exactly once."""
     if not is_pg(app):
         pytest.skip("SQLite has one writer at a time")
-    if existing:
-        await apply(app, [pub(A, 1), pub(B, 1)])
-    first = app.state.sessionmaker()
-    await ledger.apply(first, [pub(A, 10), pub(B, 10)])
-
-    async def second() -> None:
-        async with app.state.sessionmaker() as db:
-            await ledger.apply(db, [pub(A, 100), pub(B, 100, product=8), pub(C, 100)])
-            await db.commit()
-
-    task = asyncio.create_task(second())
+    await apply(app, [pub(A, 1), pub(B, 1)])
+    await fold(app)
+    first, second = app.state.sessionmaker(), app.state.sessionmaker()
     try:
-        await _wait_for_lock_wait(app)
-        assert not task.done()
+        await ledger.apply(first, [pub(A, 10), pub(B, 10)])
+        async with asyncio.timeout(5):  # would block if appends locked anything shared
+            await ledger.apply(second, [pub(A, 100), pub(B, 100, product=8), pub(C, 100)])
+            assert await fold(app) == 0
         await first.commit()
+        await second.commit()
     finally:
         await first.close()
-    await asyncio.wait_for(task, 10)
+        await second.close()
     got = await rows(app)
-    base = 1 if existing else 0
-    for device, n, size in ((A, 2 + base, 110 + base), (B, 2 + base, 110 + base),
-                            (C, 1, 100)):
+    for device, n, size in ((A, 3, 111), (B, 3, 111), (C, 1, 100)):
         r = got[(device, dt.date(2026, 1, 1))]
         assert (r.events_published, r.payload_bytes) == (n, size), device
     assert got[(B, dt.date(2026, 1, 1))].product_id == 8
 
 
+async def test_two_folds_at_once_add_each_delta_once(app):
+    """PostgreSQL: a second node's fold while one is in progress finds the fold lock taken
+    and leaves the deltas to it; nothing is added twice."""
+    if not is_pg(app):
+        pytest.skip("SQLite folds under its single write lock")
+    await apply(app, [pub(A, 10), pub(B, 10)])
+    first = app.state.sessionmaker()
+    try:
+        assert await ledger.fold_deltas(first) == 2
+        await apply(app, [pub(A, 5)])
+        async with asyncio.timeout(5):
+            assert await fold(app) == 0  # skipped, not blocked
+        await first.commit()
+    finally:
+        await first.close()
+    got = await rows(app)
+    assert got[(A, dt.date(2026, 1, 1))].payload_bytes == 15
+    assert got[(B, dt.date(2026, 1, 1))].payload_bytes == 10
+
+
 async def test_writer_batch_is_one_transaction_on_postgresql(app):
-    """The events' COPY, the usage upsert and the commit are one transaction: a batch whose
-    usage cannot be stored (an id beyond PostgreSQL's integer) leaves no event behind."""
+    """The events' COPY, the usage deltas' COPY and the commit are one transaction: a batch
+    whose usage cannot be stored (an id beyond PostgreSQL's integer) leaves no event
+    behind."""
     if not is_pg(app):
         pytest.skip("the failure needs PostgreSQL's integer range")
     from corral.events.models import Event
@@ -190,7 +261,7 @@ async def test_writer_batch_is_one_transaction_on_postgresql(app):
     writer = EventWriter(app.state.sessionmaker, max_delay=0)
     writer.start()
     try:
-        with pytest.raises(Exception, match="out of range"):
+        with pytest.raises(Exception, match=r"out of range|int32|integer"):
             await writer.write(NewEvent(name="h7d/atomic", device_id=A),
                                pub(A, product=2**40))
         assert await writer.write(NewEvent(name="h7d/fine", device_id=A), pub(A)) > 0
@@ -203,15 +274,47 @@ async def test_writer_batch_is_one_transaction_on_postgresql(app):
     assert a.events_published == 1
 
 
-async def test_a_row_deleted_behind_the_writer_is_recreated_exactly(app):
-    """SQLite updates rows it knows exist with a plain UPDATE; a row deleted since (an
-    operator, a test truncating) is inserted again with the batch's deltas, and rows that
-    do exist are not counted twice."""
-    await apply(app, [pub(A, 10), pub(B, 10)])
-    async with app.state.sessionmaker() as db:
-        await db.execute(text("DELETE FROM usage_counters WHERE device_id = :d"), {"d": A})
-        await db.commit()
-    await apply(app, [pub(A, 5), pub(B, 5), pub(C, 5)])
+def _event(device: str, data: str | None, *, at: dt.datetime = JAN, counted: bool = True,
+           product: int | None = 7) -> Any:
+    from corral.events.writer import NewEvent
+
+    return NewEvent(name="t", data=data, device_id=device, product_id=product, org_id=3,
+                    published_at=at, counted=counted)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+async def test_counted_events_are_metered_from_their_rows_as_fold_counts_them(app, mixed):
+    """The database's count of a batch's counted publishes (``apply_events``) equals
+    :func:`ledger.fold` of the same publishes as ``Usage`` items: per-KB operations from the
+    UTF-8 size (multi-byte text, 0/1024/1025 bytes, no data), the month of each event's
+    time (either side of a month boundary), the latest tenancy. ``mixed``: uncounted rows between the
+    counted ones (their ids are not one range)."""
+    from corral.events.writer import EventWriter
+
+    # device A (odd i) in January: product 7, then 8 (i=5), then 7 again (moved back)
+    datas = [None, "", "x" * 1024, "x" * 1025, "é" * 600, "🙂" * 300, '{"t":21.5}', "last"]
+    events = []
+    for i, d in enumerate(datas):
+        events.append(_event(A if i % 2 else B, d, at=FEB if i == 3 else JAN,
+                             product=8 if i == 5 else 7))
+        if mixed:
+            events.append(_event(A, "not counted", counted=False))
+    expected = ledger.fold([
+        Usage(e.device_id, "publish", product_id=e.product_id, org_id=3, at=e.published_at,
+              payload_bytes=len(e.data.encode()) if e.data else 0)
+        for e in events if e.counted])
+    writer = EventWriter(app.state.sessionmaker, max_delay=0.05)
+    writer.start()
+    try:
+        futures = [writer.write_nowait(e) for e in events]
+        await asyncio.gather(*futures)
+    finally:
+        await writer.stop()
+    assert writer.batches_committed == 1
     got = await rows(app)
-    assert {k[0]: (r.events_published, r.payload_bytes, r.product_id)
-            for k, r in got.items()} == {A: (1, 5, 7), B: (2, 15, 7), C: (1, 5, 7)}
+    assert set(got) == {(r["device_id"], r["period"]) for r in expected}
+    for r in expected:
+        row = got[(r["device_id"], r["period"])]
+        for c in ("events_published", "data_operations", "data_operations_kb",
+                  "payload_bytes", "product_id", "org_id", "owner_user_id"):
+            assert getattr(row, c) == r[c], (r["device_id"], r["period"], c)

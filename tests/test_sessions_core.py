@@ -18,6 +18,7 @@ from corral.bus.base import NoResponders
 from corral.devices.models import Device
 from corral.events.models import Event
 from corral.events.writer import NewEvent
+from corral.metering import ledger
 from corral.metering.ledger import ops_per_kb, period_of
 from corral.metering.models import UsageCounter
 from corral.sessions import contract
@@ -97,6 +98,8 @@ async def events(app: Any, **where: Any) -> list[Event]:
 
 async def usage(app: Any, device_id: str) -> UsageCounter | None:
     async with app.state.sessionmaker() as db:
+        await ledger.fold_deltas(db)
+        await db.commit()
         return (await db.execute(select(UsageCounter).where(
             UsageCounter.device_id == device_id))).scalar_one_or_none()
 

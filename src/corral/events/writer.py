@@ -60,6 +60,9 @@ class NewEvent:
     customer_id: int | None = None
     private: bool = True
     published_at: dt.datetime = dataclasses.field(default_factory=clock.now)
+    # a data operation (a device's publish that passed the usage gate): the writer records
+    # its usage from the stored row, in the same transaction (``ledger.apply_events``)
+    counted: bool = False
 
     def values(self) -> dict[str, Any]:
         return {
@@ -258,6 +261,9 @@ class EventWriter:
         try:
             async with self._sessionmaker() as db:
                 ids = await self._insert(db, rows) if rows else []
+                counted = [i for i, r in zip(ids, rows) if r.counted]  # noqa: B905 (checked below)
+                if counted:
+                    await ledger.apply_events(db, counted)
                 if usage:
                     await ledger.apply(db, usage)
                 if changes:
@@ -276,7 +282,7 @@ class EventWriter:
             return
         self.batches_committed += 1
         self.rows_committed += len(rows)
-        self.usage_committed += len(usage)
+        self.usage_committed += len(usage) + sum(1 for r in rows if r.counted)
         for item, event_id in zip(with_rows, ids, strict=True):
             if not item.future.done():  # the caller may have been cancelled
                 item.future.set_result(event_id)

@@ -1,10 +1,18 @@
-"""Usage increments and how a batch of them is folded into ``usage_counters``.
+"""Usage increments: how a writer batch records them and how they reach ``usage_counters``.
 
 The device-session core creates a :class:`Usage` for each counted operation and hands it to
 the event writer together with the work it counts, so the increment commits in the same
 transaction as the event row (a publish) or before the operation is acknowledged (a function
-call's reply, a variable's value, a delivered event). Nothing is counted twice and nothing
-acknowledged goes uncounted.
+call's reply, a variable's value, a delivered event). A batch appends its increments as
+``usage_deltas`` rows (:func:`apply`); the metering tick folds them into the per-device,
+per-month counters (:func:`fold_deltas`), deleting them in the same transaction. Nothing is
+counted twice and nothing acknowledged goes uncounted; readers add the deltas not folded
+yet (:mod:`corral.metering.usage`).
+
+Why deltas: a counter row updated by every batch put one row update per device per batch on
+the ingest path's commit (PostgreSQL: a new tuple, WAL and a row lock another node's batch
+may wait on). Appending is the cheapest write both databases have; the fold does the row
+updates once per device per tick instead of once per batch.
 """
 
 from __future__ import annotations
@@ -14,15 +22,10 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import Table, event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from corral.kit import clock
-from corral.metering.models import UsageCounter
-
-USAGE: Table = UsageCounter.__table__  # type: ignore[assignment]
 
 Kind = Literal["publish", "delivery", "function", "variable", "discarded", "location",
                "cellular"]
@@ -117,230 +120,176 @@ def fold(items: Iterable[Usage]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def _upsert(dialect: str) -> Any:
-    """One parametrized upsert, compiled once per dialect and run as an executemany."""
-    stmt = _UPSERTS.get(dialect)
-    if stmt is None:
-        ins: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        base = ins(USAGE)
-        exc = base.excluded
-        stmt = base.on_conflict_do_update(
-            index_elements=[USAGE.c.device_id, USAGE.c.period],
-            set_={**{c: USAGE.c[c] + exc[c] for c in _COUNTERS},
-                  "product_id": exc.product_id, "org_id": exc.org_id,
-                  "owner_user_id": exc.owner_user_id, "updated_at": exc.updated_at},
-        )
-        _UPSERTS[dialect] = stmt
-    return stmt
-
-
-_UPSERTS: dict[str, Any] = {}
-
-
 _TENANCY = ("product_id", "org_id", "owner_user_id")
-_PG_TYPES = {"device_id": "varchar", "period": "date", "product_id": "int", "org_id": "int",
-             "owner_user_id": "int"}
+_KEYS = ("device_id", "period", *_TENANCY)
 
 
 def _used(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     """The counters that some row of the batch adds to (a batch of publishes: four of ten);
-    the statements carry only those, the others are 0 for a new row and untouched."""
+    a delta row carries only those, the others take their default 0."""
     return tuple(c for c in _COUNTERS if any(r[c] for r in rows))
 
 
-def _sqlite_upsert(used: tuple[str, ...], *, tenancy: bool) -> str:
-    """The upsert as driver SQL for an ``executemany`` (the ingest hot path skips
-    SQLAlchemy's per-row parameter processing, as the event writer's insert does).
-
-    Parameters per row: device, period, the three tenancy columns, ``updated_at``, then the
-    ``used`` counters. Without ``tenancy`` an existing row keeps its tenancy columns, which
-    spares SQLite the rewrite of their three index entries (about a fifth of the upsert)."""
-    values = ["?"] * 6 + [("?" if c in used else "0") for c in _COUNTERS]
-    sets = [f"{c} = usage_counters.{c} + excluded.{c}" for c in used]
-    sets.append("updated_at = excluded.updated_at")
-    if tenancy:
-        sets += [f"{c} = excluded.{c}" for c in _TENANCY]
-    return (f"INSERT INTO usage_counters (device_id, period, {', '.join(_TENANCY)}, "
-            f"updated_at, {', '.join(_COUNTERS)}) VALUES ({', '.join(values)}) "
-            f"ON CONFLICT (device_id, period) DO UPDATE SET {', '.join(sets)}")
+_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
-def _sqlite_update(used: tuple[str, ...]) -> str:
-    """SQLite, a row known to exist with its tenancy: a plain ``UPDATE`` by primary key
-    (a third cheaper than the upsert's insert attempt). Parameters: ``updated_at``, the
-    ``used`` counters, device, period."""
-    sets = ", ".join(["updated_at = ?", *(f"{c} = {c} + ?" for c in used)])
-    return f"UPDATE usage_counters SET {sets} WHERE device_id = ? AND period = ?"
-
-
-def _sqlite_insert_missing() -> str:
-    return (f"INSERT INTO usage_counters (device_id, period, {', '.join(_TENANCY)}, "
-            f"updated_at, {', '.join(_COUNTERS)}) "
-            f"VALUES ({', '.join('?' * (6 + len(_COUNTERS)))}) "
-            f"ON CONFLICT (device_id, period) DO NOTHING")
-
-
-def _pg_upsert(used: tuple[str, ...], *, text: bool = True) -> str:
-    """The whole batch as ONE PostgreSQL statement: a column per parameter (device, period,
-    tenancy, the ``used`` counters; ``updated_at`` is one scalar).
-
-    With ``text`` each column is one comma-separated string (``""`` for NULL) that the
-    server splits with ``string_to_array``: asyncpg encodes a Python list element by element
-    (with abstract-class checks on each), (measured: 2.2 µs of client CPU per row for this
-    statement as arrays, 1.4 µs as strings, and less server time too). Without ``text`` (a device id that is empty or
-    holds a comma) the columns are sent as arrays.
-
-    Rows that exist are changed by a plain ``UPDATE ... FROM unnest(...)`` joined on the
-    primary key: half the WAL records of ``INSERT ... ON CONFLICT DO UPDATE`` (which locks
-    each conflicting tuple first) and less server time. Rows it did not find (a device's
-    first use in a month, or a row another node inserts concurrently, invisible to this
-    statement's snapshot) go through ``INSERT ... ON CONFLICT DO UPDATE``, which waits for
-    and adds to such a row; a row is never in both parts, so every delta is added exactly
-    once. Tenancy is always written: PostgreSQL keeps an update HOT (no index churn) when
-    the indexed values are unchanged, so no per-process cache is needed."""
-    keys = ("device_id", "period", *_TENANCY)
-    types = [_PG_TYPES[k] for k in keys] + ["bigint"] * len(used)
-    if text:
-        arrays = ["string_to_array($1, ',')"] + [
-            f"string_to_array(${i}, ',', '')::{t}[]" for i, t in enumerate(types[1:], 2)]
-    else:
-        arrays = [f"${i}::{t}[]" for i, t in enumerate(types, 1)]
-    stamp = f"${len(keys) + len(used) + 1}::timestamptz"
-    sets = [f"{c} = t.{c} + d.{c}" for c in used]
-    sets += [f"{c} = d.{c}" for c in _TENANCY]
-    upserts = [f"{c} = usage_counters.{c} + excluded.{c}" for c in used]
-    upserts += [f"{c} = excluded.{c}" for c in _TENANCY]
-    return (
-        f"WITH d AS (SELECT * FROM unnest({', '.join(arrays)}) "
-        f"AS d({', '.join((*keys, *used))})), "
-        f"u AS (UPDATE usage_counters AS t SET {', '.join(sets)}, updated_at = {stamp} "
-        f"FROM d WHERE t.device_id = d.device_id AND t.period = d.period "
-        f"RETURNING t.device_id, t.period) "
-        f"INSERT INTO usage_counters ({', '.join(keys)}, {', '.join(_COUNTERS)}, updated_at) "
-        f"SELECT {', '.join(f'd.{k}' for k in keys)}, "
-        f"{', '.join((f'd.{c}' if c in used else '0') for c in _COUNTERS)}, {stamp} FROM d "
-        f"WHERE NOT EXISTS (SELECT 1 FROM u WHERE u.device_id = d.device_id "
-        f"AND u.period = d.period) "
-        f"ON CONFLICT (device_id, period) DO UPDATE SET {', '.join(upserts)}, "
-        f"updated_at = excluded.updated_at")
-
-
-_SQL: dict[tuple[str, bool, tuple[str, ...]], str] = {}
-
-
-def _sql(dialect: str, used: tuple[str, ...], *, tenancy: bool = True) -> str:
-    """The cached statement; ``tenancy`` is SQLite's (see :func:`_sqlite_upsert`),
-    PostgreSQL's is whether the columns go as text (see :func:`_pg_upsert`)."""
-    key = (dialect, tenancy, used)
-    sql = _SQL.get(key)
+def _sqlite_insert(used: tuple[str, ...]) -> str:
+    sql = _SQL.get(("sqlite", used))
     if sql is None:
-        sql = _SQL[key] = (_pg_upsert(used, text=tenancy) if dialect == "postgresql"
-                           else _sqlite_upsert(used, tenancy=tenancy))
+        cols = (*_KEYS, *used)
+        sql = _SQL[("sqlite", used)] = (
+            f"INSERT INTO usage_deltas ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})")
     return sql
 
 
-def _joined(values: list[Any]) -> str:
-    return ",".join(["" if v is None else str(v) for v in values])
-
-
-# SQLite only (one node per database file): (device, period) -> the tenancy this process has
-# committed for that counter row. A row whose tenancy is known to be current is upserted
-# without rewriting it; the cache learns only from committed transactions (a rolled-back
-# batch teaches it nothing). PostgreSQL, where several writer nodes may share the table,
-# always writes tenancy (see :func:`_pg_upsert`) and uses no cache.
-Tenancy = tuple[int | None, int | None, int | None]
-_WRITTEN: dict[tuple[str, dt.date], Tenancy] = {}
-_WRITTEN_MAX = 500_000
-_PENDING = "usage_tenancy"
-
-
-@event.listens_for(Session, "after_commit")
-def _tenancy_committed(session: Session) -> None:
-    pending = session.info.pop(_PENDING, None)
-    if pending:
-        if len(_WRITTEN) + len(pending) > _WRITTEN_MAX:
-            _WRITTEN.clear()
-        _WRITTEN.update(pending)
-
-
-@event.listens_for(Session, "after_rollback")
-def _tenancy_rolled_back(session: Session) -> None:
-    session.info.pop(_PENDING, None)
-
-
-def forget_tenancy() -> None:
-    """Drop what this process knows about stored tenancy (tests that rewrite the table)."""
-    _WRITTEN.clear()
-
-
 async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
-    """Add ``items`` to the counters in the session's transaction (one upsert per distinct
-    (device, period): one statement on PostgreSQL, one executemany on SQLite). Returns the
-    number of rows touched."""
+    """Record ``items`` in the session's transaction: one ``usage_deltas`` row per distinct
+    (device, period), appended (PostgreSQL: ``COPY``; SQLite: one ``executemany``), so the
+    ingest path never waits on a counter row another batch or node is updating. The metering
+    tick folds them into ``usage_counters`` (:func:`fold_deltas`). Returns the number of
+    delta rows written."""
     rows = fold(items)
     if not rows:
         return 0
-    # sorted keys: concurrent writers (several nodes) lock rows in the same order
-    rows.sort(key=lambda r: (r["device_id"], r["period"]))
+    used = _used(rows)
     conn = await db.connection()
     dialect = conn.dialect.name
     if dialect == "postgresql":
-        used = _used(rows)
-        devices = [r["device_id"] for r in rows]
-        joined = ",".join(devices)
-        text = joined.count(",") == len(rows) - 1 and all(devices)
-        columns: list[Any] = [[r[c] for r in rows] for c in ("period", *_TENANCY, *used)]
-        if text:
-            columns = [joined, *(_joined(c) for c in columns)]
-        else:
-            columns.insert(0, devices)
-        # through SQLAlchemy's driver adapter, not asyncpg directly: the adapter begins the
-        # session's database transaction lazily, at its first statement; a statement sent
-        # to the bare asyncpg connection before that would commit on its own
-        await conn.exec_driver_sql(_sql(dialect, used, tenancy=text),
-                                   (*columns, rows[0]["updated_at"]))
-        return len(rows)
-    if dialect != "sqlite":
-        await db.execute(_upsert(dialect), rows)
-        return len(rows)
-    known, changed = [], []
-    pending: dict[tuple[str, dt.date], Tenancy] = {}
-    for r in rows:
-        key, tenancy = (r["device_id"], r["period"]), (r["product_id"], r["org_id"],
-                                                       r["owner_user_id"])
-        if _WRITTEN.get(key) == tenancy:
-            known.append(r)
-        else:
-            changed.append(r)
-            pending[key] = tenancy
-    # stored as SQLAlchemy's SQLite Date/DATETIME text (UTC, microseconds); fold stamps
-    # every row with the same time and a batch spans one or two months
-    stamp = _sqlite_time(rows[0]["updated_at"])
-    days: dict[dt.date, str] = {}
-    for r in rows:
-        if r["period"] not in days:
-            days[r["period"]] = r["period"].isoformat()
-    if known:
-        used = _used(known)
-        sql = _SQL.get(("sqlite-update", False, used)) or _SQL.setdefault(
-            ("sqlite-update", False, used), _sqlite_update(used))
-        result = await conn.exec_driver_sql(sql, [
-            (stamp, *[r[c] for c in used], r["device_id"], days[r["period"]]) for r in known])
-        if result.rowcount != len(known):
-            # some "known" row is gone (deleted behind this process's back): insert those
-            # with their deltas; the rows just updated conflict and are left alone. Exact:
-            # this transaction holds SQLite's only write lock since its first write.
-            await conn.exec_driver_sql(_sqlite_insert_missing(), [
-                (r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
-                 r["owner_user_id"], stamp, *[r[c] for c in _COUNTERS]) for r in known])
-    if changed:
-        used = _used(changed)
-        await conn.exec_driver_sql(_sql(dialect, used, tenancy=True), [
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        if not raw.is_in_transaction():
+            # the session's transaction begins at the adapter's first statement; a COPY on
+            # the bare asyncpg connection before that would commit on its own
+            await conn.exec_driver_sql("SELECT 1")
+        await raw.copy_records_to_table(
+            "usage_deltas", columns=(*_KEYS, *used),
+            records=[(r["device_id"], r["period"], r["product_id"], r["org_id"],
+                      r["owner_user_id"], *[r[c] for c in used]) for r in rows])
+    else:
+        # SQLite (corral runs on SQLite and PostgreSQL); the ingest hot path: to the driver directly, dates as SQLAlchemy's SQLite Date
+        # text; a batch spans one or two months
+        days: dict[dt.date, str] = {}
+        for r in rows:
+            if r["period"] not in days:
+                days[r["period"]] = r["period"].isoformat()
+        await conn.exec_driver_sql(_sqlite_insert(used), [
             (r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
-             r["owner_user_id"], stamp, *[r[c] for c in used]) for r in changed])
-    if pending:
-        db.sync_session.info.setdefault(_PENDING, {}).update(pending)
+             r["owner_user_id"], *[r[c] for c in used]) for r in rows])
     return len(rows)
+
+
+_EVENT_DELTAS = {
+    # one delta row per (device, month, tenancy) of the batch's counted events, ordered by
+    # each one's latest event (so a fold gives the device the tenancy of its latest event);
+    # a payload's size is its UTF-8 bytes (NULL: 0 bytes, still one operation)
+    "sqlite": ("INSERT INTO usage_deltas (device_id, period, product_id, org_id, owner_user_id, "
+               "events_published, data_operations, data_operations_kb, payload_bytes) "
+               "SELECT device_id, substr(published_at, 1, 8) || '01', product_id, org_id, "
+               "owner_user_id, count(*), count(*), "
+               "sum(max(1, (coalesce(length(CAST(data AS BLOB)), 0) + 1023) / 1024)), "
+               "sum(coalesce(length(CAST(data AS BLOB)), 0)) FROM events WHERE {ids} "
+               "GROUP BY 1, 2, 3, 4, 5 ORDER BY max(id)"),
+    "postgresql": ("INSERT INTO usage_deltas (device_id, period, product_id, org_id, "
+                   "owner_user_id, events_published, data_operations, data_operations_kb, "
+                   "payload_bytes) "
+                   "SELECT device_id, date_trunc('month', published_at AT TIME ZONE 'UTC')::date, "
+                   "product_id, org_id, owner_user_id, count(*), count(*), "
+                   "sum(greatest(1, (coalesce(octet_length(data), 0) + 1023) / 1024)), "
+                   "sum(coalesce(octet_length(data), 0)) FROM events WHERE {ids} "
+                   "GROUP BY 1, 2, 3, 4, 5 ORDER BY max(id)"),
+}
+_EVENT_IDS = {
+    ("sqlite", True): "id BETWEEN ? AND ?",
+    ("sqlite", False): "id IN (SELECT value FROM json_each(?))",
+    ("postgresql", True): "id BETWEEN $1 AND $2",
+    ("postgresql", False): "id = ANY(string_to_array($1, ',')::bigint[])",
+}
+
+
+async def apply_events(db: AsyncSession, event_ids: Sequence[int]) -> None:
+    """Record the usage of counted publishes from their event rows, stored earlier in the
+    session's transaction (ids ascending): one ``publish`` operation each, as :func:`fold`
+    counts a ``Usage(kind="publish")`` of the same device, tenancy, time and payload.
+
+    The database computes the deltas from the rows it has just stored (the per-1024-byte
+    count, the payload bytes, the month of ``published_at``), so a publish costs the ingest
+    path no Python work for metering beyond its flag."""
+    if not event_ids:
+        return
+    conn = await db.connection()
+    dialect = conn.dialect.name
+    template = _EVENT_DELTAS[dialect]  # corral runs on SQLite and PostgreSQL
+    lo, hi = event_ids[0], event_ids[-1]
+    contiguous = hi - lo + 1 == len(event_ids)
+    key = ("events", (dialect, str(contiguous)))
+    sql = _SQL.get(key)
+    if sql is None:
+        sql = _SQL[key] = template.format(ids=_EVENT_IDS[(dialect, contiguous)])
+    if contiguous:
+        await conn.exec_driver_sql(sql, (lo, hi))
+    elif dialect == "sqlite":
+        await conn.exec_driver_sql(sql, ("[" + ",".join(map(str, event_ids)) + "]",))
+    else:
+        await conn.exec_driver_sql(sql, (",".join(map(str, event_ids)),))
+
+
+# --- folding ------------------------------------------------------------------------------
+
+_FOLD_LOCK = 0x636f72726c  # PostgreSQL advisory lock key: one fold at a time across nodes
+
+
+def _fold_sql(dialect: str) -> str:
+    """Move every delta into ``usage_counters`` (one upsert per (device, period), adding the
+    summed deltas; the tenancy of the device's latest delta wins, as a device that moved
+    mid-month is billed where it is now) and delete them, in one statement (PostgreSQL) or
+    two under SQLite's write lock. ``:now`` is the rows' ``updated_at``."""
+    sql = _SQL.get(("fold", (dialect,)))
+    if sql is not None:
+        return sql
+    sums = ", ".join(f"sum({c}) AS {c}" for c in _COUNTERS)
+    adds = ", ".join(f"{c} = usage_counters.{c} + excluded.{c}" for c in _COUNTERS)
+    tenancy = ", ".join(f"{c} = excluded.{c}" for c in _TENANCY)
+    target = (f"INSERT INTO usage_counters ({', '.join(_KEYS)}, {', '.join(_COUNTERS)}, "
+              f"updated_at) ")
+    conflict = (f" ON CONFLICT (device_id, period) DO UPDATE SET {adds}, {tenancy}, "
+                f"updated_at = excluded.updated_at")
+    if dialect == "postgresql":
+        latest = ", ".join(f"(array_agg({c} ORDER BY id DESC))[1] AS {c}" for c in _TENANCY)
+        sql = (f"WITH d AS (DELETE FROM usage_deltas RETURNING *) "
+               f"{target}SELECT device_id, period, {latest}, {sums}, "
+               f"CAST(:now AS timestamptz) FROM d GROUP BY device_id, period "
+               f"ORDER BY device_id, period{conflict}")
+    else:
+        # SQLite: with max(id) in a grouped SELECT, the bare tenancy columns come from the
+        # row that has it (documented SQLite behaviour); the WHERE makes the upsert parse
+        sql = (f"{target}SELECT {', '.join(_KEYS)}, {', '.join(_COUNTERS)}, :now FROM ("
+               f"SELECT device_id, period, {', '.join(_TENANCY)}, max(id) AS latest, {sums} "
+               f"FROM usage_deltas GROUP BY device_id, period) WHERE true{conflict}")
+    _SQL[("fold", (dialect,))] = sql
+    return sql
+
+
+async def fold_deltas(db: AsyncSession) -> int:
+    """Fold every committed delta into ``usage_counters`` in the session's transaction (the
+    caller commits). Exact under concurrency: on PostgreSQL a delta is deleted by the same
+    statement that adds it, and a node that finds another node folding skips (an advisory
+    lock; deltas committed meanwhile wait for the next fold); on SQLite the statements run
+    under the database's single write lock. Returns the number of counter rows changed."""
+    conn = await db.connection()
+    dialect = conn.dialect.name
+    now = clock.now()
+    if dialect == "postgresql":
+        got = (await conn.exec_driver_sql(
+            f"SELECT pg_try_advisory_xact_lock({_FOLD_LOCK})")).scalar_one()
+        if not got:
+            return 0
+        result = await db.execute(text(_fold_sql(dialect)), {"now": now})
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    # SQLite: the INSERT takes the write lock before it reads, so the DELETE after it removes
+    # exactly the rows it folded
+    result = await db.execute(text(_fold_sql(dialect)), {"now": _sqlite_time(now)})
+    await conn.exec_driver_sql("DELETE FROM usage_deltas")
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def _sqlite_time(at: dt.datetime) -> str:
@@ -349,4 +298,5 @@ def _sqlite_time(at: dt.datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-__all__ = ["Kind", "Usage", "apply", "fold", "ops_per_kb", "period_of", "uncounted_name"]
+__all__ = ["Kind", "Usage", "apply", "apply_events", "fold", "fold_deltas", "ops_per_kb", "period_of",
+           "uncounted_name"]

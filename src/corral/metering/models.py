@@ -1,9 +1,12 @@
-"""Usage counters: one row per device per calendar month (UTC).
+"""Usage counters: one row per device per calendar month (UTC), and the append-only deltas
+not folded into them yet.
 
-Written only through the event writer's group commit (:mod:`corral.events.writer`), in the
-same transaction as the work they count (an event row) or before the work is acknowledged
-(a function call's reply, a variable's value, a delivered event). The billing domain reads
-them; nothing else writes them.
+The event writer's group commit (:mod:`corral.events.writer`) appends one ``usage_deltas``
+row per device per batch, in the same transaction as the work it counts (an event row) or
+before the work is acknowledged (a function call's reply, a variable's value, a delivered
+event). The metering tick folds the deltas into ``usage_counters`` (:func:`corral.metering.
+ledger.fold_deltas`); readers (:mod:`corral.metering.usage`) add the deltas not folded yet,
+so what they see is exact at any moment. Nothing else writes either table.
 """
 
 from __future__ import annotations
@@ -55,6 +58,38 @@ class UsageCounter(Base):
     location_points: Mapped[int] = mapped_column(Count, default=0, server_default="0")
     cellular_bytes: Mapped[int] = mapped_column(Count, default=0, server_default="0")
     updated_at: Mapped[dt.datetime]
+
+
+DeltaId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UsageDelta(Base):
+    """What one writer batch added to one device's usage in one month, not yet folded into
+    its :class:`UsageCounter` row.
+
+    Append-only, with nothing indexed but the key (on PostgreSQL the writer appends them
+    with ``COPY``); the metering tick moves them into ``usage_counters`` and deletes them in
+    one transaction. ``id`` orders a device's deltas: the latest one's tenancy is the one
+    its counter row gets."""
+
+    __tablename__ = "usage_deltas"
+
+    id: Mapped[int] = mapped_column(DeltaId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(24))
+    period: Mapped[dt.date] = mapped_column(Date)
+    product_id: Mapped[int | None] = mapped_column(Integer)
+    org_id: Mapped[int | None] = mapped_column(Integer)
+    owner_user_id: Mapped[int | None] = mapped_column(Integer)
+    events_published: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    events_delivered: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    function_calls: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    variable_reads: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    events_discarded: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    data_operations: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    data_operations_kb: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    payload_bytes: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    location_points: Mapped[int] = mapped_column(Count, default=0, server_default="0")
+    cellular_bytes: Mapped[int] = mapped_column(Count, default=0, server_default="0")
 
 
 class Plan(Base):

@@ -1,6 +1,8 @@
-"""The metering service: recomputes the usage gate and fires usage warnings.
+"""The metering service: folds usage deltas, recomputes the usage gate, fires usage warnings.
 
-:meth:`MeteringService.tick` (tests call it directly with a ManualClock) reads, in one
+:meth:`MeteringService.tick` (tests call it directly with a ManualClock) first folds the
+usage deltas committed since the last tick into ``usage_counters`` (its own transaction:
+:func:`corral.metering.ledger.fold_deltas`), then reads, in one
 transaction, every organization's usage in its current allowance period, plan and billable
 devices; fires the 70/90/100 % warnings not fired yet (:mod:`corral.metering.alerts`);
 commits; stores the warnings' events through the event writer; and hands the new state to
@@ -23,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.kit import clock
-from corral.metering import alerts, plans, usage
+from corral.metering import alerts, ledger, plans, usage
 from corral.metering.gate import Snapshot, UsageGate
 from corral.metering.plans import MB, EffectivePlan, add_months, month_start
 from corral.orgs.models import Organization
@@ -69,6 +71,7 @@ class MeteringService:
         self.writer: Any = None  # corral.events.writer.EventWriter
         self.hub: Any = None  # corral.sessions.core.SessionHub (cellular byte flushes)
         self.ticks = 0
+        self.folded = 0  # counter rows changed by folds
         self.last: TickResult | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -150,8 +153,21 @@ class MeteringService:
         async with self._lock:
             return await self._tick(now or clock.now(), full)
 
+    async def fold(self) -> int:
+        """Fold the usage deltas committed so far into the counters (its own transaction)."""
+        assert self.sessionmaker is not None
+        async with self.sessionmaker() as db:
+            n = await ledger.fold_deltas(db)
+            await db.commit()
+        self.folded += n
+        return n
+
     async def _tick(self, now: dt.datetime, full: bool) -> TickResult:
         assert self.sessionmaker is not None
+        try:
+            await self.fold()
+        except Exception:  # readers add unfolded deltas: the refresh is exact regardless
+            log.exception("metering: folding usage deltas failed")
         gate = self.gate
         gate.begin()
         month = month_start(now.date())

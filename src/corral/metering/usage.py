@@ -1,10 +1,11 @@
 """Reading usage: totals per organization, product, device and period; billable devices;
 SIM deactivation intervals; cellular data.
 
-Counters are per device per UTC month (:mod:`corral.metering.ledger`); an allowance period
-is one month or, pooled annually (Enterprise), twelve. An organization's usage is every
-counter row tagged with it; a personal organization also owns its user's own devices
-(rows with no organization and that ``owner_user_id``).
+Counters are per device per UTC month (:mod:`corral.metering.ledger`), plus the deltas the
+metering tick has not folded into them yet; an allowance period is one month or, pooled
+annually (Enterprise), twelve. An organization's usage is every counter row tagged with it;
+a personal organization also owns its user's own devices (rows with no organization and
+that ``owner_user_id``).
 
 Billable devices in a month (the seed's rules): every device of every product of the
 organization (and, for a personal organization, the user's own devices) that first came
@@ -19,20 +20,34 @@ import datetime as dt
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
+from sqlalchemy.sql.elements import KeyedColumnElement
 
 from corral.devices.models import Device
 from corral.kit.errors import BadRequest
-from corral.metering.models import SimDeactivation, UsageCounter
+from corral.metering.models import SimDeactivation, UsageCounter, UsageDelta
 from corral.metering.plans import MB, EffectivePlan, add_months, month_start
 from corral.orgs.models import Organization
 from corral.products.models import Product
 
-U = UsageCounter
 SUMMED = ("data_operations", "data_operations_kb", "events_published", "events_delivered",
           "function_calls", "variable_reads", "location_points", "events_discarded",
           "payload_bytes", "cellular_bytes")
+
+
+def _usage() -> ReadOnlyColumnCollection[str, KeyedColumnElement[Any]]:
+    """What readers sum: the counter rows plus the deltas not folded into them yet (one
+    statement, so one snapshot: a fold committing meanwhile is seen entirely or not at all).
+    A device's unfolded deltas carry the tenancy it had when they were written."""
+    keys = ("device_id", "period", "product_id", "org_id", "owner_user_id", *SUMMED)
+    counters, deltas = UsageCounter.__table__.c, UsageDelta.__table__.c
+    return union_all(select(*[counters[k] for k in keys]),
+                     select(*[deltas[k] for k in keys])).subquery("usage").c
+
+
+U = _usage()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,7 +89,7 @@ def parse_period(value: str | None, today: dt.date) -> dt.date:
 
 
 def _sums() -> list[Any]:
-    return [func.coalesce(func.sum(U.__table__.c[c]), 0).label(c) for c in SUMMED]
+    return [func.coalesce(func.sum(U[c]), 0).label(c) for c in SUMMED]
 
 
 def _row_dict(row: Any) -> dict[str, int]:

@@ -435,20 +435,20 @@ class DeviceSession:
         """:meth:`publish` for transports that pipeline: validates at once (raising
         :class:`Refused`) and returns a future that resolves with the event id after the
         commit (or fails, and then the publish must not be acknowledged)."""
-        row, usage = self._prepare(name, data, ttl=ttl, private=private, system=system)
+        row = self._prepare(name, data, ttl=ttl, private=private, system=system)
         writer = self.hub.writer
         try:
-            return writer.write_nowait(row, usage)
+            return writer.write_nowait(row)
         except WriterStopped:
             raise Refused("busy", "The server is shutting down") from None
         except asyncio.QueueFull:  # saturated: queue once there is room (backpressure)
             async def later() -> int:
-                return await (await writer.submit(row, usage))
+                return await (await writer.submit(row))
 
             return asyncio.ensure_future(later())
 
     def _prepare(self, name: str, data: str | bytes | None, *, ttl: int, private: bool,
-                 system: bool) -> tuple[NewEvent, Usage | None]:
+                 system: bool) -> NewEvent:
         self._check_open()
         self.heard()
         check_event_name(name, system=system)
@@ -476,8 +476,9 @@ class DeviceSession:
             self.hub.discarded += 1
             self._count_nowait("discarded", size)
             raise Refused("rate_limited", "Too many events; this one was discarded")
-        row = self._event(name, data or None, ttl=ttl, private=private, at=now)
-        return row, self._usage("publish", size, at=now) if counted else None
+        # a counted publish's usage is computed from its stored row (ledger.apply_events)
+        return self._event(name, data or None, ttl=ttl, private=private, at=now,
+                           counted=counted)
 
     async def subscribe(self, prefix: str) -> None:
         """Receive events (in the device's scope) whose names start with ``prefix`` (``""``:
@@ -559,12 +560,13 @@ class DeviceSession:
             raise Refused("closed", "The session is closed")
 
     def _event(self, name: str, data: str | None, *, ttl: int = 60, private: bool = True,
-               source: str = "device", at: dt.datetime | None = None) -> NewEvent:
+               source: str = "device", at: dt.datetime | None = None,
+               counted: bool = False) -> NewEvent:
         f = self.facts
         return NewEvent(name=name, data=data, ttl=ttl, source=source, device_id=f.device_id,
                         product_id=f.product_id, org_id=f.org_id,
                         owner_user_id=f.owner_user_id, customer_id=f.customer_id,
-                        private=private, published_at=at or clock.now())
+                        private=private, published_at=at or clock.now(), counted=counted)
 
     def _usage(self, kind: Kind, size: int, *, at: dt.datetime | None = None) -> Usage:
         f = self.facts
