@@ -99,15 +99,20 @@ async def setup(url: str, n: int) -> tuple[Any, int, list[str]]:
     return engine, org_id, ids
 
 
+FOLDS: list[float] = []  # seconds each fold took
+
+
 async def folder(sm: Any, every: float, stop: asyncio.Event) -> None:
     """What the metering tick does first, at its cadence: fold the usage deltas."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(every):
                 await stop.wait()
+        t0 = time.perf_counter()
         async with sm() as db:
             await ledger.fold_deltas(db)
             await db.commit()
+        FOLDS.append(time.perf_counter() - t0)
 
 
 async def round_(sm: Any, settings: Settings, ids: list[str], metered: bool, org_id: int,
@@ -192,7 +197,8 @@ async def run(url: str, n: int, seconds: float, rounds: int) -> None:
           f"own: {pairs:.1f} %), CPU per event "
           f"+{100 * (con - coff) / coff:.1f} % (goal: within 10 %); "
           f"{counted:,} publishes counted in usage_counters of {published:,} made with "
-          f"metering on; deltas folded every {settings.metering_refresh_s:g} s")
+          f"metering on; deltas folded every {settings.metering_refresh_s:g} s "
+          f"({len(FOLDS)} folds, median {statistics.median(FOLDS or [0]) * 1e3:.0f} ms)")
     if counted != published:
         raise SystemExit("usage counters disagree with the publishes made")
 

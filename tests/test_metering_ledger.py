@@ -249,6 +249,40 @@ async def test_two_folds_at_once_add_each_delta_once(app):
     assert got[(B, dt.date(2026, 1, 1))].payload_bytes == 10
 
 
+async def test_a_fold_that_lost_a_race_with_another_fails_and_adds_nothing(app):
+    """PostgreSQL: a fold whose snapshot was taken before another node's fold committed
+    (it got the lock just after) would see deltas that fold deleted; REPEATABLE READ makes
+    it fail with a serialization error instead of adding them a second time."""
+    if not is_pg(app):
+        pytest.skip("SQLite folds under its single write lock")
+    await apply(app, [pub(A, 10), pub(B, 10)])
+    late = app.state.sessionmaker()
+    try:
+        conn = await late.connection(execution_options=ledger.FOLD_ISOLATION)
+        await conn.exec_driver_sql("SELECT 1")  # its snapshot is taken here
+        assert await fold(app) == 2  # the other node's fold commits
+        with pytest.raises(Exception) as failed:
+            await ledger.fold_deltas(late)
+        assert ledger.is_fold_conflict(failed.value)
+        await late.rollback()
+    finally:
+        await late.close()
+    got = await rows(app)
+    assert got[(A, dt.date(2026, 1, 1))].payload_bytes == 10
+    assert got[(B, dt.date(2026, 1, 1))].payload_bytes == 10
+
+
+async def test_a_fold_refuses_a_transaction_at_a_weaker_isolation(app):
+    if not is_pg(app):
+        pytest.skip("PostgreSQL's isolation levels")
+    await apply(app, [pub(A, 10)])
+    async with app.state.sessionmaker() as db:
+        await db.execute(text("SELECT 1"))  # began at READ COMMITTED
+        with pytest.raises(RuntimeError, match="REPEATABLE READ"):
+            await ledger.fold_deltas(db)
+    assert await deltas(app) == 1
+
+
 async def test_writer_batch_is_one_transaction_on_postgresql(app):
     """The events' COPY, the usage deltas' COPY and the commit are one transaction: a batch
     whose usage cannot be stored (an id beyond PostgreSQL's integer) leaves no event

@@ -185,18 +185,16 @@ _EVENT_DELTAS = {
     "sqlite": ("INSERT INTO usage_deltas (device_id, period, product_id, org_id, owner_user_id, "
                "events_published, data_operations, data_operations_kb, payload_bytes) "
                "SELECT device_id, substr(published_at, 1, 8) || '01', product_id, org_id, "
-               "owner_user_id, count(*), count(*), "
-               "sum(max(1, (coalesce(length(CAST(data AS BLOB)), 0) + 1023) / 1024)), "
-               "sum(coalesce(length(CAST(data AS BLOB)), 0)) FROM events WHERE {ids} "
-               "GROUP BY 1, 2, 3, 4, 5 ORDER BY max(id)"),
+               "owner_user_id, 1, 1, "
+               "max(1, (coalesce(length(CAST(data AS BLOB)), 0) + 1023) / 1024), "
+               "coalesce(length(CAST(data AS BLOB)), 0) FROM events WHERE {ids} ORDER BY id"),
     "postgresql": ("INSERT INTO usage_deltas (device_id, period, product_id, org_id, "
                    "owner_user_id, events_published, data_operations, data_operations_kb, "
                    "payload_bytes) "
                    "SELECT device_id, date_trunc('month', published_at AT TIME ZONE 'UTC')::date, "
-                   "product_id, org_id, owner_user_id, count(*), count(*), "
-                   "sum(greatest(1, (coalesce(octet_length(data), 0) + 1023) / 1024)), "
-                   "sum(coalesce(octet_length(data), 0)) FROM events WHERE {ids} "
-                   "GROUP BY 1, 2, 3, 4, 5 ORDER BY max(id)"),
+                   "product_id, org_id, owner_user_id, 1, 1, "
+                   "greatest(1, (coalesce(octet_length(data), 0) + 1023) / 1024), "
+                   "coalesce(octet_length(data), 0) FROM events WHERE {ids} ORDER BY id"),
 }
 _EVENT_IDS = {
     ("sqlite", True): "id BETWEEN ? AND ?",
@@ -213,7 +211,8 @@ async def apply_events(db: AsyncSession, event_ids: Sequence[int]) -> None:
 
     The database computes the deltas from the rows it has just stored (the per-1024-byte
     count, the payload bytes, the month of ``published_at``), so a publish costs the ingest
-    path no Python work for metering beyond its flag."""
+    path no Python work for metering beyond its flag. One delta row per event, as the rows
+    are (grouping them per device first measured slower on both databases)."""
     if not event_ids:
         return
     conn = await db.connection()
@@ -226,11 +225,24 @@ async def apply_events(db: AsyncSession, event_ids: Sequence[int]) -> None:
     if sql is None:
         sql = _SQL[key] = template.format(ids=_EVENT_IDS[(dialect, contiguous)])
     if contiguous:
-        await conn.exec_driver_sql(sql, (lo, hi))
+        params: tuple[Any, ...] = (lo, hi)
     elif dialect == "sqlite":
-        await conn.exec_driver_sql(sql, ("[" + ",".join(map(str, event_ids)) + "]",))
+        params = ("[" + ",".join(map(str, event_ids)) + "]",)
     else:
-        await conn.exec_driver_sql(sql, (",".join(map(str, event_ids)),))
+        params = (",".join(map(str, event_ids)),)
+    # straight to the driver, in the transaction the events' insert began (checked: an
+    # INSERT that began it would commit on its own on PostgreSQL): through SQLAlchemy's
+    # adapter a statement costs ~0.1-0.2 ms of event-loop time (SQLite: four trips to the
+    # database thread), about 2 µs per event at the batch sizes a busy writer runs
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    if dialect == "postgresql":
+        if not raw.is_in_transaction():
+            raise RuntimeError("apply_events runs after the events' insert, in its transaction")
+        await raw.execute(sql, *params)
+    else:
+        if not raw.in_transaction:
+            raise RuntimeError("apply_events runs after the events' insert, in its transaction")
+        await raw.execute(sql, params)
 
 
 # --- folding ------------------------------------------------------------------------------
@@ -239,57 +251,78 @@ _FOLD_LOCK = 0x636f72726c  # PostgreSQL advisory lock key: one fold at a time ac
 
 
 def _fold_sql(dialect: str) -> str:
-    """Move every delta into ``usage_counters`` (one upsert per (device, period), adding the
-    summed deltas; the tenancy of the device's latest delta wins, as a device that moved
-    mid-month is billed where it is now) and delete them, in one statement (PostgreSQL) or
-    two under SQLite's write lock. ``:now`` is the rows' ``updated_at``."""
+    """Add every delta the transaction sees to ``usage_counters``: one upsert per (device,
+    month) of the summed deltas, with the tenancy of the device's latest delta (a device
+    that moved mid-month is billed where it is now). ``:now`` is the rows' ``updated_at``.
+
+    A plain aggregate over the table (a hash aggregate on PostgreSQL, given the work memory)
+    and the latest delta found again by its key; measured on 100,000 deltas of 500 devices:
+    70 ms, against 210-320 ms for ``DELETE ... RETURNING`` feeding a sort-based aggregate."""
     sql = _SQL.get(("fold", (dialect,)))
     if sql is not None:
         return sql
     sums = ", ".join(f"sum({c}) AS {c}" for c in _COUNTERS)
     adds = ", ".join(f"{c} = usage_counters.{c} + excluded.{c}" for c in _COUNTERS)
     tenancy = ", ".join(f"{c} = excluded.{c}" for c in _TENANCY)
-    target = (f"INSERT INTO usage_counters ({', '.join(_KEYS)}, {', '.join(_COUNTERS)}, "
-              f"updated_at) ")
-    conflict = (f" ON CONFLICT (device_id, period) DO UPDATE SET {adds}, {tenancy}, "
-                f"updated_at = excluded.updated_at")
-    if dialect == "postgresql":
-        latest = ", ".join(f"(array_agg({c} ORDER BY id DESC))[1] AS {c}" for c in _TENANCY)
-        sql = (f"WITH d AS (DELETE FROM usage_deltas RETURNING *) "
-               f"{target}SELECT device_id, period, {latest}, {sums}, "
-               f"CAST(:now AS timestamptz) FROM d GROUP BY device_id, period "
-               f"ORDER BY device_id, period{conflict}")
-    else:
-        # SQLite: with max(id) in a grouped SELECT, the bare tenancy columns come from the
-        # row that has it (documented SQLite behaviour); the WHERE makes the upsert parse
-        sql = (f"{target}SELECT {', '.join(_KEYS)}, {', '.join(_COUNTERS)}, :now FROM ("
-               f"SELECT device_id, period, {', '.join(_TENANCY)}, max(id) AS latest, {sums} "
-               f"FROM usage_deltas GROUP BY device_id, period) WHERE true{conflict}")
-    _SQL[("fold", (dialect,))] = sql
+    now = "CAST(:now AS timestamptz)" if dialect == "postgresql" else ":now"
+    sql = _SQL[("fold", (dialect,))] = (
+        f"INSERT INTO usage_counters ({', '.join(_KEYS)}, {', '.join(_COUNTERS)}, updated_at) "
+        f"SELECT s.device_id, s.period, {', '.join(f'd.{c}' for c in _TENANCY)}, "
+        f"{', '.join(f's.{c}' for c in _COUNTERS)}, {now} "
+        f"FROM (SELECT device_id, period, max(id) AS latest, {sums} FROM usage_deltas "
+        f"GROUP BY device_id, period) AS s JOIN usage_deltas AS d ON d.id = s.latest "
+        # the WHERE lets SQLite tell the upsert's ON from a join's
+        f"WHERE true ORDER BY s.device_id, s.period "
+        f"ON CONFLICT (device_id, period) DO UPDATE SET {adds}, {tenancy}, "
+        f"updated_at = excluded.updated_at")
     return sql
 
 
+FOLD_ISOLATION = {"isolation_level": "REPEATABLE READ"}
+
+
 async def fold_deltas(db: AsyncSession) -> int:
-    """Fold every committed delta into ``usage_counters`` in the session's transaction (the
-    caller commits). Exact under concurrency: on PostgreSQL a delta is deleted by the same
-    statement that adds it, and a node that finds another node folding skips (an advisory
-    lock; deltas committed meanwhile wait for the next fold); on SQLite the statements run
-    under the database's single write lock. Returns the number of counter rows changed."""
-    conn = await db.connection()
-    dialect = conn.dialect.name
+    """Fold every committed delta into ``usage_counters`` and delete it, in the session's
+    transaction (the caller commits; call it first in a fresh session). Returns the number
+    of counter rows changed.
+
+    Exact under concurrency, each delta added once:
+
+    * PostgreSQL: the transaction runs at REPEATABLE READ, so the aggregate and the
+      ``DELETE`` see the same rows (deltas committed meanwhile stay for the next fold). One
+      fold at a time across nodes: a node that finds the advisory lock taken skips. A fold
+      whose snapshot predates another node's fold that committed just before it got the
+      lock fails with a serialization error (SQLSTATE 40001) instead of adding anything
+      twice; the caller rolls back (:func:`is_fold_conflict`).
+    * SQLite: the ``INSERT`` takes the database's single write lock before it reads, so the
+      ``DELETE`` after it removes exactly the rows it added."""
+    dialect = db.get_bind().dialect.name
+    fresh = dialect == "postgresql" and not db.in_transaction()
+    conn = await db.connection(execution_options=FOLD_ISOLATION if fresh else None)
     now = clock.now()
     if dialect == "postgresql":
-        got = (await conn.exec_driver_sql(
-            f"SELECT pg_try_advisory_xact_lock({_FOLD_LOCK})")).scalar_one()
+        row: Any = (await conn.exec_driver_sql(
+            f"SELECT pg_try_advisory_xact_lock({_FOLD_LOCK}), "
+            f"current_setting('transaction_isolation')")).one()
+        got, isolation = row
+        if isolation != "repeatable read":
+            raise RuntimeError("fold_deltas needs a REPEATABLE READ transaction: call it "
+                               "first in its session or begin with ledger.FOLD_ISOLATION")
         if not got:
             return 0
+        await conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # a hash aggregate
         result = await db.execute(text(_fold_sql(dialect)), {"now": now})
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
-    # SQLite: the INSERT takes the write lock before it reads, so the DELETE after it removes
-    # exactly the rows it folded
-    result = await db.execute(text(_fold_sql(dialect)), {"now": _sqlite_time(now)})
+    else:
+        result = await db.execute(text(_fold_sql(dialect)), {"now": _sqlite_time(now)})
     await conn.exec_driver_sql("DELETE FROM usage_deltas")
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def is_fold_conflict(exc: BaseException) -> bool:
+    """A PostgreSQL fold lost a race with another node's fold (see :func:`fold_deltas`)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "40001" or "40001" in str(
+        getattr(orig, "pgcode", "") or "")
 
 
 def _sqlite_time(at: dt.datetime) -> str:

@@ -156,9 +156,15 @@ class MeteringService:
     async def fold(self) -> int:
         """Fold the usage deltas committed so far into the counters (its own transaction)."""
         assert self.sessionmaker is not None
-        async with self.sessionmaker() as db:
-            n = await ledger.fold_deltas(db)
-            await db.commit()
+        try:
+            async with self.sessionmaker() as db:
+                n = await ledger.fold_deltas(db)
+                await db.commit()
+        except Exception as exc:
+            if not ledger.is_fold_conflict(exc):
+                raise
+            log.info("metering: another node folded the usage deltas first")
+            return 0
         self.folded += n
         return n
 
