@@ -98,6 +98,7 @@ class StoredEvent:
 
 _COLUMNS = ["id", "published_at", "name", "data", "ttl", "source", "device_id", "product_id",
             "org_id", "owner_user_id", "customer_id", "private"]
+_PG_IDS = "SELECT nextval(pg_get_serial_sequence('events', 'id')) FROM generate_series(1, $1)"
 _SQLITE_INSERT = (f"INSERT INTO events ({', '.join(_COLUMNS[1:])}) "
                   f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
 
@@ -260,10 +261,11 @@ class EventWriter:
         changes = [item.presence for item in batch if item.presence is not None]
         try:
             async with self._sessionmaker() as db:
-                ids = await self._insert(db, rows) if rows else []
-                counted = [i for i, r in zip(ids, rows) if r.counted]  # noqa: B905 (checked below)
-                if counted:
-                    await ledger.apply_events(db, counted)
+                ids, metered = await self._insert(db, rows) if rows else ([], True)
+                if not metered:
+                    counted = [i for i, r in zip(ids, rows) if r.counted]  # noqa: B905
+                    if counted:
+                        await ledger.apply_events(db, counted)
                 if usage:
                     await ledger.apply(db, usage)
                 if changes:
@@ -299,8 +301,11 @@ class EventWriter:
                 except Exception:
                     log.exception("event after-commit hook failed")
 
-    async def _insert(self, db: AsyncSession, rows: Sequence[NewEvent]) -> list[int]:
-        """INSERT the rows in the session's transaction; their ids in input order.
+    async def _insert(self, db: AsyncSession, rows: Sequence[NewEvent]
+                      ) -> tuple[list[int], bool]:
+        """INSERT the rows in the session's transaction; their ids in input order, and
+        whether the usage of the counted rows is recorded too (PostgreSQL; on SQLite the
+        caller records it with ``ledger.apply_events``).
 
         This is the ingest hot path, so it goes to the driver directly (one prepared
         statement, no per-row SQLAlchemy parameter processing; measured ~2x faster):
@@ -310,8 +315,9 @@ class EventWriter:
           consecutive ids that end at ``max(id)``. Datetimes are stored in the text format
           SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree.
         * PostgreSQL: the ids are taken from the table's sequence first (in order; this
-          statement begins the transaction), then the rows go in with ``COPY`` on the same
-          connection and transaction."""
+          statement begins the transaction; it also appends the counted rows' usage deltas,
+          :func:`corral.metering.ledger.pg_publish_deltas`, sparing the batch a round trip),
+          then the rows go in with ``COPY`` on the same connection and transaction."""
         conn = await db.connection()
         if conn.dialect.name == "sqlite":
             params = [(_sqlite_time(r.published_at), r.name, r.data, r.ttl, r.source,
@@ -319,21 +325,25 @@ class EventWriter:
                        1 if r.private else 0) for r in rows]
             await conn.exec_driver_sql(_SQLITE_INSERT, params)
             last = (await conn.exec_driver_sql("SELECT max(id) FROM events")).scalar_one()
-            return list(range(int(last) - len(rows) + 1, int(last) + 1))
+            return list(range(int(last) - len(rows) + 1, int(last) + 1)), False
         # the ids through SQLAlchemy's driver adapter: its first statement begins the
         # session's transaction (the adapter begins lazily), so the COPY below, the usage
         # upsert and the presence changes commit with it, or not at all. (Sent to the bare
         # asyncpg connection first, each statement would commit on its own.)
-        ids = [int(i) for i in (await conn.exec_driver_sql(
-            "SELECT nextval(pg_get_serial_sequence('events', 'id')) "
-            "FROM generate_series(1, $1)", (len(rows),))).scalars()]
+        sql = _PG_IDS
+        args: tuple[Any, ...] = (len(rows),)
+        counted = [r for r in rows if r.counted]
+        if counted:
+            cte, more = ledger.pg_publish_deltas(counted, first_param=2)
+            sql, args = f"WITH {cte} {sql}", (*args, *more)
+        ids = [int(i) for i in (await conn.exec_driver_sql(sql, args)).scalars()]
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         records = [(i, r.published_at, r.name, r.data, r.ttl, r.source, r.device_id,
                     r.product_id, r.org_id, r.owner_user_id, r.customer_id, r.private)
                    for i, r in zip(ids, rows, strict=True)]
         await raw.copy_records_to_table("events", records=records, columns=_COLUMNS)
-        return ids
+        return ids, True
 
     @staticmethod
     def _fail(batch: Sequence[_Item], exc: BaseException) -> None:
