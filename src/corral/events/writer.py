@@ -328,7 +328,7 @@ class EventWriter:
             return list(range(int(last) - len(rows) + 1, int(last) + 1)), False
         # the ids through SQLAlchemy's driver adapter: its first statement begins the
         # session's transaction (the adapter begins lazily), so the COPY below, the usage
-        # upsert and the presence changes commit with it, or not at all. (Sent to the bare
+        # deltas and the presence changes commit with it, or not at all. (Sent to the bare
         # asyncpg connection first, each statement would commit on its own.)
         sql = _PG_IDS
         args: tuple[Any, ...] = (len(rows),)
