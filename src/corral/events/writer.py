@@ -61,7 +61,8 @@ class NewEvent:
     private: bool = True
     published_at: dt.datetime = dataclasses.field(default_factory=clock.now)
     # a data operation (a device's publish that passed the usage gate): the writer records
-    # its usage from the stored row, in the same transaction (``ledger.apply_events``)
+    # its usage with the row, in the same transaction (``ledger.apply_events`` on SQLite,
+    # ``ledger.pg_publish_deltas`` on PostgreSQL)
     counted: bool = False
 
     def values(self) -> dict[str, Any]:
@@ -261,11 +262,7 @@ class EventWriter:
         changes = [item.presence for item in batch if item.presence is not None]
         try:
             async with self._sessionmaker() as db:
-                ids, metered = await self._insert(db, rows) if rows else ([], True)
-                if not metered:
-                    counted = [i for i, r in zip(ids, rows) if r.counted]  # noqa: B905
-                    if counted:
-                        await ledger.apply_events(db, counted)
+                ids = await self._insert(db, rows) if rows else []
                 if usage:
                     await ledger.apply(db, usage)
                 if changes:
@@ -301,11 +298,9 @@ class EventWriter:
                 except Exception:
                     log.exception("event after-commit hook failed")
 
-    async def _insert(self, db: AsyncSession, rows: Sequence[NewEvent]
-                      ) -> tuple[list[int], bool]:
-        """INSERT the rows in the session's transaction; their ids in input order, and
-        whether the usage of the counted rows is recorded too (PostgreSQL; on SQLite the
-        caller records it with ``ledger.apply_events``).
+    async def _insert(self, db: AsyncSession, rows: Sequence[NewEvent]) -> list[int]:
+        """INSERT the rows, and the usage of those that are ``counted``, in the session's
+        transaction; their ids in input order.
 
         This is the ingest hot path, so it goes to the driver directly (one prepared
         statement, no per-row SQLAlchemy parameter processing; measured ~2x faster):
@@ -313,7 +308,8 @@ class EventWriter:
         * SQLite: one ``executemany``; the batch holds SQLite's write lock and ``id`` is a
           rowid (INTEGER PRIMARY KEY without AUTOINCREMENT), so the new rows get the
           consecutive ids that end at ``max(id)``. Datetimes are stored in the text format
-          SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree.
+          SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree. The
+          counted rows' usage is computed from them (``ledger.apply_events``).
         * PostgreSQL: the ids are taken from the table's sequence first (in order; this
           statement begins the transaction; it also appends the counted rows' usage deltas,
           :func:`corral.metering.ledger.pg_publish_deltas`, sparing the batch a round trip),
@@ -325,7 +321,10 @@ class EventWriter:
                        1 if r.private else 0) for r in rows]
             await conn.exec_driver_sql(_SQLITE_INSERT, params)
             last = (await conn.exec_driver_sql("SELECT max(id) FROM events")).scalar_one()
-            return list(range(int(last) - len(rows) + 1, int(last) + 1)), False
+            ids = list(range(int(last) - len(rows) + 1, int(last) + 1))
+            await ledger.apply_events(db, [i for i, r in zip(ids, rows, strict=True)
+                                           if r.counted])
+            return ids
         # the ids through SQLAlchemy's driver adapter: its first statement begins the
         # session's transaction (the adapter begins lazily), so the COPY below, the usage
         # deltas and the presence changes commit with it, or not at all. (Sent to the bare
@@ -343,7 +342,7 @@ class EventWriter:
                     r.product_id, r.org_id, r.owner_user_id, r.customer_id, r.private)
                    for i, r in zip(ids, rows, strict=True)]
         await raw.copy_records_to_table("events", records=records, columns=_COLUMNS)
-        return ids, True
+        return ids
 
     @staticmethod
     def _fail(batch: Sequence[_Item], exc: BaseException) -> None:

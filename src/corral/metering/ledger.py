@@ -166,8 +166,8 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
             records=[(r["device_id"], r["period"], r["product_id"], r["org_id"],
                       r["owner_user_id"], *[r[c] for c in used]) for r in rows])
     else:
-        # SQLite (corral runs on SQLite and PostgreSQL); the ingest hot path: to the driver directly, dates as SQLAlchemy's SQLite Date
-        # text; a batch spans one or two months
+        # SQLite, the ingest hot path: to the driver directly, dates as SQLAlchemy's SQLite
+        # Date text (a batch spans one or two months)
         days: dict[dt.date, str] = {}
         for r in rows:
             if r["period"] not in days:
@@ -178,30 +178,16 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
     return len(rows)
 
 
-_EVENT_DELTAS = {
-    # one delta row per (device, month, tenancy) of the batch's counted events, ordered by
-    # each one's latest event (so a fold gives the device the tenancy of its latest event);
-    # a payload's size is its UTF-8 bytes (NULL: 0 bytes, still one operation)
-    "sqlite": ("INSERT INTO usage_deltas (device_id, period, product_id, org_id, owner_user_id, "
-               "events_published, data_operations, data_operations_kb, payload_bytes) "
-               "SELECT device_id, substr(published_at, 1, 8) || '01', product_id, org_id, "
-               "owner_user_id, 1, 1, "
-               "max(1, (coalesce(length(CAST(data AS BLOB)), 0) + 1023) / 1024), "
-               "coalesce(length(CAST(data AS BLOB)), 0) FROM events WHERE {ids} ORDER BY id"),
-    "postgresql": ("INSERT INTO usage_deltas (device_id, period, product_id, org_id, "
-                   "owner_user_id, events_published, data_operations, data_operations_kb, "
-                   "payload_bytes) "
-                   "SELECT device_id, date_trunc('month', published_at AT TIME ZONE 'UTC')::date, "
-                   "product_id, org_id, owner_user_id, 1, 1, "
-                   "greatest(1, (coalesce(octet_length(data), 0) + 1023) / 1024), "
-                   "coalesce(octet_length(data), 0) FROM events WHERE {ids} ORDER BY id"),
-}
-_EVENT_IDS = {
-    ("sqlite", True): "id BETWEEN ? AND ?",
-    ("sqlite", False): "id IN (SELECT value FROM json_each(?))",
-    ("postgresql", True): "id BETWEEN $1 AND $2",
-    ("postgresql", False): "id = ANY(string_to_array($1, ',')::bigint[])",
-}
+# SQLite: one delta row per counted event, from the row just stored; a payload's size is
+# its UTF-8 bytes (NULL: 0 bytes, still one operation)
+_SQLITE_EVENT_DELTAS = (
+    "INSERT INTO usage_deltas (device_id, period, product_id, org_id, owner_user_id, "
+    "events_published, data_operations, data_operations_kb, payload_bytes) "
+    "SELECT device_id, substr(published_at, 1, 8) || '01', product_id, org_id, owner_user_id, "
+    "1, 1, max(1, (coalesce(length(CAST(data AS BLOB)), 0) + 1023) / 1024), "
+    "coalesce(length(CAST(data AS BLOB)), 0) FROM events WHERE {ids} ORDER BY id")
+_SQLITE_EVENT_IDS = {True: "id BETWEEN ? AND ?",
+                     False: "id IN (SELECT value FROM json_each(?))"}
 
 
 def pg_publish_deltas(rows: Sequence[Any], *, first_param: int) -> tuple[str, tuple[Any, ...]]:
@@ -226,7 +212,7 @@ def pg_publish_deltas(rows: Sequence[Any], *, first_param: int) -> tuple[str, tu
         months.append(month)
         size = len(r.data.encode("utf-8")) if r.data else 0
         sizes.append(size)
-        kbs.append((size + KB - 1) // KB or 1)
+        kbs.append(ops_per_kb(size))
     tenancy = [[r.product_id for r in rows], [r.org_id for r in rows],
                [r.owner_user_id for r in rows]]
     joined = ",".join(devices)
@@ -253,44 +239,32 @@ def _joined(values: Sequence[Any]) -> str:
 
 
 async def apply_events(db: AsyncSession, event_ids: Sequence[int]) -> None:
-    """Record the usage of counted publishes from their event rows, stored earlier in the
-    session's transaction (ids ascending): one ``publish`` operation each, as :func:`fold`
-    counts a ``Usage(kind="publish")`` of the same device, tenancy, time and payload.
+    """SQLite: record the usage of counted publishes from their event rows, stored earlier
+    in the session's transaction (ids ascending): one ``publish`` operation each, as
+    :func:`fold` counts a ``Usage(kind="publish")`` of the same device, tenancy, time and
+    payload. (PostgreSQL records the same in the statement that takes the events' ids:
+    :func:`pg_publish_deltas`.)
 
     The database computes the deltas from the rows it has just stored (the per-1024-byte
     count, the payload bytes, the month of ``published_at``), so a publish costs the ingest
     path no Python work for metering beyond its flag. One delta row per event, as the rows
-    are (grouping them per device first measured slower on both databases)."""
+    are (grouping them per device first measured slower)."""
     if not event_ids:
         return
-    conn = await db.connection()
-    dialect = conn.dialect.name
-    template = _EVENT_DELTAS[dialect]  # corral runs on SQLite and PostgreSQL
     lo, hi = event_ids[0], event_ids[-1]
     contiguous = hi - lo + 1 == len(event_ids)
-    key = ("events", (dialect, str(contiguous)))
+    key = ("events", (str(contiguous),))
     sql = _SQL.get(key)
     if sql is None:
-        sql = _SQL[key] = template.format(ids=_EVENT_IDS[(dialect, contiguous)])
-    if contiguous:
-        params: tuple[Any, ...] = (lo, hi)
-    elif dialect == "sqlite":
-        params = ("[" + ",".join(map(str, event_ids)) + "]",)
-    else:
-        params = (",".join(map(str, event_ids)),)
-    # straight to the driver, in the transaction the events' insert began (checked: an
-    # INSERT that began it would commit on its own on PostgreSQL): through SQLAlchemy's
-    # adapter a statement costs ~0.1-0.2 ms of event-loop time (SQLite: four trips to the
-    # database thread), about 2 µs per event at the batch sizes a busy writer runs
+        sql = _SQL[key] = _SQLITE_EVENT_DELTAS.format(ids=_SQLITE_EVENT_IDS[contiguous])
+    params = (lo, hi) if contiguous else ("[" + ",".join(map(str, event_ids)) + "]",)
+    # straight to the driver (aiosqlite), in the transaction the events' insert began:
+    # through SQLAlchemy's adapter a statement is four trips to the database thread
+    conn = await db.connection()
     raw: Any = (await conn.get_raw_connection()).driver_connection
-    if dialect == "postgresql":
-        if not raw.is_in_transaction():
-            raise RuntimeError("apply_events runs after the events' insert, in its transaction")
-        await raw.execute(sql, *params)
-    else:
-        if not raw.in_transaction:
-            raise RuntimeError("apply_events runs after the events' insert, in its transaction")
-        await raw.execute(sql, params)
+    if not raw.in_transaction:
+        raise RuntimeError("apply_events runs after the events' insert, in its transaction")
+    await raw.execute(sql, params)
 
 
 # --- folding ------------------------------------------------------------------------------
@@ -368,9 +342,7 @@ async def fold_deltas(db: AsyncSession) -> int:
 
 def is_fold_conflict(exc: BaseException) -> bool:
     """A PostgreSQL fold lost a race with another node's fold (see :func:`fold_deltas`)."""
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) == "40001" or "40001" in str(
-        getattr(orig, "pgcode", "") or "")
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "40001"
 
 
 def _sqlite_time(at: dt.datetime) -> str:

@@ -476,7 +476,7 @@ class DeviceSession:
             self.hub.discarded += 1
             self._count_nowait("discarded", size)
             raise Refused("rate_limited", "Too many events; this one was discarded")
-        # a counted publish's usage is computed from its stored row (ledger.apply_events)
+        # a counted publish's usage is recorded by the event writer with its row
         return self._event(name, data or None, ttl=ttl, private=private, at=now,
                            counted=counted)
 
