@@ -185,6 +185,12 @@ async def test_corral_simulate_end_to_end(app: Any, client: httpx.AsyncClient, m
         # while it runs: the devices come online and answer the cloud
         await eventually(lambda: _n_online(app, product["id"], 3), within=20)
         [did, *_] = sorted(await _online_ids(app, product["id"]))
+
+        async def described() -> bool:  # online comes before the device's description
+            r = await client.get(f"/v1/products/{slug}/devices/{did}", headers=h)
+            return "led" in r.json().get("functions", [])
+
+        await eventually(described)
         r = await client.post(f"/v1/products/{slug}/devices/{did}/led", headers=h,
                               json={"arg": "on"})
         assert r.status_code == 200 and r.json()["return_value"] == 1, r.text

@@ -397,6 +397,10 @@ class DeviceSession:
         self.heard()
         if not values:
             return
+        # the live session answers for what the device declared at once; whoever sees the
+        # stored description can call it
+        self.functions = values.get("functions", self.functions)
+        self.variables = values.get("variables", self.variables)
         # stored through the writer's batches (a reconnect storm describes thousands of
         # devices at once), in order after this session's presence change
         await self.hub.writer.write(None, change=presence.Described(
@@ -405,8 +409,6 @@ class DeviceSession:
             firmware_version=values.get("firmware_version"),
             system_version=values.get("system_firmware_version"),
             updates_enabled=values.get("firmware_updates_enabled")))
-        self.functions = values.get("functions", self.functions)
-        self.variables = values.get("variables", self.variables)
         for observer in self.hub.observers:
             observer.described(self, firmware_version=values.get("firmware_version"),
                                updates_enabled=values.get("firmware_updates_enabled"))
