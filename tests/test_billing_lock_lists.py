@@ -1,7 +1,8 @@
 """Cross-organization lists and a locked or inactive organization (billing.locks): products
 of a shut organization are left out of ``GET /v1/products`` and ``/v1/user/products`` (they
 answer 402 when opened); a device of such a product stays in its owner's ``GET /v1/devices``
-(its owner still reaches it) but carries ``subscription_status``."""
+(its owner still reaches it) but carries ``subscription_status``, as the organization does
+in ``GET /v1/orgs``."""
 
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ async def my_devices(o: Org, username: str) -> dict[str, dict[str, Any]]:
     return {d["id"]: d for d in r.json()}
 
 
+async def org_marks(o: Org, username: str) -> dict[str, str | None]:
+    r = await o.client.get("/v1/orgs", headers=bearer(await login(o.client, username)))
+    assert r.status_code == 200, r.text
+    return {x["slug"]: x.get("subscription_status") for x in r.json()["organizations"]}
+
+
 async def lock(o: Org) -> None:
     assert (await subscribe(o, interval="month", blocks=1)).status_code == 200
     o.fake.decline_always = True
@@ -85,6 +92,9 @@ async def test_lists_follow_the_lock(org: Org):
     devices = await my_devices(org, "dev@example.com")
     assert set(devices) == {LOCKED_DEV, OPEN_DEV}
     assert devices[LOCKED_DEV]["subscription_status"] == "locked"
+    for user in (org.owner, "dev@example.com"):  # kept in the list, marked
+        marks = await org_marks(org, user)
+        assert (marks[org.slug], marks[w["other"]["slug"]]) == ("locked", None)
     assert "subscription_status" not in devices[OPEN_DEV]
     dev_token = await login(org.client, "dev@example.com")
     r = await org.client.get(f"/v1/devices/{LOCKED_DEV}", headers=bearer(dev_token))
@@ -98,6 +108,7 @@ async def test_lists_follow_the_lock(org: Org):
     assert r.status_code == 200, r.text
     assert await product_slugs(org, org.owner) == both
     assert "subscription_status" not in (await my_devices(org, "dev@example.com"))[LOCKED_DEV]
+    assert not any((await org_marks(org, org.owner)).values())
 
 
 async def test_an_inactive_org_is_left_out_too_and_api_users_see_nothing(org: Org):
@@ -120,3 +131,4 @@ async def test_an_inactive_org_is_left_out_too_and_api_users_see_nothing(org: Or
     assert r.status_code == 200 and r.json()["products"] == []
     devices = await my_devices(org, "dev@example.com")
     assert devices[LOCKED_DEV]["subscription_status"] == "inactive"
+    assert (await org_marks(org, "dev@example.com"))[org.slug] == "inactive"

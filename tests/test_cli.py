@@ -222,6 +222,7 @@ def test_orgs_create_and_list(cli: Cli, user: str) -> None:
     r = cli("orgs", "list")
     assert r.exit_code == 0, r.output
     assert "Acme Corp" in r.output
+    assert "subscription" in r.output  # locked / inactive, blank while live
 
     r = cli("orgs", "list", "--json")
     assert r.exit_code == 0, r.output

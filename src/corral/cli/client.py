@@ -185,8 +185,9 @@ orgs_app = typer.Typer(help="Organizations you belong to.", no_args_is_help=True
 
 
 def _orgs_table(rows: list[dict[str, Any]]) -> None:
-    table("Organizations", ["id", "slug", "name", "personal"],
-          [(o.get("id"), o.get("slug"), o.get("name"), o.get("personal")) for o in rows])
+    table("Organizations", ["id", "slug", "name", "personal", "subscription"],
+          [(o.get("id"), o.get("slug"), o.get("name"), o.get("personal"),
+            o.get("subscription_status", "")) for o in rows])
 
 
 @orgs_app.command("list")

@@ -24,9 +24,10 @@ DEFAULT_INVITE_ROLE = Role.VIEW_ONLY
 
 @router.get("/v1/orgs", summary="List my organizations")
 async def list_orgs(ctx: AuthCtx) -> dict[str, Any]:
-    """Organizations where the caller holds an organization-scope role, with that role."""
-    rows = await service.list_orgs(ctx.db, actor=ctx.me)
-    return ok(organizations=[service.org_json(org, role) for org, role in rows])
+    """Organizations where the caller holds an organization-scope role, with that role; one
+    whose subscription is locked or inactive is kept (its billing page stays reachable) and
+    marked `subscription_status`."""
+    return ok(organizations=await service.my_orgs_json(ctx.db, actor=ctx.me))
 
 
 @router.post("/v1/orgs", status_code=201, summary="Create an organization")

@@ -18,6 +18,7 @@ from corral.audit import service as audit
 from corral.auth.models import Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, assignable_roles
 from corral.auth.subject import Subject
+from corral.billing import locks as billing_locks
 from corral.db.slugs import unique_slug
 from corral.kit import clock
 from corral.kit.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -84,6 +85,14 @@ def _person(subject: Subject) -> int:
 def org_json(org: Organization, role: Role | None) -> dict[str, Any]:
     return {"id": org.id, "name": org.name, "slug": org.slug, "personal": org.personal,
             "role": role.label if role else None, "created_at": clock.iso(org.created_at)}
+
+
+async def my_orgs_json(db: AsyncSession, *, actor: Subject) -> list[dict[str, Any]]:
+    """``actor``'s organizations as list items; one whose subscription is locked or inactive
+    is kept (its billing page stays reachable) and marked ``subscription_status``."""
+    rows = await list_orgs(db, actor=actor)
+    shut = await billing_locks.shut_statuses(db, (org.id for org, _ in rows))
+    return [billing_locks.mark(org_json(org, role), shut.get(org.id)) for org, role in rows]
 
 
 async def list_orgs(db: AsyncSession, *, actor: Subject) -> list[tuple[Organization, Role]]:
