@@ -6,6 +6,7 @@ from sqlalchemy import text
 
 from corral.db.base import Base, all_models
 from corral.db.engine import make_engine
+from corral.metering.models import PG_ONLY_TABLES
 
 all_models()
 
@@ -20,6 +21,6 @@ async def truncate_all(url: str) -> None:
                 await conn.execute(text(f'DELETE FROM "{name}"'))
             await conn.execute(text("PRAGMA foreign_keys=ON"))
         else:
-            joined = ", ".join(f'"{n}"' for n in names)
+            joined = ", ".join(f'"{n}"' for n in [*names, *sorted(PG_ONLY_TABLES)])
             await conn.execute(text(f"TRUNCATE {joined} RESTART IDENTITY CASCADE"))
     await engine.dispose()

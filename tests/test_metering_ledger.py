@@ -44,8 +44,38 @@ async def fold(app: Any) -> int:
 
 
 async def deltas(app: Any) -> int:
+    """Pending rows: deltas, and publish batches on PostgreSQL."""
     async with app.state.sessionmaker() as db:
-        return int((await db.execute(select(func.count()).select_from(UsageDelta))).scalar_one())
+        n = int((await db.execute(select(func.count()).select_from(UsageDelta))).scalar_one())
+        if is_pg(app):
+            n += int((await db.execute(text(
+                "SELECT count(*) FROM usage_publish_batches"))).scalar_one())
+        return n
+
+
+async def publish(app: Any, items: list[Usage]) -> None:
+    """``items`` (publishes) as counted events through the event writer, in one batch: on
+    PostgreSQL one ``usage_publish_batches`` row, on SQLite one delta per event."""
+    from corral.events.writer import EventWriter, NewEvent
+
+    assert all(u.kind == "publish" for u in items)
+    writer = EventWriter(app.state.sessionmaker, max_delay=0.05)
+    writer.start()
+    try:
+        await asyncio.gather(*[writer.write_nowait(NewEvent(
+            name="t", data="x" * u.payload_bytes, device_id=u.device_id,
+            product_id=u.product_id, org_id=u.org_id, owner_user_id=u.owner_user_id,
+            published_at=u.at, counted=True)) for u in items])
+    finally:
+        await writer.stop()
+    assert writer.batches_committed == 1
+
+
+async def stage(app: Any, via: str, items: list[Usage]) -> None:
+    if via == "ledger":
+        await apply(app, items)
+    else:
+        await publish(app, items)
 
 
 async def rows(app: Any) -> dict[tuple[str, dt.date], UsageCounter]:
@@ -229,16 +259,18 @@ async def test_writers_never_wait_for_each_other_and_a_fold_takes_only_committed
     assert got[(B, dt.date(2026, 1, 1))].product_id == 8
 
 
-async def test_two_folds_at_once_add_each_delta_once(app):
+@pytest.mark.parametrize("via", ["ledger", "writer"])
+async def test_two_folds_at_once_add_each_delta_once(app, via):
     """PostgreSQL: a second node's fold while one is in progress finds the fold lock taken
-    and leaves the deltas to it; nothing is added twice."""
+    and leaves the pending usage (deltas or publish batches) to it; nothing is added
+    twice."""
     if not is_pg(app):
         pytest.skip("SQLite folds under its single write lock")
-    await apply(app, [pub(A, 10), pub(B, 10)])
+    await stage(app, via, [pub(A, 10), pub(B, 10)])
     first = app.state.sessionmaker()
     try:
         assert await ledger.fold_deltas(first) == 2
-        await apply(app, [pub(A, 5)])
+        await stage(app, via, [pub(A, 5)])
         async with asyncio.timeout(5):
             assert await fold(app) == 0  # skipped, not blocked
         await first.commit()
@@ -249,13 +281,15 @@ async def test_two_folds_at_once_add_each_delta_once(app):
     assert got[(B, dt.date(2026, 1, 1))].payload_bytes == 10
 
 
-async def test_a_fold_that_lost_a_race_with_another_fails_and_adds_nothing(app):
+@pytest.mark.parametrize("via", ["ledger", "writer"])
+async def test_a_fold_that_lost_a_race_with_another_fails_and_adds_nothing(app, via):
     """PostgreSQL: a fold whose snapshot was taken before another node's fold committed
-    (it got the lock just after) would see deltas that fold deleted; REPEATABLE READ makes
-    it fail with a serialization error instead of adding them a second time."""
+    (it got the lock just after) would see deltas (or publish batches) that fold deleted;
+    REPEATABLE READ makes it fail with a serialization error instead of adding them a
+    second time."""
     if not is_pg(app):
         pytest.skip("SQLite folds under its single write lock")
-    await apply(app, [pub(A, 10), pub(B, 10)])
+    await stage(app, via, [pub(A, 10), pub(B, 10)])
     late = app.state.sessionmaker()
     try:
         conn = await late.connection(execution_options=ledger.FOLD_ISOLATION)
@@ -353,3 +387,52 @@ async def test_counted_events_are_metered_from_their_rows_as_fold_counts_them(ap
         for c in ("events_published", "data_operations", "data_operations_kb",
                   "payload_bytes", "product_id", "org_id", "owner_user_id"):
             assert getattr(row, c) == r[c], (r["device_id"], r["period"], c)
+
+
+async def test_publish_batches_and_deltas_are_read_and_folded_in_the_order_written(app):
+    """Publishes through the writer (PostgreSQL: one batch row each, unrolled by the view
+    ``usage_pending``) and other usage as deltas, interleaved: readers see all of it before
+    the fold, the fold adds each increment once, and the tenancy written last wins whichever
+    kind it came with."""
+    scope = usage.Scope(3)
+    jan, feb = dt.date(2026, 1, 1), dt.date(2026, 2, 1)
+
+    async def read() -> tuple[dict[str, int], dict[Any, int]]:
+        async with app.state.sessionmaker() as db:
+            products = await usage.by_product(db, scope, jan, feb)
+            return (await usage.totals(db, scope, jan, feb),
+                    {p: r["data_operations"] for p, r in products.items()})
+
+    await publish(app, [pub(A, 1), pub(B, 2000), pub(A, 3, product=8), pub(A, 5)])
+    await apply(app, [Usage(A, "function", product_id=8, org_id=3, at=JAN)])
+    await publish(app, [pub(A, 1025, product=9), pub(A, 0, at=FEB)])
+    if is_pg(app):
+        async with app.state.sessionmaker() as db:
+            assert (await db.execute(text(
+                "SELECT count(*) FROM usage_publish_batches"))).scalar_one() == 2
+        assert await deltas(app) == 3
+    else:
+        assert await deltas(app) == 7
+    totals, products = await read()
+    assert (totals["events_published"], totals["function_calls"], totals["data_operations"],
+            totals["data_operations_kb"], totals["payload_bytes"]) == (5, 1, 6, 8, 3034)
+    assert products == {7: 3, 8: 2, 9: 1}
+    got = await rows(app)
+    a = got[(A, jan)]
+    assert (a.product_id, a.events_published, a.function_calls, a.data_operations_kb,
+            a.payload_bytes) == (9, 4, 1, 1 + 1 + 1 + 1 + 2, 1034)
+    assert got[(A, feb)].events_published == 1 and got[(B, jan)].data_operations_kb == 2
+    assert await read() == (totals, {9: 5, 7: 1})
+    # a delta after the batches: its tenancy is the latest now
+    await publish(app, [pub(A, 1, product=7)])
+    await apply(app, [Usage(A, "variable", product_id=8, org_id=3, at=JAN)])
+    assert (await rows(app))[(A, jan)].product_id == 8
+
+
+def test_a_batch_fits_the_order_key():
+    from corral.events.writer import EventWriter
+
+    with pytest.raises(ValueError, match="max_batch"):
+        EventWriter(None, max_batch=ledger.BATCH_LIMIT)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fewer than"):
+        ledger.pg_publish_batch([None] * ledger.BATCH_LIMIT, first_param=1)

@@ -62,7 +62,7 @@ class NewEvent:
     published_at: dt.datetime = dataclasses.field(default_factory=clock.now)
     # a data operation (a device's publish that passed the usage gate): the writer records
     # its usage with the row, in the same transaction (``ledger.apply_events`` on SQLite,
-    # ``ledger.pg_publish_deltas`` on PostgreSQL)
+    # ``ledger.pg_publish_batch`` on PostgreSQL)
     counted: bool = False
 
     def values(self) -> dict[str, Any]:
@@ -138,8 +138,9 @@ class EventWriter:
         max_delay: float = 0.005,
         max_pending: int = 100_000,
     ) -> None:
-        if max_batch < 1 or max_pending < 1 or max_delay < 0:
-            raise ValueError("max_batch and max_pending must be >= 1, max_delay >= 0")
+        if not 1 <= max_batch < ledger.BATCH_LIMIT or max_pending < 1 or max_delay < 0:
+            raise ValueError(f"max_batch must be in [1, {ledger.BATCH_LIMIT}), max_pending "
+                             f">= 1, max_delay >= 0")
         self._sessionmaker = sessionmaker
         self.max_batch = max_batch
         self.max_delay = max_delay
@@ -311,9 +312,9 @@ class EventWriter:
           SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree. The
           counted rows' usage is computed from them (``ledger.apply_events``).
         * PostgreSQL: the ids are taken from the table's sequence first (in order; this
-          statement begins the transaction; it also appends the counted rows' usage deltas,
-          :func:`corral.metering.ledger.pg_publish_deltas`, sparing the batch a round trip),
-          then the rows go in with ``COPY`` on the same connection and transaction."""
+          statement begins the transaction; it also appends the counted rows' usage as one
+          row, :func:`corral.metering.ledger.pg_publish_batch`, sparing the batch a round
+          trip), then the rows go in with ``COPY`` on the same connection and transaction."""
         conn = await db.connection()
         if conn.dialect.name == "sqlite":
             params = [(_sqlite_time(r.published_at), r.name, r.data, r.ttl, r.source,
@@ -327,13 +328,13 @@ class EventWriter:
             return ids
         # the ids through SQLAlchemy's driver adapter: its first statement begins the
         # session's transaction (the adapter begins lazily), so the COPY below, the usage
-        # deltas and the presence changes commit with it, or not at all. (Sent to the bare
+        # and the presence changes commit with it, or not at all. (Sent to the bare
         # asyncpg connection first, each statement would commit on its own.)
         sql = _PG_IDS
         args: tuple[Any, ...] = (len(rows),)
         counted = [r for r in rows if r.counted]
         if counted:
-            cte, more = ledger.pg_publish_deltas(counted, first_param=2)
+            cte, more = ledger.pg_publish_batch(counted, first_param=2)
             sql, args = f"WITH {cte} {sql}", (*args, *more)
         ids = [int(i) for i in (await conn.exec_driver_sql(sql, args)).scalars()]
         raw = (await conn.get_raw_connection()).driver_connection

@@ -1,12 +1,19 @@
-"""Usage counters: one row per device per calendar month (UTC), and the append-only deltas
+"""Usage counters: one row per device per calendar month (UTC), and the append-only usage
 not folded into them yet.
 
-The event writer's group commit (:mod:`corral.events.writer`) appends one ``usage_deltas``
-row per device per batch, in the same transaction as the work it counts (an event row) or
-before the work is acknowledged (a function call's reply, a variable's value, a delivered
-event). The metering tick folds the deltas into ``usage_counters`` (:func:`corral.metering.
-ledger.fold_deltas`); readers (:mod:`corral.metering.usage`) add the deltas not folded yet,
-so what they see is exact at any moment. Nothing else writes either table.
+The event writer's group commit (:mod:`corral.events.writer`) appends the usage of a batch
+in the same transaction as the work it counts (an event row) or before the work is
+acknowledged (a function call's reply, a variable's value, a delivered event):
+
+* ``usage_deltas``: one row per device and month for calls, reads, deliveries, location
+  points and cellular bytes, and, on SQLite, one row per counted publish;
+* ``usage_publish_batches`` (PostgreSQL only, created by migration 0011, no model): one row
+  per batch holding its counted publishes as parallel arrays.
+
+The view ``usage_pending`` (:data:`PENDING`) shows both as one row per increment. The
+metering tick folds it into ``usage_counters`` (:func:`corral.metering.ledger.fold_deltas`);
+readers (:mod:`corral.metering.usage`) add what is not folded yet, so what they see is exact
+at any moment. Nothing else writes these tables.
 """
 
 from __future__ import annotations
@@ -14,12 +21,28 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import BigInteger, Date, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from corral.db.base import Base, Timestamps
 
 Count = BigInteger().with_variant(Integer(), "sqlite")
+# the counters of a device's month, as columns of usage_counters, usage_deltas and the view
+COUNTERS = ("events_published", "events_delivered", "function_calls", "variable_reads",
+            "events_discarded", "data_operations", "data_operations_kb", "payload_bytes",
+            "location_points", "cellular_bytes")
 
 
 class UsageCounter(Base):
@@ -153,6 +176,20 @@ class UsageAlert(Base):
     used: Mapped[int] = mapped_column(Count)
     allowance: Mapped[int] = mapped_column(Count)
     created_at: Mapped[dt.datetime]
+
+
+# tables only one dialect has, and views: made by the migrations, not part of Base.metadata
+# (so the schema comparison with the models leaves them out)
+PG_ONLY_TABLES = frozenset({"usage_publish_batches"})
+VIEWS = MetaData()
+PENDING = Table(
+    "usage_pending", VIEWS,
+    # an order key unique across the view: the latest row of a device's month carries the
+    # tenancy its counter row gets
+    Column("pos", BigInteger),
+    Column("device_id", String(24)), Column("period", Date), Column("product_id", Integer),
+    Column("org_id", Integer), Column("owner_user_id", Integer),
+    *(Column(c, BigInteger) for c in COUNTERS))
 
 
 class Notification(Base):

@@ -1,9 +1,9 @@
 """Reading usage: totals per organization, product, device and period; billable devices;
 SIM deactivation intervals; cellular data.
 
-Counters are per device per UTC month (:mod:`corral.metering.ledger`), plus the deltas the
-metering tick has not folded into them yet; an allowance period is one month or, pooled
-annually (Enterprise), twelve. An organization's usage is every counter row tagged with it;
+Counters are per device per UTC month (:mod:`corral.metering.ledger`), plus the usage the
+metering tick has not folded into them yet (the view ``usage_pending``); an allowance
+period is one month or, pooled annually (Enterprise), twelve. An organization's usage is every counter row tagged with it;
 a personal organization also owns its user's own devices (rows with no organization and
 that ``owner_user_id``).
 
@@ -27,7 +27,7 @@ from sqlalchemy.sql.elements import KeyedColumnElement
 
 from corral.devices.models import Device
 from corral.kit.errors import BadRequest
-from corral.metering.models import SimDeactivation, UsageCounter, UsageDelta
+from corral.metering.models import PENDING, SimDeactivation, UsageCounter
 from corral.metering.plans import MB, EffectivePlan, add_months, month_start
 from corral.orgs.models import Organization
 from corral.products.models import Product
@@ -38,13 +38,14 @@ SUMMED = ("data_operations", "data_operations_kb", "events_published", "events_d
 
 
 def _usage() -> ReadOnlyColumnCollection[str, KeyedColumnElement[Any]]:
-    """What readers sum: the counter rows plus the deltas not folded into them yet (one
-    statement, so one snapshot: a fold committing meanwhile is seen entirely or not at all).
-    A device's unfolded deltas carry the tenancy it had when they were written."""
+    """What readers sum: the counter rows plus the usage not folded into them yet, the view
+    ``usage_pending`` (one statement, so one snapshot: a fold committing meanwhile is seen
+    entirely or not at all). An unfolded increment carries the tenancy its device had when
+    it was written."""
     keys = ("device_id", "period", "product_id", "org_id", "owner_user_id", *SUMMED)
-    counters, deltas = UsageCounter.__table__.c, UsageDelta.__table__.c
+    counters, pending = UsageCounter.__table__.c, PENDING.c
     return union_all(select(*[counters[k] for k in keys]),
-                     select(*[deltas[k] for k in keys])).subquery("usage").c
+                     select(*[pending[k] for k in keys])).subquery("usage").c
 
 
 U = _usage()
