@@ -63,3 +63,15 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = WAIT,
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not true within {within} s: {check}")
         await asyncio.sleep(every)
+
+
+async def wait_described(client: httpx.AsyncClient, token: str, device_url: str,
+                         function: str, within: float = WAIT) -> None:
+    """Wait until the device at ``device_url`` (its REST path) lists ``function``: a device is
+    online before its description arrives, and a call in between is answered 404."""
+
+    async def described() -> bool:
+        r = await client.get(device_url, headers=bearer(token))
+        return r.status_code == 200 and function in r.json().get("functions", [])
+
+    await eventually(described, within=within)

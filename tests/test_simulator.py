@@ -27,7 +27,7 @@ from corral.mail.backends import LogBackend
 from corral.settings import Settings
 from corral.web.app import Runtime, create_app
 from dbreset import truncate_all
-from devicekit import WAIT, eventually, mqtt_listener, owner_product_devices
+from devicekit import WAIT, eventually, mqtt_listener, owner_product_devices, wait_described
 from helpers import bearer, make_product, new_user
 from sessionkit import live_server
 
@@ -185,12 +185,7 @@ async def test_corral_simulate_end_to_end(app: Any, client: httpx.AsyncClient, m
         # while it runs: the devices come online and answer the cloud
         await eventually(lambda: _n_online(app, product["id"], 3), within=20)
         [did, *_] = sorted(await _online_ids(app, product["id"]))
-
-        async def described() -> bool:  # online comes before the device's description
-            r = await client.get(f"/v1/products/{slug}/devices/{did}", headers=h)
-            return "led" in r.json().get("functions", [])
-
-        await eventually(described)
+        await wait_described(client, token, f"/v1/products/{slug}/devices/{did}", "led")
         r = await client.post(f"/v1/products/{slug}/devices/{did}/led", headers=h,
                               json={"arg": "on"})
         assert r.status_code == 200 and r.json()["return_value"] == 1, r.text

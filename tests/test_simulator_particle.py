@@ -32,7 +32,7 @@ from corral.devices.models import Device as DeviceRow
 from corral.events.models import Event
 from corral.transports.particle.keys import key_path, public_der, server_key_file
 from corral.transports.particle.server import start_particle_listener
-from devicekit import WAIT, eventually
+from devicekit import WAIT, eventually, wait_described
 from helpers import bearer, make_product, new_user, post_ids
 from sessionkit import live_server
 
@@ -251,6 +251,7 @@ async def test_corral_simulate_particle_end_to_end(app: Any, client: httpx.Async
 
         await eventually(three_online, within=30)
         [did, *_] = sorted(await _online_ids(app, product["id"]))
+        await wait_described(client, token, f"/v1/products/{slug}/devices/{did}", "led")
         r = await client.post(f"/v1/products/{slug}/devices/{did}/led", headers=h,
                               json={"arg": "on"})
         assert r.status_code == 200 and r.json()["return_value"] == 1, r.text
