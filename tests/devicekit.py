@@ -66,12 +66,16 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = WAIT,
 
 
 async def wait_described(client: httpx.AsyncClient, token: str, device_url: str,
-                         function: str, within: float = WAIT) -> None:
-    """Wait until the device at ``device_url`` (its REST path) lists ``function``: a device is
-    online before its description arrives, and a call in between is answered 404."""
+                         name: str, within: float = WAIT) -> None:
+    """Wait until the device at ``device_url`` (its REST path) lists the function or variable
+    ``name``: a device is online before its description arrives, and a call or read in
+    between is answered 404."""
 
     async def described() -> bool:
         r = await client.get(device_url, headers=bearer(token))
-        return r.status_code == 200 and function in r.json().get("functions", [])
+        if r.status_code != 200:
+            return False
+        d = r.json()
+        return name in (d.get("functions") or []) or name in (d.get("variables") or {})
 
     await eventually(described, within=within)

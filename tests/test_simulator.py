@@ -275,9 +275,11 @@ async def test_serve_demo_runs_live_devices(settings: Settings, database_url: st
             r = await c.post("/oauth/token", data={
                 "grant_type": "password", "username": info.username, "password": info.password,
                 "client_id": "corral-cli", "client_secret": "corral-cli"})
-            h = bearer(r.json()["access_token"])
-            r = await c.get(f"/v1/products/{info.product_slug}/devices/{live[0]}/label",
-                            headers=h)
+            token = r.json()["access_token"]
+            h = bearer(token)
+            device_url = f"/v1/products/{info.product_slug}/devices/{live[0]}"
+            await wait_described(c, token, device_url, "label")
+            r = await c.get(f"{device_url}/label", headers=h)
             assert r.status_code == 200 and r.json()["result"] == "demo-sensor-01", r.text
             r = await c.get(f"/v1/products/{info.product_slug}/devices", headers=h,
                             params={"per_page": 100})
