@@ -289,6 +289,35 @@ async def test_function_call_and_variable_read_through_the_bus(app, hub, product
     assert u.function_calls == 1 and u.variable_reads == 4 and u.data_operations == 5
 
 
+async def test_a_described_function_answers_while_its_description_is_stored(app, hub, product,
+                                                                            monkeypatch):
+    """The live session takes a description at once: whoever sees the stored one (or asks
+    before it is stored) can call what it lists; no 404 in between."""
+    link = ScriptedLink()
+    link.functions["led"] = lambda arg: 1
+    s = await hub.open(Hello(DEV), link)
+    release, storing = asyncio.Event(), asyncio.Event()
+    write = hub.writer.write
+
+    async def held(*args: Any, **kw: Any) -> Any:
+        if kw.get("change") is not None:  # the description (the call's usage goes through)
+            storing.set()
+            await release.wait()
+        return await write(*args, **kw)
+
+    monkeypatch.setattr(hub.writer, "write", held)
+    describing = asyncio.ensure_future(s.describe(functions=["led"]))
+    async with asyncio.timeout(WAIT):
+        await storing.wait()
+        r = (await hub.bus.request(contract.request_subject(DEV),
+                                   {"kind": "function", "name": "led"}, timeout=WAIT)).json()
+        assert r == {"ok": True, "return_value": 1}
+        assert (await load(app, DEV)).functions in (None, [])  # not stored yet
+        release.set()
+        await describing
+    assert (await load(app, DEV)).functions == ["led"]
+
+
 async def test_calls_time_out_and_device_errors_are_reported(app, hub, product):
     link = ScriptedLink()
 
