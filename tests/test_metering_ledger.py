@@ -53,22 +53,29 @@ async def deltas(app: Any) -> int:
         return n
 
 
-async def publish(app: Any, items: list[Usage]) -> None:
-    """``items`` (publishes) as counted events through the event writer, in one batch: on
-    PostgreSQL one ``usage_publish_batches`` row, on SQLite one delta per event."""
-    from corral.events.writer import EventWriter, NewEvent
+async def write_one_batch(app: Any, events: list[Any]) -> None:
+    """``events`` (``NewEvent``) through a fresh event writer, committed as ONE batch."""
+    from corral.events.writer import EventWriter
 
-    assert all(u.kind == "publish" for u in items)
     writer = EventWriter(app.state.sessionmaker, max_delay=0.05)
     writer.start()
     try:
-        await asyncio.gather(*[writer.write_nowait(NewEvent(
-            name="t", data="x" * u.payload_bytes, device_id=u.device_id,
-            product_id=u.product_id, org_id=u.org_id, owner_user_id=u.owner_user_id,
-            published_at=u.at, counted=True)) for u in items])
+        await asyncio.gather(*[writer.write_nowait(e) for e in events])
     finally:
         await writer.stop()
     assert writer.batches_committed == 1
+
+
+async def publish(app: Any, items: list[Usage]) -> None:
+    """``items`` (publishes) as counted events through the event writer, in one batch: on
+    PostgreSQL one ``usage_publish_batches`` row, on SQLite one delta per event."""
+    from corral.events.writer import NewEvent
+
+    assert all(u.kind == "publish" for u in items)
+    await write_one_batch(app, [NewEvent(
+        name="t", data="x" * u.payload_bytes, device_id=u.device_id, product_id=u.product_id,
+        org_id=u.org_id, owner_user_id=u.owner_user_id, published_at=u.at, counted=True)
+        for u in items])
 
 
 async def stage(app: Any, via: str, items: list[Usage]) -> None:
@@ -318,8 +325,8 @@ async def test_a_fold_refuses_a_transaction_at_a_weaker_isolation(app):
 
 
 async def test_writer_batch_is_one_transaction_on_postgresql(app):
-    """The events' COPY, the usage deltas' COPY and the commit are one transaction: a batch
-    whose usage cannot be stored (an id beyond PostgreSQL's integer) leaves no event
+    """The events' ids, their COPY, the batch's usage and the commit are one transaction: a
+    batch whose usage cannot be stored (an id beyond PostgreSQL's integer) leaves no event
     behind."""
     if not is_pg(app):
         pytest.skip("the failure needs PostgreSQL's integer range")
@@ -358,8 +365,6 @@ async def test_counted_events_are_metered_from_their_rows_as_fold_counts_them(ap
     time (either side of a month boundary), the latest tenancy. ``mixed``: uncounted rows between the
     counted ones (their ids are not one range). ``b``: a device id PostgreSQL's text encoding
     cannot carry (arrays instead)."""
-    from corral.events.writer import EventWriter
-
     # device A (odd i) in January: product 7, then 8 (i=5), then 7 again (moved back)
     datas = [None, "", "x" * 1024, "x" * 1025, "é" * 600, "🙂" * 300, '{"t":21.5}', "last"]
     events = []
@@ -372,14 +377,7 @@ async def test_counted_events_are_metered_from_their_rows_as_fold_counts_them(ap
         Usage(e.device_id, "publish", product_id=e.product_id, org_id=3, at=e.published_at,
               payload_bytes=len(e.data.encode()) if e.data else 0)
         for e in events if e.counted])
-    writer = EventWriter(app.state.sessionmaker, max_delay=0.05)
-    writer.start()
-    try:
-        futures = [writer.write_nowait(e) for e in events]
-        await asyncio.gather(*futures)
-    finally:
-        await writer.stop()
-    assert writer.batches_committed == 1
+    await write_one_batch(app, events)
     got = await rows(app)
     assert set(got) == {(r["device_id"], r["period"]) for r in expected}
     for r in expected:
