@@ -80,7 +80,7 @@ async def setup(url: str, n: int) -> tuple[Any, int, list[str]]:
     sm = make_sessionmaker(engine)
     ids = [f"{i:024x}" for i in range(1, n + 1)]  # the bench's own rows only are replaced
     async with sm() as db:  # what an earlier run left unfolded goes to the counters first
-        await ledger.fold_deltas(db)
+        await ledger.fold_pending(db)
         await db.commit()
     async with sm() as db:
         await db.execute(delete(Event).where(Event.device_id.in_(ids)))
@@ -113,7 +113,7 @@ async def folder(sm: Any, every: float, stop: asyncio.Event) -> None:
                 await stop.wait()
         t0 = time.perf_counter()
         async with sm() as db:
-            await ledger.fold_deltas(db)
+            await ledger.fold_pending(db)
             await db.commit()
         FOLDS.append(time.perf_counter() - t0)
 
@@ -179,7 +179,7 @@ async def run(url: str, n: int, seconds: float, rounds: int) -> None:
             cpu[metered].append(cpu_us)
             published += made if metered else 0
     async with sm() as db:
-        await ledger.fold_deltas(db)
+        await ledger.fold_pending(db)
         await db.commit()
         counted = (await db.execute(text(
             "SELECT coalesce(sum(events_published), 0) FROM usage_counters "

@@ -35,7 +35,7 @@ async def tick(app: Any, now: dt.datetime | None = None) -> TickResult:
 async def fold(app: Any) -> int:
     """Fold the committed usage deltas into the counters (what the metering tick does first)."""
     async with app.state.sessionmaker() as db:
-        n = await ledger.fold_deltas(db)
+        n = await ledger.fold_pending(db)
         await db.commit()
     return n
 

@@ -58,7 +58,7 @@ async def points(app: Any) -> list[LocationPoint]:
 
 async def usage(app: Any, device_id: str) -> UsageCounter:
     async with app.state.sessionmaker() as db:
-        await ledger.fold_deltas(db)
+        await ledger.fold_pending(db)
         await db.commit()
         return (await db.execute(select(UsageCounter).where(
             UsageCounter.device_id == device_id))).scalar_one()

@@ -38,7 +38,7 @@ async def apply(app: Any, items: list[Usage]) -> int:
 
 async def fold(app: Any) -> int:
     async with app.state.sessionmaker() as db:
-        n = await ledger.fold_deltas(db)
+        n = await ledger.fold_pending(db)
         await db.commit()
     return n
 
@@ -201,7 +201,7 @@ async def test_a_rolled_back_batch_counts_nothing(app):
 async def test_a_rolled_back_fold_keeps_the_deltas(app):
     await apply(app, [pub(A, 10)])
     async with app.state.sessionmaker() as db:
-        assert await ledger.fold_deltas(db) == 1
+        assert await ledger.fold_pending(db) == 1
         await db.rollback()
     assert await deltas(app) == 1
     assert (await rows(app))[(A, dt.date(2026, 1, 1))].payload_bytes == 10
@@ -276,7 +276,7 @@ async def test_two_folds_at_once_add_each_delta_once(app, via):
     await stage(app, via, [pub(A, 10), pub(B, 10)])
     first = app.state.sessionmaker()
     try:
-        assert await ledger.fold_deltas(first) == 2
+        assert await ledger.fold_pending(first) == 2
         await stage(app, via, [pub(A, 5)])
         async with asyncio.timeout(5):
             assert await fold(app) == 0  # skipped, not blocked
@@ -303,7 +303,7 @@ async def test_a_fold_that_lost_a_race_with_another_fails_and_adds_nothing(app, 
         await conn.exec_driver_sql("SELECT 1")  # its snapshot is taken here
         assert await fold(app) == 2  # the other node's fold commits
         with pytest.raises(Exception) as failed:
-            await ledger.fold_deltas(late)
+            await ledger.fold_pending(late)
         assert ledger.is_fold_conflict(failed.value)
         await late.rollback()
     finally:
@@ -320,7 +320,7 @@ async def test_a_fold_refuses_a_transaction_at_a_weaker_isolation(app):
     async with app.state.sessionmaker() as db:
         await db.execute(text("SELECT 1"))  # began at READ COMMITTED
         with pytest.raises(RuntimeError, match="REPEATABLE READ"):
-            await ledger.fold_deltas(db)
+            await ledger.fold_pending(db)
     assert await deltas(app) == 1
 
 

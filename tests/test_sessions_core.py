@@ -98,7 +98,7 @@ async def events(app: Any, **where: Any) -> list[Event]:
 
 async def usage(app: Any, device_id: str) -> UsageCounter | None:
     async with app.state.sessionmaker() as db:
-        await ledger.fold_deltas(db)
+        await ledger.fold_pending(db)
         await db.commit()
         return (await db.execute(select(UsageCounter).where(
             UsageCounter.device_id == device_id))).scalar_one_or_none()

@@ -4,10 +4,13 @@ The device-session core creates a :class:`Usage` for each counted operation and 
 the event writer together with the work it counts, so the increment commits in the same
 transaction as the event row (a publish) or before the operation is acknowledged (a function
 call's reply, a variable's value, a delivered event). A batch appends its increments as
-``usage_deltas`` rows (:func:`apply`); the metering tick folds them into the per-device,
-per-month counters (:func:`fold_deltas`), deleting them in the same transaction. Nothing is
-counted twice and nothing acknowledged goes uncounted; readers add the deltas not folded
-yet (:mod:`corral.metering.usage`).
+``usage_deltas`` rows (:func:`apply`; a counted publish's on SQLite: :func:`apply_events`)
+and, on PostgreSQL, its counted publishes as one ``usage_publish_batches`` row
+(:func:`pg_publish_batch`). The view ``usage_pending`` shows both, one row per increment;
+the metering tick folds it into the per-device, per-month counters (:func:`fold_pending`),
+deleting what it folded in the same transaction. Nothing is counted twice and nothing
+acknowledged goes uncounted; readers add what is not folded yet
+(:mod:`corral.metering.usage`).
 
 Why deltas: a counter row updated by every batch put one row update per device per batch on
 the ingest path's commit (PostgreSQL: a new tuple, WAL and a row lock another node's batch
@@ -146,7 +149,7 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
     """Record ``items`` in the session's transaction: one ``usage_deltas`` row per distinct
     (device, period), appended (PostgreSQL: ``COPY``; SQLite: one ``executemany``), so the
     ingest path never waits on a counter row another batch or node is updating. The metering
-    tick folds them into ``usage_counters`` (:func:`fold_deltas`). Returns the number of
+    tick folds them into ``usage_counters`` (:func:`fold_pending`). Returns the number of
     delta rows written."""
     rows = fold(items)
     if not rows:
@@ -314,7 +317,7 @@ def _fold_sql(dialect: str) -> str:
 FOLD_ISOLATION = {"isolation_level": "REPEATABLE READ"}
 
 
-async def fold_deltas(db: AsyncSession) -> int:
+async def fold_pending(db: AsyncSession) -> int:
     """Fold all committed pending usage (deltas and, on PostgreSQL, publish batches) into
     ``usage_counters`` and delete it, in the session's transaction (the caller commits; call
     it first in a fresh session). Returns the number of counter rows changed.
@@ -339,7 +342,7 @@ async def fold_deltas(db: AsyncSession) -> int:
             f"current_setting('transaction_isolation')")).one()
         got, isolation = row
         if isolation != "repeatable read":
-            raise RuntimeError("fold_deltas needs a REPEATABLE READ transaction: call it "
+            raise RuntimeError("fold_pending needs a REPEATABLE READ transaction: call it "
                                "first in its session or begin with ledger.FOLD_ISOLATION")
         if not got:
             return 0
@@ -353,7 +356,7 @@ async def fold_deltas(db: AsyncSession) -> int:
 
 
 def is_fold_conflict(exc: BaseException) -> bool:
-    """A PostgreSQL fold lost a race with another node's fold (see :func:`fold_deltas`)."""
+    """A PostgreSQL fold lost a race with another node's fold (see :func:`fold_pending`)."""
     return getattr(getattr(exc, "orig", None), "sqlstate", None) == "40001"
 
 
@@ -363,5 +366,5 @@ def _sqlite_time(at: dt.datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-__all__ = ["BATCH_LIMIT", "Kind", "Usage", "apply", "apply_events", "fold", "fold_deltas",
+__all__ = ["BATCH_LIMIT", "Kind", "Usage", "apply", "apply_events", "fold", "fold_pending",
            "ops_per_kb", "period_of", "pg_publish_batch", "uncounted_name"]

@@ -11,7 +11,7 @@ acknowledged (a function call's reply, a variable's value, a delivered event):
   per batch holding its counted publishes as parallel arrays.
 
 The view ``usage_pending`` (:data:`PENDING`) shows both as one row per increment. The
-metering tick folds it into ``usage_counters`` (:func:`corral.metering.ledger.fold_deltas`);
+metering tick folds it into ``usage_counters`` (:func:`corral.metering.ledger.fold_pending`);
 readers (:mod:`corral.metering.usage`) add what is not folded yet, so what they see is exact
 at any moment. Nothing else writes these tables.
 """

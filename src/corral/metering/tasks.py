@@ -2,7 +2,7 @@
 
 :meth:`MeteringService.tick` (tests call it directly with a ManualClock) first folds the
 usage deltas committed since the last tick into ``usage_counters`` (its own transaction:
-:func:`corral.metering.ledger.fold_deltas`), then reads, in one
+:func:`corral.metering.ledger.fold_pending`), then reads, in one
 transaction, every organization's usage in its current allowance period, plan and billable
 devices; fires the 70/90/100 % warnings not fired yet (:mod:`corral.metering.alerts`);
 commits; stores the warnings' events through the event writer; and hands the new state to
@@ -158,7 +158,7 @@ class MeteringService:
         assert self.sessionmaker is not None
         try:
             async with self.sessionmaker() as db:
-                n = await ledger.fold_deltas(db)
+                n = await ledger.fold_pending(db)
                 await db.commit()
         except Exception as exc:
             if not ledger.is_fold_conflict(exc):

@@ -3,9 +3,9 @@ SIM deactivation intervals; cellular data.
 
 Counters are per device per UTC month (:mod:`corral.metering.ledger`), plus the usage the
 metering tick has not folded into them yet (the view ``usage_pending``); an allowance
-period is one month or, pooled annually (Enterprise), twelve. An organization's usage is every counter row tagged with it;
-a personal organization also owns its user's own devices (rows with no organization and
-that ``owner_user_id``).
+period is one month or, pooled annually (Enterprise), twelve. An organization's usage is
+every counter row tagged with it; a personal organization also owns its user's own devices
+(rows with no organization and that ``owner_user_id``).
 
 Billable devices in a month (the seed's rules): every device of every product of the
 organization (and, for a personal organization, the user's own devices) that first came
