@@ -8,8 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+# The suite runs in parallel (pytest-xdist): most tests wait on sockets and subprocesses,
+# so more workers than cores pay off. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 4
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope)
 
-.PHONY: serve test lint typecheck install
+.PHONY: serve test lint typecheck install screenshots
 
 install: $(STAMP)
 
@@ -26,10 +30,10 @@ serve: $(STAMP)
 
 # SQLite first; then, when CORRAL_TEST_DATABASE_URL is set (CI: PostgreSQL), the suite again.
 test: $(STAMP)
-	env -u CORRAL_TEST_DATABASE_URL $(BIN)/pytest $(PYTEST_ARGS)
+	env -u CORRAL_TEST_DATABASE_URL $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 	@if [ -n "$$CORRAL_TEST_DATABASE_URL" ]; then \
 		echo "== the suite again on $$CORRAL_TEST_DATABASE_URL"; \
-		$(BIN)/pytest $(PYTEST_ARGS); \
+		$(BIN)/pytest $(XDIST) $(PYTEST_ARGS); \
 	fi
 
 lint: $(STAMP)
@@ -38,4 +42,9 @@ lint: $(STAMP)
 # DESIGN §4.10: strict typing on the domain-free and transport layers
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/corral/kit src/corral/bus src/corral/transports src/corral/events \
-		src/corral/sessions src/corral/metering src/corral/device
+		src/corral/sessions src/corral/metering src/corral/device src/corral/cluster
+
+# PNGs of the console's main pages (1280 px and phone width) in screenshots/, taken by
+# headless Chromium (the Debian package) against a fresh `corral serve --demo`
+screenshots: $(STAMP)
+	$(BIN)/python tests/console/screenshots.py screenshots

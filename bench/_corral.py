@@ -30,22 +30,25 @@ class Corral:
 
 @contextlib.contextmanager
 def corral_serve(data_dir: Path, *, database_url: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> Iterator[Corral]:
-    """``corral serve`` (no demo) with MQTT on a free port."""
+                 extra_env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None,
+                 start_timeout_s: float = 60) -> Iterator[Corral]:
+    """``corral serve`` (no demo, ``extra_args`` added) with MQTT on a free port."""
     http, mqtt = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update({"CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
-                "CORRAL_ARGON2_MEMORY_KIB": "8", **(extra_env or {})})
+                "CORRAL_ARGON2_MEMORY_KIB": "8", "CORRAL_PARTICLE_UDP_PORT": "0",
+                **(extra_env or {})})
     url = database_url or f"sqlite+aiosqlite:///{(data_dir / 'corral.db').resolve()}"
     env["CORRAL_DATABASE_URL"] = url
     log = open(data_dir / "serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral.cli.main", "serve", "--no-demo", "--data-dir",
          str(data_dir), "--http-port", str(http), "--mqtt-port", str(mqtt),
-         "--mqtt-tls-port", "0"], env=env, stdout=log, stderr=log)
+         "--mqtt-tls-port", "0", *(extra_args or [])], env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"corral serve exited: {(data_dir / 'serve.log').read_text()}")
@@ -54,7 +57,7 @@ def corral_serve(data_dir: Path, *, database_url: str | None = None,
                     break
             time.sleep(0.2)
         else:
-            raise RuntimeError("corral did not start within 60 s")
+            raise RuntimeError(f"corral did not start within {start_timeout_s} s")
         yield Corral(base, mqtt, proc.pid, url)
     finally:
         proc.terminate()

@@ -28,12 +28,15 @@ def corral_server(data_dir: Path, *, database_url: str | None = None) -> Iterato
         "CORRAL_DATA_DIR": str(data_dir), "CORRAL_HTTP_PORT": str(port),
         "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
         "CORRAL_ARGON2_MEMORY_KIB": "8",
+        # a benchmark is one client address far over Particle's 10,000 requests / 5 min
+        "CORRAL_API_RATE_LIMIT": "0",
     })
     if database_url:
         env["CORRAL_DATABASE_URL"] = database_url
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "corral.web.app:asgi_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
+         "--no-proxy-headers"],
         env=env,
     )
     base = f"http://127.0.0.1:{port}"

@@ -8,10 +8,10 @@ SECS=${1:-10}; CONNS=${2:-32}; DBURL=${3:-}
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)"; exit 1; }
 TMP=$(mktemp -d)
 PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-env -u CORRAL_DATABASE_URL CORRAL_DATA_DIR="$TMP" CORRAL_LOG_LEVEL=WARNING \
+env -u CORRAL_DATABASE_URL CORRAL_DATA_DIR="$TMP" CORRAL_LOG_LEVEL=WARNING CORRAL_API_RATE_LIMIT=0 \
     ${DBURL:+CORRAL_DATABASE_URL=$DBURL} \
     .venv/bin/python -m uvicorn corral.web.app:asgi_app --factory --host 127.0.0.1 --port "$PORT" \
-    --no-access-log --log-level warning --loop uvloop --http httptools &
+    --no-access-log --log-level warning --loop uvloop --http httptools --no-proxy-headers &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$TMP"' EXIT
 for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.5; done

@@ -1,10 +1,13 @@
 """B1a: per-request cost inside the process (ASGI called directly: no HTTP, no client).
 
-    .venv/bin/python bench/bench_asgi.py [--profile]
+    .venv/bin/python bench/bench_asgi.py [--profile | --profile-call] [--statements] [--n 1000]
+        [--database-url URL]
 
 Separates the framework and middleware overhead (``/openapi.json``: no database) from
-database round trips (``/healthz``: one; ``/v1/user``: token with its user, then the user's
-organizations). 1,000 sequential requests per route after 100 warm-up requests.
+database round trips, counted exactly per route (statements sent to the database, COMMIT
+and ROLLBACK included, from SQLAlchemy's cursor events; ``/healthz``: one). ``--n``
+sequential requests per route after 100 warm-up requests. ``--profile``: cProfile of
+``/v1/products/{p}`` (the heaviest guarded read).
 """
 
 from __future__ import annotations
@@ -19,23 +22,49 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import event
 
+from corral.sessions.link import Hello
 from corral.settings import Settings
 from corral.web.app import Runtime, create_app
 
 
-async def call(app: Any, path: str, token: str | None = None) -> int:
+class Device:
+    """A device link answering at once (no transport): the server's own call path alone."""
+
+    transport = "bench"
+
+    async def call_function(self, name: str, arg: str) -> int:
+        return 1
+
+    async def read_variable(self, name: str) -> Any:
+        return 21.5
+
+    async def deliver_event(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def request_describe(self) -> None:
+        return None
+
+    async def disconnect(self, reason: str) -> None:
+        return None
+
+
+async def call(app: Any, path: str, token: str | None = None, body: bytes = b"") -> int:
     headers = [(b"host", b"bench")]
     if token:
         headers.append((b"authorization", f"Bearer {token}".encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+    if body:
+        headers.append((b"content-type", b"application/json"))
+    method = "POST" if body else "GET"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
              "server": ("bench", 80)}
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
@@ -44,9 +73,15 @@ async def call(app: Any, path: str, token: str | None = None) -> int:
     return int(messages[0]["status"])
 
 
+def _arg(name: str, default: str | None = None) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
 async def main() -> None:
     settings = Settings(data_dir=Path(tempfile.mkdtemp()), argon2_time_cost=1,
-                        argon2_memory_kib=8, log_level="WARNING")
+                        argon2_memory_kib=8, log_level="WARNING",
+                        database_url=_arg("--database-url"))
+    n = int(_arg("--n", "1000") or 1000)
     runtime = Runtime(settings)
     app = create_app(settings, runtime=runtime)
     await runtime.start(app, background=False)
@@ -57,19 +92,57 @@ async def main() -> None:
             "grant_type": "password", "username": "p@example.com", "password": "password123",
             "client_id": "bench", "client_secret": "bench"})
         token = r.json()["access_token"]
-    for path, tok in (("/openapi.json", None), ("/healthz", None), ("/v1/user", token)):
+        auth = {"Authorization": f"Bearer {token}"}
+        r = await c.post("/v1/user/products", headers=auth, json={"name": "Bench"})
+        product = r.json()["product"]["slug"]
+        await c.post(f"/v1/products/{product}/devices", headers=auth,
+                     json={"ids": [f"{i:024x}" for i in range(1, 26)]})
+    statements = 0
+    shown: list[str] | None = None
+
+    def counted(*args: Any) -> None:
+        nonlocal statements
+        statements += 1
+        if shown is not None:
+            sql = args[2] if len(args) > 2 and isinstance(args[2], str) else "COMMIT/ROLLBACK"
+            shown.append(" ".join(sql.split())[:150])
+
+    sync_engine = runtime.engine.sync_engine  # type: ignore[union-attr]
+    event.listen(sync_engine, "before_cursor_execute", counted)
+    event.listen(sync_engine, "commit", counted)
+    event.listen(sync_engine, "rollback", counted)
+    device = f"{1:024x}"
+    session = await runtime.hub.open(Hello(device), Device())  # type: ignore[union-attr]
+    await session.describe(functions=["led"], variables={"temp": "double"})
+    routes = (("/openapi.json", None, b""), ("/healthz", None, b""), ("/v1/user", token, b""),
+              (f"/v1/products/{product}", token, b""),
+              (f"/v1/products/{product}/devices", token, b""),
+              (f"/v1/products/{product}/devices/{device}", token, b""),
+              (f"/v1/devices/{device}/led", token, b'{"arg": "on"}'),
+              (f"/v1/devices/{device}/temp", token, b""))
+    print(f"{'route':44} {'ms/request':>10} {'round trips':>12}")
+    for path, tok, body in routes:
         for _ in range(100):
-            assert await call(app, path, tok) == 200
-        n = 1000
+            assert await call(app, path, tok, body) == 200, path
+        statements = 0
         t0 = time.perf_counter()
         for _ in range(n):
-            await call(app, path, tok)
-        print(f"{path:16} {(time.perf_counter() - t0) / n * 1e3:.3f} ms/request")
-    if "--profile" in sys.argv:
+            await call(app, path, tok, body)
+        ms = (time.perf_counter() - t0) / n * 1e3
+        print(f"{path:44} {ms:10.3f} {statements / n:12.1f}")
+        if "--statements" in sys.argv:  # what one request sends
+            shown = []
+            await call(app, path, tok, body)
+            for sql in shown:
+                print(f"    {sql}")
+            shown = None
+    if "--profile" in sys.argv or "--profile-call" in sys.argv:
+        path, body = ((f"/v1/devices/{device}/led", b'{"arg": "on"}')
+                      if "--profile-call" in sys.argv else (f"/v1/products/{product}", b""))
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(500):
-            await call(app, "/v1/user", token)
+            await call(app, path, token, body)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     await runtime.stop()

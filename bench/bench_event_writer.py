@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import delete
 
-from corral.db.base import all_models
+from corral import models
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.db.migrate import upgrade
 from corral.events.models import Event
@@ -27,7 +27,7 @@ from corral.events.writer import EventWriter, NewEvent
 
 
 async def run(url: str, events: int, writers: int, max_batch: int, max_delay: float) -> None:
-    all_models()
+    models.load()
     engine = make_engine(url)
     await upgrade(engine)
     async with engine.begin() as conn:

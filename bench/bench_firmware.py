@@ -113,7 +113,7 @@ async def bench_particle(a: argparse.Namespace) -> None:
         port = free_port()
         server = load_or_create_server_key(Path(tmp)).public_key()
         with corral_serve(Path(tmp), database_url=a.database_url, extra_env={
-                "CORRAL_PARTICLE_PORT": str(port),
+                "CORRAL_PARTICLE_PORT": str(port), "CORRAL_PARTICLE_UDP_PORT": "0",
                 "CORRAL_FIRMWARE_MAX_TRANSFERS": str(a.transfers)}) as srv:
             product_id, devices = await provision(srv.base, a.devices, "fw-particle")
             token = await asyncio.to_thread(signup_and_login, srv.base)
@@ -131,8 +131,9 @@ async def bench_particle(a: argparse.Namespace) -> None:
                           f"{time.perf_counter() - t:.1f} s")
                     await wait_online(srv.base, token, product_id, lambda n: n >= a.devices,
                                       60)
+                    # as Device OS 4+ builds it: the platform ID in the product ID field
                     data = build_module(os.urandom(a.size), platform_id=12,
-                                        product_id=product_id, product_version=2)
+                                        product_id=12, product_version=2)
                     server0, self0 = proc_cpu_s(srv.pid), cpu_s()
                     t0 = await upload_release(c, product_id, 2, data)
                     took = await wait_version(c, product_id, 2, a.devices, t0,

@@ -1,6 +1,10 @@
 """B3: product device listing at scale — p50/p99 of one page with 1,000,000 devices.
 
     .venv/bin/python bench/bench_inventory.py [--devices 1000000] [--requests 200]
+        [--database-url postgresql+asyncpg://postgres@127.0.0.1:5432/corral_bench_inv]
+
+(PostgreSQL: an empty database, e.g. ``dropdb --if-exists corral_bench_inv; createdb
+corral_bench_inv``; the default is a fresh SQLite file.)
 
 Seeds a product with N devices straight into a fresh SQLite database (migrated by corral's own
 Alembic migrations; bulk core inserts, ~10 % of devices in a group, varied names, firmware
@@ -33,8 +37,12 @@ SHAPES = [
     ("sortAttr=firmwareVersion desc", {"sortAttr": "firmwareVersion", "sortDir": "desc"}),
     ("deviceId prefix", {"deviceId": "{prefix}"}),
     ("deviceName partial", {"deviceName": "sensor-12"}),
+    ("deviceName partial, rare", {"deviceName": "or-12345"}),
+    ("serialNumber partial", {"serialNumber": "0004242"}),
     ("groups=beta", {"groups": "beta"}),
     ("quarantined=true", {"quarantined": "true"}),
+    ("online=true", {"online": "true"}),
+    ("firmwareVersion=7", {"firmwareVersion": "7"}),
 ]
 
 
@@ -52,6 +60,7 @@ async def seed(url: str, slug: str, n: int) -> None:
         for i in range(n):
             did = f"{rnd.getrandbits(96):024x}"
             batch.append({"id": did, "product_id": pid, "name": f"sensor-{i}", "platform_id": 12,
+                          "online": i % 50 == 0,
                           "firmware_version": rnd.randint(1, 20), "quarantined": i % 1000 == 0,
                           "last_heard": now - dt.timedelta(seconds=rnd.randint(0, 10**7)),
                           "created_at": now, "updated_at": now, "tags": [],
@@ -66,10 +75,9 @@ async def seed(url: str, slug: str, n: int) -> None:
         for k in range(0, len(members), 20_000):
             await conn.execute(insert(DeviceGroupMember), members[k:k + 20_000])
     async with engine.begin() as conn:
-        if url.startswith("sqlite"):
-            from sqlalchemy import text
+        from sqlalchemy import text
 
-            await conn.execute(text("ANALYZE"))
+        await conn.execute(text("ANALYZE"))
     await engine.dispose()
 
 
@@ -77,9 +85,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1_000_000)
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--database-url", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite+aiosqlite:///{Path(tmp) / 'corral.db'}"
+        url = args.database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'corral.db'}"
         with corral_server(Path(tmp), database_url=url) as base:
             token = signup_and_login(base)
             h = {"Authorization": f"Bearer {token}"}

@@ -33,8 +33,8 @@ from typing import Any
 
 from sqlalchemy import delete, text
 
+from corral import models
 from corral.bus.inprocess import InProcessBus
-from corral.db.base import all_models
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.db.migrate import upgrade
 from corral.devices.models import Device
@@ -46,7 +46,8 @@ from corral.metering.models import UsageCounter
 from corral.orgs.models import Organization
 from corral.products.models import Product
 from corral.sessions import core
-from corral.sessions.core import Hello, OpenGate, SessionHub
+from corral.sessions.core import SessionHub
+from corral.sessions.link import Hello, OpenGate
 from corral.settings import Settings
 
 PAYLOAD = '{"t":21.5,"h":40}'
@@ -74,7 +75,7 @@ class Link:
 
 
 async def setup(url: str, n: int) -> tuple[Any, int, list[str]]:
-    all_models()
+    models.load()
     engine = make_engine(url)
     await upgrade(engine)
     sm = make_sessionmaker(engine)

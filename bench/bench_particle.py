@@ -318,7 +318,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = load_or_create_server_key(Path(tmp)).public_key()
         with corral_serve(Path(tmp), database_url=a.database_url, extra_env={
-                "CORRAL_PARTICLE_PORT": str(port),
+                "CORRAL_PARTICLE_PORT": str(port), "CORRAL_PARTICLE_UDP_PORT": "0",
                 **({"CORRAL_PARTICLE_MAX_HANDSHAKES": str(a.max_handshakes)}
                    if a.max_handshakes else {})}) as srv:
             run = {"handshakes": handshakes, "held": held, "storm": storm}[a.what]

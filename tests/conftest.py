@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
-from corral.db.base import all_models
+from corral import models
 from corral.db.engine import make_engine
 from corral.db.migrate import upgrade
 from corral.kit import clock
@@ -25,8 +26,33 @@ from corral.settings import Settings
 from corral.web.app import Runtime, create_app
 from dbreset import truncate_all
 
-all_models()
+models.load()
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
+
+
+def worker_database_url(url: str) -> str:
+    """Under pytest-xdist each worker gets a PostgreSQL database of its own
+    (``<database>_<worker>``, created on first use), because the suite drops and recreates
+    the ``public`` schema; SQLite databases are per worker already (temporary paths)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or url.startswith("sqlite"):
+        return url
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+
+    async def create() -> None:
+        engine = make_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                exists = (await conn.execute(
+                    text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})).first()
+                if not exists:
+                    await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(create())
+    return base.set(database=name).render_as_string(hide_password=False)
 
 
 def _fresh_schema(url: str) -> None:
@@ -45,7 +71,7 @@ def _fresh_schema(url: str) -> None:
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if PG_URL:
-        url = PG_URL
+        url = worker_database_url(PG_URL)
     else:
         url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'corral-test.db'}"
     _fresh_schema(url)
@@ -57,6 +83,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path / "data", database_url=database_url,
         argon2_time_cost=1, argon2_memory_kib=8, log_format="text",
+        particle_udp_port=0,  # the fixed 5684 would collide between parallel tests
     )
 
 

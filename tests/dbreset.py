@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from corral.db.base import Base, all_models
+from corral import models
+from corral.db.base import Base
 from corral.db.engine import make_engine
 from corral.metering.models import PG_ONLY_TABLES
 
-all_models()
+models.load()
 
 
 async def truncate_all(url: str) -> None:

@@ -28,6 +28,18 @@ async def set_plan_terms(app: Any, code: str, **terms: Any) -> None:
         await db.commit()
 
 
+async def give_sim(app: Any, device_id: str, iccid: str) -> None:
+    """``device_id`` reported the SIM ``iccid`` (what its describe records)."""
+    from corral.devices.models import Device
+    from corral.metering import sims
+
+    async with app.state.sessionmaker() as db:
+        device = await db.get(Device, device_id)
+        assert device is not None
+        await sims.attach(db, device, iccid)
+        await db.commit()
+
+
 async def tick(app: Any, now: dt.datetime | None = None) -> TickResult:
     return await app.state.runtime.metering.tick(now)
 

@@ -1,6 +1,6 @@
 """What the REST-side session tests share: an in-test device, a live server, an SSE reader.
 
-* :class:`ScriptedDevice` is a real :class:`corral.sessions.core.DeviceLink`: it is connected
+* :class:`ScriptedDevice` is a real :class:`corral.sessions.link.DeviceLink`: it is connected
   to the real session hub (``hub.open``), so a REST call goes API -> bus -> session core ->
   this object and back. Only the device's behaviour (what a function returns, a variable's
   value) is scripted by the test; the transports are tested with real clients elsewhere.
@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from corral.sessions.core import DeviceError, DeviceSession, Hello
+from corral.sessions.core import DeviceSession
+from corral.sessions.link import DeviceError, Hello
 from helpers import bearer, post_ids
 
 WAIT = 5.0  # seconds any single await in these tests may take

@@ -16,7 +16,7 @@ async def test_signup_validation(client):
         ({}, "username is required"),
         ({"username": "not-an-email", "password": PASSWORD}, "e-mail"),
         ({"username": "a@example.com", "password": "short"}, "at least 8"),
-        ({"username": "a@example.com", "password": 12345678}, "at least 8"),
+        ({"username": "a@example.com", "password": 12345678}, "password: Input should be a valid string"),
         ({"username": ["a@example.com"], "password": PASSWORD}, "username"),
     ]
     for body, needle in cases:
@@ -242,3 +242,26 @@ async def test_delete_user(client):
     r = await client.post("/oauth/token", data={**FORM, "username": "m@example.com",
                                                 "password": PASSWORD})
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("header", ["Bearer null", "Bearer undefined", "Bearer 0123456789"])
+async def test_public_routes_ignore_a_meaningless_bearer_token(client, header):
+    """particle-cli logs in with ``Authorization: Bearer null`` and its own client id (CLI2):
+    a route that needs no authentication ignores whatever token comes with it."""
+    auth = {"Authorization": header}
+    r = await client.post("/v1/users", headers=auth,
+                          json={"username": "cli@example.com", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    r = await client.post("/oauth/token", headers=auth, data={
+        "grant_type": "password", "client_id": "CLI2", "client_secret": "client_secret_here",
+        "username": "cli@example.com", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    r = await client.get("/v1/user", headers=bearer(token))
+    assert r.status_code == 200 and r.json()["username"] == "cli@example.com"
+    # revoking by value needs no other credential either
+    r = await client.delete(f"/v1/access_tokens/{token}", headers=auth)
+    assert r.status_code == 200, r.text
+    # a route that does need a token still judges it
+    r = await client.get("/v1/user", headers=auth)
+    assert r.status_code == 401

@@ -130,3 +130,25 @@ async def test_openapi_served(client):
     r = await client.get("/openapi.json")
     assert r.status_code == 200 and r.json()["info"]["title"] == "corral"
     assert (await client.get("/docs")).status_code == 200
+
+
+ODD_IDS = ["%C2%B2", "%D9%A3", "99999999999999999999", "60251084742432", "2147483648", "0"]
+
+
+@pytest.mark.parametrize("odd", ODD_IDS)
+async def test_odd_ids_in_every_path_slot(app, client, odd):
+    """One parsing rule for numeric path ids: Unicode digits (``²``, Arabic-Indic ``٣``) and
+    values beyond the id column's range are simply not found (or refused), never a 500, in
+    every slot of every route, the organization and product slots included."""
+    async with app.state.sessionmaker() as db:
+        world = await build_world(db, app.state.settings, "org:Owner")
+    headers = {"Authorization": f"Bearer {world.token}"}
+    for method, path in ALL_ROUTES:
+        if "{" not in path:
+            continue
+        urls = {re.sub(r"\{[^}]+\}", odd, path),
+                fill(path, world.product.slug, world.org.slug, odd)}
+        for url in urls:
+            kw: dict[str, Any] = {} if method in ("GET", "DELETE") else {"json": {}}
+            r = await client.request(method, url, headers=headers, **kw)
+            check(r, f"{method} {url}")

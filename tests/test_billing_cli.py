@@ -39,6 +39,16 @@ def test_status_and_invoices(cli: Cli, user: str, live_server: str, config_home:
     assert "active" in r.output and "year" in r.output and "visa •••• 4242" in r.output
     r = cli("billing", "status", "--org", slug, "--json")
     assert json.loads(r.stdout)["billing"]["subscription"]["seats"] == 1
+    # whoami and orgs list show the subscribed organization's plan and status (were blank)
+    for command in (["whoami"], ["orgs", "list"]):
+        r = cli(*command)
+        assert r.exit_code == 0, r.output
+        [row] = [line for line in r.output.splitlines() if slug in line]
+        assert "basic (active)" in row, r.output
+        assert "none" in r.output  # the personal organization has no subscription
+    r = cli("orgs", "list", "--json")
+    subs = {o["slug"]: o["subscription"] for o in json.loads(r.stdout)["organizations"]}
+    assert subs[slug] == {"plan": "basic", "status": "active"}
 
     r = cli("billing", "invoices", "--org", slug, "--json")
     assert r.exit_code == 0, r.output

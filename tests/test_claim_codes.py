@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from corral.devices import claims
 from corral.devices.models import ClaimCode
@@ -82,15 +82,15 @@ async def test_iccid_and_imei_become_the_code(client, app):
     bob = await new_user(client, "bob@example.com")
     assert (await new_code(client, ada, iccid=ICCID))["claim_code"] == ICCID
     assert (await new_code(client, ada, imei=IMEI))["claim_code"] == IMEI
-    # asking again replaces the pending code; someone else cannot take it over
+    # asking again replaces one's own pending code; someone else holds a code of their own
     r = await client.post("/v1/device_claims", headers=bearer(ada), data={"iccid": ICCID})
     assert r.status_code == 200 and r.json()["claim_code"] == ICCID
-    assert_any_error(await client.post("/v1/device_claims", headers=bearer(bob),
-                                       json={"iccid": ICCID}), 409, "claim_code_taken")
+    assert (await new_code(client, bob, iccid=ICCID))["claim_code"] == ICCID
     async with app.state.sessionmaker() as db:
-        rows = (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == digest(ICCID)))
-                ).scalars().all()
-        assert len(rows) == 1 and rows[0].user_id == await user_id(app, "ada@example.com")
+        rows = (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == digest(ICCID))
+                                 .order_by(ClaimCode.id))).scalars().all()
+        assert [r.user_id for r in rows] == [await user_id(app, "ada@example.com"),
+                                             await user_id(app, "bob@example.com")]
     for body in ({"iccid": ICCID, "imei": IMEI}, {"iccid": "12ab"}, {"iccid": 5},
                  {"imei": "1" * 30}, {"imei": ["1"]}):
         assert_any_error(await client.post("/v1/device_claims", headers=bearer(ada), json=body), 400)
@@ -256,3 +256,32 @@ async def test_redeem_iccid_code(client, app):
     await add_device(app, DEV_A, cellular=True, iccid=iccid.upper())
     assert (await redeem(app, DEV_A, iccid)).ok
     assert (await get_device(app, DEV_A)).owner_user_id is not None
+
+
+async def test_iccid_code_cannot_be_squatted_across_tenants(client, app):
+    """Another tenant creating a claim code equal to a device's ICCID neither blocks the
+    device's real owner (it was a 409 claim_code_taken for 24 hours) nor claims the device."""
+    owner, (p,) = await owner_with_products(client, app, {"Tracker": PRODUCT_DEV})
+    async with app.state.sessionmaker() as db:
+        from corral.devices.models import Device
+        d = await db.get(Device, PRODUCT_DEV)
+        d.iccid, d.cellular = ICCID, True
+        await db.commit()
+    squatter = await new_user(client, "squatter@example.com")
+    assert (await new_code(client, squatter, iccid=ICCID))["claim_code"] == ICCID
+    # the owner still gets the code (newer than the squatter's, then older: both orders)
+    assert (await new_code(client, owner, iccid=ICCID))["claim_code"] == ICCID
+    assert (await new_code(client, squatter, iccid=ICCID))["claim_code"] == ICCID
+    result = await redeem(app, PRODUCT_DEV, ICCID)
+    assert result.ok and result.user_id == await user_id(app, "owner@example.com")
+    assert (await get_device(app, PRODUCT_DEV)).owner_user_id == result.user_id
+    # the squatter's code alone never claims it
+    async with app.state.sessionmaker() as db:
+        await db.execute(delete(ClaimCode).where(
+            ClaimCode.user_id == await user_id(app, "owner@example.com")))
+        d = await db.get(Device, PRODUCT_DEV)
+        d.owner_user_id = None
+        await db.commit()
+    refused = await redeem(app, PRODUCT_DEV, ICCID)
+    assert not refused.ok and refused.user_id == await user_id(app, "squatter@example.com")
+    assert (await get_device(app, PRODUCT_DEV)).owner_user_id is None

@@ -147,14 +147,21 @@ def test_force_moves_a_device_from_another_product(cli: Cli, user: str,
     assert json.loads(r.stdout)["updatedDeviceIds"] == [did]
 
 
-def test_list_and_get(cli: Cli, user: str, live_server: str, config_home: Path,
-                      tmp_path: Path) -> None:
+def product_with_devices(cli: Cli, user: str, tmp_path: Path, name: str,
+                         n: int) -> tuple[str, list[str]]:
+    """Log in, create product ``name`` and import ``n`` new device IDs into it."""
     login(cli, user)
-    product = new_product(cli, "Listed")
-    ids = device_ids(3, "list")
+    product = new_product(cli, name)
+    ids = device_ids(n, name.lower())
     path = tmp_path / "ids.txt"
     path.write_text("\n".join(ids))
     assert cli("devices", "import", str(path), "--product", product).exit_code == 0
+    return product, ids
+
+
+def test_list_and_get(cli: Cli, user: str, live_server: str, config_home: Path,
+                      tmp_path: Path) -> None:
+    product, ids = product_with_devices(cli, user, tmp_path, "Listed", 3)
     headers = {"Authorization": f"Bearer {token_of(config_home)}"}
     for n, did in enumerate(ids, start=1):
         body: dict[str, Any] = {"name": f"unit-{n}", "groups": ["north" if n < 3 else "south"]}
@@ -234,3 +241,32 @@ def test_secret_prints_a_new_mqtt_secret_once(cli: Cli, user: str, live_server: 
     assert body.get("functions", body.get("device", {}).get("functions")) == []
     missing = cli("devices", "secret", "f" * 24, "--product", product)
     assert missing.exit_code == 1
+
+
+def test_tag_add_remove_set_and_list_by_tag(cli: Cli, user: str, live_server: str,
+                                             config_home: Path, tmp_path: Path) -> None:
+    product, ids = product_with_devices(cli, user, tmp_path, "Tagged", 3)
+
+    r = cli("devices", "tag", *ids[:2], "--product", product, "--add", "eu", "--add", "roof")
+    assert r.exit_code == 0, r.output
+    assert "Tags changed on 2 device(s)" in r.stdout
+    r = cli("devices", "tag", ids[1], "--product", product, "--remove", "roof")
+    assert r.exit_code == 0, r.output
+    r = cli("devices", "tag", ids[2], "--product", product, "--set", "eu, spare")
+    assert r.exit_code == 0 and "Tags of" in r.stdout and "eu, spare" in r.stdout, r.output
+
+    r = cli("devices", "list", "--product", product, "--tag", "eu", "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(d["id"] for d in json.loads(r.stdout)["devices"]) == sorted(ids)
+    r = cli("devices", "list", "--product", product, "--tag", "eu", "--tag", "roof", "--json")
+    assert [d["id"] for d in json.loads(r.stdout)["devices"]] == [ids[0]]
+    r = cli("devices", "get", ids[2], "--product", product, "--json")
+    assert json.loads(r.stdout)["tags"] == ["eu", "spare"]
+
+    # refusals: nothing to do, --set on several, a bad tag (the server's message, exit 1)
+    assert cli("devices", "tag", ids[0], "--product", product).exit_code == 1
+    assert cli("devices", "tag", *ids[:2], "--product", product, "--set", "a").exit_code == 1
+    r = cli("devices", "tag", ids[0], "--product", product, "--add", "x" * 101)
+    assert r.exit_code == 1 and "at most 100 characters" in r.output
+    r = cli("devices", "get", ids[0], "--product", product, "--json")
+    assert json.loads(r.stdout)["tags"] == ["eu", "roof"]

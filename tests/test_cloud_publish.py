@@ -75,7 +75,7 @@ async def test_form_body_private_and_ttl(client, app):
     ({"name": "has space"}, "printable ASCII"),
     ({"name": "x" * 65}, "printable ASCII"),
     ({"name": "temp\u00e9"}, "printable ASCII"),
-    ({"name": 7}, "printable ASCII"),
+    ({"name": 7}, "name: Input should be a valid string"),
     ({"name": "spark/status"}, "reserved"),
     ({"name": "Particle/device/x"}, "reserved"),
     ({"name": "ok", "data": "x" * 1025}, "limit is 1024"),

@@ -76,7 +76,7 @@ async def test_ensure_demo_is_idempotent(app: Any, settings: Settings,
                                          client: httpx.AsyncClient) -> None:
     first = await ensure_demo(app.state.sessionmaker, settings)
     assert first.created == ["user", "org", "product", "devices", "quarantined device",
-                             "subscription"]
+                             "subscription", "release"]
     assert (first.devices, first.quarantined) == (DEMO_FLEET_SIZE + 1, 1)
     assert first.fleet_summary == f"{DEMO_FLEET_SIZE + 1} (1 in quarantine)"
     token = await _token(client, first)
@@ -207,3 +207,22 @@ async def test_demo_never_subscribes_with_a_real_provider(
     async with app.state.sessionmaker() as db:
         from corral.billing import service as billing
         assert await billing.get_subscription(db, info.org_id) is None
+
+
+async def test_demo_has_a_release_in_progress(app: Any, settings: Settings,
+                                              client: httpx.AsyncClient) -> None:
+    """Version 2 is the product default as a phased rollout to half of the fleet, live
+    (offline devices stay pending); a second run leaves it alone."""
+    info = await ensure_demo(app.state.sessionmaker, settings)
+    token = await _token(client, info)
+    base = f"/v1/products/{info.product_slug}"
+    [rollout] = (await client.get(f"{base}/rollouts", headers=bearer(token))).json()["rollouts"]
+    assert (rollout["version"], rollout["percent"], rollout["state"]) == (2, 50.0, "active")
+    progress = (await client.get(f"{base}/rollouts/{rollout['id']}", headers=bearer(token))
+                ).json()["rollout"]["progress"]
+    assert progress["targeted"] > 0 and progress["pending"] > 0, progress
+    [fw] = (await client.get(f"{base}/firmware", headers=bearer(token))).json()
+    assert (fw["version"], fw["product_default"]) == (2, True)
+    assert "release" not in (await ensure_demo(app.state.sessionmaker, settings)).created
+    assert len((await client.get(f"{base}/rollouts", headers=bearer(token))
+                ).json()["rollouts"]) == 1

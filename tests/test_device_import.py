@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from sqlalchemy import func, select
@@ -284,20 +283,14 @@ async def test_failed_import_writes_nothing(app, client, monkeypatch):
     assert (await load(app, ID3)).quarantined  # the approval was rolled back too
 
 
-async def test_import_100k_new_ids_quickly(app, client):
+async def test_import_100k_new_ids(app, client):
+    # Correctness at the size; the speed (< 5 s for 100k IDs) is measured by
+    # bench/bench_import.py (B2), not timed here: a busy CI machine is no yardstick.
     tok, p = await owner_and_product(client)
     ids = [f"{i:024x}" for i in range(100_000)]
     content = "\r\n".join(ids).encode()
-    started = time.perf_counter()
-    r = await post_file(client, tok, p["slug"], content)
-    elapsed = time.perf_counter() - started
-    body = result(r)
+    body = result(await post_file(client, tok, p["slug"], content))
     assert body["updated"] == 100_000 and body["updatedDeviceIds"][-1] == ids[-1]
     assert await device_count(app, product_id=p["id"]) == 100_000
-    # the target: < 5 s on SQLite on this machine (about 1 s measured, 2.5 s on PostgreSQL)
-    limit = 5 if "sqlite" in str(app.state.settings.resolved_database_url()) else 10
-    assert elapsed < limit, f"100k import took {elapsed:.1f}s"
-    started = time.perf_counter()
     body = result(await post_file(client, tok, p["slug"], content))
     assert len(body["existingDeviceIds"]) == 100_000 and body["updated"] == 0
-    assert time.perf_counter() - started < limit

@@ -378,6 +378,30 @@ async def test_intelligent_release_records_updates_for_online_devices(client, ap
     assert [(i.device_id, i.trigger) for i in seen] == [(IDS[0], "intelligent")]
 
 
+
+async def test_intelligent_release_with_a_phased_rollout(client, app):
+    """The immediate-delivery updates of an intelligent release name the rollout that admitted
+    their devices (it was a foreign-key 500: the updates were written before the rollout had
+    its id)."""
+    tok, p = await owner_and_product(client)
+    await upload(client, tok, p, 1)
+    await upload(client, tok, p, 2)
+    await add_devices(app, p["id"], *IDS[:3], firmware_version=1, online=True)
+    seen: list[signals.UpdateIntent] = []
+    signals.UPDATE_HOOKS.append(seen.append)
+    try:
+        r = await release(client, tok, p, version=2, product_default=True, intelligent=True,
+                          rollout={"percent": 100})
+        assert r.status_code == 200, r.text
+    finally:
+        signals.UPDATE_HOOKS.remove(seen.append)
+    assert sorted(i.device_id for i in seen) == sorted(IDS[:3])
+    rollouts = (await client.get(f"/v1/products/{p['id']}/rollouts", headers=bearer(tok))).json()
+    rid = rollouts["rollouts"][0]["id"]
+    async with app.state.sessionmaker() as db:
+        rows = (await db.execute(select(DeviceUpdate))).scalars().all()
+    assert {(u.trigger, u.rollout_id) for u in rows} == {("intelligent", rid)}
+
 # --- signing ------------------------------------------------------------------------------------
 
 async def test_generated_key_signs_uploads_and_the_sdk_function_verifies(client, app):
@@ -463,3 +487,16 @@ async def test_device_json_has_target_for_seeded_devices(client, app):
     async with app.state.sessionmaker() as db:
         d = await db.get(Device, IDS[7])
         assert d is not None and d.firmware_version == 4
+
+
+async def test_device_os_4_module_with_the_platform_id_as_product_id(client):
+    """Device OS 4+ firmware built without PRODUCT_ID (the macro is gone) carries the
+    platform ID in the module's product ID field: that means "no product ID"."""
+    tok, p = await owner_and_product(client)
+    data = module(p, 3, product_id=p["platform_id"])
+    r = await upload(client, tok, p, 3, data)
+    assert r.status_code == 201, r.text
+    assert r.json()["module"]["product_id"] is None
+    # another product's ID is still a mismatch
+    other = module(p, 4, product_id=4243)
+    assert_error(await upload(client, tok, p, 4, other), 400, "product_mismatch")

@@ -41,7 +41,10 @@ def test_upload_list_release_and_rollout_status(cli: Cli, user: str, live_server
 
     r = cli("firmware", "release", "--product", slug, "--version", "1", "--default",
             "--percent", "50", "--dry-run")
-    assert r.exit_code == 0 and "Dry run" in r.stdout, r.output
+    assert r.exit_code == 0 and "Dry run" in r.stdout and "without --dry-run" in r.stdout
+    # the README's order (a dry run, then the status) explains itself instead of a 404
+    r = cli("rollout", "status", "--product", slug, "--watch", "--times", "1")
+    assert r.exit_code == 1 and "no rollout yet" in r.output and "--dry-run" in r.output
     r = cli("firmware", "release", "--product", slug, "--version", "1", "--default",
             "--percent", "50", "--failure-threshold", "10")
     assert r.exit_code == 0 and "Released version 1" in r.stdout, r.output
@@ -49,6 +52,11 @@ def test_upload_list_release_and_rollout_status(cli: Cli, user: str, live_server
     rollouts = httpx.get(f"{live_server}/v1/products/{slug}/rollouts", headers=auth,
                          timeout=10).json()["rollouts"]
     rid = str(rollouts[0]["id"])
+    assert f"Rollout {rid} started" in r.stdout
+    assert f"corral rollout status {rid} --product {slug} --watch" in r.stdout
+    r = cli("rollout", "status", "--product", slug, "--watch", "--interval", "0.2",
+            "--times", "1")  # no id: the newest
+    assert r.exit_code == 0 and f"Rollout {rid} of version" in r.stdout, r.output
     r = cli("rollout", "status", rid, "--product", slug)
     assert r.exit_code == 0, r.output
     assert "50 %" in r.stdout and "targeted" in r.stdout

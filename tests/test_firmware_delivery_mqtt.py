@@ -21,8 +21,8 @@ import pytest
 from corral.device import Device
 from corral.device.ota import Offer, OtaUpdater
 from corral.firmware import links
-from corral.firmware.service import blob_path
 from corral.firmware.signing import b64, generate_key
+from corral.firmware.storage import blob_path
 from corral.kit import clock
 from devicekit import mqtt_listener, owner_product_devices
 from helpers import bearer
@@ -392,7 +392,7 @@ async def test_a_forced_update_reaches_a_device_with_updates_disabled(w):
 async def test_ota_still_works_while_communication_is_paused(w):
     """Issue 7: at the Free plan's limit the device's publishes are refused, but its
     firmware offer, download and status reports still go through."""
-    from corral.sessions.core import Refused
+    from corral.sessions.link import Refused
     from meteringkit import set_plan_terms, tick
 
     await set_plan_terms(w.app, "free", max_data_ops=1)

@@ -34,8 +34,10 @@ def settings(settings):
 
 
 def module(gw: Any, version: int, size: int = 3000) -> bytes:
+    """Product firmware as Device OS 4+ builds it (no PRODUCT_ID macro any more: the module
+    carries the platform ID in its product ID field)."""
     return build_module(bytes((i * 13) % 251 for i in range(size)), platform_id=6,
-                        product_id=gw.product["id"], product_version=version)
+                        product_id=6, product_version=version)
 
 
 async def upload_and_release(gw: Any, version: int, **release: Any) -> bytes:
@@ -116,14 +118,17 @@ async def test_a_device_back_on_the_old_version_counts_as_failed(gw):
 async def test_a_device_killed_mid_transfer_ends_on_the_new_version(gw):
     data = await upload_and_release(gw, 2)
     dev = echo_device(gw, product_version=1)
-    chunk = dev._chunk
+    handle = dev._handle
 
-    def dies_after_three_chunks(m: Any) -> None:
-        chunk(m)
+    async def dies_after_three_chunks(m: Any, raw: bytes) -> None:
+        if dev.closed.is_set() or dev.close_reason == "dying":
+            return  # what was already on its way is never read
+        await handle(m, raw)
         if dev.update is not None and len(dev.update.received) == 3:
+            dev.close_reason = "dying"
             dev._later(dev.close())
 
-    dev._chunk = dies_after_three_chunks  # type: ignore[method-assign]
+    dev._handle = dies_after_three_chunks  # type: ignore[method-assign]
     await dev.connect("127.0.0.1", gw.port)
     await until(lambda: _state_is(gw, "sending", attempts=1), WAIT, "sending")
     await dev.wait_closed(WAIT)
@@ -148,7 +153,7 @@ async def test_a_corrupted_chunk_is_never_applied(gw):
     await dev.connect("127.0.0.1", gw.port)
     await until(lambda: _state_is(gw, "failed"), WAIT, "failed")
     [u] = await updates_of(gw)
-    assert u["attempts"] == 3 and "chunk 2 was refused" in u["reason"], u
+    assert u["attempts"] == 3 and "misses chunk(s) 2 after" in u["reason"], u
     assert dev.updates == []
     assert (await device_row(gw.app)).firmware_version == 1
 
@@ -243,7 +248,7 @@ async def test_the_particle_fleet_simulator_applies_an_update_and_reconnects(gw)
 async def test_ota_still_works_while_communication_is_paused(gw):
     """Issue 7: on the Free plan at its limit, publishes, calls and reads are refused, but
     the device stays connected and still gets its firmware."""
-    from corral.sessions.core import Refused
+    from corral.sessions.link import Refused
     from meteringkit import set_plan_terms, tick
 
     await set_plan_terms(gw.app, "free", max_data_ops=1)
@@ -291,3 +296,25 @@ async def test_a_group_release_reaches_a_connecting_device_and_nothing_runs_with
     await dev.connect("127.0.0.1", gw.port)
     await until(lambda: dev.updates, WAIT, "the group release on connect")
     assert dev.updates == [data]
+
+
+async def test_a_refused_transfer_is_tried_again_after_the_backoff(gw, settings):
+    """A failed attempt is retried once its backoff has passed: the backoff counts from
+    the failure, and looking at the update again must not restart it (it did on every
+    pass, so the next attempt never came)."""
+    delivery = gw.app.state.runtime.delivery
+    delivery.settings = settings.model_copy(update={"firmware_retry_backoff_s": 1.0})
+    data = await upload_and_release(gw, 2)
+    dev = echo_device(gw, product_version=1)
+    dev.corrupt_chunks = {2}  # the first attempt cannot succeed
+    await dev.connect("127.0.0.1", gw.port)
+    await until(lambda: _statuses_are(gw, ["started", "failed"]), WAIT, "the first attempt")
+    dev.corrupt_chunks = set()
+    await until(lambda: dev.updates, WAIT, "the second attempt")
+    assert dev.updates == [data]
+    [u] = await updates_of(gw)
+    assert u["attempts"] == 2 and u["state"] == "sending", u
+
+
+async def _statuses_are(gw: Any, expected: list[str]) -> bool:
+    return await flash_statuses(gw) == expected

@@ -29,15 +29,22 @@ GROUP_CASES = {
     "two groups with releases": frozenset({G_RELEASED_LOW, G_RELEASED_HIGH}),
 }
 DEFAULTS = {"no default": None, "default 5": 5, "default 9": 9}
+C_RELEASED, C_UNRELEASED = 1, 2
+COHORT_RELEASES = {C_RELEASED: 3}  # cohort id -> released version: below every group release
+COHORTS = {"no cohort": None, "cohort without release": C_UNRELEASED,
+           "cohort with release 3": C_RELEASED}
 
 
 def expected(development: bool, locked: int | None, groups: frozenset[int],
-             default: int | None) -> Target:
-    """Particle's rules, written out independently of the implementation."""
+             default: int | None, cohort: int | None = None) -> Target:
+    """Particle's rules, written out independently of the implementation, with corral's
+    cohorts: a cohort's release wins over its groups' releases, even higher ones."""
     if development:
         return Target(None, "development")
     if locked is not None:
         return Target(locked, "locked")
+    if cohort in COHORT_RELEASES:
+        return Target(COHORT_RELEASES[cohort], "cohort")
     group_versions = [RELEASED[g] for g in groups if g in RELEASED]
     if group_versions:
         return Target(max(group_versions), "group")
@@ -47,17 +54,45 @@ def expected(development: bool, locked: int | None, groups: frozenset[int],
 
 
 CASES = list(itertools.product([False, True], [None, 2], GROUP_CASES.items(),
-                               DEFAULTS.items()))
+                               DEFAULTS.items(), COHORTS.items()))
 
 
 @pytest.mark.parametrize(
-    ("development", "locked", "groups", "default"), CASES,
-    ids=[f"dev={d}-locked={lk}-{g[0]}-{df[0]}" for d, lk, g, df in CASES])
-def test_precedence_table(development, locked, groups, default):
+    ("development", "locked", "groups", "default", "cohort"), CASES,
+    ids=[f"dev={d}-locked={lk}-{g[0]}-{df[0]}-{c[0]}" for d, lk, g, df, c in CASES])
+def test_precedence_table(development, locked, groups, default, cohort):
     device = DeviceFacts(id="0123456789abcdef01234567", development=development,
-                         desired_version=locked, group_ids=groups[1], firmware_version=1)
-    releases = ReleaseSet(default_version=default[1], group_versions=RELEASED)
-    assert resolve(device, releases) == expected(development, locked, groups[1], default[1])
+                         desired_version=locked, group_ids=groups[1], firmware_version=1,
+                         cohort_id=cohort[1])
+    releases = ReleaseSet(default_version=default[1], group_versions=RELEASED,
+                          cohort_versions=COHORT_RELEASES)
+    assert resolve(device, releases) == expected(development, locked, groups[1], default[1],
+                                                 cohort[1])
+
+
+def test_cohort_release_wins_over_a_higher_group_release():
+    """The documented choice: a device in a cohort with v3 and a group with v7 gets v3; once
+    the cohort's release ends (or it leaves the cohort) it gets the group's v7."""
+    d = DeviceFacts(id="b" * 24, group_ids=frozenset({G_RELEASED_HIGH}), cohort_id=C_RELEASED)
+    rs = ReleaseSet(default_version=5, group_versions=RELEASED, cohort_versions={C_RELEASED: 3})
+    assert resolve(d, rs) == Target(3, "cohort")
+    assert resolve(d, ReleaseSet(default_version=5, group_versions=RELEASED)) == Target(7, "group")
+    assert resolve(DeviceFacts(id="b" * 24, cohort_id=C_RELEASED),
+                   ReleaseSet(default_version=5)) == Target(5, "default")
+
+
+def test_a_cohort_release_under_rollout_falls_through_when_not_admitted():
+    """v8 released to a cohort under a 0 % rollout: the cohort's devices not yet running it
+    get their group's release (then the default); one already running v8 keeps it."""
+    gate = Gate(rollout_id=4, firmware_id=80, version=8, state="active", percent_bp=0)
+    rs = ReleaseSet(default_version=5, group_versions=RELEASED,
+                    cohort_versions={C_RELEASED: 8}, gates={8: gate})
+    grouped = DeviceFacts(id="c" * 24, group_ids=frozenset({G_RELEASED_LOW}),
+                          cohort_id=C_RELEASED, firmware_version=4)
+    assert resolve(grouped, rs) == Target(4, "group")
+    assert resolve(DeviceFacts(id="c" * 24, cohort_id=C_RELEASED), rs) == Target(5, "default")
+    running = DeviceFacts(id="c" * 24, cohort_id=C_RELEASED, firmware_version=8)
+    assert resolve(running, rs) == Target(8, "cohort", rollout_id=4)
 
 
 def test_table_spot_checks():

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from corral.sessions import contract
-from corral.sessions.core import DeviceError
+from corral.sessions.link import DeviceError
 from helpers import add_role, assert_error, bearer, new_user, owner_and_product
 from sessionkit import WAIT, ScriptedDevice, connect, import_device, wait_for
 from test_claiming import claim, make_customer

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from corral.audit.models import AuditEntry
 from corral.devices import credentials
-from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember, DeviceTag
 from helpers import bearer, make_product, new_user
 from test_product_cas import ec_key, make_cert, name, new_ca, pem, rsa_key
 
@@ -78,6 +78,9 @@ async def test_first_connect_creates_device_with_settings(app, world, manual_clo
         d = await db.get(Device, DEV)
         assert d.product_id == world["widget"]["id"] and d.platform_id == 12
         assert d.tags == ["jitp", "eu"] and d.development is True
+        indexed = (await db.execute(select(DeviceTag.tag).where(
+            DeviceTag.device_id == DEV))).scalars().all()
+        assert sorted(indexed) == ["eu", "jitp"]  # the tag filter's index, same transaction
         assert d.imported_at == manual_clock.now() and d.certificate_fingerprint == fp(cert)
         assert d.quarantined is False and d.denied is False and d.owner_user_id is None
         groups = (await db.execute(select(DeviceGroup.name).join(

@@ -16,7 +16,7 @@ from corral.locations import service
 from corral.locations.models import LocationPoint
 from corral.metering import ledger
 from corral.metering.models import UsageCounter
-from corral.sessions.core import Hello
+from corral.sessions.link import Hello
 from helpers import add_device, bearer, new_user, owner_and_product
 from test_sessions_core import ScriptedLink
 

@@ -183,7 +183,7 @@ async def test_cli_billing_usage_prints_a_table(app, world, tmp_path):
 
 
 def test_csv_cells_never_start_a_formula():
-    from corral.metering.api import _cell
+    from corral.metering.reports import csv_cell
 
-    assert [_cell(v) for v in ("=SUM(A1)", "+1", "-2", "@x", "widget", None, 5)] == [
+    assert [csv_cell(v) for v in ("=SUM(A1)", "+1", "-2", "@x", "widget", None, 5)] == [
         "'=SUM(A1)", "'+1", "'-2", "'@x", "widget", "", 5]

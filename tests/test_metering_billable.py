@@ -13,7 +13,7 @@ from corral.metering import ledger, usage
 from corral.metering.ledger import Usage
 from corral.orgs.models import Organization
 from helpers import bearer, seed
-from meteringkit import at, counters, team_world, tick
+from meteringkit import at, counters, give_sim, team_world, tick
 from sessionkit import ScriptedDevice, connect, import_device
 
 A = "0123456789abcdef0000bb01"
@@ -72,13 +72,7 @@ async def test_a_sim_deactivated_for_a_whole_month_is_not_billable(client, app, 
     w = await team_world(client, app)
     ada, org_id, widget = w["tokens"]["ada"], w["org_id"], w["widget"]
     await import_device(client, ada, widget["id"], B)
-    async with app.state.sessionmaker() as db:  # the device's SIM (from an import of SIMs)
-        from corral.devices.models import Device
-
-        device = await db.get(Device, B)
-        assert device is not None
-        device.iccid, device.cellular = ICCID_B, True
-        await db.commit()
+    await give_sim(app, B, ICCID_B)  # the device reported its SIM
     s = await connect(app, B, ScriptedDevice())
     await s.close("bye")
     manual_clock.set(at(2026, 1, 20))
@@ -106,8 +100,8 @@ async def test_a_sim_deactivated_for_a_whole_month_is_not_billable(client, app, 
 async def test_sim_routes_validate_and_stay_in_scope(client, app):
     w = await team_world(client, app)
     ada, widget = w["tokens"]["ada"], w["widget"]
-    await seed(app, {"id": B, "product_id": widget["id"], "platform_id": 12,
-                     "iccid": ICCID_B, "cellular": True})
+    await seed(app, {"id": B, "product_id": widget["id"], "platform_id": 12})
+    await give_sim(app, B, ICCID_B)
     r = await sim(client, ada, widget["slug"], "12345", "deactivate")
     assert r.status_code == 400 and r.json()["error"] == "invalid_iccid"
     r = await sim(client, ada, widget["slug"], ICCID_B, "explode")
@@ -133,8 +127,8 @@ async def test_user_sim_route_for_own_devices(client, app):
     from helpers import user_id
 
     uid = await user_id(app, "dev@example.com")
-    await seed(app, {"id": D, "owner_user_id": uid, "platform_id": 13, "iccid": ICCID_B,
-                     "cellular": True})
+    await seed(app, {"id": D, "owner_user_id": uid, "platform_id": 13})
+    await give_sim(app, D, ICCID_B)
     tok = w["tokens"]["dev"]
     r = await client.put(f"/v1/sims/{ICCID_B}", headers=bearer(tok), data={"action": "deactivate"})
     assert r.status_code == 200, r.text

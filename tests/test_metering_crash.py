@@ -45,19 +45,20 @@ def free_port() -> int:
 class Server:
     """``corral serve`` in a subprocess on SQLite in ``data_dir``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env_extra: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.http = free_port()
         self.mqtt = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
         env.update({"CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
                     "CORRAL_ARGON2_MEMORY_KIB": "8", "CORRAL_LOG_FORMAT": "text",
-                    "CORRAL_DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'corral.db'}"})
+                    "CORRAL_DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'corral.db'}",
+                    **(env_extra or {})})
         self.log = open(data_dir / "serve.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "corral.cli.main", "serve", "--no-demo", "--data-dir",
              str(data_dir), "--http-port", str(self.http), "--mqtt-port", str(self.mqtt),
-             "--mqtt-tls-port", "0", "--particle-port", "0"],
+             "--mqtt-tls-port", "0", "--particle-port", "0", "--particle-udp-port", "0"],
             env=env, stdout=self.log, stderr=self.log)
         self.base = f"http://127.0.0.1:{self.http}"
         deadline = time.monotonic() + 60

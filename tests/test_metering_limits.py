@@ -16,7 +16,7 @@ import pytest
 from corral.db.session import commit
 from corral.metering import plans
 from corral.metering.alerts import EVENT_NAME
-from corral.sessions.core import Refused
+from corral.sessions.link import Refused
 from helpers import assert_error, bearer, seed, user_id
 from meteringkit import (
     alerts,

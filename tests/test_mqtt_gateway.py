@@ -136,17 +136,20 @@ async def test_refused_credentials(gw, version, case, code):
     assert await statuses(gw.app) == []
 
 
+@pytest.mark.parametrize("state", ["quarantined", "denied"])
 @pytest.mark.parametrize("version", [4, 5])
-async def test_quarantined_device_is_not_authorized(gw, version):
+async def test_quarantined_or_denied_device_is_not_authorized(gw, version, state):
+    """docs/mqtt.md: with its right secret, a quarantined or denied device is refused as
+    not authorized (MQTT 5 0x87, MQTT 3.1.1 code 5), not as a bad password (0x86 / 4)."""
     async with gw.app.state.sessionmaker() as db:
         from corral.devices.models import Device
-        await db.execute(update(Device).where(Device.id == DEV).values(quarantined=True))
+        await db.execute(update(Device).where(Device.id == DEV).values(**{state: True}))
         await db.commit()
     r = await Raw.open(gw.port, version)
     ack = await r.connect(DEV, gw.secret)
     assert ack.reason_code == (5 if version == 4 else 0x87)
     if version == 5:
-        assert "quarantine" in (ack.properties.reason_string or "").lower()
+        assert state[:6] in (ack.properties.reason_string or "").lower()
     assert await r.closed() == []
     assert not (await device_row(gw.app)).online
 

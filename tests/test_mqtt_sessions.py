@@ -312,6 +312,33 @@ async def test_tls_client_certificate_provisions_an_unknown_device(gw, tls):
     r.close()
 
 
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+async def test_tls_client_certificate_of_a_quarantining_ca(gw, tls, version):
+    """A CA whose JITP settings say ``quarantine: true`` provisions the unknown device into
+    quarantine: refused as not authorized until someone approves it, then accepted."""
+    url = f"/v1/products/{gw.product['slug']}/certificate_authorities"
+    r = await gw.client.post(url, headers=bearer(gw.token), json={
+        "certificate": pem(tls.ca), "jitp": {"quarantine": True, "tags": ["held"]}})
+    assert r.status_code == 201, r.text
+    assert r.json()["certificate_authority"]["jitp"]["quarantine"] is True
+    assert await gw.server.refresh_tls()
+    r = await Raw.open(tls.port, version, ssl=client_context(tls, DEV3))
+    ack = await r.connect(DEV3, None, username=None)
+    assert ack.reason_code == (0x87 if version == MQTT_5 else 5)
+    row = await device_row(gw.app, DEV3)
+    assert row.product_id == gw.product["id"] and row.quarantined and not row.online
+    listed = await gw.client.get(f"/v1/products/{gw.product['slug']}/devices",
+                                 params={"quarantined": "true"}, headers=bearer(gw.token))
+    assert [d["id"] for d in listed.json()["devices"]] == [DEV3]
+    approve = await gw.client.put(f"/v1/products/{gw.product['slug']}/devices/{DEV3}",
+                                  headers=bearer(gw.token), json={"quarantined": False})
+    assert approve.status_code == 200, approve.text
+    r = await Raw.open(tls.port, version, ssl=client_context(tls, DEV3))
+    assert (await r.connect(DEV3, None, username=None)).reason_code == 0
+    assert (await device_row(gw.app, DEV3)).online
+    r.close()
+
 async def test_tls_client_certificate_must_match_the_client_id(gw, tls):
     await register_ca(gw, tls)
     r = await Raw.open(tls.port, MQTT_5, ssl=client_context(tls, DEV3))

@@ -51,7 +51,8 @@ async def test_list_orgs_starts_with_personal(client):
     assert body["ok"] is True
     [org] = body["organizations"]
     assert org["personal"] is True and org["role"] == "Owner"
-    assert set(org) == {"id", "name", "slug", "personal", "role", "created_at"}
+    assert set(org) == {"id", "name", "slug", "personal", "role", "created_at",
+                        "subscription"}
     assert org["created_at"].endswith("Z")
 
 

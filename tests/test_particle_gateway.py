@@ -6,7 +6,9 @@ functions and variables through REST, time, pings, Goodbye, admission (quarantin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -288,6 +290,38 @@ async def test_server_initiated_describe_one_type_at_a_time(gw):
     assert await until(described)
 
 
+async def test_vitals_from_a_metrics_describe_published_and_requested(gw):
+    """A metrics describe (``POST /d?4``, Device OS's publishVitals) is stored as vitals; the
+    REST refresh asks the device with ``GET /d?4``; a device's own
+    ``spark/device/diagnostics/update`` event is stored too. None is a data operation."""
+    dev = echo_device(gw)
+    await dev.connect("127.0.0.1", gw.port)
+    dev.vitals = {"device": {"network": {"signal": {"rssi": -61}}}}
+    assert (await dev.publish_vitals()).code == coap.CHANGED
+    dev.vitals = lambda: {"device": {"network": {"signal": {"rssi": -62}}}}
+    r = await gw.client.post(f"/v1/diagnostics/{DEV}/update", headers=bearer(gw.token))
+    assert r.status_code == 202, r.text
+    dev.publish("spark/device/diagnostics/update", '{"device": {"system": {"uptime": 5}}}')
+
+    async def three() -> list[Any]:
+        await gw.app.state.runtime.vitals.drain()
+        r = await gw.client.get(f"/v1/diagnostics/{DEV}", headers=bearer(gw.token))
+        got = r.json()["diagnostics"]
+        return got if len(got) == 3 else []
+
+    got = await until(three, what="three vitals reports")
+    assert sorted(json.dumps(d["payload"], sort_keys=True) for d in got) == sorted([
+        '{"device": {"network": {"signal": {"rssi": -61}}}}',
+        '{"device": {"network": {"signal": {"rssi": -62}}}}',
+        '{"device": {"system": {"uptime": 5}}}'])
+    # a binary metrics describe (Device OS's own encoding) is acknowledged, not stored
+    assert (await dev.send_request(coap.POST, (b"d",), (bytes((4,)),),
+                                   b"\x00\x00\x01\x00")).code == coap.CHANGED
+    await healthy(gw, dev, DEV)
+    r = await gw.client.get(f"/v1/diagnostics/{DEV}", headers=bearer(gw.token))
+    assert len(r.json()["diagnostics"]) == 3
+
+
 async def test_pings_and_keep_alive_timeout(gw):
     gw.listener.ping_interval_s = 0.1
     gw.listener.keepalive_timeout_s = 0.5
@@ -460,9 +494,12 @@ async def test_ota_fast_with_a_missing_chunk(gw):
     dev = echo_device(gw, fast_ota=True)
     await dev.connect("127.0.0.1", gw.port)
     dev.drop_chunks = {1}
-    result = await gw.listener.connection(DEV).send_firmware(image(3000), fast=True,
-                                                              missing_wait_s=0.3)
+    dev.received = []
+    result = await gw.listener.connection(DEV).send_firmware(image(3000), fast=True)
     assert result.ok and result.resent == 1, result
+    # Device OS names what is missing only after UpdateDone: ACK 4.00, then CON GET /c
+    done = [coap.decode(raw) for raw in dev.received if raw[1] == coap.PUT]
+    assert len(done) == 2
     assert dev.updates == [image(3000)]
 
 
@@ -476,7 +513,7 @@ async def test_ota_refused_and_too_large(gw):
     dev.max_binary_size = 10_000  # the device itself refuses a size it cannot hold
     conn.hello = dataclasses.replace(conn.hello, max_binary_size=0)
     result = await conn.send_firmware(image(20_000))
-    assert not result.ok and "refused the update (4.00)" in result.reason
+    assert not result.ok and "refused the update (5.03)" in result.reason
     await healthy(gw, dev, DEV)
 
 
@@ -500,8 +537,11 @@ async def test_runtime_starts_the_particle_listener(settings, database_url):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        udp_port = s.getsockname()[1]
     cfg = settings.model_copy(update={"mqtt_port": 0, "mqtt_tls_port": 0,
-                                      "particle_port": port})
+                                      "particle_port": port, "particle_udp_port": udp_port})
     runtime = Runtime(cfg, mail_backend=LogBackend())
     app = create_app(cfg, runtime=runtime)
     await runtime.start(app, migrate_db=False, background=False)
@@ -512,5 +552,133 @@ async def test_runtime_starts_the_particle_listener(settings, database_url):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert len(await asyncio.wait_for(reader.readexactly(crypto.NONCE_LEN), WAIT)) == 40
         writer.close()
+        # and the Gen 3 (DTLS/UDP) listener: a ClientHello gets its HelloVerifyRequest
+        from corral.transports.particle import dtls
+        from corral.transports.particle.keys import udp_key_path
+        from corral.transports.particle.udp import ParticleUdpListener
+
+        [udp] = [t for t in runtime.transports if isinstance(t, ParticleUdpListener)]
+        assert udp.port == udp_port and udp_key_path(cfg.data_dir).exists()
+        hello = dtls.ClientHandshake(udp.server_key, udp.server_key.public_key()).start()
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.connect(("127.0.0.1", udp_port))
+            s.send(hello)
+            reply = await asyncio.wait_for(loop.sock_recv(s, 2048), WAIT)
+        [rec] = dtls.parse_records(reply)
+        assert dtls.parse_handshake(rec.fragment)[0].msg_type == dtls.HELLO_VERIFY_REQUEST
     finally:
         await runtime.stop()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_ota_chunks_have_the_byte_layout_device_os_reads(gw, fast):
+    """Device OS reads a chunk's CRC and index at fixed offsets that assume a 1-byte token
+    (chunked_transfer.cpp handle_chunk starts at byte 7): every chunk, fast or not, is
+    ``T b1 63 44 crc32(4) [02 index(2)] ff data`` (particle-device-protocol-udp.md §5.2)."""
+    dev = echo_device(gw, fast_ota=fast)
+    await dev.connect("127.0.0.1", gw.port)
+    dev.received = []
+    data = image(1300)
+    result = await gw.listener.connection(DEV).send_firmware(data, fast=fast)
+    assert result.ok, result
+    chunks = [raw for raw in dev.received if raw[1] == coap.POST and b"\xb1c" in raw[4:8]]
+    assert len(chunks) == 3
+    for index, raw in enumerate(chunks):
+        part = data[index * 512:(index + 1) * 512]
+        assert raw[0] == (0x51 if fast else 0x41)  # version 1, NON/CON, token length 1
+        assert raw[5:8] == b"\xb1c\x44"
+        assert raw[8:12] == zlib.crc32(part).to_bytes(4, "big")
+        if fast:
+            assert raw[12:15] == b"\x02" + index.to_bytes(2, "big")
+            assert raw[15] == 0xFF and raw[16:] == part
+        else:
+            assert raw[12] == 0xFF and raw[13:] == part
+    assert dev.updates == [data]
+
+
+# --- the door: silent connections and one greedy address ----------------------------------------
+
+@contextlib.asynccontextmanager
+async def small_door(gw: Any, settings: Any, **update: Any) -> AsyncIterator[Any]:
+    """A second listener with 8 handshake slots, 4 per address (and ``update``)."""
+    cfg = settings.model_copy(update={"particle_max_handshakes": 8,
+                                      "particle_max_handshakes_per_address": 4, **update})
+    listener = await start_particle_listener(gw.hub, cfg, host="127.0.0.1", port=0)
+    try:
+        yield listener
+    finally:
+        await listener.stop()
+
+
+async def test_silent_connections_hold_no_handshake_slot(gw, settings):
+    """Issue 14, defect 5: connections that never answer the nonce must not keep devices
+    out (with 128 of them a real device needed 19 s, with 1,000 it never got in): they
+    hold no handshake slot, and each is closed at its handshake timeout."""
+    async with small_door(gw, settings) as door:
+        silent = [await asyncio.open_connection("127.0.0.1", door.port) for _ in range(200)]
+        dev = echo_device(gw)
+        started = asyncio.get_running_loop().time()
+        await dev.connect("127.0.0.1", door.port)
+        assert asyncio.get_running_loop().time() - started < 1.0  # the timeout is 1 s
+        assert await online(gw)
+        for reader, _w in silent:  # each is closed at its own timeout
+            await _assert_closed(reader)
+        for _r, writer in silent:
+            writer.close()
+        await until(lambda: len(door.connections) == 1, what="only the device left")
+        await healthy(gw, dev, DEV)
+
+
+async def test_one_address_cannot_take_every_handshake_slot(gw, settings):
+    """Peers that complete the RSA exchange and then stay silent hold a slot until their
+    timeout; from one address they get at most ``particle_max_handshakes_per_address`` of
+    them, and a device from another address is served at once."""
+    async with small_door(gw, settings, particle_handshake_timeout_s=10.0) as door:
+        greedy = [gw.device(f"00000000000000000000{i:04x}", "attacker") for i in range(8)]
+        held = [asyncio.ensure_future(g.handshake("127.0.0.1", door.port)) for g in greedy]
+        await until(lambda: sum(t.done() for t in held) == 4, what="four handshakes")
+        await asyncio.sleep(0.3)
+        assert sum(t.done() for t in held) == 4  # the other four wait for a slot
+        dev = echo_device(gw)
+        started = asyncio.get_running_loop().time()
+        await dev.connect("127.0.0.1", door.port, local_host="127.0.0.2")
+        assert asyncio.get_running_loop().time() - started < 3.0
+        assert (await device_row(gw.app)).last_ip_address == "127.0.0.2"
+        for t in held:
+            t.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        await healthy(gw, dev, DEV)
+
+
+async def test_a_cellular_device_reports_its_iccid_in_the_system_describe(gw):
+    """Device OS sends the SIM's ICCID in its protobuf system describe (field 3): the device
+    becomes cellular with that SIM, and the SIM shows among the product's."""
+    iccid = "89014103211118510799"
+    dev = echo_device(gw, iccid=iccid)
+    await dev.connect("127.0.0.1", gw.port)
+
+    async def cellular() -> bool:
+        row = await device_row(gw.app)
+        return bool(row.cellular and row.iccid == iccid)
+
+    await until(cellular, what="the ICCID")
+    r = await gw.client.get(f"/v1/products/{gw.product['id']}/sims", headers=bearer(gw.token))
+    assert [s["iccid"] for s in r.json()["sims"]] == [iccid]
+    assert r.json()["sims"][0]["last_device_id"] == DEV
+    await healthy(gw, dev, DEV)
+
+
+def test_system_iccid_from_protobuf_and_json() -> None:
+    from corral.transports.particle.server import system_iccid
+
+    raw = b"89014103211118510799"
+    # a module entry (field 1) first, then imei (2) and iccid (3)
+    pb = b"\x0a\x02\x08\x04" + b"\x12\x03123" + bytes((0x1a, len(raw))) + raw
+    assert system_iccid(pb, protobuf=True) == raw.decode()
+    assert system_iccid(b'{"iccid": "8901410321111851079"}', protobuf=False) == \
+        "8901410321111851079"
+    assert system_iccid(b"", protobuf=True) is None
+    assert system_iccid(b"\x0a\xff", protobuf=True) is None  # truncated: ignored
+    assert system_iccid(b'{"m": []}', protobuf=False) is None

@@ -114,3 +114,27 @@ async def test_presence_changes_lock_device_rows_in_id_order(app, client):
     da, db_ = await load(app, a), await load(app, b)
     assert da is not None and db_ is not None
     assert da.online and db_.online and db_.notes == "held too"
+
+
+async def test_a_describe_without_functions_keeps_the_stored_ones(app, client):
+    """Device OS sends ``particle/device/updates/enabled`` at every connect: that describe
+    carries no functions or variables (None), which must keep what the device described
+    before, not store a JSON ``null`` over it (the device page then showed none)."""
+    from corral.devices import presence
+
+    tok, prod = await owner_and_product(client)
+    await seed(app, {"id": ID, "product_id": prod["id"], "platform_id": 12})
+    async with app.state.sessionmaker() as db:
+        await presence.apply(db, [presence.Described(ID, functions=["echo"],
+                                                     variables={"counter": "int32"})])
+        await db.commit()
+    async with app.state.sessionmaker() as db:
+        await presence.apply(db, [presence.Described(ID, updates_enabled=False),
+                                  presence.Described(ID, firmware_version=3)])
+        await db.commit()
+    d = await load(app, ID)
+    assert d is not None
+    assert d.functions == ["echo"] and d.variables == {"counter": "int32"}
+    assert d.firmware_updates_enabled is False and d.firmware_version == 3
+    r = await client.get(f"/v1/products/{prod['slug']}/devices/{ID}", headers=bearer(tok))
+    assert r.json()["functions"] == ["echo"] and r.json()["variables"] == {"counter": "int32"}

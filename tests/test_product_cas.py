@@ -91,7 +91,7 @@ async def test_register_list_get(app, client, world):
     assert ca["not_after"] == clock.iso(cert.not_valid_after_utc)
     assert ca["active"] is True and ca["product_id"] == world["widget"]["id"]
     assert ca["jitp"] == {"groups": ["field-units", "eu_west"], "tags": ["jitp", "batch-7"],
-                          "development": True}
+                          "development": True, "quarantine": False}
     assert ca["certificate"] == pem(cert)
 
     r = await client.get(world["url"], headers=bearer(world["ada"]))
@@ -119,7 +119,7 @@ async def test_register_defaults_inactive_and_file_upload(client, world):
     assert r.status_code == 201, r.text
     ca = r.json()["certificate_authority"]
     assert ca["active"] is False and ca["fingerprint"] == cert_fp(cert)
-    assert ca["jitp"] == {"groups": [], "tags": [], "development": False}
+    assert ca["jitp"] == {"groups": [], "tags": [], "development": False, "quarantine": False}
     # form with the PEM and jitp as JSON text
     cert2, _ = new_ca("Second CA")
     r = await client.post(world["url"], headers=bearer(world["ada"]), data={
@@ -143,7 +143,7 @@ def _bad_certificates() -> list[tuple[str, Any, str]]:
         ("garbage", {"certificate": "hello"}, "could not be parsed"),
         ("broken-pem", {"certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"},
          "could not be parsed"),
-        ("not-string", {"certificate": ["x"]}, "PEM string"),
+        ("not-string", {"certificate": ["x"]}, "certificate: Input should be a valid string"),
         ("not-ca", {"certificate": pem(leafish)}, "not a CA"),
         ("no-basic-constraints", {"certificate": pem(no_bc)}, "not a CA"),
         ("expired", {"certificate": pem(expired)}, "expired"),
@@ -157,7 +157,7 @@ def _bad_certificates() -> list[tuple[str, Any, str]]:
         ("groups-string", {"certificate": pem(a), "jitp": {"groups": "a"}}, "jitp.groups"),
         ("tags-type", {"certificate": pem(a), "jitp": {"tags": [1]}}, "jitp.tags"),
         ("dev-type", {"certificate": pem(a), "jitp": {"development": "maybe"}}, "boolean"),
-        ("jitp-type", {"certificate": pem(a), "jitp": [1]}, "jitp must be an object"),
+        ("jitp-type", {"certificate": pem(a), "jitp": [1]}, "jitp: Input should be a valid dictionary"),
         ("jitp-unknown", {"certificate": pem(a), "jitp": {"product": 3}}, "Unknown jitp"),
         ("active-type", {"certificate": pem(a), "active": "sometimes"}, "boolean"),
     ]
@@ -197,13 +197,14 @@ async def test_update(app, client, world):
     r = await client.put(ca_url, headers=bearer(world["ada"]), json={"active": False})
     assert r.status_code == 200, r.text
     ca = r.json()["certificate_authority"]
-    assert ca["active"] is False and ca["jitp"] == {"groups": ["a"], "tags": ["t"], "development": False}
+    assert ca["active"] is False and ca["jitp"] == {"groups": ["a"], "tags": ["t"], "development": False,
+                                             "quarantine": False}
 
     r = await client.put(ca_url, headers=bearer(world["ada"]),
                          json={"jitp": {"development": True, "groups": ["b", "c", "b"]}})
     assert r.status_code == 200, r.text
     assert r.json()["certificate_authority"]["jitp"] == {
-        "groups": ["b", "c"], "tags": ["t"], "development": True}
+        "groups": ["b", "c"], "tags": ["t"], "development": True, "quarantine": False}
 
     r = await client.put(ca_url, headers=bearer(world["ada"]), data={"active": "true"})
     assert r.status_code == 200 and r.json()["certificate_authority"]["active"] is True

@@ -176,6 +176,12 @@ async def test_failures_over_the_threshold_pause_the_rollout(client, app):
     assert a["failure_reasons"] == [{"reason": "image rejected: bad CRC", "count": 2}]
     assert a["timeline"][0]["cumulative_applied"] == 3
     assert (await load(app, IDS[0])).firmware_version == 2
+    # the automatic pause is in the organization's audit log too (it had no org_id)
+    r = await client.get(f"/v1/orgs/{p['org_id']}/audit", headers=bearer(tok),
+                         params={"action": "rollout.paused"})
+    assert r.status_code == 200, r.text
+    [entry] = r.json()["entries"]
+    assert entry["actor"] == "corral" and entry["details"]["reason"] == ro["state_reason"]
 
 
 async def test_update_state_machine(client, app):

@@ -312,3 +312,58 @@ async def test_corral_simulate_particle_needs_a_server_key(app: Any, client: htt
                                           "--transport", "particle", "--server-key", str(bad),
                                           "--devices", "1", "--duration", "1")
         assert code == 2 and "not a server_key file" in err, err
+
+
+async def test_corral_simulate_particle_udp_gen3_devices(app: Any, client: httpx.AsyncClient,
+                                                        settings: Any, tmp_path: Path) -> None:
+    """``--transport particle-udp``: P-256 keys registered, DTLS over UDP, the UDP server key
+    file `corral keys server --protocol udp` writes; a TCP server key file is refused."""
+    from corral.transports.particle.keys import udp_server_key_file
+    from corral.transports.particle.udp import start_particle_udp_listener
+
+    listener = await start_particle_udp_listener(app.state.runtime.hub, settings,
+                                                 host="127.0.0.1", port=0)
+    try:
+        token = await new_user(client, "gen3@example.com")
+        product = await make_product(client, token, "Gen3 Fleet", platform_id=12)
+        slug = product["slug"]
+        key_file = tmp_path / "server_key_udp.der"
+        key_file.write_bytes(udp_server_key_file(listener.server_key.public_key(), "127.0.0.1",
+                                                 listener.port))
+        common = ("--product", slug, "--transport", "particle-udp", "--server-key",
+                  str(key_file), "--particle-host", "127.0.0.1", "--particle-port",
+                  str(listener.port))
+        async with live_server(app) as url:
+            run = asyncio.create_task(_simulate(url, token, tmp_path, *common, "--devices", "2",
+                                                "--interval", "0.5", "--duration", "5"))
+
+            async def two_online() -> bool:
+                return len(await _online_ids(app, product["id"])) == 2
+
+            await eventually(two_online, within=30)
+            [did, *_] = sorted(await _online_ids(app, product["id"]))
+            await wait_described(client, token, f"/v1/products/{slug}/devices/{did}", "led")
+            r = await client.post(f"/v1/products/{slug}/devices/{did}/led",
+                                  headers=bearer(token), json={"arg": "on"})
+            assert r.status_code == 200 and r.json()["return_value"] == 1, r.text
+            code, out, err = await run
+            assert code == 0, out + err
+            assert "Simulated 2 Particle devices" in out, out
+            [state_file] = list((tmp_path / "corral" / "simulate").glob("*.json"))
+            state = json.loads(state_file.read_text())
+            rows = await _rows(app, [d["id"] for d in state["devices"]])
+            for d in state["devices"]:
+                assert d["ec_registered"] == "1"
+                assert rows[d["id"]].public_key_der == public_der(
+                    load_device_key(d["ec_key"]).public_key())
+                assert rows[d["id"]].transport == "particle-udp"
+            assert {e.device_id for e in await _sim_events(app, list(rows))} == set(rows)
+            # the TCP gateway's key file is not the UDP one
+            tcp_file = tmp_path / "server_key.der"
+            tcp_file.write_bytes(server_key_file(_server_key().public_key(), "127.0.0.1"))
+            code, out, err = await _simulate(
+                url, token, tmp_path, "--product", slug, "--transport", "particle-udp",
+                "--server-key", str(tcp_file), "--devices", "1", "--duration", "1")
+            assert code == 2 and "server key of the TCP gateway" in out + err, out + err
+    finally:
+        await listener.stop()

@@ -29,5 +29,6 @@ def test_ruff_clean():
 def test_mypy_strict_on_core_layers():
     r = _run(sys.executable, "-m", "mypy", "--strict", "src/corral/kit", "src/corral/bus",
              "src/corral/transports", "src/corral/events", "src/corral/sessions",
-             "src/corral/metering", "src/corral/device")
+             "src/corral/metering", "src/corral/device", "src/corral/integrations",
+             "src/corral/cluster")
     assert r.returncode == 0, r.stdout + r.stderr

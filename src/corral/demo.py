@@ -40,12 +40,14 @@ from corral.devices import credentials, importer
 from corral.devices import groups as device_groups
 from corral.devices import service as devices
 from corral.devices.access import find_device
+from corral.devices.schemas import GroupCreate, ProductDeviceChange
 from corral.kit import clock
 from corral.orgs import service as orgs
 from corral.orgs.models import Organization
 from corral.products import service as products
 from corral.products.access import product_role
 from corral.products.models import Product
+from corral.products.schemas import ProductCreate
 from corral.settings import Settings
 
 DEMO_ORG = "Demo Org"
@@ -61,6 +63,8 @@ DEMO_FLEET_SEED = "corral-demo-fleet"
 DEMO_FLEET_SIZE = 24
 DEMO_BETA_SIZE = 6  # the first devices are in "beta", the rest in "field"
 DEMO_DEVELOPMENT_SIZE = 2  # the first devices are development devices
+DEMO_RELEASE_VERSION = 2  # the demo firmware released as a phased rollout
+DEMO_ROLLOUT_PERCENT = 50
 DEMO_SIM_INTERVAL_S = 5.0  # seconds between a live demo device's events
 DEMO_GROUPS = {"beta": ("#a855f7", "Early adopters: get new firmware first"),
                "field": ("#22c55e", "Deployed sensors")}
@@ -126,6 +130,7 @@ async def ensure_demo(sessionmaker: async_sessionmaker[AsyncSession], settings: 
         await _ensure_fleet(db, owner, product, created)
         await _ensure_quarantined(db, product, created)
         await _ensure_subscription(db, settings, owner, org, created)
+        await _ensure_release(db, settings, owner, product, created)
         total, quarantined = await _fleet_counts(db, product)
         await commit(db)
     live = 0
@@ -178,9 +183,9 @@ async def _ensure_product(db: AsyncSession, owner: Subject, org: Organization,
         if view.product.name_key == DEMO_PRODUCT.lower():
             return view.product
     created.append("product")
-    body = {"product": {"name": DEMO_PRODUCT, "platform_id": DEMO_PLATFORM_ID,
-                        "description": DEMO_DESCRIPTION}}
-    view = await products.create_product(db, actor=owner, org=org, body=body,
+    req = ProductCreate(name=DEMO_PRODUCT, platform_id=DEMO_PLATFORM_ID,
+                        description=DEMO_DESCRIPTION)
+    view = await products.create_product(db, actor=owner, org=org, req=req,
                                          ip=None)  # type: ignore[arg-type]
     return view.product
 
@@ -202,23 +207,47 @@ async def _ensure_fleet(db: AsyncSession, owner: Subject, product: Product,
     for name, (color, description) in DEMO_GROUPS.items():
         if name not in existing:
             await device_groups.create_group(db, actor=owner, ip=None,  # type: ignore[arg-type]
-                                             product=product, body={
-                                                 "name": name, "color": color,
-                                                 "description": description})
+                                             product=product, req=GroupCreate(
+                                                 name=name, color=color,
+                                                 description=description))
     role = await product_role(db, owner.user_id, product) if owner.user_id else None
     for n, did in enumerate(DEMO_FLEET_IDS, start=1):
         if did not in new:
             continue
         device = await find_device(db, did, None)
         assert device is not None and device.product_id == product.id
-        body: dict[str, object] = {"name": demo_device_name(n),
-                                   "groups": demo_device_groups(n)}
-        if n <= DEMO_DEVELOPMENT_SIZE:
-            body["development"] = True
+        change = ProductDeviceChange(name=demo_device_name(n), groups=demo_device_groups(n),
+                                     **({"development": True}
+                                        if n <= DEMO_DEVELOPMENT_SIZE else {}))
         await devices.update_device(db, actor=owner, ip=None,  # type: ignore[arg-type]
-                                    device=device, body=body, product=product, role=role,
-                                    product_route=True)
+                                    device=device, req=change, product=product, role=role)
     created.append("devices")
+
+
+async def _ensure_release(db: AsyncSession, settings: Settings, owner: Subject,
+                          product: Product, created: list[str]) -> None:
+    """A release in progress for the console to show: version 2 of the demo product's
+    firmware (opaque, as MQTT devices take it), the product default as a phased rollout to
+    half of the fleet. Simulated devices it admits update (and restart); offline ones stay
+    pending, so the rollout stays live. Only when the product has no firmware yet."""
+    from corral.firmware import releases
+    from corral.firmware import service as firmware
+    from corral.firmware.schemas import FirmwareFields, Release
+    from corral.rollouts.schemas import RolloutShares
+
+    if await firmware.product_firmware(db, product):
+        return
+    data = b"".join(f"corral demo firmware v{DEMO_RELEASE_VERSION} block {i:04d}\n".encode()
+                    for i in range(256))
+    await firmware.create_firmware(
+        db, actor=owner, ip=None, product=product, settings=settings,  # type: ignore[arg-type]
+        upload=firmware.Upload(data, "demo-v2.bin", FirmwareFields(
+            version=DEMO_RELEASE_VERSION, title="Faster sampling",
+            description="The demo's release in progress: half of the fleet first.")))
+    await releases.release(db, actor=owner, ip=None, product=product,  # type: ignore[arg-type]
+                           req=Release(version=DEMO_RELEASE_VERSION, product_default=True,
+                                       rollout=RolloutShares(percent=DEMO_ROLLOUT_PERCENT)))
+    created.append("release")
 
 
 async def _ensure_quarantined(db: AsyncSession, product: Product, created: list[str]) -> None:

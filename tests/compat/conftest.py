@@ -1,7 +1,8 @@
 """Fixtures for driving a real corral server with Particle's own Node clients.
 
 * ``node_tools``: ``node``/``npm`` on PATH and ``tests/compat/node_modules`` installed
-  (``npm ci`` from the lockfile when the packages are missing). Without node or npm the
+  (``npm ci`` from the lockfile when any package of package.json is missing: particle-api-js
+  and particle-cli). Without node or npm the
   tests fail when ``CI`` is set and are skipped otherwise.
 * ``corral_server``: ``python -m uvicorn corral.web.app:asgi_app --factory`` on 127.0.0.1
   and a free port, with a fresh SQLite database in a temporary directory (always SQLite,
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -30,7 +32,7 @@ import pytest
 COMPAT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = COMPAT_DIR.parents[1]
 NPM_TIMEOUT_S = 300
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 90.0  # a busy machine starts a server slowly; healthy is what counts
 STOP_TIMEOUT_S = 10.0
 DRIVER_TIMEOUT_S = 90
 
@@ -108,11 +110,17 @@ def node_tools() -> NodeTools:
     assert node and npm
     version = subprocess.run([node, "--version"], capture_output=True, text=True,
                              timeout=30, check=False).stdout.strip()
-    if not (COMPAT_DIR / "node_modules" / "particle-api-js" / "package.json").is_file():
-        _npm_install(npm)
+    wanted = set(json.loads((COMPAT_DIR / "package.json").read_text())["dependencies"])
+    # pytest-xdist workers share this directory: one `npm ci` at a time (it deletes and
+    # rewrites node_modules), and a worker that waited finds the packages installed.
+    with (COMPAT_DIR / ".npm-install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if wanted - set(_installed_versions()):
+            _npm_install(npm)
     packages = _installed_versions()
-    if "particle-api-js" not in packages:
-        _unavailable("particle-api-js is still missing from tests/compat/node_modules after npm")
+    if missing := wanted - set(packages):
+        _unavailable(f"{', '.join(sorted(missing))} still missing from "
+                     "tests/compat/node_modules after npm")
     return NodeTools(node=node, npm=npm, node_version=version, packages=packages)
 
 
@@ -188,7 +196,8 @@ def corral_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         port = _free_port()
         env = dict(base_env, CORRAL_HTTP_PORT=str(port))
         cmd = [sys.executable, "-m", "uvicorn", "corral.web.app:asgi_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+               "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+               "--no-proxy-headers"]  # as corral serve: forwarding headers are corral's call
         with log_path.open("ab") as log:
             proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

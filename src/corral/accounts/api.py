@@ -4,18 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from corral.accounts import service
-from corral.auth.deps import AnyCtx, AuthCtx, basic_credentials
+from corral.accounts.schemas import (
+    AccessTokenInfo,
+    CurrentToken,
+    MessageAnswer,
+    PasswordConfirm,
+    SignUp,
+    TokenAnswer,
+    TokenRequest,
+    UserAnswer,
+    UserChange,
+)
+from corral.auth.deps import AuthCtx, PublicCtx, auth_ctx, basic_credentials, optional_ctx
 from corral.auth.models import AccessToken, User
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
+from corral.billing.locks import subscriptions
 from corral.kit import clock
-from corral.kit.body import check_no_nul, read_body
+from corral.kit.body import body, check_no_nul, describe_errors, documented_body
 from corral.kit.errors import NotFound, OAuthError
-from corral.kit.responses import NO_STORE, ok
+from corral.kit.responses import NO_STORE, OkAnswer, answers, ok
 
 router = APIRouter(tags=["accounts"])
 
@@ -26,13 +39,16 @@ def _person(me: Subject) -> Subject:
     return me
 
 
-@router.post("/oauth/token", summary="Create an access token (OAuth 2)")
-async def create_token(request: Request, ctx: AnyCtx) -> JSONResponse:
+@router.post("/oauth/token", summary="Create an access token (OAuth 2)",
+             responses=answers(TokenAnswer, 429),
+             dependencies=[Depends(documented_body(TokenRequest, media=(
+                 "application/x-www-form-urlencoded",)))])
+async def create_token(request: Request, ctx: PublicCtx) -> JSONResponse:
     """Issue a token: password, refresh_token or client_credentials grant (form-encoded)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         raise OAuthError("Method must be POST with application/x-www-form-urlencoded encoding")
-    await service.check_lockout(ctx.db, ctx.ip)
+    await service.check_lockout(ctx.db, ctx.ip)  # before reading the form
     form = await request.form()
     f = {k: v for k, v in form.items() if isinstance(v, str)}
     check_no_nul(f)
@@ -42,8 +58,13 @@ async def create_token(request: Request, ctx: AnyCtx) -> JSONResponse:
     client_secret = basic_secret if basic_id is not None else f.get("client_secret")
     if grant not in ("password", "refresh_token", "client_credentials"):
         raise OAuthError("Invalid or missing grant_type parameter")
+    try:  # OAuth's error shape, not /v1's
+        TokenRequest.model_validate(f)
+    except ValidationError as exc:
+        raise OAuthError(describe_errors(exc)) from None
     expires_at = service.parse_lifetime(ctx.settings, f.get("expires_in"), f.get("expires_at"))
-    try:
+    async with service.login_attempt(ctx.db, request.app.state.sessionmaker, ctx.settings,
+                                     ctx.ip):
         oauth_client = await service.authenticate_client(
             ctx.db, client_id, client_secret, required=grant == "client_credentials")
         if grant == "password":
@@ -59,26 +80,19 @@ async def create_token(request: Request, ctx: AnyCtx) -> JSONResponse:
             issued = await service.client_credentials_grant(
                 ctx.db, ctx.settings, oauth_client=oauth_client, scope=f.get("scope"),
                 expires_at=expires_at, ip=ctx.ip)
-    except OAuthError as exc:
-        if exc.code in ("invalid_grant", "invalid_client"):
-            await service.note_failure(request.app.state.sessionmaker, ctx.settings, ctx.ip)
-        raise
     return JSONResponse(issued.body(), headers=NO_STORE)
 
 
-@router.post("/v1/users", summary="Sign up")
-async def sign_up(request: Request, ctx: AnyCtx) -> dict[str, Any]:
+@router.post("/v1/users", summary="Sign up", responses=answers(OkAnswer))
+async def sign_up(ctx: PublicCtx, req: SignUp = body(SignUp)) -> dict[str, Any]:
     """Create an account with `username` (e-mail) and `password` (and optional `account_info`)."""
-    body = await read_body(request)
-    info = body.get("account_info")
-    if info is not None and not isinstance(info, dict):
-        info = None
-    await service.create_user(ctx.db, ctx.settings, username=body.get("username"),
-                              password=body.get("password"), account_info=info, ip=ctx.ip)
+    info = req.account_info.model_dump(exclude_unset=True) if req.account_info else None
+    await service.create_user(ctx.db, ctx.settings, username=req.username,
+                              password=req.password, account_info=info, ip=ctx.ip)
     return ok()
 
 
-def _user_json(user: User, orgs: list[Any]) -> dict[str, Any]:
+def _user_json(user: User, orgs: list[Any], subs: dict[int, dict[str, str]]) -> dict[str, Any]:
     return {
         "username": user.username,
         "subscription_ids": [],
@@ -89,32 +103,35 @@ def _user_json(user: User, orgs: list[Any]) -> dict[str, Any]:
         "no_password": user.password_hash is None,
         "wifi_device_count": 0,
         "cellular_device_count": 0,
-        "orgs": [{"id": o.id, "name": o.name, "slug": o.slug, "personal": o.personal} for o in orgs],
+        "orgs": [{"id": o.id, "name": o.name, "slug": o.slug, "personal": o.personal,
+                  "subscription": subs.get(o.id)} for o in orgs],
     }
 
 
-@router.get("/v1/user", summary="Get the current user")
+@router.get("/v1/user", summary="Get the current user", responses=answers(UserAnswer))
 async def get_user(ctx: AuthCtx) -> dict[str, Any]:
     """The calling user's profile and organizations."""
     me = _person(ctx.me)
     user = await ctx.db.get(User, me.user_id)
     assert user is not None
-    return _user_json(user, await service.user_orgs(ctx.db, user.id))
+    orgs = await service.user_orgs(ctx.db, user.id)
+    return _user_json(user, orgs, await subscriptions(ctx.db, (o.id for o in orgs)))
 
 
-@router.put("/v1/user", summary="Update the current user")
-async def put_user(request: Request, ctx: AuthCtx) -> dict[str, Any]:
+@router.put("/v1/user", summary="Update the current user", responses=answers(MessageAnswer))
+async def put_user(ctx: AuthCtx, req: UserChange = body(UserChange)) -> dict[str, Any]:
     """Change `account_info`, or `username`/`password` with `current_password`."""
     me = _person(ctx.me)
-    message = await service.update_user(ctx.db, ctx.settings, me, await read_body(request), ctx.ip)
+    message = await service.update_user(ctx.db, ctx.settings, me, req, ctx.ip)
     return ok(message=message)
 
 
-@router.delete("/v1/user", summary="Delete the current user")
-async def delete_user(request: Request, ctx: AuthCtx) -> dict[str, Any]:
+@router.delete("/v1/user", summary="Delete the current user",
+               responses=answers(MessageAnswer, 409))
+async def delete_user(ctx: AuthCtx, req: PasswordConfirm = body(PasswordConfirm)) -> dict[str, Any]:
     """Delete the account; needs `password`."""
     me = _person(ctx.me)
-    await service.delete_user(ctx.db, me, (await read_body(request)).get("password"), ctx.ip)
+    await service.delete_user(ctx.db, me, req.password, ctx.ip)
     return ok(message="User's account has been deleted.")
 
 
@@ -124,14 +141,16 @@ def _token_json(t: AccessToken, current_id: int | None) -> dict[str, Any]:
             "current": t.id == current_id}
 
 
-@router.get("/v1/access_tokens", summary="List my access tokens")
+@router.get("/v1/access_tokens", summary="List my access tokens",
+            responses=answers(list[AccessTokenInfo]))
 async def list_tokens(ctx: AuthCtx) -> list[dict[str, Any]]:
     """Tokens of the calling user (values are never shown again; `id` identifies them)."""
     me = _person(ctx.me)
     return [_token_json(t, me.token_id) for t in await service.list_tokens(ctx.db, me.user_id or 0)]
 
 
-@router.get("/v1/access_tokens/current", summary="Describe the token in use")
+@router.get("/v1/access_tokens/current", summary="Describe the token in use",
+            responses=answers(CurrentToken))
 async def current_token(ctx: AuthCtx) -> dict[str, Any]:
     """Expiry, client and scopes of the presented token."""
     me = ctx.me
@@ -142,7 +161,8 @@ async def current_token(ctx: AuthCtx) -> dict[str, Any]:
             "scopes": list(me.scopes), "orgs": [o.slug for o in orgs]}
 
 
-@router.delete("/v1/access_tokens/current", summary="Revoke the token in use (log out)")
+@router.delete("/v1/access_tokens/current", summary="Revoke the token in use (log out)",
+               responses=answers(OkAnswer))
 async def revoke_current(ctx: AuthCtx) -> dict[str, Any]:
     """Revoke the presented token."""
     row = await ctx.db.get(AccessToken, ctx.me.token_id)
@@ -151,7 +171,7 @@ async def revoke_current(ctx: AuthCtx) -> dict[str, Any]:
     return ok()
 
 
-@router.delete("/v1/access_tokens", summary="Revoke all my tokens")
+@router.delete("/v1/access_tokens", summary="Revoke all my tokens", responses=answers(OkAnswer))
 async def revoke_all(ctx: AuthCtx) -> dict[str, Any]:
     """Revoke every token of the calling user, including this one."""
     me = _person(ctx.me)
@@ -159,14 +179,16 @@ async def revoke_all(ctx: AuthCtx) -> dict[str, Any]:
     return ok()
 
 
-@router.delete("/v1/access_tokens/{token}", summary="Revoke a token")
-async def revoke_token(token: str, ctx: AnyCtx) -> Response:
+@router.delete("/v1/access_tokens/{token}", summary="Revoke a token",
+               responses=answers(OkAnswer, 401, 403))
+async def revoke_token(token: str, request: Request, ctx: PublicCtx) -> Response:
     """Revoke by the token's value (no other credential needed: holding it is proof), or by
     its `id` from the token list (then a bearer token of the same user is required)."""
     if len(token) == 40 and all(c in "0123456789abcdef" for c in token.lower()):
         if await service.revoke_by_value(ctx.db, token.lower()) is None:
             raise NotFound("Token not found")
         return JSONResponse(ok())
+    ctx = await auth_ctx(await optional_ctx(request, ctx.db))
     me = _person(ctx.me)
     if await service.revoke_by_id(ctx.db, me, token) is None:
         raise NotFound("Token not found")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.accounts.models import LoginFailure
+from corral.accounts.schemas import UserChange
 from corral.audit import service as audit
 from corral.auth.models import AccessToken, Customer, Membership, OAuthClient, User
 from corral.auth.policy import Role
@@ -183,6 +186,21 @@ async def clear_failures(db: AsyncSession, ip: str) -> None:
     await db.execute(delete(LoginFailure).where(LoginFailure.ip == ip))
 
 
+@contextlib.asynccontextmanager
+async def login_attempt(db: AsyncSession, sessionmaker: Any, settings: Settings,
+                        ip: str) -> AsyncIterator[None]:
+    """A credential check from ``ip`` (``/oauth/token`` and the console's sign-in): refused
+    while the address is locked out; a failed check (``invalid_grant``/``invalid_client``)
+    counts towards the lockout."""
+    await check_lockout(db, ip)
+    try:
+        yield
+    except OAuthError as exc:
+        if exc.code in ("invalid_grant", "invalid_client"):
+            await note_failure(sessionmaker, settings, ip)
+        raise
+
+
 # --- the token endpoint ----------------------------------------------------------------
 
 async def authenticate_client(db: AsyncSession, client_id: str | None, secret: str | None,
@@ -211,14 +229,12 @@ async def password_grant(db: AsyncSession, settings: Settings, *, username: str 
         raise OAuthError("Missing parameter: `username` and `password` are required")
     if oauth_client is not None and oauth_client.product_id is not None:
         # a product's own client: its customers log in here (people still can, below)
-        customer = await find_product_customer(db, oauth_client.product_id, username)
-        if customer is not None:
-            if not verify_password(customer.password_hash, password):  # shadow: no password
-                raise OAuthError("User credentials are invalid", code="invalid_grant")
-            await clear_failures(db, ip)
-            return issue_customer_token(db, settings, customer, client=client,
-                                        oauth_client_id=oauth_client.id, expires_at=expires_at,
-                                        ip=ip)
+        issued = await customer_password_grant(
+            db, settings, product_id=oauth_client.product_id, username=username,
+            password=password, client=client, oauth_client_id=oauth_client.id,
+            expires_at=expires_at, ip=ip)
+        if issued is not None:
+            return issued
     user = await find_user(db, username.strip())
     if user is None or user.kind != "user" or not verify_password(user.password_hash, password):
         raise OAuthError("User credentials are invalid", code="invalid_grant")
@@ -228,6 +244,22 @@ async def password_grant(db: AsyncSession, settings: Settings, *, username: str 
     audit.record(db, actor=None, actor_label=user.username, ip=ip, action="token.created",
                  target_type="user", target_id=user.id, details={"client": client})
     return issued
+
+
+async def customer_password_grant(db: AsyncSession, settings: Settings, *, product_id: int,
+                                  username: str, password: str, client: str,
+                                  oauth_client_id: int | None, expires_at: dt.datetime | None,
+                                  ip: str) -> IssuedToken | None:
+    """A token for the customer ``username`` of the product, or None when the product has no
+    such customer; a wrong password (or a shadow customer, who has none) is refused."""
+    customer = await find_product_customer(db, product_id, username)
+    if customer is None:
+        return None
+    if not verify_password(customer.password_hash, password):
+        raise OAuthError("User credentials are invalid", code="invalid_grant")
+    await clear_failures(db, ip)
+    return issue_customer_token(db, settings, customer, client=client,
+                                oauth_client_id=oauth_client_id, expires_at=expires_at, ip=ip)
 
 
 async def find_product_customer(db: AsyncSession, product_id: int, email: str) -> Customer | None:
@@ -340,36 +372,36 @@ async def user_orgs(db: AsyncSession, user_id: int) -> list[Organization]:
     return list((await db.execute(q)).scalars())
 
 
-async def update_user(db: AsyncSession, settings: Settings, me: Subject, body: dict[str, Any],
+async def update_user(db: AsyncSession, settings: Settings, me: Subject, req: UserChange,
                       ip: str) -> str:
     user = await db.get(User, me.user_id)
     assert user is not None
     changed: list[str] = []
-    if "account_info" in body:
-        info = body["account_info"]
-        if not isinstance(info, dict):
+    if req.sent("account_info"):
+        info = req.account_info
+        if info is None:
             raise BadRequest("account_info must be an object")
         for key in ("first_name", "last_name"):
-            if key in info:
-                setattr(user, key, _opt_str(info[key]))
+            if info.sent(key):
+                setattr(user, key, getattr(info, key))
                 changed.append(key)
-        if "business_account" in info:
-            user.business_account = bool(info["business_account"])
+        if info.sent("business_account"):
+            user.business_account = bool(info.business_account)
             changed.append("business_account")
-    if "username" in body or "password" in body:
-        if not verify_password(user.password_hash, str(body.get("current_password", ""))):
+    if req.sent("username", "password"):
+        if not verify_password(user.password_hash, req.current_password or ""):
             raise Forbidden("current_password is incorrect", code="invalid_password")
-        if "username" in body:
-            new = normalize_email(body["username"])
+        if req.sent("username"):
+            new = normalize_email(req.username)
             if new != user.username and await find_user(db, new):
                 raise Conflict("That username is already taken", code="username_taken",
                                status=400)
             user.username = new
             changed.append("username")
-        if "password" in body:
-            user.password_hash = hash_for(settings, check_password_rules(body["password"]))
+        if req.sent("password"):
+            user.password_hash = hash_for(settings, check_password_rules(req.password))
             changed.append("password")
-            if body.get("invalidate_tokens") in (True, "true", "1", 1):
+            if req.invalidate_tokens:
                 await db.execute(delete(AccessToken).where(AccessToken.user_id == user.id,
                                                            AccessToken.id != me.token_id))
     if not changed:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from corral.auth.cache import SubjectCache
 from corral.auth.subject import Subject, resolve_token
 from corral.db.session import get_db
 from corral.kit.errors import OAuthError, Unauthorized
@@ -86,9 +87,23 @@ class Ctx:
 
 async def optional_ctx(request: Request, db: Db) -> Ctx:
     token = await token_from_request(request)
-    subject = await resolve_token(db, token) if token else None
+    subject = await resolve_token(db, token, _cache(request)) if token else None
     return Ctx(db=db, settings=request.app.state.settings, ip=client_ip(request),
                subject=subject, request=request)
+
+
+def _cache(request: Request) -> SubjectCache | None:
+    runtime = getattr(request.app.state, "runtime", None)
+    cache: SubjectCache | None = getattr(runtime, "subject_cache", None)
+    return cache if cache is not None and cache.enabled else None
+
+
+async def public_ctx(request: Request, db: Db) -> Ctx:
+    """A context for a route that needs no authentication (``/oauth/token``, sign-up): any
+    token the client sends is ignored, not judged. particle-cli logs in with
+    ``Authorization: Bearer null``; refusing that as an invalid token would lock it out."""
+    return Ctx(db=db, settings=request.app.state.settings, ip=client_ip(request),
+               subject=None, request=request)
 
 
 async def auth_ctx(ctx: Annotated[Ctx, Depends(optional_ctx)]) -> Ctx:
@@ -97,5 +112,5 @@ async def auth_ctx(ctx: Annotated[Ctx, Depends(optional_ctx)]) -> Ctx:
     return ctx
 
 
-AnyCtx = Annotated[Ctx, Depends(optional_ctx)]
+PublicCtx = Annotated[Ctx, Depends(public_ctx)]
 AuthCtx = Annotated[Ctx, Depends(auth_ctx)]

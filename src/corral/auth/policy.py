@@ -54,17 +54,21 @@ ROLE_LABELS = {
 PRODUCT_READ = frozenset({
     "products:get", "teams.users:list", "clients:list", "customers:list", "devices:list",
     "devices:get", "events:get", "firmware:list", "firmware:get", "groups:list", "groups:get",
-    "rollouts:list", "fleet:get", "usage:get", "locations:get",
+    "cohorts:list", "cohorts:get", "rollouts:list", "fleet:get", "usage:get", "locations:get", "devices.diagnostics:get",
+    "integrations:list", "integrations:get", "metrics.integrations:get",
 })
 SUPPORT_EXTRA = frozenset({
     "devices:update", "devices.function:call", "devices.variable:get", "customers:update",
+    "devices.diagnostics:update",
 })
 DEVELOPER_EXTRA = frozenset({
     "devices:import", "devices:remove", "devices.keys:update", "events:send",
     "firmware:create", "firmware:update", "firmware:release", "firmware:remove",
-    "groups:create", "groups:update", "groups:remove", "customers:create", "customers:remove",
+    "groups:create", "groups:update", "groups:remove", "cohorts:create", "cohorts:update",
+    "cohorts:remove", "customers:create", "customers:remove",
     "clients:create", "clients:update", "clients:remove", "rollouts:manage",
-    "sims:update",
+    "sims:update", "fleet:manage",
+    "integrations:create", "integrations:update", "integrations:remove", "integrations:test",
 })
 ADMIN_EXTRA = frozenset({
     "products:update", "products:remove", "teams.users:invite", "teams.users:update",

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.audit import service as audit
-from corral.billing import service
+from corral.billing import service, terms
 from corral.billing.models import (
     ACTIVE,
     CANCELED,
@@ -97,9 +97,9 @@ async def put_on_enterprise(
     if not same_cycle:
         await service._void_open(db, sub)
         start = anchor
-        while service.add_months(start, 12) <= now:  # the contract year containing now
-            start = service.add_months(start, 12)
-        end = service.period_end(anchor, start, "year")
+        while terms.add_months(start, 12) <= now:  # the contract year containing now
+            start = terms.add_months(start, 12)
+        end = terms.period_end(anchor, start, "year")
         sub.cycle_anchor, sub.current_period_start, sub.current_period_end = anchor, start, end
         await _contract_invoice(db, sub, start, end, now)
     service._activate(sub)

@@ -34,6 +34,20 @@ async def shut_statuses(db: AsyncSession, org_ids: Iterable[int]) -> dict[int, s
     return out
 
 
+async def subscriptions(db: AsyncSession, org_ids: Iterable[int]) -> dict[int, dict[str, str]]:
+    """org id -> ``{"plan", "status"}`` of its subscription, for those of ``org_ids`` that
+    have one (what ``corral whoami`` and ``corral orgs list`` show)."""
+    ids = sorted({int(i) for i in org_ids})
+    out: dict[int, dict[str, str]] = {}
+    for i in range(0, len(ids), 500):
+        rows = (await db.execute(select(
+            Subscription.org_id, Subscription.plan_code, Subscription.status).where(
+            Subscription.org_id.in_(ids[i:i + 500])))).all()
+        out.update({int(o): {"plan": str(plan), "status": str(status)}
+                    for o, plan, status in rows})
+    return out
+
+
 def mark(item: dict[str, Any], status: str | None) -> dict[str, Any]:
     """Add the shut mark to one list item (in place) when ``status`` is set."""
     if status:

@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from sqlalchemy import distinct, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.audit import service as audit
 from corral.auth.models import Membership, User
@@ -55,9 +52,21 @@ from corral.billing.models import (
     Subscription,
 )
 from corral.billing.providers import ChargeResult, PaymentProvider, ProviderError
+from corral.billing.schemas import BillingChange
+from corral.billing.terms import (
+    MAX_CATCH_UP,
+    MONTHS,
+    line_json,
+    money,
+    period_end,
+    period_lines,
+    period_total,
+    prorate,
+    seat_price,
+)
 from corral.db.session import after_commit, commit
 from corral.kit import clock
-from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound
+from corral.kit.errors import BadRequest, Conflict, CorralError
 from corral.mail import service as mail
 from corral.metering import plans
 from corral.metering.models import Plan
@@ -66,13 +75,11 @@ from corral.settings import Settings
 
 log = logging.getLogger("corral.billing")
 
-MONTHS = {"month": 1, "year": 12}
 # how long after a provider error (not a decline) the charge is asked again, same key
 PROVIDER_ERROR_RETRY = dt.timedelta(hours=1)
 # org routes a locked or inactive organization still answers (the billing page itself,
 # and the organization's name so the console can show the "inactive subscription" page)
 ALLOWED_WHEN_SHUT = frozenset({"orgs:get", "orgs.billing:get", "orgs.billing:update"})
-MAX_CATCH_UP = 240  # periods one tick may renew for one subscription (a long outage)
 
 
 class SubscriptionInactive(CorralError):
@@ -89,82 +96,6 @@ class PaymentDeclined(CorralError):
     code = "payment_declined"
 
 
-# --- time and money ------------------------------------------------------------------------
-
-def add_months(when: dt.datetime, n: int) -> dt.datetime:
-    """``when`` plus ``n`` calendar months, the day clamped to the month's last day."""
-    index = when.year * 12 + when.month - 1 + n
-    year, month = divmod(index, 12)
-    month += 1
-    days = (dt.date(year + (month == 12), month % 12 + 1, 1) - dt.timedelta(days=1)).day
-    return when.replace(year=year, month=month, day=min(when.day, days))
-
-
-def period_end(anchor: dt.datetime, start: dt.datetime, interval: str) -> dt.datetime:
-    """The end of the period starting at ``start`` in the cycle anchored at ``anchor``:
-    the first whole number of intervals after ``anchor`` that lies beyond ``start`` (so a
-    cycle started on Jan 31 runs to Feb 28, then Mar 31)."""
-    months = MONTHS[interval]
-    elapsed = (start.year - anchor.year) * 12 + start.month - anchor.month
-    n = max(1, elapsed // months)
-    while add_months(anchor, n * months) <= start:
-        n += 1
-    return add_months(anchor, n * months)
-
-
-def prorate(amount_cents: int, now: dt.datetime, start: dt.datetime, end: dt.datetime) -> int:
-    """The share of ``amount_cents`` (for the whole period) left from ``now`` to ``end``,
-    rounded to the cent (half away from zero)."""
-    total = (end - start).total_seconds()
-    left = min(max((end - now).total_seconds(), 0.0), total)
-    if total <= 0 or left <= 0:
-        return 0
-    share = Fraction(amount_cents) * Fraction(round(left)) / Fraction(round(total))
-    rounded = int(abs(share) + Fraction(1, 2))
-    return rounded if share >= 0 else -rounded
-
-
-def money(cents: int, currency: str) -> str:
-    sign = "-" if cents < 0 else ""
-    return f"{sign}{abs(cents) // 100:,}.{abs(cents) % 100:02d} {currency.upper()}"
-
-
-def seat_price(settings: Settings, plan_code: str) -> int:
-    if plan_code == "enterprise":  # contracted; invoiced outside corral (billing.enterprise)
-        return 0
-    prices = settings.billing_seat_price_cents
-    return int(prices.get(plan_code, prices.get("default", 0)))
-
-
-@dataclass(frozen=True)
-class Line:
-    kind: str
-    description: str
-    quantity: int
-    unit_amount_cents: int
-    amount_cents: int
-
-
-def period_lines(sub: Subscription, plan_name: str) -> list[Line]:
-    """The plan, members and blocks lines of one whole period at the current terms."""
-    months = MONTHS[sub.interval]
-    per = "year" if sub.interval == "year" else "month"
-    lines = [Line("plan", f"{plan_name} plan, billed per {per}", 1,
-                  sub.base_price_cents * months, sub.base_price_cents * months)]
-    unit = sub.seat_price_cents * months
-    lines.append(Line("members", f"Team members ({money(sub.seat_price_cents, sub.currency)}"
-                      f" per member per month)", sub.seats, unit, unit * sub.seats))
-    if sub.blocks:
-        unit = sub.block_price_cents * months
-        lines.append(Line("blocks", f"Blocks ({money(sub.block_price_cents, sub.currency)} "
-                          f"per block per month)", sub.blocks, unit, unit * sub.blocks))
-    return lines
-
-
-def period_total(sub: Subscription) -> int:
-    return sum(line.amount_cents for line in period_lines(sub, ""))
-
-
 # --- reading -----------------------------------------------------------------------------------
 
 async def get_subscription(db: AsyncSession, org_id: int, *, lock: bool = False
@@ -177,10 +108,24 @@ async def get_subscription(db: AsyncSession, org_id: int, *, lock: bool = False
 
 async def lock_check(db: AsyncSession, org_id: int, permission: str) -> None:
     """Refuse an org or product route of a locked or inactive organization (one indexed
-    lookup of the subscription's status). Installed in :mod:`corral.auth.guards`."""
+    lookup of the subscription's status). Installed in :mod:`corral.auth.guards`, with
+    :func:`shut_status_sql` / :func:`judge_shut` for guards that read it with the tenant."""
     if permission in ALLOWED_WHEN_SHUT:
         return
-    status = (await locks.shut_statuses(db, (org_id,))).get(org_id)
+    judge_shut((await locks.shut_statuses(db, (org_id,))).get(org_id), org_id, permission)
+
+
+def shut_status_sql(org_id: Any) -> Any:
+    """The organization's shut status (``locked`` / ``inactive``) or NULL, as a scalar
+    subquery on ``org_id`` (a column of the guard's query)."""
+    return (select(Subscription.status)
+            .where(Subscription.org_id == org_id, Subscription.status.in_(SHUT))
+            .limit(1).scalar_subquery())
+
+
+def judge_shut(status: Any, org_id: int, permission: str) -> None:
+    if permission in ALLOWED_WHEN_SHUT:
+        return
     if status is not None:
         why = ("three payment attempts failed" if status == LOCKED
                else "the subscription was cancelled and its period has ended")
@@ -225,38 +170,7 @@ async def pending_adjustments(db: AsyncSession, sub: Subscription) -> list[Adjus
         .order_by(Adjustment.id))).scalars())
 
 
-async def list_invoices(db: AsyncSession, org_id: int, *, page: int = 1, per_page: int = 25
-                        ) -> tuple[list[Invoice], int]:
-    total = (await db.execute(select(func.count(Invoice.id)).where(
-        Invoice.org_id == org_id))).scalar_one()
-    rows = (await db.execute(select(Invoice).where(Invoice.org_id == org_id)
-                             .order_by(Invoice.id.desc())
-                             .offset((page - 1) * per_page).limit(per_page))).scalars()
-    return list(rows), int(total)
-
-
-async def get_invoice(db: AsyncSession, org_id: int, key: str) -> Invoice:
-    """By id or number, within the organization (another org's invoice does not exist)."""
-    q = select(Invoice).where(Invoice.org_id == org_id)
-    q = q.where(Invoice.id == int(key)) if key.isdigit() and len(key) < 12 else \
-        q.where(Invoice.number == key.upper())
-    inv = (await db.execute(q)).scalar_one_or_none()
-    if inv is None:
-        raise NotFound("Invoice not found")
-    return inv
-
-
-async def invoice_lines(db: AsyncSession, invoice_id: int) -> list[InvoiceLine]:
-    return list((await db.execute(select(InvoiceLine).where(
-        InvoiceLine.invoice_id == invoice_id).order_by(InvoiceLine.id))).scalars())
-
-
-async def invoice_charges(db: AsyncSession, invoice_id: int) -> list[Charge]:
-    return list((await db.execute(select(Charge).where(
-        Charge.invoice_id == invoice_id).order_by(Charge.id))).scalars())
-
-
-# --- JSON and text -------------------------------------------------------------------------
+# --- JSON ----------------------------------------------------------------------------------
 
 def subscription_json(sub: Subscription) -> dict[str, Any]:
     return {
@@ -276,53 +190,39 @@ def subscription_json(sub: Subscription) -> dict[str, Any]:
     }
 
 
-def _line_json(line: InvoiceLine | Line) -> dict[str, Any]:
-    return {"kind": line.kind, "description": line.description, "quantity": line.quantity,
-            "unit_amount_cents": line.unit_amount_cents, "amount_cents": line.amount_cents}
+# --- e-mail --------------------------------------------------------------------------------
 
-
-def invoice_json(inv: Invoice, lines: Sequence[InvoiceLine] | None = None,
-                 charges: Sequence[Charge] | None = None) -> dict[str, Any]:
+async def overview(db: AsyncSession, org: Organization) -> dict[str, Any]:
+    """What ``GET /v1/orgs/{org}/billing`` answers and the console's billing page shows:
+    the plan, the subscription, team members, pending adjustments and the next charge as
+    estimated today."""
+    sub = await get_subscription(db, org.id)
+    effective = await plans.effective_plan(db, org.id)
     out: dict[str, Any] = {
-        "id": inv.id, "number": inv.number, "reason": inv.reason, "status": inv.status,
-        "currency": inv.currency, "total_cents": inv.total_cents,
-        "period_start": clock.iso(inv.period_start), "period_end": clock.iso(inv.period_end),
-        "issued_at": clock.iso(inv.issued_at), "paid_at": clock.iso(inv.paid_at),
+        "organization": {"id": org.id, "slug": org.slug, "name": org.name},
+        "plan": plans.effective_json(effective),
+        "subscription": subscription_json(sub) if sub else None,
+        "team_members": await count_members(db, org.id),
+        "upcoming": None, "pending_adjustments": [],
     }
-    if lines is not None:
-        out["lines"] = [_line_json(line) for line in lines]
-    if charges is not None:
-        out["payments"] = [{
-            "attempt": c.attempt, "status": c.status, "amount_cents": c.amount_cents,
-            "decline_code": c.decline_code, "message": c.message,
-            "at": clock.iso(c.finished_at or c.created_at)} for c in charges]
+    if sub is None:
+        return out
+    pending = await pending_adjustments(db, sub)
+    out["pending_adjustments"] = [
+        {"kind": a.kind, "description": a.description, "amount_cents": a.amount_cents,
+         "created_at": clock.iso(a.created_at)} for a in pending]
+    if sub.status == ACTIVE and sub.current_period_end is not None:
+        # what the next renewal would charge at today's terms (members counted now)
+        plan = await plans.get_plan(db, sub.plan_code)
+        lines = period_lines(sub, plan.name)
+        members = out["team_members"]
+        total = sum(line.amount_cents for line in lines) + sum(a.amount_cents for a in pending)
+        total += (members - sub.seats) * sub.seat_price_cents * MONTHS[sub.interval]
+        out["upcoming"] = {"at": clock.iso(sub.current_period_end),
+                           "estimated_total_cents": max(0, total),
+                           "currency": sub.currency}
     return out
 
-
-def invoice_text(inv: Invoice, lines: Sequence[InvoiceLine], org: Organization) -> str:
-    """A plain-text rendering of an invoice."""
-    day = "%Y-%m-%d"
-    title = f"Invoice {inv.number}"
-    if inv.reason == "statement":
-        title += f" (monthly statement, {inv.period_start:%B %Y})"
-    out = [title, f"Organization: {org.name} ({org.slug})",
-           f"Issued: {inv.issued_at.strftime(day)}",
-           f"Period: {inv.period_start.strftime(day)} to {inv.period_end.strftime(day)}",
-           f"Status: {inv.status}", ""]
-    # a statement's usage lines carry numbers, not money: listed after the total
-    usage_lines = [line for line in lines if line.kind in ("usage", "usage_total")]
-    lines = [line for line in lines if line.kind not in ("usage", "usage_total")]
-    width = max([len(line.description) for line in lines] + [20])
-    for line in lines:
-        qty = f"{line.quantity} x " if line.quantity != 1 else ""
-        out.append(f"{line.description:<{width}}  {qty:>8}{money(line.amount_cents, inv.currency):>16}")
-    out += ["-" * (width + 26), f"{'Total':<{width}}  {'':>8}{money(inv.total_cents, inv.currency):>16}"]
-    if usage_lines:
-        out += ["", "Usage:"] + [f"  {line.description}" for line in usage_lines]
-    return "\n".join(out) + "\n"
-
-
-# --- e-mail --------------------------------------------------------------------------------
 
 async def _notify(db: AsyncSession, settings: Settings, org_id: int, *, kind: str,
                   subject: str, body: str) -> None:
@@ -482,7 +382,7 @@ async def _issue(db: AsyncSession, sub: Subscription, *, reason: str, start: dt.
                   period_start=start, period_end=end, issued_at=now)
     db.add(inv)
     await db.flush()
-    lines = [InvoiceLine(invoice_id=inv.id, **_line_json(line))
+    lines = [InvoiceLine(invoice_id=inv.id, **line_json(line))
              for line in period_lines(sub, plan.name)]
     for adj in await pending_adjustments(db, sub):
         adj.invoice_id = inv.id
@@ -801,51 +701,33 @@ async def reactivate(db: AsyncSession, settings: Settings, provider: PaymentProv
 
 
 async def update(db: AsyncSession, settings: Settings, provider: PaymentProvider, *,
-                 org: Organization, actor: Subject, ip: str, body: dict[str, Any],
+                 org: Organization, actor: Subject, ip: str, req: BillingChange,
                  now: dt.datetime) -> Outcome:
     """PUT billing: subscribe when there is no subscription yet; otherwise change the
     payment method, plan, blocks, interval or the pause setting."""
-    blocks = body.get("blocks")
-    if blocks is not None:
-        if isinstance(blocks, bool) or not isinstance(blocks, int | str):
-            raise BadRequest("blocks must be a whole number >= 0", code="invalid_plan")
-        try:
-            blocks = int(blocks)
-        except ValueError as exc:
-            raise BadRequest("blocks must be a whole number >= 0", code="invalid_plan") from exc
-        if not 0 <= blocks <= 100_000:
-            raise BadRequest("blocks must be between 0 and 100000", code="invalid_plan")
-    pause = body.get("pause_devices_when_locked")
-    if pause is not None and not isinstance(pause, bool):
-        if str(pause).lower() in ("true", "1", "yes"):
-            pause = True
-        elif str(pause).lower() in ("false", "0", "no"):
-            pause = False
-        else:
-            raise BadRequest("pause_devices_when_locked must be a boolean")
+    blocks, pause = req.blocks, req.pause_devices_when_locked
     sub = await get_subscription(db, org.id, lock=True)
     if sub is None or sub.status == INCOMPLETE:
         return await subscribe(db, settings, provider, org=org, actor=actor, ip=ip,
-                               plan_code=body.get("plan"), interval=body.get("interval"),
-                               blocks=blocks, payment_method=body.get("payment_method"),
+                               plan_code=req.plan, interval=req.interval,
+                               blocks=blocks, payment_method=req.payment_method,
                                pause_devices_when_locked=pause, now=now)
     await advance(db, settings, provider, sub, now)
-    if body.get("payment_method") is not None:
-        await set_payment_method(db, provider, sub, org, body["payment_method"])
+    if req.payment_method is not None:
+        await set_payment_method(db, provider, sub, org, req.payment_method)
         if sub.status == PAST_DUE:
             sub.next_retry_at = now  # the next tick tries the new card
     if pause is not None:
         sub.pause_devices_when_locked = pause
-    if any(body.get(k) is not None for k in ("plan", "blocks", "interval")):
-        await change_terms(db, settings, sub=sub, plan_code=body.get("plan"), blocks=blocks,
-                           interval=body.get("interval"), now=now)
+    if any(v is not None for v in (req.plan, blocks, req.interval)):
+        await change_terms(db, settings, sub=sub, plan_code=req.plan, blocks=blocks,
+                           interval=req.interval, now=now)
+    changed = req.model_dump(include={"plan", "blocks", "interval",
+                                      "pause_devices_when_locked"}, exclude_none=True)
     audit.record(db, actor=actor, ip=ip, action="billing.updated", org_id=org.id,
                  target_type="subscription", target_id=sub.id,
-                 details={k: body[k] for k in ("plan", "blocks", "interval",
-                                                "pause_devices_when_locked")
-                          if body.get(k) is not None}
-                 | ({"payment_method": sub.payment_method_label}
-                    if body.get("payment_method") is not None else {}))
+                 details=changed | ({"payment_method": sub.payment_method_label}
+                                   if req.payment_method is not None else {}))
     return Outcome(sub)
 
 
@@ -927,78 +809,3 @@ async def advance(db: AsyncSession, settings: Settings, provider: PaymentProvide
             await _failed(db, settings, sub, due, result, now, first=first)
             return
         return
-
-
-class BillingService:
-    """The clock's side of billing: :meth:`tick` brings every live subscription up to
-    ``now``, one organization per transaction. Tests call it while moving a ManualClock;
-    :meth:`run` is the server's loop."""
-
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings,
-                 provider: PaymentProvider) -> None:
-        self.sessionmaker = sessionmaker
-        self.settings = settings
-        self.provider = provider
-        self._statements_through: dt.date | None = None  # every statement up to this month
-
-    async def tick(self, now: dt.datetime | None = None) -> int:
-        """Process every subscription that may have work; returns how many were visited."""
-        now = now or clock.now()
-        async with self.sessionmaker() as db:
-            ids = list((await db.execute(select(Subscription.id).where(
-                Subscription.status.in_((ACTIVE, PAST_DUE, CANCELED)))
-                .order_by(Subscription.id))).scalars())
-        for sub_id in ids:
-            try:
-                async with self.sessionmaker() as db:
-                    sub = (await db.execute(select(Subscription).where(
-                        Subscription.id == sub_id).with_for_update())).scalar_one_or_none()
-                    if sub is None:
-                        continue
-                    await advance(db, self.settings, self.provider, sub, now)
-                    await commit(db)
-            except Exception:
-                log.exception("billing: subscription %s failed to advance", sub_id)
-        await self.statements(now)
-        return len(ids)
-
-    async def statements(self, now: dt.datetime | None = None) -> int:
-        """Write the monthly statements owed at ``now`` (:mod:`corral.billing.statements`),
-        one organization per transaction; a no-op until the next month closes once every
-        organization is done. Returns how many were written."""
-        from corral.billing import statements  # it builds on this module
-
-        now = now or clock.now()
-        month = statements.last_closed_month(now)
-        if self._statements_through == month:
-            return 0
-        async with self.sessionmaker() as db:
-            ids = list((await db.execute(select(Subscription.id).where(
-                Subscription.status != INCOMPLETE).order_by(Subscription.id))).scalars())
-        written, failed = 0, False
-        for sub_id in ids:
-            try:
-                async with self.sessionmaker() as db:
-                    sub = await db.get(Subscription, sub_id)
-                    if sub is None:
-                        continue
-                    written += len(await statements.issue_due(db, sub, now))
-                    await commit(db)
-            except IntegrityError:  # another server wrote the same statement first
-                log.info("billing: statement of subscription %s written concurrently", sub_id)
-            except Exception:
-                failed = True
-                log.exception("billing: statements of subscription %s failed", sub_id)
-        if not failed:
-            self._statements_through = month
-        return written
-
-    async def run(self) -> None:
-        import asyncio
-
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("billing tick failed")
-            await asyncio.sleep(self.settings.billing_tick_s)

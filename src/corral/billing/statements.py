@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.billing.models import Invoice, InvoiceLine, Subscription
-from corral.billing.service import MAX_CATCH_UP, Line
+from corral.billing.terms import MAX_CATCH_UP, Line
 from corral.metering import plans, usage
 from corral.metering.plans import EffectivePlan, add_months, month_start
 from corral.products.models import Product

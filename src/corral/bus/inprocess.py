@@ -26,7 +26,7 @@ import logging
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from corral.bus.base import (
     Bus,
@@ -41,19 +41,27 @@ from corral.bus.base import (
     validate_subject,
 )
 
-__all__ = ["DEFAULT_MAX_PENDING", "InProcessBus", "InProcessSubscription", "SubjectIndex"]
+__all__ = ["DEFAULT_MAX_PENDING", "InProcessBus", "InProcessSubscription", "SubjectIndex",
+           "SubscriptionOwner", "close_all"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 65_536
 """Undelivered messages one subscription may hold before the oldest are dropped."""
 
-_QUEUE_RE = re.compile(r"[A-Za-z0-9_-]+")
+QUEUE_RE = re.compile(r"[A-Za-z0-9_-]+")
 _INBOX_PREFIX = "_INBOX."
 
 
+class SubscriptionOwner(Protocol):
+    """The bus a local subscription belongs to (it is told when the subscription ends)."""
+
+    def _remove(self, sub: InProcessSubscription) -> None: ...
+
+
 class InProcessSubscription:
-    """A subscription of :class:`InProcessBus`: a bounded FIFO, drained by one worker task
+    """A subscription of :class:`InProcessBus` (and the local end of one of
+    :class:`corral.bus.nats.NatsBus`): a bounded FIFO, drained by one worker task
     that exists only while messages are pending (most device subscriptions - requests,
     control - are idle nearly always, and a reconnect storm creates thousands of them)."""
 
@@ -71,7 +79,7 @@ class InProcessSubscription:
 
     def __init__(
         self,
-        bus: InProcessBus,
+        bus: SubscriptionOwner,
         pattern: str,
         handler: Handler,
         queue: str | None,
@@ -258,6 +266,27 @@ class SubjectIndex:
         return out
 
 
+async def close_all(replies: dict[str, asyncio.Future[Message]],
+                    subs: set[InProcessSubscription]) -> None:
+    """A closing bus fails its pending requests and stops its local subscriptions (their
+    workers are cancelled; pending messages are discarded). Empties both collections."""
+    for fut in replies.values():
+        if not fut.done():
+            fut.set_exception(BusClosed("bus closed while waiting for a reply"))
+    replies.clear()
+    workers = []
+    for sub in subs:
+        sub._closed = True
+        sub._pending.clear()
+        worker = sub._worker
+        if worker is not None and worker is not asyncio.current_task():
+            worker.cancel()
+            workers.append(worker)
+    subs.clear()
+    if workers:
+        await asyncio.wait(workers)
+
+
 def _collect(node: _Node, out: list[InProcessSubscription]) -> None:
     if node.plain:
         out.extend(node.plain)
@@ -328,7 +357,7 @@ class InProcessBus:
         if self._closed:
             raise BusClosed("bus is closed")
         validate_pattern(pattern)
-        if queue is not None and _QUEUE_RE.fullmatch(queue) is None:
+        if queue is not None and QUEUE_RE.fullmatch(queue) is None:
             raise ValueError(f"invalid bus queue group name: {queue!r}")
         sub = InProcessSubscription(self, pattern, handler, queue, self._max_pending)
         self._index.add(sub)
@@ -363,23 +392,9 @@ class InProcessBus:
         if self._closed:
             return
         self._closed = True
-        for fut in self._replies.values():
-            if not fut.done():
-                fut.set_exception(BusClosed("bus closed while waiting for a reply"))
-        self._replies.clear()
-        subs = list(self._subs)
-        workers = []
-        for sub in subs:
-            sub._closed = True
-            sub._pending.clear()
+        for sub in self._subs:
             self._index.remove(sub)
-            worker = sub._worker
-            if worker is not None and worker is not asyncio.current_task():
-                worker.cancel()
-                workers.append(worker)
-        self._subs.clear()
-        if workers:
-            await asyncio.wait(workers)
+        await close_all(self._replies, self._subs)
 
     async def __aenter__(self) -> InProcessBus:
         return self

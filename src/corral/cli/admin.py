@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from corral import models
 from corral.accounts import service as accounts
 from corral.billing import enterprise as enterprise_terms
 from corral.billing import service as billing
@@ -53,6 +54,7 @@ def database_label(settings: Settings) -> str:
 @contextlib.asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     """An engine on the configured database, migrated to head, disposed on exit."""
+    models.load()
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -187,7 +187,15 @@ orgs_app = typer.Typer(help="Organizations you belong to.", no_args_is_help=True
 def _orgs_table(rows: list[dict[str, Any]]) -> None:
     table("Organizations", ["id", "slug", "name", "personal", "subscription"],
           [(o.get("id"), o.get("slug"), o.get("name"), o.get("personal"),
-            o.get("subscription_status", "")) for o in rows])
+            _subscription(o)) for o in rows])
+
+
+def _subscription(org: dict[str, Any]) -> str:
+    """``plan (status)``; ``none`` without a subscription."""
+    sub = org.get("subscription")
+    if not isinstance(sub, dict):
+        return org.get("subscription_status") or "none"
+    return f"{sub.get('plan')} ({org.get('subscription_status') or sub.get('status')})"
 
 
 @orgs_app.command("list")

@@ -171,12 +171,16 @@ def devices_list(
     per_page: Annotated[int, typer.Option(min=1, max=1000, help="Devices per page.")] = 25,
     group: Annotated[list[str] | None, typer.Option(
         help="Only devices in this group (repeat for any of several).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        help="Only devices carrying this tag (repeat: devices carrying all of them).")] = None,
     as_json: Json = False,
 ) -> None:
     """List a product's devices, most recently heard first (GET /v1/products/PRODUCT/devices)."""
     params: dict[str, Any] = {"page": page, "per_page": per_page}
     if group:
         params["groups"] = ",".join(group)
+    if tag:
+        params["tags"] = tag
     body = api(ctx).call("GET", f"/v1/products/{product}/devices", params=params)
     if as_json:
         print_json(body)
@@ -184,11 +188,12 @@ def devices_list(
     t = Table(title=f"Devices of {product}", title_justify="left")
     t.add_column("id", no_wrap=True, min_width=24)  # never cut an ID: people copy them
     t.add_column("name", no_wrap=True)
-    for col in ("online", "last_heard", "groups", "development", "quarantined"):
+    for col in ("online", "last_heard", "groups", "tags", "development", "quarantined"):
         t.add_column(col)
     for d in _items(body, "devices"):
         t.add_row(str(d.get("id")), d.get("name") or "", "yes" if d.get("online") else "no",
                   d.get("last_heard") or "never", ", ".join(d.get("groups") or []),
+                  ", ".join(d.get("tags") or []),
                   _yes(d.get("development")), _yes(d.get("quarantined")))
     console.print(t)
     meta = body.get("meta") if isinstance(body, dict) else None
@@ -199,7 +204,7 @@ def devices_list(
 
 _DEVICE_KEYS = ["id", "name", "product_id", "platform_id", "online", "last_heard",
                 "first_online_at", "last_disconnect_reason", "transport", "groups",
-                "development", "quarantined", "denied", "owner", "notes", "serial_number",
+                "tags", "development", "quarantined", "denied", "owner", "notes", "serial_number",
                 "firmware_version", "system_firmware_version", "functions", "variables"]
 
 
@@ -218,6 +223,45 @@ def devices_get(
         print_json(body)
     else:
         fields("Device", _unwrap(body, "device"), _DEVICE_KEYS)
+
+
+@devices_app.command("tag")
+def devices_tag(
+    ctx: typer.Context,
+    devices: Annotated[list[str], typer.Argument(help="Device IDs.")],
+    product: Product,
+    add: Annotated[list[str] | None, typer.Option(
+        "--add", help="Add this tag (repeatable).")] = None,
+    remove: Annotated[list[str] | None, typer.Option(
+        "--remove", help="Remove this tag (repeatable).")] = None,
+    set_: Annotated[str | None, typer.Option(
+        "--set", help="Make one device's tags exactly these (comma-separated; '' clears).")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Tag devices: --add/--remove on many at once (PUT /v1/products/PRODUCT/devices, all or
+    nothing), or --set one device's tags (PUT /v1/products/PRODUCT/devices/ID)."""
+    if set_ is not None:
+        if add or remove or len(devices) != 1:
+            fail("--set takes exactly one device and no --add/--remove")
+        tags = [t.strip() for t in set_.split(",") if t.strip()]
+        body = api(ctx).call("PUT", f"/v1/products/{product}/devices/{devices[0]}",
+                             json={"tags": tags})
+        if as_json:
+            print_json(body)
+        else:
+            shown = ", ".join(body.get("tags") or []) if isinstance(body, dict) else ""
+            console.print(f"Tags of {devices[0]}: {shown or '(none)'}", highlight=False)
+        return
+    if not add and not remove:
+        fail("Say what to do: --add TAG, --remove TAG or --set TAGS")
+    body = api(ctx).call("PUT", f"/v1/products/{product}/devices", json={
+        "action": "tags", "devices": devices,
+        "metadata": {"add": add or [], "remove": remove or []}})
+    if as_json:
+        print_json(body)
+    else:
+        console.print(f"Tags changed on {len(devices)} device(s).", highlight=False)
 
 
 @devices_app.command("secret")

@@ -135,13 +135,32 @@ def firmware_release(
     if dry_run:
         impact = result.get("impact", {}).get("devices", {}).get("firmware_update", {})
         console.print(f"Dry run: {impact.get('total', 0)} device(s) would update to "
-                      f"version {version}; nothing was changed.", highlight=False)
+                      f"version {version}; nothing was changed (run it again without "
+                      f"--dry-run to release{', and start the rollout' if 'rollout' in body else ''}).",
+                      highlight=False)
         table("Devices whose target changes", ["id", "name", "runs", "target now", "target after"],
               [(d["id"], d.get("name"), d.get("firmware_version"), d["before"]["version"],
                 d["after"]["version"]) for d in result.get("devices", [])])
         return
     console.print(f"Released version {version}: default={result.get('product_default')}, "
                   f"groups={', '.join(result.get('groups') or []) or '-'}", highlight=False)
+    if "rollout" in body:
+        started = _newest_rollout(ctx, product, version)
+        if started is not None:
+            console.print(f"Rollout {started['id']} started; watch it with: corral rollout "
+                          f"status {started['id']} --product {product} --watch",
+                          highlight=False, soft_wrap=True)
+
+
+def _newest_rollout(ctx: typer.Context, product: str,
+                    version: int | None = None) -> dict[str, Any] | None:
+    """The product's newest rollout (of ``version`` when given), or None."""
+    body = api(ctx).call("GET", f"/v1/products/{product}/rollouts")
+    rows = body.get("rollouts", []) if isinstance(body, dict) else []
+    for r in rows:  # newest first
+        if isinstance(r, dict) and (version is None or r.get("version") == version):
+            return r
+    return None
 
 
 def _rollout_table(r: dict[str, Any]) -> Table:
@@ -166,8 +185,9 @@ def _rollout_table(r: dict[str, Any]) -> Table:
 @rollout_app.command("status")
 def rollout_status(
     ctx: typer.Context,
-    rollout: Annotated[int, typer.Argument(help="Rollout id (see GET .../rollouts).")],
     product: Product,
+    rollout: Annotated[int | None, typer.Argument(
+        help="Rollout id (see GET .../rollouts); default: the product's newest.")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh live until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
     times: Annotated[int | None, typer.Option(
@@ -176,6 +196,12 @@ def rollout_status(
 ) -> None:
     """Show a rollout's progress (GET /v1/products/PRODUCT/rollouts/ID), live with --watch."""
     a = api(ctx)
+    if rollout is None:
+        newest = _newest_rollout(ctx, product)
+        if newest is None:
+            fail(f"Product {product} has no rollout yet (a --dry-run release starts none): "
+                 "release with --percent or --count first.")
+        rollout = int(newest["id"])
     path = f"/v1/products/{product}/rollouts/{rollout}"
 
     def fetch() -> dict[str, Any]:

@@ -13,6 +13,8 @@ from corral.cli.billing import billing_app
 from corral.cli.billing_subscription import register as register_billing_subscription
 from corral.cli.devices import devices_app
 from corral.cli.firmware import firmware_app, rollout_app
+from corral.cli.health import fleet_app
+from corral.cli.integrations import integrations_app
 from corral.cli.keys import keys_app
 from corral.cli.serve import serve
 from corral.cli.simulate import simulate
@@ -58,6 +60,8 @@ app.add_typer(client.team_app, name="team")
 app.add_typer(devices_app, name="devices")
 app.command()(simulate)
 app.add_typer(keys_app, name="keys")
+app.add_typer(integrations_app, name="integrations")
+app.add_typer(fleet_app, name="fleet")
 app.add_typer(firmware_app, name="firmware")
 app.add_typer(rollout_app, name="rollout")
 register_billing_subscription(billing_app)  # status, invoices (corral.billing)

@@ -11,67 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 import signal
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import httpx
 import typer
 from rich.live import Live
-from rich.table import Table
 
-from corral.cli import config
 from corral.cli.client import TIMEOUT_S, Api, Product, api, error_message
+from corral.cli.fleet import (
+    API_CONCURRENCY,
+    ServerCheck,
+    claim_state,
+    load_state,
+    save_state,
+    summary,
+    tick,
+)
 from corral.cli.output import console, errors, fail
-from corral.device.simulator import MAX_INTERVAL_S, MIN_INTERVAL_S, Fleet, FleetStats
+from corral.device.simulator import MAX_INTERVAL_S, MIN_INTERVAL_S, Fleet
 
 MAX_DEVICES = 10_000
 IMPORT_CHUNK = 10_000
-API_CONCURRENCY = 16  # secret requests in flight
-REFRESH_S = 0.5
-STATE_VERSION = 1
-DEVICE_ID_RE = re.compile(r"^[0-9a-f]{24}$")
-# per device in the state file: the MQTT secret, the Particle key (PEM) and whether the
-# server has that key
-KEPT_FIELDS = ("secret", "rsa_key", "rsa_registered")
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "default"
-
-
-def default_state_path(a: Api, product: str) -> Path:
-    """``<config dir>/simulate/<server>-<product>.json``: one fleet per server and product."""
-    netloc = urlsplit(a.api_url).netloc or a.api_url
-    return a.config_path.parent / "simulate" / f"{_safe(netloc)}-{_safe(product)}.json"
-
-
-def load_state(path: Path, a: Api, product: str) -> list[dict[str, str]]:
-    """The devices a previous run left for this server and product (others are ignored)."""
-    data = config.load(path)
-    if not data:
-        return []
-    if data.get("api_url") != a.api_url or str(data.get("product")) != product:
-        errors.print(f"[yellow]Warning:[/] {path} belongs to another server or product; "
-                     "starting a new fleet.", highlight=False)
-        return []
-    out: list[dict[str, str]] = []
-    for entry in data.get("devices") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str) \
-                and DEVICE_ID_RE.fullmatch(entry["id"]):
-            out.append({"id": entry["id"], **{k: v for k in KEPT_FIELDS
-                                               if isinstance(v := entry.get(k), str) and v}})
-    return out
-
-
-def save_state(path: Path, a: Api, product: str, devices: list[dict[str, str]]) -> None:
-    config.save(path, {"version": STATE_VERSION, "api_url": a.api_url, "product": product,
-                       "devices": devices})
 
 
 def import_ids(a: Api, product: str, ids: list[str]) -> dict[str, set[str]]:
@@ -121,50 +87,18 @@ class SecretMinter:
         await self.http.aclose()
 
 
-async def _tick(stop: asyncio.Event, deadline: float | None) -> bool:
-    """Wait one refresh period; False once stopped (signal) or past the deadline."""
-    wait = REFRESH_S if deadline is None else min(REFRESH_S, deadline - time.monotonic())
-    if stop.is_set() or wait <= 0:
-        return False
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), wait)
-    return not stop.is_set()
-
-
 class Transport(StrEnum):
     MQTT = "mqtt"
     PARTICLE = "particle"
-
-
-class FleetView(Protocol):
-    """What the summary shows of a fleet (MQTT or Particle)."""
-
-    @property
-    def stats(self) -> FleetStats: ...
-    @property
-    def connected(self) -> int: ...
-    @property
-    def ever_connected(self) -> int: ...
-
-
-def _summary(fleet: FleetView, started: float, duration: float | None) -> Table:
-    s = fleet.stats
-    elapsed = time.monotonic() - started
-    t = Table(title="corral simulate", title_justify="left")
-    for name in ("devices", "online", "events", "refused", "failed", "calls", "reconnects",
-                 "elapsed"):
-        t.add_column(name, justify="right", no_wrap=True)
-    limit = f"/{duration:g}s" if duration else "s"
-    t.add_row(f"{s.devices:,}", f"{fleet.connected:,}", f"{s.events_sent:,}",
-              f"{s.events_refused:,}", f"{s.events_failed:,}", f"{s.calls_answered:,}",
-              f"{s.connects - fleet.ever_connected:,}", f"{elapsed:,.0f}{limit}")
-    return t
+    PARTICLE_UDP = "particle-udp"
 
 
 async def _run(a: Api, product: str, fleet_devices: list[dict[str, str]],
                all_devices: list[dict[str, str]], state_path: Path, *, host: str, port: int, interval: float, duration: float | None,
-               connect_concurrency: int, protocol: int) -> Fleet:
+               connect_concurrency: int, protocol: int) -> tuple[Fleet, str | None]:
+    """Run the fleet; also why the run failed (None: the server saw the devices)."""
     minter = SecretMinter(a, product)
+    check = ServerCheck(a, product)
     lock = asyncio.Lock()
 
     async def reprovision(device_id: str) -> str | None:
@@ -208,23 +142,28 @@ async def _run(a: Api, product: str, fleet_devices: list[dict[str, str]],
         started = time.monotonic()
         deadline = started + duration if duration else None
         await fleet.start()
+        watcher = loop.create_task(check.watch(fleet, stop), name="simulate-server-check")
         try:
             if console.is_terminal:  # a live table; otherwise (a log, a pipe) only the last
-                with Live(_summary(fleet, started, duration), console=console,
+                with Live(summary(fleet, started, duration), console=console,
                           refresh_per_second=4) as live:
-                    while await _tick(stop, deadline):
-                        live.update(_summary(fleet, started, duration))
+                    while await tick(stop, deadline):
+                        live.update(summary(fleet, started, duration))
             else:
-                while await _tick(stop, deadline):
+                while await tick(stop, deadline):
                     pass
-                console.print(_summary(fleet, started, duration))
+                console.print(summary(fleet, started, duration))
+            problem = await check.verdict(fleet)  # while they are still connected
             await fleet.stop()
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await fleet.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
-        return fleet
+        return fleet, problem
     finally:
         await minter.close()
 
@@ -239,9 +178,11 @@ def simulate(
         help="Seconds between a device's events (jittered; corral's default rate limit is "
         "1 event/s per device).")] = 5.0,
     mqtt_host: Annotated[str | None, typer.Option(
-        "--mqtt-host", help="MQTT server (default: the API server's host).")] = None,
-    mqtt_port: Annotated[int, typer.Option(
-        "--mqtt-port", min=1, max=65535, help="MQTT port (plain).")] = 1883,
+        "--mqtt-host", help="MQTT server (default: what the server reports, "
+        "GET /v1/device_endpoints).")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(
+        "--mqtt-port", min=1, max=65535, help="MQTT port, plain (default: what the server "
+        "reports).")] = None,
     duration: Annotated[float | None, typer.Option(
         min=0.1, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     state: Annotated[Path | None, typer.Option(
@@ -252,25 +193,29 @@ def simulate(
     protocol: Annotated[int, typer.Option(
         min=4, max=5, help="MQTT protocol level: 5 (MQTT 5) or 4 (MQTT 3.1.1).")] = 5,
     transport: Annotated[Transport, typer.Option(
-        "--transport", help="How the devices connect: mqtt, or particle (Particle's TCP "
-        "protocol; needs --server-key).")] = Transport.MQTT,
+        "--transport", help="How the devices connect: mqtt, particle (Particle's TCP "
+        "protocol, RSA keys) or particle-udp (Gen 3 devices: DTLS over UDP, P-256 keys); "
+        "both Particle ones need --server-key.")] = Transport.MQTT,
     server_key: Annotated[Path | None, typer.Option(
         "--server-key", help="Particle: the server_key file `corral keys server` writes "
         "(or the server's public key as PEM).")] = None,
-    particle_host: Annotated[str, typer.Option(
-        "--particle-host", help="Particle: the gateway's address.")] = "127.0.0.1",
-    particle_port: Annotated[int, typer.Option(
-        "--particle-port", min=1, max=65535, help="Particle: the gateway's TCP port.")] = 5683,
+    particle_host: Annotated[str | None, typer.Option(
+        "--particle-host", help="Particle: the gateway's address (default: what the server "
+        "reports).")] = None,
+    particle_port: Annotated[int | None, typer.Option(
+        "--particle-port", min=1, max=65535, help="Particle: the gateway's port (default: "
+        "what the server reports).")] = None,
 ) -> None:
     """Run simulated devices in a product: they publish `sim/temperature`, answer the
     functions led/reboot/interval and the variables temperature/uptime/label/on."""
     a = api(ctx)
     if not a.token:
         fail("Not logged in: run `corral login` (or pass --token / set CORRAL_TOKEN).")
-    if transport is Transport.PARTICLE and server_key is None:
-        fail("--transport particle needs --server-key (the file `corral keys server` writes).",
+    if transport in (Transport.PARTICLE, Transport.PARTICLE_UDP) and server_key is None:
+        fail(f"--transport {transport.value} needs --server-key (the file `corral keys server"
+             f"{' --protocol udp' if transport is Transport.PARTICLE_UDP else ''}` writes).",
              code=2)
-    state_path = state or default_state_path(a, product)
+    state_path, _held = claim_state(state, a, product)  # locked until the process ends
     known = load_state(state_path, a, product)
     fleet_devices = known[:devices]
     while len(fleet_devices) < devices:
@@ -290,29 +235,38 @@ def simulate(
         if d["id"] in new:  # new to the product (or re-added): credentials start empty
             d.pop("secret", None)
             d.pop("rsa_registered", None)
+            d.pop("ec_registered", None)
     fleet_devices = [d for d in fleet_devices if d["id"] not in refused]
     if not fleet_devices:
         fail("No device could be imported into the product.")
     all_devices = fleet_devices + known[devices:]  # the state keeps devices of bigger runs
     save_state(state_path, a, product, all_devices)
 
-    if transport is Transport.PARTICLE:
-        from corral.cli.simulate_particle import simulate_particle
+    if transport in (Transport.PARTICLE, Transport.PARTICLE_UDP):
+        from corral.cli.simulate_particle import simulate_particle  # only its users pay
 
         assert server_key is not None
+        udp = transport is Transport.PARTICLE_UDP
+
+        def where() -> tuple[str, int]:
+            return _endpoint(a, "particle_udp" if udp else "particle_tcp",
+                             "Particle UDP" if udp else "Particle TCP", particle_host,
+                             particle_port, 5684 if udp else 5683)
+
         simulate_particle(a, product, fleet_devices, all_devices, state_path,
-                          server_key=server_key, host=particle_host, port=particle_port,
+                          server_key=server_key, where=where,
                           interval=interval, duration=duration,
-                          connect_concurrency=connect_concurrency)
+                          connect_concurrency=connect_concurrency, udp=udp)
         return
-    host = mqtt_host or urlsplit(a.api_url).hostname or "127.0.0.1"
+    host, port = _endpoint(a, "mqtt", "MQTT", mqtt_host, mqtt_port, 1883)
     console.print(f"Simulating {len(fleet_devices):,} device(s) of {product} on "
-                  f"mqtt://{host}:{mqtt_port} (state: {state_path})", highlight=False,
+                  f"mqtt://{host}:{port} (state: {state_path})", highlight=False,
                   soft_wrap=True)
     try:
-        fleet = asyncio.run(_run(a, product, fleet_devices, all_devices, state_path, host=host,
-                                 port=mqtt_port, interval=interval, duration=duration,
-                                 connect_concurrency=connect_concurrency, protocol=protocol))
+        fleet, problem = asyncio.run(_run(
+            a, product, fleet_devices, all_devices, state_path, host=host, port=port,
+            interval=interval, duration=duration, connect_concurrency=connect_concurrency,
+            protocol=protocol))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         raise typer.Exit(130) from None
     s = fleet.stats
@@ -321,4 +275,45 @@ def simulate(
                   f"{s.calls_answered:,} calls answered.", highlight=False, soft_wrap=True)
     if s.gave_up:
         fail(f"{s.gave_up} device(s) could not connect (credentials refused).")
+    if problem:
+        fail(f"The simulation did not reach corral: {problem}.")
+
+
+def _endpoint(a: Api, name: str, label: str, host: str | None, port: int | None,
+              fallback_port: int) -> tuple[str, int]:
+    """Where the devices connect: the options given, else what the server reports
+    (``GET /v1/device_endpoints``; a server without that route: the API's host and the
+    default port)."""
+    api_host = urlsplit(a.api_url).hostname or "127.0.0.1"
+    if host is not None and port is not None:
+        return host, port
+    found = discover_endpoints(a)
+    if found is None:
+        errors.print(f"[yellow]Warning:[/] the server does not report its device endpoints; "
+                     f"assuming {label} on port {port or fallback_port}.", highlight=False)
+        return host or api_host, port or fallback_port
+    ep = found.get(name)
+    if not isinstance(ep, dict):
+        fail(f"The server at {a.api_url} has {label} turned off (see `corral serve --help`).")
+    return host or str(ep.get("host") or api_host), port or int(ep["port"])
+
+
+def discover_endpoints(a: Api) -> dict[str, Any] | None:
+    """The server's device endpoints, or None when it does not report them (404)."""
+    try:
+        r = httpx.get(f"{a.api_url}/v1/device_endpoints", timeout=TIMEOUT_S,
+                      headers={"User-Agent": "corral-cli", "Authorization": f"Bearer {a.token}"})
+    except httpx.HTTPError as exc:
+        fail(f"Cannot reach {a.api_url}: {exc}")
+    if r.status_code == 404:
+        return None
+    if r.status_code >= 400:
+        fail(error_message(r))
+    try:
+        found = r.json().get("endpoints")
+    except (ValueError, AttributeError):
+        found = None
+    if not isinstance(found, dict):
+        fail(f"The server at {a.api_url} answered GET /v1/device_endpoints without endpoints.")
+    return found
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.accounts import service as accounts
+from corral.accounts.schemas import TokenAnswer
 from corral.auth.deps import Ctx, basic_credentials, optional_ctx
 from corral.auth.guards import Guard
 from corral.auth.models import OAuthClient
 from corral.auth.policy import Role, check_scopes
 from corral.customers import service
-from corral.kit.body import read_body
+from corral.customers.schemas import CustomerCreate, CustomerPage, CustomerPassword, CustomersAnswer
+from corral.kit.body import body, query, raw_body
 from corral.kit.errors import NotFound, OAuthError
-from corral.kit.responses import NO_STORE, ok, paging
+from corral.kit.responses import NO_STORE, OkAnswer, answers, ok, paging
 from corral.products.access import ProductCtx, ProductGuard, get_product
 from corral.products.models import Product
 
@@ -58,9 +60,9 @@ class CustomerCreateGuard(Guard):
                        ctx: Ctx = Depends(optional_ctx)) -> CustomerCreateCtx:
         cid, secret = basic_credentials(request)
         if cid is None:
-            body = await read_body(request)
-            if body.get("client_id") not in (None, ""):
-                cid, secret = body.get("client_id"), body.get("client_secret")
+            raw = await raw_body(request)
+            if raw.get("client_id") not in (None, ""):
+                cid, secret = raw.get("client_id"), raw.get("client_secret")
                 if not isinstance(cid, str) or not isinstance(secret, str | None):
                     raise OAuthError("Invalid or missing client_id parameter")
         if cid is None:
@@ -75,29 +77,29 @@ class CustomerCreateGuard(Guard):
         return CustomerCreateCtx(ctx=ctx, product=row, role=None, oauth_client=client)
 
 
-@router.post("/v1/products/{product}/customers", summary="Create a customer", status_code=201)
+@router.post("/v1/products/{product}/customers", summary="Create a customer", status_code=201,
+             responses=answers(TokenAnswer, 409, status=201))
 async def create_customer(
-    request: Request, cc: CustomerCreateCtx = Depends(CustomerCreateGuard("customers:create")),
+    cc: CustomerCreateCtx = Depends(CustomerCreateGuard("customers:create")),
+    req: CustomerCreate = body(CustomerCreate),
 ) -> JSONResponse:
     """`email` + `password` (team token or client credentials), or `no_password=true` (client credentials)."""
     ctx = cc.ctx
     creator = service.Creator(actor=ctx.subject if cc.oauth_client is None else None,
                               oauth_client=cc.oauth_client)
     issued = await service.create_customer(cc.db, ctx.settings, creator=creator,
-                                           product=cc.product, body=await read_body(request),
-                                           ip=ctx.ip)
+                                           product=cc.product, req=req, ip=ctx.ip)
     return JSONResponse(issued.body(), status_code=201, headers=NO_STORE)
 
 
-@router.get("/v1/products/{product}/customers", summary="List customers")
+@router.get("/v1/products/{product}/customers", summary="List customers",
+            responses=answers(CustomersAnswer))
 async def list_customers(
     pc: ProductCtx = Depends(ProductGuard("customers:list")),
-    page: int = Query(1, ge=1, le=1_000_000),
-    per_page: int | None = Query(None, ge=1, le=1000),
-    perPage: int | None = Query(None, ge=1, le=1000),
+    q: CustomerPage = query(CustomerPage),
 ) -> dict[str, Any]:
     """The product's customers with the ids of their devices (`page`, `per_page`/`perPage`)."""
-    size = per_page or perPage or 25
+    page, size = q.page, q.per_page
     result = await service.list_customers(pc.db, pc.product, page=page, per_page=size)
     return {
         "customers": [{"id": c.id, "username": c.email, "devices": devices}
@@ -106,17 +108,20 @@ async def list_customers(
     }
 
 
-@router.put("/v1/products/{product}/customers/{email}", summary="Change a customer's password")
+@router.put("/v1/products/{product}/customers/{email}", summary="Change a customer's password",
+            responses=answers(OkAnswer))
 async def update_customer(
-    email: str, request: Request, pc: ProductCtx = Depends(ProductGuard("customers:update")),
+    email: str, pc: ProductCtx = Depends(ProductGuard("customers:update")),
+    req: CustomerPassword = body(CustomerPassword),
 ) -> dict[str, Any]:
     """Set the customer's `password` (team token; a shadow customer gets one)."""
     await service.update_customer(pc.db, pc.ctx.settings, actor=pc.ctx.me, product=pc.product,
-                                  email=email, body=await read_body(request), ip=pc.ctx.ip)
+                                  email=email, req=req, ip=pc.ctx.ip)
     return ok()
 
 
-@router.delete("/v1/products/{product}/customers/{email}", summary="Delete a customer")
+@router.delete("/v1/products/{product}/customers/{email}", summary="Delete a customer",
+               responses=answers(OkAnswer))
 async def delete_customer(
     email: str, pc: ProductCtx = Depends(ProductGuard("customers:remove")),
 ) -> dict[str, Any]:

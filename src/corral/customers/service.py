@@ -21,8 +21,8 @@ from corral.accounts.service import IssuedToken
 from corral.audit import service as audit
 from corral.auth.models import AccessToken, Customer, OAuthClient
 from corral.auth.subject import Subject
+from corral.customers.schemas import CustomerCreate, CustomerPassword
 from corral.devices import claims
-from corral.kit.body import as_bool
 from corral.kit.errors import BadRequest, Conflict, NotFound
 from corral.products.models import Product
 from corral.settings import Settings
@@ -57,18 +57,17 @@ async def get_customer(db: AsyncSession, product: Product, email: str) -> Custom
     return customer
 
 
-def _password_choice(body: dict[str, Any], *, two_legged: bool) -> str | None:
+def _password_choice(req: CustomerCreate, *, two_legged: bool) -> str | None:
     """The new customer's password, or None for a shadow customer (two-legged only)."""
-    shadow = as_bool(body.get("no_password"), field="no_password")
-    password = body.get("password")
-    if shadow:
+    password = req.password
+    if req.no_password:
         if not two_legged:
             raise BadRequest("no_password (a shadow customer) needs the product's OAuth client "
                              "credentials, not a team member's token", code="invalid_request")
-        if password not in (None, ""):
+        if password is not None:
             raise BadRequest("Send password or no_password, not both", code="invalid_request")
         return None
-    if password in (None, ""):
+    if password is None:
         raise BadRequest("password is required (or no_password=true with the product's client "
                          "credentials)" if two_legged else "password is required",
                          code="invalid_request")
@@ -76,13 +75,13 @@ def _password_choice(body: dict[str, Any], *, two_legged: bool) -> str | None:
 
 
 async def create_customer(db: AsyncSession, settings: Settings, *, creator: Creator,
-                          product: Product, body: dict[str, Any], ip: str) -> IssuedToken:
+                          product: Product, req: CustomerCreate, ip: str) -> IssuedToken:
     """Create a customer of ``product`` and return their first token (90 days, refreshable).
 
     The caller was authorized by the route's guard (team member with ``customers:create`` or
     the product's own OAuth client)."""
-    email = accounts.normalize_email(body.get("email"), field="email")
-    password = _password_choice(body, two_legged=creator.oauth_client is not None)
+    email = accounts.normalize_email(req.email, field="email")
+    password = _password_choice(req, two_legged=creator.oauth_client is not None)
     exists = Conflict("A customer with that e-mail already exists in this product",
                       code="customer_exists")
     if await find_customer(db, product, email) is not None:
@@ -127,14 +126,15 @@ async def list_customers(db: AsyncSession, product: Product, *, page: int,
 
 
 async def update_customer(db: AsyncSession, settings: Settings, *, actor: Subject,
-                          product: Product, email: str, body: dict[str, Any], ip: str) -> Customer:
+                          product: Product, email: str, req: CustomerPassword,
+                          ip: str) -> Customer:
     """Set a customer's ``password`` (a shadow customer then gets one)."""
     customer = await get_customer(db, product, email)
-    if body.get("password") in (None, ""):
+    if req.password is None:
         raise BadRequest("Nothing to update: send password", code="invalid_request")
     was_shadow = customer.password_hash is None
     customer.password_hash = accounts.hash_for(settings, accounts.check_password_rules(
-        body["password"]))
+        req.password))
     audit.record(db, actor=actor, ip=ip, action="customer.updated", org_id=product.org_id,
                  product_id=product.id, target_type="customer", target_id=customer.email,
                  details={"fields": ["password"], "was_shadow": was_shadow})

@@ -46,19 +46,3 @@ class Timestamps:
     created_at: Mapped[dt.datetime] = mapped_column(default=clock.now)
     updated_at: Mapped[dt.datetime] = mapped_column(default=clock.now, onupdate=clock.now)
 
-
-def all_models() -> None:
-    """Import every models module so Base.metadata is complete (Alembic, tests)."""
-    from corral.accounts import models as _accounts  # noqa: F401
-    from corral.audit import models as _audit  # noqa: F401
-    from corral.auth import models as _auth  # noqa: F401
-    from corral.billing import models as _billing  # noqa: F401
-    from corral.devices import models as _devices  # noqa: F401
-    from corral.events import models as _events  # noqa: F401
-    from corral.firmware import models as _firmware  # noqa: F401
-    from corral.locations import models as _locations  # noqa: F401
-    from corral.mail import models as _mail  # noqa: F401
-    from corral.metering import models as _metering  # noqa: F401
-    from corral.orgs import models as _orgs  # noqa: F401
-    from corral.products import models as _products  # noqa: F401
-    from corral.rollouts import models as _rollouts  # noqa: F401

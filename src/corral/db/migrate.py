@@ -6,15 +6,20 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, target_metadata: MetaData | None = None) -> Config:
+    """Alembic's configuration for ``url``; ``target_metadata`` (``corral.models.load()``)
+    only where revisions are compared with the models (autogenerate)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url)
+    if target_metadata is not None:
+        cfg.attributes["target_metadata"] = target_metadata
     return cfg
 
 

@@ -32,6 +32,9 @@ def _executed(state: ORMExecuteState) -> None:
         state.session.info["wrote"] = True
 
 
+AWAIT_AFTER_COMMIT = "await_after_commit"  # session.info: tasks a commit waits for
+
+
 def after_commit(db: AsyncSession, fn: Callable[[], Any]) -> None:
     db.info.setdefault("after_commit", []).append(fn)
 
@@ -50,6 +53,13 @@ async def commit(db: AsyncSession) -> None:
             fn()
         except Exception:  # a side effect must not turn a committed write into an error
             log.exception("after-commit hook failed")
+    # work started by commit events that must be done before the caller hears of the
+    # commit (the other nodes told to drop cached tokens: corral.auth.cache)
+    for task in db.info.pop(AWAIT_AFTER_COMMIT, []):
+        try:
+            await task
+        except Exception:
+            log.exception("after-commit task failed")
 
 
 async def release(db: AsyncSession) -> None:

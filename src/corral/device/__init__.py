@@ -21,8 +21,6 @@ from corral.device.client import (
     FunctionHandler,
     OtaHandler,
     VariableGetter,
-    VariableType,
-    check_event_name,
 )
 from corral.device.errors import (
     ConnectError,
@@ -32,6 +30,7 @@ from corral.device.errors import (
     SubscribeRefused,
     reason_name,
 )
+from corral.device.members import VariableType, check_event_name
 
 __all__ = [
     "Backoff",

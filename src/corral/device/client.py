@@ -23,22 +23,31 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
+import random
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
+from typing import Any, Final, TypeAlias, TypeVar, cast
 
 from corral.device.backoff import Backoff
+from corral.device.connection import Connection
 from corral.device.errors import (
     ConnectError,
     NotConnected,
     PublishRefused,
     SubscribeRefused,
     reason_name,
+)
+from corral.device.members import (
+    INT32,
+    MAX_MEMBERS,
+    VARIABLE_TYPES,
+    VariableType,
+    check_event_name,
+    check_member,
+    variable_value,
 )
 from corral.transports.mqtt.codec import (
     Connack,
@@ -59,9 +68,10 @@ from corral.transports.mqtt.codec import (
 )
 from corral.transports.mqtt.properties import EMPTY, Properties, ProtocolError
 
+FIRST_VITALS_WITHIN_S = 300.0
+
 log = logging.getLogger("corral.device")
 
-VariableType: TypeAlias = Literal["bool", "int32", "double", "string"]
 FunctionHandler: TypeAlias = Callable[[str], int | Awaitable[int]]
 VariableGetter: TypeAlias = Callable[[], Any]
 EventHandler: TypeAlias = Callable[[str, str], Awaitable[None] | None]
@@ -71,15 +81,6 @@ DisconnectHandler: TypeAlias = Callable[[str], Awaitable[None] | None]
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEVICE_ID_RE: Final = re.compile(r"^[0-9a-fA-F]{24}$")
-EVENT_NAME_RE: Final = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
-MAX_MEMBERS: Final = 20  # functions, and variables, a device may describe
-INT32: Final = (-(2**31), 2**31 - 1)
-VARIABLE_TYPES: Final[dict[object, VariableType]] = {
-    "bool": "bool", "boolean": "bool", bool: "bool",
-    "int32": "int32", "int": "int32", "integer": "int32", int: "int32",
-    "double": "double", "float": "double", "number": "double", float: "double",
-    "string": "string", "str": "string", str: "string",
-}
 STABLE_AFTER_S: Final = 10.0  # a connection this old counts as a success: backoff resets
 
 
@@ -93,108 +94,6 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
-
-
-def _check_member(name: str, what: str) -> str:
-    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
-        raise ValueError(f"{what} names are 1 to 64 printable characters, not {name!r}")
-    return name
-
-
-def check_event_name(name: str) -> str:
-    """The contract's rule for event names (``ValueError`` otherwise). ``+`` and ``#`` are
-    also refused: MQTT topic names cannot carry them."""
-    if not isinstance(name, str) or EVENT_NAME_RE.fullmatch(name) is None:
-        raise ValueError("event names are 1 to 64 printable ASCII characters without spaces, "
-                         f"not {name!r}")
-    if "+" in name or "#" in name:
-        raise ValueError(f"event names cannot contain + or # over MQTT: {name!r}")
-    if name.lower().startswith(("spark", "particle")):
-        raise ValueError(f"event names starting with spark or particle are reserved: {name!r}")
-    return name
-
-
-def _variable_value(value: Any, vtype: VariableType) -> bool | int | float | str:
-    """``value`` as JSON of the declared type; ``ValueError`` when it is not one."""
-    if vtype == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif vtype == "int32":
-        if isinstance(value, int) and INT32[0] <= int(value) <= INT32[1]:
-            return int(value)
-        if isinstance(value, float) and value.is_integer() and INT32[0] <= value <= INT32[1]:
-            return int(value)
-    elif vtype == "double":
-        if isinstance(value, int | float) and not isinstance(value, bool) \
-                and math.isfinite(float(value)):
-            return float(value)
-    elif isinstance(value, str):
-        return value
-    raise ValueError(f"the getter returned {value!r}, which is not a {vtype}")
-
-
-@dataclass(eq=False)
-class _Conn:
-    """One MQTT connection's state; a reconnect makes a new one."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    version: int
-    keepalive: int
-    receive_maximum: int
-    decoder: Decoder
-    last_tx: float
-    last_rx: float
-    pending: dict[int, asyncio.Future[Packet]] = field(default_factory=dict)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # the connection is dead
-    finished: asyncio.Event = field(default_factory=asyncio.Event)  # ... and cleaned up
-    ready: bool = False  # subscribed and described
-    reason: str = ""
-    pong: asyncio.Future[None] | None = None
-    next_pid: int = 0
-    inflight: asyncio.Semaphore | None = None
-    opened_at: float = 0.0
-
-    def send(self, packet: Packet) -> None:
-        if self.done.is_set():
-            raise NotConnected(f"the connection is closed ({self.reason})")
-        self.writer.write(encode(packet, self.version))
-        self.last_tx = asyncio.get_running_loop().time()
-
-    def new_pid(self) -> int:
-        for _ in range(0xFFFF):
-            self.next_pid = self.next_pid % 0xFFFF + 1
-            if self.next_pid not in self.pending:
-                return self.next_pid
-        raise NotConnected("no free packet identifier")
-
-    def spawn(self, coro: Awaitable[Any], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def lose(self, reason: str) -> None:
-        """Mark the connection dead (idempotent): fail waiters, drop the socket."""
-        if self.done.is_set():
-            return
-        self.reason = self.reason or reason
-        self.done.set()
-        # a waiter may be cancelled before it wakes up: mark the exceptions as retrieved so
-        # asyncio does not log "Future exception was never retrieved" for them
-        waiters: list[asyncio.Future[Any]] = [*self.pending.values()]
-        if self.pong is not None:
-            waiters.append(self.pong)
-        for fut in waiters:
-            if not fut.done():
-                fut.set_exception(NotConnected(f"the connection ended: {self.reason}"))
-                fut.exception()
-        self.pending.clear()
-        with contextlib.suppress(Exception):
-            self.writer.transport.abort()
 
 
 class Device:
@@ -272,10 +171,12 @@ class Device:
         self._subscriptions: dict[str, list[EventHandler]] = {}
         self._ota: OtaHandler | None = None
         self._facts: dict[str, Any] = {}
+        self._vitals: Callable[[], Any] | None = None
+        self._vitals_every: float | None = None
         self._on_connect: list[ConnectHandler] = []
         self._on_disconnect: list[DisconnectHandler] = []
 
-        self._conn: _Conn | None = None
+        self._conn: Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._closing = False
         self._stop: asyncio.Event | None = None
@@ -293,7 +194,7 @@ class Device:
 
     def function(self, name: str) -> Callable[[F], F]:
         """Register a cloud-callable function (decorator): ``handler(arg: str) -> int``."""
-        _check_member(name, "Function")
+        check_member(name, "Function")
 
         def register(handler: F) -> F:
             if name not in self._functions and len(self._functions) >= MAX_MEMBERS:
@@ -308,7 +209,7 @@ class Device:
         """Register a cloud-readable variable of type ``bool``, ``int32``, ``double`` or
         ``string`` (or the Python types ``bool``, ``int``, ``float``, ``str``); ``getter()``
         (sync or async) returns its current value."""
-        _check_member(name, "Variable")
+        check_member(name, "Variable")
         t = VARIABLE_TYPES.get(vtype.lower() if isinstance(vtype, str) else vtype)
         if t is None:
             raise ValueError(f"variable type must be bool, int32, double or string, not {vtype!r}")
@@ -319,10 +220,14 @@ class Device:
 
     def describe(self, *, firmware_version: int | None = None,
                  system_version: str | None = None, updates_enabled: bool | None = None,
+                 iccid: str | None = None, cellular: bool | None = None,
                  **extra: Any) -> None:
-        """Facts sent with the describe message besides functions and variables."""
+        """Facts sent with the describe message besides functions and variables. A cellular
+        device gives its SIM's ``iccid`` (or ``cellular=True`` without one): its traffic
+        then counts towards the plan's cellular data."""
         facts = {"firmware_version": firmware_version, "system_version": system_version,
-                 "updates_enabled": updates_enabled, **extra}
+                 "updates_enabled": updates_enabled, "iccid": iccid, "cellular": cellular,
+                 **extra}
         for key, value in facts.items():
             if key in ("functions", "variables"):
                 raise ValueError(f"{key} are described from the registered handlers")
@@ -474,7 +379,7 @@ class Device:
         if conn is not None:
             await self._disconnect(conn)
 
-    async def _disconnect(self, conn: _Conn) -> None:
+    async def _disconnect(self, conn: Connection) -> None:
         """Send DISCONNECT, close the socket, wait for the clean-up."""
         if not conn.done.is_set():
             conn.reason = "closed by the device"
@@ -543,6 +448,46 @@ class Device:
             await self._disconnect(conn)
         await self.connect()
 
+    def vitals(self, getter: Callable[[], dict[str, Any]], *,
+               every: float | None = None) -> None:
+        """Report vitals (Particle's diagnostics shape, e.g. ``{"device": {"network":
+        {"signal": {"rssi": -60}}, "system": {"uptime": 12, "memory": {"used": 1,
+        "total": 2}}}}``) from ``getter()``: when the cloud asks (``POST
+        /v1/diagnostics/:id/update``) and, with ``every`` (seconds, at least 10), once within
+        the first 5 minutes of each connection (at a random moment) and then that often.
+        Takes effect at the next connect."""
+        if every is not None and every < 10:
+            raise ValueError("every is at least 10 seconds (the cloud keeps 1 per 10 s)")
+        self._vitals = getter
+        self._vitals_every = every
+
+    async def send_vitals(self, doc: dict[str, Any] | None = None) -> None:
+        """Send vitals now: ``doc``, or what the registered getter returns."""
+        conn = self._require()
+        await self._send_vitals(conn, doc)
+
+    async def _send_vitals(self, conn: Connection, doc: dict[str, Any] | None = None) -> None:
+        if doc is None:
+            if self._vitals is None:
+                raise ValueError("no vitals: register a getter with vitals() or pass a dict")
+            doc = await _call(self._vitals)
+        await self._publish(conn, self._topic("diagnostics"),
+                            json.dumps(doc, separators=(",", ":")).encode("utf-8"), 1)
+
+    async def _vitals_loop(self, conn: Connection, every: float) -> None:
+        # the first report at a random point of the first minutes after connecting (a fleet
+        # reconnecting at once does not report at once), then every ``every`` seconds
+        wait = random.uniform(0.0, min(every, FIRST_VITALS_WITHIN_S))
+        while True:
+            await asyncio.sleep(wait)
+            wait = every
+            try:
+                await self._send_vitals(conn)
+            except (NotConnected, TimeoutError):
+                return
+            except Exception as exc:
+                log.warning("device %s: vitals not sent: %r", self.device_id, exc)
+
     async def send_describe(self) -> None:
         """Send the describe message now (it is sent on connect and after changes anyway)."""
         conn = self._require()
@@ -557,13 +502,13 @@ class Device:
     def _inbox_filter(self, prefix: str) -> str:
         return self._topic(f"inbox/{prefix}" if prefix else "inbox/#")
 
-    def _require(self) -> _Conn:
+    def _require(self) -> Connection:
         conn = self._conn
         if conn is None or conn.done.is_set():
             raise NotConnected(f"device {self.device_id} is not connected")
         return conn
 
-    async def _open(self) -> _Conn:
+    async def _open(self) -> Connection:
         """TCP (+TLS), CONNECT, CONNACK."""
         loop = asyncio.get_running_loop()
         where = f"{self.host}:{self.port}"
@@ -625,7 +570,7 @@ class Device:
             keepalive = ack.properties.server_keep_alive
         receive_max = ack.properties.receive_maximum or 65535
         now = loop.time()
-        conn = _Conn(reader=reader, writer=writer, version=self.protocol, keepalive=keepalive,
+        conn = Connection(reader=reader, writer=writer, version=self.protocol, keepalive=keepalive,
                      receive_maximum=receive_max, decoder=decoder, last_tx=now, last_rx=now,
                      opened_at=now)
         conn.inflight = asyncio.Semaphore(min(receive_max, 1024))
@@ -636,7 +581,7 @@ class Device:
             conn.spawn(self._keepalive_loop(conn), f"mqtt-ping-{self.device_id}")
         return conn
 
-    async def _setup(self, conn: _Conn) -> None:
+    async def _setup(self, conn: Connection) -> None:
         """Subscribe to requests, inbox prefixes and OTA; then describe."""
         filters = [self._topic("requests/+")]
         filters += [self._inbox_filter(p) for p in self._subscriptions]
@@ -645,8 +590,11 @@ class Device:
         await self._subscribe(conn, filters, strict=True)
         await self._publish(conn, self._topic("describe"),
                             json.dumps(self.describe_payload()).encode("utf-8"), 1)
+        if self._vitals is not None and self._vitals_every:
+            conn.spawn(self._vitals_loop(conn, self._vitals_every),
+                       f"mqtt-vitals-{self.device_id}")
 
-    async def _cleanup(self, conn: _Conn) -> None:
+    async def _cleanup(self, conn: Connection) -> None:
         """After a connection died (run by its read loop): stop its other tasks, forget it,
         tell the disconnect handlers."""
         try:
@@ -670,7 +618,7 @@ class Device:
         finally:
             conn.finished.set()
 
-    async def _wait_finished(self, conn: _Conn) -> None:
+    async def _wait_finished(self, conn: Connection) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
                 await conn.finished.wait()
@@ -696,7 +644,7 @@ class Device:
 
     # --- internals: packets -------------------------------------------------------------------
 
-    async def _request(self, conn: _Conn, packet_id: int, packet: Packet) -> Packet:
+    async def _request(self, conn: Connection, packet_id: int, packet: Packet) -> Packet:
         """Send a packet that the server acknowledges with the same packet id."""
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
         conn.pending[packet_id] = fut
@@ -712,7 +660,7 @@ class Device:
             if conn.pending.get(packet_id) is fut:
                 del conn.pending[packet_id]
 
-    async def _publish(self, conn: _Conn, topic: str, payload: bytes, qos: int,
+    async def _publish(self, conn: Connection, topic: str, payload: bytes, qos: int,
                        props: Properties = EMPTY) -> None:
         if qos == 0:
             conn.send(Publish(topic, payload, 0, properties=props))
@@ -730,7 +678,7 @@ class Device:
         if isinstance(ack, Puback) and ack.reason_code >= 0x80:
             raise PublishRefused(topic, ack.reason_code, ack.properties.reason_string)
 
-    async def _subscribe(self, conn: _Conn, filters: list[str], *, strict: bool = False) -> None:
+    async def _subscribe(self, conn: Connection, filters: list[str], *, strict: bool = False) -> None:
         pid = conn.new_pid()
         subs = tuple(Subscription(f, self.subscription_qos) for f in filters)
         ack = await self._request(conn, pid, Subscribe(pid, subs))
@@ -743,11 +691,11 @@ class Device:
                     raise SubscribeRefused(f, code)
                 log.warning("device %s: %s", self.device_id, SubscribeRefused(f, code))
 
-    async def _unsubscribe(self, conn: _Conn, topic_filter: str) -> None:
+    async def _unsubscribe(self, conn: Connection, topic_filter: str) -> None:
         pid = conn.new_pid()
         await self._request(conn, pid, Unsubscribe(pid, (topic_filter,)))
 
-    async def _read_loop(self, conn: _Conn, early: list[Packet]) -> None:
+    async def _read_loop(self, conn: Connection, early: list[Packet]) -> None:
         """Read and dispatch packets until the connection dies; then clean it up."""
         loop = asyncio.get_running_loop()
         reason = "connection lost"
@@ -774,7 +722,7 @@ class Device:
             conn.lose(reason)  # keeps an earlier, more precise reason
             await self._cleanup(conn)
 
-    def _dispatch(self, conn: _Conn, packet: Packet) -> None:
+    def _dispatch(self, conn: Connection, packet: Packet) -> None:
         if conn.done.is_set():
             return
         if isinstance(packet, Publish):
@@ -796,7 +744,7 @@ class Device:
         else:  # CONNACK again, PUBREC/PUBREL/PUBCOMP (we never use QoS 2), AUTH
             conn.lose(f"unexpected {type(packet).__name__} from the server")
 
-    def _incoming(self, conn: _Conn, p: Publish) -> None:
+    def _incoming(self, conn: Connection, p: Publish) -> None:
         prefix = f"devices/{self.device_id}/"
         if not p.topic.startswith(prefix):
             log.warning("device %s: message on foreign topic %s ignored", self.device_id,
@@ -828,7 +776,7 @@ class Device:
         except Exception:
             log.exception("device %s: OTA handler failed", self.device_id)
 
-    async def _answer(self, conn: _Conn, request_id: str, payload: bytes) -> None:
+    async def _answer(self, conn: Connection, request_id: str, payload: bytes) -> None:
         """Answer one cloud request on ``replies/{request_id}``."""
         try:
             request = json.loads(payload)
@@ -840,6 +788,11 @@ class Device:
             with contextlib.suppress(NotConnected, TimeoutError):
                 await self._publish(conn, self._topic("describe"),
                                     json.dumps(self.describe_payload()).encode("utf-8"), 1)
+            return
+        if kind == "diagnostics":
+            if self._vitals is not None:
+                with contextlib.suppress(NotConnected, TimeoutError):
+                    await self._send_vitals(conn)
             return
         reply: dict[str, Any]
         name = request.get("name")
@@ -874,9 +827,9 @@ class Device:
         if entry is None:
             raise LookupError(f"unknown variable {name!r}")
         vtype, getter = entry
-        return _variable_value(await _call(getter), vtype)
+        return variable_value(await _call(getter), vtype)
 
-    async def _keepalive_loop(self, conn: _Conn) -> None:
+    async def _keepalive_loop(self, conn: Connection) -> None:
         """Ping when nothing was sent or received for ``keepalive`` seconds; a PINGRESP that
         does not come within the ping timeout means the server is gone."""
         loop = asyncio.get_running_loop()
@@ -901,5 +854,4 @@ class Device:
             conn.last_rx = loop.time()
 
 
-__all__ = ["Device", "EventHandler", "FunctionHandler", "OtaHandler", "VariableGetter",
-           "VariableType", "check_event_name"]
+__all__ = ["Device", "EventHandler", "FunctionHandler", "OtaHandler", "VariableGetter"]

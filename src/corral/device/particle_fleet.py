@@ -1,5 +1,7 @@
-"""A fleet of simulated sensors speaking Particle's TCP protocol (``corral simulate
---transport particle``, ``bench/bench_particle.py``).
+"""A fleet of simulated sensors speaking Particle's protocol, over TCP with RSA keys
+(``corral simulate --transport particle``, ``bench/bench_particle.py``) or, with P-256 keys,
+as Gen 3 devices over DTLS/UDP (``--transport particle-udp``,
+``bench/bench_particle_udp.py``).
 
 Each :class:`SimulatedParticleDevice` drives a
 :class:`~corral.transports.particle.device.ParticleDevice` (corral's device side of the
@@ -17,7 +19,7 @@ protocol, no server code) and behaves like the MQTT simulator's devices:
 
 :class:`ParticleFleet` runs many of them in one event loop and bounds how many handshakes
 run at the same moment. Keys: :func:`generate_keys` makes RSA-1024 device keys (PEM) in a
-process pool, since one takes ~10 ms of CPU.
+process pool, since one takes ~10 ms of CPU; :func:`generate_ec_keys` makes P-256 ones.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from corral.device.backoff import Backoff
 from corral.device.simulator import (
@@ -48,6 +50,7 @@ from corral.firmware.module import parse_module
 from corral.transports.particle import coap
 from corral.transports.particle.device import DeviceClosed, ParticleDevice
 from corral.transports.particle.errors import ParticleProtocolError
+from corral.transports.particle.udp_device import ParticleUdpDevice
 
 log = logging.getLogger("corral.device.particle_fleet")
 
@@ -58,6 +61,9 @@ CONNECT_TIMEOUT_S: Final = 20.0  # TCP connect + handshake + Hello + describes
 PUBLISH_TIMEOUT_S: Final = 10.0
 SPKI_SEQUENCE: Final = 0x30
 
+DeviceKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+ServerKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
 # Errors of one connection attempt: the device waits (backoff) and tries again.
 CONNECT_ERRORS: Final = (OSError, EOFError, TimeoutError, DeviceClosed, ParticleProtocolError,
                          ValueError)
@@ -67,29 +73,32 @@ class ServerKeyError(ValueError):
     """A server key file that cannot be used."""
 
 
-def load_server_key(data: bytes) -> rsa.RSAPublicKey:
+def load_server_key(data: bytes) -> ServerKey:
     """The server's public key from a ``server_key`` file as ``corral keys server`` writes it
-    (DER SubjectPublicKeyInfo zero-padded to 384 bytes, then an address TLV), from a bare DER
-    SPKI, or from PEM."""
+    (TCP: RSA DER SubjectPublicKeyInfo zero-padded to 384 bytes, then an address TLV; UDP:
+    a P-256 DER SPKI padded to 192), from a bare DER SPKI, or from PEM."""
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(data)
         except ValueError as exc:
             raise ServerKeyError(f"not a PEM public key: {exc}") from None
     else:
-        # a DER SEQUENCE with a long-form length: 30 81 LL or 30 82 LL LL
-        if len(data) < 4 or data[0] != SPKI_SEQUENCE or data[1] not in (0x81, 0x82):
+        # a DER SEQUENCE: 30 LL (P-256), 30 81 LL or 30 82 LL LL (RSA)
+        if len(data) < 4 or data[0] != SPKI_SEQUENCE or data[1] in (0x80, 0x83, 0x84) \
+                or data[1] > 0x84:
             raise ServerKeyError("not a server_key file (no DER public key at its start)")
-        n = data[1] & 0x7F
-        size = 2 + n + int.from_bytes(data[2:2 + n], "big")
+        n = data[1] & 0x7F if data[1] & 0x80 else 0
+        size = 2 + n + (int.from_bytes(data[2:2 + n], "big") if n else data[1])
         if size > len(data):
             raise ServerKeyError("the DER public key is truncated")
         try:
             key = serialization.load_der_public_key(data[:size])
         except ValueError as exc:
             raise ServerKeyError(f"not a DER public key: {exc}") from None
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
     if not isinstance(key, rsa.RSAPublicKey):
-        raise ServerKeyError("the server key is not an RSA key")
+        raise ServerKeyError("the server key is neither RSA (TCP) nor P-256 (UDP)")
     return key
 
 
@@ -110,16 +119,25 @@ def generate_keys(n: int, *, workers: int | None = None) -> list[bytes]:
         return list(pool.map(_new_key_pem, range(n), chunksize=max(1, n // (workers * 8))))
 
 
-def load_device_key(pem: bytes | str) -> rsa.RSAPrivateKey:
-    """A device key from PEM; ``ValueError`` unless it is RSA-1024."""
+def generate_ec_keys(n: int) -> list[bytes]:
+    """``n`` new P-256 device keys (PKCS#8 PEM), as Gen 3 devices have."""
+    return [ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()) for _ in range(max(0, n))]
+
+
+def load_device_key(pem: bytes | str) -> DeviceKey:
+    """A device key from PEM; ``ValueError`` unless it is RSA-1024 or P-256."""
     key = serialization.load_pem_private_key(pem.encode() if isinstance(pem, str) else pem,
                                              password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
     if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != DEVICE_KEY_BITS:
-        raise ValueError(f"a device key must be RSA-{DEVICE_KEY_BITS}")
+        raise ValueError(f"a device key must be RSA-{DEVICE_KEY_BITS} or P-256")
     return key
 
 
-def public_pem(key: rsa.RSAPrivateKey) -> str:
+def public_pem(key: DeviceKey) -> str:
     """The device's public key as PEM SubjectPublicKeyInfo (for ``POST /v1/provisioning``)."""
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
@@ -135,7 +153,7 @@ class ParticleFleetStats(FleetStats):
 class SimulatedParticleDevice(SimulatedBehaviour):
     """One simulated sensor over Particle TCP (see the module docstring)."""
 
-    def __init__(self, device_id: str, key: rsa.RSAPrivateKey, server_key: rsa.RSAPublicKey,
+    def __init__(self, device_id: str, key: DeviceKey, server_key: ServerKey,
                  host: str, port: int, *, stats: ParticleFleetStats, interval: float = 5.0,
                  label: str | None = None, product_id: int | None = None,
                  platform_id: int = DEFAULT_PLATFORM,
@@ -206,17 +224,24 @@ class SimulatedParticleDevice(SimulatedBehaviour):
             task.add_done_callback(self._tasks.discard)
 
     def _new_device(self) -> ParticleDevice:
-        dev = ParticleDevice(
-            self.device_id, self.key, self.server_key, product_id=self.product_id,
-            product_version=self.firmware_version, platform_id=self.platform_id,
-            system_version=SYSTEM_VERSION,
+        kw: dict[str, Any] = dict(
+            product_id=self.product_id, product_version=self.firmware_version,
+            platform_id=self.platform_id, system_version=SYSTEM_VERSION,
             functions={"led": self._counted(self._led), "reboot": self._counted(self._reboot),
                        "interval": self._counted(self._set_interval)},
             variables={"temperature": ("double", self._read(lambda: round(self.temperature, 2))),
                        "uptime": ("int32", self._read(self.uptime)),
                        "label": ("string", self._read(lambda: self.label)),
                        "on": ("bool", self._read(lambda: self.on))})
+        dev: ParticleDevice
+        if isinstance(self.key, ec.EllipticCurvePrivateKey):  # a Gen 3 device: DTLS over UDP
+            if not isinstance(self.server_key, ec.EllipticCurvePublicKey):
+                raise ServerKeyError("a P-256 device needs the UDP server key")
+            dev = ParticleUdpDevice(self.device_id, self.key, self.server_key, **kw)
+        else:
+            dev = ParticleDevice(self.device_id, self.key, self.server_key, **kw)
         dev.on_update = self._updated
+        dev.vitals = self.vitals_doc  # answers the cloud's metrics describe
         return dev
 
     # --- running ------------------------------------------------------------------------------
@@ -289,8 +314,8 @@ class ParticleFleet:
     """Many simulated Particle devices in this event loop. ``start()`` returns at once; the
     devices connect in the background, at most ``connect_concurrency`` handshakes at once."""
 
-    def __init__(self, devices: Sequence[tuple[str, rsa.RSAPrivateKey]],
-                 server_key: rsa.RSAPublicKey, host: str = "127.0.0.1", port: int = 5683, *,
+    def __init__(self, devices: Sequence[tuple[str, DeviceKey]],
+                 server_key: ServerKey, host: str = "127.0.0.1", port: int = 5683, *,
                  interval: float = 5.0, product_id: int | None = None,
                  platform_id: int = DEFAULT_PLATFORM, connect_concurrency: int = 50,
                  labels: Sequence[str] | None = None, seed: int | None = None) -> None:
@@ -352,5 +377,5 @@ class ParticleFleet:
 
 
 __all__ = ["DEVICE_KEY_BITS", "ParticleFleet", "ParticleFleetStats", "ServerKeyError",
-           "SimulatedParticleDevice", "generate_keys", "load_device_key", "load_server_key",
-           "public_pem"]
+           "SimulatedParticleDevice", "generate_ec_keys", "generate_keys", "load_device_key",
+           "load_server_key", "public_pem"]

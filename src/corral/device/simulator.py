@@ -25,7 +25,7 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -39,6 +39,7 @@ EVENT_NAME: Final = "sim/temperature"
 FIRMWARE_VERSION: Final = 1
 SYSTEM_VERSION: Final = "sim-1.0.0"
 MIN_INTERVAL_S: Final = 0.5
+VITALS_EVERY_S: Final = 3600.0  # simulated devices report vitals hourly (and when asked)
 MAX_INTERVAL_S: Final = 3600.0
 
 # A device whose secret is refused asks for a new one through this (``None``: give up).
@@ -101,6 +102,22 @@ class SimulatedBehaviour:
 
     def uptime(self) -> int:
         return int(asyncio.get_running_loop().time() - self._boot)
+
+    def vitals_doc(self) -> dict[str, Any]:
+        """This device's vitals in Particle's diagnostics shape (signal and round trip
+        wander; uptime is real)."""
+        rssi = -50 - int(self.rng.random() * 40)
+        return {"device": {
+            "network": {"signal": {"rssi": rssi, "strength": max(0, min(100, 2 * (rssi + 100))),
+                                   "quality": 60 + int(self.rng.random() * 40)}},
+            "cloud": {"connection": {"status": "connected"},
+                      "coap": {"transmit": 0, "retransmit": 0, "unack": 0,
+                               "round_trip": 40 + int(self.rng.random() * 200)},
+                      "publish": {"rate_limited": 0}, "disconnects": 0},
+            "system": {"uptime": self.uptime(),
+                       "memory": {"used": 30_000 + int(self.rng.random() * 20_000),
+                                  "total": 160_000}}},
+            "service": {"device": {"status": "ok"}}}
 
     def next_temperature(self) -> float:
         """A mean-reverting random walk around this device's base temperature."""
@@ -178,6 +195,7 @@ class SimulatedDevice(SimulatedBehaviour):
         dev.variable("label", "string", read(lambda: self.label))
         dev.variable("on", "bool", read(lambda: self.on))
         dev.describe(firmware_version=FIRMWARE_VERSION, system_version=SYSTEM_VERSION)
+        dev.vitals(self.vitals_doc, every=VITALS_EVERY_S)
 
         def connected() -> None:
             stats.connects += 1

@@ -26,7 +26,7 @@ from corral.auth.policy import Role
 from corral.auth.subject import Subject
 from corral.devices.models import Device
 from corral.kit.errors import Forbidden, NotFound
-from corral.products.access import ProductCtx, authorize_product
+from corral.products.access import ProductCtx, authorize_loaded, load_product
 from corral.products.models import Product
 
 DEVICE_ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
@@ -83,10 +83,12 @@ async def authorize_device(db: AsyncSession, subject: Subject, device: Device,
         raise NotFound("Device not found")
     if device.product_id is None:
         raise NotFound("Device not found")
-    product = await db.get(Product, device.product_id)
-    assert product is not None
+    # the product, the caller's role on it and the tenant facts in one query
+    found = await load_product(db, str(device.product_id), subject)
+    assert found is not None
+    product, role, facts = found
     try:
-        role = await authorize_product(db, subject, product, permission)
+        role = await authorize_loaded(db, subject, product, role, facts, permission)
     except NotFound:
         raise NotFound("Device not found") from None
     return product, role, "product"
@@ -99,6 +101,10 @@ class DeviceGuard(Guard):
     path_param = "device_id"
 
     async def __call__(self, device_id: str, ctx: Ctx = Depends(auth_ctx)) -> DeviceCtx:
+        return await self.resolve(ctx, device_id)
+
+    async def resolve(self, ctx: Ctx, device_id: str) -> DeviceCtx:
+        """The device ``device_id`` if the caller may do ``permission`` on it."""
         device = await find_device(ctx.db, device_id, ctx.me)
         if device is None:
             raise NotFound("Device not found")

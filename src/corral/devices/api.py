@@ -11,8 +11,28 @@ from corral.devices import groups as group_rules
 from corral.devices import service  # also registers the product-delete check
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
 from corral.devices.importer import import_devices, read_import_request
-from corral.kit.body import as_bool, read_body
-from corral.kit.responses import ok
+from corral.devices.schemas import (
+    BatchChange,
+    DenyFlag,
+    DeviceChange,
+    DeviceChanged,
+    DeviceImport,
+    DeviceListQuery,
+    DeviceObject,
+    DevicePageAnswer,
+    FlashStarted,
+    GroupAnswer,
+    GroupChange,
+    GroupCreate,
+    GroupQuery,
+    GroupsAnswer,
+    ImportAnswer,
+    ProductDeviceChange,
+)
+from corral.firmware import flash
+from corral.kit.body import body, documented_body, query
+from corral.kit.errors import BadRequest
+from corral.kit.responses import OkAnswer, answers, ok
 from corral.products.access import ProductCtx, ProductGuard
 
 router = APIRouter(tags=["devices"])
@@ -20,7 +40,9 @@ router = APIRouter(tags=["devices"])
 
 # --- product devices -------------------------------------------------------------------------
 
-@router.post("/v1/products/{product}/devices", summary="Import devices into a product")
+@router.post("/v1/products/{product}/devices", summary="Import devices into a product",
+             responses=answers(ImportAnswer),
+             dependencies=[Depends(documented_body(DeviceImport))])
 async def import_product_devices(
     request: Request, pc: ProductCtx = Depends(ProductGuard("devices:import")),
 ) -> dict[str, Any]:
@@ -32,26 +54,31 @@ async def import_product_devices(
     return result.json()
 
 
-@router.get("/v1/products/{product}/devices", summary="List a product's devices")
+@router.get("/v1/products/{product}/devices", summary="List a product's devices",
+            responses=answers(DevicePageAnswer))
 async def list_product_devices(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("devices:list")),
+    pc: ProductCtx = Depends(ProductGuard("devices:list")),
+    req: DeviceListQuery = query(DeviceListQuery),
 ) -> dict[str, Any]:
-    """Paged (`page`, `per_page`/`perPage`), filtered and sorted (`sortAttr`, `sortDir`) device list."""
-    q = service.parse_device_query(request.query_params)
+    """Paged (`page`, `per_page`/`perPage`), filtered (`tags=a,b`: devices carrying all of them) and sorted (`sortAttr`, `sortDir`) device list."""
+    q = service.parse_device_query(req)
     return (await service.list_product_devices(pc.db, pc.product, q)).json()
 
 
-@router.put("/v1/products/{product}/devices", summary="Change many product devices at once")
+@router.put("/v1/products/{product}/devices", summary="Change many product devices at once",
+            responses=answers(OkAnswer))
 async def batch_update_product_devices(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("devices:update")),
+    pc: ProductCtx = Depends(ProductGuard("devices:update")),
+    req: BatchChange = body(BatchChange),
 ) -> dict[str, Any]:
-    """`{"action":"groups","devices":[ids],"metadata":{"add":[...],"remove":[...]}}`."""
+    """`{"action":"groups"|"tags","devices":[ids],"metadata":{"add":[...],"remove":[...]}}`: every device in the product, else nothing changes."""
     await service.batch_update(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
-                               body=await read_body(request))
+                               req=req)
     return ok()
 
 
-@router.get("/v1/products/{product}/devices/{device_id}", summary="Get a product device")
+@router.get("/v1/products/{product}/devices/{device_id}", summary="Get a product device",
+            responses=answers(DeviceObject))
 async def get_product_device(
     device_id: str, pc: ProductCtx = Depends(ProductGuard("devices:get")),
 ) -> dict[str, Any]:
@@ -59,26 +86,48 @@ async def get_product_device(
     return await service.device_view(pc.db, await product_device(pc, device_id))
 
 
-@router.put("/v1/products/{product}/devices/{device_id}", summary="Update a product device")
+@router.put("/v1/products/{product}/devices/{device_id}", summary="Update or flash a product device",
+            responses=answers(DeviceChanged | FlashStarted))
 async def update_product_device(
-    device_id: str, request: Request, pc: ProductCtx = Depends(ProductGuard("devices:update")),
+    request: Request, device_id: str,
+    pc: ProductCtx = Depends(ProductGuard("devices:update")),
+    req: ProductDeviceChange = body(ProductDeviceChange, files=True),
 ) -> dict[str, Any]:
-    """Change `name`, `notes`, `development`, `groups`, `firmware_updates_forced`, lock firmware (`desired_firmware_version`, `null` unlocks; `flash` updates now), or approve (`quarantined: false`)."""
+    """Change `name`, `notes`, `development`, `groups`, `tags`, `firmware_updates_forced`, lock firmware (`desired_firmware_version`, `null` unlocks; `flash` updates now), or approve (`quarantined: false`); or flash a binary (multipart `file`) to a development device (or with `firmware:release`)."""
     device = await product_device(pc, device_id)
+    upload = await _flash_file(request, req)
+    if upload is not None:
+        return await flash.flash_binary(pc.db, settings=pc.ctx.settings, actor=pc.ctx.me,
+                                        ip=pc.ctx.ip, device=device, product=pc.product,
+                                        role=pc.role, via="product", upload=upload)
     return await service.update_device(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, device=device,
-                                       body=await read_body(request), product=pc.product,
-                                       role=pc.role, product_route=True)
+                                       req=req, product=pc.product, role=pc.role)
+
+
+async def _flash_file(request: Request, req: DeviceChange) -> flash.FlashUpload | None:
+    """The binary of a flash request, or None for a plain change; a flash request's
+    fields without a file, or with other changes, are refused."""
+    upload = await flash.read_flash_file(request, request.app.state.settings)
+    if upload is None:
+        if req.model_fields_set & DeviceChange.FLASH_FIELDS:
+            raise BadRequest("To flash the device, send the binary as multipart/form-data "
+                             "in the field file", code="invalid_request")
+        return None
+    if req.changes():
+        raise BadRequest(f"Flash a binary alone; send {', '.join(sorted(req.changes()))} "
+                         "in another request", code="invalid_request")
+    return upload
 
 
 @router.delete("/v1/products/{product}/devices/{device_id}", status_code=204,
-               summary="Remove or deny a product device")
+               summary="Remove or deny a product device", responses=answers(None))
 async def remove_product_device(
-    device_id: str, request: Request, pc: ProductCtx = Depends(ProductGuard("devices:remove")),
+    device_id: str, pc: ProductCtx = Depends(ProductGuard("devices:remove")),
+    sent: DenyFlag = body(DenyFlag), asked: DenyFlag = query(DenyFlag),
 ) -> Response:
-    """Remove the device from the product, or with `deny=true` deny it (it is then refused)."""
+    """Remove the device from the product, or with `deny=true` (body or query) deny it (it is then refused)."""
     device = await product_device(pc, device_id)
-    body = await read_body(request)
-    deny = as_bool(body.get("deny", request.query_params.get("deny")), field="deny")
+    deny = bool(sent.deny if sent.sent("deny") else asked.deny)
     await service.remove_product_device(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip,
                                         product=pc.product, device=device, deny=deny)
     return Response(status_code=204)
@@ -86,26 +135,31 @@ async def remove_product_device(
 
 # --- device groups ---------------------------------------------------------------------------
 
-@router.get("/v1/products/{product}/groups", summary="List device groups")
+@router.get("/v1/products/{product}/groups", summary="List device groups",
+            responses=answers(GroupsAnswer))
 async def list_groups(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("groups:list")),
+    pc: ProductCtx = Depends(ProductGuard("groups:list")),
+    req: GroupQuery = query(GroupQuery),
 ) -> dict[str, Any]:
     """The product's device groups (`name` filters by partial name)."""
-    rows = await group_rules.list_groups(pc.db, pc.product, request.query_params.get("name"))
+    rows = await group_rules.list_groups(pc.db, pc.product, req.name)
     return {"groups": [group_rules.group_json(g, n) for g, n in rows]}
 
 
-@router.post("/v1/products/{product}/groups", status_code=201, summary="Create a device group")
+@router.post("/v1/products/{product}/groups", status_code=201, summary="Create a device group",
+             responses=answers(GroupAnswer, 409, status=201))
 async def create_group(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("groups:create")),
+    pc: ProductCtx = Depends(ProductGuard("groups:create")),
+    req: GroupCreate = body(GroupCreate),
 ) -> dict[str, Any]:
     """Create a group: `name` (lowercase letters, digits, `-`, `_`), `color` (`#rrggbb`), `description`."""
     g = await group_rules.create_group(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
-                                       body=await read_body(request))
+                                       req=req)
     return {"group": group_rules.group_json(g, 0)}
 
 
-@router.get("/v1/products/{product}/groups/{name}", summary="Get a device group")
+@router.get("/v1/products/{product}/groups/{name}", summary="Get a device group",
+            responses=answers(GroupAnswer))
 async def get_group(
     name: str, pc: ProductCtx = Depends(ProductGuard("groups:get")),
 ) -> dict[str, Any]:
@@ -114,19 +168,20 @@ async def get_group(
     return {"group": group_rules.group_json(g, n)}
 
 
-@router.put("/v1/products/{product}/groups/{name}", summary="Update a device group")
+@router.put("/v1/products/{product}/groups/{name}", summary="Update a device group",
+            responses=answers(GroupAnswer, 409))
 async def update_group(
-    name: str, request: Request, pc: ProductCtx = Depends(ProductGuard("groups:update")),
+    name: str, pc: ProductCtx = Depends(ProductGuard("groups:update")),
+    req: GroupChange = body(GroupChange),
 ) -> dict[str, Any]:
     """Rename, recolor or describe a group (at least one of `name`, `color`, `description`)."""
     g, n = await group_rules.update_group(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip,
-                                          product=pc.product, name=name,
-                                          body=await read_body(request))
+                                          product=pc.product, name=name, req=req)
     return {"group": group_rules.group_json(g, n)}
 
 
 @router.delete("/v1/products/{product}/groups/{name}", status_code=204,
-               summary="Delete a device group")
+               summary="Delete a device group", responses=answers(None))
 async def delete_group(
     name: str, pc: ProductCtx = Depends(ProductGuard("groups:remove")),
 ) -> Response:
@@ -138,23 +193,29 @@ async def delete_group(
 
 # --- a user's own devices ----------------------------------------------------------------------
 
-@router.get("/v1/devices", summary="List my devices")
+@router.get("/v1/devices", summary="List my devices", responses=answers(list[DeviceObject]))
 async def list_my_devices(ctx: AuthCtx) -> list[dict[str, Any]]:
     """The caller's own devices (a customer: the devices claimed to them), last handshake first."""
     return await service.my_devices(ctx.db, ctx.me)
 
 
-@router.get("/v1/devices/{device_id}", summary="Get a device")
+@router.get("/v1/devices/{device_id}", summary="Get a device", responses=answers(DeviceObject))
 async def get_device(dc: DeviceCtx = Depends(DeviceGuard("devices:get"))) -> dict[str, Any]:
     """A device by ID or by the name of one of the caller's devices."""
     return await service.device_view(dc.db, dc.device)
 
 
-@router.put("/v1/devices/{device_id}", summary="Rename a device or change its notes")
+@router.put("/v1/devices/{device_id}", summary="Rename, change or flash a device",
+            responses=answers(DeviceChanged | FlashStarted))
 async def update_device(
     request: Request, dc: DeviceCtx = Depends(DeviceGuard("devices:update")),
+    req: DeviceChange = body(DeviceChange, files=True),
 ) -> dict[str, Any]:
-    """Change `name` (unique among the owner's devices), `notes` or `firmware_updates_forced`."""
+    """Change `name` (unique among the owner's devices), `notes` or `firmware_updates_forced`; or flash a binary (multipart `file`; the owner, or for a product device a development device or `firmware:release`): `{"id", "status": "Update started"}`."""
+    upload = await _flash_file(request, req)
+    if upload is not None:
+        return await flash.flash_binary(dc.db, settings=dc.ctx.settings, actor=dc.ctx.me,
+                                        ip=dc.ctx.ip, device=dc.device, product=dc.product,
+                                        role=dc.role, via=dc.via, upload=upload)
     return await service.update_device(dc.db, actor=dc.ctx.me, ip=dc.ctx.ip, device=dc.device,
-                                       body=await read_body(request), product=dc.product,
-                                       role=dc.role)
+                                       req=req, product=dc.product, role=dc.role)

@@ -287,15 +287,13 @@ async def create_claim_code(db: AsyncSession, *, actor: Subject, product: Produc
     code, kind = _code_from(iccid, imei)
     code_hash = digest(code)
     now = clock.now()
-    existing = (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == code_hash))
+    # codes are per claimant: an ICCID/IMEI code someone else holds does not stand in the way
+    # (the device's owner decides on redemption); asking again replaces one's own code
+    mine = ClaimCode.customer_id == claimant.customer_id if claimant.customer_id is not None \
+        else ClaimCode.user_id == claimant.user_id
+    existing = (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == code_hash, mine))
                 ).scalar_one_or_none()
     if existing is not None:
-        mine = (existing.user_id == claimant.user_id
-                and existing.customer_id == claimant.customer_id)
-        pending = existing.used_at is None and existing.expires_at > now
-        if pending and not mine:
-            raise Conflict(f"A claim code for that {kind.upper()} is already pending for "
-                           "someone else", code="claim_code_taken")
         await db.delete(existing)
         await db.flush()
     row = ClaimCode(code_hash=code_hash, user_id=claimant.user_id,
@@ -361,18 +359,32 @@ async def redeem_claim_code(db: AsyncSession, *, device_id: str, code: str) -> C
     if not isinstance(code, str) or not code.strip() or len(code.strip()) > MAX_CLAIM_CODE:
         return ClaimResult(False, did, REDEEM_UNKNOWN_CODE)
     code = code.strip()
-    row = (await db.execute(select(ClaimCode).where(ClaimCode.code_hash == digest(code))
-                            .with_for_update())).scalar_one_or_none()
-    if row is None and code.upper() != code:  # ICCIDs are stored upper-case
-        row = (await db.execute(select(ClaimCode).where(
-            ClaimCode.code_hash == digest(code.upper())).with_for_update())).scalar_one_or_none()
-    if row is None:
-        return ClaimResult(False, did, REDEEM_UNKNOWN_CODE)
+    hashes = list(dict.fromkeys([digest(code), digest(code.upper())]))  # ICCIDs: upper-case
+    rows = list((await db.execute(select(ClaimCode).where(ClaimCode.code_hash.in_(hashes))
+                                  .order_by(ClaimCode.id.desc()).with_for_update())).scalars())
+    device = await db.get(Device, did)
+    # an ICCID/IMEI code may be held by several claimants: the newest one the device accepts
+    # wins; when none does, the newest holder's refusal is the answer
+    first: ClaimResult | None = None
+    for row in rows:
+        verdict = await _judge(db, row, device, did)
+        if isinstance(verdict, ClaimResult):
+            if verdict.ok:
+                return verdict
+            first = first or verdict
+            continue
+        return await _redeem(db, row, device, verdict)
+    return first or ClaimResult(False, did, REDEEM_UNKNOWN_CODE)
+
+
+async def _judge(db: AsyncSession, row: ClaimCode, device: Device | None,
+                 did: str) -> ClaimResult | Claimant:
+    """The outcome of ``row`` for the device (nothing changes), or its claimant when the
+    claim may go ahead."""
     claimant = await _code_claimant(db, row)
     if claimant is None:
         return ClaimResult(False, did, REDEEM_UNKNOWN_CODE)
     ids = {"user_id": claimant.user_id, "customer_id": claimant.customer_id}
-    device = await db.get(Device, did)
     if row.used_at is not None:
         if row.device_id == did and device is not None and claimant.owns(device):
             return ClaimResult(True, did, None, **ids)  # the device repeated itself
@@ -388,6 +400,14 @@ async def redeem_claim_code(db: AsyncSession, *, device_id: str, code: str) -> C
         reason = REDEEM_WRONG_PRODUCT if (refused.reason == NOT_FOUND
                                           and claimant.customer_id is not None) else refused.reason
         return ClaimResult(False, did, reason, **ids)
+    return claimant
+
+
+async def _redeem(db: AsyncSession, row: ClaimCode, device: Device | None,
+                  claimant: Claimant) -> ClaimResult:
+    assert device is not None
+    did = device.id
+    ids = {"user_id": claimant.user_id, "customer_id": claimant.customer_id}
     row.used_at = clock.now()
     row.device_id = did
     if claimant.owns(device):

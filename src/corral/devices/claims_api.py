@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from corral.auth.deps import AuthCtx, Ctx, auth_ctx
 from corral.devices import claims
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
-from corral.kit.body import as_bool, read_body
+from corral.devices.schemas import ClaimCodeAnswer, ClaimCodeRequest, Claimed, ClaimRequest
+from corral.kit.body import body
 from corral.kit.errors import NotFound
-from corral.kit.responses import ok
+from corral.kit.responses import OkAnswer, answers, ok
 from corral.products.access import ProductCtx, ProductGuard, get_product
 
 router = APIRouter(tags=["claiming"])
@@ -33,17 +34,16 @@ class ProductOrCustomerGuard(ProductGuard):
         return await super().__call__(product, ctx)
 
 
-@router.post("/v1/devices", summary="Claim a device")
-async def claim_device(request: Request, ctx: AuthCtx) -> dict[str, Any]:
+@router.post("/v1/devices", summary="Claim a device", responses=answers(Claimed, 404, 409))
+async def claim_device(ctx: AuthCtx, req: ClaimRequest = body(ClaimRequest)) -> dict[str, Any]:
     """Claim the device `id` to the caller (a person or a customer); `request_transfer` is accepted."""
-    body = await read_body(request)
-    transfer = as_bool(body.get("request_transfer"), field="request_transfer")
-    device = await claims.claim_device(ctx.db, actor=ctx.me, device_id=body.get("id"),
-                                       request_transfer=transfer, ip=ctx.ip)
+    device = await claims.claim_device(ctx.db, actor=ctx.me, device_id=req.id,
+                                       request_transfer=req.request_transfer, ip=ctx.ip)
     return ok(deviceID=device.id, claimed=True)
 
 
-@router.delete("/v1/devices/{device_id}", summary="Unclaim a device")
+@router.delete("/v1/devices/{device_id}", summary="Unclaim a device",
+               responses=answers(OkAnswer, 409))
 async def unclaim_device(dc: DeviceCtx = Depends(DeviceGuard("devices:update"))) -> dict[str, Any]:
     """Release the device from its owner; a developer device with no product is removed."""
     await claims.unclaim_device(dc.db, actor=dc.ctx.me, device=dc.device, ip=dc.ctx.ip)
@@ -51,7 +51,7 @@ async def unclaim_device(dc: DeviceCtx = Depends(DeviceGuard("devices:update")))
 
 
 @router.delete("/v1/products/{product}/devices/{device_id}/owner",
-               summary="Unclaim a product device")
+               summary="Unclaim a product device", responses=answers(OkAnswer, 409))
 async def unclaim_product_device(
     device_id: str, pc: ProductCtx = Depends(ProductGuard("devices:update")),
 ) -> dict[str, Any]:
@@ -65,23 +65,23 @@ def _claim_code_json(new: claims.NewClaimCode) -> dict[str, Any]:
     return {"claim_code": new.code, "device_ids": new.device_ids}
 
 
-@router.post("/v1/device_claims", summary="Create a claim code")
-async def create_claim_code(request: Request, ctx: AuthCtx) -> dict[str, Any]:
+@router.post("/v1/device_claims", summary="Create a claim code",
+             responses=answers(ClaimCodeAnswer, 409))
+async def create_claim_code(ctx: AuthCtx,
+                            req: ClaimCodeRequest = body(ClaimCodeRequest)) -> dict[str, Any]:
     """A 24-hour claim code for the caller (optional `iccid` or `imei` becomes the code)."""
-    body = await read_body(request)
     new = await claims.create_claim_code(ctx.db, actor=ctx.me, product=None,
-                                         iccid=body.get("iccid"), imei=body.get("imei"),
-                                         ip=ctx.ip)
+                                         iccid=req.iccid, imei=req.imei, ip=ctx.ip)
     return _claim_code_json(new)
 
 
-@router.post("/v1/products/{product}/device_claims", summary="Create a product claim code")
+@router.post("/v1/products/{product}/device_claims", summary="Create a product claim code",
+             responses=answers(ClaimCodeAnswer, 409))
 async def create_product_claim_code(
-    request: Request, pc: ProductCtx = Depends(ProductOrCustomerGuard("devices:update")),
+    pc: ProductCtx = Depends(ProductOrCustomerGuard("devices:update")),
+    req: ClaimCodeRequest = body(ClaimCodeRequest),
 ) -> dict[str, Any]:
     """A 24-hour claim code bound to the product and the caller (a team member or a customer)."""
-    body = await read_body(request)
     new = await claims.create_claim_code(pc.db, actor=pc.ctx.me, product=pc.product,
-                                         iccid=body.get("iccid"), imei=body.get("imei"),
-                                         ip=pc.ctx.ip)
+                                         iccid=req.iccid, imei=req.imei, ip=pc.ctx.ip)
     return _claim_code_json(new)

@@ -1,7 +1,8 @@
 """Device credentials for the two transports, product CA certificates and JITP.
 
-* **Particle protocol**: each device may have one RSA public key (1024-4096 bits), stored as
-  DER SubjectPublicKeyInfo (:func:`spki_der`); the device server compares the key a device
+* **Particle protocol**: each device may have one public key, RSA (1024-4096 bits; TCP
+  devices use RSA-1024) or ECC P-256 (Gen 3 devices over DTLS/UDP), stored as DER
+  SubjectPublicKeyInfo (:func:`spki_der`); the device servers compare the key a device
   presents with it byte for byte (:meth:`corral.sessions.core.SessionHub.check_device_key`).
 * **MQTT**: each device may have one generated secret, shown once and stored as a SHA-256
   digest. The MQTT server checks it with :func:`verify_mqtt_secret`.
@@ -29,7 +30,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,12 +39,15 @@ from corral.audit import service as audit
 from corral.audit.models import AuditEntry
 from corral.auth.subject import Subject
 from corral.devices import signals
+from corral.devices import tags as tag_rules
 from corral.devices.access import is_device_id
 from corral.devices.groups import clean_group_name
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember, ProductCA
+from corral.devices.schemas import CaChange
 from corral.kit import clock
 from corral.kit.body import as_bool, as_str
 from corral.kit.errors import BadRequest, Conflict, NotFound
+from corral.kit.ids import path_id
 from corral.kit.secrets import digest, new_secret, same
 from corral.products.models import Product
 
@@ -80,14 +84,13 @@ async def _org_id(db: AsyncSession, product_id: int | None) -> int | None:
     return product.org_id if product else None
 
 
-# --- RSA public keys (Particle protocol) --------------------------------------------------
+# --- public keys (Particle protocol: RSA over TCP, ECC P-256 over DTLS/UDP) -----------------
 
-def load_rsa_public_key(data: bytes | str) -> rsa.RSAPublicKey:
-    """Parse a PEM or DER RSA public key (SubjectPublicKeyInfo or PKCS#1) and check it.
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+ALGORITHMS = {"rsa": "rsa", "ecc": "ecc", "ec": "ecc", "ecdsa": "ecc"}
 
-    400 ``invalid_key`` unless it parses, is RSA, has 1024-4096 bits and an odd public
-    exponent between 3 and 2**32. Private keys are refused (send only the public half).
-    """
+
+def _parse_public_key(data: bytes | str) -> Any:
     raw = data.encode() if isinstance(data, str) else bytes(data)
     if len(raw) > MAX_KEY_TEXT:
         raise BadRequest("The public key is too large", code="invalid_key")
@@ -98,14 +101,14 @@ def load_rsa_public_key(data: bytes | str) -> rsa.RSAPublicKey:
         raise BadRequest("That is a private key; send only the public key", code="invalid_key")
     try:
         if text.startswith(b"-----BEGIN"):
-            key = serialization.load_pem_public_key(text)
-        else:
-            key = serialization.load_der_public_key(raw)
+            return serialization.load_pem_public_key(text)
+        return serialization.load_der_public_key(raw)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise BadRequest("The public key could not be parsed (expected a PEM or DER RSA "
-                         "public key)", code="invalid_key") from None
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise BadRequest("The public key is not an RSA key", code="invalid_key")
+                         "or ECC P-256 public key)", code="invalid_key") from None
+
+
+def _check_rsa(key: rsa.RSAPublicKey) -> rsa.RSAPublicKey:
     bits = key.key_size
     if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
         raise BadRequest(f"The RSA key has {bits} bits; {MIN_RSA_BITS}-{MAX_RSA_BITS} are "
@@ -116,7 +119,47 @@ def load_rsa_public_key(data: bytes | str) -> rsa.RSAPublicKey:
     return key
 
 
-def spki_der(key: rsa.RSAPublicKey) -> bytes:
+def load_rsa_public_key(data: bytes | str) -> rsa.RSAPublicKey:
+    """Parse a PEM or DER RSA public key (SubjectPublicKeyInfo or PKCS#1) and check it.
+
+    400 ``invalid_key`` unless it parses, is RSA, has 1024-4096 bits and an odd public
+    exponent between 3 and 2**32. Private keys are refused (send only the public half).
+    """
+    key = _parse_public_key(data)
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise BadRequest("The public key is not an RSA key", code="invalid_key")
+    return _check_rsa(key)
+
+
+def load_public_key(data: bytes | str, algorithm: Any = None) -> PublicKey:
+    """A device public key as Particle takes it: RSA (see :func:`load_rsa_public_key`) or
+    ECC, which must be P-256 (secp256r1, the only curve Device OS's DTLS speaks), PEM or
+    DER SubjectPublicKeyInfo. ``algorithm`` (``rsa`` | ``ecc``; None: the key says) must
+    match the key. 400 ``invalid_key`` otherwise."""
+    algo = check_algorithm(algorithm) if algorithm not in (None, "") else None
+    key = _parse_public_key(data)
+    if isinstance(key, rsa.RSAPublicKey):
+        if algo == "ecc":
+            raise BadRequest("The public key is an RSA key, but algorithm says ecc",
+                             code="invalid_key")
+        return _check_rsa(key)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if algo == "rsa":
+            raise BadRequest("The public key is an ECC key, but algorithm says rsa",
+                             code="invalid_key")
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise BadRequest(f"The ECC key is on {key.curve.name}; device keys are P-256 "
+                             "(secp256r1)", code="invalid_key")
+        return key
+    raise BadRequest("The public key is neither RSA nor ECC P-256", code="invalid_key")
+
+
+def key_algorithm(key: PublicKey) -> str:
+    """``rsa`` or ``ecc``, as Particle names them."""
+    return "ecc" if isinstance(key, ec.EllipticCurvePublicKey) else "rsa"
+
+
+def spki_der(key: PublicKey) -> bytes:
     """The one form device public keys are stored in (compare stored keys as bytes)."""
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -135,29 +178,31 @@ def public_key_json(device: Device) -> dict[str, Any] | None:
 
 
 def check_algorithm(value: Any) -> str:
-    """The ``algorithm`` field: ``rsa`` (default). ECC is refused for now."""
+    """The ``algorithm`` field: ``rsa`` (the default) or ``ecc`` (also ``ec``, ``ecdsa``)."""
     algo = (as_str(value, field="algorithm", max_len=20) or "rsa").strip().lower()
-    if algo in ("ecc", "ec", "ecdsa"):
-        raise BadRequest("ECC device keys are not supported yet; use an RSA key",
-                         code="invalid_key")
-    if algo != "rsa":
-        raise BadRequest("algorithm must be rsa", code="invalid_key")
-    return algo
+    if algo not in ALGORITHMS:
+        raise BadRequest("algorithm must be rsa or ecc", code="invalid_key")
+    return ALGORITHMS[algo]
 
 
-def _store_key(device: Device, der: bytes) -> None:
+def _store_key(device: Device, der: bytes, algorithm: str) -> None:
     device.public_key_der = der
-    device.public_key_algorithm = "rsa"
+    device.public_key_algorithm = algorithm
     device.credentials_version = (device.credentials_version or 0) + 1
 
 
 async def set_public_key(db: AsyncSession, *, actor: Subject | None, ip: str | None,
                          device: Device, key_data: bytes | str,
                          algorithm: Any = None) -> dict[str, Any]:
-    """Validate and store ``device``'s RSA public key; returns :func:`public_key_json`."""
-    check_algorithm(algorithm)
-    der = spki_der(load_rsa_public_key(key_data))
-    _store_key(device, der)
+    """Validate and store ``device``'s public key (RSA or ECC P-256); returns
+    :func:`public_key_json`. A different key replacing one ends the device's live session
+    (after the commit)."""
+    key = load_public_key(key_data, algorithm)
+    der = spki_der(key)
+    replaced = device.public_key_der is not None and device.public_key_der != der
+    _store_key(device, der, key_algorithm(key))
+    if replaced:  # a live session authenticated with the old key must not outlive it
+        _credentials_changed(db, device)
     info = public_key_json(device)
     assert info is not None
     _audit(db, actor=actor, ip=ip, action="device.key_set", device=device,
@@ -204,7 +249,7 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
     if len(keys) > MAX_BULK_KEYS:
         raise BadRequest(f"At most {MAX_BULK_KEYS:,} keys per request", code="too_many_keys")
     invalid: list[dict[str, Any]] = []
-    parsed: dict[str, tuple[bytes, int]] = {}  # device id -> (SPKI DER, bits)
+    parsed: dict[str, tuple[bytes, int, str]] = {}  # device id -> (SPKI DER, bits, algorithm)
     for entry in keys:
         if not isinstance(entry, dict):
             invalid.append({"device_id": None, "reason": "entry must be an object"})
@@ -221,14 +266,14 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
         pem = _entry_field(entry, "public_key", "publicKey")
         if not isinstance(pem, str) or not pem.strip():
             invalid.append({"device_id": device_id, "reason": "public_key (PEM) is required"})
-            parsed[device_id] = (b"", 0)
+            parsed[device_id] = (b"", 0, "")
             continue
         try:
-            key = load_rsa_public_key(pem)
-            parsed[device_id] = (spki_der(key), key.key_size)
+            key = load_public_key(pem, entry.get("algorithm"))
+            parsed[device_id] = (spki_der(key), key.key_size, key_algorithm(key))
         except BadRequest as exc:
             invalid.append({"device_id": device_id, "reason": exc.description})
-            parsed[device_id] = (b"", 0)
+            parsed[device_id] = (b"", 0, "")
 
     ids = list(parsed)
     found: set[str] = set()
@@ -245,9 +290,10 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
     now = clock.now()
     table = Device.__table__
     stmt = (update(table).where(table.c.id == bindparam("b_id"))
-            .values(public_key_der=bindparam("b_der"), public_key_algorithm="rsa",
+            .values(public_key_der=bindparam("b_der"), public_key_algorithm=bindparam("b_alg"),
                     credentials_version=table.c.credentials_version + 1, updated_at=now))
-    await db.execute(stmt, [{"b_id": d, "b_der": der} for d, (der, _) in parsed.items()])
+    await db.execute(stmt, [{"b_id": d, "b_der": der, "b_alg": alg}
+                            for d, (der, _, alg) in parsed.items()])
     for obj in list(db.identity_map.values()):
         if isinstance(obj, Device) and obj.id in parsed:
             db.expire(obj)
@@ -258,9 +304,9 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
          "actor": actor.label if actor else "system", "ip": ip, "action": "device.key_set",
          "org_id": product.org_id, "product_id": product.id, "target_type": "device",
          "target_id": device_id,
-         "details": {"algorithm": "rsa", "bits": bits, "fingerprint": fingerprint(der),
+         "details": {"algorithm": alg, "bits": bits, "fingerprint": fingerprint(der),
                      "bulk": True}}
-        for device_id, (der, bits) in parsed.items()])
+        for device_id, (der, bits, alg) in parsed.items()])
     return len(parsed)
 
 
@@ -279,8 +325,8 @@ async def clear_public_key(db: AsyncSession, *, actor: Subject | None, ip: str |
 
 
 async def device_public_key(db: AsyncSession, device_id: str) -> rsa.RSAPublicKey | None:
-    """The device's RSA public key for the Particle handshake; ``None`` for an unknown or
-    denied device, or one without a key."""
+    """The device's RSA public key for the Particle TCP handshake; ``None`` for an unknown
+    or denied device, or one without an RSA key."""
     if not isinstance(device_id, str) or not is_device_id(device_id):
         return None
     device = await db.get(Device, device_id.lower())
@@ -293,14 +339,14 @@ async def device_public_key(db: AsyncSession, device_id: str) -> rsa.RSAPublicKe
     return key if isinstance(key, rsa.RSAPublicKey) else None
 
 
-async def pin_public_key(db: AsyncSession, device_id: str, key: rsa.RSAPublicKey) -> bool:
+async def pin_public_key(db: AsyncSession, device_id: str, key: PublicKey) -> bool:
     """Trust on first use: record ``key`` for a device that has none yet (a device that was
     unknown until its first handshake); audited. False when the device already had a key
     or does not exist."""
     did = device_id.lower()
     res = await db.execute(
         update(Device).where(Device.id == did, Device.public_key_der.is_(None))
-        .values(public_key_der=spki_der(key), public_key_algorithm="rsa",
+        .values(public_key_der=spki_der(key), public_key_algorithm=key_algorithm(key),
                 credentials_version=Device.credentials_version + 1)
         .execution_options(synchronize_session=False))
     if not res.rowcount:  # type: ignore[attr-defined]
@@ -342,15 +388,17 @@ async def clear_mqtt_secret(db: AsyncSession, *, actor: Subject | None, ip: str 
     return True
 
 
-async def verify_mqtt_secret(db: AsyncSession, device_id: str, secret: str) -> Device | None:
+async def verify_mqtt_secret(db: AsyncSession, device_id: str, secret: str, *,
+                             denied_ok: bool = False) -> Device | None:
     """The device when ``secret`` is its current MQTT secret (constant-time compare);
-    ``None`` for an unknown or denied device, a device without a secret, or a wrong one."""
+    ``None`` for an unknown device, a device without a secret, a wrong one, or a denied device
+    (unless ``denied_ok``: the MQTT server then refuses it as not authorized on admission)."""
     if not isinstance(device_id, str) or not is_device_id(device_id):
         return None
     if not isinstance(secret, str) or not secret or len(secret) > 1024:
         return None
     device = await db.get(Device, device_id.lower())
-    if device is None or device.denied or not device.mqtt_secret_hash:
+    if device is None or (device.denied and not denied_ok) or not device.mqtt_secret_hash:
         return None
     return device if same(digest(secret), device.mqtt_secret_hash) else None
 
@@ -436,9 +484,11 @@ def load_certificate(data: bytes | str) -> x509.Certificate:
 
 
 def clean_jitp(value: Any, *, current: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Validate JITP settings ``{groups, tags, development}``; keys not given keep
-    ``current`` (or the defaults: no groups, no tags, not development)."""
-    base = {"groups": [], "tags": [], "development": False, **(current or {})}
+    """Validate JITP settings ``{groups, tags, development, quarantine}``; keys not given keep
+    ``current`` (or the defaults: no groups, no tags, not development, approved: a device
+    the CA vouches for joins the product; ``quarantine: true`` holds it for approval)."""
+    base = {"groups": [], "tags": [], "development": False, "quarantine": False,
+            **(current or {})}
     if value is None:
         return base
     if isinstance(value, str):
@@ -448,7 +498,7 @@ def clean_jitp(value: Any, *, current: dict[str, Any] | None = None) -> dict[str
             raise BadRequest("jitp must be an object", code="invalid_request") from None
     if not isinstance(value, dict):
         raise BadRequest("jitp must be an object", code="invalid_request")
-    unknown = set(value) - {"groups", "tags", "development"}
+    unknown = set(value) - {"groups", "tags", "development", "quarantine"}
     if unknown:
         raise BadRequest(f"Unknown jitp setting(s): {', '.join(sorted(map(str, unknown)))}",
                          code="invalid_request")
@@ -473,6 +523,8 @@ def clean_jitp(value: Any, *, current: dict[str, Any] | None = None) -> dict[str
         out["tags"] = list(dict.fromkeys(t.strip() for t in tags))
     if "development" in value:
         out["development"] = as_bool(value["development"], field="jitp.development")
+    if "quarantine" in value:
+        out["quarantine"] = as_bool(value["quarantine"], field="jitp.quarantine")
     return out
 
 
@@ -483,7 +535,7 @@ def ca_json(ca: ProductCA, *, full: bool = False) -> dict[str, Any]:
         "id": ca.id, "product_id": ca.product_id, "fingerprint": ca.fingerprint,
         "subject": ca.subject, "not_after": clock.iso(ca.not_after), "active": ca.active,
         "jitp": {"groups": jitp["groups"], "tags": jitp["tags"],
-                 "development": jitp["development"]},
+                 "development": jitp["development"], "quarantine": jitp["quarantine"]},
         "created_at": clock.iso(ca.created_at), "updated_at": clock.iso(ca.updated_at),
     }
     if full:
@@ -499,8 +551,8 @@ async def list_cas(db: AsyncSession, product: Product) -> list[ProductCA]:
 
 async def get_ca(db: AsyncSession, product: Product, ca_id: str | int) -> ProductCA:
     """The CA ``ca_id`` of ``product``, or 404."""
-    key = str(ca_id)
-    ca = await db.get(ProductCA, int(key)) if key.isdigit() and len(key) < 12 else None
+    cid = path_id(ca_id)
+    ca = await db.get(ProductCA, cid) if cid is not None else None
     if ca is None or ca.product_id != product.id:
         raise NotFound("Certificate authority not found")
     return ca
@@ -508,7 +560,7 @@ async def get_ca(db: AsyncSession, product: Product, ca_id: str | int) -> Produc
 
 async def create_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
                     product: Product, certificate: bytes | str | None, jitp: Any = None,
-                    active: Any = None) -> ProductCA:
+                    active: bool | None = None) -> ProductCA:
     """Register a CA certificate for ``product``.
 
     400 unless it is one X.509 certificate with BasicConstraints ca=True, valid now; 409 if
@@ -524,7 +576,7 @@ async def create_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
     if problem:
         raise BadRequest(f"The CA certificate is {problem}", code="invalid_certificate")
     settings = clean_jitp(jitp)
-    is_active = True if active is None else as_bool(active, field="active")
+    is_active = True if active is None else bool(active)
     der = cert.public_bytes(serialization.Encoding.DER)
     fp = fingerprint(der)
     taken = (await db.execute(select(ProductCA.id).where(ProductCA.fingerprint == fp))).first()
@@ -543,19 +595,13 @@ async def create_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
 
 
 async def update_ca(db: AsyncSession, *, actor: Subject | None, ip: str | None,
-                    product: Product, ca: ProductCA, body: dict[str, Any]) -> ProductCA:
+                    product: Product, ca: ProductCA, req: CaChange) -> ProductCA:
     """Change ``active`` and/or ``jitp`` (given jitp keys replace those keys)."""
-    unknown = set(body) - {"active", "jitp"}
-    if unknown:
-        raise BadRequest(f"Only active and jitp can be changed (got {', '.join(sorted(unknown))})",
-                         code="invalid_request")
     changes: dict[str, Any] = {}
-    if "active" in body:
-        active = as_bool(body["active"], field="active")
-        if active != ca.active:
-            changes["active"] = active
-    if "jitp" in body:
-        settings = clean_jitp(body["jitp"], current=clean_jitp(None, current=ca.jitp or {}))
+    if req.active is not None and req.active != ca.active:
+        changes["active"] = req.active
+    if req.sent("jitp"):
+        settings = clean_jitp(req.jitp, current=clean_jitp(None, current=ca.jitp or {}))
         if settings != clean_jitp(None, current=ca.jitp or {}):
             changes["jitp"] = settings
     if "active" in changes:
@@ -675,7 +721,9 @@ async def provision_from_certificate(db: AsyncSession, chain: list[x509.Certific
     Accepted when the leaf (not a CA, valid now, CommonName = 24-hex device id) is signed
     by an active, valid registered CA and the device is either in that CA's product (its
     certificate fingerprint is recorded) or unknown (created in the product with the CA's
-    JITP tags, development flag and groups; missing groups are created; audited as
+    JITP tags, development flag and groups, and quarantined when its JITP settings say so (the
+    session is then refused until someone approves the device); missing groups are created;
+    audited as
     ``device.jitp_provisioned``). Refused for a device in another product, a sandbox
     device, or a denied one. Safe under concurrent first connects. Never commits.
     """
@@ -721,12 +769,14 @@ async def provision_from_certificate(db: AsyncSession, chain: list[x509.Certific
             _insert_ignore(db, Device.__table__, ["id"]).values(
                 id=device_id, product_id=product.id, platform_id=product.platform_id,
                 tags=list(settings["tags"]), development=bool(settings["development"]),
-                imported_at=now, certificate_fingerprint=fp, created_at=now, updated_at=now,
+                quarantined=bool(settings["quarantine"]), imported_at=now,
+                certificate_fingerprint=fp, created_at=now, updated_at=now,
             ).returning(Device.__table__.c.id)
         )).first()
         if inserted is None:
             continue  # another connection created it first: decide on that row
         await _join_groups(db, product.id, device_id, list(settings["groups"]))
+        await tag_rules.add_rows(db, device_id, list(settings["tags"]))
         device = await db.get(Device, device_id, populate_existing=True)
         assert device is not None
         audit.record(db, actor=None, actor_label="jitp", ip=ip,
@@ -734,7 +784,8 @@ async def provision_from_certificate(db: AsyncSession, chain: list[x509.Certific
                      product_id=product.id, target_type="device", target_id=device_id,
                      details={"created": True, "ca_id": ca.id, "fingerprint": fp,
                               "groups": settings["groups"], "tags": settings["tags"],
-                              "development": settings["development"]})
+                              "development": settings["development"],
+                              "quarantined": settings["quarantine"]})
         await db.flush()
         return JitpResult(accepted=True, device=device, product_id=product.id, created=True,
                           reason="provisioned")

@@ -5,64 +5,91 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.datastructures import UploadFile
 
+from corral.auth.deps import Ctx, auth_ctx
 from corral.devices import credentials as service
 from corral.devices.access import DeviceCtx, DeviceGuard, is_device_id, product_device
-from corral.kit.body import read_body
-from corral.kit.errors import BadRequest, PayloadTooLarge
-from corral.kit.responses import NO_STORE, ok
+from corral.devices.importer import ImportInput, import_devices
+from corral.devices.models import Device
+from corral.devices.schemas import (
+    BulkKeys,
+    CaAnswer,
+    CaChange,
+    CaCreate,
+    CasAnswer,
+    ClearedAnswer,
+    CountAnswer,
+    CredentialsAnswer,
+    PublicKeyAnswer,
+    PublicKeyUpload,
+    SecretAnswer,
+)
+from corral.kit.body import body, raw_body, uploaded_file
+from corral.kit.errors import BadRequest
+from corral.kit.responses import NO_STORE, answers, ok
 from corral.products.access import ProductCtx, ProductGuard
 
 router = APIRouter(tags=["device credentials"])
 
 
-async def _upload(value: Any, limit: int) -> bytes | str | None:
-    """The content of a multipart ``file`` field (or a plain form field of that name)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, UploadFile):
-        data = await value.read(limit + 1)
-        if len(data) > limit:
-            raise PayloadTooLarge(f"The file is larger than {limit:,} bytes")
-        return data
-    raise BadRequest("file must be an uploaded file", code="invalid_request")
-
-
 # --- RSA public keys -------------------------------------------------------------------------
 
-@router.post("/v1/provisioning/{device_id}", summary="Set a device's RSA public key")
+class ProvisioningGuard(DeviceGuard):
+    """``DeviceGuard("devices.keys:update")``; with a ``product_id`` (``particle keys send
+    <new id> key.pem --product_id P``) a device no one has yet is first imported into that
+    product, when the caller may import the product's devices (the product's 404/403
+    otherwise). The key is then set as for any device of the product."""
+
+    async def __call__(self, device_id: str, ctx: Ctx = Depends(auth_ctx)) -> DeviceCtx:
+        product_key = (await raw_body(ctx.request)).get("product_id")
+        if product_key is None:
+            product_key = ctx.request.query_params.get("product_id")
+        if product_key not in (None, "") and is_device_id(device_id):
+            if not isinstance(product_key, str | int) or isinstance(product_key, bool):
+                raise BadRequest("product_id must be a product id or slug",
+                                 code="invalid_request")
+            if await ctx.db.get(Device, device_id.lower()) is None:
+                pc = await ProductGuard("devices:import").resolve(ctx, str(product_key))
+                await import_devices(ctx.db, actor=ctx.me, ip=ctx.ip, product=pc.product,
+                                     request=ImportInput(entries=[device_id.lower()]))
+        return await self.resolve(ctx, device_id)
+
+
+@router.post("/v1/provisioning/{device_id}", summary="Set a device's public key (RSA or ECC P-256)",
+             responses=answers(PublicKeyAnswer))
 async def provision_key(
-    request: Request, dc: DeviceCtx = Depends(DeviceGuard("devices.keys:update")),
+    request: Request, dc: DeviceCtx = Depends(ProvisioningGuard("devices.keys:update")),
+    req: PublicKeyUpload = body(PublicKeyUpload, files=True),
 ) -> dict[str, Any]:
-    """Store the device's public key from `publicKey`/`public_key` (PEM) or a multipart `file` (PEM/DER)."""
-    body = await read_body(request)
-    given_id = body.get("deviceID", body.get("deviceId"))
-    if isinstance(given_id, str) and is_device_id(given_id) and given_id.lower() != dc.device.id:
+    """Store the device's public key from `publicKey`/`public_key` (PEM) or a multipart `file` (PEM/DER); with `product_id`, a device that does not exist yet is first imported into that product (needs `devices:import` there)."""
+    given_id = req.deviceID
+    if given_id is not None and is_device_id(given_id) and given_id.lower() != dc.device.id:
         raise BadRequest("deviceID does not match the device in the path", code="invalid_request")
-    key = body.get("publicKey", body.get("public_key"))
-    if key in (None, ""):
-        key = await _upload(body.get("file"), service.MAX_KEY_TEXT)
+    key: str | bytes | None = req.publicKey
+    if key is None:
+        key = await uploaded_file(request, req.file, service.MAX_KEY_TEXT)
     if key in (None, "", b""):
         raise BadRequest("publicKey is required", code="invalid_request")
-    if not isinstance(key, str | bytes):
-        raise BadRequest("publicKey must be a PEM string", code="invalid_request")
+    assert key is not None
     info = await service.set_public_key(dc.db, actor=dc.ctx.me, ip=dc.ctx.ip, device=dc.device,
-                                        key_data=key, algorithm=body.get("algorithm"))
+                                        key_data=key, algorithm=req.algorithm)
     return ok(device_id=dc.device.id, public_key=info)
 
 
-@router.post("/v1/products/{product}/device_keys", summary="Upload many device public keys")
+@router.post("/v1/products/{product}/device_keys", summary="Upload many device public keys",
+             responses=answers(CountAnswer))
 async def bulk_keys(
     request: Request, pc: ProductCtx = Depends(ProductGuard("devices.keys:update")),
+    req: BulkKeys = body(BulkKeys, files=True),
 ) -> dict[str, Any]:
     """`{"keys": [{device_id, public_key}]}` as JSON or a multipart `file`; all or nothing, at most 10,000."""
-    body = await read_body(request)
-    source: Any = body
-    if "file" in body and "keys" not in body:
-        source = await _upload(body["file"], request.app.state.settings.max_import_bytes)
-        if not source:
-            raise BadRequest("file is empty", code="invalid_request")
+    source: Any = {"keys": req.keys}
+    if req.keys is None:
+        upload = await uploaded_file(request, req.file, request.app.state.settings.max_import_bytes)
+        if upload is not None:
+            if not upload:
+                raise BadRequest("file is empty", code="invalid_request")
+            source = upload
     keys = service.parse_bulk_keys(source)
     n = await service.bulk_set_keys(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
                                     keys=keys)
@@ -70,7 +97,7 @@ async def bulk_keys(
 
 
 @router.get("/v1/products/{product}/devices/{device_id}/credentials",
-            summary="Show which credentials a device has")
+            summary="Show which credentials a device has", responses=answers(CredentialsAnswer))
 async def get_credentials(
     device_id: str, pc: ProductCtx = Depends(ProductGuard("devices:get")),
 ) -> dict[str, Any]:
@@ -79,7 +106,7 @@ async def get_credentials(
 
 
 @router.delete("/v1/products/{product}/devices/{device_id}/public_key",
-               summary="Remove a device's public key")
+               summary="Remove a device's public key", responses=answers(ClearedAnswer))
 async def delete_key(
     device_id: str, pc: ProductCtx = Depends(ProductGuard("devices.keys:update")),
 ) -> dict[str, Any]:
@@ -92,7 +119,7 @@ async def delete_key(
 # --- MQTT secrets ----------------------------------------------------------------------------
 
 @router.post("/v1/products/{product}/devices/{device_id}/mqtt_secret",
-             summary="Generate (rotate) a device's MQTT secret")
+             summary="Generate (rotate) a device's MQTT secret", responses=answers(SecretAnswer))
 async def rotate_product_secret(
     device_id: str, response: Response,
     pc: ProductCtx = Depends(ProductGuard("devices.keys:update")),
@@ -105,7 +132,7 @@ async def rotate_product_secret(
 
 
 @router.delete("/v1/products/{product}/devices/{device_id}/mqtt_secret",
-               summary="Remove a device's MQTT secret")
+               summary="Remove a device's MQTT secret", responses=answers(ClearedAnswer))
 async def clear_product_secret(
     device_id: str, pc: ProductCtx = Depends(ProductGuard("devices.keys:update")),
 ) -> dict[str, Any]:
@@ -115,7 +142,8 @@ async def clear_product_secret(
     return ok(device_id=device.id, cleared=cleared)
 
 
-@router.post("/v1/devices/{device_id}/mqtt_secret", summary="Generate (rotate) my device's MQTT secret")
+@router.post("/v1/devices/{device_id}/mqtt_secret", summary="Generate (rotate) my device's MQTT secret",
+             responses=answers(SecretAnswer))
 async def rotate_device_secret(
     response: Response, dc: DeviceCtx = Depends(DeviceGuard("devices.keys:update")),
 ) -> dict[str, Any]:
@@ -126,7 +154,8 @@ async def rotate_device_secret(
     return ok(device_id=dc.device.id, mqtt_secret=secret)
 
 
-@router.delete("/v1/devices/{device_id}/mqtt_secret", summary="Remove my device's MQTT secret")
+@router.delete("/v1/devices/{device_id}/mqtt_secret", summary="Remove my device's MQTT secret",
+               responses=answers(ClearedAnswer))
 async def clear_device_secret(
     dc: DeviceCtx = Depends(DeviceGuard("devices.keys:update")),
 ) -> dict[str, Any]:
@@ -139,7 +168,7 @@ async def clear_device_secret(
 # --- product CA certificates (JITP) ----------------------------------------------------------
 
 @router.get("/v1/products/{product}/certificate_authorities",
-            summary="List the product's CA certificates")
+            summary="List the product's CA certificates", responses=answers(CasAnswer))
 async def list_cas(pc: ProductCtx = Depends(ProductGuard("products:get"))) -> dict[str, Any]:
     """The CA certificates registered for just-in-time provisioning, oldest first."""
     return {"certificate_authorities": [service.ca_json(ca)
@@ -147,25 +176,22 @@ async def list_cas(pc: ProductCtx = Depends(ProductGuard("products:get"))) -> di
 
 
 @router.post("/v1/products/{product}/certificate_authorities", status_code=201,
-             summary="Register a CA certificate")
+             summary="Register a CA certificate", responses=answers(CaAnswer, 409, status=201))
 async def create_ca(
     request: Request, pc: ProductCtx = Depends(ProductGuard("products.settings:update")),
+    req: CaCreate = body(CaCreate, files=True),
 ) -> dict[str, Any]:
-    """`{certificate (PEM), jitp?: {groups, tags, development}, active?}` or a multipart `file`."""
-    body = await read_body(request)
-    cert = body.get("certificate")
-    if cert in (None, ""):
-        cert = await _upload(body.get("file"), service.MAX_CERT_TEXT)
-    if cert is not None and not isinstance(cert, str | bytes):
-        raise BadRequest("certificate must be a PEM string", code="invalid_request")
+    """`{certificate (PEM), jitp?: {groups, tags, development, quarantine}, active?}` or a multipart `file`."""
+    cert: str | bytes | None = req.certificate
+    if cert is None:
+        cert = await uploaded_file(request, req.file, service.MAX_CERT_TEXT)
     ca = await service.create_ca(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
-                                 certificate=cert, jitp=body.get("jitp"),
-                                 active=body.get("active"))
+                                 certificate=cert, jitp=req.jitp, active=req.active)
     return ok(certificate_authority=service.ca_json(ca, full=True))
 
 
 @router.get("/v1/products/{product}/certificate_authorities/{ca_id}",
-            summary="Get a CA certificate")
+            summary="Get a CA certificate", responses=answers(CaAnswer))
 async def get_ca(
     ca_id: str, pc: ProductCtx = Depends(ProductGuard("products:get")),
 ) -> dict[str, Any]:
@@ -175,15 +201,15 @@ async def get_ca(
 
 
 @router.put("/v1/products/{product}/certificate_authorities/{ca_id}",
-            summary="Change a CA's active flag or JITP settings")
+            summary="Change a CA's active flag or JITP settings", responses=answers(CaAnswer))
 async def update_ca(
-    ca_id: str, request: Request,
-    pc: ProductCtx = Depends(ProductGuard("products.settings:update")),
+    ca_id: str, pc: ProductCtx = Depends(ProductGuard("products.settings:update")),
+    req: CaChange = body(CaChange),
 ) -> dict[str, Any]:
     """`{active?, jitp?}`; the jitp keys given replace those settings."""
     ca = await service.get_ca(pc.db, pc.product, ca_id)
     ca = await service.update_ca(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
-                                 ca=ca, body=await read_body(request))
+                                 ca=ca, req=req)
     return ok(certificate_authority=service.ca_json(ca, full=True))
 
 

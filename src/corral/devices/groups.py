@@ -20,15 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from corral.audit import service as audit
 from corral.auth.subject import Subject
 from corral.devices.models import DeviceGroup, DeviceGroupMember
+from corral.devices.schemas import GroupChange, GroupCreate
 from corral.kit import clock
-from corral.kit.body import as_str, as_str_list
 from corral.kit.errors import BadRequest, Conflict, NotFound
 from corral.products.models import Product
 
 GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
-MAX_DESCRIPTION = 500
-MAX_GROUPS_PER_DEVICE = 100
 CHUNK = 5000
 # a stable default color per name (Particle gives every group one)
 PALETTE = ("#0ea5e9", "#22c55e", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
@@ -47,10 +45,10 @@ def clean_group_name(value: Any, *, field: str = "name") -> str:
     return value
 
 
-def clean_group_names(value: Any, *, field: str = "groups") -> list[str]:
-    """An absolute list of group names (JSON list, repeated form field or comma string)."""
-    names = as_str_list(value, field=field, max_items=MAX_GROUPS_PER_DEVICE, max_len=64)
-    return list(dict.fromkeys(clean_group_name(n, field=field) for n in names))
+def clean_group_names(names: list[str] | None, *, field: str = "groups") -> list[str]:
+    """An absolute list of group names (read by the request model: a JSON list, repeated
+    form fields or a comma string), each checked, without repeats."""
+    return list(dict.fromkeys(clean_group_name(n, field=field) for n in names or ()))
 
 
 def _clean_color(value: Any) -> str:
@@ -90,6 +88,13 @@ async def list_groups(db: AsyncSession, product: Product,
     return [(g, counts.get(g.id, 0)) for g in groups]
 
 
+async def group_colors(db: AsyncSession, product: Product) -> dict[str, str]:
+    """The product's groups by name with their colors (no counts: cheap at any fleet size)."""
+    rows = await db.execute(select(DeviceGroup.name, DeviceGroup.color).where(
+        DeviceGroup.product_id == product.id).order_by(DeviceGroup.name))
+    return {name: color or _default_color(name) for name, color in rows.all()}
+
+
 async def get_group(db: AsyncSession, product: Product, name: str) -> DeviceGroup:
     row = (await db.execute(select(DeviceGroup).where(
         DeviceGroup.product_id == product.id, DeviceGroup.name == name))).scalar_one_or_none()
@@ -120,14 +125,11 @@ async def _name_free(db: AsyncSession, product: Product, name: str) -> None:
 
 
 async def create_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                       body: dict[str, Any]) -> DeviceGroup:
+                       req: GroupCreate) -> DeviceGroup:
     """Create a group from ``name`` (required), ``color`` and ``description``; 409 if taken."""
-    unknown = set(body) - {"name", "color", "description"}
-    if unknown:
-        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}", code="invalid_request")
-    name = clean_group_name(body.get("name"))
-    color = _clean_color(body["color"]) if body.get("color") not in (None, "") else None
-    description = as_str(body.get("description"), field="description", max_len=MAX_DESCRIPTION)
+    name = clean_group_name(req.name)
+    color = _clean_color(req.color) if req.color is not None else None
+    description = req.description
     await _name_free(db, product, name)
     g = DeviceGroup(product_id=product.id, name=name, description=description,
                     color=color or _default_color(name))
@@ -140,27 +142,23 @@ async def create_group(db: AsyncSession, *, actor: Subject, ip: str, product: Pr
 
 
 async def update_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                       name: str, body: dict[str, Any]) -> tuple[DeviceGroup, int]:
+                       name: str, req: GroupChange) -> tuple[DeviceGroup, int]:
     """Change ``name``, ``color`` and/or ``description`` (at least one)."""
     g = await get_group(db, product, name)
-    unknown = set(body) - {"name", "color", "description"}
-    if unknown:
-        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}", code="invalid_request")
     changed: dict[str, Any] = {}
-    if "name" in body:
-        new = clean_group_name(body["name"])
+    if req.sent("name"):
+        new = clean_group_name(req.name)
         if new != g.name:
             await _name_free(db, product, new)
             changed["name"] = {"from": g.name, "to": new}
             g.name = new
-    if "color" in body:
-        g.color = _clean_color(body["color"])
+    if req.sent("color"):
+        g.color = _clean_color(req.color)
         changed["color"] = g.color
-    if "description" in body:
-        g.description = as_str(body["description"], field="description",
-                               max_len=MAX_DESCRIPTION)
+    if req.sent("description"):
+        g.description = req.description
         changed["description"] = True
-    if not set(body) & {"name", "color", "description"}:
+    if not req.model_fields_set:
         raise BadRequest("Nothing to update: send name, color or description",
                          code="invalid_request")
     await _flush_or_conflict(db, g.name)

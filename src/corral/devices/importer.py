@@ -51,8 +51,9 @@ from corral.auth.policy import Role
 from corral.auth.subject import Subject
 from corral.devices import signals
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+from corral.devices.schemas import DeviceImport
 from corral.kit import clock
-from corral.kit.body import as_bool, read_body
+from corral.kit.body import raw_body, validate
 from corral.kit.errors import BadRequest, Conflict
 from corral.products.access import product_role
 from corral.products.models import Product
@@ -127,24 +128,23 @@ def _entries_of(value: Any, field: str) -> list[str]:
     raise BadRequest(f"{field} must be a device ID or a list of them", code="invalid_request")
 
 
-async def read_import_request(request: Request, settings: Settings) -> ImportInput:
-    """The IDs of an import request: JSON/form ``id`` and ``ids``, or a multipart ``file``."""
+async def read_import_request(request: Request, settings: Settings, *,
+                              ignore: frozenset[str] = frozenset()) -> ImportInput:
+    """The IDs of an import request: JSON/form ``id`` and ``ids``, or a multipart ``file``
+    (fields named in ``ignore`` are left to the caller: the console's CSRF token)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_part_size=settings.max_import_bytes, max_files=4)
         body: dict[str, Any] = {k: (form.getlist(k) if len(form.getlist(k)) > 1 else form[k])
                                 for k in form if k != "access_token"}
     else:
-        body = await read_body(request)
-    unknown = set(body) - {"id", "ids", "file", "force", "import_sims", "claim_user"}
-    if unknown:
-        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown)[:10])}",
-                         code="invalid_request")
-    if as_bool(body.get("import_sims"), field="import_sims") or body.get("claim_user"):
+        body = await raw_body(request)
+    req = validate(DeviceImport, {k: v for k, v in body.items() if k not in ignore})
+    if req.import_sims or req.claim_user:
         raise BadRequest("import_sims and claim_user are not supported: import device IDs, "
                          "then claim devices with POST /v1/devices", code="not_supported")
-    entries = _entries_of(body.get("id"), "id") + _entries_of(body.get("ids"), "ids")
-    upload = body.get("file")
+    entries = _entries_of(req.id, "id") + _entries_of(req.ids, "ids")
+    upload = req.file
     if isinstance(upload, list):
         raise _bad_file("Upload one file")
     if isinstance(upload, UploadFile):
@@ -160,7 +160,7 @@ async def read_import_request(request: Request, settings: Settings) -> ImportInp
     if len(entries) > MAX_IDS:
         raise BadRequest(f"At most {MAX_IDS} device IDs per request (got {len(entries)})",
                          code="too_many_ids")
-    return ImportInput(entries=entries, force=as_bool(body.get("force"), field="force"))
+    return ImportInput(entries=entries, force=req.force)
 
 
 def split_entries(entries: list[str]) -> tuple[list[str], list[str]]:

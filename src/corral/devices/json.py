@@ -9,7 +9,8 @@ from corral.kit import clock
 
 
 def device_json(d: Device, *, groups: list[str] | None = None, owner: str | None = None,
-                product: bool = False, targeted: int | None = None) -> dict[str, Any]:
+                product: bool = False, targeted: int | None = None,
+                cohort: str | None = None) -> dict[str, Any]:
     """``product=True`` adds the product fields (groups, firmware targeting, quarantine...);
     ``targeted`` is the version the firmware precedence rules give the device."""
     out: dict[str, Any] = {
@@ -46,6 +47,7 @@ def device_json(d: Device, *, groups: list[str] | None = None, owner: str | None
     if product:
         out.update({
             "groups": sorted(groups or []),
+            "cohort": cohort,
             "firmware_version": d.firmware_version,
             "desired_firmware_version": d.desired_firmware_version,
             "targeted_firmware_release_version": targeted,

@@ -21,10 +21,24 @@ class Device(Timestamps, Base):
         Index("ix_devices_product_id_id", "product_id", "id"),
         Index("ix_devices_product_last_heard", "product_id", "last_heard", "id"),
         Index("ix_devices_product_fw", "product_id", "firmware_version", "id"),
+        # filtered by firmware version, in the default order (last heard)
+        Index("ix_devices_product_fw_heard", "product_id", "firmware_version", "last_heard",
+              "id"),
         Index("ix_devices_product_name", "product_id", "name", "id"),
         Index("ix_devices_product_quarantined", "product_id", "quarantined"),
         Index("ix_devices_owner_name", "owner_user_id", "name"),
         Index("ix_devices_serial", "serial_number"),
+        # a serial-number prefix within one product (the console's search box)
+        Index("ix_devices_product_serial", "product_id", "serial_number"),
+        # Partial indexes of online devices. A query uses them only when it states their
+        # WHERE term: test the bare column (``.where(Device.online)``), which renders
+        # ``online = 1`` on SQLite and ``online`` on PostgreSQL; never ``.is_(True)``.
+        # the devices a node holds (scaled out): found at once when the node dies
+        Index("ix_devices_node_online", "node_id", sqlite_where=text("online = 1"),
+              postgresql_where=text("online")),
+        # fleet health, the console: a product's online devices counted without the others
+        Index("ix_devices_product_online", "product_id", sqlite_where=text("online = 1"),
+              postgresql_where=text("online")),
     )
 
     id: Mapped[str] = mapped_column(String(24), primary_key=True)  # lowercase hex
@@ -55,6 +69,7 @@ class Device(Timestamps, Base):
     last_disconnect_at: Mapped[dt.datetime | None]
     last_disconnect_reason: Mapped[str | None] = mapped_column(String(200))
     transport: Mapped[str | None] = mapped_column(String(16))  # mqtt | particle, last session
+    node_id: Mapped[str | None] = mapped_column(String(40))  # the node that holds its session
 
     # what the device last described (the device-session core keeps these)
     functions: Mapped[list[str]] = mapped_column(default=list, server_default=text("'[]'"))
@@ -100,6 +115,19 @@ class DeviceGroupMember(Base):
         ForeignKey("device_groups.id", ondelete="CASCADE"), primary_key=True, index=True)
 
 
+class DeviceTag(Base):
+    """One tag of one device: the indexed copy of ``devices.tags`` (kept in step with it in the
+    same transaction by :mod:`corral.devices.tags`), so a tag filter reads an index instead
+    of every device's JSON. The column stays the copy shown with the device."""
+
+    __tablename__ = "device_tags"
+    __table_args__ = (Index("ix_device_tags_tag_device", "tag", "device_id"),)
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+
+
 class ProductCA(Timestamps, Base):
     """An X.509 CA registered to a product for just-in-time provisioning (JITP)."""
 
@@ -120,10 +148,21 @@ class ClaimCode(Base):
     """A code a device presents after connecting so the cloud claims it to its creator."""
 
     __tablename__ = "claim_codes"
-    __table_args__ = (Index("ix_claim_codes_user", "user_id"), Index("ix_claim_codes_customer", "customer_id"))
+    __table_args__ = (
+        Index("ix_claim_codes_user", "user_id"), Index("ix_claim_codes_customer", "customer_id"),
+        Index("ix_claim_codes_code_hash", "code_hash"),
+        # an ICCID or IMEI code can be held by several claimants at once (one each), so
+        # nobody can squat another tenant's device ICCID; the device decides on redemption
+        Index("uq_claim_codes_user_code", "code_hash", "user_id", unique=True,
+              sqlite_where=text("user_id IS NOT NULL"),
+              postgresql_where=text("user_id IS NOT NULL")),
+        Index("uq_claim_codes_customer_code", "code_hash", "customer_id", unique=True,
+              sqlite_where=text("customer_id IS NOT NULL"),
+              postgresql_where=text("customer_id IS NOT NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    code_hash: Mapped[str] = mapped_column(String(64))
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
     product_id: Mapped[int | None] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))

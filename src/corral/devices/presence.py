@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, func, select, update
+from sqlalchemy import JSON, Table, and_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.models import Device
@@ -33,6 +33,7 @@ class Online:
     transport: str | None = None
     firmware_version: int | None = None
     system_version: str | None = None
+    node: str | None = None  # the node holding the session (scaled out; None: single node)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ Change = Online | Offline | Described
 _ONLINE = (
     update(DEVICES).where(DEVICES.c.id == bindparam("did")).values(
         online=True, last_heard=bindparam("at"), last_handshake_at=bindparam("at"),
+        node_id=bindparam("node"),
         first_online_at=func.coalesce(DEVICES.c.first_online_at, bindparam("at")),
         last_ip_address=func.coalesce(bindparam("ip"), DEVICES.c.last_ip_address),
         transport=func.coalesce(bindparam("transport"), DEVICES.c.transport),
@@ -79,11 +81,16 @@ _OFFLINE = (
 )
 
 
+# A describe that leaves functions or variables out (None) must bind SQL NULL, so that
+# coalesce keeps the stored value: the columns' plain JSON type binds None as the JSON
+# text 'null', which coalesce would keep instead (Device OS's updates/enabled event at every
+# connect wiped the device's functions and variables that way).
+_JSON_OR_NULL = JSON(none_as_null=True)
 _DESCRIBED = (
     update(DEVICES).where(DEVICES.c.id == bindparam("did")).values(
-        functions=func.coalesce(bindparam("functions", type_=DEVICES.c.functions.type),
+        functions=func.coalesce(bindparam("functions", type_=_JSON_OR_NULL),
                                 DEVICES.c.functions),
-        variables=func.coalesce(bindparam("variables", type_=DEVICES.c.variables.type),
+        variables=func.coalesce(bindparam("variables", type_=_JSON_OR_NULL),
                                 DEVICES.c.variables),
         firmware_version=func.coalesce(bindparam("fw"), DEVICES.c.firmware_version),
         system_firmware_version=func.coalesce(bindparam("sv"),
@@ -102,7 +109,7 @@ def _params(c: Change) -> dict[str, Any]:
                 "fw": c.firmware_version, "sv": c.system_version, "updates": c.updates_enabled}
     if isinstance(c, Online):
         return {"did": c.device_id, "at": c.at, "ip": c.ip[:64] if c.ip else None,
-                "transport": c.transport, "fw": c.firmware_version,
+                "transport": c.transport, "fw": c.firmware_version, "node": c.node,
                 "sv": c.system_version[:32] if c.system_version else None}
     return {"did": c.device_id, "at": c.at, "handshake": c.handshake_at,
             "reason": c.reason[:200]}

@@ -8,8 +8,9 @@ Bulk import lives in :mod:`corral.devices.importer`, group rules in
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    union,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,24 +35,34 @@ from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
+from corral.cohorts.lookup import cohort_names_for, in_cohort
 from corral.devices import groups as group_rules
-from corral.devices import signals
+from corral.devices import search, signals
+from corral.devices import tags as tag_rules
 from corral.devices.access import is_device_id
 from corral.devices.json import device_json
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+from corral.devices.schemas import (
+    DEFAULT_PER_PAGE,
+    BatchChange,
+    DeviceChange,
+    DeviceListQuery,
+    ProductDeviceChange,
+)
 from corral.kit import clock
-from corral.kit.body import as_bool, as_int, as_str, as_str_list
+from corral.kit.body import multi_dict, validate
 from corral.kit.errors import BadRequest, Forbidden
 from corral.kit.responses import paging
 from corral.products import service as products
 from corral.products.models import Product
 
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MAX_NOTES = 1000
-MAX_PER_PAGE = 1000
-DEFAULT_PER_PAGE = 25
-MAX_BATCH = 10_000
 FEW_MATCHES = 20_000  # filtered listings this small are sorted after filtering
+# a device list's total is exact up to this many matches; beyond it, the exact count (a scan
+# of every match: ~50 ms at 1,000,000) is taken at most once per ESTIMATE_TTL_S per product
+# and filter and reused meanwhile, and the answer says so (meta.total_is_estimate)
+EXACT_COUNT_UP_TO = 10_000
+ESTIMATE_TTL_S = 30.0
 CHUNK = 5_000
 
 
@@ -103,8 +115,9 @@ async def device_view(db: AsyncSession, device: Device) -> dict[str, Any]:
         return device_json(device, owner=owner)
     groups = (await group_rules.group_names_for(db, [device.id])).get(device.id, [])
     targets = await _targets(db, device.product_id, [device.id])
+    cohort = (await cohort_names_for(db, [device.id])).get(device.id)
     return device_json(device, groups=groups, owner=owner, product=True,
-                       targeted=targets.get(device.id))
+                       targeted=targets.get(device.id), cohort=cohort)
 
 
 async def _targets(db: AsyncSession, product_id: int, ids: list[str]) -> dict[str, int | None]:
@@ -133,41 +146,74 @@ class DeviceQuery:
     device_name: str | None = None
     serial_number: str | None = None
     groups: list[str] | None = None
+    tags: list[str] | None = None  # every one of them (all-of)
+    cohort: str | None = None
     quarantined: bool | None = None
     online: bool | None = None
     development: bool | None = None
+    firmware_version: int | None = None
+    # one search box (the console): an ID, name or serial number starting with this
+    search: str | None = None
     sort_attr: str = "lastConnection"
     sort_dir: str = "desc"
+    # False: no exact total (a page of a huge product stays fast); ``has_more`` says whether
+    # another page follows
+    count: bool = True
 
 
-def parse_device_query(params: Mapping[str, str]) -> DeviceQuery:
+def parse_device_query(params: Mapping[str, str] | DeviceListQuery) -> DeviceQuery:
     """Particle's query parameters (``per_page`` and ``perPage`` both work); 400 on bad ones."""
-    q = DeviceQuery()
-    q.page = as_int(params.get("page"), field="page", lo=1, hi=10_000_000, default=1) or 1
-    per_page = params.get("per_page", params.get("perPage"))
-    q.per_page = as_int(per_page, field="per_page", lo=1, hi=MAX_PER_PAGE,
-                        default=DEFAULT_PER_PAGE) or DEFAULT_PER_PAGE
-    q.device_id = as_str(params.get("deviceId"), field="deviceId", max_len=64)
-    q.device_name = as_str(params.get("deviceName"), field="deviceName", max_len=64)
-    q.serial_number = as_str(params.get("serialNumber"), field="serialNumber", max_len=64)
-    if params.get("groups"):
-        q.groups = as_str_list(params["groups"], field="groups", max_items=100, max_len=64)
-    for name in ("quarantined", "online", "development"):
-        if params.get(name) not in (None, ""):
-            setattr(q, name, as_bool(params[name], field=name))
-    sort_attr = params.get("sortAttr") or "lastConnection"
-    if sort_attr not in SORT_ATTRS:
-        raise BadRequest(f"sortAttr must be one of {', '.join(SORT_ATTRS)}",
-                         code="invalid_request")
-    q.sort_attr = sort_attr
-    sort_dir = (params.get("sortDir") or "desc").lower()
-    if sort_dir not in ("asc", "desc"):
-        raise BadRequest("sortDir must be asc or desc", code="invalid_request")
-    q.sort_dir = sort_dir
-    return q
+    req = params if isinstance(params, DeviceListQuery) else validate(
+        DeviceListQuery, multi_dict(params.multi_items() if hasattr(params, "multi_items")
+                                    else params.items()))
+    return DeviceQuery(page=req.page, per_page=req.per_page, device_id=req.device_id,
+                       device_name=req.device_name, serial_number=req.serial_number,
+                       groups=req.groups or None,
+                       tags=tag_rules.clean_tags(req.tags, limit=None) or None,
+                       cohort=req.cohort or None,
+                       quarantined=req.quarantined,
+                       online=req.online, development=req.development,
+                       firmware_version=req.firmware_version, search=req.search,
+                       sort_attr=req.sort_attr, sort_dir=req.sort_dir)
 
 
-def _filters(product: Product, q: DeviceQuery) -> list[ColumnElement[bool]]:
+def _group_members(product: Product, groups: list[str]) -> Any:
+    return (select(DeviceGroupMember.device_id)
+            .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
+            .where(DeviceGroup.product_id == product.id, DeviceGroup.name.in_(groups)))
+
+
+async def _large_groups(db: AsyncSession, product: Product, q: DeviceQuery) -> bool:
+    """Whether the groups of ``q`` hold more than FEW_MATCHES devices (counted on the
+    membership index, stopping there)."""
+    if not q.groups:
+        return False
+    inner = _group_members(product, q.groups).limit(FEW_MATCHES + 1).subquery()
+    n = (await db.execute(select(func.count()).select_from(inner))).scalar_one()
+    return int(n) > FEW_MATCHES
+
+
+async def _conditions(db: AsyncSession, product: Product,
+                      q: DeviceQuery) -> tuple[list[ColumnElement[bool]], Any]:
+    """The filters of ``q`` and, when they are only large groups of the product, those
+    groups' membership (counted instead of walking the devices: see :func:`_count`)."""
+    large = await _large_groups(db, product, q)
+    many_tagged = bool(q.tags) and await tag_rules.carried_by_many(db, q.tags or [],
+                                                                   FEW_MATCHES)
+    conds = _filters(product, q, db.get_bind().dialect.name, large_groups=large,
+                     large_tags=many_tagged)
+    only_groups = large and len(conds) == 2  # the product and its groups
+    return conds, (_group_members(product, q.groups or []).subquery() if only_groups
+                   else None)
+
+
+def _filters(product: Product, q: DeviceQuery, dialect: str, *,
+             large_groups: bool = False,
+             large_tags: bool = False) -> list[ColumnElement[bool]]:
+    """``large_groups``: the groups hold many devices, so membership is tested per device
+    (``EXISTS`` on the membership's primary key) while a sort index is walked: a page needs
+    a few probes. A small group is collected first (``IN``) and its few devices sorted:
+    walking a million devices to find a hundred members would cost a scan."""
     conds: list[ColumnElement[bool]] = [Device.product_id == product.id]
     if q.device_id:
         prefix = q.device_id.strip().lower()
@@ -177,19 +223,52 @@ def _filters(product: Product, q: DeviceQuery) -> list[ColumnElement[bool]]:
         else:
             conds.append(false())
     if q.device_name:
-        conds.append(Device.name.icontains(q.device_name, autoescape=True))
+        conds.append(search.contains(dialect, Device.name, "name", q.device_name))
     if q.serial_number:
-        conds.append(Device.serial_number.icontains(q.serial_number, autoescape=True))
+        conds.append(search.contains(dialect, Device.serial_number, "serial_number",
+                                     q.serial_number))
     if q.groups:
-        members = (select(DeviceGroupMember.device_id)
-                   .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
-                   .where(DeviceGroup.product_id == product.id, DeviceGroup.name.in_(q.groups)))
-        conds.append(Device.id.in_(members))
+        members = _group_members(product, q.groups)
+        if large_groups:
+            conds.append(members.where(DeviceGroupMember.device_id == Device.id).exists())
+        else:
+            conds.append(Device.id.in_(members))
+    if q.tags:
+        conds += tag_rules.all_of(q.tags, per_device=large_tags)
+    if q.cohort:
+        conds.append(in_cohort(Device.id, product.id, q.cohort))
     for name in ("quarantined", "online", "development"):
         value = getattr(q, name)
         if value is not None:
-            conds.append(getattr(Device, name).is_(value))
+            col = getattr(Device, name)  # bare when true: the partial indexes match it
+            conds.append(col if value else col.is_(False))
+    if q.firmware_version is not None:
+        conds.append(Device.firmware_version == q.firmware_version)
+    if q.search and q.search.strip():
+        conds.append(Device.id.in_(_search(product, q.search.strip())))
     return conds
+
+
+def _prefix(column: Any, text: str) -> ColumnElement[bool]:
+    """``column`` starts with ``text``: an index range (the ``(product_id, column)`` index
+    serves it) that also states the prefix, so it is right under any collation."""
+    return and_(column >= text, column < text + "\U0010ffff",
+                column.startswith(text, autoescape=True))
+
+
+def _search(product: Product, text: str) -> Any:
+    """Ids of the product's devices whose ID, name or serial number starts with ``text``:
+    one indexed range each, united. (An OR of the three ranges was tried: SQLite's planner
+    then walked a whole product index when its statistics were missing or coarse.)"""
+    parts = [select(Device.id).where(Device.product_id == product.id,
+                                     _prefix(Device.name, text)),
+             select(Device.id).where(Device.product_id == product.id,
+                                     _prefix(Device.serial_number, text))]
+    lowered = text.lower()
+    if HEX_PREFIX_RE.match(lowered):
+        parts.append(select(Device.id).where(Device.product_id == product.id,
+                                             Device.id >= lowered, Device.id < lowered + "g"))
+    return union(*parts)
 
 
 @dataclass
@@ -198,19 +277,25 @@ class DevicePage:
     groups: dict[str, list[str]]
     owners: dict[str, str]
     customers: list[dict[str, Any]]
-    total: int
+    total: int | None  # None when the query asked for no count
     page: int
     per_page: int
     targets: dict[str, int | None] = field(default_factory=dict)
+    has_more: bool = False  # another page follows
+    estimated: bool = False  # total is an estimate (beyond EXACT_COUNT_UP_TO)
+    cohorts: dict[str, str] = field(default_factory=dict)  # device id -> cohort name
 
     def json(self) -> dict[str, Any]:
+        assert self.total is not None
         return {
             "devices": [device_json(d, groups=self.groups.get(d.id, []),
                                     owner=self.owners.get(d.id), product=True,
-                                    targeted=self.targets.get(d.id))
+                                    targeted=self.targets.get(d.id),
+                                    cohort=self.cohorts.get(d.id))
                         for d in self.devices],
             "customers": self.customers,
-            "meta": paging(self.page, self.per_page, self.total),
+            "meta": {**paging(self.page, self.per_page, self.total),
+                     **({"total_is_estimate": True} if self.estimated else {})},
         }
 
 
@@ -247,6 +332,71 @@ async def _few_matches_slice(db: AsyncSession, conds: list[ColumnElement[bool]],
     return list((await db.execute(q)).scalars())
 
 
+async def _count(db: AsyncSession, conds: list[ColumnElement[bool]],
+                 cap: int | None = None, members: Any = None) -> int:
+    """Rows matching ``conds`` (counting at most ``cap + 1`` of them when ``cap`` is set).
+    ``members``: the filter is only the product's groups, whose members are counted on the
+    membership index instead (a group holds only its product's devices: removing a device
+    from a product takes it out of the groups)."""
+    source = (select(members.c.device_id).distinct() if members is not None
+              else select(Device.id).where(*conds))
+    if cap is not None:
+        source = source.limit(cap + 1)
+    inner = source.subquery()
+    return int((await db.execute(select(func.count()).select_from(inner))).scalar_one())
+
+
+# engine -> {(product id, filters): (counted at, count)}: per database, per process
+_ESTIMATES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[float, int]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _filter_key(product: Product, q: DeviceQuery) -> tuple[Any, ...]:
+    return (product.id, q.device_id, q.device_name, q.serial_number,
+            tuple(q.groups or ()), tuple(q.tags or ()), q.cohort, q.quarantined, q.online, q.development,
+            q.firmware_version, q.search)
+
+
+async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
+                 conds: list[ColumnElement[bool]], members: Any = None) -> tuple[int, bool]:
+    """The number of matches and whether it is an estimate: exact up to
+    EXACT_COUNT_UP_TO (counting stops there), beyond it the last exact count of the same
+    product and filters if younger than ESTIMATE_TTL_S."""
+    n = await _count(db, conds, EXACT_COUNT_UP_TO, members)
+    if n <= EXACT_COUNT_UP_TO:
+        return n, False
+    known = _ESTIMATES.setdefault(db.get_bind(), {})
+    key, now = _filter_key(product, q), time.monotonic()
+    hit = known.get(key)
+    if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
+        return hit[1], True
+    exact = await _count(db, conds, None, members)
+    if len(known) >= 10_000:  # bounded: forget them all (each is one count away)
+        known.clear()
+    known[key] = (now, exact)
+    return exact, True
+
+
+async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQuery,
+                                cap: int | None = None) -> int:
+    """How many of the product's devices match ``q`` (at most ``cap + 1`` are counted)."""
+    conds, members = await _conditions(db, product, q)
+    return await _count(db, conds, cap, members)
+
+
+async def _two_part_slice(db: AsyncSession, first: tuple[list[Any], list[Any]],
+                          second: tuple[list[Any], list[Any]], offset: int,
+                          limit: int) -> list[str]:
+    """A slice across two consecutive parts (``(conditions, order)`` each). The size of the
+    first part is only counted when the slice starts beyond it."""
+    ids = await _slice(db, first[0], first[1], offset, limit)
+    if len(ids) == limit:
+        return ids
+    first_n = offset + len(ids) if ids else await _count(db, first[0])
+    return ids + await _slice(db, second[0], second[1], max(0, offset - first_n),
+                              limit - len(ids))
+
+
 async def list_product_devices(db: AsyncSession, product: Product,
                                q: DeviceQuery) -> DevicePage:
     """One page of the product's devices, filtered and sorted.
@@ -255,35 +405,34 @@ async def list_product_devices(db: AsyncSession, product: Product,
     ``(column, tiebreak)``; rows without, by the tiebreak alone) instead of one
     ``NULLS LAST`` sort, so a million never-connected devices do not turn every page into a
     full sort. A missing value sorts as the smallest (last in ``desc``) on SQLite and
-    PostgreSQL alike. The page's ids are found first, then its rows are loaded by id.
+    PostgreSQL alike. The page's ids are found first (one more than the page, to know
+    whether another follows), then its rows are loaded by id. ``q.count`` False skips the
+    exact total, the costly part of a page of a huge product.
     """
-    conds = _filters(product, q)
+    conds, members = await _conditions(db, product, q)
     col = SORT_ATTRS[q.sort_attr]
     desc = q.sort_dir == "desc"
-    offset, limit = (q.page - 1) * q.per_page, q.per_page
+    offset, limit = (q.page - 1) * q.per_page, q.per_page + 1
     tie = Device.id if col is Device.id else _tiebreak(db)
-    total, with_value = (await db.execute(
-        select(func.count(), func.count(col)).where(*conds))).one()
-    total, with_value = int(total), int(with_value)
-    if len(conds) > 1 and total <= FEW_MATCHES:
+    total, estimated = await _total(db, product, q, conds, members) if q.count else (None, False)
+    if members is not None:  # only large groups: more than FEW_MATCHES devices
+        few = False
+    else:
+        few = len(conds) > 1 and (
+            total if total is not None else await _count(db, conds, FEW_MATCHES)) <= FEW_MATCHES
+    if few:
         page_ids = await _few_matches_slice(db, conds, col, tie, desc, offset, limit)
     elif col is Device.id:
         page_ids = await _slice(db, conds, [Device.id.desc() if desc else Device.id.asc()],
                                 offset, limit)
     else:
         valued = ([*conds, col.is_not(None)],
-                  [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()], with_value)
-        empty = ([*conds, col.is_(None)], [tie.desc() if desc else tie.asc()],
-                 total - with_value)
+                  [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()])
+        empty = ([*conds, col.is_(None)], [tie.desc() if desc else tie.asc()])
         first, second = (valued, empty) if desc else (empty, valued)
-        page_ids = []
-        if offset < first[2]:
-            page_ids = await _slice(db, first[0], first[1], offset,
-                                    min(limit, first[2] - offset))
-        rest = limit - len(page_ids)
-        if rest > 0 and offset + len(page_ids) < total:
-            page_ids += await _slice(db, second[0], second[1], max(0, offset - first[2]),
-                                     rest)
+        page_ids = await _two_part_slice(db, first, second, offset, limit)
+    has_more = len(page_ids) > q.per_page
+    page_ids = page_ids[:q.per_page]
     rows = {d.id: d for d in (await db.execute(
         select(Device).where(Device.id.in_(page_ids)))).scalars()} if page_ids else {}
     devices = [rows[i] for i in page_ids if i in rows]
@@ -297,16 +446,11 @@ async def list_product_devices(db: AsyncSession, product: Product,
             select(Customer.id, Customer.email).where(Customer.id.in_(customer_ids))
             .order_by(Customer.id))).all()]
     return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page,
-                      await _targets(db, product.id, ids))
+                      await _targets(db, product.id, ids), has_more=has_more,
+                      estimated=estimated, cohorts=await cohort_names_for(db, ids))
 
 
 # --- updating a device -------------------------------------------------------------------------
-
-PRODUCT_FIELDS = frozenset({"name", "notes", "development", "groups", "firmware_updates_forced",
-                            "quarantined"})
-SANDBOX_FIELDS = frozenset({"name", "notes", "firmware_updates_forced"})
-FIRMWARE_FIELDS = frozenset({"desired_firmware_version", "flash"})
-
 
 def clean_device_name(value: Any) -> str:
     if not isinstance(value, str) or not DEVICE_NAME_RE.match(value):
@@ -339,49 +483,50 @@ def may_mark_development(subject: Subject, role: Role | None) -> bool:
 
 
 async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: Device,
-                        body: dict[str, Any], product: Product | None = None,
-                        role: Role | None = None, product_route: bool = False
-                        ) -> dict[str, Any]:
-    """Apply a device PUT. On the product route (``product_route``, with the device's
-    ``product`` and the caller's ``role``) the product fields are allowed too. Everything is
-    validated before anything changes. Returns ``{"id", <changed fields>, "updated_at"}``."""
-    allowed = PRODUCT_FIELDS | FIRMWARE_FIELDS if product_route else SANDBOX_FIELDS
-    unknown = set(body) - allowed
-    if unknown:
-        raise BadRequest(f"Unknown or unsupported fields: {', '.join(sorted(unknown)[:10])}",
-                         code="invalid_request")
-    if not body:
-        raise BadRequest(f"Nothing to update: send {', '.join(sorted(allowed))}",
+                        req: DeviceChange, product: Product | None = None,
+                        role: Role | None = None) -> dict[str, Any]:
+    """Apply a device PUT: ``req`` is a :class:`ProductDeviceChange` on the product route
+    (with the device's ``product`` and the caller's ``role``). Everything is validated
+    before anything changes. Returns ``{"id", <changed fields>, "updated_at"}``."""
+    sent = req.model_fields_set
+    if not sent:
+        fields = set(type(req).model_fields) - DeviceChange.FLASH_FIELDS
+        raise BadRequest(f"Nothing to update: send {', '.join(sorted(fields))}",
                          code="invalid_request")
     changes: dict[str, Any] = {}
-    if "name" in body:
-        changes["name"] = clean_device_name(body["name"])
+    if "name" in sent:
+        changes["name"] = clean_device_name(req.name)
         await _check_name_free(db, device, changes["name"])
-    if "notes" in body:
-        changes["notes"] = as_str(body["notes"], field="notes", max_len=MAX_NOTES)
-    if "firmware_updates_forced" in body:
-        changes["firmware_updates_forced"] = as_bool(body["firmware_updates_forced"],
-                                                     field="firmware_updates_forced")
-    if "development" in body:
-        changes["development"] = as_bool(body["development"], field="development")
+    if "notes" in sent:
+        changes["notes"] = req.notes
+    if "firmware_updates_forced" in sent:
+        changes["firmware_updates_forced"] = bool(req.firmware_updates_forced)
+    on_product = isinstance(req, ProductDeviceChange)
+    if on_product and "development" in sent:
+        changes["development"] = bool(req.development)
         if not may_mark_development(actor, role):
             raise Forbidden("Marking development devices needs the firmware:release "
                             "permission", code="forbidden", required="firmware:release")
-    if "quarantined" in body:
-        if as_bool(body["quarantined"], field="quarantined"):
+    if on_product and "quarantined" in sent:
+        if req.quarantined:
             raise BadRequest("A device cannot be put in quarantine by hand; deny it with "
                              "DELETE and deny=true", code="invalid_request")
         changes["quarantined"] = False
     group_names = None
-    if "groups" in body:
-        group_names = group_rules.clean_group_names(body["groups"])
+    tag_names = None
     lock = None
-    if set(body) & FIRMWARE_FIELDS:
-        from corral.firmware import service as firmware
+    if on_product:
+        assert isinstance(req, ProductDeviceChange)
+        if "groups" in sent:
+            group_names = group_rules.clean_group_names(req.groups)
+        if "tags" in sent:
+            tag_names = tag_rules.clean_tags(req.tags)
+        if sent & {"desired_firmware_version", "flash"}:
+            from corral.firmware import releases as firmware
 
-        assert product is not None, "firmware locks are set on the product route"
-        lock = await firmware.parse_lock(db, actor=actor, role=role, product=product,
-                                         device=device, body=body)
+            assert product is not None, "firmware locks are set on the product route"
+            lock = await firmware.parse_lock(db, actor=actor, role=role, product=product,
+                                             device=device, req=req)
 
     out: dict[str, Any] = {"id": device.id}
     for key, value in changes.items():
@@ -393,6 +538,8 @@ async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: De
         assert product is not None, "groups are set on the product route"
         out["groups"] = await group_rules.set_device_groups(
             db, actor=actor, ip=ip, product=product, device_id=device.id, names=group_names)
+    if tag_names is not None:
+        out["tags"] = await tag_rules.set_device_tags(db, device, tag_names)
     if lock is not None:
         assert product is not None
         out.update(await firmware.apply_lock(db, actor=actor, ip=ip, product=product,
@@ -437,46 +584,8 @@ async def remove_product_device(db: AsyncSession, *, actor: Subject, ip: str,
     await db.flush()
 
 
-def _as_object(value: Any, field: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise BadRequest(f"{field} must be an object", code="invalid_request") from exc
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"{field} must be an object", code="invalid_request")
-    return value
-
-
-async def batch_update(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                       body: dict[str, Any]) -> None:
-    """``{"action":"groups","devices":[ids],"metadata":{"add":[...],"remove":[...]}}``:
-    every device must be in the product, else nothing is written."""
-    if body.get("action") != "groups":
-        raise BadRequest("action must be \"groups\"", code="invalid_request")
-    raw = as_str_list(body.get("devices"), field="devices", max_items=MAX_BATCH, max_len=64)
-    if not raw:
-        raise BadRequest("devices must list at least one device ID", code="invalid_request")
-    bad = [d for d in raw if not is_device_id(d)]
-    if bad:
-        raise BadRequest("devices must be device IDs (24 hex characters)",
-                         code="invalid_request", invalidDeviceIds=bad[:100])
-    ids = list(dict.fromkeys(d.lower() for d in raw))
-    meta = _as_object(body.get("metadata"), "metadata")
-    unknown = set(meta) - {"add", "remove"}
-    if unknown:
-        raise BadRequest(f"Unknown metadata fields: {', '.join(sorted(unknown)[:10])}",
-                         code="invalid_request")
-    add = group_rules.clean_group_names(meta.get("add"), field="metadata.add")
-    remove = group_rules.clean_group_names(meta.get("remove"), field="metadata.remove")
-    if not add and not remove:
-        raise BadRequest("metadata must name groups to add or remove", code="invalid_request")
-    both = sorted(set(add) & set(remove))
-    if both:
-        raise BadRequest(f"Groups both added and removed: {', '.join(both)}",
-                         code="invalid_request")
+async def require_in_product(db: AsyncSession, product: Product, ids: list[str]) -> None:
+    """400 listing the devices of ``ids`` (lowercase) that are not in ``product``."""
     present: set[str] = set()
     for i in range(0, len(ids), CHUNK):
         present.update((await db.execute(select(Device.id).where(
@@ -485,8 +594,34 @@ async def batch_update(db: AsyncSession, *, actor: Subject, ip: str, product: Pr
     if missing:
         raise BadRequest(f"{len(missing)} device(s) are not in this product",
                          code="invalid_request", deviceIds=missing[:1000])
-    await group_rules.batch_groups(db, actor=actor, ip=ip, product=product, device_ids=ids,
-                                   add=add, remove=remove)
+
+
+async def batch_update(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
+                       req: BatchChange) -> None:
+    """``{"action":"groups"|"tags","devices":[ids],"metadata":{"add":[...],"remove":[...]}}``:
+    every device must be in the product, else nothing is written."""
+    raw = req.devices
+    if not raw:
+        raise BadRequest("devices must list at least one device ID", code="invalid_request")
+    bad = [d for d in raw if not is_device_id(d)]
+    if bad:
+        raise BadRequest("devices must be device IDs (24 hex characters)",
+                         code="invalid_request", invalidDeviceIds=bad[:100])
+    ids = list(dict.fromkeys(d.lower() for d in raw))
+    what = req.action  # groups | tags
+    clean = group_rules.clean_group_names if what == "groups" else tag_rules.clean_tags
+    add = clean(req.metadata.add, field="metadata.add")
+    remove = clean(req.metadata.remove, field="metadata.remove")
+    if not add and not remove:
+        raise BadRequest(f"metadata must name {what} to add or remove", code="invalid_request")
+    both = sorted(set(add) & set(remove))
+    if both:
+        raise BadRequest(f"{what.capitalize()} both added and removed: {', '.join(both)}",
+                         code="invalid_request")
+    await require_in_product(db, product, ids)
+    apply = group_rules.batch_groups if what == "groups" else tag_rules.batch_tags
+    await apply(db, actor=actor, ip=ip, product=product, device_ids=ids, add=add,
+                remove=remove)
 
 
 # --- a user's or customer's own devices --------------------------------------------------------
@@ -690,7 +825,7 @@ async def touch_each(db: AsyncSession, heard: Mapping[str, dt.datetime]) -> None
         return
     stmt = (update(Device.__table__)  # type: ignore[arg-type]
             .where(and_(Device.__table__.c.id == bindparam("did"),
-                        Device.__table__.c.online.is_(True)))
+                        Device.__table__.c.online))
             .values(last_heard=bindparam("at")))
     rows = [{"did": d.lower(), "at": at} for d, at in sorted(heard.items())]
     for i in range(0, len(rows), CHUNK):

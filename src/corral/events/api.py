@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime as dt
+import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,16 +33,17 @@ from corral.db.session import release
 from corral.devices.access import DeviceCtx, DeviceGuard, is_device_id, product_device
 from corral.devices.models import Device
 from corral.events import service
+from corral.events.schemas import EventLogAnswer, EventLogQuery, EventPublish
 from corral.events.writer import NewEvent, WriterStopped
 from corral.kit import clock
-from corral.kit.body import as_bool, as_int, read_body
+from corral.kit.body import body, query
 from corral.kit.errors import BadRequest, CorralError, NotFound
-from corral.kit.responses import ok
+from corral.kit.responses import OkAnswer, answers, ok
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.products.access import ProductCtx, ProductGuard
 from corral.products.models import Product
 from corral.sessions import contract
-from corral.sessions.core import Refused, check_event_name
+from corral.sessions.link import Refused, check_event_name
 
 log = logging.getLogger("corral.events")
 router = APIRouter(tags=["events"])
@@ -70,6 +72,21 @@ def frame(payload: dict[str, Any]) -> bytes:
     return f"event: {payload['name']}\ndata: {data}\n\n".encode()
 
 
+@functools.lru_cache(maxsize=256)
+def framed_event(data: bytes, framer: Callable[[dict[str, Any]], bytes] = frame
+                 ) -> tuple[str, bytes] | None:
+    """A fan-out payload's event name and its frame by ``framer``, or None if it is
+    malformed. Every stream of a node receives the same payload: it is decoded and framed
+    once per framer, not once per stream (1,000 streams on a product are 1,000 deliveries
+    of each event)."""
+    try:
+        payload = json.loads(data)
+        name = payload["name"]
+        return (name, framer(payload)) if isinstance(name, str) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class EventStream(Response):
     """An endless ``text/event-stream`` of the bus events matching ``pattern`` whose names
     start with ``prefix``.
@@ -82,10 +99,12 @@ class EventStream(Response):
     connection alive (particle-api-js drops a stream after 15 s of silence)."""
 
     def __init__(self, bus: Bus, pattern: str, prefix: str | None, *, keepalive_s: float,
-                 queue_max: int) -> None:
+                 queue_max: int, framer: Callable[[dict[str, Any]], bytes] | None = None
+                 ) -> None:
         self.status_code = 200
         self.background = None
         self.bus, self.pattern, self.prefix = bus, pattern, prefix or None
+        self.framer = framer or frame  # the web console frames events for EventSource
         self.keepalive_s = keepalive_s
         self.queue: collections.deque[bytes] = collections.deque(maxlen=queue_max)
         self.dropped = 0
@@ -94,15 +113,10 @@ class EventStream(Response):
                            "connection": "keep-alive", "x-accel-buffering": "no"})
 
     async def _on_event(self, msg: Message) -> None:
-        try:
-            payload = msg.json()
-            name = payload["name"]
-            chunk = frame(payload) if isinstance(name, str) and contract.name_matches(
-                self.prefix, name) else None
-        except (ValueError, KeyError, TypeError):
+        framed = framed_event(msg.data, self.framer)
+        if framed is None or not contract.name_matches(self.prefix, framed[0]):
             return
-        if chunk is None:
-            return
+        chunk = framed[1]
         if len(self.queue) == self.queue.maxlen:
             self.dropped += 1
             DROPPED.inc()
@@ -165,11 +179,14 @@ def check_prefix(prefix: str | None) -> str | None:
     return prefix
 
 
-def open_stream(ctx: Ctx, prefix: str | None, **tenancy: Any) -> EventStream:
+def open_stream(ctx: Ctx, prefix: str | None, *,
+                framer: Callable[[dict[str, Any]], bytes] | None = None,
+                **tenancy: Any) -> EventStream:
     """The stream of events with these tenancy facts (``contract.stream_pattern``)."""
     cfg = ctx.settings
     return EventStream(ctx.runtime.bus, contract.stream_pattern(**tenancy), check_prefix(prefix),
-                       keepalive_s=cfg.sse_keepalive_s, queue_max=cfg.sse_queue_max)
+                       keepalive_s=cfg.sse_keepalive_s, queue_max=cfg.sse_queue_max,
+                       framer=framer)
 
 
 def mine(subject: Subject) -> dict[str, Any]:
@@ -343,20 +360,16 @@ def event_data(value: Any, limit: int) -> str | None:
     return data or None
 
 
-async def read_event(request: Request, limit: int) -> dict[str, Any]:
-    """``name``, ``data``, ``ttl`` and ``private`` of a publish request (JSON or form)."""
-    body = await read_body(request)
+def read_event(req: EventPublish, limit: int) -> dict[str, Any]:
+    """``name``, ``data``, ``ttl`` and ``private`` of a publish request, checked."""
     try:
-        name = check_event_name(body.get("name"))
+        name = check_event_name(req.name)
     except Refused as exc:
-        if body.get("name") in (None, ""):
+        if req.name is None:
             raise BadRequest("name is required", code="invalid_request") from None
         raise BadRequest(exc.reason, code="invalid_request") from None
-    ttl = as_int(body.get("ttl"), field="ttl", lo=0, hi=2**31 - 1, default=60)
-    private = body.get("private")
-    return {"name": name, "data": event_data(body.get("data"), limit),
-            "ttl": 60 if ttl is None else ttl,
-            "private": True if private is None else as_bool(private, field="private")}
+    return {"name": name, "data": event_data(req.data, limit), "ttl": req.ttl,
+            "private": True if req.private is None else req.private}
 
 
 async def store(ctx: Ctx, event: NewEvent) -> None:
@@ -376,8 +389,9 @@ def product_data_limit(ctx: Ctx, product: Product) -> int:
     return int(value) if isinstance(value, int) and value > 0 else ctx.settings.event_data_max_bytes
 
 
-@router.post("/v1/devices/events", summary="Publish an event")
-async def publish_event(request: Request, ctx: AuthCtx) -> dict[str, Any]:
+@router.post("/v1/devices/events", summary="Publish an event",
+             responses=answers(OkAnswer, 429, 503))
+async def publish_event(ctx: AuthCtx, req: EventPublish = body(EventPublish)) -> dict[str, Any]:
     """Publish `name` (+ `data`, `ttl`, `private`) to the caller's own event stream and devices."""
     me = ctx.me
     scope = mine(me)
@@ -387,31 +401,35 @@ async def publish_event(request: Request, ctx: AuthCtx) -> dict[str, Any]:
         product = await ctx.db.get(Product, me.product_id)
         if product is not None:
             limit = product_data_limit(ctx, product)
-    ev = await read_event(request, limit)
+    ev = read_event(req, limit)
     await store(ctx, NewEvent(**ev, source="cloud", product_id=product.id if product else None,
                               org_id=product.org_id if product else None,
                               published_at=clock.now(), **scope))
     return ok()
 
 
-@router.post("/v1/products/{product}/events", summary="Publish a product event")
+@router.post("/v1/products/{product}/events", summary="Publish a product event",
+             responses=answers(OkAnswer, 429, 503))
 async def publish_product_event(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("events:send")),
+    pc: ProductCtx = Depends(ProductGuard("events:send")),
+    req: EventPublish = body(EventPublish),
 ) -> dict[str, Any]:
     """Publish `name` (+ `data`, `ttl`, `private`) to the product's stream and devices."""
     product = pc.product
-    ev = await read_event(request, product_data_limit(pc.ctx, product))
+    ev = read_event(req, product_data_limit(pc.ctx, product))
     await store(pc.ctx, NewEvent(**ev, source="cloud", product_id=product.id,
                                  org_id=product.org_id, published_at=clock.now()))
     return ok()
 
 
-@router.post("/v1/orgs/{org}/events", summary="Publish an organization event")
+@router.post("/v1/orgs/{org}/events", summary="Publish an organization event",
+             responses=answers(OkAnswer, 429, 503))
 async def publish_org_event(
-    request: Request, oc: OrgCtx = Depends(OrgGuard("events:send")),
+    oc: OrgCtx = Depends(OrgGuard("events:send")),
+    req: EventPublish = body(EventPublish),
 ) -> dict[str, Any]:
     """Publish `name` (+ `data`, `ttl`, `private`) to the organization's event stream."""
-    ev = await read_event(request, oc.ctx.settings.event_data_max_bytes)
+    ev = read_event(req, oc.ctx.settings.event_data_max_bytes)
     await store(oc.ctx, NewEvent(**ev, source="cloud", org_id=oc.org.id,
                                  published_at=clock.now()))
     return ok()
@@ -419,37 +437,11 @@ async def publish_org_event(
 
 # --- history (corral extension) --------------------------------------------------------------
 
-def parse_time(value: str | None, field: str) -> dt.datetime | None:
-    """An ISO 8601 timestamp (``Z`` or an offset; none means UTC)."""
-    if value is None or value == "":
-        return None
-    try:
-        when = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise BadRequest(f"{field} must be an ISO 8601 timestamp",
-                         code="invalid_request") from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
-
-
-def history_query(request: Request) -> dict[str, Any]:
+def history_query(q: EventLogQuery) -> dict[str, Any]:
     """The filters of an ``event_log`` request; 400 for a bad one."""
-    q = request.query_params
-    name = q.get("name") or None
-    if name is not None and (len(name) > PREFIX_MAX or not name.isprintable()):
-        raise BadRequest(f"name is a prefix of at most {PREFIX_MAX} printable characters",
-                         code="invalid_request")
-    device_id = q.get("device_id") or None
-    if device_id is not None:
-        if not is_device_id(device_id):
-            raise BadRequest("device_id must be 24 hexadecimal characters", code="invalid_request")
-        device_id = device_id.lower()
-    since, until = parse_time(q.get("since"), "since"), parse_time(q.get("until"), "until")
-    if since is not None and until is not None and since > until:
+    if q.since is not None and q.until is not None and q.since > q.until:
         raise BadRequest("since must not be after until", code="invalid_request")
-    limit = as_int(q.get("limit"), field="limit", lo=1, hi=service.MAX_LIMIT, default=100)
-    before_id = as_int(q.get("before_id"), field="before_id", lo=1, hi=2**63 - 1)
-    return {"name_prefix": name, "device_id": device_id, "since": since, "until": until,
-            "limit": limit, "before_id": before_id}
+    return q.filters()
 
 
 async def history(db: AsyncSession, query: dict[str, Any], **tenancy: Any) -> dict[str, Any]:
@@ -460,28 +452,34 @@ async def history(db: AsyncSession, query: dict[str, Any], **tenancy: Any) -> di
     return {"events": events, "next_before_id": rows[-1].id if more else None}
 
 
-@router.get("/v1/products/{product}/event_log", summary="A product's stored events")
+@router.get("/v1/products/{product}/event_log", summary="A product's stored events",
+            responses=answers(EventLogAnswer))
 async def product_event_log(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("events:get")),
+    pc: ProductCtx = Depends(ProductGuard("events:get")),
+    q: EventLogQuery = query(EventLogQuery),
 ) -> dict[str, Any]:
     """Stored events, newest first: `name` (prefix), `device_id`, `since`/`until` (ISO 8601), `before_id`, `limit`."""
-    return await history(pc.db, history_query(request), product_id=pc.product.id)
+    return await history(pc.db, history_query(q), product_id=pc.product.id)
 
 
-@router.get("/v1/orgs/{org}/event_log", summary="An organization's stored events")
+@router.get("/v1/orgs/{org}/event_log", summary="An organization's stored events",
+            responses=answers(EventLogAnswer))
 async def org_event_log(
-    request: Request, oc: OrgCtx = Depends(OrgGuard("events:get")),
+    oc: OrgCtx = Depends(OrgGuard("events:get")),
+    q: EventLogQuery = query(EventLogQuery),
 ) -> dict[str, Any]:
     """Stored events of the organization's products and its own publishes, newest first (filters as for products)."""
-    return await history(oc.db, history_query(request), org_id=oc.org.id)
+    return await history(oc.db, history_query(q), org_id=oc.org.id)
 
 
-@router.get("/v1/devices/{device_id}/event_log", summary="A device's stored events")
+@router.get("/v1/devices/{device_id}/event_log", summary="A device's stored events",
+            responses=answers(EventLogAnswer))
 async def device_event_log(
-    request: Request, dc: DeviceCtx = Depends(DeviceGuard("events:get")),
+    dc: DeviceCtx = Depends(DeviceGuard("events:get")),
+    q: EventLogQuery = query(EventLogQuery),
 ) -> dict[str, Any]:
     """The device's stored events from while the caller had it, newest first (`name`, `since`, `until`, `before_id`, `limit`)."""
-    query = history_query(request)
-    if query["device_id"] not in (None, dc.device.id):
+    filters = history_query(q)
+    if filters["device_id"] not in (None, dc.device.id):
         raise BadRequest("device_id does not match the device in the path", code="invalid_request")
-    return await history(dc.db, query, **device_scope(dc))
+    return await history(dc.db, filters, **device_scope(dc))

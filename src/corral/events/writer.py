@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.devices import presence
 from corral.events.models import Event
+from corral.integrations import outbox
 from corral.kit import clock
 from corral.metering import ledger
 from corral.metering.ledger import Usage
@@ -99,7 +100,8 @@ class StoredEvent:
 
 _COLUMNS = ["id", "published_at", "name", "data", "ttl", "source", "device_id", "product_id",
             "org_id", "owner_user_id", "customer_id", "private"]
-_PG_IDS = "SELECT nextval(pg_get_serial_sequence('events', 'id')) FROM generate_series(1, $1)"
+_PG_IDS = ("ids AS (SELECT nextval(pg_get_serial_sequence('events', 'id')) AS id "
+           "FROM generate_series(1, $1))")
 _SQLITE_INSERT = (f"INSERT INTO events ({', '.join(_COLUMNS[1:])}) "
                   f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
 
@@ -146,6 +148,9 @@ class EventWriter:
         self.max_delay = max_delay
         self.max_pending = max_pending
         self.after_commit: list[AfterCommit] = []
+        # (row, presence change) of each committed item that carried both (fleet rollups:
+        # disconnect reasons), after commit
+        self.after_presence: list[Callable[[list[tuple[NewEvent, presence.Change]]], Any]] = []
         self.batches_committed = 0
         self.batches_failed = 0
         self.rows_committed = 0
@@ -289,6 +294,14 @@ class EventWriter:
         for item in batch:
             if not item.future.done():  # usage-only items (and cancelled callers)
                 item.future.set_result(0)
+        if self.after_presence and changes:
+            pairs = [(item.row, item.presence) for item in batch
+                     if item.row is not None and item.presence is not None]
+            for phook in list(self.after_presence):
+                try:
+                    phook(pairs)
+                except Exception:
+                    log.exception("event after-presence hook failed")
         if self.after_commit:
             stored = [StoredEvent.of(i, r) for i, r in zip(ids, rows, strict=True)]
             for hook in list(self.after_commit):
@@ -310,11 +323,14 @@ class EventWriter:
           rowid (INTEGER PRIMARY KEY without AUTOINCREMENT), so the new rows get the
           consecutive ids that end at ``max(id)``. Datetimes are stored in the text format
           SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree. The
-          counted rows' usage is computed from them (``ledger.apply_events``).
+          counted rows' usage is computed from them (``ledger.apply_events``), and the
+          batch's id range goes to the integration outbox (``corral.integrations.outbox``)
+          when an integration may want one of its events.
         * PostgreSQL: the ids are taken from the table's sequence first (in order; this
           statement begins the transaction; it also appends the counted rows' usage as one
           row, :func:`corral.metering.ledger.pg_publish_batch`, sparing the batch a round
-          trip), then the rows go in with ``COPY`` on the same connection and transaction."""
+          trip, and the integration outbox row likewise), then the rows go in with ``COPY``
+          on the same connection and transaction."""
         conn = await db.connection()
         if conn.dialect.name == "sqlite":
             params = [(_sqlite_time(r.published_at), r.name, r.data, r.ttl, r.source,
@@ -323,6 +339,8 @@ class EventWriter:
             await conn.exec_driver_sql(_SQLITE_INSERT, params)
             last = (await conn.exec_driver_sql("SELECT max(id) FROM events")).scalar_one()
             ids = list(range(int(last) - len(rows) + 1, int(last) + 1))
+            if outbox.wanted(rows):
+                await conn.exec_driver_sql(outbox.SQLITE_INSERT, (ids[0], ids[-1]))
             await ledger.apply_events(db, [i for i, r in zip(ids, rows, strict=True)
                                            if r.counted])
             return ids
@@ -330,12 +348,16 @@ class EventWriter:
         # session's transaction (the adapter begins lazily), so the COPY below, the usage
         # and the presence changes commit with it, or not at all. (Sent to the bare
         # asyncpg connection first, each statement would commit on its own.)
-        sql = _PG_IDS
+        ctes = [_PG_IDS]
         args: tuple[Any, ...] = (len(rows),)
         counted = [r for r in rows if r.counted]
         if counted:
             cte, more = ledger.pg_publish_batch(counted, first_param=2)
-            sql, args = f"WITH {cte} {sql}", (*args, *more)
+            ctes.append(cte)
+            args = (*args, *more)
+        if outbox.wanted(rows):  # the batch's id range for the integrations (one row)
+            ctes.append(outbox.PG_CTE)
+        sql = f"WITH {', '.join(ctes)} SELECT id FROM ids ORDER BY id"
         ids = [int(i) for i in (await conn.exec_driver_sql(sql, args)).scalars()]
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None

@@ -8,9 +8,25 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 from starlette.datastructures import FormData, UploadFile
 
-from corral.firmware import service
-from corral.kit.body import as_int, read_body
+from corral.firmware import releases, service, storage
+from corral.firmware.schemas import (
+    Adoption,
+    DryRun,
+    Firmware,
+    FirmwareChange,
+    FirmwareFields,
+    FirmwareUpload,
+    Impact,
+    ImpactQuery,
+    Release,
+    ReleasePage,
+    SigningKeyAnswer,
+    SigningKeyCreate,
+    SigningKeysAnswer,
+)
+from corral.kit.body import body, documented_body, query, validate
 from corral.kit.errors import BadRequest, NotFound, PayloadTooLarge
+from corral.kit.responses import answers
 from corral.products.access import ProductCtx, ProductGuard
 from corral.settings import Settings
 
@@ -19,9 +35,11 @@ router = APIRouter(tags=["firmware"])
 READ_CHUNK = 64 * 1024
 
 
-async def read_upload(request: Request, settings: Settings) -> service.Upload:
+async def read_upload(request: Request, settings: Settings, *,
+                      ignore: frozenset[str] = frozenset()) -> service.Upload:
     """The multipart upload: the binary (field ``binary``, or ``file`` as particle-api-js
-    sends it) read in chunks up to ``firmware_max_bytes``, and the form fields."""
+    sends it) read in chunks up to ``firmware_max_bytes``, and the form fields (those named
+    in ``ignore`` are the caller's: the console's CSRF token)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise BadRequest("Upload firmware as multipart/form-data with the binary in the "
@@ -29,22 +47,24 @@ async def read_upload(request: Request, settings: Settings) -> service.Upload:
                          code="invalid_request")
     form = await request.form(max_files=2, max_fields=20)
     try:
-        return await _read_form(form, settings)
+        return await _read_form(form, settings, ignore)
     finally:
         await form.close()  # the spooled temporary files, now, not at garbage collection
 
 
-async def _read_form(form: FormData, settings: Settings) -> service.Upload:
+async def _read_form(form: FormData, settings: Settings,
+                     ignore: frozenset[str]) -> service.Upload:
     files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
     fields: dict[str, Any] = {}
     for key, value in form.multi_items():
-        if isinstance(value, UploadFile) or key == "access_token":
+        if isinstance(value, UploadFile) or key == "access_token" or key in ignore:
             continue
         if key in fields:
             raise BadRequest(f"{key} was sent more than once", code="invalid_request")
         if "\x00" in value:
             raise BadRequest("NUL characters are not allowed", code="invalid_request")
         fields[key] = value
+    checked = validate(FirmwareFields, fields)  # before the binary is read
     if len(files) != 1 or files[0][0] not in ("binary", "file"):
         raise BadRequest("Send exactly one file, in the field binary (or file)",
                          code="invalid_request")
@@ -57,17 +77,20 @@ async def _read_form(form: FormData, settings: Settings) -> service.Upload:
             raise PayloadTooLarge(f"The binary is larger than {limit:,} bytes "
                                   "(CORRAL_FIRMWARE_MAX_BYTES)")
     return service.Upload(data=bytes(data), filename=upload.filename or "firmware.bin",
-                          fields=fields)
+                          fields=checked)
 
 
-@router.get("/v1/products/{product}/firmware", summary="List product firmware")
+@router.get("/v1/products/{product}/firmware", summary="List product firmware",
+            responses=answers(list[Firmware]))
 async def list_firmware(pc: ProductCtx = Depends(ProductGuard("firmware:list"))) -> list[dict[str, Any]]:
     """Every uploaded version, newest first, with its release groups and `device_count`."""
     return await service.list_firmware(pc.db, pc.product)
 
 
 @router.post("/v1/products/{product}/firmware", status_code=201,
-             summary="Upload product firmware")
+             summary="Upload product firmware", responses=answers(Firmware, 409, status=201),
+             dependencies=[Depends(documented_body(FirmwareUpload,
+                                                   media=("multipart/form-data",)))])
 async def upload_firmware(
     request: Request, pc: ProductCtx = Depends(ProductGuard("firmware:create")),
 ) -> dict[str, Any]:
@@ -79,28 +102,29 @@ async def upload_firmware(
     return service.firmware_json(fw)
 
 
-@router.put("/v1/products/{product}/firmware/release", summary="Release product firmware")
+@router.put("/v1/products/{product}/firmware/release", summary="Release product firmware",
+            responses=answers(Firmware | DryRun, 409))
 async def release_firmware(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("firmware:release")),
+    pc: ProductCtx = Depends(ProductGuard("firmware:release")),
+    req: Release = body(Release), paged: ReleasePage = query(ReleasePage),
 ) -> dict[str, Any]:
     """`version`, `product_default`, `groups`, `intelligent`; corral adds `rollout` (`{"percent": n}` or `{"count": n}`) and `dry_run`."""
-    params = request.query_params
-    page = as_int(params.get("page"), field="page", lo=1, hi=1_000_000, default=1) or 1
-    per_page = as_int(params.get("per_page", params.get("perPage")), field="per_page", lo=1,
-                      hi=1000, default=100) or 100
-    return await service.release(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
-                                 body=await read_body(request), page=page, per_page=per_page)
+    return await releases.release(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
+                                  req=req, page=paged.page, per_page=paged.per_page)
 
 
-@router.get("/v1/products/{product}/impact", summary="Preview a release's impact")
+@router.get("/v1/products/{product}/impact", summary="Preview a release's impact",
+            responses=answers(Impact))
 async def release_impact(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("firmware:list")),
+    pc: ProductCtx = Depends(ProductGuard("firmware:list")),
+    q: ImpactQuery = query(ImpactQuery),
 ) -> dict[str, Any]:
     """`firmware_version`, `groups`, `product_default` (`action=edit_groups_for_firmware`): devices that would update, by the version they run."""
-    return await service.impact(pc.db, pc.product, dict(request.query_params))
+    return await releases.impact(pc.db, pc.product, q)
 
 
-@router.get("/v1/products/{product}/firmware/{version}", summary="Get product firmware")
+@router.get("/v1/products/{product}/firmware/{version}", summary="Get product firmware",
+            responses=answers(Firmware))
 async def get_firmware(
     version: str, pc: ProductCtx = Depends(ProductGuard("firmware:get")),
 ) -> dict[str, Any]:
@@ -109,20 +133,21 @@ async def get_firmware(
     return await service.firmware_view(pc.db, pc.product, fw)
 
 
-@router.put("/v1/products/{product}/firmware/{version}", summary="Edit product firmware")
+@router.put("/v1/products/{product}/firmware/{version}", summary="Edit product firmware",
+            responses=answers(Firmware))
 async def edit_firmware(
-    version: str, request: Request, pc: ProductCtx = Depends(ProductGuard("firmware:update")),
+    version: str, pc: ProductCtx = Depends(ProductGuard("firmware:update")),
+    req: FirmwareChange = body(FirmwareChange),
 ) -> dict[str, Any]:
     """Change `title`, `description` or `mandatory`."""
     fw = await service.get_firmware(pc.db, pc.product, service.version_of_path(version))
     fw = await service.update_firmware(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip,
-                                       product=pc.product, fw=fw,
-                                       body=await read_body(request))
+                                       product=pc.product, fw=fw, req=req)
     return await service.firmware_view(pc.db, pc.product, fw)
 
 
 @router.delete("/v1/products/{product}/firmware/{version}", status_code=204,
-               summary="Delete unreleased firmware")
+               summary="Delete unreleased firmware", responses=answers(None))
 async def delete_firmware(
     version: str, pc: ProductCtx = Depends(ProductGuard("firmware:remove")),
 ) -> Response:
@@ -134,13 +159,19 @@ async def delete_firmware(
 
 
 @router.get("/v1/products/{product}/firmware/{version}/binary",
-            summary="Download a firmware binary", response_class=FileResponse)
+            summary="Download a firmware binary", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}},
+                "description": "The binary (HTTP Range works)"}, 206: {
+                "description": "A range of the binary", "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}}, 416: {
+                "description": "The range is not satisfiable"}})
 async def download_firmware(
     version: str, pc: ProductCtx = Depends(ProductGuard("firmware:get")),
 ) -> FileResponse:
     """The binary as uploaded (HTTP Range requests work, for resumable downloads)."""
     fw = await service.get_firmware(pc.db, pc.product, service.version_of_path(version))
-    path = service.blob_path(pc.ctx.settings, fw.sha256)
+    path = storage.blob_path(pc.ctx.settings, fw.sha256)
     if not path.is_file():
         raise NotFound("The binary of this firmware is missing from the data directory",
                        code="binary_missing")
@@ -149,7 +180,7 @@ async def download_firmware(
 
 
 @router.get("/v1/products/{product}/firmware/{version}/adoption",
-            summary="Adoption of a firmware version")
+            summary="Adoption of a firmware version", responses=answers(Adoption))
 async def firmware_adoption(
     version: str, pc: ProductCtx = Depends(ProductGuard("firmware:get")),
 ) -> dict[str, Any]:
@@ -160,7 +191,8 @@ async def firmware_adoption(
 
 # --- signing keys (corral's own) ------------------------------------------------------------------
 
-@router.get("/v1/products/{product}/signing_keys", summary="List firmware signing keys")
+@router.get("/v1/products/{product}/signing_keys", summary="List firmware signing keys",
+            responses=answers(SigningKeysAnswer))
 async def list_signing_keys(
     pc: ProductCtx = Depends(ProductGuard("firmware:list")),
 ) -> dict[str, Any]:
@@ -169,18 +201,19 @@ async def list_signing_keys(
 
 
 @router.post("/v1/products/{product}/signing_keys", status_code=201,
-             summary="Add a firmware signing key")
+             summary="Add a firmware signing key", responses=answers(SigningKeyAnswer, 409, status=201))
 async def create_signing_key(
-    request: Request, pc: ProductCtx = Depends(ProductGuard("products.settings:update")),
+    pc: ProductCtx = Depends(ProductGuard("products.settings:update")),
+    req: SigningKeyCreate = body(SigningKeyCreate),
 ) -> dict[str, Any]:
     """No `public_key`: corral makes a key pair and signs uploads with it. With `public_key`: uploads must carry a `signature` by its private half."""
     key = await service.create_key(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
-                                   body=await read_body(request))
+                                   req=req)
     return {"signing_key": service.key_json(key)}
 
 
 @router.delete("/v1/products/{product}/signing_keys/{key_id}", status_code=204,
-               summary="Revoke a firmware signing key")
+               summary="Revoke a firmware signing key", responses=answers(None))
 async def revoke_signing_key(
     key_id: str, pc: ProductCtx = Depends(ProductGuard("products.settings:update")),
 ) -> Response:

@@ -24,6 +24,11 @@ retried in the same session after the backoff; after ``firmware_max_attempts`` a
 update is ``failed``. A device whose last update to a firmware failed is not retried on
 connect (a new release, a flash or an intelligent release start again).
 
+A binary flashed to one device (:mod:`corral.firmware.flash`, an update with ``binary_id``)
+goes first and the same way, unsigned; it is ``applied`` when the device comes back on its
+PRODUCT_VERSION, or, for a binary without one, when it comes back after taking the whole
+image (there is nothing else to tell it by).
+
 Events (cloud-sourced, in the device's stream, never metered): ``spark/flash/status``
 ``started`` | ``success`` | ``failed``; ``particle/device/updates/pending`` and
 ``particle/device/updates/forced``.
@@ -45,19 +50,16 @@ from corral.devices.models import Device
 from corral.firmware import links, signing, updates
 from corral.firmware.models import (
     OPEN_STATES,
+    DeviceBinary,
     DeviceUpdate,
     FirmwareGroupRelease,
     ProductFirmware,
     SigningKey,
 )
+from corral.firmware.storage import blob_path
 from corral.kit import clock
-from corral.sessions.core import (
-    DeviceSession,
-    FirmwareImage,
-    Hello,
-    SessionHub,
-    TransferResult,
-)
+from corral.sessions.core import DeviceSession, SessionHub
+from corral.sessions.link import FirmwareImage, Hello, TransferResult
 from corral.sessions.lookup import DeviceRows
 from corral.settings import Settings
 
@@ -66,7 +68,7 @@ log = logging.getLogger("corral.firmware.delivery")
 FLASH_STATUS = "spark/flash/status"
 UPDATES_PENDING = "particle/device/updates/pending"
 UPDATES_FORCED = "particle/device/updates/forced"
-TRIGGERS = {"flash", "intelligent", "lock", "release"}
+TRIGGERS = {"binary", "flash", "intelligent", "lock", "release"}
 
 
 @dataclass(frozen=True)
@@ -204,43 +206,64 @@ class FirmwareDelivery:
         pending = False
         async with self.sessionmaker() as db:
             device = await db.get(Device, did)
-            if device is None or device.product_id is None:
+            if device is None:
                 return None
             reported = device.firmware_version
             u = await updates.open_update(db, did)
             if self._delivered.get(did) == session.id:
                 return None  # it holds the new image and is about to restart
             if u is not None and u.state == "sending":
-                fw_open = await db.get(ProductFirmware, u.firmware_id)
-                size = fw_open.size if fw_open is not None else 0
-                if reported == u.target_version:
+                size, versioned = await _delivered_size(db, u)
+                whole = u.bytes_sent >= size
+                # a binary is judged only once it was taken whole (the device may have run
+                # that version before it was flashed)
+                if versioned and reported == u.target_version and (
+                        whole or u.binary_id is None):
                     await updates.mark_applied(db, u.id)
                     await db.commit()
                     return None
-                if u.bytes_sent >= size:  # it had the whole image, and restarted on another
-                    await updates.mark_failed(
-                        db, u.id, f"The device came back on version {reported}")
+                if whole:  # it had the whole image and restarted
+                    if versioned:  # on another version
+                        await updates.mark_failed(
+                            db, u.id, f"The device came back on version {reported}")
+                        await db.commit()
+                        await self._emit(session, [(FLASH_STATUS, "failed")])
+                    else:  # a binary without a version: its restart is all there is to see
+                        await updates.mark_applied(db, u.id)
+                        await db.commit()
+                    return None
+            payload: ProductFirmware | DeviceBinary | None
+            if u is not None and u.binary_id is not None:
+                # a binary flashed to this device goes first (it was asked for now)
+                payload = await db.get(DeviceBinary, u.binary_id)
+                forced_by_plan = device.firmware_updates_forced
+                if payload is None:
+                    await updates.mark_failed(db, u.id, "The binary is no longer stored")
                     await db.commit()
-                    await self._emit(session, [(FLASH_STATUS, "failed")])
                     return None
-            plan = await updates.plan_update(db, cfg, did)
-            if plan is None:
-                return None
-            if trigger == "connect" and (u is None or u.firmware_id != plan.firmware_id):
-                last = (await db.execute(select(DeviceUpdate.state).where(
-                    DeviceUpdate.device_id == did, DeviceUpdate.firmware_id == plan.firmware_id)
-                    .order_by(DeviceUpdate.id.desc()).limit(1))).scalar_one_or_none()
-                if last == "failed":
+            else:
+                if device.product_id is None:
                     return None
-            fw = await db.get(ProductFirmware, plan.firmware_id)
-            if fw is None:
-                return None
-            u = await updates.begin_update(
-                db, device_id=did, product_id=device.product_id, fw=fw,
-                trigger="release" if trigger == "connect" else trigger,
-                rollout_id=plan.rollout_id, from_version=reported,
-                transport=session.link.transport)
-            if not device.firmware_updates_enabled and not plan.forced:
+                plan = await updates.plan_update(db, cfg, did)
+                if plan is None:
+                    return None
+                if trigger == "connect" and (u is None or u.firmware_id != plan.firmware_id):
+                    last = (await db.execute(select(DeviceUpdate.state).where(
+                        DeviceUpdate.device_id == did,
+                        DeviceUpdate.firmware_id == plan.firmware_id)
+                        .order_by(DeviceUpdate.id.desc()).limit(1))).scalar_one_or_none()
+                    if last == "failed":
+                        return None
+                payload = await db.get(ProductFirmware, plan.firmware_id)
+                if payload is None:
+                    return None
+                forced_by_plan = plan.forced
+                u = await updates.begin_update(
+                    db, device_id=did, product_id=device.product_id, fw=payload,
+                    trigger="release" if trigger == "connect" else trigger,
+                    rollout_id=plan.rollout_id, from_version=reported,
+                    transport=session.link.transport)
+            if not device.firmware_updates_enabled and not forced_by_plan:
                 pending = True  # told on every connect: the device may have forgotten
                 if u.state != "deferred":
                     await updates.mark_deferred(db, u.id, "The device has firmware updates "
@@ -258,7 +281,7 @@ class FirmwareDelivery:
                 if u.attempts and wait > 0:
                     await db.commit()
                     return _Step(delay=wait)
-                image = await self._image(db, fw, u, did)
+                image = await self._image(db, payload, u, did)
                 forced = not device.firmware_updates_enabled
                 if forced:
                     notes.append((UPDATES_FORCED, "true"))
@@ -275,16 +298,23 @@ class FirmwareDelivery:
                 await session.link.update_notice("pending", True)
         return None
 
-    async def _image(self, db: AsyncSession, fw: ProductFirmware, u: DeviceUpdate,
-                     did: str) -> FirmwareImage:
+    async def _image(self, db: AsyncSession, payload: ProductFirmware | DeviceBinary,
+                     u: DeviceUpdate, did: str) -> FirmwareImage:
+        base = (self.base_url or self.settings.resolved_public_url()).rstrip("/")
+        if isinstance(payload, DeviceBinary):  # unsigned: it belongs to no product's keys
+            token = links.make_token(self.settings, device_id=did, firmware_id=0,
+                                     update_id=u.id)
+            return FirmwareImage(
+                version=u.target_version, size=payload.size, sha256=payload.sha256,
+                path=blob_path(self.settings, payload.sha256),
+                url=f"{base}/v1/firmware/downloads/{token}",
+                chunk_size=self.settings.firmware_download_chunk_bytes)
+        fw = payload
         keys = (await db.execute(select(SigningKey.public_key).where(
             SigningKey.product_id == fw.product_id, SigningKey.revoked_at.is_(None))
             .order_by(SigningKey.id))).scalars()
         token = links.make_token(self.settings, device_id=did, firmware_id=fw.id,
                                  update_id=u.id)
-        base = (self.base_url or self.settings.resolved_public_url()).rstrip("/")
-        from corral.firmware.service import blob_path
-
         return FirmwareImage(
             version=fw.version, size=fw.size, sha256=fw.sha256,
             path=blob_path(self.settings, fw.sha256),
@@ -395,7 +425,22 @@ _CONNECT_CHECK = select(
 
 
 def _may_have_work(row: Any) -> bool:
-    if row is None or row.product_id is None:
+    if row is None:
         return False
-    return bool(row.open_update or row.desired_firmware_version is not None
-                or row.has_default or row.has_group_release)
+    if row.open_update:  # product firmware, or a binary flashed to this device
+        return True
+    if row.product_id is None:
+        return False
+    return bool(row.desired_firmware_version is not None or row.has_default
+                or row.has_group_release)
+
+
+async def _delivered_size(db: AsyncSession, u: DeviceUpdate) -> tuple[int, bool]:
+    """The size of what ``u`` delivers, and whether the device's reported version tells
+    whether it runs it (product firmware, or a binary with a PRODUCT_VERSION)."""
+    if u.binary_id is not None:
+        b = await db.get(DeviceBinary, u.binary_id)
+        return (b.size if b is not None else 0,
+                b is not None and b.product_version is not None)
+    fw = await db.get(ProductFirmware, u.firmware_id) if u.firmware_id is not None else None
+    return (fw.size if fw is not None else 0), True

@@ -93,6 +93,25 @@ class SigningKey(Base):
     revoked_at: Mapped[dt.datetime | None]
 
 
+class DeviceBinary(Base):
+    """A binary flashed to one device (``PUT /v1/devices/:id`` with a ``file``), stored once
+    per content: the bytes live next to product firmware under their SHA-256, this row holds
+    what its module header says. Rows no open update needs are dropped after
+    ``firmware_binary_retention_days`` (:func:`corral.firmware.flash.prune_binaries`)."""
+
+    __tablename__ = "device_binaries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    filename: Mapped[str] = mapped_column(String(200))
+    platform_id: Mapped[int | None]
+    product_version: Mapped[int | None]  # the module's PRODUCT_VERSION, when it has one
+    module: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[dt.datetime]
+    last_flashed_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
 class DeviceUpdate(Base):
     """One attempt to bring a device to a firmware version, and how it went.
 
@@ -111,15 +130,22 @@ class DeviceUpdate(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
-    product_id: Mapped[int] = mapped_column(
+    # null for a sandbox device (only a flashed binary reaches those)
+    product_id: Mapped[int | None] = mapped_column(
         ForeignKey("products.id", ondelete="CASCADE"), index=True)
-    firmware_id: Mapped[int] = mapped_column(
+    # what is delivered: product firmware, or a binary flashed to this one device
+    firmware_id: Mapped[int | None] = mapped_column(
         ForeignKey("product_firmware.id", ondelete="CASCADE"))
+    binary_id: Mapped[int | None] = mapped_column(
+        ForeignKey("device_binaries.id", ondelete="SET NULL"), index=True)
     rollout_id: Mapped[int | None] = mapped_column(
         ForeignKey("rollouts.id", ondelete="SET NULL"))
+    # product firmware: its version; a binary: its PRODUCT_VERSION, else the version the
+    # device ran when it was flashed (a binary without one cannot be told apart by version)
     target_version: Mapped[int]
     from_version: Mapped[int | None]
-    trigger: Mapped[str] = mapped_column(String(16))  # release | intelligent | flash | lock
+    # release | intelligent | flash | lock | binary (PUT /v1/devices/:id with a file)
+    trigger: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="pending")
     reason: Mapped[str | None] = mapped_column(String(500))
     attempts: Mapped[int] = mapped_column(default=0)

@@ -9,7 +9,9 @@ except the CRC):
   of (function u8, index u8, version u16). ``end - start + 4`` is the file size.
 * **suffix**, just before the CRC, read backwards: suffix size u16 (the last two bytes
   before the CRC), a 32-byte SHA-256, reserved u16, then product version u16 and product ID
-  u16 when the suffix size is at least 40. ``0xffff`` in either means "not product firmware".
+  u16 when the suffix size is at least 40. ``0xffff`` in either means "not product firmware";
+  so does a product ID equal to the module's platform ID: since Device OS 4.0 there is no
+  ``PRODUCT_ID`` macro and the build writes the platform ID there (with ``PRODUCT_VERSION``).
 * **CRC-32** (zlib polynomial) of everything before it, the last 4 bytes, big-endian.
 
 A binary that does not look like a module is not an error here: MQTT devices run any
@@ -120,7 +122,7 @@ def parse_module(data: bytes) -> ModuleInfo | None:
         product_version = int.from_bytes(body[-38:-36], "little")
         product_id = int.from_bytes(body[-40:-38], "little")
         product_version = None if product_version == NOT_SET else product_version
-        product_id = None if product_id == NOT_SET else product_id
+        product_id = None if product_id in (NOT_SET, platform) else product_id
     return ModuleInfo(prefix_offset=offset, start_address=start, end_address=end,
                       flags=flags, module_version=version, platform_id=platform,
                       function=function, index=index, dependencies=deps, crc_ok=crc_ok,
@@ -136,6 +138,8 @@ def build_module(payload: bytes = b"", *, platform_id: int, product_id: int | No
     """A synthetic module with the layout :func:`parse_module` reads (tests, simulators).
 
     ``product_id``/``product_version`` None are written as ``0xffff`` (not product firmware).
+    Device OS 4+ builds write the platform ID as the product ID (pass ``product_id=
+    platform_id``), which :func:`parse_module` reads as "no product ID".
     """
     suffix_tail = struct.pack("<HHH", NOT_SET if product_id is None else product_id,
                               NOT_SET if product_version is None else product_version, 0)

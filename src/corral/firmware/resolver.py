@@ -4,15 +4,18 @@ The rules (Particle's "firmware precedence"), first match wins:
 
 1. a **development** device gets nothing automatically;
 2. a **locked** device (``desired_firmware_version``) gets that version;
-3. a device in **groups with releases** gets the highest version released to any of them;
-4. otherwise the **product default** release;
-5. otherwise nothing.
+3. a device in a **cohort with a release** gets the cohort's release, even when one of its
+   groups has a higher one (corral's addition: a cohort is the device's one exclusive release
+   track, chosen on purpose; groups overlap and are only labels for releases);
+4. a device in **groups with releases** gets the highest version released to any of them;
+5. otherwise the **product default** release;
+6. otherwise nothing.
 
 A release under a phased rollout (:mod:`corral.rollouts`) admits only part of the devices it
 would target; a device it does not admit keeps what that release replaced (the previous
 product default, or its group's previous release, when the rollout started with the
 release), and otherwise falls through to the next rule (another group's release, then the
-product default). A device already
+product default; a cohort's release not admitting it falls through to its groups). A device already
 running a rolled-out version stays admitted (so a rollout never turns into a downgrade), and
 an aborted rollout admits no one else.
 
@@ -31,11 +34,12 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from corral.cohorts.models import Cohort, CohortMember
 from corral.devices.models import Device, DeviceGroupMember
 from corral.firmware.models import FirmwareGroupRelease, ProductFirmware
 from corral.rollouts.models import Rollout
 
-Source = Literal["development", "locked", "group", "default", "none"]
+Source = Literal["development", "locked", "cohort", "group", "default", "none"]
 BUCKETS = 10_000  # rollout shares are in basis points
 CHUNK = 5_000
 
@@ -47,6 +51,7 @@ class DeviceFacts:
     desired_version: int | None = None
     group_ids: frozenset[int] = frozenset()
     firmware_version: int | None = None  # what it runs now
+    cohort_id: int | None = None
 
 
 def sticky_value(firmware_id: int, device_id: str) -> int:
@@ -92,6 +97,7 @@ class ReleaseSet:
     default_version: int | None = None
     group_versions: Mapping[int, int] = field(default_factory=dict)  # group id -> version
     gates: Mapping[int, Gate] = field(default_factory=dict)  # version -> its rollout
+    cohort_versions: Mapping[int, int] = field(default_factory=dict)  # cohort id -> version
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ MAX_FALLBACKS = 8  # a chain of rollouts, each over the previous release
 def _admitted(version: int | None, source: Source, device: DeviceFacts, releases: ReleaseSet,
               group_id: int | None = None) -> Target | None:
     """The first release along ``version`` and what each gated release replaced (for this
-    group, or the default) that admits ``device``."""
+    group, or the default) that admits ``device``. A cohort's release replaced nothing the
+    gate remembers: not admitted, the device falls through to the next rule."""
     for _ in range(MAX_FALLBACKS):
         if version is None:
             return None
@@ -118,6 +125,8 @@ def _admitted(version: int | None, source: Source, device: DeviceFacts, releases
         if gate.admits(device):
             return Target(version, source, rollout_id=gate.rollout_id,
                           held=gate.state == "paused" and device.firmware_version != version)
+        if source == "cohort":
+            return None
         version = (gate.fallback_default if group_id is None
                    else gate.fallback_groups.get(group_id))
     return None
@@ -129,6 +138,11 @@ def resolve(device: DeviceFacts, releases: ReleaseSet) -> Target:
         return Target(None, "development")
     if device.desired_version is not None:
         return Target(device.desired_version, "locked")
+    if device.cohort_id is not None and device.cohort_id in releases.cohort_versions:
+        target = _admitted(releases.cohort_versions[device.cohort_id], "cohort", device,
+                           releases)
+        if target is not None:
+            return target
     found = [t for g in sorted(device.group_ids) if g in releases.group_versions
              if (t := _admitted(releases.group_versions[g], "group", device, releases, g))]
     if found:
@@ -154,7 +168,7 @@ def count_admitted(gate: Gate, count: int, devices: Iterable[DeviceFacts],
 
 
 def _targets(target: Target, version: int) -> bool:
-    return target.version == version and target.source in ("group", "default")
+    return target.version == version and target.source in ("cohort", "group", "default")
 
 
 # --- the database side -------------------------------------------------------------------------
@@ -195,8 +209,13 @@ async def load_releases(db: AsyncSession, product_id: int,
             counts[r.version] = r.count
         else:
             counts.pop(r.version, None)
+    cohort_versions = {int(c): by_id[int(f)] for c, f in (await db.execute(
+        select(Cohort.id, Cohort.firmware_id).where(Cohort.product_id == product_id,
+                                                    Cohort.firmware_id.is_not(None)))).all()
+        if int(f) in by_id}
     releases = ReleaseSet(default_version=max(defaults) if defaults else None,
-                          group_versions=group_versions, gates=gates)
+                          group_versions=group_versions, gates=gates,
+                          cohort_versions=cohort_versions)
     return ProductTargets(releases=releases, firmware_ids=firmware_ids, counts=counts)
 
 
@@ -216,6 +235,7 @@ async def device_facts(db: AsyncSession, product_id: int,
                        device_ids: Sequence[str] | None = None) -> list[DeviceFacts]:
     """The product's devices (or those of ``device_ids`` in it) as resolver input."""
     groups: dict[str, set[int]] = defaultdict(set)
+    cohorts: dict[str, int] = {}
     rows: list[tuple[str, bool, int | None, int | None]] = []
     cols = (Device.id, Device.development, Device.desired_firmware_version,
             Device.firmware_version)
@@ -228,6 +248,10 @@ async def device_facts(db: AsyncSession, product_id: int,
             .where(Device.product_id == product_id))).all()
         for did, gid in member_rows:
             groups[did].add(int(gid))
+        cohorts.update({did: int(cid) for did, cid in (await db.execute(
+            select(CohortMember.device_id, CohortMember.cohort_id)
+            .join(Cohort, Cohort.id == CohortMember.cohort_id)
+            .where(Cohort.product_id == product_id))).all()})
     else:
         ids = sorted(set(device_ids))
         for i in range(0, len(ids), CHUNK):
@@ -239,8 +263,12 @@ async def device_facts(db: AsyncSession, product_id: int,
                     select(DeviceGroupMember.device_id, DeviceGroupMember.group_id)
                     .where(DeviceGroupMember.device_id.in_(chunk)))).all():
                 groups[did].add(int(gid))
+            cohorts.update({did: int(cid) for did, cid in (await db.execute(
+                select(CohortMember.device_id, CohortMember.cohort_id)
+                .where(CohortMember.device_id.in_(chunk)))).all()})
     return [DeviceFacts(id=did, development=bool(dev), desired_version=desired,
-                        group_ids=frozenset(groups.get(did, ())), firmware_version=fw)
+                        group_ids=frozenset(groups.get(did, ())), firmware_version=fw,
+                        cohort_id=cohorts.get(did))
             for did, dev, desired, fw in rows]
 
 

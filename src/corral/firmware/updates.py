@@ -20,15 +20,16 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.models import Device
 from corral.firmware.models import OPEN_STATES, DeviceUpdate, ProductFirmware
 from corral.firmware.resolver import targets_for
-from corral.firmware.service import blob_path
+from corral.firmware.storage import blob_path
 from corral.kit import clock
 from corral.kit.errors import Conflict, NotFound
+from corral.rollouts.service import check_failure_threshold
 from corral.settings import Settings
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -53,7 +54,7 @@ class UpdatePlan:
     path: Path
     signature: bytes | None
     signing_key_id: str | None
-    source: str  # locked | group | default
+    source: str  # locked | cohort | group | default
     rollout_id: int | None
     forced: bool  # firmware_updates_forced: override the device's disable
     intelligent: bool
@@ -102,9 +103,9 @@ async def begin_update(db: AsyncSession, *, device_id: str, product_id: int,
             DeviceUpdate.device_id == did, DeviceUpdate.state.in_(OPEN_STATES))
             .order_by(DeviceUpdate.id))).scalars():
         if u.firmware_id == fw.id:
+            # updated_at stays: a failed attempt's retry backoff counts from it
             u.trigger = trigger if trigger == "flash" else u.trigger
             u.rollout_id = rollout_id if rollout_id is not None else u.rollout_id
-            u.updated_at = now
             await db.flush()
             return u
         u.state, u.reason = "cancelled", f"Superseded by an update to version {fw.version}"
@@ -200,8 +201,6 @@ async def mark_failed(db: AsyncSession, update_id: int, reason: str) -> DeviceUp
 
 async def _after_finish(db: AsyncSession, u: DeviceUpdate) -> None:
     if u.rollout_id is not None:
-        from corral.rollouts.service import check_failure_threshold
-
         await check_failure_threshold(db, u.rollout_id)
 
 
@@ -214,9 +213,36 @@ async def device_updates(db: AsyncSession, device_id: str, limit: int = 20) -> l
 
 def update_json(u: DeviceUpdate) -> dict[str, object]:
     return {"id": u.id, "device_id": u.device_id, "firmware_id": u.firmware_id,
-            "rollout_id": u.rollout_id, "version": u.target_version,
+            "binary_id": u.binary_id, "rollout_id": u.rollout_id, "version": u.target_version,
             "from_version": u.from_version, "trigger": u.trigger, "state": u.state,
             "reason": u.reason, "attempts": u.attempts, "bytes_sent": u.bytes_sent,
             "transport": u.transport, "created_at": clock.iso(u.created_at),
             "started_at": clock.iso(u.started_at), "finished_at": clock.iso(u.finished_at),
             "updated_at": clock.iso(u.updated_at)}
+
+
+async def outcomes_by_release(db: AsyncSession, product_id: int, *,
+                              since: dt.datetime | None = None) -> list[dict[str, object]]:
+    """Per target version: how many updates were applied, failed, or are still open (fleet
+    health's update success rate), newest version first. ``since``: updates created from
+    then on."""
+    q = (select(DeviceUpdate.target_version, DeviceUpdate.state, func.count())
+         .where(DeviceUpdate.product_id == product_id, DeviceUpdate.firmware_id.is_not(None)))
+    if since is not None:
+        q = q.where(DeviceUpdate.created_at >= since)
+    rows = (await db.execute(q.group_by(DeviceUpdate.target_version,
+                                        DeviceUpdate.state))).all()
+    by: dict[int, dict[str, int]] = {}
+    for version, state, n in rows:
+        slot = by.setdefault(int(version), {"applied": 0, "failed": 0, "open": 0})
+        key = state if state in ("applied", "failed") else (
+            "open" if state in OPEN_STATES else None)
+        if key is not None:
+            slot[key] += int(n)
+    out: list[dict[str, object]] = []
+    for version in sorted(by, reverse=True):
+        s = by[version]
+        done = s["applied"] + s["failed"]
+        out.append({"version": version, **s,
+                    "success_rate": None if not done else round(s["applied"] / done, 4)})
+    return out

@@ -13,5 +13,5 @@ def slugify(value: str, *, max_len: int = 60) -> str:
     slug = _NON_SLUG.sub("-", norm.lower()).strip("-")[:max_len].strip("-")
     if not slug or slug.isdigit():
         # an all-digit slug would be ambiguous with a numeric id in paths
-        slug = f"p-{slug}" if slug else "item"
+        slug = f"p-{slug}"[:max_len] if slug else "item"
     return slug

@@ -10,7 +10,6 @@ whose event is already stored is not stored or counted again (``event_id`` is un
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -23,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.devices.models import Device
+from corral.events.recorder import EventRecorder
 from corral.events.writer import StoredEvent
 from corral.kit import clock
 from corral.locations.models import LocationPoint
@@ -103,35 +103,11 @@ def _opted_in(product_settings: dict[str, Any] | None) -> bool:
     return isinstance(loc, dict) and bool(loc.get("opt_in"))
 
 
-class LocationRecorder:
-    """The event writer's after-commit hook: stores points off the writer's own loop (a
-    batch with no ``loc`` event costs one scan of names)."""
+class LocationRecorder(EventRecorder):
+    """The event writer's after-commit hook that stores the points of ``loc`` events."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self.sessionmaker = sessionmaker
-        self.stored = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def __call__(self, events: Sequence[StoredEvent]) -> None:
-        locs = [e for e in events if e.name == LOC_EVENT and e.product_id is not None]
-        if locs:
-            task = asyncio.get_running_loop().create_task(self._store(locs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _store(self, events: list[StoredEvent]) -> None:
-        try:
-            async with self.sessionmaker() as db:
-                n = await store(db, events)
-                await db.commit()
-            self.stored += n
-        except Exception:
-            log.exception("location points of %d loc events not stored", len(events))
-
-    async def drain(self) -> None:
-        """Wait for points being stored (shutdown, tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        super().__init__(sessionmaker, LOC_EVENT, store, "location points")
 
 
 # --- queries (Particle's location API shapes: GeoJSON coordinates are [lon, lat, alt]) ----

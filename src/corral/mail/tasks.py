@@ -24,11 +24,11 @@ class Mailer:
         self.sessionmaker = sessionmaker
         self.backend = backend
         self.poll_s = poll_s
-        self._wake = asyncio.Event()
+        self.woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
-        self._wake.set()
+        self.woken.set()
 
     async def deliver_due(self, limit: int = 100) -> int:
         """Send what is due now; returns how many were sent."""
@@ -66,8 +66,8 @@ class Mailer:
             except Exception:
                 log.exception("mail outbox pass failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            self._wake.clear()
+                await asyncio.wait_for(self.woken.wait(), self.poll_s)
+            self.woken.clear()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mail-outbox")

@@ -1,6 +1,6 @@
 """The usage gate: the device-session core asks it before every counted operation.
 
-:class:`UsageGate` implements :class:`corral.sessions.core.CommunicationGate` from state it
+:class:`UsageGate` implements :class:`corral.sessions.link.CommunicationGate` from state it
 keeps in memory, so the hot path is a few dict lookups:
 
 * ``paused``: organization id -> the reason its devices may not communicate (a pausing plan

@@ -178,6 +178,23 @@ class UsageAlert(Base):
     created_at: Mapped[dt.datetime]
 
 
+class UsageDay(Base):
+    """An organization's usage this calendar month as of the end of one day (UTC): the
+    metering tick's latest reading of the month's totals on that day (its personal user's
+    own devices included). A day's own usage is the difference to the previous recorded
+    day of the month (:mod:`corral.metering.daily`); days the tick did not run (a server
+    stopped) have no row and their usage counts on the next day that has one."""
+
+    __tablename__ = "usage_days"
+
+    org_id: Mapped[int] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    data_operations: Mapped[int] = mapped_column(Count, default=0)
+    data_operations_kb: Mapped[int] = mapped_column(Count, default=0)
+    cellular_bytes: Mapped[int] = mapped_column(Count, default=0)
+
+
 # tables only one dialect has, and views: made by the migrations, not part of Base.metadata
 # (so the schema comparison with the models leaves them out)
 PG_ONLY_TABLES = frozenset({"usage_publish_batches"})
@@ -220,3 +237,65 @@ class SimDeactivation(Base):
     iccid: Mapped[str] = mapped_column(String(32))
     deactivated_at: Mapped[dt.datetime]
     reactivated_at: Mapped[dt.datetime | None]
+
+
+class Sim(Base):
+    """A SIM card (by ICCID) and who holds it: a product (imported, or reported by one of
+    its devices) or a user (reported by one of the user's own devices). ``last_device_id``
+    is the device that last reported it. Its activation state is the open interval of
+    :class:`SimDeactivation` (``deactivated_at`` mirrors it, so a device's connection reads
+    it in the same row read as the device). Releasing a SIM deletes the row; its
+    deactivation history stays (billing reads it)."""
+
+    __tablename__ = "sims"
+    __table_args__ = (Index("ix_sims_product_id", "product_id", "iccid"),
+                      Index("ix_sims_owner_user_id", "owner_user_id", "iccid"))
+
+    iccid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    product_id: Mapped[int | None] = mapped_column(
+        ForeignKey("products.id", ondelete="CASCADE"))
+    owner_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"))
+    last_device_id: Mapped[str | None] = mapped_column(String(24))
+    activations_count: Mapped[int] = mapped_column(Integer, default=1)
+    deactivated_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+
+class SimUsageDay(Base):
+    """A SIM's cellular bytes this calendar month as of the end of one day (UTC): the
+    metering tick's latest reading of its device's month-to-date ``cellular_bytes`` (as
+    :class:`UsageDay` is for an organization). A day's use is the difference to the
+    previous recorded day of the month."""
+
+    __tablename__ = "sim_usage_days"
+
+    iccid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    cellular_bytes: Mapped[int] = mapped_column(Count, default=0)
+
+
+class UsageReport(Base):
+    """An asynchronous usage report (Particle's ``usage_reports``) of one service agreement
+    (an organization's: see :mod:`corral.metering.agreements`): requested ``pending``, built
+    by the background worker (``available`` with its CSV, or ``failed``), kept until
+    ``expires_at``."""
+
+    __tablename__ = "usage_reports"
+    __table_args__ = (Index("ix_usage_reports_state", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"),
+                                        index=True)
+    requested_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"))
+    report_type: Mapped[str] = mapped_column(String(16))  # devices | products
+    date_period_start: Mapped[dt.date] = mapped_column(Date)
+    date_period_end: Mapped[dt.date] = mapped_column(Date)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    csv: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]

@@ -19,13 +19,14 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.kit import clock
-from corral.metering import alerts, ledger, plans, usage
+from corral.metering import alerts, daily, ledger, plans, sims, usage
 from corral.metering.gate import Snapshot, UsageGate
 from corral.metering.plans import MB, EffectivePlan, add_months, month_start
 from corral.orgs.models import Organization
@@ -80,6 +81,11 @@ class MeteringService:
         self.billable_every_s = 60.0
         self._billable: tuple[dt.date, dict[int, int]] | None = None
         self._billable_at = 0.0
+        self._days: dict[int, tuple[dt.date, tuple[int, int, int]]] = {}  # recorded readings
+        self._sim_days: dict[str, tuple[dt.date, int]] = {}  # SIM readings recorded today
+        # scaled out: only the holder of the metering lease folds usage and fires warnings;
+        # every node refreshes its own gate
+        self.leads: Callable[[], bool] = lambda: True
 
     def attach(self, sessionmaker: async_sessionmaker[AsyncSession], writer: Any,
                hub: Any = None) -> None:
@@ -170,8 +176,10 @@ class MeteringService:
 
     async def _tick(self, now: dt.datetime, full: bool) -> TickResult:
         assert self.sessionmaker is not None
+        lead = self.leads()
         try:
-            await self.fold()
+            if lead:
+                await self.fold()
         except Exception:  # readers add unfolded deltas: the refresh is exact regardless
             log.exception("metering: folding usage deltas failed")
         gate = self.gate
@@ -234,6 +242,8 @@ class MeteringService:
                 for metric, used, allowance in (
                         ("data_operations", ops, plan.max_data_ops),
                         ("cellular_data", cell, plan.max_cellular_mb * MB)):
+                    if not lead:
+                        continue
                     fired += await alerts.fire(
                         db, org_id=org, owner_user_id=owners.get(org), org_name=names[org],
                         plan=plan, period=start, period_end=end, metric=metric, used=used,
@@ -247,10 +257,31 @@ class MeteringService:
             now_limited = {org for org, s in states.items() if s.paused}
             resumed = sorted(self._paused_by_limit - now_limited)
             for org in resumed:
-                if org in names:
+                if org in names and lead:
                     await alerts.resumed(db, org, "The organization's allowance allows device "
                                          "communication again (a new period or more blocks).")
+            days: dict[int, tuple[int, int, int]] = {}
+            sim_days: dict[str, int] = {}
+            if lead:  # the per-day series of the console's chart (changed readings only)
+                today = now.date()
+                for org, months in monthly.items():
+                    row = months.get(month)
+                    if row is None or org not in names:
+                        continue
+                    value = daily.reading(row)
+                    if self._days.get(org) != (today, value):
+                        days[org] = value
+                await daily.record(db, today, days)
+                # each SIM's month-to-date cellular data (the SIM data_usage routes)
+                sim_now = await sims.month_readings(db, month)
+                sim_days = {i: b for i, b in sim_now.items()
+                            if self._sim_days.get(i) != (today, b)}
+                await sims.record_days(db, today, sim_days)
             await db.commit()
+        for org, value in days.items():
+            self._days[org] = (now.date(), value)
+        for iccid, used in sim_days.items():
+            self._sim_days[iccid] = (now.date(), used)
         self._paused_by_limit = now_limited
         free_end = add_months(month, 1)
         gate.apply(Snapshot(

@@ -53,6 +53,10 @@ class OrgGuard(Guard):
     path_param = "org"
 
     async def __call__(self, org: str, ctx: Ctx = Depends(auth_ctx)) -> OrgCtx:
+        return await self.resolve(ctx, org)
+
+    async def resolve(self, ctx: Ctx, org: str) -> OrgCtx:
+        """The organization ``org`` (id or slug) if the caller may do ``permission`` in it."""
         row = await get_org(ctx.db, org)
         if row is None:
             raise NotFound("Organization not found")

@@ -22,6 +22,7 @@ from corral.billing import locks as billing_locks
 from corral.db.slugs import unique_slug
 from corral.kit import clock
 from corral.kit.errors import BadRequest, Conflict, Forbidden, NotFound
+from corral.kit.ids import path_id
 from corral.kit.secrets import digest, new_token
 from corral.mail import service as mail
 from corral.orgs.models import Invitation, Organization
@@ -67,8 +68,8 @@ async def personal_org(db: AsyncSession, user_id: int) -> Organization:
 
 async def get_org(db: AsyncSession, key: str) -> Organization | None:
     """By numeric id or slug."""
-    if key.isdigit():
-        org = await db.get(Organization, int(key))
+    if (oid := path_id(key)) is not None:
+        org = await db.get(Organization, oid)
         if org is not None:
             return org
     return (await db.execute(select(Organization).where(Organization.slug == key.lower()))
@@ -88,11 +89,14 @@ def org_json(org: Organization, role: Role | None) -> dict[str, Any]:
 
 
 async def my_orgs_json(db: AsyncSession, *, actor: Subject) -> list[dict[str, Any]]:
-    """``actor``'s organizations as list items; one whose subscription is locked or inactive
-    is kept (its billing page stays reachable) and marked ``subscription_status``."""
+    """``actor``'s organizations as list items with their ``subscription`` (plan and status,
+    or null); one whose subscription is locked or inactive is kept (its billing page stays
+    reachable) and marked ``subscription_status``."""
     rows = await list_orgs(db, actor=actor)
     shut = await billing_locks.shut_statuses(db, (org.id for org, _ in rows))
-    return [billing_locks.mark(org_json(org, role), shut.get(org.id)) for org, role in rows]
+    subs = await billing_locks.subscriptions(db, (org.id for org, _ in rows))
+    return [billing_locks.mark({**org_json(org, role), "subscription": subs.get(org.id)},
+                               shut.get(org.id)) for org, role in rows]
 
 
 async def list_orgs(db: AsyncSession, *, actor: Subject) -> list[tuple[Organization, Role]]:
@@ -432,7 +436,8 @@ async def revoke_invitation(db: AsyncSession, *, actor: Subject, actor_role: Rol
                             org: Organization, invitation_id: int, product_id: int | None = None,
                             every_scope: bool = False, ip: str) -> Invitation:
     """Withdraw a pending invitation of this scope (any scope of ``org`` with ``every_scope``)."""
-    inv = await db.get(Invitation, invitation_id)
+    iid = path_id(invitation_id)
+    inv = await db.get(Invitation, iid) if iid is not None else None
     if (inv is None or inv.org_id != org.id
             or (not every_scope and inv.product_id != product_id)):
         raise NotFound("Invitation not found", code="not_found")
@@ -469,7 +474,8 @@ def _check_open(inv: Invitation) -> None:
 
 
 async def _own_invitation(db: AsyncSession, actor: Subject, invitation_id: int) -> Invitation:
-    inv = await db.get(Invitation, invitation_id)
+    iid = path_id(invitation_id)
+    inv = await db.get(Invitation, iid) if iid is not None else None
     if inv is None or inv.email != (actor.username or "").lower():
         raise NotFound("Invitation not found", code="not_found")
     return inv

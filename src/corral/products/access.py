@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
-from corral.auth.guards import Guard, check_tenant
+from corral.auth.guards import Guard, check_tenant, tenant_facts
 from corral.auth.models import Membership
 from corral.auth.policy import Role, check_role, check_scopes
 from corral.auth.subject import Subject
 from corral.kit.errors import NotFound
+from corral.kit.ids import path_id
 from corral.products.models import Product
 
 
@@ -30,8 +32,8 @@ class ProductCtx:
 
 async def get_product(db: AsyncSession, key: str) -> Product | None:
     """A product by numeric id or slug."""
-    if key.isdigit():
-        product = await db.get(Product, int(key))
+    if (pid := path_id(key)) is not None:
+        product = await db.get(Product, pid)
         if product is not None:
             return product
     return (await db.execute(select(Product).where(Product.slug == key.lower()))).scalar_one_or_none()
@@ -64,6 +66,49 @@ async def authorize_product(db: AsyncSession, subject: Subject, product: Product
     return role
 
 
+async def load_product(db: AsyncSession, key: str, subject: Subject
+                       ) -> tuple[Product, Role | None, list[Any]] | None:
+    """The product ``key`` (id or slug), the caller's strongest role on it (people) and the
+    tenant facts (:func:`corral.auth.guards.tenant_facts`), in one query; None if there is
+    no such product."""
+    n = path_id(key)  # ASCII digits in the column's range (kit.ids: one rule for ids)
+    where = Product.slug == key.lower()
+    if n is not None:
+        where = or_(Product.id == n, where)
+    facts = tenant_facts(Product.org_id)
+    q = select(Product, *facts).where(where)
+    people = subject.kind == "user" and subject.user_id is not None
+    if people:
+        q = q.add_columns(Membership.role).outerjoin(Membership, and_(
+            Membership.user_id == subject.user_id,
+            or_(and_(Membership.org_id == Product.org_id, Membership.product_id.is_(None)),
+                Membership.product_id == Product.id)))
+    rows = (await db.execute(q)).all()
+    if not rows:
+        return None
+    # an id wins over a slug that happens to be the same digits (as get_product does)
+    chosen = next((r[0] for r in rows if r[0].id == n), rows[0][0])
+    mine = [r for r in rows if r[0] is chosen]
+    nfacts = len(facts)
+    values = list(mine[0][1:1 + nfacts])
+    roles = [Role.parse(r[-1]) for r in mine if people and r[-1] is not None]
+    return chosen, (max(roles) if roles else None), values
+
+
+async def authorize_loaded(db: AsyncSession, subject: Subject, product: Product,
+                           role: Role | None, facts: list[Any], permission: str) -> Role | None:
+    """:func:`authorize_product` on what :func:`load_product` read (no further query)."""
+    if subject.kind in ("api", "client", "customer"):
+        if subject.product_id != product.id:
+            raise NotFound("Product not found")
+        check_scopes(subject.scopes, permission)
+        await check_tenant(db, product.org_id, permission, facts)
+        return None
+    checked = check_role(role, permission, what="Product")
+    await check_tenant(db, product.org_id, permission, facts)
+    return checked
+
+
 class ProductGuard(Guard):
     """Depend on ``ProductGuard("devices:list")`` in a route with a ``{product}`` path part."""
 
@@ -71,8 +116,15 @@ class ProductGuard(Guard):
     path_param = "product"
 
     async def __call__(self, product: str, ctx: Ctx = Depends(auth_ctx)) -> ProductCtx:
-        row = await get_product(ctx.db, product)
-        if row is None:
+        return await self.resolve(ctx, product)
+
+    async def resolve(self, ctx: Ctx, product: str) -> ProductCtx:
+        """The product ``product`` (id or slug) if the caller may do ``permission`` on it
+        (the console's guards call this with their own context)."""
+        me = ctx.me
+        found = await load_product(ctx.db, product, me)
+        if found is None:
             raise NotFound("Product not found")
-        role = await authorize_product(ctx.db, ctx.me, row, self.permission)
+        row, role, facts = found
+        role = await authorize_loaded(ctx.db, me, row, role, facts, self.permission)
         return ProductCtx(ctx=ctx, product=row, role=role)

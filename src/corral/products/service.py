@@ -7,7 +7,6 @@ secrets) are returned to the caller once and stored only as digests.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -25,20 +24,23 @@ from corral.auth.policy import API_USER_SCOPES, Role
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
 from corral.db.slugs import unique_slug
-from corral.kit.body import as_bool, as_int, as_str, as_str_list
 from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound
 from corral.kit.secrets import digest, new_secret, new_short_id
 from corral.kit.text import slugify
 from corral.orgs import service as orgs
 from corral.orgs.models import Invitation, Organization
 from corral.products.models import Product
+from corral.products.schemas import (
+    ClientChange,
+    ClientCreate,
+    ProductChange,
+    ProductCreate,
+    ProductSettings,
+    TeamAdd,
+    TeamChange,
+)
 from corral.settings import Settings
 
-MAX_NAME = 100
-MAX_DESCRIPTION = 2000
-MAX_TAGS = 50
-MAX_TAG_LEN = 100
-MAX_PLATFORM_ID = 2**31 - 1
 API_USER_DOMAIN = "api.corral.local"
 API_USER_CLIENT = "corral-api-user"
 CLIENT_TYPES = ("installed", "web")
@@ -79,97 +81,29 @@ class ProductTeam:
     api_users: list[User]
 
 
-# --- body parsing ------------------------------------------------------------------------
+# --- settings ------------------------------------------------------------------------------
 
-def _unbracket(body: dict[str, Any]) -> dict[str, Any]:
-    """Turn form keys like ``product[settings][quarantine]`` into nested dicts (qs style)."""
-    if not any("[" in k for k in body):
-        return body
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        parts = [p.rstrip("]") for p in key.split("[")] if "[" in key else [key]
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def _as_object(value: Any, *, field: str) -> dict[str, Any]:
-    """A JSON object, or (form bodies) its JSON text."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise BadRequest(f"{field} must be an object", code="invalid_request") from exc
-    if not isinstance(value, dict):
-        raise BadRequest(f"{field} must be an object", code="invalid_request")
-    return value
-
-
-def product_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """The product's fields: nested under ``product`` (particle-cli) or flat."""
-    body = _unbracket(body)
-    if "product" in body:
-        return _as_object(body["product"], field="product")
-    return body
-
-
-def clean_name(value: Any) -> str:
-    name = as_str(value, field="name", required=True, max_len=10_000)
-    assert name is not None
-    name = name.strip()
-    if not name:
-        raise BadRequest("name is required", code="invalid_request")
-    if len(name) > MAX_NAME:
-        raise BadRequest(f"name is at most {MAX_NAME} characters", code="invalid_request")
-    return name
-
-
-def _as_rate(value: Any) -> float:
-    try:
-        rate = float(value)
-    except (TypeError, ValueError):
-        rate = -1.0
-    if isinstance(value, bool) or not 0.01 <= rate <= 1000:
-        raise BadRequest("settings.event_rate_per_s must be a number from 0.01 to 1000",
-                         code="invalid_request")
-    return rate
-
-
-def clean_settings(value: Any, current: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge the known settings keys of ``value`` into ``current``; unknown keys are dropped."""
-    raw = _as_object(value, field="settings")
+def merge_settings(sent: ProductSettings, current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings sent, merged into ``current``."""
     out = dict(current or {})
-    if "quarantine" in raw:
-        out["quarantine"] = as_bool(raw["quarantine"], field="settings.quarantine")
-    for key, lo, hi in (("event_data_max_bytes", 1, 16_384), ("event_rate_burst", 1, 1000)):
-        if key in raw:
-            out[key] = as_int(raw[key], field=f"settings.{key}", lo=lo, hi=hi)
-    if "event_rate_per_s" in raw:
-        out["event_rate_per_s"] = _as_rate(raw["event_rate_per_s"])
-    if "location" in raw:
-        loc = _as_object(raw["location"], field="settings.location")
-        out["location"] = {"opt_in": as_bool(loc.get("opt_in"), field="settings.location.opt_in")}
+    fields = sent.model_fields_set
+    if "quarantine" in fields:
+        out["quarantine"] = bool(sent.quarantine)
+    for key in ("event_data_max_bytes", "event_rate_burst"):
+        if key in fields:
+            out[key] = getattr(sent, key)
+    if "event_rate_per_s" in fields:
+        if sent.event_rate_per_s is None:
+            raise BadRequest("settings.event_rate_per_s must be a number from 0.01 to 1000",
+                             code="invalid_request")
+        out["event_rate_per_s"] = sent.event_rate_per_s
+    if "location" in fields:
+        out["location"] = {"opt_in": bool(sent.location and sent.location.opt_in)}
     return out
 
 
-def _clean_tags(value: Any) -> list[str]:
-    tags = as_str_list(value, field="tags", max_items=MAX_TAGS, max_len=MAX_TAG_LEN)
-    return list(dict.fromkeys(t.strip() for t in tags if t.strip()))
-
-
-def _clean_description(value: Any) -> str:
-    return as_str(value, field="description", max_len=MAX_DESCRIPTION, default="") or ""
-
-
-def _clean_platform(value: Any) -> int:
-    n = as_int(value, field="platform_id", lo=0, hi=MAX_PLATFORM_ID, default=0)
-    assert n is not None
-    return n
+def _clean_tags(tags: list[str] | None) -> list[str]:
+    return list(dict.fromkeys(t.strip() for t in tags or () if t.strip()))
 
 
 # --- products ------------------------------------------------------------------------------
@@ -207,20 +141,17 @@ async def _views(db: AsyncSession, products: list[Product]) -> list[ProductView]
 
 
 async def create_product(db: AsyncSession, *, actor: Subject, org: Organization,
-                         body: dict[str, Any], ip: str) -> ProductView:
-    """Create a product in ``org`` from a nested or flat body (the caller's role is checked)."""
-    fields = product_fields(body)
-    name = clean_name(fields.get("name"))
+                         req: ProductCreate, ip: str) -> ProductView:
+    """Create a product in ``org`` (the caller's role is checked)."""
+    name = req.name
     await _check_name_free(db, org.id, name)
     settings: dict[str, Any] = {"quarantine": True}
-    if fields.get("settings") not in (None, ""):
-        settings = clean_settings(fields["settings"], settings)
+    if req.settings is not None:
+        settings = merge_settings(req.settings, settings)
     product = Product(
         org_id=org.id, name=name, name_key=name.lower(), slug=await unique_slug(db, Product.slug, name),
-        description=_clean_description(fields.get("description")),
-        tags=_clean_tags(fields.get("tags")),
-        platform_id=_clean_platform(fields.get("platform_id")),
-        settings=settings,
+        description=req.description or "", tags=_clean_tags(req.tags),
+        platform_id=req.platform_id or 0, settings=settings,
     )
     db.add(product)
     await _flush_or(db, Conflict(f"A product named {name!r} already exists in this "
@@ -232,12 +163,12 @@ async def create_product(db: AsyncSession, *, actor: Subject, org: Organization,
     return ProductView(product, org.slug)
 
 
-async def create_personal_product(db: AsyncSession, *, actor: Subject, body: dict[str, Any],
+async def create_personal_product(db: AsyncSession, *, actor: Subject, req: ProductCreate,
                                   ip: str) -> ProductView:
     """Create a product in the caller's personal organization (people only)."""
     assert actor.user_id is not None
     org = await orgs.personal_org(db, actor.user_id)
-    return await create_product(db, actor=actor, org=org, body=body, ip=ip)
+    return await create_product(db, actor=actor, org=org, req=req, ip=ip)
 
 
 async def _open_only(db: AsyncSession, products: list[Product]) -> list[Product]:
@@ -276,27 +207,31 @@ async def org_products(db: AsyncSession, org: Organization) -> list[ProductView]
 
 
 async def update_product(db: AsyncSession, *, actor: Subject, product: Product,
-                         body: dict[str, Any], ip: str) -> ProductView:
+                         req: ProductChange, ip: str) -> ProductView:
     """Change name, description, tags, platform_id and/or settings (merged)."""
-    fields = product_fields(body)
+    fields = req.model_fields_set
     changed: list[str] = []
     if "name" in fields:
-        name = clean_name(fields["name"])
+        name = req.name
+        if name is None:
+            raise BadRequest("name is required", code="invalid_request")
         if name != product.name:
             await _check_name_free(db, product.org_id, name, exclude_id=product.id)
             product.name, product.name_key = name, name.lower()
         changed.append("name")
     if "description" in fields:
-        product.description = _clean_description(fields["description"])
+        product.description = req.description or ""
         changed.append("description")
     if "tags" in fields:
-        product.tags = _clean_tags(fields["tags"])
+        product.tags = _clean_tags(req.tags)
         changed.append("tags")
     if "platform_id" in fields:
-        product.platform_id = _clean_platform(fields["platform_id"])
+        product.platform_id = req.platform_id or 0
         changed.append("platform_id")
     if "settings" in fields:
-        product.settings = clean_settings(fields["settings"], product.settings)
+        if req.settings is None:
+            raise BadRequest("settings must be an object", code="invalid_request")
+        product.settings = merge_settings(req.settings, product.settings)
         changed.append("settings")
     if not changed:
         raise BadRequest("Nothing to update: send name, description, tags, platform_id or "
@@ -368,28 +303,20 @@ class TeamAddition:
 
 
 async def add_team_member(db: AsyncSession, settings: Settings, *, actor: Subject,
-                          product: Product, body: dict[str, Any], ip: str) -> TeamAddition:
+                          product: Product, req: TeamAdd, ip: str) -> TeamAddition:
     """``{friendly_name, scopes}`` creates an API user; ``{username, role}`` invites a person."""
-    if wants_api_user(body):
+    if req.wants_api_user():
         user, token = await create_api_user(db, settings, actor=actor, product=product,
-                                            body=body, ip=ip)
+                                            friendly_name=req.friendly_name, scopes=req.scopes,
+                                            ip=ip)
         return TeamAddition(api_user=user, token=token)
     return TeamAddition(invitation=await invite_to_product(
-        db, settings, actor=actor, product=product, body=body, ip=ip))
+        db, settings, actor=actor, product=product, username=req.username, role=req.role,
+        ip=ip))
 
 
-def wants_api_user(body: dict[str, Any]) -> bool:
-    """A team POST creates an API user when it carries ``friendly_name``/``scopes``
-    rather than a person's ``username``."""
-    if "friendly_name" in body and "scopes" in body:
-        return True
-    return "username" not in body and ("friendly_name" in body or "scopes" in body)
-
-
-def clean_api_scopes(value: Any) -> list[str]:
-    if isinstance(value, str) and " " in value.strip() and "," not in value:
-        value = value.split()
-    scopes = list(dict.fromkeys(as_str_list(value, field="scopes", max_items=200, max_len=64)))
+def clean_api_scopes(value: list[str] | None) -> list[str]:
+    scopes = list(dict.fromkeys(value or ()))
     if not scopes:
         raise BadRequest("scopes must list at least one scope", code="invalid_scope")
     unknown = [s for s in scopes if s not in API_USER_SCOPES]
@@ -399,10 +326,8 @@ def clean_api_scopes(value: Any) -> list[str]:
     return scopes
 
 
-def _clean_friendly_name(value: Any) -> str:
-    name = as_str(value, field="friendly_name", required=True, max_len=MAX_NAME)
-    assert name is not None
-    if not name.strip():
+def _clean_friendly_name(name: str | None) -> str:
+    if name is None or not name.strip():
         raise BadRequest("friendly_name is required", code="invalid_request")
     return name.strip()
 
@@ -421,11 +346,11 @@ def _issue_api_token(db: AsyncSession, settings: Settings, user: User, ip: str) 
 
 
 async def create_api_user(db: AsyncSession, settings: Settings, *, actor: Subject,
-                          product: Product, body: dict[str, Any],
-                          ip: str) -> tuple[User, IssuedToken]:
+                          product: Product, friendly_name: str | None,
+                          scopes: list[str] | None, ip: str) -> tuple[User, IssuedToken]:
     """Create an API user of ``product`` with explicit scopes and one non-expiring token."""
-    friendly_name = _clean_friendly_name(body.get("friendly_name"))
-    scopes = clean_api_scopes(body.get("scopes"))
+    friendly_name = _clean_friendly_name(friendly_name)
+    scopes = clean_api_scopes(scopes)
     user = User(username=await _new_api_username(db, friendly_name), password_hash=None,
                 kind="api", friendly_name=friendly_name, api_product_id=product.id,
                 api_scopes=scopes)
@@ -440,14 +365,15 @@ async def create_api_user(db: AsyncSession, settings: Settings, *, actor: Subjec
 
 
 async def invite_to_product(db: AsyncSession, settings: Settings, *, actor: Subject,
-                            product: Product, body: dict[str, Any], ip: str) -> Invitation:
+                            product: Product, username: str | None, role: str | None,
+                            ip: str) -> Invitation:
     """Invite a person (``username`` = e-mail) to the product team; ``role`` defaults to
     View-only (particle-api-js sends only ``username``). Owner is an organization role only."""
-    email = orgs.normalize_email(body.get("username"))
-    role = orgs.parse_role(body.get("role"), default=Role.VIEW_ONLY)
+    email = orgs.normalize_email(username)
+    parsed = orgs.parse_role(role, default=Role.VIEW_ONLY)
     return await orgs.invite(db, settings, inviter=actor, org=await _org_of(db, product),
                              product_id=product.id, product_name=product.name, email=email,
-                             role=role, ip=ip)
+                             role=parsed, ip=ip)
 
 
 async def _org_of(db: AsyncSession, product: Product) -> Organization:
@@ -508,14 +434,14 @@ class MemberUpdate:
 
 async def update_team_member(db: AsyncSession, settings: Settings, *, actor: Subject,
                              actor_role: Role | None, product: Product, username: str,
-                             body: dict[str, Any], ip: str) -> MemberUpdate:
+                             req: TeamChange, ip: str) -> MemberUpdate:
     """API user: change ``friendly_name`` and/or ``scopes`` (a scope change rotates its token).
     Person: change their product-scope ``role``."""
     user = await find_team_user(db, product, username)
     if user.kind != "api":
         if actor_role is None:  # pragma: no cover - API users never hold teams.users:update
             raise NotFound("Team member not found")
-        role = orgs.parse_role(body.get("role"))
+        role = orgs.parse_role(req.role)
         await _require_product_role(db, product, user)
         membership = await orgs.change_role(
             db, actor=actor, actor_role=actor_role, org=await _org_of(db, product),
@@ -523,11 +449,11 @@ async def update_team_member(db: AsyncSession, settings: Settings, *, actor: Sub
         return MemberUpdate(user, membership=membership)
     changed: list[str] = []
     token = None
-    if "friendly_name" in body:
-        user.friendly_name = _clean_friendly_name(body["friendly_name"])
+    if req.sent("friendly_name"):
+        user.friendly_name = _clean_friendly_name(req.friendly_name)
         changed.append("friendly_name")
-    if "scopes" in body:
-        scopes = clean_api_scopes(body["scopes"])
+    if req.sent("scopes"):
+        scopes = clean_api_scopes(req.scopes)
         if set(scopes) != set(user.api_scopes or ()):
             user.api_scopes = scopes
             token = await _rotate(db, settings, user, ip)
@@ -577,16 +503,13 @@ async def remove_team_member(db: AsyncSession, *, actor: Subject, actor_role: Ro
 
 # --- OAuth clients ---------------------------------------------------------------------------
 
-def clean_client_scope(value: Any) -> str | None:
+def clean_client_scope(value: str | list[str] | None) -> str | None:
     """Space-separated scopes (a JSON list is accepted too); ``none`` or empty clears."""
     if value is None:
         return None
-    if isinstance(value, list):
-        items = as_str_list(value, field="scope", max_items=200, max_len=64)
-    elif isinstance(value, str):
-        items = value.split()
-    else:
-        raise BadRequest("scope must be a space-separated string", code="invalid_scope")
+    items = value if isinstance(value, list) else value.split()
+    if len(items) > 200:
+        raise BadRequest("scope has more than 200 scopes", code="invalid_scope")
     if items in ([], ["none"]):
         return None
     items = list(dict.fromkeys(items))
@@ -600,9 +523,10 @@ def clean_client_scope(value: Any) -> str | None:
     return scope
 
 
-def _clean_redirect_uri(value: Any, *, required: bool) -> str | None:
-    uri = as_str(value, field="redirect_uri", required=required, max_len=500)
+def _clean_redirect_uri(uri: str | None, *, required: bool) -> str | None:
     if uri is None:
+        if required:
+            raise BadRequest("redirect_uri is required", code="invalid_request")
         return None
     parts = urlsplit(uri.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in uri.strip()):
@@ -649,17 +573,11 @@ async def get_client(db: AsyncSession, client_id: str, *, product: Product | Non
 
 
 async def create_client(db: AsyncSession, *, actor: Subject, product: Product | None,
-                        body: dict[str, Any], ip: str) -> tuple[OAuthClient, str]:
+                        req: ClientCreate, ip: str) -> tuple[OAuthClient, str]:
     """Register an OAuth client; returns it and its secret (shown only this once)."""
-    name = as_str(body.get("name"), field="name", required=True, max_len=MAX_NAME)
-    assert name is not None
-    if not name.strip():
-        raise BadRequest("name is required", code="invalid_request")
-    kind = as_str(body.get("type"), field="type", required=True, max_len=20)
-    if kind not in CLIENT_TYPES:
-        raise BadRequest("type must be installed or web", code="invalid_request")
-    redirect_uri = _clean_redirect_uri(body.get("redirect_uri"), required=kind == "web")
-    scope = clean_client_scope(body.get("scope"))
+    name, kind = req.name, req.type
+    redirect_uri = _clean_redirect_uri(req.redirect_uri, required=kind == "web")
+    scope = clean_client_scope(req.scope)
     secret = new_secret()
     row = OAuthClient(client_id=await _new_client_id(db, name), secret_hash=digest(secret),
                       name=name.strip(), type=kind, redirect_uri=redirect_uri, scope=scope,
@@ -675,21 +593,19 @@ async def create_client(db: AsyncSession, *, actor: Subject, product: Product | 
 
 
 async def update_client(db: AsyncSession, *, actor: Subject, client_id: str,
-                        product: Product | None, body: dict[str, Any], ip: str) -> OAuthClient:
+                        product: Product | None, req: ClientChange, ip: str) -> OAuthClient:
     """Rename a client of ``product`` (or a personal client of ``actor`` when ``product`` is
     None) and/or change its scope (``none`` clears it; a scope change revokes the client's
     tokens, which were issued with the old scopes)."""
     client = await get_client(db, client_id, product=product, owner=actor)
     changed: list[str] = []
-    if "name" in body:
-        name = as_str(body["name"], field="name", required=True, max_len=MAX_NAME)
-        assert name is not None
-        if not name.strip():
+    if req.sent("name"):
+        if req.name is None:
             raise BadRequest("name is required", code="invalid_request")
-        client.name = name.strip()
+        client.name = req.name
         changed.append("name")
-    if "scope" in body:
-        scope = clean_client_scope(body["scope"])
+    if req.sent("scope"):
+        scope = clean_client_scope(req.scope)
         if scope != client.scope:
             # tokens carry the scopes they were issued with; a changed scope must not leave
             # tokens with the old (possibly wider) scopes behind

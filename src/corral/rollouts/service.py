@@ -9,7 +9,6 @@ rollout only adds devices; shrinking is refused (pause or abort instead). When m
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -28,33 +27,20 @@ from corral.firmware.resolver import (
     load_releases,
     resolve,
 )
+from corral.firmware.service import get_firmware
 from corral.kit import clock
-from corral.kit.body import as_int
 from corral.kit.errors import BadRequest, Conflict, NotFound
+from corral.kit.ids import path_id
 from corral.products.models import Product
 from corral.rollouts.models import LIVE_STATES, Rollout
+from corral.rollouts.schemas import RolloutShares, RolloutStart
 
-MAX_COUNT = 10_000_000
 DEFAULT_MIN_ATTEMPTS = 10
-FIELDS = {"percent", "count", "failure_threshold_percent", "failure_min_attempts"}
 
 
-def _percent_bp(value: Any, field: str) -> int:
-    if isinstance(value, bool):
-        raise BadRequest(f"{field} must be a number", code="invalid_request")
-    try:
-        pct = float(value)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"{field} must be a number", code="invalid_request") from exc
-    if not math.isfinite(pct) or not 0 <= pct <= 100:
-        raise BadRequest(f"{field} must be between 0 and 100", code="invalid_request")
-    return round(pct * 100)
-
-
-def _shares(body: dict[str, Any], *, required: bool) -> tuple[int | None, int | None]:
+def _shares(req: RolloutShares, *, required: bool) -> tuple[int | None, int | None]:
     """``(percent_bp, count)``: exactly one of ``percent`` and ``count``."""
-    has_pct = body.get("percent") not in (None, "")
-    has_count = body.get("count") not in (None, "")
+    has_pct, has_count = req.percent is not None, req.count is not None
     if has_pct and has_count:
         raise BadRequest("Send percent or count, not both", code="invalid_request")
     if not has_pct and not has_count:
@@ -62,31 +48,23 @@ def _shares(body: dict[str, Any], *, required: bool) -> tuple[int | None, int | 
             raise BadRequest("A rollout needs percent (0-100) or count (devices)",
                              code="invalid_request")
         return None, None
-    if has_pct:
-        return _percent_bp(body["percent"], "percent"), None
-    return None, as_int(body["count"], field="count", lo=0, hi=MAX_COUNT)
+    if req.percent is not None:
+        return round(req.percent * 100), None
+    return None, req.count
 
 
-def _threshold(body: dict[str, Any], current: int | None) -> int | None:
-    if "failure_threshold_percent" not in body:
+def _threshold(req: RolloutShares, current: int | None) -> int | None:
+    if not req.sent("failure_threshold_percent"):
         return current
-    raw = body["failure_threshold_percent"]
-    return None if raw in (None, "") else _percent_bp(raw, "failure_threshold_percent")
+    pct = req.failure_threshold_percent
+    return None if pct is None else round(pct * 100)
 
 
-def _check_fields(body: dict[str, Any], extra: set[str] | None = None) -> None:
-    unknown = set(body) - FIELDS - (extra or set())
-    if unknown:
-        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown)[:10])}",
-                         code="invalid_request")
-
-
-def trial_gate(fw: ProductFirmware, body: dict[str, Any], *,
+def trial_gate(fw: ProductFirmware, req: RolloutShares, *,
                fallback_default: int | None = None,
                fallback_groups: dict[int, int] | None = None) -> tuple[Gate, int | None]:
-    """The gate a rollout ``body`` would put on ``fw`` (for dry runs), and its count."""
-    _check_fields(body)
-    percent_bp, count = _shares(body, required=True)
+    """The gate rollout ``req`` would put on ``fw`` (for dry runs), and its count."""
+    percent_bp, count = _shares(req, required=True)
     return Gate(rollout_id=0, firmware_id=fw.id, version=fw.version, state="active",
                 percent_bp=percent_bp, fallback_default=fallback_default,
                 fallback_groups=dict(fallback_groups or {})), count
@@ -110,22 +88,20 @@ async def live_rollout(db: AsyncSession, firmware_id: int) -> Rollout | None:
 
 
 async def start_rollout(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                        fw: ProductFirmware, body: dict[str, Any],
+                        fw: ProductFirmware, req: RolloutShares,
                         fallback_default: int | None = None,
                         fallback_groups: dict[int, int] | None = None) -> Rollout:
     """A new rollout of ``fw`` (which must have no live one). The fallbacks are what the
     release replaced; devices the rollout does not admit keep them."""
-    _check_fields(body)
-    percent_bp, count = _shares(body, required=True)
-    min_attempts = as_int(body.get("failure_min_attempts"), field="failure_min_attempts",
-                          lo=1, hi=MAX_COUNT, default=DEFAULT_MIN_ATTEMPTS)
+    percent_bp, count = _shares(req, required=True)
+    min_attempts = req.failure_min_attempts or DEFAULT_MIN_ATTEMPTS
     if await live_rollout(db, fw.id) is not None:
         raise Conflict(f"Version {fw.version} already has a live rollout; change it instead",
                        code="rollout_exists")
     now = clock.now()
     r = Rollout(product_id=product.id, firmware_id=fw.id, version=fw.version,
                 percent_bp=percent_bp, count=count, state="active",
-                failure_threshold_bp=_threshold(body, None),
+                failure_threshold_bp=_threshold(req, None),
                 failure_min_attempts=min_attempts or DEFAULT_MIN_ATTEMPTS,
                 fallback_default=fallback_default,
                 fallback_groups={str(g): v for g, v in (fallback_groups or {}).items()},
@@ -134,28 +110,24 @@ async def start_rollout(db: AsyncSession, *, actor: Subject, ip: str, product: P
     await db.flush()
     audit.record(db, actor=actor, ip=ip, action="rollout.started", org_id=product.org_id,
                  product_id=product.id, target_type="rollout", target_id=r.id,
-                 details={"version": fw.version, **{k: body[k] for k in sorted(body)}})
+                 details={"version": fw.version,
+                          **req.model_dump(exclude_unset=True, exclude={"version"})})
     return r
 
 
 async def create(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                 body: dict[str, Any]) -> Rollout:
+                 req: RolloutStart) -> Rollout:
     """``POST /rollouts``: ``version`` (released) plus the rollout fields."""
-    from corral.firmware.service import clean_version, get_firmware
-
-    _check_fields(body, {"version"})
-    fw = await get_firmware(db, product, clean_version(body.get("version")))
+    fw = await get_firmware(db, product, req.version)
     if fw.released_at is None:
         raise BadRequest(f"Version {fw.version} is not released; release it (with a "
                          "rollout) first", code="firmware_not_released")
-    return await start_rollout(db, actor=actor, ip=ip, product=product, fw=fw,
-                               body={k: v for k, v in body.items() if k != "version"})
+    return await start_rollout(db, actor=actor, ip=ip, product=product, fw=fw, req=req)
 
 
 async def get_rollout(db: AsyncSession, product: Product, rollout_id: str) -> Rollout:
-    r = None
-    if rollout_id.isdigit() and len(rollout_id) < 18:
-        r = await db.get(Rollout, int(rollout_id))
+    rid = path_id(rollout_id)
+    r = await db.get(Rollout, rid) if rid is not None else None
     if r is None or r.product_id != product.id:
         raise NotFound("Rollout not found", code="rollout_not_found")
     return r
@@ -167,15 +139,14 @@ async def list_rollouts(db: AsyncSession, product: Product) -> list[Rollout]:
 
 
 async def change(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                 rollout: Rollout, body: dict[str, Any]) -> Rollout:
+                 rollout: Rollout, req: RolloutShares) -> Rollout:
     """Grow the share (``percent`` or ``count``, never down) or change the thresholds."""
-    _check_fields(body)
-    if not body:
+    if not req.model_fields_set:
         raise BadRequest("Nothing to change: send percent, count, failure_threshold_percent "
                          "or failure_min_attempts", code="invalid_request")
     if rollout.state not in LIVE_STATES:
         raise Conflict(f"The rollout is {rollout.state}", code="rollout_finished")
-    percent_bp, count = _shares(body, required=False)
+    percent_bp, count = _shares(req, required=False)
     if percent_bp is not None:
         if rollout.count is not None:
             raise BadRequest("This rollout counts devices; send count", code="invalid_request")
@@ -191,16 +162,16 @@ async def change(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
             raise BadRequest("A rollout only grows: pause or abort it instead of lowering "
                              "its count", code="rollout_shrink")
         rollout.count = count
-    rollout.failure_threshold_bp = _threshold(body, rollout.failure_threshold_bp)
-    if "failure_min_attempts" in body:
-        rollout.failure_min_attempts = as_int(
-            body["failure_min_attempts"], field="failure_min_attempts", required=True, lo=1,
-            hi=MAX_COUNT) or DEFAULT_MIN_ATTEMPTS
+    rollout.failure_threshold_bp = _threshold(req, rollout.failure_threshold_bp)
+    if req.sent("failure_min_attempts"):
+        if req.failure_min_attempts is None:
+            raise BadRequest("failure_min_attempts is required", code="invalid_request")
+        rollout.failure_min_attempts = req.failure_min_attempts
     rollout.updated_at = clock.now()
     await db.flush()
     audit.record(db, actor=actor, ip=ip, action="rollout.changed", org_id=product.org_id,
                  product_id=product.id, target_type="rollout", target_id=rollout.id,
-                 details={k: body[k] for k in sorted(body)})
+                 details=req.model_dump(exclude_unset=True))
     return rollout
 
 
@@ -254,7 +225,9 @@ async def check_failure_threshold(db: AsyncSession, rollout_id: int) -> bool:
                       f"{r.failure_threshold_bp / 100:g} % threshold)")
     r.updated_at = now
     await db.flush()
+    product = await db.get(Product, r.product_id)
     audit.record(db, actor=None, ip=None, action="rollout.paused", product_id=r.product_id,
+                 org_id=product.org_id if product is not None else None,
                  target_type="rollout", target_id=r.id, details={"reason": r.state_reason},
                  actor_label="corral")
     return True

@@ -22,12 +22,23 @@ from corral.db.session import release
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
 from corral.devices.models import Device
 from corral.kit import clock
-from corral.kit.body import read_body
-from corral.kit.errors import BadRequest, CorralError, NotFound
+from corral.kit.body import body, query
+from corral.kit.errors import CorralError, NotFound
+from corral.kit.responses import answers
 from corral.products.access import ProductCtx, ProductGuard
 from corral.sessions import contract
+from corral.sessions.schemas import FunctionAnswer, FunctionCall, ReadFormat, VariableAnswer
 
 router = APIRouter(tags=["functions and variables"])
+
+FUNCTION_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"model": FunctionAnswer, "description": "The function's return value (`format=raw`: "
+          "as text)", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **answers(None, 408, 502, 503)}
+VARIABLE_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"model": VariableAnswer, "description": "The variable's value (`format=raw`: as "
+          "text)", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **answers(None, 408, 502, 503)}
 
 NAME_MAX = 64
 
@@ -40,33 +51,18 @@ def check_name(name: str, kind: str) -> str:
     return name
 
 
-def call_arg(body: dict[str, Any]) -> str:
-    """The function argument: ``arg`` (Particle's docs) or ``args`` (particle-api-js)."""
-    value = body.get("arg") if body.get("arg") is not None else body.get("args")
-    if value is None:
-        return ""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise BadRequest("arg must be text", code="invalid_request")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from JSON escapes
-        raise BadRequest("arg must be valid Unicode text", code="invalid_request") from None
-    return value
-
-
 def raw_text(value: Any) -> str:
     """A value for ``format=raw``: text as is, anything else as JSON (``true``, ``42``)."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def wants_raw(request: Request, body: dict[str, Any] | None = None) -> bool:
-    fmt = request.query_params.get("format") or (body or {}).get("format")
+def wants_raw(request: Request, req: FunctionCall | None = None) -> bool:
+    fmt = request.query_params.get("format") or (req.format if req is not None else None)
     return fmt == "raw"
 
 
-async def device_request(ctx: Ctx, device_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+async def device_request(ctx: Ctx, device_id: str, payload: dict[str, Any], *,
+                         product_id: int | None = None) -> dict[str, Any]:
     """Send a request to the device's session and return its successful reply.
 
     Raises 404 ``Device is not connected`` (no session anywhere), 408 ``Timed out.``, 503
@@ -79,6 +75,9 @@ async def device_request(ctx: Ctx, device_id: str, payload: dict[str, Any]) -> d
                                             timeout=timeout + 1)
         reply = msg.json()
     except NoResponders:
+        fleet = getattr(ctx.runtime, "fleet", None)  # the product's "offline" call count
+        if fleet is not None:
+            fleet.call(device_id, product_id, str(payload.get("kind")), "offline")
         raise NotFound("Device is not connected", code="Device is not connected") from None
     except BusTimeout:
         raise CorralError("Timed out.", code="Timed out.", status=408) from None
@@ -102,13 +101,14 @@ async def device_request(ctx: Ctx, device_id: str, payload: dict[str, Any]) -> d
     raise CorralError(description, code=code, status=status)
 
 
-async def call_function(ctx: Ctx, device: Device, name: str, request: Request) -> Response:
-    body = await read_body(request)
-    arg, raw = call_arg(body), wants_raw(request, body)
+async def call_function(ctx: Ctx, device: Device, name: str, request: Request,
+                        req: FunctionCall) -> Response:
+    arg, raw = req.argument(), wants_raw(request, req)
     check_name(name, "function")
     device_id, device_name = device.id, device.name
     reply = await device_request(ctx, device_id,
-                                 {"kind": "function", "name": name, "arg": arg})
+                                 {"kind": "function", "name": name, "arg": arg},
+                                 product_id=device.product_id)
     value = reply.get("return_value")
     if raw:
         return PlainTextResponse(raw_text(value))
@@ -124,7 +124,8 @@ async def read_variable(ctx: Ctx, device: Device, name: str, request: Request) -
         "last_handshake_at": clock.iso(device.last_handshake_at),
         "product_id": device.product_id if device.product_id is not None else device.platform_id,
     }
-    reply = await device_request(ctx, device.id, {"kind": "variable", "name": name})
+    reply = await device_request(ctx, device.id, {"kind": "variable", "name": name},
+                                 product_id=device.product_id)
     result = reply.get("result")
     if raw:
         return PlainTextResponse(raw_text(result))
@@ -133,38 +134,45 @@ async def read_variable(ctx: Ctx, device: Device, name: str, request: Request) -
 
 
 @router.post("/v1/products/{product}/devices/{device_id}/{function}",
-             summary="Call a product device's function")
+             summary="Call a product device's function", responses=FUNCTION_ANSWERS)
 async def call_product_device_function(
     device_id: str, function: str, request: Request,
     pc: ProductCtx = Depends(ProductGuard("devices.function:call")),
+    req: FunctionCall = body(FunctionCall),
 ) -> Response:
     """Run `function` with `arg` (or `args`); `format=raw` answers the bare return value."""
-    return await call_function(pc.ctx, await product_device(pc, device_id), function, request)
+    return await call_function(pc.ctx, await product_device(pc, device_id), function, request,
+                               req)
 
 
 @router.get("/v1/products/{product}/devices/{device_id}/{variable}",
-            summary="Read a product device's variable")
+            summary="Read a product device's variable", responses=VARIABLE_ANSWERS)
 async def get_product_device_variable(
     device_id: str, variable: str, request: Request,
     pc: ProductCtx = Depends(ProductGuard("devices.variable:get")),
+    _q: ReadFormat = query(ReadFormat),
 ) -> Response:
     """The variable's current value; `format=raw` answers the bare value as text."""
     return await read_variable(pc.ctx, await product_device(pc, device_id), variable, request)
 
 
-@router.post("/v1/devices/{device_id}/{function}", summary="Call a device function")
+@router.post("/v1/devices/{device_id}/{function}", summary="Call a device function",
+             responses=FUNCTION_ANSWERS)
 async def call_device_function(
     function: str, request: Request,
     dc: DeviceCtx = Depends(DeviceGuard("devices.function:call")),
+    req: FunctionCall = body(FunctionCall),
 ) -> Response:
     """Run `function` with `arg` (or `args`); `format=raw` answers the bare return value."""
-    return await call_function(dc.ctx, dc.device, function, request)
+    return await call_function(dc.ctx, dc.device, function, request, req)
 
 
-@router.get("/v1/devices/{device_id}/{variable}", summary="Read a device variable")
+@router.get("/v1/devices/{device_id}/{variable}", summary="Read a device variable",
+            responses=VARIABLE_ANSWERS)
 async def get_device_variable(
     variable: str, request: Request,
     dc: DeviceCtx = Depends(DeviceGuard("devices.variable:get")),
+    _q: ReadFormat = query(ReadFormat),
 ) -> Response:
     """The variable's current value; `format=raw` answers the bare value as text."""
     return await read_variable(dc.ctx, dc.device, variable, request)

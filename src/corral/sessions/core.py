@@ -8,25 +8,23 @@ then translates frames to session calls (``describe``, ``publish``, ``subscribe`
 storage, fan-out, metering, the function/variable request path from the API) lives here and
 is the same for every transport.
 
-Transports never import domain packages; what they need from them goes through the hub.
+What the two sides exchange (:class:`Hello`, :class:`DeviceLink`, firmware images, refusals,
+the checks on names and values) is in :mod:`corral.sessions.link`. Transports never import
+domain packages; what they need from them goes through the hub.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
+import json
 import logging
-import math
-import re
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -37,103 +35,35 @@ from corral.devices import service as devices
 from corral.devices.models import Device
 from corral.events.writer import EventWriter, NewEvent, WriterStopped
 from corral.kit import clock
+from corral.metering import sims
 from corral.metering.ledger import Kind, Usage, uncounted_name
+from corral.metering.models import Sim
 from corral.products.models import Product
 from corral.sessions import contract
+from corral.sessions.link import (
+    INT32,
+    VARIABLE_TYPES,
+    CommunicationGate,
+    DeviceError,
+    DeviceFacts,
+    DeviceLink,
+    Hello,
+    OpenGate,
+    Refused,
+    TokenBucket,
+    check_event_name,
+    check_member_name,
+    coerce_variable,
+)
 from corral.sessions.lookup import DeviceRows
 from corral.settings import Settings
 
 log = logging.getLogger("corral.sessions")
 
-VARIABLE_TYPES = {"bool": "bool", "boolean": "bool", "int": "int32", "int32": "int32",
-                  "integer": "int32", "double": "double", "float": "double", "number": "double",
-                  "string": "string", "str": "string"}
-NAME_RE = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
-INT32 = (-(2**31), 2**31 - 1)
 CELLULAR_BATCH = 16 * 1024  # bytes of cellular traffic per usage increment
-
-
-# --- values ---------------------------------------------------------------------------------
-
-class Refused(Exception):
-    """The core refuses something a device asked for. ``code`` is machine-readable:
-    ``bad_credentials``, ``unknown_device``, ``unknown_product``, ``wrong_product``,
-    ``quarantined``, ``denied``, ``invalid``, ``too_large``, ``rate_limited``, ``paused``,
-    ``closed``, ``busy``."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
-
-
-class DeviceError(Exception):
-    """The device answered a request with an error (``text`` is what it said)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Hello:
-    """What a transport learned when the device connected."""
-
-    device_id: str
-    product_id: int | None = None  # a Particle device names its product; MQTT: the device's
-    platform_id: int | None = None
-    firmware_version: int | None = None
-    system_version: str | None = None
-    remote: str | None = None  # peer IP address
-
-
-@dataclasses.dataclass(slots=True)
-class DeviceFacts:
-    """Tenancy and limits of a connected device (refreshed on ``control`` ``refresh``)."""
-
-    device_id: str
-    product_id: int | None
-    org_id: int | None
-    owner_user_id: int | None
-    customer_id: int | None
-    development: bool
-    platform_id: int
-    event_data_max: int
-    rate_per_s: float
-    rate_burst: int
-    cellular: bool = False  # its session traffic counts towards the cellular allowance
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FirmwareImage:
-    """A firmware update as a transport sends it: Particle streams the file at ``path`` over
-    OTA; MQTT offers ``url`` (a short-lived download) with the rest as facts to check."""
-
-    version: int
-    size: int
-    sha256: str  # hex
-    path: Path
-    url: str | None = None
-    signature: str | None = None  # base64 Ed25519 signature (corral.firmware.signing)
-    key_id: str | None = None
-    public_keys: tuple[str, ...] = ()  # base64, the product's active signing keys
-    chunk_size: int = 1_048_576  # MQTT: the Range size a device should ask for
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TransferResult:
-    """How a firmware transfer ended. ``dropped``: the connection ended during it (the
-    update is retried when the device reconnects). ``retry`` False: trying again cannot
-    help (the device does not take firmware updates at all)."""
-
-    ok: bool
-    reason: str
-    bytes_sent: int = 0
-    dropped: bool = False
-    retry: bool = True
-
-
-FirmwareProgress = Callable[[int, int], Any]  # (bytes sent, total)
+VITALS_EVENT = "spark/device/diagnostics/update"
+VITALS_MAX_BYTES = 4096
+VITALS_RATE_PER_S, VITALS_BURST = 1 / 10, 3  # vitals reports a device may send
 
 
 class SessionObserver(Protocol):
@@ -148,150 +78,6 @@ class SessionObserver(Protocol):
     def control(self, session: DeviceSession, body: dict[str, Any]) -> None:
         """A control op the core does not handle itself (e.g. ``firmware``)."""
         ...
-
-
-UpdateNotice = Literal["pending", "forced"]
-
-
-class DeviceLink(Protocol):
-    """How the core reaches one connected device (implemented by each transport)."""
-
-    transport: str  # "mqtt" | "particle" | ...
-
-    async def call_function(self, name: str, arg: str) -> int:
-        """Run a function on the device; its int32 result. Raise :class:`DeviceError` if the
-        device reports a failure. The core applies the timeout (by cancelling)."""
-        ...
-
-    async def read_variable(self, name: str) -> Any:
-        """Read a variable's current value (bool, int, float or str)."""
-        ...
-
-    async def deliver_event(self, name: str, data: str | None, *, published_at: str,
-                            ttl: int, coreid: str) -> None:
-        """Send an event the device subscribed to."""
-        ...
-
-    async def request_describe(self) -> None:
-        """Ask the device to describe itself again (it answers through ``describe``)."""
-        ...
-
-    async def disconnect(self, reason: str) -> None:
-        """Close the connection from the server side (kicked, shut down). Must not call
-        back into :meth:`DeviceSession.close` synchronously with a different reason."""
-        ...
-
-    async def deliver_firmware(self, image: FirmwareImage, *,
-                               progress: FirmwareProgress | None = None) -> TransferResult:
-        """Transfer ``image`` to the device (Particle: OTA chunks; MQTT: an offer the device
-        downloads). Ok once the device has the whole image and will apply it (it reboots
-        and reconnects on the new version). Never raises for device-side failures."""
-        ...
-
-    async def update_notice(self, kind: UpdateNotice, value: bool) -> None:
-        """Tell a device with updates disabled that an update waits for it (``pending``),
-        or that the next one is forced and to be applied anyway (``forced``,
-        ``firmware_updates_forced``)."""
-        ...
-
-
-class CommunicationGate(Protocol):
-    """The seam where billing decides whether device traffic is allowed right now.
-
-    Returns ``None`` to allow, or a human-readable reason to refuse (for example "The
-    organization's data operations for this month are used up"). Called for every
-    publish, delivery, function call and variable read, on the ingest hot path, so it is
-    synchronous: an implementation answers from state it keeps current in the background
-    (for example usage totals refreshed on a timer and on threshold events)."""
-
-    def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None: ...
-
-    def refuse_connect(self, facts: DeviceFacts) -> str | None:
-        """A device that has never been online connects: ``None`` admits it, else why not
-        (the plan's device cap)."""
-        ...
-
-
-class OpenGate:
-    """The default gate: everything is allowed."""
-
-    def refuse(self, facts: DeviceFacts, kind: Kind) -> str | None:
-        return None
-
-    def refuse_connect(self, facts: DeviceFacts) -> str | None:
-        return None
-
-
-class TokenBucket:
-    """``rate`` tokens per second, holding at most ``burst``; time from the injected clock."""
-
-    __slots__ = ("burst", "rate", "tokens", "updated")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.updated = clock.now()
-
-    def take(self, now: dt.datetime | None = None) -> bool:
-        now = now or clock.now()
-        elapsed = max(0.0, (now - self.updated).total_seconds())
-        self.updated = now
-        self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-# --- validation -----------------------------------------------------------------------------
-
-def check_event_name(name: Any, *, system: bool = False) -> str:
-    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
-        raise Refused("invalid", "Event names are 1 to 64 printable ASCII characters, no spaces")
-    if not system and name.lower().startswith(("spark", "particle")):
-        raise Refused("invalid", "Event names starting with 'spark' or 'particle' are reserved")
-    return name
-
-
-def check_member_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
-        raise Refused("invalid", f"{what} names are 1 to 64 printable characters")
-    return name
-
-
-def coerce_variable(value: Any, vtype: str) -> Any:
-    """A device's variable value as its described type (Particle's JSON result)."""
-    if vtype == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-    elif vtype == "int32":
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, int) and INT32[0] <= value <= INT32[1]:
-            return value
-        if isinstance(value, float) and value.is_integer() and INT32[0] <= value <= INT32[1]:
-            return int(value)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return coerce_variable(int(value, 10), vtype)
-    elif vtype == "double":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            f = float(value)
-            if math.isfinite(f):
-                return f
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return coerce_variable(float(value), vtype)
-    elif vtype == "string":
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float, bool)):
-            return str(value)
-    raise DeviceError(f"the device sent a value that is not a {vtype}")
 
 
 def _reply_error(status: int, error: str, description: str) -> dict[str, Any]:
@@ -323,6 +109,8 @@ class DeviceSession:
         self._event_sub: Subscription | None = None
         self._event_pattern: str | None = None
         self.unmetered_bytes = 0  # cellular session traffic not yet handed to the writer
+        self.firmware_version: int | None = None  # what the device runs (Hello, describe)
+        self.vitals_bucket = TokenBucket(VITALS_RATE_PER_S, VITALS_BURST)
 
     @property
     def device_id(self) -> str:
@@ -359,10 +147,14 @@ class DeviceSession:
     async def describe(self, *, functions: Sequence[str] | None = None,
                        variables: dict[str, str] | None = None,
                        firmware_version: int | None = None, system_version: str | None = None,
-                       updates_enabled: bool | None = None) -> None:
-        """The device says what it offers. Omitted parts keep their previous values."""
+                       updates_enabled: bool | None = None, iccid: str | None = None,
+                       cellular: bool | None = None) -> None:
+        """The device says what it offers. Omitted parts keep their previous values.
+        ``iccid`` (its SIM) makes it cellular; ``cellular`` alone says so without a SIM."""
         self._check_open()
         cfg = self.hub.settings
+        if iccid is not None or cellular is not None:
+            await self._cellular(iccid, cellular)
         values: dict[str, Any] = {}
         if functions is not None:
             if not isinstance(functions, (list, tuple)) or len(functions) > cfg.max_functions:
@@ -386,6 +178,7 @@ class DeviceSession:
                     or not 0 <= firmware_version <= 2**31 - 1:
                 raise Refused("invalid", "firmware_version must be a non-negative integer")
             values["firmware_version"] = firmware_version
+            self.firmware_version = firmware_version
         if system_version is not None:
             if not isinstance(system_version, str) or not 1 <= len(system_version) <= 32:
                 raise Refused("invalid", "system_version must be text of 1 to 32 characters")
@@ -412,6 +205,50 @@ class DeviceSession:
         for observer in self.hub.observers:
             observer.described(self, firmware_version=values.get("firmware_version"),
                                updates_enabled=values.get("firmware_updates_enabled"))
+
+    async def _cellular(self, iccid: Any, cellular: Any) -> None:
+        """Record the SIM (or that it is cellular) when it differs from what is stored; a
+        deactivated SIM closes the session."""
+        if cellular is not None and not isinstance(cellular, bool):
+            raise Refused("invalid", "cellular must be true or false")
+        if iccid is not None:
+            if not sims.is_iccid(iccid):
+                raise Refused("invalid", "iccid must be 18 to 22 digits")
+            iccid = iccid.strip().upper()
+        facts = self.facts
+        if not ((iccid is not None and (iccid != facts.iccid or not facts.cellular))
+                or (cellular and not facts.cellular)):
+            return
+        off = await self.hub.record_cellular(self.device_id, iccid)
+        self.facts.cellular, self.facts.iccid = True, iccid or facts.iccid
+        if off:
+            await self.hub._kick(self, sims.DEACTIVATED_REASON)
+            raise Refused("denied", sims.DEACTIVATED_REASON)
+
+    async def vitals(self, data: str | bytes) -> int:
+        """The device reports its vitals (a JSON object of at most 4 KiB): stored as its
+        event ``spark/device/diagnostics/update`` (never a data operation; the fleet domain
+        keeps the payload). At most one report per 10 s on average (bursts of 3); returns
+        the event id once committed. Raises :class:`Refused` (``invalid``,
+        ``too_large``, ``rate_limited``, ``closed``, ``busy``)."""
+        self._check_open()
+        self.heard()
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        if len(raw) > VITALS_MAX_BYTES:
+            raise Refused("too_large", f"Vitals are at most {VITALS_MAX_BYTES} bytes")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise Refused("invalid", "Vitals must be a JSON object")
+        if not self.vitals_bucket.take():
+            raise Refused("rate_limited", "Too many vitals reports; this one was discarded")
+        text = json.dumps(doc, separators=(",", ":"))
+        try:
+            return await self.hub.writer.write(self._event(VITALS_EVENT, text))
+        except WriterStopped:
+            raise Refused("busy", "The server is shutting down") from None
 
     async def system_event(self, name: str, data: str | None) -> None:
         """Store a cloud-sourced system event of this device (``spark/flash/status``,
@@ -667,6 +504,9 @@ class DeviceSession:
         elif op == "describe":
             with contextlib.suppress(Exception):
                 await self.link.request_describe()
+        elif op == "diagnostics":
+            with contextlib.suppress(Exception):
+                await self.link.request_vitals()
         elif isinstance(body, dict):
             for observer in self.hub.observers:
                 observer.control(self, body)
@@ -684,6 +524,30 @@ class DeviceSession:
             self._requests.discard(msg)
         with contextlib.suppress(Exception):
             await msg.respond(reply)
+        if self.hub.call_results:
+            self._count_call(msg, reply)
+
+    def _count_call(self, msg: Message, reply: dict[str, Any]) -> None:
+        """Tell the call-result hooks (fleet rollups) how a call or read ended: success,
+        failure (the device failed or timed out) or offline; a caller's mistake (an unknown
+        name, a bad argument) or a paused account is not counted."""
+        if reply.get("ok") is True:
+            outcome = "success"
+        elif reply.get("error") == "device_offline":
+            outcome = "offline"
+        elif reply.get("error") in ("timed_out", "device_error"):
+            outcome = "failure"
+        else:
+            return
+        try:
+            kind = msg.json().get("kind")
+        except (ValueError, AttributeError):
+            return
+        for hook in self.hub.call_results:
+            try:
+                hook(self.device_id, self.facts.product_id, kind, outcome)
+            except Exception:
+                log.exception("call-result hook failed")
 
     async def _answer(self, msg: Message) -> dict[str, Any]:
         try:
@@ -752,7 +616,7 @@ class SessionHub:
 
     def __init__(self, settings: Settings, sessionmaker: async_sessionmaker[AsyncSession],
                  bus: Bus, writer: EventWriter, *, gate: CommunicationGate | None = None,
-                 reset_presence: bool = True) -> None:
+                 reset_presence: bool = True, node_id: str | None = None) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
         self._rows = DeviceRows(sessionmaker.kw["bind"], _FACTS)
@@ -760,12 +624,15 @@ class SessionHub:
         self.writer = writer
         self.gate: CommunicationGate = gate or OpenGate()
         self.reset_presence = reset_presence
+        self.node_id = node_id  # scaled out: recorded as the holder of each session it opens
         self.sessions: dict[str, DeviceSession] = {}
         self.heard: dict[str, dt.datetime] = {}  # device -> when last heard, not yet written
         self.discarded = 0
         self.opened = 0
         self.refused = 0
         self.observers: list[SessionObserver] = []  # e.g. the firmware delivery engine
+        # (device_id, product_id, kind, outcome) of each call or read this node answered
+        self.call_results: list[Callable[[str, int | None, str, Any], None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -777,7 +644,7 @@ class SessionHub:
         if self.reset_presence:
             now = clock.now()
             async with self.sessionmaker() as db:
-                await db.execute(update(Device).where(Device.online.is_(True)).values(
+                await db.execute(update(Device).where(Device.online).values(
                     online=False, last_disconnect_at=now,
                     last_disconnect_reason="The server restarted")
                     .execution_options(synchronize_session=False))
@@ -802,6 +669,15 @@ class SessionHub:
             self._flusher = None
         await self.flush_presence()
 
+    async def drop_all(self, reason: str) -> None:
+        """Close every session of this node (the devices reconnect); the node keeps
+        running. Used when the cluster declared this node dead while it was stalled."""
+        sessions = list(self.sessions.values())
+        for s in sessions:
+            with contextlib.suppress(Exception):
+                await s.link.disconnect(reason)
+        await asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True)
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.presence_flush_s)
@@ -821,9 +697,11 @@ class SessionHub:
     # -- authentication (transports call these) ------------------------------------------------
 
     async def authenticate_secret(self, device_id: str, secret: str) -> bool:
-        """Does ``secret`` match the device's MQTT secret?"""
+        """Does ``secret`` match the device's MQTT secret? (A denied device with its right
+        secret passes here; :meth:`open` then refuses it as not authorized.)"""
         async with self.sessionmaker() as db:
-            return await credentials.verify_mqtt_secret(db, device_id, secret) is not None
+            return await credentials.verify_mqtt_secret(db, device_id, secret,
+                                                        denied_ok=True) is not None
 
     async def provision_certificate(self, chain: list[x509.Certificate], *,
                                     ip: str | None = None) -> str:
@@ -842,7 +720,7 @@ class SessionHub:
         async with self.sessionmaker() as db:
             return await credentials.active_ca_certificates(db)
 
-    async def check_device_key(self, device_id: str, key: rsa.RSAPublicKey
+    async def check_device_key(self, device_id: str, key: credentials.PublicKey
                                ) -> Literal["registered", "unknown", "refused"]:
         """May a device present ``key`` in a key-based handshake? A known device must present
         its registered key (a known device without one is refused: register it with
@@ -856,7 +734,7 @@ class SessionHub:
             return "registered"
         return "refused"
 
-    async def pin_device_key(self, device_id: str, key: rsa.RSAPublicKey) -> bool:
+    async def pin_device_key(self, device_id: str, key: credentials.PublicKey) -> bool:
         """Record the key a first-time device used (trust on first use), if it has none."""
         async with self.sessionmaker() as db:
             pinned = await credentials.pin_public_key(db, device_id, key)
@@ -889,6 +767,8 @@ class SessionHub:
                 await db.commit()  # admit may have created or moved the device
             quick = (adm.decision, adm.reason)
         decision, reason = quick
+        if decision == "accepted" and row is not None and row.sim_off is not None:
+            decision, reason = "denied", sims.DEACTIVATED_REASON
         if decision != "accepted" or row is None:
             self.refused += 1
             log.info("device %s refused: %s (%s)", hello.device_id, decision, reason)
@@ -902,6 +782,7 @@ class SessionHub:
                 raise Refused("device_limit", cap)
         session = DeviceSession(self, facts, link, handshake_at=now, functions=functions,
                                 variables=variables)
+        session.firmware_version = hello.firmware_version
         old = self.sessions.get(did)
         self.sessions[did] = session
         if old is not None:
@@ -915,7 +796,7 @@ class SessionHub:
         # next batch (a connection storm is a few transactions, not one per device)
         change = presence.Online(did, now, ip=hello.remote, transport=link.transport,
                                  firmware_version=hello.firmware_version,
-                                 system_version=hello.system_version)
+                                 system_version=hello.system_version, node=self.node_id)
         try:
             await self.writer.write(session._event("spark/status", "online", source="cloud",
                                                    at=now), change=change)
@@ -928,6 +809,21 @@ class SessionHub:
         for observer in self.observers:
             observer.opened(session, hello)
         return session
+
+    async def record_cellular(self, device_id: str, iccid: str | None) -> bool:
+        """Store that the device is cellular, with its SIM ``iccid`` when it reported one;
+        True when that SIM is deactivated."""
+        async with self.sessionmaker() as db:
+            device = await db.get(Device, device_id)
+            if device is None:
+                return False
+            off = False
+            if iccid is not None:
+                off = (await sims.attach(db, device, iccid)).deactivated_at is not None
+            else:
+                device.cellular = True
+            await db.commit()
+        return off
 
     async def _kick(self, session: DeviceSession, reason: str, *, replaced: bool = False) -> None:
         with contextlib.suppress(Exception):
@@ -958,7 +854,7 @@ class SessionHub:
             event_data_max=int(ps.get("event_data_max_bytes") or cfg.event_data_max_bytes),
             rate_per_s=float(ps.get("event_rate_per_s") or cfg.event_rate_per_s),
             rate_burst=int(ps.get("event_rate_burst") or cfg.event_rate_burst),
-            cellular=bool(row.cellular),
+            cellular=bool(row.cellular), iccid=row.iccid,
         )
         return facts, list(row.functions or []), dict(row.variables or {})
 
@@ -968,8 +864,10 @@ _FACTS = (
     select(Device.id, Device.product_id, Device.owner_user_id, Device.customer_id,
            Device.development, Device.platform_id, Device.functions, Device.variables,
            Device.quarantined, Device.denied, Device.public_key_der, Device.cellular,
-           Device.first_online_at, Product.org_id, Product.settings)
+           Device.first_online_at, Product.org_id, Product.settings, Device.iccid,
+           Sim.deactivated_at.label("sim_off"))
     .outerjoin(Product, Product.id == Device.product_id)
+    .outerjoin(Sim, Sim.iccid == Device.iccid)
 )
 
 
@@ -988,7 +886,4 @@ async def publish_after_commit(bus: Bus, events: Sequence[Any]) -> None:
             log.exception("event %s not fanned out", getattr(e, "id", "?"))
 
 
-__all__ = ["CommunicationGate", "DeviceError", "DeviceFacts", "DeviceLink", "DeviceSession",
-           "FirmwareImage", "FirmwareProgress", "Hello", "OpenGate", "Refused", "SessionHub",
-           "SessionObserver", "TokenBucket", "TransferResult", "UpdateNotice", "check_event_name",
-           "coerce_variable", "publish_after_commit"]
+__all__ = ["DeviceSession", "SessionHub", "SessionObserver", "publish_after_commit"]

@@ -7,12 +7,13 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from corral.db.base import Base, all_models
 from corral.db.engine import make_engine
 
-all_models()
 config = context.config
-target_metadata = Base.metadata
+# Upgrades and downgrades need no metadata (the revisions are explicit). Comparing with the
+# models (autogenerate) does: the caller passes the registry's metadata
+# (``alembic_config(url, target_metadata=corral.models.load())``), so db/ imports no domain.
+target_metadata = config.attributes.get("target_metadata")
 
 
 def _run(connection: Connection) -> None:

@@ -14,7 +14,7 @@ from typing import Final, Literal
 DEVICE_ID_RE: Final = re.compile(r"^[0-9a-fA-F]{24}$")
 ROOT: Final = "devices"
 
-PublishKind = Literal["event", "describe", "reply", "claim", "ota_status"]
+PublishKind = Literal["event", "describe", "reply", "claim", "ota_status", "diagnostics"]
 SubscribeKind = Literal["requests", "inbox", "ota"]
 
 
@@ -80,6 +80,8 @@ def parse_publish(device_id: str, topic: str) -> PublishTarget | None:
         return PublishTarget("describe")
     if rest == "claim":
         return PublishTarget("claim")
+    if rest == "diagnostics":
+        return PublishTarget("diagnostics")
     if rest == "ota/status":
         return PublishTarget("ota_status")
     if rest.startswith("replies/"):

@@ -5,10 +5,17 @@ server): handshake, Hello, describes (app JSON and a minimal system describe), p
 subscribe and receive, functions and variables, time, pings both ways, Goodbye, and OTA
 (legacy and fast: CRC-32 per chunk, missing-chunk requests, the image is kept).
 
-It behaves like Device OS where that matters to a server: message ids go up by one for every
-message the device originates, the ACK to a server ping carries the device's own next message
-id, answers to functions/variables come as an empty ACK and then a separate NON response with
-the request's token, and answers to describe requests as a separate CON response.
+It behaves like Device OS where that matters to a server (the reference is
+``shared/reference/particle-device-protocol*.md``, not corral's server): message ids go up by
+one for every message the device originates, the ACK to a server ping carries the device's
+own next message id, answers to functions/variables come as an empty ACK and then a separate
+NON response with the request's token, and answers to describe requests as a separate CON
+response. After the Hello it sends what Device OS sends, in its order: the system describe,
+a time request, ``particle/device/updates/enabled`` and ``.../forced``, the application
+describe, the ``particle`` and ``spark`` subscriptions. OTA messages are read byte by byte as
+Device OS's ``chunked_transfer.cpp`` reads them: UpdateBegin only with exactly a 1-byte token,
+chunk CRC and index at fixed offsets (:func:`read_chunk`), fast OTA taken when offered,
+missing chunks named only after UpdateDone (ACK 4.00, then ``CON GET /c``).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from corral.transports.particle import coap, crypto, messages
 from corral.transports.particle.coap import Message
@@ -38,6 +46,11 @@ VariableFn = Callable[[], Any]
 TYPE_NUMBERS = {"bool": 1, "int32": 2, "int": 2, "string": 4, "double": 9}
 HELLO_FLAGS = 0x36  # diagnostics, immediate updates, goodbye, device-initiated describe
 FAST_OTA = 0x01
+MAX_CHUNKS = 65535  # Device OS protocol_defs.h
+MISSED_CHUNKS_TO_SEND = 40  # indexes in one ChunkMissed request
+MINIMUM_CHUNK_INCREASE = 2
+UPDATES_ENABLED_EVENT = "particle/device/updates/enabled"
+UPDATES_FORCED_EVENT = "particle/device/updates/forced"
 
 
 class DeviceClosed(Exception):
@@ -55,6 +68,7 @@ class Update:
     received: set[int] = dataclasses.field(default_factory=set)
     next_index: int = 0
     bad_crc: int = 0
+    chunk_messages: int = 0  # since the last ChunkMissed request
 
     @property
     def chunks(self) -> int:
@@ -64,15 +78,18 @@ class Update:
 class ParticleDevice:
     """One simulated Device OS device (TCP protocol)."""
 
-    def __init__(self, device_id: str, device_key: rsa.RSAPrivateKey,
-                 server_key: rsa.RSAPublicKey, *, product_id: int | None = None,
+    def __init__(self, device_id: str, device_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+                 server_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, *,
+                 product_id: int | None = None,
                  product_version: int = 1, platform_id: int = 6, system_version: int = 6200,
                  functions: dict[str, FunctionFn] | None = None,
                  variables: dict[str, tuple[str, VariableFn]] | None = None,
                  ota_chunk_size: int = 512, max_binary_size: int = 10 * 1024 * 1024,
-                 fast_ota: bool = False, describe_on_connect: bool = True,
-                 system_subscriptions: bool = True) -> None:
+                 fast_ota: bool = True, describe_on_connect: bool = True,
+                 system_subscriptions: bool = True, updates_enabled: bool = True,
+                 iccid: str | None = None) -> None:
         self.device_id = device_id.lower()
+        self.iccid = iccid  # a cellular device's SIM, sent in its system describe
         self.device_key = device_key
         self.server_key = server_key
         self.product_id = product_id if product_id is not None else platform_id
@@ -83,8 +100,14 @@ class ParticleDevice:
         self.variables: dict[str, tuple[str, VariableFn]] = dict(variables or {})
         self.ota_chunk_size = ota_chunk_size
         self.max_binary_size = max_binary_size
-        self.fast_ota = fast_ota
+        self.fast_ota = fast_ota  # False: Device OS's fast-OTA override turns it down
+        self.updates_enabled = updates_enabled  # System.enableUpdates()/disableUpdates()
+        self.updates_forced = False
+        self.unreliable = False  # TCP: separate answers are NON (UDP: CON)
         self.describe_on_connect = describe_on_connect
+        # what the metrics describe reports: a dict, or a callable returning one
+        self.vitals: dict[str, Any] | Callable[[], dict[str, Any]] | None = None
+        self.started_at = time.monotonic()
         self.system_subscriptions = system_subscriptions
         self.events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # delivered to us
         self.updates: list[bytes] = []  # completed OTA images
@@ -94,6 +117,7 @@ class ParticleDevice:
         # called with each completed image (a simulator applies it: reboot on a new version)
         self.on_update: Callable[[bytes], None] | None = None
         self.server_pings = 0
+        self.received: list[bytes] | None = None  # tests: a list to keep every plaintext in
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.channel: crypto.Session | None = None
@@ -111,11 +135,15 @@ class ParticleDevice:
     # -- connecting --------------------------------------------------------------------------
 
     async def handshake(self, host: str, port: int, *, within: float = 5.0,
-                        nonce_override: bytes | None = None) -> None:
+                        nonce_override: bytes | None = None,
+                        local_host: str | None = None) -> None:
         """TCP connect and the RSA handshake (no Hello yet). ``nonce_override`` (tests) echoes
-        another nonce than the server's."""
+        another nonce than the server's; ``local_host`` picks the source address."""
+        assert isinstance(self.device_key, rsa.RSAPrivateKey)
+        assert isinstance(self.server_key, rsa.RSAPublicKey)
         async with asyncio.timeout(within):
-            self.reader, self.writer = await asyncio.open_connection(host, port)
+            self.reader, self.writer = await asyncio.open_connection(
+                host, port, local_addr=(local_host, 0) if local_host else None)
             nonce = await self.reader.readexactly(crypto.NONCE_LEN)
             blob = crypto.device_blob(self.server_key, nonce_override or nonce, self.device_id,
                                       self.device_key)
@@ -125,10 +153,13 @@ class ParticleDevice:
         creds = crypto.open_server_reply(self.device_key, self.server_key, reply)
         self.channel = crypto.Session.from_creds(creds)
 
-    async def connect(self, host: str, port: int, *, within: float = 5.0) -> None:
-        """Handshake, Hello, wait for the server Hello, then describes and the system
-        subscriptions (as Device OS does after connecting)."""
-        await self.handshake(host, port, within=within)
+    async def connect(self, host: str, port: int, *, within: float = 5.0,
+                      local_host: str | None = None) -> None:
+        """Handshake, Hello, wait for the server Hello, then what Device OS sends after
+        connecting (the capture's order): the system describe, a time request, the events
+        ``particle/device/updates/enabled`` and ``.../forced``, the application describe,
+        and the system subscriptions ``particle`` and ``spark``."""
+        await self.handshake(host, port, within=within, local_host=local_host)
         self.start()
         self.send_hello()
         try:
@@ -143,11 +174,22 @@ class ParticleDevice:
             raise DeviceClosed("no server Hello") from None
         if not self.hello_event.is_set():
             raise DeviceClosed(self.close_reason or "the server closed the connection")
+        await self._after_hello(within)
+
+    async def _after_hello(self, within: float) -> None:
+        """What Device OS sends once its Hello is answered (see :meth:`connect`)."""
+        answers: list[asyncio.Future[Message]] = []
         if self.describe_on_connect:
-            await self.request(coap.POST, (b"d",), (bytes((1,)),), self.system_describe(),
-                               content_format=42, within=within)
-            await self.request(coap.POST, (b"d",), (bytes((2,)),), self.app_describe(),
-                               within=within)
+            answers.append(self.send_request(coap.POST, (b"d",), (bytes((1,)),),
+                                             self.system_describe(), content_format=42))
+        answers.append(self.send_request(coap.GET, (b"t",)))
+        self.publish(UPDATES_ENABLED_EVENT, "true" if self.updates_enabled else "false")
+        self.publish(UPDATES_FORCED_EVENT, "true" if self.updates_forced else "false")
+        if self.describe_on_connect:
+            answers.append(self.send_request(coap.POST, (b"d",), (bytes((2,)),),
+                                             self.app_describe()))
+        async with asyncio.timeout(within):
+            await asyncio.gather(*answers)
         if self.system_subscriptions:
             self.subscribe("particle")
             self.subscribe("spark")
@@ -199,9 +241,34 @@ class ParticleDevice:
                            "v": {n: TYPE_NUMBERS[t] for n, (t, _) in self.variables.items()}},
                           separators=(",", ":")).encode()
 
+    def vitals_payload(self) -> bytes:
+        """This device's vitals as JSON (what corral stores from ``spark/device/diagnostics/
+        update``); ``self.vitals`` (a dict) overrides the defaults."""
+        uptime = int(time.monotonic() - self.started_at)
+        doc = self.vitals() if callable(self.vitals) else self.vitals
+        doc = doc if doc is not None else {
+            "device": {"network": {"signal": {"rssi": -60, "strength": 75, "quality": 80}},
+                       "cloud": {"connection": {"status": "connected"},
+                                 "coap": {"transmit": 0, "retransmit": 0, "unack": 0,
+                                          "round_trip": 120},
+                                 "publish": {"rate_limited": 0}, "disconnects": 0},
+                       "system": {"uptime": uptime, "memory": {"used": 40_000,
+                                                               "total": 160_000}}},
+            "service": {"device": {"status": "ok"}}}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def publish_vitals(self) -> asyncio.Future[Message]:
+        """Send the vitals unasked (Device OS's ``Particle.publishVitals()``: a metrics
+        describe, ``POST /d?4``); the future of the server's answer."""
+        return self.send_request(coap.POST, (b"d",), (bytes((4,)),), self.vitals_payload())
+
     def system_describe(self) -> bytes:
-        """A minimal protobuf ``SystemDescribe``: no modules, only the field tags corral ignores."""
-        return b""
+        """A minimal protobuf ``SystemDescribe``: no modules; a cellular device's ``iccid``
+        (field 3, a string) when it has a SIM."""
+        if not self.iccid:
+            return b""
+        raw = self.iccid.encode("ascii")
+        return bytes((3 << 3 | 2, len(raw))) + raw
 
     def publish(self, name: str, data: str | bytes | None = None, *, ttl: int = 60) -> None:
         """A NON event (as Device OS over TCP): no answer."""
@@ -245,14 +312,21 @@ class ParticleDevice:
                       payload: bytes = b"", *, content_format: int | None = None,
                       within: float = 5.0) -> Message:
         """A CON request; the server's piggy-backed answer."""
+        fut = self.send_request(code, path, query, payload, content_format=content_format)
+        async with asyncio.timeout(within):
+            return await fut
+
+    def send_request(self, code: int, path: tuple[bytes, ...], query: tuple[bytes, ...] = (),
+                     payload: bytes = b"", *, content_format: int | None = None
+                     ) -> asyncio.Future[Message]:
+        """Send a CON request now; the future of the server's piggy-backed answer."""
         mid, fut = self._expect()
         options = [(coap.URI_PATH, s) for s in path]
         if content_format is not None:
             options.append((coap.CONTENT_FORMAT, bytes((content_format,))))
         options += [(coap.URI_QUERY, q) for q in query]
         self.send(Message(coap.CON, code, mid, self._token(), tuple(options), payload))
-        async with asyncio.timeout(within):
-            return await fut
+        return fut
 
     # -- low level (also for tests that misbehave on purpose) --------------------------------
 
@@ -307,13 +381,16 @@ class ParticleDevice:
                     self._closed("the server closed the connection")
                     return
                 for ciphertext in self.frames.feed(data):
-                    await self._handle(coap.decode(self.channel.open(ciphertext)))
+                    raw = self.channel.open(ciphertext)
+                    if self.received is not None:
+                        self.received.append(raw)
+                    await self._handle(coap.decode(raw), raw)
         except ParticleProtocolError as exc:
             self._closed(f"protocol error: {exc}")
         except (ConnectionError, OSError) as exc:
             self._closed(f"connection lost: {exc!r}")
 
-    async def _handle(self, m: Message) -> None:
+    async def _handle(self, m: Message, raw: bytes) -> None:
         if m.type in (coap.ACK, coap.RST):
             fut = self.pending.pop(m.message_id, None)
             if fut is not None and not fut.done():
@@ -345,9 +422,9 @@ class ParticleDevice:
         elif resource == b"d":
             self._later(self._answer_describe(m))
         elif resource == b"u" and m.code == coap.POST:
-            self._update_begin(m)
+            self._update_begin(m, raw)
         elif resource == b"c" and m.code == coap.POST:
-            self._chunk(m)
+            self._chunk(m, raw)
         elif resource == b"u" and m.code == coap.PUT:
             self._update_done(m)
         elif m.type == coap.CON:
@@ -408,71 +485,124 @@ class ParticleDevice:
             self._answer(m, coap.CONTENT, self.app_describe(), con=True)
         elif kind == 1:
             self._answer(m, coap.CONTENT, self.system_describe(), con=True)
+        elif kind == 4:  # metrics: corral's device answers with its vitals as JSON
+            self._answer(m, coap.CONTENT, self.vitals_payload(), con=True)
         else:  # Device OS: one type per request, anything else is an error
             self._answer(m, coap.BAD_REQUEST, con=True)
 
-    # -- OTA ---------------------------------------------------------------------------------
+    # -- OTA (legacy and fast, as Device OS's chunked_transfer.cpp reads the bytes) --------------
 
-    def _update_begin(self, m: Message) -> None:
+    def _update_begin(self, m: Message, raw: bytes) -> None:
+        # Device OS parses the payload only when the message is at least 20 bytes and byte
+        # 7 is the payload marker: exactly a 1-byte token and the single option b1 75
+        params = None
+        if len(raw) >= 20 and raw[7] == coap.PAYLOAD_MARKER:
+            params = struct.unpack(">BHIBI", raw[8:20])
+        ok = params is not None
+        if params is not None:
+            flags, chunk_size, size, _store, _address = params
+            ok = 0 < size <= self.max_binary_size and chunk_size > 0 \
+                and -(-size // chunk_size) < MAX_CHUNKS
+        if not ok:  # the parameters are refused: a coded ACK (5.03)
+            self.send(Message(coap.ACK, coap.SERVICE_UNAVAILABLE, m.message_id, m.token))
+            return
         self._empty_ack(m)
-        try:
-            flags, chunk_size, size, _store, _address = struct.unpack(">BHIBI", m.payload[:12])
-        except struct.error:
-            self._answer(m, coap.BAD_REQUEST)
-            return
-        if size > self.max_binary_size or chunk_size == 0:
-            self._answer(m, coap.BAD_REQUEST)
-            return
         fast = bool(flags & FAST_OTA) and self.fast_ota
         self.update = Update(size, chunk_size, fast, bytearray(size))
-        self._answer(m, coap.CHANGED, bytes((FAST_OTA if fast else 0,)))
+        self._answer(m, coap.CHANGED, bytes((FAST_OTA if fast else 0,)),
+                     con=self.unreliable)
 
-    def _chunk(self, m: Message) -> None:
+    def _chunk(self, m: Message, raw: bytes) -> None:
         up = self.update
-        self._empty_ack(m)
-        if up is None:
-            if m.type == coap.CON:
-                self._answer(m, coap.BAD_REQUEST)
+        if up is None:  # not updating: ignored
+            self._empty_ack(m)
             return
-        query = m.options_of(coap.URI_QUERY)
-        crc = int.from_bytes(query[0], "big") if query else -1
-        if up.fast and len(query) > 1:
-            index = int.from_bytes(query[1], "big")
-        else:
-            index = up.next_index
-        payload = m.payload
+        chunk = read_chunk(raw)
+        fast = chunk is not None and chunk.fast
+        if not fast:
+            self._empty_ack(m)
+        if chunk is None:
+            return
+        index = up.next_index if chunk.index is None else chunk.index
+        up.chunk_messages += 1
+        payload = chunk.data
         if index in self.corrupt_chunks and payload:  # a bit flipped on the way
             payload = bytes((payload[0] ^ 0x01,)) + payload[1:]
-        good = zlib.crc32(payload) == crc and index < up.chunks
-        if up.fast and index in self.drop_chunks:
+        good = zlib.crc32(payload) == chunk.crc and index < up.chunks
+        if fast and index in self.drop_chunks:
             self.drop_chunks.discard(index)
             good = False
         if good:
             start = index * up.chunk_size
-            up.image[start:start + len(m.payload)] = m.payload
+            up.image[start:start + len(payload)] = payload
             up.received.add(index)
             up.next_index = index + 1
         else:
             up.bad_crc += 1
-        if not up.fast:
-            self._answer(m, coap.CHANGED if good else coap.BAD_REQUEST)
-        elif index == up.chunks - 1 or (good and len(up.received) == up.chunks):
-            missing = [i for i in range(up.chunks) if i not in up.received]
-            if missing:
-                mid, fut = self._expect()
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-                self.send(Message(coap.CON, coap.GET, mid, options=((coap.URI_PATH, b"c"),),
-                                  payload=b"".join(i.to_bytes(2, "big") for i in missing)))
+        if not fast:
+            self._answer(m, coap.CHANGED if good else coap.BAD_REQUEST, con=self.unreliable)
+        # fast OTA: no answer per chunk; what is missing is asked for after UpdateDone
 
     def _update_done(self, m: Message) -> None:
-        up, self.update = self.update, None
-        if up is None or len(up.received) != up.chunks:
+        up = self.update
+        missing = [] if up is None else [i for i in range(up.chunks) if i not in up.received]
+        if up is None or missing:
             self.send(Message(coap.ACK, coap.BAD_REQUEST, m.message_id, m.token))
+            if up is None or not missing:
+                return
+            # then ChunkMissed: CON GET /c with the first missing indexes (u16 each)
+            count = min(up.chunk_messages + max(int(up.chunk_messages * 0.2),
+                                                MINIMUM_CHUNK_INCREASE), MISSED_CHUNKS_TO_SEND)
+            up.chunk_messages = 0
+            mid, fut = self._expect()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self.send(Message(coap.CON, coap.GET, mid, options=((coap.URI_PATH, b"c"),),
+                              payload=b"".join(i.to_bytes(2, "big") for i in missing[:count])))
             return
+        self.update = None
         self.updates.append(bytes(up.image))
         self.send(Message(coap.ACK, coap.CHANGED, m.message_id, m.token, payload=b'{"r":0}'))
         if self.on_update is not None:  # quick; a reboot runs in the caller's own task
             self.on_update(bytes(up.image))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A legacy OTA chunk as Device OS reads it (see :func:`read_chunk`)."""
+
+    crc: int
+    index: int | None  # None: a normal chunk (the device counts); set: fast OTA
+    data: bytes
+
+    @property
+    def fast(self) -> bool:
+        return self.index is not None
+
+
+def read_chunk(raw: bytes) -> ChunkView | None:
+    """A chunk's CRC-32, fast-OTA index and data as Device OS finds them
+    (chunked_transfer.cpp ``handle_chunk``): from the FIXED byte 7 (a 4-byte header, a
+    1-byte token and ``b1 63``), each byte up to the 0xFF payload marker is taken as a
+    one-byte option header whose value follows it; the first such "option" is the CRC (4
+    bytes), a second one is the index (2 bytes) and makes it a fast-OTA chunk. Option
+    numbers are never checked and the offset is a ``uint8_t``. So a chunk sent without a
+    token has its CRC misread (and may turn "fast" with a bogus index): it fails here as it
+    does on a real device. None when no payload marker is found."""
+    pos = 7
+    crc = 0
+    index: int | None = None
+    for option in range(256):  # Device OS would spin forever on a marker-less message
+        if pos >= len(raw):
+            return None
+        header = raw[pos]
+        if header == coap.PAYLOAD_MARKER:
+            return ChunkView(crc, index, bytes(raw[pos + 1:]))
+        if option == 0:
+            crc = int.from_bytes(raw[pos + 1:pos + 5].ljust(4, b"\x00"), "big")
+        elif option == 1:
+            index = int.from_bytes(raw[pos + 1:pos + 3].ljust(2, b"\x00"), "big")
+        pos = (pos + (header & 0x0F) + 1) & 0xFF
+    return None
 
 
 __all__ = ["DeviceClosed", "ParticleDevice", "Update"]

@@ -702,14 +702,19 @@ def update_ready(mid: int, token: bytes, flags: int, *, confirmable: bool = Fals
                    bytes((flags,)))
 
 
-def chunk(mid: int, token: bytes, data: bytes, *, index: int | None = None) -> Message:
-    """Server side: ``CON POST /c?<crc32 BE>[&<index u16 BE>]`` + the chunk bytes; the index
-    option is for fast OTA only."""
+def chunk(mid: int, token: bytes, data: bytes, *, index: int | None = None,
+          confirmable: bool = True) -> Message:
+    """Server side: ``POST /c?<crc32 BE>[&<index u16 BE>]`` + the chunk bytes; the index
+    option is for fast OTA only (sent NON). Device OS reads the CRC and index at fixed
+    offsets that assume a 1-byte token, so ``token`` must be exactly one byte, in fast
+    mode too: ``T b1 63 44 crc(4) [02 index(2)] ff data``."""
+    if len(token) != 1:
+        raise ValueError("an OTA chunk carries a 1-byte token (Device OS reads it at byte 4)")
     opts: tuple[tuple[int, bytes], ...] = (
         *_path(CHUNK), (coap.URI_QUERY, zlib.crc32(data).to_bytes(4, "big")))
     if index is not None:
         opts = (*opts, (coap.URI_QUERY, index.to_bytes(2, "big")))
-    return Message(coap.CON, coap.POST, mid, _token(token), opts, data)
+    return Message(coap.CON if confirmable else coap.NON, coap.POST, mid, token, opts, data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,29 +28,30 @@ import json
 import logging
 import struct
 import zlib
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from corral.devices.credentials import PublicKey
 from corral.kit import clock
-from corral.sessions.core import (
+from corral.sessions.core import DeviceSession, SessionHub
+from corral.sessions.link import (
     DeviceError,
-    DeviceSession,
     FirmwareImage,
     FirmwareProgress,
     Hello,
     Refused,
-    SessionHub,
     TransferResult,
     UpdateNotice,
 )
 from corral.settings import Settings
 from corral.transports.listening import close_server
-from corral.transports.particle import coap, crypto, messages
+from corral.transports.particle import coap, crypto, messages, ota_v3
 from corral.transports.particle.coap import Message
 from corral.transports.particle.errors import ParticleProtocolError
 from corral.transports.particle.keys import load_or_create_server_key
+from corral.transports.slots import AddressSlots
 
 log = logging.getLogger("corral.particle")
 
@@ -65,6 +66,7 @@ MAX_PENDING: Final = 255  # Device OS tokens are one byte
 VARIABLE_TYPES: Final[dict[int, str]] = {1: "bool", 2: "int32", 4: "string", 9: "double"}
 DESCRIBE_SYSTEM: Final = 1
 DESCRIBE_APP: Final = 2
+DESCRIBE_METRICS: Final = 4
 UPDATES_ENABLED_EVENT: Final = "particle/device/updates/enabled"  # from the device
 UPDATES_EVENT_PREFIX: Final = "particle/device/updates/"  # + pending | forced, to the device
 # known CoAP codes: empty, the four methods, and success/error responses
@@ -145,6 +147,27 @@ def app_describe(payload: bytes) -> tuple[list[str] | None, dict[str, str] | Non
     return fns, vs
 
 
+def system_iccid(payload: bytes, *, protobuf: bool) -> str | None:
+    """The SIM ICCID a cellular device reports in its system describe: protobuf
+    ``particle.cloud.SystemDescribe`` field 3 (Content-Format 42), or the ``iccid`` key of
+    the older JSON system describe. None when there is none or the describe is unreadable
+    (logged: a describe corral cannot read does not end the session)."""
+    if not payload:
+        return None
+    try:
+        if protobuf or payload[:1] != b"{":
+            iccid = messages.parse_system_describe(payload).iccid
+        else:
+            doc = json.loads(payload.decode("utf-8"))
+            iccid = doc.get("iccid") if isinstance(doc, dict) else None
+    except (messages.MessageError, UnicodeDecodeError, ValueError):
+        log.info("a system describe of %d bytes could not be read", len(payload))
+        return None
+    if not isinstance(iccid, str) or not iccid.strip():
+        return None
+    return iccid.strip()
+
+
 def decode_variable(payload: bytes, vtype: str) -> Any:
     """A variable's value as the device sends it (int32 big-endian, bool 1 byte, double
     little-endian, string raw)."""
@@ -174,18 +197,24 @@ class ParticleConnection:
     """One device connection; the session core's link to the device."""
 
     transport = "particle"
+    admit_within_s = HELLO_WINDOW_S  # Device OS over TCP gives up without a server Hello
 
     def __init__(self, listener: ParticleListener, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
-        self.listener = listener
-        self.hub = listener.hub
         self.reader = reader
         self.writer = writer
         peer = writer.get_extra_info("peername")
-        self.peer_ip: str | None = peer[0] if isinstance(peer, tuple) and peer else None
+        self._init_state(listener, peer[0] if isinstance(peer, tuple) and peer else None)
+
+    def _init_state(self, listener: Any, peer_ip: str | None) -> None:
+        """What every Particle connection keeps, whatever carries it (TCP here, UDP in
+        :mod:`.udp`)."""
+        self.listener = listener
+        self.hub: SessionHub = listener.hub
+        self.peer_ip = peer_ip
         self.device_id = ""
         self._early: list[Message] = []  # messages that came with the Hello
-        self.sent_key: rsa.RSAPublicKey | None = None
+        self.sent_key: PublicKey | None = None
         self.first_time = False
         self.hello: messages.Hello | None = None
         self.session: DeviceSession | None = None
@@ -206,6 +235,7 @@ class ParticleConnection:
         self.last_sent = 0.0
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ota_lock = asyncio.Lock()
+        self.v3_acks: ota_v3.Acks | None = None
         self.done = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -280,18 +310,19 @@ class ParticleConnection:
     # -- handshake and the read loop ---------------------------------------------------------
 
     async def _serve(self) -> None:
-        # admission control: at most `max_handshakes` connections are between accept and
-        # the server Hello at once; the others wait here, before any work is spent on them,
-        # instead of all timing out together in a reconnect storm
-        async with self.listener.handshakes:
-            await self._handshake_and_hello()
+        await self._handshake_and_hello()
         for m in self._early:
             await self._handle(m)
         self._early = []
         await self._loop()
 
     async def _handshake_and_hello(self) -> None:
-        loop = asyncio.get_running_loop()
+        # The nonce goes out at once and the device's 256 bytes are awaited without a
+        # handshake slot: a connection that never answers costs a socket until its timeout,
+        # never a slot. Admission control: at most `max_handshakes` connections do the RSA
+        # work, the Hello and admission at once (a reconnect storm is served in order instead
+        # of all timing out together), and one address holds at most
+        # `max_handshakes_per_address` of them, so one host can never lock the others out.
         within = self.listener.settings.particle_handshake_timeout_s
         nonce = crypto.new_nonce()
         self.writer.write(nonce)
@@ -304,6 +335,20 @@ class ParticleConnection:
         except asyncio.IncompleteReadError as exc:
             raise _Close(f"truncated handshake ({len(exc.partial)} of "
                          f"{crypto.DEVICE_BLOB_LEN} bytes)") from None
+        slots = self.listener.handshakes
+        address = self.peer_ip or ""
+        try:
+            async with asyncio.timeout(within):  # the device gives up after this, too
+                await slots.acquire(address)
+        except TimeoutError:
+            raise _Close("no handshake slot in time (the server is busy)") from None
+        try:
+            await self._key_exchange_and_hello(nonce, blob, within)
+        finally:
+            slots.release(address)
+
+    async def _key_exchange_and_hello(self, nonce: bytes, blob: bytes, within: float) -> None:
+        loop = asyncio.get_running_loop()
         server_key = self.listener.server_key
         device_id, der = crypto.open_device_blob(server_key, nonce, blob)
         self.device_id = device_id
@@ -350,13 +395,21 @@ class ParticleConnection:
         self.hello = hello
         self.expected_mid = (m.message_id + 1) & 0xFFFF
         self.next_mid = int.from_bytes(crypto.new_nonce()[:2], "big")
+        await self._admit(hello)
+        if self.closing:  # kicked meanwhile
+            return
+        await self._greet(m)
+
+    async def _admit(self, hello: messages.Hello) -> None:
+        """Open the core session for the device this Hello describes (admission, presence);
+        ``_Close`` when it is refused. A device seen for the first time has its key pinned."""
         core_hello = Hello(self.device_id, product_id=product_id_of(hello),
                            platform_id=hello.platform_id or None,
                            firmware_version=hello.product_version,
                            system_version=system_version_text(hello.system_version),
                            remote=self.peer_ip)
         try:
-            async with asyncio.timeout(HELLO_WINDOW_S):
+            async with asyncio.timeout(self.admit_within_s):
                 self.session = await self.hub.open(core_hello, self)
         except Refused as exc:
             if exc.code == "quarantined" and self.first_time and self.sent_key is not None:
@@ -366,8 +419,10 @@ class ParticleConnection:
             raise _Close("the device could not be admitted in time") from None
         if self.first_time and self.sent_key is not None:
             await self.hub.pin_device_key(self.device_id, self.sent_key)
-        if self.closing:  # kicked meanwhile
-            return
+
+    async def _greet(self, m: Message) -> None:
+        """Answer an admitted device's Hello: the ACK of a CON Hello and the server Hello
+        (Device OS over TCP gives up without one within 4 s)."""
         if m.type == coap.CON:
             self._send(Message(coap.ACK, coap.EMPTY, m.message_id))
         self._send(Message(coap.NON, coap.POST, self._mid(), options=((coap.URI_PATH, b"h"),)))
@@ -454,8 +509,10 @@ class ParticleConnection:
 
     async def request(self, kind: str, code: int, path: tuple[bytes, ...],
                       query: tuple[bytes, ...] = (), payload: bytes = b"",
-                      *, within: float | None = None) -> Message:
-        """Send a CON request and wait for its answer (piggy-backed or separate)."""
+                      *, within: float | None = None,
+                      options: tuple[tuple[int, bytes], ...] = ()) -> Message:
+        """Send a CON request and wait for its answer (piggy-backed or separate);
+        ``options`` go with the path and query."""
         if self.closing or self.session is None:
             raise DeviceError("the device is not connected")
         token = self._token()
@@ -465,7 +522,7 @@ class ParticleConnection:
         self.by_mid[mid] = p
         self.by_token[token] = p
         options = tuple((coap.URI_PATH, s) for s in path) + tuple(
-            (coap.URI_QUERY, q) for q in query)
+            (coap.URI_QUERY, q) for q in query) + options
         try:
             self._send(Message(coap.CON, code, mid, token, options, payload))
             await self._flush()
@@ -590,6 +647,10 @@ class ParticleConnection:
         elif resource == b"x" and m.code == coap.POST:
             self._reply(m, coap.CHANGED)
             raise _Close("goodbye")
+        elif resource == ota_v3.ACK and m.code == coap.POST:  # v3 OTA: UpdateAck
+            self._reply(m, coap.CHANGED)
+            if self.v3_acks is not None:
+                self.v3_acks.on_ack(m)
         elif resource == b"c" and m.code == coap.GET:  # OTA: chunks the device is missing
             self._reply(m, coap.CHANGED)
             payload = m.payload
@@ -645,13 +706,29 @@ class ParticleConnection:
 
     async def _apply_describe(self, session: DeviceSession, kind: int, payload: bytes,
                               content_format: bytes | None) -> None:
-        if kind == DESCRIBE_SYSTEM or (content_format is not None and _uint(content_format) == 42):
-            # the system describe is protobuf (particle.cloud.SystemDescribe): not used yet
+        if kind == DESCRIBE_METRICS:
+            await self._apply_metrics(session, payload)
+            return
+        protobuf = content_format is not None and _uint(content_format) == 42
+        if kind == DESCRIBE_SYSTEM or protobuf:
+            # what corral uses of the system describe: a cellular device's ICCID
+            iccid = system_iccid(payload, protobuf=protobuf)
+            if iccid is not None:
+                await session.describe(iccid=iccid)
             return
         if not payload or kind not in (0, DESCRIBE_APP):
             return
         functions, variables = app_describe(payload)
         await session.describe(functions=functions, variables=variables)
+
+    async def _apply_metrics(self, session: DeviceSession, payload: bytes) -> None:
+        """A metrics describe (``GET``/``POST /d?4``): vitals as a JSON object are stored;
+        Device OS's binary diagnostics encoding is not decoded (logged and dropped)."""
+        if payload[:1] != b"{":
+            log.info("%r: a binary metrics describe of %d bytes is not decoded", self,
+                     len(payload))
+            return
+        await session.vitals(payload)
 
     # -- DeviceLink --------------------------------------------------------------------------
 
@@ -708,6 +785,30 @@ class ParticleConnection:
             except Refused as exc:
                 log.info("%r: describe refused: %s", self, exc.reason)
 
+    async def request_vitals(self) -> None:
+        """Ask for the metrics describe (``GET /d?4``); its answer is stored as vitals."""
+        if self.closing or self.session is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._vitals_now())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _vitals_now(self) -> None:
+        try:
+            reply = await self.request("describe", coap.GET, (b"d",),
+                                       (bytes((DESCRIBE_METRICS,)),),
+                                       within=self.listener.request_timeout_s)
+        except (DeviceError, TimeoutError) as exc:
+            log.info("%r: metrics describe not answered: %r", self, exc)
+            return
+        session = self.session
+        if session is None or reply.code != coap.CONTENT or not reply.payload:
+            return
+        try:
+            await self._apply_metrics(session, reply.payload)
+        except Refused as exc:
+            log.info("%r: vitals refused: %s", self, exc.reason)
+
     async def disconnect(self, reason: str) -> None:
         self.kicked = True
         self._end(reason)
@@ -736,13 +837,14 @@ class ParticleConnection:
 
     async def send_firmware(self, image: bytes, *, chunk_size: int | None = None,
                             fast: bool = False, progress: ProgressFn | None = None,
-                            step_timeout: float = 30.0, missing_wait_s: float = 1.0
-                            ) -> OtaResult:
+                            step_timeout: float = 30.0) -> OtaResult:
         """Send a firmware binary (legacy OTA: UpdateBegin, Chunks with CRC-32, UpdateDone).
 
-        ``fast`` asks for fast OTA (chunks carry their index and are not answered one by
-        one; the device asks for missing ones). ``progress(sent, total)`` is called after
-        each chunk. Never raises for device-side failures: the result says what happened."""
+        ``fast`` asks for fast OTA: chunks carry their index and are not answered one by
+        one; UpdateDone is answered 4.00 while chunks are missing, and the device then asks
+        for them (``GET /c``), which are sent again before the next UpdateDone.
+        ``progress(sent, total)`` is called after each chunk. Never raises for device-side
+        failures: the result says what happened."""
         hello = self.hello
         if self.closing or self.session is None or hello is None:
             return OtaResult(False, "the device is not connected")
@@ -752,34 +854,36 @@ class ParticleConnection:
         size = chunk_size or hello.ota_chunk_size or 512
         chunks = [image[i:i + size] for i in range(0, len(image), size)] or [b""]
         async with self.ota_lock:
+            if hello.has(messages.HELLO_FLAG_OTA_PROTOCOL_V3):  # Gen 3 hardware
+                return await self._send_firmware_v3(image, size, progress, step_timeout)
             try:
                 return await self._send_firmware(image, chunks, size, fast, progress,
-                                                 step_timeout, missing_wait_s)
+                                                 step_timeout)
             except DeviceError as exc:
                 return OtaResult(False, exc.text)
             except TimeoutError:
                 return OtaResult(False, "the device did not answer in time")
 
     async def _send_firmware(self, image: bytes, chunks: list[bytes], size: int, fast: bool,
-                             progress: ProgressFn | None, step_timeout: float,
-                             missing_wait_s: float) -> OtaResult:
-        begin = struct.pack(">BHIBI", 1 if fast else 0, size, len(image), 0, 0)
+                             progress: ProgressFn | None, step_timeout: float) -> OtaResult:
+        begin = struct.pack(">BHIBI", messages.UPDATE_FLAG_FAST if fast else 0, size,
+                            len(image), 0, 0)
         reply = await self.request("ota", coap.POST, (b"u",), payload=begin,
                                    within=step_timeout)
         if reply.code != coap.CHANGED:
             return OtaResult(False, f"the device refused the update "
                                     f"({coap.code_str(reply.code)})")
         fast = fast and bool(reply.payload) and bool(reply.payload[0] & 1)
-        self.missing_chunks.clear()
-        self.missing_event.clear()
+        token = self._token()  # fast chunks are not answered: one token for all of them
         sent = resent = 0
         for index, chunk in enumerate(chunks):
             if fast:
-                self._send_chunk(index, chunk, fast=True)
+                self._send(messages.chunk(self._mid(), token, chunk, index=index,
+                                          confirmable=False))
                 await self._flush()
             else:
                 for _attempt in range(3):
-                    reply = await self._chunk_request(index, chunk, step_timeout)
+                    reply = await self._chunk_request(chunk, step_timeout)
                     if reply.code == coap.CHANGED:
                         break
                     resent += 1
@@ -789,21 +893,29 @@ class ParticleConnection:
             sent += len(chunk)
             if progress is not None:
                 progress(sent, len(image))
-        if fast:  # resend what the device says it is missing, until it is quiet
-            while True:
-                self.missing_event.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(missing_wait_s):
-                        await self.missing_event.wait()
-                missing, self.missing_chunks = self.missing_chunks, []
-                if not missing:
-                    break
-                for index in dict.fromkeys(missing):
-                    if 0 <= index < len(chunks):
-                        self._send_chunk(index, chunks[index], fast=True)
-                        resent += 1
+        # UpdateDone; in fast mode a 4.00 means chunks are missing: the device names them
+        # (up to 40 a time) in a GET /c after the ACK; they go again, then UpdateDone again
+        for _round in range(len(chunks) + 2):
+            self.missing_chunks.clear()
+            self.missing_event.clear()
+            reply = await self.request("ota", coap.PUT, (b"u",), within=step_timeout)
+            if reply.code == coap.CHANGED or not fast or reply.code != coap.BAD_REQUEST:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(step_timeout):
+                    await self.missing_event.wait()
+            missing = [i for i in dict.fromkeys(self.missing_chunks) if 0 <= i < len(chunks)]
+            if not missing:
+                break
+            if _round == len(chunks) + 1:
+                return OtaResult(False, f"the device still misses chunk(s) "
+                                        f"{', '.join(map(str, missing[:5]))} after {_round} "
+                                        f"rounds", sent, len(chunks), resent)
+            for index in missing:
+                self._send(messages.chunk(self._mid(), token, chunks[index], index=index,
+                                          confirmable=False))
+                resent += 1
                 await self._flush()
-        reply = await self.request("ota", coap.PUT, (b"u",), within=step_timeout)
         if reply.code != coap.CHANGED:
             return OtaResult(False, f"the device did not apply the update "
                                     f"({coap.code_str(reply.code)})", sent, len(chunks), resent)
@@ -818,22 +930,38 @@ class ParticleConnection:
                              len(chunks), resent)
         return OtaResult(True, "updated", sent, len(chunks), resent)
 
-    def _chunk_options(self, index: int, chunk: bytes, *, fast: bool
-                       ) -> tuple[tuple[int, bytes], ...]:
-        options: tuple[tuple[int, bytes], ...] = (
-            (coap.URI_PATH, b"c"), (coap.URI_QUERY, zlib.crc32(chunk).to_bytes(4, "big")))
-        if fast:
-            options += ((coap.URI_QUERY, index.to_bytes(2, "big")),)
-        return options
+    async def _send_firmware_v3(self, image: bytes, size: int, progress: ProgressFn | None,
+                                step_timeout: float) -> OtaResult:
+        """The v3 protocol (:mod:`.ota_v3`): a window of NON chunks without a token,
+        UpdateAck bitmaps, resumption from the offset the device reports."""
+        self.v3_acks = ota_v3.Acks()
+        try:
+            sent = await ota_v3.send(self, self.v3_acks, image, chunk_size=size,
+                                     progress=progress, step_timeout=step_timeout)
+        except DeviceError as exc:
+            return OtaResult(False, exc.text)
+        except TimeoutError:
+            return OtaResult(False, "the device did not answer in time")
+        finally:
+            self.v3_acks = None
+        return OtaResult(sent.ok, sent.reason, len(image) - sent.offset, sent.chunks,
+                         sent.resent)
 
-    def _send_chunk(self, index: int, chunk: bytes, *, fast: bool) -> None:
-        self._send(Message(coap.NON, coap.POST, self._mid(),
-                           options=self._chunk_options(index, chunk, fast=fast), payload=chunk))
+    async def _chunk_request(self, chunk: bytes, within: float) -> Message:
+        """A legacy chunk: CON with a token, answered by an empty ACK and ChunkReceived."""
+        return await self.request("ota", coap.POST, (b"c",),
+                                  (zlib.crc32(chunk).to_bytes(4, "big"),), chunk, within=within)
 
-    async def _chunk_request(self, index: int, chunk: bytes, within: float) -> Message:
-        options = self._chunk_options(index, chunk, fast=False)
-        return await self.request("ota", coap.POST, (options[0][1],), (options[1][1],),
-                                  chunk, within=within)
+
+_C = TypeVar("_C", bound=ParticleConnection)
+
+
+def connection_of(connections: Iterable[_C], device_id: str) -> _C | None:
+    """The open, admitted connection of a device among ``connections``."""
+    for c in connections:
+        if c.device_id == device_id.lower() and c.session is not None and not c.closing:
+            return c
+    return None
 
 
 def _consume(f: asyncio.Future[Any]) -> None:
@@ -857,12 +985,14 @@ class ParticleListener:
                                        settings.particle_ping_interval_s)
         self.drain_timeout_s = 10.0  # a device that reads nothing for this long is dropped
         self.request_timeout_s = 10.0  # describe requests
-        self.handshakes = asyncio.Semaphore(settings.particle_max_handshakes)
+        self.handshakes = AddressSlots(settings.particle_max_handshakes,
+                                       settings.particle_max_handshakes_per_address)
         self._server: asyncio.Server | None = None
 
     async def _start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(
             self._on_client, host, port, limit=READ_SIZE, reuse_address=True,
+            reuse_port=self.settings.listen_reuse_port or None,
             backlog=self.settings.device_listen_backlog)
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
@@ -875,10 +1005,7 @@ class ParticleListener:
 
     def connection(self, device_id: str) -> ParticleConnection | None:
         """The open connection of a device (tests, OTA)."""
-        for c in self.connections:
-            if c.device_id == device_id.lower() and c.session is not None and not c.closing:
-                return c
-        return None
+        return connection_of(self.connections, device_id)
 
     async def stop(self) -> None:
         """Stop accepting, end every connection (reason: shutdown)."""

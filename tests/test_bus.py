@@ -1,5 +1,6 @@
-"""The in-process bus: subject matching, fan-out, queue groups, ordering, isolation,
-request/reply, overflow and shutdown."""
+"""The bus contract, run against both implementations (the in-process bus and NATS on
+127.0.0.1:4222): subject matching, fan-out, queue groups, ordering, isolation,
+request/reply, overflow and shutdown; then what only the in-process bus has (its index)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from corral.bus import (
     Bus,
     BusClosed,
+    BusError,
     BusTimeout,
     InProcessBus,
     Message,
@@ -25,6 +27,8 @@ from corral.bus import (
     validate_subject,
 )
 from corral.bus.inprocess import InProcessSubscription, SubjectIndex
+from corral.bus.nats import NatsBus
+from natskit import namespace, need_nats
 
 WAIT = 5.0  # upper bound for every wait; tests finish long before it
 
@@ -54,8 +58,12 @@ class Inbox:
         return [m.subject for m in self.messages]
 
 
-async def drain(bus: InProcessBus) -> None:
-    """Wait (bounded) until every subscription worker is idle with an empty queue."""
+async def drain(bus: AnyBus) -> None:
+    """Wait (bounded) until every message sent so far is delivered and every subscription
+    worker is idle with an empty queue."""
+    if isinstance(bus, NatsBus):
+        await asyncio.wait_for(bus.flush(), WAIT)
+        return
 
     def idle(sub: InProcessSubscription) -> bool:
         return sub._worker is None or sub._worker.done()
@@ -67,9 +75,24 @@ async def drain(bus: InProcessBus) -> None:
     await asyncio.wait_for(until(), WAIT)
 
 
+AnyBus = InProcessBus | NatsBus
+KINDS = ["inprocess", "nats"]
+
+
+async def new_bus(kind: str, **kw: int) -> AnyBus:
+    if kind == "nats":
+        return await NatsBus.connect(need_nats(), namespace=namespace(), **kw)
+    return InProcessBus(**kw)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def bus():
-    b = InProcessBus()
+async def bus(kind: str):
+    b = await new_bus(kind)
     yield b
     await b.close()
 
@@ -109,7 +132,7 @@ def test_matches_table(pattern: str, subject: str, expected: bool) -> None:
 
 @pytest.mark.parametrize(("pattern", "subject", "expected"), MATCH_TABLE)
 async def test_delivery_follows_match_table(
-    bus: InProcessBus, pattern: str, subject: str, expected: bool
+    bus: AnyBus, pattern: str, subject: str, expected: bool
 ) -> None:
     got = Inbox()
     control = Inbox()
@@ -182,7 +205,7 @@ def test_index_agrees_with_matches(pats: list[str], subject: str) -> None:
 @pytest.mark.parametrize(
     "subject", ["", ".", "a.", ".a", "a..b", "a b", "a/b", "a.*", "a.>", "*", ">", "é", 7]
 )
-async def test_invalid_subjects_rejected(bus: InProcessBus, subject: str) -> None:
+async def test_invalid_subjects_rejected(bus: AnyBus, subject: str) -> None:
     with pytest.raises(ValueError):
         await bus.publish(subject, b"")
     with pytest.raises(ValueError):
@@ -192,13 +215,13 @@ async def test_invalid_subjects_rejected(bus: InProcessBus, subject: str) -> Non
 @pytest.mark.parametrize(
     "pattern", ["", "a.", "a..b", "a*", "a.b*", "a.>.b", ">.a", "> ", "a.>>", "a/b"]
 )
-async def test_invalid_patterns_rejected(bus: InProcessBus, pattern: str) -> None:
+async def test_invalid_patterns_rejected(bus: AnyBus, pattern: str) -> None:
     with pytest.raises(ValueError):
         await bus.subscribe(pattern, Inbox())
     assert bus.subscription_count == 0
 
 
-async def test_invalid_queue_name_and_payload_rejected(bus: InProcessBus) -> None:
+async def test_invalid_queue_name_and_payload_rejected(bus: AnyBus) -> None:
     with pytest.raises(ValueError):
         await bus.subscribe("a", Inbox(), queue="bad name")
     with pytest.raises(TypeError):
@@ -209,7 +232,7 @@ async def test_invalid_queue_name_and_payload_rejected(bus: InProcessBus) -> Non
 # --- fan-out and payloads ---------------------------------------------------------------
 
 
-async def test_fan_out_to_every_plain_subscriber(bus: InProcessBus) -> None:
+async def test_fan_out_to_every_plain_subscriber(bus: AnyBus) -> None:
     inboxes = [Inbox() for _ in range(5)]
     for i, inbox in enumerate(inboxes):
         await bus.subscribe(["dev.1.ev", "dev.*.ev", "dev.>", ">", "dev.1.ev"][i], inbox)
@@ -224,7 +247,7 @@ async def test_fan_out_to_every_plain_subscriber(bus: InProcessBus) -> None:
     assert other.messages == []
 
 
-async def test_dict_payload_is_compact_utf8_json(bus: InProcessBus) -> None:
+async def test_dict_payload_is_compact_utf8_json(bus: AnyBus) -> None:
     inbox = Inbox()
     await bus.subscribe("a", inbox)
     await bus.publish("a", {"name": "températ", "v": [1, 2]})
@@ -235,11 +258,11 @@ async def test_dict_payload_is_compact_utf8_json(bus: InProcessBus) -> None:
     assert second.data == b"\x00raw"
 
 
-async def test_publish_without_subscribers_is_fine(bus: InProcessBus) -> None:
+async def test_publish_without_subscribers_is_fine(bus: AnyBus) -> None:
     await bus.publish("nobody.listens", b"x")
 
 
-async def test_inprocess_bus_satisfies_protocols(bus: InProcessBus) -> None:
+async def test_bus_satisfies_protocols(bus: AnyBus) -> None:
     sub = await bus.subscribe("a", Inbox())
     assert isinstance(bus, Bus)
     assert isinstance(sub, Subscription)
@@ -248,7 +271,7 @@ async def test_inprocess_bus_satisfies_protocols(bus: InProcessBus) -> None:
 # --- queue groups -----------------------------------------------------------------------
 
 
-async def test_queue_group_shares_load_exactly_once(bus: InProcessBus) -> None:
+async def test_queue_group_shares_load_exactly_once(bus: AnyBus) -> None:
     workers = [Inbox() for _ in range(3)]
     for w in workers:
         await bus.subscribe("job.*", w, queue="workers")
@@ -270,7 +293,7 @@ async def test_queue_group_shares_load_exactly_once(bus: InProcessBus) -> None:
 
 
 async def test_same_queue_name_on_different_patterns_are_different_groups(
-    bus: InProcessBus,
+    bus: AnyBus,
 ) -> None:
     a, b = Inbox(), Inbox()
     await bus.subscribe("job.run", a, queue="q")
@@ -280,7 +303,7 @@ async def test_same_queue_name_on_different_patterns_are_different_groups(
     await b.wait_for(1)
 
 
-async def test_queue_group_member_leaving_keeps_group_working(bus: InProcessBus) -> None:
+async def test_queue_group_member_leaving_keeps_group_working(bus: AnyBus) -> None:
     a, b = Inbox(), Inbox()
     sa = await bus.subscribe("w", a, queue="q")
     await bus.subscribe("w", b, queue="q")
@@ -294,7 +317,7 @@ async def test_queue_group_member_leaving_keeps_group_working(bus: InProcessBus)
 # --- ordering, isolation ----------------------------------------------------------------
 
 
-async def test_order_kept_per_subscription_under_10k_messages(bus: InProcessBus) -> None:
+async def test_order_kept_per_subscription_under_10k_messages(bus: AnyBus) -> None:
     inboxes = [Inbox() for _ in range(3)]
     await bus.subscribe("seq.>", inboxes[0])
     await bus.subscribe("seq.*", inboxes[1])
@@ -309,7 +332,7 @@ async def test_order_kept_per_subscription_under_10k_messages(bus: InProcessBus)
         assert [int.from_bytes(m.data, "big") for m in msgs] == list(range(n))
 
 
-async def test_slow_handler_blocks_nobody(bus: InProcessBus) -> None:
+async def test_slow_handler_blocks_nobody(bus: AnyBus) -> None:
     gate = asyncio.Event()
     started = asyncio.Event()
 
@@ -333,7 +356,7 @@ async def test_slow_handler_blocks_nobody(bus: InProcessBus) -> None:
 
 
 async def test_failing_handler_is_logged_and_isolated(
-    bus: InProcessBus, caplog: pytest.LogCaptureFixture
+    bus: AnyBus, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[bytes] = []
 
@@ -358,7 +381,7 @@ async def test_failing_handler_is_logged_and_isolated(
 # --- request / reply --------------------------------------------------------------------
 
 
-async def test_request_reply(bus: InProcessBus) -> None:
+async def test_request_reply(bus: AnyBus) -> None:
     async def double(msg: Message) -> None:
         assert msg.reply is not None
         await msg.respond({"result": msg.json()["x"] * 2})
@@ -374,7 +397,7 @@ async def test_request_reply(bus: InProcessBus) -> None:
     assert bus._replies == {}
 
 
-async def test_request_through_queue_group_first_reply_wins(bus: InProcessBus) -> None:
+async def test_request_through_queue_group_first_reply_wins(bus: AnyBus) -> None:
     answered: list[str] = []
 
     def responder(name: str):
@@ -391,14 +414,14 @@ async def test_request_through_queue_group_first_reply_wins(bus: InProcessBus) -
     assert answered == ["a", "b", "a", "b"]
 
 
-async def test_request_without_responders(bus: InProcessBus) -> None:
+async def test_request_without_responders(bus: AnyBus) -> None:
     await bus.subscribe("other", Inbox())
     with pytest.raises(NoResponders):
         await bus.request("svc.none", b"", timeout=WAIT)
     assert bus._replies == {}
 
 
-async def test_request_timeout(bus: InProcessBus) -> None:
+async def test_request_timeout(bus: AnyBus) -> None:
     silent = Inbox()
     await bus.subscribe("svc.silent", silent)
     with pytest.raises(BusTimeout) as err:
@@ -410,7 +433,7 @@ async def test_request_timeout(bus: InProcessBus) -> None:
     assert bus._replies == {}
 
 
-async def test_respond_without_reply_subject_fails(bus: InProcessBus) -> None:
+async def test_respond_without_reply_subject_fails(bus: AnyBus) -> None:
     inbox = Inbox()
     await bus.subscribe("x", inbox)
     await bus.publish("x", b"")
@@ -419,7 +442,7 @@ async def test_respond_without_reply_subject_fails(bus: InProcessBus) -> None:
         await msg.respond(b"")
 
 
-async def test_close_fails_pending_request(bus: InProcessBus) -> None:
+async def test_close_fails_pending_request(bus: AnyBus) -> None:
     silent = Inbox()
     await bus.subscribe("svc.silent", silent)
     pending = asyncio.create_task(bus.request("svc.silent", b"", timeout=WAIT))
@@ -432,7 +455,7 @@ async def test_close_fails_pending_request(bus: InProcessBus) -> None:
 # --- unsubscribe, overflow, close -------------------------------------------------------
 
 
-async def test_unsubscribe_stops_delivery(bus: InProcessBus) -> None:
+async def test_unsubscribe_stops_delivery(bus: AnyBus) -> None:
     a, b = Inbox(), Inbox()
     sa = await bus.subscribe("u.*", a)
     await bus.subscribe("u.*", b)
@@ -446,10 +469,11 @@ async def test_unsubscribe_stops_delivery(bus: InProcessBus) -> None:
     assert a.subjects == ["u.1"]
     assert sa._worker is None or sa._worker.done()
     assert bus.subscription_count == 1
-    assert bus._index.patterns() == ["u.*"]
+    if isinstance(bus, InProcessBus):
+        assert bus._index.patterns() == ["u.*"]
 
 
-async def test_unsubscribe_from_own_handler(bus: InProcessBus) -> None:
+async def test_unsubscribe_from_own_handler(bus: AnyBus) -> None:
     got: list[bytes] = []
     holder: list[InProcessSubscription] = []
 
@@ -460,13 +484,13 @@ async def test_unsubscribe_from_own_handler(bus: InProcessBus) -> None:
     holder.append(await bus.subscribe("o", once))
     await bus.publish("o", b"1")
     await bus.publish("o", b"2")
-    await asyncio.wait_for(holder[0]._worker, WAIT)
+    await drain(bus)
     assert got == [b"1"]
     assert bus.subscription_count == 0
 
 
-async def test_overflow_drops_oldest_and_counts() -> None:
-    bus = InProcessBus(max_pending=5)
+async def test_overflow_drops_oldest_and_counts(kind: str) -> None:
+    bus = await new_bus(kind, max_pending=5)
     gate = asyncio.Event()
     started = asyncio.Event()
     got: list[int] = []
@@ -494,8 +518,8 @@ async def test_overflow_drops_oldest_and_counts() -> None:
     await bus.close()
 
 
-async def test_close_stops_everything() -> None:
-    bus = InProcessBus()
+async def test_close_stops_everything(kind: str) -> None:
+    bus = await new_bus(kind)
     inbox = Inbox()
     subs = [await bus.subscribe(p, inbox) for p in ("a", "a.>", "*")]
     await bus.close()
@@ -511,7 +535,7 @@ async def test_close_stops_everything() -> None:
     await subs[0].unsubscribe()  # harmless after close
 
 
-async def test_many_literal_subscriptions_index_stays_exact(bus: InProcessBus) -> None:
+async def test_many_literal_subscriptions_index_stays_exact(bus: AnyBus) -> None:
     inboxes = {i: Inbox() for i in range(500)}
     for i, inbox in inboxes.items():
         await bus.subscribe(f"device.{i:04x}.call", inbox)
@@ -524,8 +548,8 @@ async def test_many_literal_subscriptions_index_stays_exact(bus: InProcessBus) -
     assert list(hits) == [0x123]
 
 
-async def test_an_idle_subscription_holds_no_task_and_a_delivery_starts_one() -> None:
-    bus = InProcessBus()
+async def test_an_idle_subscription_holds_no_task_and_a_delivery_starts_one(kind: str) -> None:
+    bus = await new_bus(kind)
     started = asyncio.Event()
     release = asyncio.Event()
     seen: list[str] = []
@@ -551,3 +575,104 @@ async def test_an_idle_subscription_holds_no_task_and_a_delivery_starts_one() ->
     assert seen == ["dev.a", "dev.b", "dev.c"]
     await sub.unsubscribe()
     await bus.close()
+
+
+# --- NATS across nodes ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_nodes():
+    """Two NATS buses in one namespace: two corral nodes as far as the bus is concerned."""
+    url, ns = need_nats(), namespace()
+    a = await NatsBus.connect(url, namespace=ns, name="node-a")
+    b = await NatsBus.connect(url, namespace=ns, name="node-b")
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_nats_subscription_is_live_across_nodes_when_subscribe_returns(two_nodes) -> None:
+    a, b = two_nodes
+    for i in range(20):  # no sleep between subscribe and the other node's publish
+        inbox = Inbox()
+        await a.subscribe(f"live.{i}", inbox)
+        await b.publish(f"live.{i}", b"x")
+        await inbox.wait_for(1)
+
+
+async def test_nats_fan_out_and_local_sharing_across_nodes(two_nodes) -> None:
+    a, b = two_nodes
+    here = [Inbox() for _ in range(50)]
+    for inbox in here:  # fifty local subscriptions on one pattern: one NATS subscription
+        await a.subscribe("ev.*.7", inbox)
+    there = Inbox()
+    await b.subscribe("ev.>", there)
+    assert len(a._remotes) == 1
+    for i in range(10):
+        await b.publish(f"ev.{i}.7", {"i": i})
+    for inbox in [*here, there]:
+        msgs = await inbox.wait_for(10)
+        assert [m.json()["i"] for m in msgs] == list(range(10))
+        assert msgs[0].subject == "ev.0.7"  # the namespace is not visible
+
+
+async def test_nats_queue_group_exactly_once_across_nodes(two_nodes) -> None:
+    a, b = two_nodes
+    workers = [Inbox() for _ in range(4)]
+    for i, w in enumerate(workers):
+        await (a if i % 2 else b).subscribe("job.*", w, queue="workers")
+    n = 400
+    for i in range(n):
+        await a.publish("job.run", {"i": i})
+    await drain(a)
+    await drain(b)
+
+    async def until_all() -> None:
+        while sum(len(w.messages) for w in workers) < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(until_all(), WAIT)
+    seen = sorted(m.json()["i"] for w in workers for m in w.messages)
+    assert seen == list(range(n))
+    assert all(w.messages for w in workers)  # both nodes and all local members took work
+
+
+async def test_nats_request_reply_and_no_responders_across_nodes(two_nodes) -> None:
+    a, b = two_nodes
+
+    async def double(msg: Message) -> None:
+        await msg.respond({"result": msg.json()["x"] * 2})
+
+    sub = await a.subscribe("device.abc.request", double)
+    replies = await asyncio.gather(
+        *(b.request("device.abc.request", {"x": i}, timeout=WAIT) for i in range(20)))
+    assert [r.json()["result"] for r in replies] == [2 * i for i in range(20)]
+    await sub.unsubscribe()
+    await drain(a)
+    with pytest.raises(NoResponders):
+        await b.request("device.abc.request", {"x": 1}, timeout=WAIT)
+    assert b._replies == {}
+
+
+async def test_nats_namespaces_do_not_hear_each_other() -> None:
+    url = need_nats()
+    a = await NatsBus.connect(url, namespace=namespace())
+    b = await NatsBus.connect(url, namespace=namespace())
+    try:
+        inbox = Inbox()
+        await a.subscribe(">", inbox)
+        await b.publish("x.y", b"other cluster")
+        await a.publish("x.y", b"mine")
+        [msg] = await inbox.wait_for(1)
+        await drain(a)
+        assert msg.data == b"mine" and len(inbox.messages) == 1
+        with pytest.raises(NoResponders):
+            await b.request("x.y", b"", timeout=WAIT)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_nats_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(BusError, match="cannot connect to NATS"):
+        await NatsBus.connect("nats://127.0.0.1:9", connect_timeout=1)

@@ -1,0 +1,1 @@
+"""Cohorts (Peridio): a product's exclusive device segments, each a release target."""

@@ -1,0 +1,34 @@
+"""Reads of cohort membership other domains use (the device list and views): no rules here,
+so :mod:`corral.devices` can import it without importing the cohort rules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
+
+from corral.cohorts.models import Cohort, CohortMember
+
+CHUNK = 5000
+
+
+async def cohort_names_for(db: AsyncSession, device_ids: Sequence[str]) -> dict[str, str]:
+    """Device id -> the name of its cohort (devices in none are absent)."""
+    out: dict[str, str] = {}
+    ids = list(device_ids)
+    for i in range(0, len(ids), CHUNK):
+        out.update({d: n for d, n in await db.execute(
+            select(CohortMember.device_id, Cohort.name)
+            .join(Cohort, Cohort.id == CohortMember.cohort_id)
+            .where(CohortMember.device_id.in_(ids[i:i + CHUNK])))})
+    return out
+
+
+def in_cohort(device_id: Any, product_id: int, name: str) -> ColumnElement[bool]:
+    """``device_id`` is a member of the product's cohort ``name`` (indexed lookups)."""
+    return device_id.in_(select(CohortMember.device_id)
+                         .join(Cohort, Cohort.id == CohortMember.cohort_id)
+                         .where(Cohort.product_id == product_id, Cohort.name == name))

@@ -1,0 +1,233 @@
+"""/v1 fleet health routes: Particle's product metrics series, corral's fleet-health summary
+and the fleet's last known locations. Everything here reads rollups and indexed counts,
+never the events table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from sqlalchemy import select
+
+from corral.firmware.updates import outcomes_by_release
+from corral.fleet import alerts, metrics
+from corral.fleet.models import FleetAlertRule
+from corral.fleet.schemas import (
+    AlertRuleAnswer,
+    AlertRuleChange,
+    AlertRuleCreate,
+    AlertRules,
+    EventsSeries,
+    FleetHealth,
+    FleetLocations,
+    FleetMetricsQuery,
+    FunctionsSeries,
+    OnlineSeries,
+    OrgFleetHealth,
+    OrgHealthQuery,
+    VariablesSeries,
+)
+from corral.kit import clock
+from corral.kit.body import body, query
+from corral.kit.errors import BadRequest
+from corral.kit.responses import OkAnswer, answers
+from corral.locations import service as locations
+from corral.orgs.access import OrgCtx, OrgGuard
+from corral.products.access import ProductCtx, ProductGuard
+from corral.products.models import Product
+
+router = APIRouter(tags=["fleet health"])
+
+FLEET = "fleet:get"
+MAX_LOCATIONS = 10_000
+
+
+def _window(pc: ProductCtx, q: FleetMetricsQuery) -> metrics.Window:
+    for unsupported in ("device_group", "device_os_version"):
+        if getattr(q, unsupported):
+            raise BadRequest(f"{unsupported} is not supported as a metrics filter by corral "
+                             "(product_fw is; docs/fleet.md says why)", code="bad_request")
+    return window_of(q.model_dump(exclude_none=True),
+                     pc.ctx.settings.fleet_minute_retention_days)
+
+
+def window_of(params: Any, minute_days: int) -> metrics.Window:
+    """The window of a query (400 ``bad_request`` naming what is wrong)."""
+    try:
+        return metrics.parse_window(params, minute_days=minute_days)
+    except ValueError as exc:
+        raise BadRequest(str(exc), code="bad_request") from None
+
+
+async def _series(pc: ProductCtx, q: FleetMetricsQuery, metric: str) -> dict[str, Any]:
+    return await metrics.series(pc.db, pc.product.id, metric, _window(pc, q))
+
+
+@router.get("/v1/products/{product}/metrics/online", summary="Devices online over time",
+            responses=answers(OnlineSeries))
+async def metrics_online(pc: ProductCtx = Depends(ProductGuard(FLEET)),
+                         q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
+    """`{"online": [{"time", "count"}]}`: the most devices online at once per bucket
+    (`start_date`, `end_date`, `bucket_size` seconds (900), `product_fw`)."""
+    return await _series(pc, q, "online")
+
+
+@router.get("/v1/products/{product}/metrics/events", summary="Events received over time",
+            responses=answers(EventsSeries))
+async def metrics_events(pc: ProductCtx = Depends(ProductGuard(FLEET)),
+                         q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
+    """`{"events": [{"time", "received"}]}`: device events stored per bucket (the cloud's
+    `spark*`/`particle*` system events excluded)."""
+    return await _series(pc, q, "events")
+
+
+@router.get("/v1/products/{product}/metrics/functions", summary="Function calls over time",
+            responses=answers(FunctionsSeries))
+async def metrics_functions(pc: ProductCtx = Depends(ProductGuard(FLEET)),
+                            q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
+    """`{"functions": [{"time", "success", "failure", "offline"}]}` (zero counts left out;
+    a timeout counts as a failure)."""
+    return await _series(pc, q, "functions")
+
+
+@router.get("/v1/products/{product}/metrics/variables", summary="Variable reads over time",
+            responses=answers(VariablesSeries))
+async def metrics_variables(pc: ProductCtx = Depends(ProductGuard(FLEET)),
+                            q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
+    """`{"variables": [{"time", "success", "failure", "offline"}]}` (zero counts left out)."""
+    return await _series(pc, q, "variables")
+
+
+async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
+    """The fleet-health summary of a product over ``w`` (also what the console and the CLI
+    show)."""
+    db = pc.db
+    online, total = await metrics.online_now(db, pc.product.id)
+    t = await metrics.totals(db, pc.product.id, w)
+    calls = t["fn_success"] + t["fn_failure"] + t["fn_offline"] + t["var_success"] \
+        + t["var_failure"] + t["var_offline"]
+    failed = t["fn_failure"] + t["var_failure"]
+    return {
+        "product_id": pc.product.id,
+        "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
+        "devices": {"total": total, "online": online, "online_max": t["online_max"]},
+        "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
+                        "reasons": await metrics.disconnect_reasons(db, pc.product.id, w)},
+        "events": {"received": t["events"]},
+        "functions": {k: t[f"fn_{k}"] for k in ("success", "failure", "offline")},
+        "variables": {k: t[f"var_{k}"] for k in ("success", "failure", "offline")},
+        "error_rate": None if not calls else round(failed / calls, 4),
+        "offline_rate": None if not calls else round(
+            (t["fn_offline"] + t["var_offline"]) / calls, 4),
+        "firmware": await metrics.firmware_distribution(db, pc.product.id),
+        "updates": await outcomes_by_release(db, pc.product.id, since=w.start),
+        "vitals": await metrics.vitals_aggregates(db, pc.product.id, w),
+        "top": await metrics.troubled_devices(db, pc.product.id, w),
+    }
+
+
+@router.get("/v1/products/{product}/fleet/health", summary="A product's fleet health",
+            responses=answers(FleetHealth))
+async def fleet_health(pc: ProductCtx = Depends(ProductGuard(FLEET)),
+                       q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
+    """Devices online now (and the most at once in the range), connects and disconnects,
+    events, function and variable outcomes with the error rate, firmware distribution,
+    update success per release, vitals (median and worst) and the devices with the most
+    disconnects and errors (`start_date`, `end_date`, default the last day; `product_fw`)."""
+    return await health(pc, _window(pc, q))
+
+
+MAX_ORG_PRODUCTS = 200
+
+
+@router.get("/v1/orgs/{org}/fleet/health", summary="An organization's fleet health",
+            responses=answers(OrgFleetHealth))
+async def org_fleet_health(oc: OrgCtx = Depends(OrgGuard(FLEET)),
+                           q: OrgHealthQuery = query(OrgHealthQuery)) -> dict[str, Any]:
+    """Per product of the organization (at most 200, by name) and summed: devices, online
+    now and most at once, connects and disconnects, events, call outcomes and the error
+    rate (`start_date`, `end_date`, default the last day)."""
+    w = window_of(q.model_dump(exclude_none=True), oc.ctx.settings.fleet_minute_retention_days)
+    products = (await oc.db.execute(select(Product).where(Product.org_id == oc.org.id)
+                                    .order_by(Product.name).limit(MAX_ORG_PRODUCTS))).scalars()
+    rows = []
+    sums: dict[str, int] = {}
+    for p in products:
+        online, total = await metrics.online_now(oc.db, p.id)
+        t = await metrics.totals(oc.db, p.id, w)
+        calls = sum(t[f"{k}_{o}"] for k in ("fn", "var") for o in ("success", "failure",
+                                                                     "offline"))
+        failed = t["fn_failure"] + t["var_failure"]
+        row = {"product_id": p.id, "slug": p.slug, "name": p.name, "devices": total,
+               "online": online, "online_max": t["online_max"],
+               "connects": t["connects"], "disconnects": t["disconnects"],
+               "events": t["events"], "calls": calls, "failed_calls": failed,
+               "error_rate": None if not calls else round(failed / calls, 4)}
+        rows.append(row)
+        for k in ("devices", "online", "online_max", "connects", "disconnects", "events",
+                  "calls", "failed_calls"):
+            sums[k] = sums.get(k, 0) + int(row[k])  # online_max: the sum of each's most
+    calls = sums.get("calls", 0)
+    return {"org_id": oc.org.id, "start_date": clock.iso(w.start),
+            "end_date": clock.iso(w.end), "products": rows,
+            "total": {**sums, "error_rate": None if not calls
+                      else round(sums["failed_calls"] / calls, 4)}}
+
+
+@router.get("/v1/products/{product}/fleet_locations", summary="The fleet's last locations",
+            responses=answers(FleetLocations))
+async def fleet_locations(pc: ProductCtx = Depends(ProductGuard("locations:get"))
+                          ) -> dict[str, Any]:
+    """The last known point of every located device (at most 10,000, newest first), for a
+    map: `{"locations": [{"device_id", "device_name", "online", "last_heard", "geometry",
+    "timestamps", ...}], "meta": {"total"}}`."""
+    rows, total = await locations.latest_per_device(pc.db, pc.product.id, page=1,
+                                                    per_page=MAX_LOCATIONS)
+    return {"locations": [locations.point_json(p, d) for p, d in rows],
+            "meta": {"total": total}}
+
+
+
+# --- alert rules ------------------------------------------------------------------------------
+
+MANAGE = "fleet:manage"
+
+
+@router.get("/v1/products/{product}/fleet/alerts", summary="A product's alert rules",
+            responses=answers(AlertRules))
+async def list_alerts(pc: ProductCtx = Depends(ProductGuard(FLEET))) -> dict[str, Any]:
+    """`{"alerts": [{"id", "name", "kind", "threshold", "window_s", "enabled", "active",
+    "active_since", "last_value", "devices", "created_at"}]}`."""
+    rules = (await pc.db.execute(select(FleetAlertRule).where(
+        FleetAlertRule.product_id == pc.product.id).order_by(FleetAlertRule.id))).scalars()
+    return {"alerts": [alerts.rule_json(r) for r in rules]}
+
+
+@router.post("/v1/products/{product}/fleet/alerts", status_code=201,
+             summary="Create an alert rule", responses=answers(AlertRuleAnswer, status=201))
+async def create_alert(pc: ProductCtx = Depends(ProductGuard(MANAGE)),
+                       req: AlertRuleCreate = body(AlertRuleCreate)) -> dict[str, Any]:
+    """`kind` (`online_below` | `error_rate_above` | `silent_longer`), `threshold`,
+    `window_s` (error rate, 900), `name`. At most 50 rules per product."""
+    rule = await alerts.create_rule(pc.db, pc.product.id, req)
+    return {"ok": True, "alert": alerts.rule_json(rule)}
+
+
+@router.put("/v1/products/{product}/fleet/alerts/{alert_id}", summary="Change an alert rule",
+            responses=answers(AlertRuleAnswer))
+async def update_alert(alert_id: str, pc: ProductCtx = Depends(ProductGuard(MANAGE)),
+                       req: AlertRuleChange = body(AlertRuleChange)) -> dict[str, Any]:
+    """Any of `name`, `threshold`, `window_s`, `enabled` (the kind stays)."""
+    rule = alerts.update_rule(await alerts.get_rule(pc.db, pc.product.id, alert_id), req)
+    await pc.db.flush()
+    return {"ok": True, "alert": alerts.rule_json(rule)}
+
+
+@router.delete("/v1/products/{product}/fleet/alerts/{alert_id}", summary="Delete an alert rule",
+               responses=answers(OkAnswer))
+async def delete_alert(alert_id: str,
+                       pc: ProductCtx = Depends(ProductGuard(MANAGE))) -> dict[str, Any]:
+    """Removes the rule (an active alert ends without a cleared event)."""
+    await pc.db.delete(await alerts.get_rule(pc.db, pc.product.id, alert_id))
+    await pc.db.flush()
+    return {"ok": True}

@@ -1,0 +1,245 @@
+"""Fleet metrics read from the rollups (never from events): Particle's
+``/v1/products/:product/metrics/*`` series and corral's fleet-health summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import statistics
+from typing import Any
+
+from sqlalchemy import desc, func, literal, select, text, union_all
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.devices.models import Device
+from corral.fleet.models import (
+    DeviceVitals,
+    FleetDeviceDay,
+    FleetDisconnect,
+    FleetHour,
+    FleetMinute,
+)
+from corral.fleet.rollups import COUNTERS
+from corral.kit import clock
+
+DEFAULT_BUCKET_S = 900
+MIN_BUCKET_S = 60  # the finest rollup is per minute
+MAX_BUCKETS = 5000
+DEFAULT_RANGE = dt.timedelta(days=1)
+
+SERIES: dict[str, tuple[str, dict[str, str]]] = {
+    # metric -> (answer key, {answer field: rollup counter})
+    "online": ("online", {"count": "online"}),
+    "events": ("events", {"received": "events"}),
+    "functions": ("functions", {"success": "fn_success", "failure": "fn_failure",
+                                "offline": "fn_offline"}),
+    "variables": ("variables", {"success": "var_success", "failure": "var_failure",
+                                "offline": "var_offline"}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    start: dt.datetime
+    end: dt.datetime
+    bucket_s: int
+    firmware: int | None = None
+
+
+def parse_window(qp: Any, *, minute_days: int) -> Window:
+    """``start_date``, ``end_date`` (ISO 8601; default the last day), ``bucket_size``
+    (seconds, default 900, at least 60), ``product_fw``. Raises ValueError with the reason.
+    Past the per-minute retention only hourly buckets exist: ``bucket_size`` is then
+    rounded up to whole hours."""
+    def when(text: str) -> dt.datetime:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+    try:
+        end = when(qp["end_date"]) if qp.get("end_date") else clock.now()
+        start = when(qp["start_date"]) if qp.get("start_date") else end - DEFAULT_RANGE
+    except ValueError:
+        raise ValueError("start_date and end_date must be ISO8601 formatted") from None
+    if end <= start:
+        raise ValueError("end_date must be after start_date")
+    raw = qp.get("bucket_size")
+    try:
+        bucket = int(raw) if raw not in (None, "") else DEFAULT_BUCKET_S
+    except ValueError:
+        raise ValueError("bucket_size must be a whole number of seconds") from None
+    if bucket < MIN_BUCKET_S:
+        raise ValueError(f"bucket_size must be at least {MIN_BUCKET_S} seconds")
+    bucket -= bucket % 60
+    if start < clock.now() - dt.timedelta(days=minute_days):
+        bucket = max(3600, -(-bucket // 3600) * 3600)
+    if (end - start).total_seconds() / bucket > MAX_BUCKETS:
+        raise ValueError(f"at most {MAX_BUCKETS} buckets: widen bucket_size")
+    fw_raw = qp.get("product_fw")
+    firmware = None
+    if fw_raw not in (None, ""):
+        try:
+            firmware = int(fw_raw)
+        except ValueError:
+            raise ValueError("product_fw must be a firmware version number") from None
+    return Window(start, end, bucket, firmware)
+
+
+def _floor(at: dt.datetime, seconds: int) -> dt.datetime:
+    epoch = int(at.timestamp())
+    return dt.datetime.fromtimestamp(epoch - epoch % seconds, dt.UTC)
+
+
+async def _rows(db: AsyncSession, product_id: int, w: Window, columns: list[str]
+                ) -> list[Any]:
+    """Per rollup bucket: the sums over firmware versions (or the one asked for)."""
+    table: Any = FleetMinute if w.bucket_s % 3600 or w.bucket_s < 3600 else FleetHour
+    if w.bucket_s % 3600 == 0 and w.start >= clock.now() - dt.timedelta(days=1):
+        table = FleetMinute  # recent and whole hours: the minutes are finer and complete
+    q = select(table.bucket, *[func.sum(getattr(table, c)).label(c) for c in columns]).where(
+        table.product_id == product_id, table.bucket >= _floor(w.start, 60),
+        table.bucket < w.end)
+    if w.firmware is not None:
+        q = q.where(table.firmware_version == w.firmware)
+    return list((await db.execute(q.group_by(table.bucket))).all())
+
+
+async def series(db: AsyncSession, product_id: int, metric: str, w: Window
+                 ) -> dict[str, Any]:
+    """Particle's ``{"<metric>": [{"time", ...}]}``: one entry per bucket from ``start`` to
+    ``end``. Counters are summed over the bucket; ``online`` is the most seen at once."""
+    key, fields = SERIES[metric]
+    columns = sorted(set(fields.values()))
+    first = _floor(w.start, w.bucket_s)
+    n = int(-(-(w.end - first).total_seconds() // w.bucket_s))
+    buckets = [[0] * len(columns) for _ in range(n)]
+    for row in await _rows(db, product_id, w, columns):
+        at = clock.aware(row[0])
+        assert at is not None
+        i = int((at - first).total_seconds() // w.bucket_s)
+        if not 0 <= i < n:
+            continue
+        for j, c in enumerate(columns):
+            v = int(getattr(row, c) or 0)
+            buckets[i][j] = max(buckets[i][j], v) if c == "online" else buckets[i][j] + v
+    out = []
+    for i, values in enumerate(buckets):
+        entry: dict[str, Any] = {"time": clock.iso(first + dt.timedelta(seconds=i * w.bucket_s))}
+        by_col = dict(zip(columns, values, strict=True))
+        for name, col in fields.items():
+            if metric in ("functions", "variables") and not by_col[col]:
+                continue  # Particle leaves zero counts out of these
+            entry[name] = by_col[col]
+        out.append(entry)
+    return {key: out}
+
+
+async def totals(db: AsyncSession, product_id: int, w: Window) -> dict[str, int]:
+    """Every counter summed over the window, and ``online_max`` (the most devices online
+    at once). Past a day, whole hours are read (from the hourly rollups: the edges count
+    their whole hour), so a month is ~720 rows per firmware version, not ~43,000."""
+    table: Any = FleetHour if w.end - w.start > dt.timedelta(days=1) else FleetMinute
+    start = _floor(w.start, 3600 if table is FleetHour else 60)
+    where = [table.product_id == product_id, table.bucket >= start, table.bucket < w.end]
+    if w.firmware is not None:
+        where.append(table.firmware_version == w.firmware)
+    row = (await db.execute(select(*[func.coalesce(func.sum(getattr(table, c)), 0)
+                                     for c in COUNTERS]).where(*where))).one()
+    out = {c: int(v) for c, v in zip(COUNTERS, row, strict=True)}
+    per_bucket = select(func.sum(table.online).label("n")).where(*where) \
+        .group_by(table.bucket).subquery()
+    out["online_max"] = int((await db.execute(
+        select(func.coalesce(func.max(per_bucket.c.n), 0)))).scalar_one())
+    return out
+
+
+ONLINE = text("devices.online")  # as ix_devices_product_online's predicate (a partial index)
+
+
+async def online_now(db: AsyncSession, product_id: int) -> tuple[int, int]:
+    """(online, total) devices of the product now (index-only counts of the devices
+    table: ix_devices_product_online, ix_devices_product_id_id)."""
+    total = (await db.execute(select(func.count()).select_from(Device).where(
+        Device.product_id == product_id))).scalar_one()
+    online = (await db.execute(select(func.count()).select_from(Device).where(
+        Device.product_id == product_id, ONLINE))).scalar_one()
+    return int(online), int(total)
+
+
+async def firmware_distribution(db: AsyncSession, product_id: int) -> list[dict[str, Any]]:
+    """Devices per firmware version (``null``: never reported), most first: an index-only
+    count (ix_devices_product_fw). ``online`` per version is the latest per-minute sample of
+    the rollups (at most a minute old; a version never reported is sampled as 0)."""
+    rows = (await db.execute(
+        select(Device.firmware_version, func.count())
+        .where(Device.product_id == product_id).group_by(Device.firmware_version))).all()
+    latest = select(func.max(FleetMinute.bucket)).where(
+        FleetMinute.product_id == product_id).scalar_subquery()
+    online = dict((await db.execute(
+        select(FleetMinute.firmware_version, FleetMinute.online).where(
+            FleetMinute.product_id == product_id, FleetMinute.bucket == latest))).all())
+    out = [{"version": v, "devices": int(n), "online": int(online.get(v or 0, 0))}
+           for v, n in rows]
+    return sorted(out, key=lambda x: (-x["devices"], x["version"] or 0))
+
+
+async def troubled_devices(db: AsyncSession, product_id: int, w: Window, *,
+                           limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """The devices with the most disconnects, and with the most failed calls, in the
+    window's days: one pass over the covering index ix_fleet_device_days_product_day (the
+    per-device sums are a CTE both lists read; both databases materialize a CTE read
+    twice)."""
+    d = FleetDeviceDay
+    sums = (select(d.device_id, func.sum(d.disconnects).label("disconnects"),
+                   func.sum(d.errors).label("errors"))
+            .where(d.product_id == product_id, d.day >= _floor(w.start, 86_400), d.day < w.end)
+            .group_by(d.device_id).cte("sums"))
+    out: dict[str, list[dict[str, Any]]] = {}
+    parts = []
+    for key in ("disconnects", "errors"):
+        col = sums.c[key]
+        parts.append(select(literal(key).label("kind"), sums.c.device_id, col.label("n"))
+                     .where(col > 0).order_by(desc(col), sums.c.device_id).limit(limit)
+                     .subquery().select())
+        out[key] = []
+    for kind, device_id, n in (await db.execute(union_all(*parts))).all():
+        out[kind].append({"device_id": device_id, kind: int(n)})
+    for key in out:
+        out[key].sort(key=lambda x, k=key: (-x[k], x["device_id"]))
+    return out
+
+
+VITAL_PATHS = {"rssi": "device.network.signal.rssi",
+               "round_trip": "device.cloud.coap.round_trip",
+               "memory_used": "device.system.memory.used"}
+VITALS_SAMPLE = 1000
+
+
+async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dict[str, Any]:
+    """Median and worst of signal, round trip and memory over the newest
+    ``VITALS_SAMPLE`` reports in the window (``worst``: lowest signal, highest others)."""
+    from corral.fleet.vitals import number
+
+    rows = (await db.execute(
+        select(DeviceVitals.payload).where(DeviceVitals.product_id == product_id,
+                                           DeviceVitals.at >= w.start, DeviceVitals.at < w.end)
+        .order_by(DeviceVitals.at.desc()).limit(VITALS_SAMPLE))).scalars().all()
+    out: dict[str, Any] = {"reports": len(rows)}
+    for key, path in VITAL_PATHS.items():
+        values = [v for p in rows if (v := number(p, path)) is not None]
+        out[key] = None if not values else {
+            "median": statistics.median(values),
+            "worst": min(values) if key == "rssi" else max(values)}
+    return out
+
+
+async def disconnect_reasons(db: AsyncSession, product_id: int, w: Window, *,
+                             limit: int = 10) -> list[dict[str, Any]]:
+    """The most frequent disconnect reasons in the window's hours."""
+    n = func.sum(FleetDisconnect.count).label("n")
+    rows = (await db.execute(
+        select(FleetDisconnect.reason, n).where(
+            FleetDisconnect.product_id == product_id,
+            FleetDisconnect.bucket >= _floor(w.start, 3600), FleetDisconnect.bucket < w.end)
+        .group_by(FleetDisconnect.reason).order_by(desc("n"), FleetDisconnect.reason)
+        .limit(limit))).all()
+    return [{"reason": r, "count": int(c)} for r, c in rows]

@@ -1,0 +1,116 @@
+"""Fleet tables: device vitals and the rollups fleet health reads.
+
+No foreign keys, like events: history outlives a device's product move; tenancy is copied
+when the row is written. Retention (``CORRAL_VITALS_RETENTION_DAYS``,
+``CORRAL_FLEET_MINUTE_RETENTION_DAYS``, ``CORRAL_FLEET_HOUR_RETENTION_DAYS``) is enforced by
+the hourly housekeeping singleton.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from corral.db.base import Base
+
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DeviceVitals(Base):
+    """One vitals report (``spark/device/diagnostics/update``) of a device."""
+
+    __tablename__ = "device_vitals"
+    __table_args__ = (Index("ix_device_vitals_device_at", "device_id", "at"),
+                      Index("ix_device_vitals_product_at", "product_id", "at"),
+                      Index("ix_device_vitals_at", "at"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(24))
+    product_id: Mapped[int | None] = mapped_column(Integer)
+    org_id: Mapped[int | None] = mapped_column(Integer)
+    event_id: Mapped[int] = mapped_column(Id, unique=True)  # the event it came from
+    at: Mapped[dt.datetime]
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class _Rollup:
+    """Counters of one product, one time bucket and one firmware version (0: not known)."""
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    firmware_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    online: Mapped[int] = mapped_column(Integer, default=0)  # most devices online at once
+    events: Mapped[int] = mapped_column(Integer, default=0)  # device events stored
+    connects: Mapped[int] = mapped_column(Integer, default=0)
+    disconnects: Mapped[int] = mapped_column(Integer, default=0)
+    fn_success: Mapped[int] = mapped_column(Integer, default=0)
+    fn_failure: Mapped[int] = mapped_column(Integer, default=0)
+    fn_offline: Mapped[int] = mapped_column(Integer, default=0)
+    var_success: Mapped[int] = mapped_column(Integer, default=0)
+    var_failure: Mapped[int] = mapped_column(Integer, default=0)
+    var_offline: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FleetMinute(_Rollup, Base):
+    __tablename__ = "fleet_minutes"
+    __table_args__ = (Index("ix_fleet_minutes_bucket", "bucket"),)
+
+
+class FleetHour(_Rollup, Base):
+    __tablename__ = "fleet_hours"
+    __table_args__ = (Index("ix_fleet_hours_bucket", "bucket"),)
+
+
+class FleetDeviceDay(Base):
+    """Per device and UTC day: disconnects and failed calls (the "most troubled" lists)."""
+
+    __tablename__ = "fleet_device_days"
+    # covering: the troubled-devices lists are one index-only pass (migration 0026)
+    __table_args__ = (Index("ix_fleet_device_days_product_day", "product_id", "day",
+                            "device_id", "disconnects", "errors"),
+                      Index("ix_fleet_device_days_day", "day"))
+
+    device_id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    day: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(Integer)
+    disconnects: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FleetAlertRule(Base):
+    """A product's threshold rule (``kind``: ``online_below`` devices, ``error_rate_above``
+    percent of calls over ``window_s``, ``silent_longer`` than ``threshold`` seconds). While
+    its condition holds the rule is ``active``; raising and clearing it are events under
+    ``corral/alert/`` and e-mails."""
+
+    __tablename__ = "fleet_alert_rules"
+    __table_args__ = (Index("ix_fleet_alert_rules_product", "product_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    product_id: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    threshold: Mapped[float] = mapped_column(Float)
+    window_s: Mapped[int] = mapped_column(Integer, default=900)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    active: Mapped[bool] = mapped_column(default=False)
+    active_since: Mapped[dt.datetime | None]
+    last_value: Mapped[float | None] = mapped_column(Float)
+    subject: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. the silent devices
+    created_at: Mapped[dt.datetime]
+
+
+class FleetDisconnect(Base):
+    """Disconnects per product, hour and reason (the session's close reason, at most 64
+    characters)."""
+
+    __tablename__ = "fleet_disconnects"
+    __table_args__ = (Index("ix_fleet_disconnects_bucket", "bucket"),)
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)

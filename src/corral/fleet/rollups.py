@@ -1,0 +1,262 @@
+"""Fleet rollups: per-minute and hourly counters per product and firmware version, and per
+device and day, written from what the node already sees, never from scanning events.
+
+:class:`FleetTally` (one per node) counts in memory and adds its counts to the rollup tables
+every ``flush_s`` seconds, in one transaction (an upsert that adds, so every node adds its own
+counts to the same rows):
+
+* events: the event writer's after-commit hook (committed device events, not the cloud's
+  ``spark*``/``particle*`` system events) and its ``spark/status`` events (connects and
+  disconnects, with the per-device-day disconnect count);
+* function and variable calls: the session core's call results (success, failure,
+  timeout counted as failure) and the API's "device offline" answers;
+* the firmware version of a device is what its session said (Hello, describe), 0 when not
+  known.
+
+Online devices per minute are sampled by :func:`sample_online` (a singleton, once a
+minute): a grouped count of the devices table (indexed), kept as the most seen in the
+bucket. A node that dies loses at most ``flush_s`` seconds of its counts; a node that stops
+flushes them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from corral.devices.models import Device
+from corral.devices.presence import Offline
+from corral.events.writer import StoredEvent
+from corral.fleet.models import FleetDeviceDay, FleetDisconnect, FleetHour, FleetMinute
+from corral.kit import clock
+from corral.kit.aio import cancel_and_wait
+
+log = logging.getLogger("corral.fleet")
+
+COUNTERS = ("events", "connects", "disconnects", "fn_success", "fn_failure", "fn_offline",
+            "var_success", "var_failure", "var_offline")
+_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+CallOutcome = Literal["success", "failure", "offline"]
+Key = tuple[int, dt.datetime, int]  # product, minute, firmware version
+
+
+def minute_of(at: dt.datetime) -> dt.datetime:
+    at = at.astimezone(dt.UTC) if at.tzinfo else at.replace(tzinfo=dt.UTC)
+    return at.replace(second=0, microsecond=0)
+
+
+def hour_of(at: dt.datetime) -> dt.datetime:
+    return minute_of(at).replace(minute=0)
+
+
+def day_of(at: dt.datetime) -> dt.datetime:
+    return hour_of(at).replace(hour=0)
+
+
+def _system(name: str) -> bool:
+    return name[:5].lower() == "spark" or name[:8].lower() == "particle"
+
+
+class FleetTally:
+    """This node's counts since the last flush (see the module doc)."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *,
+                 firmware_of: Callable[[str], int | None] | None = None,
+                 flush_s: float = 5.0) -> None:
+        self.sessionmaker = sessionmaker
+        self.firmware_of = firmware_of or (lambda _device: None)
+        self.flush_s = flush_s
+        self.counts: dict[Key, list[int]] = {}
+        self.device_days: dict[tuple[str, dt.datetime, int], list[int]] = {}
+        self.last_firmware: dict[str, int] = {}  # connected devices' versions (for offline)
+        self.reasons: dict[tuple[int, dt.datetime, str], int] = {}  # disconnects by reason
+        self.flushes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- counting (synchronous, on the hot paths) ---------------------------------------------
+
+    def _add(self, product_id: int, at: dt.datetime, firmware: int | None, counter: str,
+             n: int = 1) -> None:
+        key = (product_id, minute_of(at), firmware or 0)
+        row = self.counts.get(key)
+        if row is None:
+            row = self.counts[key] = [0] * len(COUNTERS)
+        row[_INDEX[counter]] += n
+
+    def _device_day(self, device_id: str, product_id: int, at: dt.datetime, which: int) -> None:
+        key = (device_id, day_of(at), product_id)
+        row = self.device_days.get(key)
+        if row is None:
+            row = self.device_days[key] = [0, 0]
+        row[which] += 1
+
+    def __call__(self, events: Sequence[StoredEvent]) -> None:
+        """The event writer's after-commit hook."""
+        for e in events:
+            if e.product_id is None or not e.device_id:
+                continue
+            if e.name == "spark/status" and e.source == "cloud":
+                if e.data == "online":
+                    fw = self.firmware_of(e.device_id)
+                    if fw is not None:
+                        self.last_firmware[e.device_id] = fw
+                    self._add(e.product_id, e.published_at, fw, "connects")
+                elif e.data == "offline":
+                    fw = self.last_firmware.pop(e.device_id, None)
+                    self._add(e.product_id, e.published_at, fw, "disconnects")
+                    self._device_day(e.device_id, e.product_id, e.published_at, 0)
+            elif e.source == "device" and not _system(e.name):
+                self._add(e.product_id, e.published_at, self._firmware(e.device_id), "events")
+
+    def presence(self, pairs: Sequence[tuple[Any, Any]]) -> None:
+        """The event writer's after-presence hook: the reasons of committed disconnects."""
+        for row, change in pairs:
+            if isinstance(change, Offline) and row.product_id is not None:
+                key = (row.product_id, hour_of(change.at), (change.reason or "unknown")[:64])
+                self.reasons[key] = self.reasons.get(key, 0) + 1
+
+    def _firmware(self, device_id: str) -> int | None:
+        fw = self.firmware_of(device_id)
+        if fw is not None:
+            self.last_firmware[device_id] = fw
+            return fw
+        return self.last_firmware.get(device_id)
+
+    def call(self, device_id: str, product_id: int | None, kind: str,
+             outcome: CallOutcome, *, at: dt.datetime | None = None) -> None:
+        """A function call or variable read ended (``kind``: function | variable)."""
+        if product_id is None or kind not in ("function", "variable"):
+            return
+        at = at or clock.now()
+        prefix = "fn" if kind == "function" else "var"
+        self._add(product_id, at, self._firmware(device_id), f"{prefix}_{outcome}")
+        if outcome == "failure":  # the device failed or timed out (offline is no error)
+            self._device_day(device_id, product_id, at, 1)
+
+    # -- flushing ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-tally")
+
+    async def stop(self) -> None:
+        """Stop the flush loop and flush what is left."""
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("fleet rollups not flushed (kept for the next flush)")
+
+    async def flush(self) -> None:
+        """Add the counts so far to the rollup tables (one transaction). On failure they
+        are put back and tried again at the next flush."""
+        async with self._lock:
+            counts, self.counts = self.counts, {}
+            days, self.device_days = self.device_days, {}
+            reasons, self.reasons = self.reasons, {}
+            if not counts and not days and not reasons:
+                return
+            try:
+                async with self.sessionmaker() as db:
+                    await add_counts(db, counts, days, reasons)
+                    await db.commit()
+            except BaseException:
+                for rkey, n in reasons.items():
+                    self.reasons[rkey] = self.reasons.get(rkey, 0) + n
+                for key, row in counts.items():
+                    mine = self.counts.setdefault(key, [0] * len(COUNTERS))
+                    for i, n in enumerate(row):
+                        mine[i] += n
+                for dkey, drow in days.items():
+                    dmine = self.device_days.setdefault(dkey, [0, 0])
+                    dmine[0] += drow[0]
+                    dmine[1] += drow[1]
+                raise
+            self.flushes += 1
+
+
+def _insert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+async def add_counts(db: AsyncSession, counts: dict[Key, list[int]],
+                     days: dict[tuple[str, dt.datetime, int], list[int]],
+                     reasons: dict[tuple[int, dt.datetime, str], int] | None = None) -> None:
+    """Add ``counts`` to the minute and hour rows, ``days`` to the per-device days and
+    ``reasons`` to the disconnects per hour and reason."""
+    ins = _insert((await db.connection()).dialect.name)
+    if reasons:
+        stmt = ins(FleetDisconnect)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["product_id", "bucket", "reason"],
+            set_={"count": FleetDisconnect.count + stmt.excluded.count})
+        await db.execute(stmt, [{"product_id": p, "bucket": b, "reason": r, "count": n}
+                                for (p, b, r), n in sorted(reasons.items())])
+    hours: dict[Key, list[int]] = {}
+    for (product, minute, fw), row in counts.items():
+        h = hours.setdefault((product, hour_of(minute), fw), [0] * len(COUNTERS))
+        for i, n in enumerate(row):
+            h[i] += n
+    for table, rows in ((FleetMinute, counts), (FleetHour, hours)):
+        if not rows:
+            continue
+        values = [{"product_id": p, "bucket": b, "firmware_version": fw, "online": 0,
+                   **dict(zip(COUNTERS, row, strict=True))}
+                  for (p, b, fw), row in sorted(rows.items())]
+        stmt = ins(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["product_id", "bucket", "firmware_version"],
+            set_={c: getattr(table, c) + getattr(stmt.excluded, c) for c in COUNTERS})
+        await db.execute(stmt, values)
+    if days:
+        values = [{"device_id": d, "day": day, "product_id": p, "disconnects": row[0],
+                   "errors": row[1]} for (d, day, p), row in sorted(days.items())]
+        stmt = ins(FleetDeviceDay)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["device_id", "day"],
+            set_={"disconnects": FleetDeviceDay.disconnects + stmt.excluded.disconnects,
+                  "errors": FleetDeviceDay.errors + stmt.excluded.errors,
+                  "product_id": stmt.excluded.product_id})
+        await db.execute(stmt, values)
+
+
+async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> int:
+    """Record how many devices of each product and firmware version are online now in
+    this minute's and this hour's rollups (the most seen in the bucket wins). Returns the
+    number of (product, firmware) pairs recorded. The caller commits."""
+    at = at or clock.now()
+    grouped = (await db.execute(
+        select(Device.product_id, Device.firmware_version, func.count())
+        .where(Device.online, Device.product_id.is_not(None))
+        .group_by(Device.product_id, Device.firmware_version))).all()
+    if not grouped:
+        return 0
+    online: dict[tuple[int, int], int] = {}
+    for product, fw, count in grouped:  # a version never reported is 0
+        online[(product, fw or 0)] = online.get((product, fw or 0), 0) + int(count)
+    rows = [(p, fw, n) for (p, fw), n in sorted(online.items())]
+    dialect = (await db.connection()).dialect.name
+    ins = _insert(dialect)
+    bigger = func.greatest if dialect == "postgresql" else func.max
+    for table, bucket in ((FleetMinute, minute_of(at)), (FleetHour, hour_of(at))):
+        values = [{"product_id": p, "bucket": bucket, "firmware_version": int(fw),
+                   "online": int(n), **dict.fromkeys(COUNTERS, 0)} for p, fw, n in rows]
+        stmt = ins(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["product_id", "bucket", "firmware_version"],
+            set_={"online": bigger(table.online, stmt.excluded.online)})
+        await db.execute(stmt, values)
+    return len(rows)

@@ -1,0 +1,61 @@
+"""The console's Fleet health page: rendered from the rollups with its charts, for a
+product member; the permission matrix covers who may open it."""
+
+from __future__ import annotations
+
+import re
+
+from corral.fleet.models import FleetAlertRule
+from corral.kit import clock
+from corral.sessions.link import Hello
+from test_permissions_matrix import console_headers, console_world
+from test_sessions_core import ScriptedLink
+
+
+async def test_fleet_health_page_shows_the_fleet(app, client, database_url):
+    world = await console_world(app, database_url)
+    did = "0123456789abcdef01234567"  # the world's product device
+    s = await app.state.runtime.hub.open(Hello(did, firmware_version=4), ScriptedLink())
+    await s.publish("temp", "1")
+    async with app.state.sessionmaker() as db:
+        db.add(FleetAlertRule(product_id=world.product.id, name="Few online",
+                              kind="online_below", threshold=5, window_s=900, enabled=True,
+                              active=False, created_at=clock.now()))
+        await db.commit()
+    await s.close("test: unplugged")
+    s = await app.state.runtime.hub.open(Hello(did, firmware_version=4), ScriptedLink())
+    await app.state.runtime.writer.stop()
+    app.state.runtime.writer.start()
+    await app.state.runtime.fleet.flush()
+    r = await client.get(f"/console/products/{world.product.slug}/fleet?range=hour",
+                         headers=console_headers(world, "org:View-only"))
+    assert r.status_code == 200, r.text
+    html = r.text
+    assert "<h1>Fleet health</h1>" in html and html.count("<svg class=\"chart\"") == 2
+    assert re.search(r"<dt>Online now</dt><dd>1</dd>", html)
+    assert "Few online" in html and "<td>4</td>" in html  # the rule; firmware version 4
+    assert "<td>test: unplugged</td><td>1</td>" in html
+    r = await client.get(f"/console/products/{world.product.slug}/fleet?range=nope&fw=x",
+                         headers=console_headers(world, "org:View-only"))
+    assert r.status_code == 200  # an unknown range or version shows the default
+    await s.close("done")
+
+
+async def test_fleet_map_places_each_located_device(app, client, database_url):
+    world = await console_world(app, database_url)
+    did = "0123456789abcdef01234567"
+    async with app.state.sessionmaker() as db:
+        from corral.products.models import Product
+
+        product = await db.get(Product, world.product.id)
+        product.settings = {**(product.settings or {}), "location": {"opt_in": True}}
+        await db.commit()
+    s = await app.state.runtime.hub.open(Hello(did), ScriptedLink())
+    await s.publish("loc", '{"lat": 45, "lon": 90}')
+    await app.state.runtime.locations.drain()
+    r = await client.get(f"/console/products/{world.product.slug}/fleet/map",
+                         headers=console_headers(world, "org:View-only"))
+    assert r.status_code == 200, r.text
+    # 2 px per degree: lon 90 -> x 540, lat 45 -> y 90; online: green
+    assert '<circle cx="540.0" cy="90.0" r="3" fill="#1f9d55">' in r.text
+    await s.close("done")

@@ -1,0 +1,305 @@
+"""Fleet metrics from rollups: the API's numbers equal a direct count of the stored facts
+(events per minute, online now, firmware distribution, connects and disconnects), also after
+the server restarts; Particle's metrics shapes; bad parameters get clear errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from corral.devices.models import Device
+from corral.events.models import Event
+from corral.fleet.models import FleetMinute
+from corral.fleet.rollups import FleetTally, minute_of, sample_online
+from corral.kit import clock
+from corral.sessions.link import Hello
+from corral.web.app import Runtime, create_app
+from helpers import add_device, bearer, new_user, owner_and_product
+from test_sessions_core import ScriptedLink
+
+DEVS = ["0123456789abcdef0123aa01", "0123456789abcdef0123aa02", "0123456789abcdef0123aa03"]
+
+
+@pytest.fixture
+async def fleet(app: Any, client: Any) -> dict[str, Any]:
+    tok, prod = await owner_and_product(client)
+    for did in DEVS:
+        await add_device(app, did, prod["id"])
+    return {"token": tok, "product": prod}
+
+
+async def direct_events_per_minute(app: Any, product_id: int) -> Counter[dt.datetime]:
+    async with app.state.sessionmaker() as db:
+        rows = (await db.execute(select(Event.published_at).where(
+            Event.product_id == product_id, Event.source == "device",
+            ~Event.name.like("spark%"), ~Event.name.like("particle%")))).scalars().all()
+    return Counter(minute_of(clock.aware(t)) for t in rows)  # type: ignore[arg-type]
+
+
+async def api_events_per_minute(client: Any, tok: str, product: dict[str, Any]
+                                ) -> Counter[dt.datetime]:
+    now = clock.now()
+    r = await client.get(f"/v1/products/{product['id']}/metrics/events", headers=bearer(tok),
+                         params={"bucket_size": 60,
+                                 "start_date": clock.iso(now - dt.timedelta(minutes=10)),
+                                 "end_date": clock.iso(now + dt.timedelta(minutes=2))})
+    assert r.status_code == 200, r.text
+    return Counter({dt.datetime.fromisoformat(b["time"].replace("Z", "+00:00")): b["received"]
+                    for b in r.json()["events"] if b["received"]})
+
+
+async def run_fleet(app: Any, manual_clock: Any) -> None:
+    """Three devices connect (firmware 3, 3 and 5), publish across two minutes, one goes
+    offline; a function call succeeds, one fails."""
+    hub = app.state.runtime.hub
+    links = [ScriptedLink() for _ in DEVS]
+    links[0].functions["ok"] = lambda arg: 1
+    sessions = [await hub.open(Hello(d, firmware_version=fw), link)
+                for d, fw, link in zip(DEVS, (3, 3, 5), links, strict=True)]
+    for s in sessions:
+        await s.describe(functions=["ok"])
+        await s.publish("temp", "1")
+    await sessions[0].publish("temp", "2")
+    await sessions[0].system_event("spark/flash/status", "started")  # not counted
+    manual_clock.set(manual_clock.now() + dt.timedelta(minutes=1))
+    for s in sessions[:2]:
+        s.bucket.tokens = 4.0
+        await s.publish("hum", "3")
+    await sessions[2].close("test: gone")
+    return sessions
+
+
+async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
+        app, client, fleet, settings, manual_clock):
+    tok, prod = fleet["token"], fleet["product"]
+    await run_fleet(app, manual_clock)
+    rt = app.state.runtime
+    await rt.writer.stop()
+    rt.writer.start()
+    async with app.state.sessionmaker() as db:
+        await sample_online(db)
+        await db.commit()
+    await rt.fleet.flush()
+    want = await direct_events_per_minute(app, prod["id"])
+    assert sum(want.values()) == 6 and len(want) == 2
+    assert await api_events_per_minute(client, tok, prod) == want
+
+    r = await client.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
+    assert r.status_code == 200, r.text
+    h = r.json()
+    async with app.state.sessionmaker() as db:
+        online = (await db.execute(select(func.count()).select_from(Device).where(
+            Device.product_id == prod["id"], Device.online.is_(True)))).scalar_one()
+        fw = dict((await db.execute(select(Device.firmware_version, func.count()).where(
+            Device.product_id == prod["id"]).group_by(Device.firmware_version))).all())
+    assert h["devices"] == {"total": 3, "online": online, "online_max": 2} and online == 2
+    assert {f["version"]: f["devices"] for f in h["firmware"]} == fw == {3: 2, 5: 1}
+    assert h["connections"] == {"connects": 3, "disconnects": 1,
+                                "reasons": [{"reason": "test: gone", "count": 1}]}
+    assert h["events"]["received"] == 6
+    assert h["top"]["disconnects"] == [{"device_id": DEVS[2], "disconnects": 1}]
+
+    r = await client.get(f"/v1/products/{prod['slug']}/metrics/events", headers=bearer(tok),
+                         params={"bucket_size": 3600, "product_fw": 5})
+    assert sum(b["received"] for b in r.json()["events"]) == 1
+    r = await client.get(f"/v1/products/{prod['id']}/metrics/online", headers=bearer(tok),
+                         params={"bucket_size": 60})
+    assert max(b["count"] for b in r.json()["online"]) == 2
+
+    # a restart: the counts were flushed when the server stopped; a new server reads them
+    await rt.stop()
+    fresh = Runtime(settings)
+    fresh_app = create_app(settings, runtime=fresh)
+    await fresh.start(fresh_app, migrate_db=False, background=False)
+    try:
+        transport = httpx.ASGITransport(app=fresh_app, client=("127.0.0.1", 50001))
+        async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as c2:
+            assert await api_events_per_minute(c2, tok, prod) == want
+            r = await c2.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
+            # the restart marked every device offline; the history stays
+            assert r.json()["devices"]["online"] == 0
+            assert r.json()["events"]["received"] == 6
+    finally:
+        await fresh.stop()
+
+
+async def test_calls_are_counted_by_outcome(app, client, fleet, manual_clock):
+    tok, prod = fleet["token"], fleet["product"]
+    hub = app.state.runtime.hub
+    link = ScriptedLink()
+    link.functions["ok"] = lambda arg: 7
+
+    def broken(arg: str) -> int:
+        from corral.sessions.link import DeviceError
+
+        raise DeviceError("nope")
+
+    link.functions["bad"] = broken
+    link.variables["v"] = 1
+    s = await hub.open(Hello(DEVS[0], firmware_version=2), link)
+    await s.describe(functions=["ok", "bad"], variables={"v": "int32"})
+    for path, method in ((f"/v1/devices/{DEVS[0]}/ok", "post"),
+                         (f"/v1/devices/{DEVS[0]}/bad", "post"),
+                         (f"/v1/devices/{DEVS[0]}/v", "get"),
+                         (f"/v1/devices/{DEVS[1]}/ok", "post")):  # offline
+        await getattr(client, method)(path, headers=bearer(tok))
+    await app.state.runtime.fleet.flush()
+    r = await client.get(f"/v1/products/{prod['id']}/metrics/functions", headers=bearer(tok),
+                         params={"bucket_size": 3600})
+    got = Counter()
+    for b in r.json()["functions"]:
+        got.update({k: v for k, v in b.items() if k != "time"})
+    assert got == {"success": 1, "failure": 1, "offline": 1}
+    r = await client.get(f"/v1/products/{prod['id']}/metrics/variables", headers=bearer(tok))
+    assert sum(b.get("success", 0) for b in r.json()["variables"]) == 1
+    r = await client.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
+    h = r.json()
+    assert h["error_rate"] == round(1 / 4, 4)
+    assert h["top"]["errors"] == [{"device_id": DEVS[0], "errors": 1}]
+
+
+@pytest.mark.parametrize("params", [
+    {"start_date": "nope"}, {"bucket_size": "10"}, {"bucket_size": "x"},
+    {"start_date": "2026-01-02T00:00:00Z", "end_date": "2026-01-01T00:00:00Z"},
+    {"product_fw": "v3"}, {"device_group": "beta"},
+])
+async def test_bad_metrics_parameters(client, fleet, params):
+    r = await client.get(f"/v1/products/{fleet['product']['id']}/metrics/online",
+                         headers=bearer(fleet["token"]), params=params)
+    assert r.status_code == 400, r.text
+    assert r.json()["ok"] is False and r.json()["error"] == "bad_request"
+
+
+async def test_other_tenants_get_no_metrics(client, fleet):
+    eve = await new_user(client, "eve@example.com")
+    for path in ("metrics/events", "fleet/health", "fleet_locations"):
+        r = await client.get(f"/v1/products/{fleet['product']['id']}/{path}",
+                             headers=bearer(eve))
+        assert r.status_code == 404, r.text
+
+
+async def test_fleet_locations_are_each_devices_last_point(app, client):
+    tok, prod = await owner_and_product(client, settings={"location": {"opt_in": True}})
+    for did in DEVS[:2]:
+        await add_device(app, did, prod["id"])
+    hub = app.state.runtime.hub
+    for did, points in ((DEVS[0], ['{"lat": 1, "lon": 2}', '{"lat": 3, "lon": 4}']),
+                        (DEVS[1], ['{"lat": 5, "lon": 6}'])):
+        s = await hub.open(Hello(did), ScriptedLink())
+        for p in points:
+            await s.publish("loc", p)
+        await s.close("done")
+    await app.state.runtime.locations.drain()
+    r = await client.get(f"/v1/products/{prod['id']}/fleet_locations", headers=bearer(tok))
+    assert r.status_code == 200, r.text
+    got = {x["device_id"]: x["geometry"]["coordinates"] for x in r.json()["locations"]}
+    assert got == {DEVS[0]: [4.0, 3.0], DEVS[1]: [6.0, 5.0]}
+
+
+async def test_a_failed_flush_keeps_the_counts(app, fleet, manual_clock):
+    rt = app.state.runtime
+    tally = FleetTally(rt.sessionmaker)
+    tally.call(DEVS[0], fleet["product"]["id"], "function", "success")
+    real = tally.sessionmaker
+    tally.sessionmaker = None  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        await tally.flush()
+    tally.sessionmaker = real
+    await tally.flush()
+    async with rt.sessionmaker() as db:
+        assert (await db.execute(select(func.sum(FleetMinute.fn_success)))).scalar_one() == 1
+
+
+async def test_an_organizations_fleet_health_sums_its_products(app, client, fleet,
+                                                               manual_clock):
+    from helpers import make_org
+
+    tok = fleet["token"]
+    org = await make_org(client, tok)
+    r = await client.post(f"/v1/orgs/{org['slug']}/products", headers=bearer(tok),
+                          json={"product": {"name": "Org Widget", "platform_id": 12}})
+    assert r.status_code in (200, 201), r.text
+    prod = r.json()["product"]
+    await add_device(app, "0123456789abcdef0123ab99", prod["id"])
+    s = await app.state.runtime.hub.open(Hello("0123456789abcdef0123ab99"), ScriptedLink())
+    await s.publish("temp", "1")
+    await app.state.runtime.writer.stop()
+    app.state.runtime.writer.start()
+    await app.state.runtime.fleet.flush()
+    r = await client.get(f"/v1/orgs/{org['slug']}/fleet/health", headers=bearer(tok))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [row] = body["products"]
+    assert (row["slug"], row["devices"], row["online"], row["events"]) == (
+        prod["slug"], 1, 1, 1)
+    assert body["total"]["events"] == 1 and body["total"]["connects"] == 1
+    eve = await new_user(client, "eve@example.com")
+    r = await client.get(f"/v1/orgs/{org['slug']}/fleet/health", headers=bearer(eve))
+    assert r.status_code == 404
+    await s.close("done")
+
+
+async def test_troubled_devices_equal_a_direct_sum(app: Any, client: Any, fleet: Any) -> None:
+    """The most troubled devices (one pass over the per-device days) are the direct sums of
+    the stored rows in the range, most first, ties by device ID, at most ``limit`` each, and
+    devices with none left out; days before the range do not count."""
+    from corral.fleet import metrics
+    from corral.fleet.models import FleetDeviceDay
+    from corral.fleet.rollups import add_counts, day_of
+
+    pid = fleet["product"]["id"]
+    today = day_of(clock.now())
+    ids = [f"0123456789abcdef0123bb{i:02x}" for i in range(14)]
+    days: dict[tuple[str, dt.datetime, int], list[int]] = {}
+    for i, did in enumerate(ids):
+        for k in range(4):  # k == 3: before the range
+            days[(did, today - dt.timedelta(days=k), pid)] = [(i * 5 + k) % 4, (i * 3 + k) % 3]
+    days[(ids[0], today, pid + 1000)] = [50, 50]  # another product's row: not counted
+    async with app.state.sessionmaker() as db:
+        await add_counts(db, {}, days)
+        await db.commit()
+        w = metrics.Window(today - dt.timedelta(days=2), clock.now(), 3600)
+        got = await metrics.troubled_devices(db, pid, w, limit=5)
+        rows = (await db.execute(select(FleetDeviceDay).where(
+            FleetDeviceDay.product_id == pid, FleetDeviceDay.day >= w.start))).scalars().all()
+    for key in ("disconnects", "errors"):
+        sums: Counter[str] = Counter()
+        for r in rows:
+            sums[r.device_id] += getattr(r, key)
+        want = sorted(((-n, d) for d, n in sums.items() if n > 0))[:5]
+        assert got[key] == [{"device_id": d, key: -n} for n, d in want], key
+
+
+async def test_troubled_devices_read_the_covering_index(app: Any, database_url: str) -> None:
+    """SQLite answers the per-device sums from the covering index alone (the table is never
+    read), in one materialized pass for both lists."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's plan (PostgreSQL picks by statistics)")
+    from sqlalchemy import text
+
+    from corral.fleet import metrics
+
+    captured: list[Any] = []
+    async with app.state.sessionmaker() as db:
+        execute = db.execute
+
+        async def spy(stmt: Any, *a: Any, **kw: Any) -> Any:
+            captured.append(stmt)
+            return await execute(stmt, *a, **kw)
+
+        db.execute = spy  # type: ignore[method-assign]
+        now = clock.now()
+        await metrics.troubled_devices(db, 1, metrics.Window(now - dt.timedelta(days=30),
+                                                             now, 3600))
+        assert len(captured) == 1
+        sql = captured[0].compile(dialect=(await db.connection()).dialect,
+                                  compile_kwargs={"literal_binds": True})
+        plan = " | ".join(str(r[-1]) for r in (await execute(text(
+            f"EXPLAIN QUERY PLAN {sql}"))).all())
+    assert "COVERING INDEX ix_fleet_device_days_product_day" in plan, plan
+    assert plan.count("SEARCH fleet_device_days") == 1 and "MATERIALIZE sums" in plan, plan

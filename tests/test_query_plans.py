@@ -1,0 +1,73 @@
+"""The partial indexes of online devices are used by the queries meant to use them.
+
+SQLite uses a partial index only when the query states the index's WHERE term exactly; an
+index declared ``WHERE online`` was never used by ``online = 1`` / ``online IS 1``, so the
+console's "online now" count scanned every device of the product (bench B15: 266 ms at a
+million devices). Checked on both databases from the planner's own words, on a product of
+2,000 devices with 1 % online (PostgreSQL weighs statistics: on an empty table every index
+costs the same).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import insert, select, text
+
+from corral.console import counts
+from corral.devices.models import Device
+from corral.devices.service import DeviceQuery, _filters
+from helpers import owner_and_product
+
+
+async def _product_of_2000(app: Any, client: httpx.AsyncClient) -> int:
+    _token, product = await owner_and_product(client)
+    pid = int(product["id"])
+    rows = [{"id": f"{i:024x}", "product_id": pid, "platform_id": 12,
+             "online": i % 100 == 0, "node_id": "n1" if i % 100 == 0 else None}
+            for i in range(2000)]
+    async with app.state.sessionmaker() as db:
+        await db.execute(insert(Device), rows)
+        await db.commit()
+        await db.execute(text("ANALYZE"))
+        await db.commit()
+    return pid
+
+
+async def _plan(app: Any, stmt: Any) -> str:
+    async with app.state.sessionmaker() as db:
+        dialect = db.get_bind().dialect
+        sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        if dialect.name == "sqlite":
+            rows = (await db.execute(text(f"EXPLAIN QUERY PLAN {sql}"))).all()
+            return "\n".join(str(r[-1]) for r in rows)
+        rows = (await db.execute(text(f"EXPLAIN {sql}"))).all()
+        return "\n".join(str(r[0]) for r in rows)
+
+
+class _Product:
+    def __init__(self, pid: int) -> None:
+        self.id = pid
+
+
+@pytest.mark.parametrize("name, stmt", [
+    ("console's online count",
+     lambda pid: select(Device.id).where(*counts.PRODUCT_FACTS["online"](pid)).limit(10_001)),
+    ("device list, online=true",
+     lambda pid: select(Device.id).where(*_filters(_Product(pid), DeviceQuery(online=True),
+                                                   "any"))),
+])
+async def test_a_products_online_devices_come_from_the_partial_index(
+        app: Any, client: httpx.AsyncClient, name: str, stmt: Any) -> None:
+    pid = await _product_of_2000(app, client)
+    plan = await _plan(app, stmt(pid))
+    assert "ix_devices_product_online" in plan, f"{name}:\n{plan}"
+
+
+async def test_a_nodes_online_devices_come_from_the_partial_index(
+        app: Any, client: httpx.AsyncClient) -> None:
+    await _product_of_2000(app, client)
+    plan = await _plan(app, select(Device.id).where(Device.node_id == "n1", Device.online))
+    assert "ix_devices_node_online" in plan, plan
