@@ -209,11 +209,11 @@ async def test_other_device_routes_are_not_shadowed(client, shop):
 
 
 async def test_no_database_connection_is_held_during_a_call(client, app, shop):
+    """The request waiting on the device holds no pooled connection. Other work (the usage
+    writer's flush of this very call, presence) may hold one for a moment, so the check is
+    that the pool empties while the call is still pending, not a single reading."""
     pool = app.state.runtime.engine.pool
     release = asyncio.Event()
-    # the session's own start-up work (firmware delivery's check on connect) settles first
-    await wait_for(lambda: pool.checkedout() == 0)
-    baseline = pool.checkedout()
 
     async def slow(arg: str) -> int:
         await release.wait()
@@ -223,7 +223,8 @@ async def test_no_database_connection_is_held_during_a_call(client, app, shop):
     pending = asyncio.ensure_future(call(client, shop["ada"], "led", {"arg": "on"}))
     try:
         await wait_for(lambda: bool(shop["device"].calls))
-        assert pool.checkedout() == baseline == 0
+        await wait_for(lambda: pool.checkedout() == 0)
+        assert not pending.done()
     finally:
         release.set()
     r = await asyncio.wait_for(pending, WAIT)

@@ -499,3 +499,46 @@ async def test_worker_runs_only_while_it_holds_the_lease(client, app):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_failed_read_of_due_deliveries_neither_stalls_nor_repeats_them(
+        client, app, worker, monkeypatch):
+    """A lane whose read of due deliveries fails (the database busy) goes on after a pause.
+    It used to end there; the next event then started a lane that knew nothing of the
+    requests still waiting for their outcome to be written and sent them a second time."""
+    from corral.integrations import tasks
+
+    monkeypatch.setattr(tasks, "FLUSH_S", 2.0)  # outcomes reach the database late
+    monkeypatch.setattr(tasks, "FILL_RETRY_S", 0.2, raising=False)
+    real_fill = tasks.Lane._fill
+    reads = 0
+
+    async def failing_second_read(self: Any) -> float | None:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise RuntimeError("database is locked")
+        return await real_fill(self)
+
+    monkeypatch.setattr(tasks.Lane, "_fill", failing_second_read)
+    ada = await new_user(client, "ada@example.com")
+    async with serve() as target:
+        target.default = Answer(200, "ok", delay=0.3)
+        await create(client, ada, {"event": "once", "url": target.url})
+        await publish(client, ada, "once", "1")
+        await target.wait(1)
+
+        async def read_failed() -> bool:
+            return reads >= 2
+
+        await eventually(read_failed)
+        await asyncio.sleep(0.5)  # the first request has answered; its outcome is unwritten
+        await publish(client, ada, "once", "2")
+        await target.wait(2)
+
+        async def both_recorded() -> bool:
+            return [d.status for d in await deliveries(app)] == ["success", "success"]
+
+        await eventually(both_recorded)
+        await asyncio.sleep(0.5)  # a repeat would have been sent by now
+        assert sorted(s.form["data"] for s in target.seen) == ["1", "2"]

@@ -59,6 +59,7 @@ OUTBOX_BATCH = 200  # outbox rows per dispatcher pass
 FETCH = 200  # deliveries a lane takes from the database at once
 FLUSH_S = 0.1  # the recorder gathers results this long before it writes them
 FLUSH_MAX = 500  # ... or as soon as it holds this many
+FILL_RETRY_S = 1.0  # a lane whose read of due deliveries failed tries again after this
 LANE_IDLE_S = 30.0  # a lane with nothing to do for this long ends
 RESCAN_S = 30.0  # how often the worker looks for pending deliveries without a lane
 PRUNE_S = 3600.0  # how often old deliveries and log rows are deleted
@@ -307,7 +308,13 @@ class IntegrationWorker:
     def lane(self, integration_id: str) -> Lane:
         lane = self.lanes.get(integration_id)
         if lane is None or lane.done:
+            before = lane
             lane = self.lanes[integration_id] = Lane(self, integration_id)
+            if before is not None:
+                # deliveries the ended lane sent whose outcomes the recorder has not written
+                # yet are still ``pending`` in the database: the successor must not send them
+                # again. The sets are shared, so the recorder's ``settled`` reaches both.
+                lane.busy, lane.settled = before.busy, before.settled
             lane.start()
             PENDING_LANES.set(len(self.lanes))
         return lane
@@ -544,7 +551,12 @@ class Lane:
                     wait = self.pause_until - now
                 elif self.inflight < self._limit():
                     if not self.queue:
-                        wait = await self._fill()
+                        try:
+                            wait = await self._fill()
+                        except Exception:  # the database busy or away: the lane waits
+                            log.exception("integration %s: reading due deliveries failed",
+                                          self.id)
+                            wait = FILL_RETRY_S
                     while self.queue and self.inflight < self._limit():
                         self._spawn(info, self.queue.popleft())
                     if self.throttled and self.inflight:
