@@ -28,12 +28,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 serve: $(STAMP)
 	$(BIN)/corral serve --demo $(SERVE_ARGS)
 
-# SQLite first; then, when CORRAL_TEST_DATABASE_URL is set (CI: PostgreSQL), the suite again.
+# SQLite first; then, when CORRAL_TEST_DATABASE_URL is set (CI: PostgreSQL), every test that
+# uses the test database again (tests/conftest.py: --database-bound-only; the others, such as
+# the console's browser tests against `corral serve --demo` on its own SQLite, ran once).
 test: $(STAMP)
 	env -u CORRAL_TEST_DATABASE_URL $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 	@if [ -n "$$CORRAL_TEST_DATABASE_URL" ]; then \
-		echo "== the suite again on $$CORRAL_TEST_DATABASE_URL"; \
-		$(BIN)/pytest $(XDIST) $(PYTEST_ARGS); \
+		echo "== the database-bound tests again on $$CORRAL_TEST_DATABASE_URL"; \
+		$(BIN)/pytest $(XDIST) --database-bound-only $(PYTEST_ARGS); \
 	fi
 
 lint: $(STAMP)

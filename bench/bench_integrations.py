@@ -42,9 +42,10 @@ from corral.bus.inprocess import InProcessBus
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.db.migrate import upgrade
 from corral.devices.models import Device
+from corral.events import outbox
 from corral.events.models import Event
 from corral.events.writer import EventWriter, NewEvent
-from corral.integrations import outbox, signing
+from corral.integrations import signing
 from corral.integrations.models import Attempt, Delivery, Integration, IntegrationOutbox
 from corral.integrations.tasks import IntegrationWorker
 from corral.orgs.models import Organization

@@ -146,3 +146,29 @@ async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 def mailbox(app: Any) -> LogBackend:
     """Messages the log backend delivered (call ``await app.state.runtime.mailer.deliver_due()``)."""
     return app.state.runtime.mail_backend
+
+
+# --- the second pass: only what the database can change ----------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database-bound-only", action="store_true",
+        help="run only the tests that use the test database (the `database_url` fixture) or "
+             "are marked `database_pass`: the Makefile's second pass, on PostgreSQL. The rest "
+             "(parsers, subprocess servers on their own SQLite, the console's browser tests "
+             "against `corral serve --demo`) do not touch CORRAL_TEST_DATABASE_URL and ran "
+             "in the first pass.")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--database-bound-only"):
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        bound = ("database_url" in getattr(item, "fixturenames", ())
+                 or item.get_closest_marker("database_pass") is not None)
+        (keep if bound else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -26,7 +26,7 @@ from corral.sessions.core import DeviceSession
 from corral.sessions.link import DeviceError, Hello
 from helpers import bearer, post_ids
 
-WAIT = 5.0  # seconds any single await in these tests may take
+WAIT = 15.0  # seconds any single await may take: a bound for a loaded CI machine, never a pace
 
 
 class ScriptedDevice:

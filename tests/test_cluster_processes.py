@@ -44,7 +44,7 @@ from corral.transports.particle.keys import load_or_create_server_key
 from helpers import bearer, make_product, new_user, post_ids
 from natskit import namespace, need_nats
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.database_pass]
 
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL", "")
 N_MQTT, N_PARTICLE = 6, 4

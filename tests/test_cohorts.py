@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from corral.cohorts.models import CohortMember
+from corral.devices.cohort_models import CohortMember
 from helpers import add_role, audit_actions, bearer, new_user, owner_and_product, seed
 from test_firmware_api import device, group, release, upload
 

@@ -101,6 +101,7 @@ async def pg_schema_engine() -> AsyncIterator[AsyncEngine]:
         await admin.dispose()
 
 
+@pytest.mark.database_pass
 async def test_postgresql_upgrade_matches_models(pg_schema_engine: AsyncEngine) -> None:
     async with pg_schema_engine.connect() as conn:
         schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
@@ -108,6 +109,7 @@ async def test_postgresql_upgrade_matches_models(pg_schema_engine: AsyncEngine) 
     await _round_trip(pg_schema_engine)
 
 
+@pytest.mark.database_pass
 async def test_postgresql_downgrade_keeps_unfolded_publish_batches(
         pg_schema_engine: AsyncEngine) -> None:
     """Leaving 0011: each publish of a batch not folded yet becomes a delta again."""

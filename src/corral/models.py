@@ -15,8 +15,8 @@ from corral.audit import models as _audit  # noqa: F401
 from corral.auth import models as _auth  # noqa: F401
 from corral.billing import models as _billing  # noqa: F401
 from corral.cluster import models as _cluster  # noqa: F401
-from corral.cohorts import models as _cohorts  # noqa: F401
 from corral.db.base import Base
+from corral.devices import cohort_models as _cohorts  # noqa: F401
 from corral.devices import models as _devices  # noqa: F401
 from corral.events import models as _events  # noqa: F401
 from corral.firmware import models as _firmware  # noqa: F401

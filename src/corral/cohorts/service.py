@@ -20,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from corral.audit import service as audit
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
-from corral.cohorts.models import Cohort, CohortMember
 from corral.cohorts.schemas import CohortChange, CohortCreate, CohortDevices
 from corral.devices.access import is_device_id
+from corral.devices.cohort_models import Cohort, CohortMember
 from corral.devices.groups import clean_group_name
 from corral.devices.service import may_mark_development, require_in_product
 from corral.firmware.models import ProductFirmware

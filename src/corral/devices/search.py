@@ -48,27 +48,3 @@ def contains(dialect: str, column: Any, name: str, text: str) -> ColumnElement[b
     result = column.icontains(text, autoescape=True)
     return result
 
-
-def sqlite_install(op: Any) -> None:
-    """Create (or re-create) the SQLite search table and its triggers, and fill it."""
-    cols = ", ".join(COLUMNS)
-    new = ", ".join(f"new.{c}" for c in COLUMNS)
-    old = ", ".join(f"old.{c}" for c in COLUMNS)
-    sqlite_uninstall(op)
-    op.execute(f"CREATE VIRTUAL TABLE {TABLE} USING fts5({cols}, content='devices', "
-               "content_rowid='rowid', tokenize='trigram')")
-    op.execute(f"CREATE TRIGGER {TABLE}_ai AFTER INSERT ON devices BEGIN "
-               f"INSERT INTO {TABLE}(rowid, {cols}) VALUES (new.rowid, {new}); END")
-    op.execute(f"CREATE TRIGGER {TABLE}_ad AFTER DELETE ON devices BEGIN "
-               f"INSERT INTO {TABLE}({TABLE}, rowid, {cols}) VALUES ('delete', old.rowid, "
-               f"{old}); END")
-    op.execute(f"CREATE TRIGGER {TABLE}_au AFTER UPDATE OF {cols} ON devices BEGIN "
-               f"INSERT INTO {TABLE}({TABLE}, rowid, {cols}) VALUES ('delete', old.rowid, "
-               f"{old}); INSERT INTO {TABLE}(rowid, {cols}) VALUES (new.rowid, {new}); END")
-    op.execute(f"INSERT INTO {TABLE}({TABLE}) VALUES ('rebuild')")
-
-
-def sqlite_uninstall(op: Any) -> None:
-    for trigger in ("ai", "ad", "au"):
-        op.execute(f"DROP TRIGGER IF EXISTS {TABLE}_{trigger}")
-    op.execute(f"DROP TABLE IF EXISTS {TABLE}")

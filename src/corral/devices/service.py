@@ -35,11 +35,11 @@ from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
-from corral.cohorts.lookup import cohort_names_for, in_cohort
 from corral.devices import groups as group_rules
 from corral.devices import search, signals
 from corral.devices import tags as tag_rules
 from corral.devices.access import is_device_id
+from corral.devices.cohorts import cohort_names_for, in_cohort
 from corral.devices.json import device_json
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.devices.schemas import (

@@ -35,8 +35,8 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.devices import presence
+from corral.events import outbox
 from corral.events.models import Event
-from corral.integrations import outbox
 from corral.kit import clock
 from corral.metering import ledger
 from corral.metering.ledger import Usage
@@ -324,7 +324,7 @@ class EventWriter:
           consecutive ids that end at ``max(id)``. Datetimes are stored in the text format
           SQLAlchemy's SQLite DATETIME uses (UTC, microseconds), so ORM reads agree. The
           counted rows' usage is computed from them (``ledger.apply_events``), and the
-          batch's id range goes to the integration outbox (``corral.integrations.outbox``)
+          batch's id range goes to the integration outbox (``corral.events.outbox``)
           when an integration may want one of its events.
         * PostgreSQL: the ids are taken from the table's sequence first (in order; this
           statement begins the transaction; it also appends the counted rows' usage as one

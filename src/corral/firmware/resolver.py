@@ -34,7 +34,7 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.cohorts.models import Cohort, CohortMember
+from corral.devices.cohort_models import Cohort, CohortMember
 from corral.devices.models import Device, DeviceGroupMember
 from corral.firmware.models import FirmwareGroupRelease, ProductFirmware
 from corral.rollouts.models import Rollout

@@ -47,8 +47,8 @@ class Window:
 
 
 def parse_window(qp: Any, *, minute_days: int) -> Window:
-    """``start_date``, ``end_date`` (ISO 8601; default the last day), ``bucket_size``
-    (seconds, default 900, at least 60), ``product_fw``. Raises ValueError with the reason.
+    """``start_date``, ``end_date`` (ISO 8601; default the day up to the end of this
+    minute), ``bucket_size`` (seconds, default 900, at least 60), ``product_fw``. Raises ValueError with the reason.
     Past the per-minute retention only hourly buckets exist: ``bucket_size`` is then
     rounded up to whole hours."""
     def when(text: str) -> dt.datetime:
@@ -56,7 +56,10 @@ def parse_window(qp: Any, *, minute_days: int) -> Window:
         return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
     try:
-        end = when(qp["end_date"]) if qp.get("end_date") else clock.now()
+        # by default through the end of the current minute: a bucket that starts exactly
+        # now (a sample taken at hh:mm:00) is in the window, as "now" is
+        end = when(qp["end_date"]) if qp.get("end_date") else \
+            clock.now().replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
         start = when(qp["start_date"]) if qp.get("start_date") else end - DEFAULT_RANGE
     except ValueError:
         raise ValueError("start_date and end_date must be ISO8601 formatted") from None

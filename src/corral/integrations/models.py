@@ -3,7 +3,7 @@
 The path of one event to a customer's system:
 
 1. the event writer commits the event rows of a batch together with ONE
-   ``integration_outbox`` row naming the batch's id range (:mod:`corral.integrations.outbox`);
+   ``integration_outbox`` row naming the batch's id range (:mod:`corral.events.outbox`);
 2. the dispatcher (:mod:`corral.integrations.tasks`) turns outbox rows into one
    ``integration_deliveries`` row per (integration, matching event) and deletes the outbox
    rows, in one transaction;

@@ -22,10 +22,10 @@ from corral.auth.subject import Subject
 from corral.db.session import after_commit
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.events.models import Event
+from corral.events.outbox import may_trigger
 from corral.integrations import schemas, signing, templates
 from corral.integrations.guard import Blocked, Policy
 from corral.integrations.models import Attempt, Delivery, Integration
-from corral.integrations.outbox import may_trigger
 from corral.integrations.secrets import masked_settings, restore
 from corral.kit import clock
 from corral.kit.errors import BadRequest, NotFound

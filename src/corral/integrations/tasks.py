@@ -39,12 +39,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from corral.db.session import commit
 from corral.devices.models import Device
 from corral.events.models import Event
+from corral.events.outbox import may_trigger
 from corral.events.writer import EventWriter, NewEvent, WriterStopped
 from corral.integrations import schemas, service, templates
 from corral.integrations.guard import Policy
 from corral.integrations.models import Attempt, Delivery, Integration, IntegrationOutbox
 from corral.integrations.mqtt import MqttPublisher
-from corral.integrations.outbox import may_trigger
 from corral.integrations.sender import Outcome, WebhookSender
 from corral.kit import clock
 from corral.settings import Settings

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from alembic import op
 
-from corral.devices import search
-
 revision = '0020'
 down_revision = '0019'
 branch_labels = None
 depends_on = None
+
+# the SQLite search table as this revision made it (a migration keeps its own SQL: the search
+# code in corral.devices.search may change, this revision may not)
+TABLE = "devices_search"
+COLUMNS = ("name", "serial_number")
 
 
 def upgrade() -> None:
@@ -31,7 +34,7 @@ def upgrade() -> None:
         op.execute("CREATE INDEX ix_devices_serial_trgm ON devices USING gin "
                    f"(serial_number {opclass})")
     else:
-        search.sqlite_install(op)
+        _sqlite_install()
 
 
 def downgrade() -> None:
@@ -39,4 +42,29 @@ def downgrade() -> None:
         op.execute("DROP INDEX IF EXISTS ix_devices_serial_trgm")
         op.execute("DROP INDEX IF EXISTS ix_devices_name_trgm")
     else:
-        search.sqlite_uninstall(op)
+        _sqlite_uninstall()
+
+
+def _sqlite_install() -> None:
+    """The FTS5 trigram table over devices.name and serial_number, its triggers, its rows."""
+    cols = ", ".join(COLUMNS)
+    new = ", ".join(f"new.{c}" for c in COLUMNS)
+    old = ", ".join(f"old.{c}" for c in COLUMNS)
+    _sqlite_uninstall()
+    op.execute(f"CREATE VIRTUAL TABLE {TABLE} USING fts5({cols}, content='devices', "
+               "content_rowid='rowid', tokenize='trigram')")
+    op.execute(f"CREATE TRIGGER {TABLE}_ai AFTER INSERT ON devices BEGIN "
+               f"INSERT INTO {TABLE}(rowid, {cols}) VALUES (new.rowid, {new}); END")
+    op.execute(f"CREATE TRIGGER {TABLE}_ad AFTER DELETE ON devices BEGIN "
+               f"INSERT INTO {TABLE}({TABLE}, rowid, {cols}) VALUES ('delete', old.rowid, "
+               f"{old}); END")
+    op.execute(f"CREATE TRIGGER {TABLE}_au AFTER UPDATE OF {cols} ON devices BEGIN "
+               f"INSERT INTO {TABLE}({TABLE}, rowid, {cols}) VALUES ('delete', old.rowid, "
+               f"{old}); INSERT INTO {TABLE}(rowid, {cols}) VALUES (new.rowid, {new}); END")
+    op.execute(f"INSERT INTO {TABLE}({TABLE}) VALUES ('rebuild')")
+
+
+def _sqlite_uninstall() -> None:
+    for trigger in ("ai", "ad", "au"):
+        op.execute(f"DROP TRIGGER IF EXISTS {TABLE}_{trigger}")
+    op.execute(f"DROP TABLE IF EXISTS {TABLE}")

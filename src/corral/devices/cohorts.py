@@ -1,5 +1,5 @@
-"""Reads of cohort membership other domains use (the device list and views): no rules here,
-so :mod:`corral.devices` can import it without importing the cohort rules."""
+"""Reads of cohort membership (the device list, firmware targeting, views): no rules here;
+the rules live in :mod:`corral.cohorts`, above the devices and the firmware that read this."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from corral.cohorts.models import Cohort, CohortMember
+from corral.devices.cohort_models import Cohort, CohortMember
 
 CHUNK = 5000
 

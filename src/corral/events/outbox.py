@@ -1,5 +1,8 @@
 """The integration outbox row an event-writer batch adds (DESIGN §8: per batch, never per event).
 
+It lives with the writer that adds it; the integrations worker (:mod:`corral.integrations.tasks`)
+reads and deletes the rows.
+
 The writer calls :func:`wanted` on a batch's rows and, when it is true, records the batch's
 id range in the same transaction as the rows: on SQLite with :data:`SQLITE_INSERT` after the
 insert, on PostgreSQL as a CTE of the statement that takes the ids (:data:`PG_CTE`), so an
