@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     billing_retry_interval_s: int = Field(default=3 * 86_400, ge=1)  # between charge retries
     billing_max_retries: int = Field(default=3, ge=0)  # after the first attempt; then locked
     billing_tick_s: float = Field(default=300.0, gt=0)  # renewals, retries, seat counts
+    # SQLite: how often the planner's statistics are refreshed (ANALYZE, sampled; also at
+    # start); 0 never. PostgreSQL analyzes by itself.
+    sqlite_analyze_s: float = Field(default=3600.0, ge=0)
 
     # --- the CLI's client side
     api_url: str = "http://127.0.0.1:8080"

@@ -30,7 +30,7 @@ from corral.bus.inprocess import InProcessBus
 from corral.cluster.lease import Leases, singleton
 from corral.cluster.registry import NodeRegistry, new_node_id
 from corral.db import migrate
-from corral.db.engine import make_engine
+from corral.db.engine import make_engine, refresh_statistics
 from corral.db.session import AWAIT_AFTER_COMMIT
 from corral.events.service import delete_older_than
 from corral.events.writer import EventWriter
@@ -203,6 +203,11 @@ class Runtime:
                 loop.create_task(singleton(leases, "fleet-minute", self._fleet_minute,
                                            every_s=60), name="fleet-minute"),
             ]
+            if url.startswith("sqlite") and cfg.sqlite_analyze_s > 0:
+                engine = self.engine
+                self._singletons.append(loop.create_task(singleton(
+                    leases, "sqlite-statistics", lambda: refresh_statistics(engine),
+                    every_s=cfg.sqlite_analyze_s), name="sqlite-statistics"))
             if self.clustered:
                 leases.want(INTEGRATIONS)
                 self._singletons.append(loop.create_task(self.integrations.run_while(
