@@ -3,6 +3,7 @@
 to ingest (goal: under 5 %).
 
     .venv/bin/python bench/bench_fleet.py health [--devices 1000000] [--days 30] [--requests 200]
+        [--database fleet.db]   (keep the seeded fleet there; reused when it exists)
     .venv/bin/python bench/bench_fleet.py ingest [--devices 500] [--seconds 5] [--rounds 3] \
         [--database-url postgresql+asyncpg://...]
 
@@ -106,19 +107,27 @@ def seed_rollups(db_file: Path, product_id: int, devices: int, days: int,
 
 def health(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        db_file = Path(tmp) / "corral.db"
+        db_file = a.database or Path(tmp) / "corral.db"
         url = f"sqlite+aiosqlite:///{db_file}"
-        with corral_server(Path(tmp), database_url=url) as base:
+        reuse = db_file.exists()
+        with corral_server(Path(tmp), database_url=url) as base:  # (migrates a kept fleet)
             token = signup_and_login(base, USER, PASSWORD)
-            r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},
-                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            auth = {"Authorization": f"Bearer {token}"}
+            if reuse:
+                r = httpx.get(f"{base}/v1/user/products", headers=auth, timeout=30)
+            else:
+                r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},
+                               headers=auth, timeout=30)
             r.raise_for_status()
-            product = r.json()["product"]
-        t = time.perf_counter()
-        asyncio.run(seed(url, product["slug"], a.devices))
-        made = seed_rollups(db_file, product["id"], a.devices, a.days,
-                            Settings().fleet_minute_retention_days)
-        print(f"seeded {a.devices:,} devices and {made} in {time.perf_counter() - t:.1f} s")
+            product = r.json()["products"][0] if reuse else r.json()["product"]
+        if reuse:  # its rollups end when it was seeded: keep runs within a day of that
+            print(f"reusing the fleet in {db_file}")
+        else:
+            t = time.perf_counter()
+            asyncio.run(seed(url, product["slug"], a.devices))
+            made = seed_rollups(db_file, product["id"], a.devices, a.days,
+                                Settings().fleet_minute_retention_days)
+            print(f"seeded {a.devices:,} devices and {made} in {time.perf_counter() - t:.1f} s")
         now = dt.datetime.now(dt.UTC)
         month = {"start_date": (now - dt.timedelta(days=a.days)).isoformat(),
                  "end_date": now.isoformat()}
@@ -239,6 +248,8 @@ def main() -> None:
     h.add_argument("--devices", type=int, default=1_000_000)
     h.add_argument("--days", type=int, default=30)
     h.add_argument("--requests", type=int, default=200)
+    h.add_argument("--database", type=Path, default=None,
+                   help="a SQLite file to keep the seeded fleet in; reused when it exists")
     i = sub.add_parser("ingest")
     i.add_argument("--devices", type=int, default=500)
     i.add_argument("--seconds", type=float, default=5)
