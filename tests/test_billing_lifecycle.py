@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from corral.billing import service
+from corral.billing import subscriptions
 from corral.billing.models import Adjustment, Charge, Invoice, Subscription
 from corral.billing.providers import FakeProvider
 from corral.kit import clock
@@ -323,7 +323,7 @@ async def test_retries_then_lock_then_reactivate_with_a_new_card(org: Org):
     assert invs[-1]["status"] == "uncollectible"
     # data kept; devices pause because the subscription says so
     async with org.app.state.sessionmaker() as db:
-        assert await service.paused_orgs(db) == {org.id: "subscription_locked"}
+        assert await subscriptions.paused_orgs(db) == {org.id: "subscription_locked"}
     gate = org.app.state.runtime.gate  # the usage gate asks billing at each refresh
     await org.app.state.runtime.metering.tick(org.mc.now())
     assert gate.paused(org.id) == "subscription_locked"
@@ -345,7 +345,7 @@ async def test_retries_then_lock_then_reactivate_with_a_new_card(org: Org):
     assert (last["reason"], last["status"]) == ("reactivation", "paid")
     assert (await org.req("GET", "/team")).status_code == 200
     async with org.app.state.sessionmaker() as db:
-        assert await service.paused_orgs(db) == {}
+        assert await subscriptions.paused_orgs(db) == {}
     await org.app.state.runtime.metering.tick(org.mc.now())
     assert gate.paused(org.id) is None
 
@@ -437,7 +437,7 @@ async def test_cancel_keeps_access_to_period_end_then_inactive_then_reactivate(o
     # subscription's pause_devices_when_locked says so)
     assert (await org.billing())["plan"]["code"] == "basic"
     async with org.app.state.sessionmaker() as db:
-        assert await service.paused_orgs(db) == {}
+        assert await subscriptions.paused_orgs(db) == {}
 
     org.mc.set(dt.datetime(2027, 3, 3, 8, tzinfo=dt.UTC))
     r = await org.req("POST", "/billing/reactivate")

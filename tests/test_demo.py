@@ -205,8 +205,8 @@ async def test_demo_never_subscribes_with_a_real_provider(
     info = await ensure_demo(app.state.sessionmaker, real)
     assert "subscription" not in info.created
     async with app.state.sessionmaker() as db:
-        from corral.billing import service as billing
-        assert await billing.get_subscription(db, info.org_id) is None
+        from corral.billing import subscriptions
+        assert await subscriptions.get_subscription(db, info.org_id) is None
 
 
 async def test_demo_has_a_release_in_progress(app: Any, settings: Settings,

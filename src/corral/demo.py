@@ -33,6 +33,7 @@ from corral.accounts import service as accounts
 from corral.auth.models import User
 from corral.auth.subject import Subject
 from corral.billing import service as billing
+from corral.billing import subscriptions
 from corral.billing.providers import FakeProvider
 from corral.db.session import commit
 from corral.device.simulator import Fleet
@@ -167,7 +168,7 @@ async def _ensure_subscription(db: AsyncSession, settings: Settings, owner: Subj
     user changed or cancelled is left as it is."""
     if settings.payment_provider != "fake":
         return
-    if await billing.get_subscription(db, org.id) is not None:
+    if await subscriptions.get_subscription(db, org.id) is not None:
         return
     outcome = await billing.subscribe(
         db, settings, FakeProvider(), org=org, actor=owner, ip="127.0.0.1",

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from corral.billing import invoices, service
+from corral.billing import invoices, service, subscriptions
 from corral.billing.providers import PaymentProvider
 from corral.billing.schemas import (
     BillingAnswer,
@@ -33,7 +33,7 @@ def _provider(oc: OrgCtx) -> PaymentProvider:
 
 
 async def _billing_json(oc: OrgCtx) -> dict[str, Any]:
-    return await service.overview(oc.db, oc.org)
+    return await subscriptions.overview(oc.db, oc.org)
 
 
 def _declined(outcome: service.Outcome) -> JSONResponse:
@@ -44,7 +44,7 @@ def _declined(outcome: service.Outcome) -> JSONResponse:
         outcome.result.message or "The payment was declined",
         code="payment_failed" if outcome.result.status == "error" else "payment_declined",
         decline_code=outcome.result.decline_code,
-        subscription=service.subscription_json(outcome.sub),
+        subscription=subscriptions.subscription_json(outcome.sub),
         invoice=invoices.invoice_json(outcome.invoice) if outcome.invoice else None)
     return JSONResponse(err.body(), status_code=err.status)
 

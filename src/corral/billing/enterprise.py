@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.audit import service as audit
-from corral.billing import service, terms
+from corral.billing import service, subscriptions, terms
 from corral.billing.models import (
     ACTIVE,
     CANCELED,
@@ -62,7 +62,7 @@ async def put_on_enterprise(
     today = now.astimezone(dt.UTC).date()
     if contract_start is not None and contract_start > today:
         raise BadRequest("contract_start may not be in the future", code="invalid_plan")
-    sub = await service.get_subscription(db, org.id, lock=True)
+    sub = await subscriptions.get_subscription(db, org.id, lock=True)
     live = sub is not None and sub.status in (ACTIVE, PAST_DUE, CANCELED)
     if sub is not None and live and sub.plan_code != ENTERPRISE and not replace:
         raise Conflict(f"{org.slug} has a self-service subscription ({sub.plan_code}, "
@@ -91,7 +91,7 @@ async def put_on_enterprise(
     sub.plan_code, sub.interval, sub.next_interval = ENTERPRISE, "year", None
     sub.base_price_cents = sub.seat_price_cents = sub.block_price_cents = 0
     sub.blocks = 0
-    sub.seats = await service.count_members(db, org.id)
+    sub.seats = await subscriptions.count_members(db, org.id)
     if not sub.payment_method_ref:
         sub.provider = CONTRACT_PROVIDER
     if not same_cycle:

@@ -1,5 +1,5 @@
 """Which organizations are shut (subscription locked or inactive): the one query behind the
-guards' refusal (:func:`corral.billing.service.lock_check`) and the marks on cross-org lists
+guards' refusal (:func:`corral.billing.subscriptions.lock_check`) and the marks on cross-org lists
 (``GET /v1/products``, ``/v1/user/products``, ``/v1/devices``).
 
 Imports only billing's tables, so list queries in other domains can use it without pulling

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from corral import models
 from corral.accounts import service as accounts
 from corral.billing import enterprise as enterprise_terms
-from corral.billing import service as billing
+from corral.billing import subscriptions
 from corral.cli.config import settings_from
 from corral.cli.output import console, fail, print_json, table
 from corral.db import migrate
@@ -198,7 +198,7 @@ def enterprise(
             max_cellular_mb=max_cellular_mb, max_storage_mb=max_storage_mb,
             contract_start=start, per_kb=per_kb, pause_at_limit=pause_at_limit,
             replace=replace, actor_label=ACTOR, now=clock.now())
-        return billing.subscription_json(sub)
+        return subscriptions.subscription_json(sub)
 
     sub = run_in_db(settings, work)
     if as_json:

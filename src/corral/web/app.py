@@ -22,7 +22,7 @@ from corral.auth import cache as auth_cache
 from corral.auth.cache import SubjectCache
 from corral.auth.guards import add_tenant_check
 from corral.billing.providers import PaymentProvider, make_provider
-from corral.billing.service import judge_shut, lock_check, paused_orgs, shut_status_sql
+from corral.billing.subscriptions import judge_shut, lock_check, paused_orgs, shut_status_sql
 from corral.billing.tasks import BillingService
 from corral.bus import Bus
 from corral.bus.base import Message

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from corral.billing import invoices, locks, service
+from corral.billing import invoices, locks, service, subscriptions
 from corral.billing.models import ACTIVE, CANCELED, INCOMPLETE, PAST_DUE, SHUT
 from corral.billing.providers import PaymentProvider
 from corral.billing.schemas import BillingChange
@@ -101,7 +101,7 @@ async def _page(request: Request, oc: OrgCtx, *, status: int = 200,
     db = oc.db
     today = clock.now().date()
     month = usage.parse_period(request.query_params.get("period"), today)
-    overview = await service.overview(db, oc.org)
+    overview = await subscriptions.overview(db, oc.org)
     report = await reports.org_usage(db, oc.org, month,
                                      reports.pause_reason(oc.ctx.runtime, oc.org.id))
     plan = await plans.effective_plan(db, oc.org.id)
