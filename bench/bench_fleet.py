@@ -45,7 +45,7 @@ from corral.db.engine import make_sessionmaker
 from corral.events.writer import EventWriter
 from corral.fleet.models import FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally
-from corral.sessions import core
+from corral.sessions import session as core  # DeviceSession: what it counts
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Hello, OpenGate
 from corral.settings import Settings

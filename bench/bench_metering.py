@@ -45,7 +45,7 @@ from corral.metering.gate import Snapshot, UsageGate
 from corral.metering.models import UsageCounter
 from corral.orgs.models import Organization
 from corral.products.models import Product
-from corral.sessions import core
+from corral.sessions import session as core  # DeviceSession: what it counts
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Hello, OpenGate
 from corral.settings import Settings

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from corral.sessions.core import DeviceSession
 from corral.sessions.link import DeviceError, Hello
+from corral.sessions.session import DeviceSession
 from helpers import bearer, post_ids
 
 WAIT = 15.0  # seconds any single await may take: a bound for a loaded CI machine, never a pace

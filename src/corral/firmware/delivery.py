@@ -1,7 +1,7 @@
 """The firmware delivery engine: brings connected devices to the firmware the precedence
 rules give them, over whichever transport they use.
 
-It follows the session hub as a :class:`~corral.sessions.core.SessionObserver`:
+It follows the session hub as a :class:`~corral.sessions.session.SessionObserver`:
 
 * a device connects (Particle: its Hello carries its version; MQTT: its first describe
   does) -> standard releases ("update a device when it next connects");
@@ -58,9 +58,10 @@ from corral.firmware.models import (
 )
 from corral.firmware.storage import blob_path
 from corral.kit import clock
-from corral.sessions.core import DeviceSession, SessionHub
+from corral.sessions.core import SessionHub
 from corral.sessions.link import FirmwareImage, Hello, TransferResult
 from corral.sessions.lookup import DeviceRows
+from corral.sessions.session import DeviceSession
 from corral.settings import Settings
 
 log = logging.getLogger("corral.firmware.delivery")

@@ -1,7 +1,7 @@
 """One MQTT device connection, its reading half (the writing half is :mod:`.link`).
 
 A connection authenticates (MQTT secret, or a TLS client certificate from a product CA), opens
-a :class:`~corral.sessions.core.DeviceSession` and translates packets to session calls; the
+a :class:`~corral.sessions.session.DeviceSession` and translates packets to session calls; the
 connection itself is the session's :class:`~corral.sessions.link.DeviceLink`.
 
 Per connection, one task reads and dispatches packets in order. Device publishes run as
@@ -22,13 +22,14 @@ from typing import Any, Final, Protocol, cast
 
 from cryptography import x509
 
-from corral.sessions.core import DeviceSession, SessionHub
+from corral.sessions.core import SessionHub
 from corral.sessions.link import (
     DeviceError,
     Hello,
     Refused,
     check_event_name,
 )
+from corral.sessions.session import DeviceSession
 from corral.settings import Settings
 from corral.transports.mqtt import topics
 from corral.transports.mqtt.codec import (

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from corral.sessions import contract
-from corral.sessions.core import DeviceSession
 from corral.sessions.link import (
     DeviceError,
     FirmwareImage,
@@ -28,6 +27,7 @@ from corral.sessions.link import (
     TransferResult,
     UpdateNotice,
 )
+from corral.sessions.session import DeviceSession
 from corral.settings import Settings
 from corral.transports.mqtt import topics
 from corral.transports.mqtt.codec import MQTT_5, MQTT_311, Disconnect, Packet, Publish, encode

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from corral.devices.credentials import PublicKey
 from corral.kit import clock
-from corral.sessions.core import DeviceSession, SessionHub
+from corral.sessions.core import SessionHub
 from corral.sessions.link import (
     DeviceError,
     FirmwareImage,
@@ -45,6 +45,7 @@ from corral.sessions.link import (
     TransferResult,
     UpdateNotice,
 )
+from corral.sessions.session import DeviceSession
 from corral.settings import Settings
 from corral.transports.listening import close_server
 from corral.transports.particle import coap, crypto, messages, ota_v3
