@@ -191,6 +191,33 @@ async def test_wrong_key_is_refused_after_the_handshake(gw, caplog):
         await gw.device(DEV2, "dev2").handshake("127.0.0.1", gw.port)
 
 
+async def test_a_bulk_key_upload_ends_the_sessions_of_the_devices_whose_key_changed(gw):
+    """``POST /v1/products/:p/device_keys`` as ``POST /v1/provisioning/:id`` does: a device
+    whose key is replaced must handshake again with the new key (its live session was made
+    with the old one); a device listed with the key it already has keeps its session."""
+    replaced, kept = echo_device(gw), echo_device(gw, DEV2, "dev2")
+    await replaced.connect("127.0.0.1", gw.port)
+    await kept.connect("127.0.0.1", gw.port)
+    assert await online(gw) and await online(gw, DEV2)
+    r = await gw.client.post(f"/v1/products/{gw.product['id']}/device_keys",
+                             headers=bearer(gw.token), json={"keys": [
+                                 {"device_id": DEV, "public_key": pub_pem(key("dev-new"))},
+                                 {"device_id": DEV2, "public_key": pub_pem(key("dev2"))}]})
+    assert r.status_code == 200 and r.json()["updated"] == 2, r.text
+    assert await until(lambda: offline_reason(gw), what="the replaced device offline") == \
+        "The device's credentials changed"
+    await until(replaced.closed.is_set, what="the replaced device's connection closed")
+    # DEV2 kept its key: nothing told its session to end
+    assert not kept.closed.is_set() and await online(gw, DEV2)
+    await healthy(gw, kept, DEV2)
+    # the old key no longer opens a session; the new one does
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        await gw.device(DEV, "dev").handshake("127.0.0.1", gw.port)
+    again = echo_device(gw, DEV, "dev-new")
+    await again.connect("127.0.0.1", gw.port)
+    await healthy(gw, again, DEV)
+
+
 async def test_unknown_device_is_quarantined_or_auto_approved(gw):
     dev = gw.device(NEW, "new")
     with pytest.raises(Exception, match="closed"):

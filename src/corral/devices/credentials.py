@@ -60,6 +60,7 @@ MAX_JITP_GROUPS = 50
 MAX_JITP_TAGS = 50
 MAX_TAG_LEN = 100
 CHUNK = 5_000  # IN (...) lists stay well under SQLite's bound-parameter limit
+CREDENTIALS_CHANGED = "The device's credentials changed"  # why its live session ended
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -244,7 +245,9 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
 
     Any bad entry (malformed, bad key, device not in the product, listed twice) makes the
     whole request fail with 400 ``invalid_keys`` and an ``invalid`` list of
-    ``{device_id, reason}``; nothing is written. Returns the number of devices updated.
+    ``{device_id, reason}``; nothing is written. Returns the number of devices updated. A
+    device whose key is replaced by a different one has its live session ended (after the
+    commit), as :func:`set_public_key` does.
     """
     if len(keys) > MAX_BULK_KEYS:
         raise BadRequest(f"At most {MAX_BULK_KEYS:,} keys per request", code="too_many_keys")
@@ -276,10 +279,11 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
             parsed[device_id] = (b"", 0, "")
 
     ids = list(parsed)
-    found: set[str] = set()
+    found: dict[str, bytes | None] = {}  # device id -> the key it has now
     for i in range(0, len(ids), CHUNK):
-        found.update((await db.execute(select(Device.id).where(
-            Device.id.in_(ids[i:i + CHUNK]), Device.product_id == product.id))).scalars())
+        found.update((r[0], r[1]) for r in await db.execute(
+            select(Device.id, Device.public_key_der).where(
+                Device.id.in_(ids[i:i + CHUNK]), Device.product_id == product.id)))
     invalid.extend({"device_id": d, "reason": "device is not in this product"}
                    for d in ids if d not in found)
     if invalid:
@@ -297,6 +301,11 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
     for obj in list(db.identity_map.values()):
         if isinstance(obj, Device) and obj.id in parsed:
             db.expire(obj)
+    # as for one key: a live session authenticated with a replaced key must not outlive it
+    # (a device whose key is the same keeps its session)
+    signals.disconnect_many(db, [d for d, (der, _, _) in parsed.items()
+                                 if found[d] is not None and found[d] != der],
+                            CREDENTIALS_CHANGED)
     # one audit row per device, written as one executemany (ORM inserts of 10k rows that
     # each need their id back are issued one by one on SQLite: seconds instead of ms)
     await db.execute(insert(AuditEntry.__table__), [
@@ -420,7 +429,7 @@ def reset_credentials(device: Device) -> None:
 
 
 def _credentials_changed(db: AsyncSession, device: Device) -> None:
-    signals.disconnect(db, device.id, "The device's credentials changed")
+    signals.disconnect(db, device.id, CREDENTIALS_CHANGED)
 
 
 def credentials_json(device: Device) -> dict[str, Any]:

@@ -28,12 +28,18 @@ def control_subject(device_id: str) -> str:
     return CONTROL.format(device_id.lower())
 
 
-def _send(bus: Any, device_id: str, body: dict[str, Any]) -> None:
+def _send(bus: Any, device_ids: list[str], body: dict[str, Any]) -> None:
+    """One task that sends ``body`` to each device's control subject in turn."""
     async def go() -> None:
-        try:
-            await bus.publish(control_subject(device_id), body)
-        except Exception:
-            log.warning("could not notify the session of device %s", device_id)
+        failed: list[str] = []
+        for device_id in device_ids:
+            try:
+                await bus.publish(control_subject(device_id), body)
+            except Exception:
+                failed.append(device_id)
+        if failed:
+            log.warning("could not notify the session of %d device(s), e.g. %s",
+                        len(failed), failed[0])
 
     task = asyncio.get_running_loop().create_task(go())
     _tasks.add(task)
@@ -43,7 +49,7 @@ def _send(bus: Any, device_id: str, body: dict[str, Any]) -> None:
 def _queue(db: AsyncSession, device_id: str, body: dict[str, Any]) -> None:
     bus = db.info.get("bus")
     if bus is not None:
-        after_commit(db, lambda: _send(bus, device_id, body))
+        after_commit(db, lambda: _send(bus, [device_id], body))
 
 
 def tenancy_changed(db: AsyncSession, device_id: str) -> None:
@@ -54,3 +60,12 @@ def tenancy_changed(db: AsyncSession, device_id: str) -> None:
 def disconnect(db: AsyncSession, device_id: str, reason: str) -> None:
     """Credentials changed or the device was denied or removed: close its session."""
     _queue(db, device_id, {"op": "disconnect", "reason": reason})
+
+
+def disconnect_many(db: AsyncSession, device_ids: list[str], reason: str) -> None:
+    """:func:`disconnect` for many devices (a bulk change): one after-commit hook and one
+    task sending each device's control message in turn, not one of each per device."""
+    bus = db.info.get("bus")
+    if bus is not None and device_ids:
+        ids = list(device_ids)
+        after_commit(db, lambda: _send(bus, ids, {"op": "disconnect", "reason": reason}))
