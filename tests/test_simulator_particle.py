@@ -4,6 +4,7 @@ particle`` as a real command, both against corral's Particle gateway on a free p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -52,8 +53,8 @@ def settings(settings):
                                        "particle_handshake_timeout_s": 5.0})
 
 
-@pytest.fixture
-async def gateway(app: Any, settings: Any) -> AsyncIterator[Any]:
+@contextlib.asynccontextmanager
+async def particle_gateway(app: Any, settings: Any) -> AsyncIterator[Any]:
     """The Particle listener on a free port, with a premade server key (making one is slow)."""
     path = key_path(settings.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,12 @@ async def gateway(app: Any, settings: Any) -> AsyncIterator[Any]:
         yield listener
     finally:
         await listener.stop()
+
+
+@pytest.fixture
+async def gateway(app: Any, settings: Any) -> AsyncIterator[Any]:
+    async with particle_gateway(app, settings) as listener:
+        yield listener
 
 
 async def _online_ids(app: Any, product_id: int) -> set[str]:

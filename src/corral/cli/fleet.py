@@ -1,5 +1,5 @@
 """What ``corral simulate`` shares between its MQTT and Particle fleets: the state file that
-keeps the fleet's devices and credentials between runs, the refresh tick and the live
+keeps the fleet's devices, credentials and SIMs between runs, the refresh tick and the live
 summary table."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -28,9 +29,47 @@ VERIFY_SAMPLE = 5  # device IDs asked about per check
 REFRESH_S = 0.5
 STATE_VERSION = 1
 DEVICE_ID_RE = re.compile(r"^[0-9a-f]{24}$")
-# per device in the state file: the MQTT secret, the Particle key (PEM) and whether the
-# server has that key
-KEPT_FIELDS = ("secret", "rsa_key", "rsa_registered", "ec_key", "ec_registered")
+# per device in the state file: the MQTT secret, the Particle key (PEM), whether the server
+# has that key, and the SIM's ICCID of a cellular device (--cellular)
+KEPT_FIELDS = ("secret", "rsa_key", "rsa_registered", "ec_key", "ec_registered", "iccid")
+ICCID_PREFIX = "89"  # ITU-T E.118: the telecommunications industry
+ICCID_DIGITS = 19  # with the check digit
+SIMULATED_ICCID_RE = re.compile(r"^89[0-9]{17,18}$")
+
+
+def luhn_digit(digits: str) -> str:
+    """The Luhn check digit to append to ``digits``."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):  # from the right, every other one doubled
+        n = int(ch) * (2 if i % 2 == 0 else 1)
+        total += n - 9 if n > 9 else n
+    return str(-total % 10)
+
+
+def valid_sim_iccid(value: object) -> bool:
+    """A simulated SIM's ICCID: 19 or 20 digits starting ``89``, the last a Luhn check digit."""
+    return isinstance(value, str) and SIMULATED_ICCID_RE.fullmatch(value) is not None \
+        and luhn_digit(value[:-1]) == value[-1]
+
+
+def new_iccid() -> str:
+    """A random ICCID of ``ICCID_DIGITS`` digits: ``89``, random digits, the check digit."""
+    body = ICCID_PREFIX + "".join(secrets.choice("0123456789")
+                                  for _ in range(ICCID_DIGITS - len(ICCID_PREFIX) - 1))
+    return body + luhn_digit(body)
+
+
+def give_sims(devices: list[dict[str, str]], others: list[dict[str, str]]) -> None:
+    """Give each of ``devices`` without a usable ICCID a new one, unique among ``devices``
+    and ``others`` (the rest of the state file, whose SIMs stay as they are)."""
+    taken = {d["iccid"] for d in others if valid_sim_iccid(d.get("iccid"))}
+    for d in devices:
+        iccid = d.get("iccid")
+        if iccid is None or not valid_sim_iccid(iccid) or iccid in taken:
+            while (iccid := new_iccid()) in taken:
+                pass
+            d["iccid"] = iccid
+        taken.add(iccid)
 
 
 def _safe(text: str) -> str:

@@ -5,6 +5,8 @@ IDs into the product, give each an MQTT secret; then connect them all with the d
 (``corral.device.simulator``). IDs and secrets are kept in a state file (mode 0600) so the
 next run reuses the same devices. ``--transport particle``: Particle TCP devices instead, each
 with its own RSA key registered over the API (``corral.cli.simulate_particle``).
+``--cellular``: every device also has a SIM (an ICCID made once and kept in the state file)
+that it reports as its transport does (MQTT: its describe; Particle: its system describe).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from corral.cli.fleet import (
     API_CONCURRENCY,
     ServerCheck,
     claim_state,
+    give_sims,
     load_state,
     save_state,
     summary,
@@ -94,8 +97,9 @@ class Transport(StrEnum):
 
 
 async def _run(a: Api, product: str, fleet_devices: list[dict[str, str]],
-               all_devices: list[dict[str, str]], state_path: Path, *, host: str, port: int, interval: float, duration: float | None,
-               connect_concurrency: int, protocol: int) -> tuple[Fleet, str | None]:
+               all_devices: list[dict[str, str]], state_path: Path, *, host: str, port: int,
+               interval: float, duration: float | None, connect_concurrency: int, protocol: int,
+               iccids: dict[str, str] | None) -> tuple[Fleet, str | None]:
     """Run the fleet; also why the run failed (None: the server saw the devices)."""
     minter = SecretMinter(a, product)
     check = ServerCheck(a, product)
@@ -133,7 +137,8 @@ async def _run(a: Api, product: str, fleet_devices: list[dict[str, str]],
 
         fleet = Fleet([(d["id"], d["secret"]) for d in fleet_devices], host, port,
                       interval=interval, protocol=protocol,
-                      connect_concurrency=connect_concurrency, reprovision=reprovision)
+                      connect_concurrency=connect_concurrency, reprovision=reprovision,
+                      iccids=iccids)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -205,6 +210,11 @@ def simulate(
     particle_port: Annotated[int | None, typer.Option(
         "--particle-port", min=1, max=65535, help="Particle: the gateway's port (default: "
         "what the server reports).")] = None,
+    cellular: Annotated[bool, typer.Option(
+        "--cellular", help="Cellular devices: each has a SIM (an ICCID made once and kept in "
+        "the state file, so a rerun reuses it) and reports it (MQTT: in its describe; "
+        "Particle: in its system describe); the server lists the SIMs and counts the "
+        "devices' traffic as cellular data.")] = False,
 ) -> None:
     """Run simulated devices in a product: they publish `sim/temperature`, answer the
     functions led/reboot/interval and the variables temperature/uptime/label/on."""
@@ -220,6 +230,8 @@ def simulate(
     fleet_devices = known[:devices]
     while len(fleet_devices) < devices:
         fleet_devices.append({"id": secrets.token_hex(12)})
+    if cellular:  # a SIM for each device that has none yet
+        give_sims(fleet_devices, known[devices:])
     # remember new IDs before importing them, so an interrupted run does not lose them
     save_state(state_path, a, product, fleet_devices + known[devices:])
 
@@ -241,6 +253,7 @@ def simulate(
         fail("No device could be imported into the product.")
     all_devices = fleet_devices + known[devices:]  # the state keeps devices of bigger runs
     save_state(state_path, a, product, all_devices)
+    iccids = {d["id"]: d["iccid"] for d in fleet_devices} if cellular else None
 
     if transport in (Transport.PARTICLE, Transport.PARTICLE_UDP):
         from corral.cli.simulate_particle import simulate_particle  # only its users pay
@@ -256,17 +269,17 @@ def simulate(
         simulate_particle(a, product, fleet_devices, all_devices, state_path,
                           server_key=server_key, where=where,
                           interval=interval, duration=duration,
-                          connect_concurrency=connect_concurrency, udp=udp)
+                          connect_concurrency=connect_concurrency, udp=udp, iccids=iccids)
         return
     host, port = _endpoint(a, "mqtt", "MQTT", mqtt_host, mqtt_port, 1883)
-    console.print(f"Simulating {len(fleet_devices):,} device(s) of {product} on "
-                  f"mqtt://{host}:{port} (state: {state_path})", highlight=False,
-                  soft_wrap=True)
+    console.print(f"Simulating {len(fleet_devices):,} {'cellular ' if cellular else ''}"
+                  f"device(s) of {product} on mqtt://{host}:{port} (state: {state_path})",
+                  highlight=False, soft_wrap=True)
     try:
         fleet, problem = asyncio.run(_run(
             a, product, fleet_devices, all_devices, state_path, host=host, port=port,
             interval=interval, duration=duration, connect_concurrency=connect_concurrency,
-            protocol=protocol))
+            protocol=protocol, iccids=iccids))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         raise typer.Exit(130) from None
     s = fleet.stats

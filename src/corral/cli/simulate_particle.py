@@ -5,7 +5,8 @@ The device IDs are imported by ``corral simulate`` as for MQTT. Here: every devi
 key (RSA-1024 over TCP, P-256 over UDP; made once, kept as PEM in the same 0600 state file),
 its public key is registered with ``POST /v1/provisioning/:id`` (bounded concurrency; only
 once per key), the server's public key comes from ``--server-key``, and the devices run
-(``corral.device.particle_fleet``).
+(``corral.device.particle_fleet``). With ``--cellular`` each device sends its SIM's ICCID in
+its system describe, as Device OS does on a cellular device.
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ def simulate_particle(a: Api, product: str, fleet_devices: list[dict[str, str]],
                       all_devices: list[dict[str, str]], state_path: Path, *, server_key: Path,
                       where: Callable[[], tuple[str, int]], interval: float,
                       duration: float | None,
-                      connect_concurrency: int, udp: bool = False) -> None:
+                      connect_concurrency: int, udp: bool = False,
+                      iccids: dict[str, str] | None = None) -> None:
     """Keys, their registration, then the fleet until ``duration`` or Ctrl-C. ``where``
-    gives the gateway's host and port."""
+    gives the gateway's host and port; ``iccids`` (device id -> ICCID) makes the devices
+    cellular."""
     try:
         server_public = load_server_key(server_key.read_bytes())
     except OSError as exc:
@@ -139,13 +142,13 @@ def simulate_particle(a: Api, product: str, fleet_devices: list[dict[str, str]],
         if failed:
             fail(f"Could not register the keys of {len(failed)} device(s), e.g. {failed[0]}")
 
-    console.print(f"Simulating {len(fleet_devices):,} Particle device(s) of {product} on "
-                  f"{'udp' if udp else 'tcp'}://{host}:{port} (state: {state_path})",
-                  highlight=False, soft_wrap=True)
+    console.print(f"Simulating {len(fleet_devices):,} {'cellular ' if iccids else ''}Particle "
+                  f"device(s) of {product} on {'udp' if udp else 'tcp'}://{host}:{port} "
+                  f"(state: {state_path})", highlight=False, soft_wrap=True)
     fleet = ParticleFleet([(d["id"], keys[d["id"]]) for d in fleet_devices], server_public,
                           host, port, interval=interval, product_id=product_id,
                           platform_id=platform_id or DEFAULT_PLATFORM,
-                          connect_concurrency=connect_concurrency)
+                          connect_concurrency=connect_concurrency, iccids=iccids)
     try:
         asyncio.run(_run(fleet, duration))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

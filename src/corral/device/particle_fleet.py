@@ -15,7 +15,9 @@ protocol, no server code) and behaves like the MQTT simulator's devices:
 * applies OTA firmware updates: after a complete image it restarts (Goodbye, reconnect) and
   reports the image's product version (read from its module header) in its Hello;
 * reconnects with :class:`~corral.device.backoff.Backoff` when the connection drops or a
-  connect fails (a refused key looks like a dropped connection: the server just closes).
+  connect fails (a refused key looks like a dropped connection: the server just closes);
+* given an ``iccid``, is a cellular device: it sends its SIM's ICCID in its system describe
+  (over TCP and UDP alike), as Device OS does.
 
 :class:`ParticleFleet` runs many of them in one event loop and bounds how many handshakes
 run at the same moment. Keys: :func:`generate_keys` makes RSA-1024 device keys (PEM) in a
@@ -29,7 +31,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -159,8 +161,10 @@ class SimulatedParticleDevice(SimulatedBehaviour):
                  platform_id: int = DEFAULT_PLATFORM,
                  connect_limit: asyncio.Semaphore | None = None,
                  backoff: Backoff | None = None, rng: random.Random | None = None,
-                 on_connect: Callable[[], None] | None = None) -> None:
+                 on_connect: Callable[[], None] | None = None,
+                 iccid: str | None = None) -> None:
         self.device_id = device_id.lower()
+        self.iccid = iccid  # its SIM: a cellular device
         self.key = key
         self.server_key = server_key
         self.host = host
@@ -226,7 +230,7 @@ class SimulatedParticleDevice(SimulatedBehaviour):
     def _new_device(self) -> ParticleDevice:
         kw: dict[str, Any] = dict(
             product_id=self.product_id, product_version=self.firmware_version,
-            platform_id=self.platform_id, system_version=SYSTEM_VERSION,
+            platform_id=self.platform_id, system_version=SYSTEM_VERSION, iccid=self.iccid,
             functions={"led": self._counted(self._led), "reboot": self._counted(self._reboot),
                        "interval": self._counted(self._set_interval)},
             variables={"temperature": ("double", self._read(lambda: round(self.temperature, 2))),
@@ -312,16 +316,19 @@ class SimulatedParticleDevice(SimulatedBehaviour):
 
 class ParticleFleet:
     """Many simulated Particle devices in this event loop. ``start()`` returns at once; the
-    devices connect in the background, at most ``connect_concurrency`` handshakes at once."""
+    devices connect in the background, at most ``connect_concurrency`` handshakes at once. A
+    device with an entry in ``iccids`` is cellular and reports that SIM."""
 
     def __init__(self, devices: Sequence[tuple[str, DeviceKey]],
                  server_key: ServerKey, host: str = "127.0.0.1", port: int = 5683, *,
                  interval: float = 5.0, product_id: int | None = None,
                  platform_id: int = DEFAULT_PLATFORM, connect_concurrency: int = 50,
-                 labels: Sequence[str] | None = None, seed: int | None = None) -> None:
+                 labels: Sequence[str] | None = None, seed: int | None = None,
+                 iccids: Mapping[str, str] | None = None) -> None:
         if connect_concurrency < 1:
             raise ValueError("connect_concurrency must be at least 1")
         self.credentials = list(devices)
+        self.iccids = dict(iccids or {})  # device id -> its SIM (cellular devices)
         self.server_key = server_key
         self.host = host
         self.port = port
@@ -355,7 +362,8 @@ class ParticleFleet:
                 device_id, key, self.server_key, self.host, self.port, stats=self.stats,
                 interval=self.interval, label=label, product_id=self.product_id,
                 platform_id=self.platform_id, connect_limit=limit,
-                rng=random.Random(self.rng.random()), on_connect=self._progress.set)
+                rng=random.Random(self.rng.random()), on_connect=self._progress.set,
+                iccid=self.iccids.get(device_id))
             self.devices.append(sim)
             self._tasks.append(loop.create_task(sim.run(), name=f"particle-sim-{device_id}"))
 

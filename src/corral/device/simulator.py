@@ -9,7 +9,8 @@ Each :class:`SimulatedDevice` is a :class:`~corral.device.Device` that
   ``label`` (string) and ``on`` (bool);
 * reconnects with the SDK's backoff;
 * applies firmware updates the cloud offers (:class:`~corral.device.ota.OtaUpdater`: the
-  image is downloaded and checked, then the device reports the new version and reconnects).
+  image is downloaded and checked, then the device reports the new version and reconnects);
+* given an ``iccid``, is a cellular device: it reports its SIM in its describe.
 
 A :class:`Fleet` runs many of them in one event loop, bounds how many connect at the same
 moment, and counts what happens in :class:`FleetStats`. Credentials come from the caller
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -135,8 +136,9 @@ class SimulatedDevice(SimulatedBehaviour):
                  connect_limit: asyncio.Semaphore | None = None,
                  reprovision: Reprovision | None = None,
                  rng: random.Random | None = None,
-                 http: httpx.AsyncClient | None = None) -> None:
+                 http: httpx.AsyncClient | None = None, iccid: str | None = None) -> None:
         self.stats = stats
+        self.iccid = iccid  # its SIM: a cellular device
         self.rng = rng or random.Random()
         self.interval = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, interval))
         self.label = label or f"sim-{device_id[-6:]}"
@@ -194,7 +196,8 @@ class SimulatedDevice(SimulatedBehaviour):
         dev.variable("uptime", "int32", read(self.uptime))
         dev.variable("label", "string", read(lambda: self.label))
         dev.variable("on", "bool", read(lambda: self.on))
-        dev.describe(firmware_version=FIRMWARE_VERSION, system_version=SYSTEM_VERSION)
+        dev.describe(firmware_version=FIRMWARE_VERSION, system_version=SYSTEM_VERSION,
+                     iccid=self.iccid)
         dev.vitals(self.vitals_doc, every=VITALS_EVERY_S)
 
         def connected() -> None:
@@ -260,16 +263,19 @@ class SimulatedDevice(SimulatedBehaviour):
 
 class Fleet:
     """Many simulated devices in this event loop. ``start()`` returns at once; the devices
-    connect in the background, at most ``connect_concurrency`` at the same moment."""
+    connect in the background, at most ``connect_concurrency`` at the same moment. A device
+    with an entry in ``iccids`` is cellular and reports that SIM."""
 
     def __init__(self, credentials: Sequence[tuple[str, str]], host: str = "127.0.0.1",
                  port: int = 1883, *, interval: float = 5.0, tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, protocol: int = 5, keepalive: int = 60,
                  connect_concurrency: int = 50, reprovision: Reprovision | None = None,
-                 labels: Sequence[str] | None = None, seed: int | None = None) -> None:
+                 labels: Sequence[str] | None = None, seed: int | None = None,
+                 iccids: Mapping[str, str] | None = None) -> None:
         if connect_concurrency < 1:
             raise ValueError("connect_concurrency must be at least 1")
         self.credentials = list(credentials)
+        self.iccids = dict(iccids or {})  # device id -> its SIM (cellular devices)
         self.host = host
         self.port = port
         self.interval = interval
@@ -308,7 +314,8 @@ class Fleet:
                                   server_hostname=self.server_hostname, protocol=self.protocol,
                                   keepalive=self.keepalive, connect_limit=limit,
                                   reprovision=self.reprovision,
-                                  rng=random.Random(self.rng.random()), http=self._http)
+                                  rng=random.Random(self.rng.random()), http=self._http,
+                                  iccid=self.iccids.get(device_id))
             sim.device.on_connect(self._progress.set)
             self.devices.append(sim)
             self._tasks.append(asyncio.get_running_loop().create_task(
