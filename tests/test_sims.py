@@ -232,6 +232,27 @@ async def test_describing_an_iccid_makes_a_device_cellular(client, app):
     await s.close("bye")
 
 
+async def test_a_released_sim_comes_back_when_its_device_reports_it_again(client, app):
+    """Releasing a SIM deletes its row but not the device's ICCID: the device's next
+    connection that reports the SIM makes it the product's SIM again (as release promises),
+    rather than being skipped as "nothing changed"."""
+    w = await team_world(client, app)
+    ada, widget = w["tokens"]["ada"], w["widget"]
+    await seed(app, {"id": A, "product_id": widget["id"], "platform_id": 13})
+    s = await connect(app, A, ScriptedDevice())
+    await s.describe(iccid=S1)
+    await s.close("bye")
+    url = f"/v1/products/{widget['slug']}/sims/{S1}"
+    assert (await client.delete(url, headers=bearer(ada))).status_code == 204
+    assert (await client.get(url, headers=bearer(ada))).status_code == 404
+    s = await connect(app, A, ScriptedDevice())
+    await s.describe(iccid=S1)
+    r = await client.get(url, headers=bearer(ada))
+    assert r.status_code == 200 and r.json()["sim"]["last_device_id"] == A, r.text
+    await s.describe(iccid=S1)  # held again: nothing more to record
+    await s.close("bye")
+
+
 async def test_deactivating_a_sim_disconnects_and_refuses_the_device(client, app):
     w = await team_world(client, app)
     ada, widget = w["tokens"]["ada"], w["widget"]

@@ -295,7 +295,8 @@ class SessionHub:
             event_data_max=int(ps.get("event_data_max_bytes") or cfg.event_data_max_bytes),
             rate_per_s=float(ps.get("event_rate_per_s") or cfg.event_rate_per_s),
             rate_burst=int(ps.get("event_rate_burst") or cfg.event_rate_burst),
-            cellular=bool(row.cellular), iccid=row.iccid,
+            # a SIM whose row is gone (released) is not held: reported again, it is recorded
+            cellular=bool(row.cellular), iccid=row.iccid if row.sim_iccid is not None else None,
         )
         return facts, list(row.functions or []), dict(row.variables or {})
 
@@ -306,7 +307,7 @@ _FACTS = (
            Device.development, Device.platform_id, Device.functions, Device.variables,
            Device.quarantined, Device.denied, Device.public_key_der, Device.cellular,
            Device.first_online_at, Product.org_id, Product.settings, Device.iccid,
-           Sim.deactivated_at.label("sim_off"))
+           Sim.iccid.label("sim_iccid"), Sim.deactivated_at.label("sim_off"))
     .outerjoin(Product, Product.id == Device.product_id)
     .outerjoin(Sim, Sim.iccid == Device.iccid)
 )

@@ -73,7 +73,7 @@ class DeviceFacts:
     rate_per_s: float
     rate_burst: int
     cellular: bool = False  # its session traffic counts towards the cellular allowance
-    iccid: str | None = None  # the SIM it last reported
+    iccid: str | None = None  # the SIM it last reported (None once that SIM was released)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
