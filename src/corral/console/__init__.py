@@ -3,6 +3,9 @@ as ``/v1``. ``docs/console.md`` explains how to add a page."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -33,14 +36,15 @@ def console_routers() -> list[APIRouter]:
             billing.router, fleet.router, cohorts.router]
 
 
-def install(app: FastAPI) -> None:
-    """Mount the console's routes, its static files and its HTML error pages."""
+def install(app: FastAPI) -> tuple[Callable[[str], bool], Any]:
+    """Mount the console's routes and its static files. Returns its HTML error pages (which
+    paths, and the renderer) for the app's error handlers to register: the console does not
+    reach into the web layer that mounts it."""
     from corral.console.errors import is_console_path, render_error
     from corral.console.render import STATIC
-    from corral.web.errors import add_html_errors
 
     for router in console_routers():
         app.include_router(router, include_in_schema=False,
                            dependencies=[Depends(check_csrf)])
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
-    add_html_errors(is_console_path, render_error)
+    return is_console_path, render_error

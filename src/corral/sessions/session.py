@@ -12,13 +12,15 @@ import datetime as dt
 import json
 import logging
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from corral.bus.base import Message, Subscription
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from corral.bus.base import Bus, Message, Subscription
 from corral.devices import claims as claim_rules
 from corral.devices import presence
-from corral.events.writer import NewEvent, WriterStopped
+from corral.events.writer import EventWriter, NewEvent, WriterStopped
 from corral.kit import clock
 from corral.metering import sims
 from corral.metering.ledger import Kind, Usage, uncounted_name
@@ -26,6 +28,7 @@ from corral.sessions import contract
 from corral.sessions.link import (
     INT32,
     VARIABLE_TYPES,
+    CommunicationGate,
     DeviceError,
     DeviceFacts,
     DeviceLink,
@@ -36,9 +39,7 @@ from corral.sessions.link import (
     check_member_name,
     coerce_variable,
 )
-
-if TYPE_CHECKING:
-    from corral.sessions.core import SessionHub
+from corral.settings import Settings
 
 log = logging.getLogger("corral.sessions")
 
@@ -62,6 +63,30 @@ class SessionObserver(Protocol):
         ...
 
 
+class SessionHost(Protocol):
+    """What a session needs of the hub that opened it (:class:`corral.sessions.core.SessionHub`):
+    the session module stays below the hub, which imports it."""
+
+    settings: Settings
+    sessionmaker: async_sessionmaker[AsyncSession]
+    bus: Bus
+    writer: EventWriter
+    gate: CommunicationGate
+    heard: dict[str, dt.datetime]
+    discarded: int
+    observers: list[SessionObserver]
+    call_results: list[Callable[[str, int | None, str, Any], None]]
+
+    async def record_cellular(self, device_id: str, iccid: str | None) -> bool: ...
+
+    async def _kick(self, session: DeviceSession, reason: str, *,
+                    replaced: bool = False) -> None: ...
+
+    def _forget(self, session: DeviceSession) -> None: ...
+
+    async def _facts(self, db: AsyncSession, device_id: str) -> DeviceFacts | None: ...
+
+
 def _reply_error(status: int, error: str, description: str) -> dict[str, Any]:
     return {"ok": False, "status": status, "error": error, "error_description": description}
 
@@ -71,7 +96,7 @@ def _reply_error(status: int, error: str, description: str) -> dict[str, Any]:
 class DeviceSession:
     """One connected device on this node."""
 
-    def __init__(self, hub: SessionHub, facts: DeviceFacts, link: DeviceLink, *,
+    def __init__(self, hub: SessionHost, facts: DeviceFacts, link: DeviceLink, *,
                  handshake_at: dt.datetime, functions: list[str],
                  variables: dict[str, str]) -> None:
         self.id = uuid.uuid4().hex

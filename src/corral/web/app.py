@@ -471,7 +471,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             app.include_router(router)
         from corral.console import install as install_console
 
-        install_console(app)  # the web console at / and /console/
+        errors.add_html_errors(*install_console(app))  # the web console at / and /console/
         openapi.install(app, [route for router in api for route in router.routes])
 
     @app.get("/healthz", include_in_schema=False)
