@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from corral.devices import importer
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.kit.errors import BadRequest
+from devicekit import eventually
 from helpers import (
     add_role,
     audit_actions,
@@ -22,6 +23,7 @@ from helpers import (
     seed,
     user_id,
 )
+from sessionkit import ScriptedDevice, connect
 
 ID1 = "0123456789abcdef01234567"
 ID2 = "0123456789abcdef01234568"
@@ -230,11 +232,19 @@ async def test_forced_switch_moves_and_resets_credentials(app, client):
     _, other = await _other_product_device(app, client)
     await add_role(app, "ada@example.com", other, "Administrator")
     before = await load(app, ID1)
+    link = ScriptedDevice()  # connected in its old product
+    session = await connect(app, ID1, link)
     # form encoding, as a browser form would send it
     r = await client.post(f"/v1/products/{p['slug']}/devices", headers=bearer(tok),
                           data={"id": ID1, "force": "true"})
     body = result(r)
     assert body["updatedDeviceIds"] == [ID1] and body["protectedDeviceIds"] == []
+
+    async def ended() -> bool:
+        return session.closed
+
+    await eventually(ended)  # its credentials are gone: its session with them too
+    assert link.disconnected == ["The device moved to another product"]
     d = await load(app, ID1)
     assert d.product_id == p["id"] and d.credentials_version == before.credentials_version + 1
     assert (d.public_key_der, d.public_key_algorithm, d.mqtt_secret_hash,

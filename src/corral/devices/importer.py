@@ -338,8 +338,8 @@ async def _write(db: AsyncSession, actor: Subject, ip: str, product: Product,
                                  credentials_version=Device.credentials_version + 1,
                                  desired_firmware_version=None, updated_at=now)
                          .execution_options(synchronize_session=False))
+    signals.disconnect_many(db, moved, "The device moved to another product")
     for did in moved:
-        signals.disconnect(db, did, "The device moved to another product")
         audit.record(db, actor=actor, ip=ip, action="device.moved", org_id=product.org_id,
                      product_id=product.id, target_type="device", target_id=did,
                      details={"old_product_id": plan.force_move[did],
