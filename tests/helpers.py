@@ -183,3 +183,19 @@ async def audit_actions(app: Any, prefix: str = "") -> list[AuditEntry]:
 async def post_ids(client: httpx.AsyncClient, token: str, product: Any, **body: Any) -> httpx.Response:
     """Import device IDs into ``product`` (POST /v1/products/:product/devices, JSON)."""
     return await client.post(f"/v1/products/{product}/devices", headers=bearer(token), json=body)
+
+
+async def settle_fleet(app: Any, *, sample: bool = True) -> None:
+    """Store what the devices sent (the event writer's batches), sample the devices online
+    now (``sample``) and flush this node's fleet rollups: the fleet-health API then answers
+    from everything so far."""
+    from corral.fleet.rollups import sample_online
+
+    rt = app.state.runtime
+    await rt.writer.stop()
+    rt.writer.start()
+    if sample:
+        async with app.state.sessionmaker() as db:
+            await sample_online(db)
+            await db.commit()
+    await rt.fleet.flush()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
+
 import test_cli
 from test_cli import Cli, login
-from test_cli_devices import new_product
+from test_cli_devices import new_product, token_of
 
 # test_cli's fixtures (pytest finds them by name): a live server, the CLI pointed at it
 live_server, config_home, cli, user = (test_cli.live_server, test_cli.config_home,
@@ -30,3 +32,34 @@ def test_fleet_health_prints_a_products_health(cli: Cli, user: str, tmp_path: Pa
     assert r.exit_code == 0 and "Fleet health" in r.stdout and "Firmware" in r.stdout, r.output
     r = cli("fleet", "health", "--product", slug, "--start", "yesterday")
     assert r.exit_code == 1 and "ISO8601" in r.output
+
+
+def test_fleet_health_filtered_by_group_and_device_os(cli: Cli, user: str, tmp_path: Path,
+                                                      live_server: str,
+                                                      config_home: Path) -> None:
+    """``--group`` and ``--device-os`` reach the API: a group's devices only; an unknown
+    group and a group with a Device OS version are refused with the API's reason."""
+    login(cli, user)
+    slug = new_product(cli, "Fleet Groups")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("0123456789abcdef0123fe11\n0123456789abcdef0123fe12\n"
+                   "0123456789abcdef0123fe13\n")
+    r = cli("devices", "import", str(ids), "--product", slug)
+    assert r.exit_code == 0, r.output
+    r = httpx.put(f"{live_server}/v1/products/{slug}/devices/0123456789abcdef0123fe12",
+                  headers={"Authorization": f"Bearer {token_of(config_home)}"},
+                  json={"groups": ["beta"]}, timeout=10)
+    assert r.status_code == 200, r.text
+    r = cli("fleet", "health", "--product", slug, "--group", "beta", "--json")
+    assert r.exit_code == 0, r.output
+    h = json.loads(r.stdout)
+    assert h["devices"]["total"] == 1 and h["filter"]["device_group_id"] is not None
+    r = cli("fleet", "health", "--product", slug, "--group", "beta")
+    assert r.exit_code == 0 and "(group beta)" in r.stdout, r.output
+    r = cli("fleet", "health", "--product", slug, "--device-os", "6.2.0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["devices"]["total"] == 0  # imported devices never reported one
+    r = cli("fleet", "health", "--product", slug, "--group", "nope")
+    assert r.exit_code == 1 and "Group nope not found" in r.output, r.output
+    r = cli("fleet", "health", "--product", slug, "--group", "beta", "--device-os", "6.2.0")
+    assert r.exit_code == 1 and "cannot be combined" in r.output, r.output

@@ -59,3 +59,45 @@ async def test_fleet_map_places_each_located_device(app, client, database_url):
     # 2 px per degree: lon 90 -> x 540, lat 45 -> y 90; online: green
     assert '<circle cx="540.0" cy="90.0" r="3" fill="#1f9d55">' in r.text
     await s.close("done")
+
+
+async def test_fleet_health_page_filters_by_group_and_device_os(app, client, database_url):
+    """The group and Device OS filters count only the selected devices; an unknown group
+    is named on the page, which then shows the whole product."""
+    from sqlalchemy import func, select
+
+    from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+
+    world = await console_world(app, database_url)
+    did = "0123456789abcdef01234567"  # the world's product device
+    async with app.state.sessionmaker() as db:
+        group = DeviceGroup(product_id=world.product.id, name="pilot")
+        db.add(group)
+        await db.flush()
+        db.add(DeviceGroupMember(device_id=did, group_id=group.id))
+        await db.commit()
+        total = (await db.execute(select(func.count()).select_from(Device).where(
+            Device.product_id == world.product.id))).scalar_one()
+    assert total > 1
+    s = await app.state.runtime.hub.open(Hello(did, firmware_version=4, system_version="6.2.0"),
+                                         ScriptedLink())
+    await s.publish("temp", "1")
+    await app.state.runtime.writer.stop()
+    app.state.runtime.writer.start()
+    await app.state.runtime.fleet.flush()
+    headers = console_headers(world, "org:View-only")
+    base = f"/console/products/{world.product.slug}/fleet?range=hour"
+    for query in ("&group=pilot", "&os=6.2.0", "&group=pilot&fw=4"):
+        r = await client.get(base + query, headers=headers)
+        assert r.status_code == 200, r.text
+        assert re.search(r"<dt>Devices</dt><dd>1</dd>", r.text), query
+        assert re.search(r"<dt>Events received</dt><dd>1</dd>", r.text), query
+        assert "data-filtered" in r.text and "data-filter-error" not in r.text
+    assert '<option value="pilot" selected>pilot</option>' in r.text
+    r = await client.get(base + "&os=5.0.0", headers=headers)
+    assert re.search(r"<dt>Devices</dt><dd>0</dd>", r.text)
+    r = await client.get(base + "&group=nope", headers=headers)
+    assert r.status_code == 200 and "data-filter-error" in r.text and "Group nope not found" \
+        in r.text
+    assert re.search(rf"<dt>Devices</dt><dd>{total}</dd>", r.text)
+    await s.close("done")

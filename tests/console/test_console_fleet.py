@@ -46,6 +46,31 @@ def test_fleet_health_of_the_live_demo_fleet(page: Any, console_server: Any) -> 
     visit(page, base, BASE + "/map")
 
 
+def test_fleet_health_filtered_by_group(page: Any, console_server: Any) -> None:
+    """The group filter, chosen from the product's groups: the demo's 6 beta devices; the
+    Device OS filter with a version no device runs: none; back to all devices: 25."""
+    base = console_server.url
+    sign_in(page, base)
+    visit(page, base, BASE)
+    page.get_by_role("heading", name="Fleet health", level=1).wait_for()
+    page.get_by_label("Device group").select_option("beta")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url(re.compile(r"group=beta"))
+    assert _stat(page, "Devices") == 6
+    assert page.locator("[data-filtered]").count() == 1
+    assert page.get_by_label("Device group").input_value() == "beta"
+    page.get_by_label("Device group").select_option("")
+    page.get_by_label("Device OS version").fill("0.0.1")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url(re.compile(r"os=0\.0\.1"))
+    assert _stat(page, "Devices") == 0
+    page.get_by_label("Device OS version").fill("")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url(re.compile(r"os=&|os=$"))
+    assert _stat(page, "Devices") == 25
+    assert page.locator("[data-filtered]").count() == 0
+
+
 ALERTS = BASE + "/alerts"
 
 

@@ -24,18 +24,28 @@ def health(ctx: typer.Context,
            end: Annotated[str | None, typer.Option("--end", help="ISO 8601 end (now).")] = None,
            firmware: Annotated[int | None, typer.Option(
                "--firmware", help="Only devices on this product firmware version.")] = None,
+           group: Annotated[str | None, typer.Option(
+               "--group", help="Only devices in this device group (by name).")] = None,
+           device_os: Annotated[str | None, typer.Option(
+               "--device-os", help="Only devices on this Device OS version (e.g. 6.2.0); "
+                                   "not with --group.")] = None,
            as_json: Json = False) -> None:
     """Online devices, connections, events, call outcomes, firmware versions, update
-    success per release, vitals and the most troubled devices."""
+    success per release, vitals and the most troubled devices (of the devices the filters
+    select; disconnect reasons stay product-wide)."""
     params = {k: v for k, v in (("start_date", start), ("end_date", end),
-                                ("product_fw", firmware)) if v is not None}
+                                ("product_fw", firmware), ("device_group", group),
+                                ("device_os_version", device_os)) if v is not None}
     h = api(ctx).call("GET", f"/v1/products/{product}/fleet/health", params=params)
     if as_json:
         print_json(h)
         return
     d, c = h["devices"], h["connections"]
-    console.print(f"[bold]Fleet health[/bold] of product {h['product_id']}, "
-                  f"{h['start_date']} to {h['end_date']}")
+    only = [f"{label} {value}" for label, value in (
+        ("firmware", firmware), ("group", group), ("Device OS", device_os)) if value is not None]
+    console.print(f"[bold]Fleet health[/bold] of product {h['product_id']}"
+                  f"{' (' + ', '.join(only) + ')' if only else ''}, "
+                  f"{h['start_date']} to {h['end_date']}", highlight=False)
     table(None, ["devices", "online now", "most online", "connects", "disconnects",
                  "events", "call errors", "device offline"],
           [(d["total"], d["online"], d["online_max"], c["connects"], c["disconnects"],

@@ -25,6 +25,9 @@ class Device(Timestamps, Base):
         Index("ix_devices_product_fw_heard", "product_id", "firmware_version", "last_heard",
               "id"),
         Index("ix_devices_product_name", "product_id", "name", "id"),
+        # fleet health filtered by Device OS version (and firmware version)
+        Index("ix_devices_product_os", "product_id", "system_firmware_version",
+              "firmware_version", "id"),
         Index("ix_devices_product_quarantined", "product_id", "quarantined"),
         Index("ix_devices_owner_name", "owner_user_id", "name"),
         Index("ix_devices_serial", "serial_number"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -222,14 +223,17 @@ def update_json(u: DeviceUpdate) -> dict[str, object]:
 
 
 async def outcomes_by_release(db: AsyncSession, product_id: int, *,
-                              since: dt.datetime | None = None) -> list[dict[str, object]]:
+                              since: dt.datetime | None = None,
+                              devices: Any = None) -> list[dict[str, object]]:
     """Per target version: how many updates were applied, failed, or are still open (fleet
     health's update success rate), newest version first. ``since``: updates created from
-    then on."""
+    then on; ``devices``: a subquery of device IDs, only their updates."""
     q = (select(DeviceUpdate.target_version, DeviceUpdate.state, func.count())
          .where(DeviceUpdate.product_id == product_id, DeviceUpdate.firmware_id.is_not(None)))
     if since is not None:
         q = q.where(DeviceUpdate.created_at >= since)
+    if devices is not None:
+        q = q.where(DeviceUpdate.device_id.in_(devices))
     rows = (await db.execute(q.group_by(DeviceUpdate.target_version,
                                         DeviceUpdate.state))).all()
     by: dict[int, dict[str, int]] = {}

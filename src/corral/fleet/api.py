@@ -4,11 +4,15 @@ never the events table."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
+from corral.devices.groups import GROUP_NAME_RE
+from corral.devices.models import DeviceGroup
 from corral.firmware.updates import outcomes_by_release
 from corral.fleet import alerts, metrics
 from corral.fleet.models import FleetAlertRule
@@ -29,7 +33,7 @@ from corral.fleet.schemas import (
 )
 from corral.kit import clock
 from corral.kit.body import body, query
-from corral.kit.errors import BadRequest
+from corral.kit.errors import BadRequest, NotFound
 from corral.kit.responses import OkAnswer, answers
 from corral.locations import service as locations
 from corral.orgs.access import OrgCtx, OrgGuard
@@ -40,15 +44,41 @@ router = APIRouter(tags=["fleet health"])
 
 FLEET = "fleet:get"
 MAX_LOCATIONS = 10_000
+OS_VERSION_RE = re.compile(r"^[0-9A-Za-z.+_-]{1,32}$")
 
 
-def _window(pc: ProductCtx, q: FleetMetricsQuery) -> metrics.Window:
-    for unsupported in ("device_group", "device_os_version"):
-        if getattr(q, unsupported):
-            raise BadRequest(f"{unsupported} is not supported as a metrics filter by corral "
-                             "(product_fw is; docs/fleet.md says why)", code="bad_request")
-    return window_of(q.model_dump(exclude_none=True),
-                     pc.ctx.settings.fleet_minute_retention_days)
+async def _window(pc: ProductCtx, q: FleetMetricsQuery) -> metrics.Window:
+    w = window_of(q.model_dump(exclude_none=True), pc.ctx.settings.fleet_minute_retention_days)
+    return await with_filters(pc, w, group=q.device_group, os_version=q.device_os_version)
+
+
+async def with_filters(pc: ProductCtx, w: metrics.Window, *, group: str | None,
+                       os_version: str | None) -> metrics.Window:
+    """``w`` filtered by a device group of the product (by name; 404 ``group_not_found``
+    when it has none of that name) or by a Device OS version (400 when it is none);
+    empty values filter nothing."""
+    group = group.strip() if group else None
+    os_version = os_version.strip() if os_version else None
+    if group and os_version:
+        raise BadRequest("device_group and device_os_version cannot be combined (either "
+                         "one can be combined with product_fw)", code="bad_request")
+    if group:
+        if not GROUP_NAME_RE.match(group):
+            raise BadRequest("device_group must be a group name: 1-64 lowercase letters, "
+                             "digits, '-' or '_'", code="bad_request")
+        group_id = (await pc.db.execute(select(DeviceGroup.id).where(
+            DeviceGroup.product_id == pc.product.id, DeviceGroup.name == group))
+                    ).scalar_one_or_none()
+        if group_id is None:
+            raise NotFound(f"Group {group} not found", code="group_not_found")
+        return dataclasses.replace(w, group_id=int(group_id))
+    if os_version:
+        if not OS_VERSION_RE.match(os_version):
+            raise BadRequest("device_os_version must be a Device OS version such as 6.2.0 "
+                             "(1 to 32 letters, digits, '.', '+', '-' or '_')",
+                             code="bad_request")
+        return dataclasses.replace(w, os_version=os_version)
+    return w
 
 
 def window_of(params: Any, minute_days: int) -> metrics.Window:
@@ -60,7 +90,7 @@ def window_of(params: Any, minute_days: int) -> metrics.Window:
 
 
 async def _series(pc: ProductCtx, q: FleetMetricsQuery, metric: str) -> dict[str, Any]:
-    return await metrics.series(pc.db, pc.product.id, metric, _window(pc, q))
+    return await metrics.series(pc.db, pc.product.id, metric, await _window(pc, q))
 
 
 @router.get("/v1/products/{product}/metrics/online", summary="Devices online over time",
@@ -68,7 +98,8 @@ async def _series(pc: ProductCtx, q: FleetMetricsQuery, metric: str) -> dict[str
 async def metrics_online(pc: ProductCtx = Depends(ProductGuard(FLEET)),
                          q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
     """`{"online": [{"time", "count"}]}`: the most devices online at once per bucket
-    (`start_date`, `end_date`, `bucket_size` seconds (900), `product_fw`)."""
+    (`start_date`, `end_date`, `bucket_size` seconds (900), `product_fw`, `device_group`
+    or `device_os_version`)."""
     return await _series(pc, q, "online")
 
 
@@ -98,11 +129,19 @@ async def metrics_variables(pc: ProductCtx = Depends(ProductGuard(FLEET)),
     return await _series(pc, q, "variables")
 
 
+UNFILTERED = ["connections.reasons"]  # product-wide even when the request is filtered
+
+
 async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
     """The fleet-health summary of a product over ``w`` (also what the console and the CLI
-    show)."""
+    show). Filtered (firmware version, group, Device OS version): every part but the
+    disconnect reasons counts only the selected devices."""
     db = pc.db
-    online, total = await metrics.online_now(db, pc.product.id)
+    if w.filtered:
+        online, total, firmware = await metrics.filtered_devices(db, pc.product.id, w)
+    else:
+        online, total = await metrics.online_now(db, pc.product.id)
+        firmware = await metrics.firmware_distribution(db, pc.product.id)
     t = await metrics.totals(db, pc.product.id, w)
     calls = t["fn_success"] + t["fn_failure"] + t["fn_offline"] + t["var_success"] \
         + t["var_failure"] + t["var_offline"]
@@ -110,6 +149,9 @@ async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
     return {
         "product_id": pc.product.id,
         "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
+        "filter": {"product_fw": w.firmware, "device_group_id": w.group_id,
+                   "device_os_version": w.os_version,
+                   "unfiltered": UNFILTERED if w.filtered else []},
         "devices": {"total": total, "online": online, "online_max": t["online_max"]},
         "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
                         "reasons": await metrics.disconnect_reasons(db, pc.product.id, w)},
@@ -119,8 +161,9 @@ async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
         "error_rate": None if not calls else round(failed / calls, 4),
         "offline_rate": None if not calls else round(
             (t["fn_offline"] + t["var_offline"]) / calls, 4),
-        "firmware": await metrics.firmware_distribution(db, pc.product.id),
-        "updates": await outcomes_by_release(db, pc.product.id, since=w.start),
+        "firmware": firmware,
+        "updates": await outcomes_by_release(db, pc.product.id, since=w.start,
+                                             devices=metrics.devices_of(pc.product.id, w)),
         "vitals": await metrics.vitals_aggregates(db, pc.product.id, w),
         "top": await metrics.troubled_devices(db, pc.product.id, w),
     }
@@ -133,8 +176,10 @@ async def fleet_health(pc: ProductCtx = Depends(ProductGuard(FLEET)),
     """Devices online now (and the most at once in the range), connects and disconnects,
     events, function and variable outcomes with the error rate, firmware distribution,
     update success per release, vitals (median and worst) and the devices with the most
-    disconnects and errors (`start_date`, `end_date`, default the last day; `product_fw`)."""
-    return await health(pc, _window(pc, q))
+    disconnects and errors (`start_date`, `end_date`, default the last day; filters:
+    `product_fw`, and `device_group` or `device_os_version`; `filter` says which applied
+    and which parts stay product-wide)."""
+    return await health(pc, await _window(pc, q))
 
 
 MAX_ORG_PRODUCTS = 200

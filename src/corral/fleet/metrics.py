@@ -8,18 +8,18 @@ import datetime as dt
 import statistics
 from typing import Any
 
-from sqlalchemy import desc, func, literal, select, text, union_all
+from sqlalchemy import Select, case, desc, func, literal, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.devices.models import Device
+from corral.devices.models import Device, DeviceGroupMember
 from corral.fleet.models import (
     DeviceVitals,
     FleetDeviceDay,
     FleetDisconnect,
-    FleetHour,
     FleetMinute,
+    rollup_table,
 )
-from corral.fleet.rollups import COUNTERS
+from corral.fleet.rollups import COUNTERS, group_segment, os_segment
 from corral.kit import clock
 
 DEFAULT_BUCKET_S = 900
@@ -40,10 +40,55 @@ SERIES: dict[str, tuple[str, dict[str, str]]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Window:
+    """A range and bucket size, and the filters: one product firmware version, and one
+    device group (``group_id``) or one Device OS version (``os_version``), not both."""
+
     start: dt.datetime
     end: dt.datetime
     bucket_s: int
     firmware: int | None = None
+    group_id: int | None = None
+    os_version: str | None = None
+
+    @property
+    def segment(self) -> str | None:
+        """The segment rollups' key of the group or Device OS filter (None: neither)."""
+        if self.group_id is not None:
+            return group_segment(self.group_id)
+        return None if self.os_version is None else os_segment(self.os_version)
+
+    @property
+    def filtered(self) -> bool:
+        return self.firmware is not None or self.segment is not None
+
+
+def _filters(table: Any, product_id: int, w: Window) -> list[Any]:
+    where = [table.product_id == product_id]
+    if w.segment is not None:
+        where.append(table.segment == w.segment)
+    if w.firmware is not None:
+        where.append(table.firmware_version == w.firmware)
+    return where
+
+
+def devices_of(product_id: int, w: Window) -> Select[Any] | None:
+    """The IDs of the product's devices the window's filters select, as a subquery (None:
+    no filter). A group reads its members (indexed by group); a Device OS version
+    ix_devices_product_os; a firmware version ix_devices_product_fw."""
+    if w.group_id is not None:
+        q = select(DeviceGroupMember.device_id).where(DeviceGroupMember.group_id == w.group_id)
+        if w.firmware is not None:
+            q = q.join(Device, Device.id == DeviceGroupMember.device_id).where(
+                Device.firmware_version == w.firmware)
+        return q
+    if w.os_version is None and w.firmware is None:
+        return None
+    q = select(Device.id).where(Device.product_id == product_id)
+    if w.os_version is not None:
+        q = q.where(Device.system_firmware_version == w.os_version)
+    if w.firmware is not None:
+        q = q.where(Device.firmware_version == w.firmware)
+    return q
 
 
 def parse_window(qp: Any, *, minute_days: int) -> Window:
@@ -95,14 +140,13 @@ def _floor(at: dt.datetime, seconds: int) -> dt.datetime:
 async def _rows(db: AsyncSession, product_id: int, w: Window, columns: list[str]
                 ) -> list[Any]:
     """Per rollup bucket: the sums over firmware versions (or the one asked for)."""
-    table: Any = FleetMinute if w.bucket_s % 3600 or w.bucket_s < 3600 else FleetHour
+    minute = bool(w.bucket_s % 3600 or w.bucket_s < 3600)
     if w.bucket_s % 3600 == 0 and w.start >= clock.now() - dt.timedelta(days=1):
-        table = FleetMinute  # recent and whole hours: the minutes are finer and complete
+        minute = True  # recent and whole hours: the minutes are finer and complete
+    table = rollup_table(minute=minute, segment=w.segment is not None)
     q = select(table.bucket, *[func.sum(getattr(table, c)).label(c) for c in columns]).where(
-        table.product_id == product_id, table.bucket >= _floor(w.start, 60),
+        *_filters(table, product_id, w), table.bucket >= _floor(w.start, 60),
         table.bucket < w.end)
-    if w.firmware is not None:
-        q = q.where(table.firmware_version == w.firmware)
     return list((await db.execute(q.group_by(table.bucket))).all())
 
 
@@ -140,11 +184,10 @@ async def totals(db: AsyncSession, product_id: int, w: Window) -> dict[str, int]
     """Every counter summed over the window, and ``online_max`` (the most devices online
     at once). Past a day, whole hours are read (from the hourly rollups: the edges count
     their whole hour), so a month is ~720 rows per firmware version, not ~43,000."""
-    table: Any = FleetHour if w.end - w.start > dt.timedelta(days=1) else FleetMinute
-    start = _floor(w.start, 3600 if table is FleetHour else 60)
-    where = [table.product_id == product_id, table.bucket >= start, table.bucket < w.end]
-    if w.firmware is not None:
-        where.append(table.firmware_version == w.firmware)
+    hourly = w.end - w.start > dt.timedelta(days=1)
+    table = rollup_table(minute=not hourly, segment=w.segment is not None)
+    start = _floor(w.start, 3600 if hourly else 60)
+    where = [*_filters(table, product_id, w), table.bucket >= start, table.bucket < w.end]
     row = (await db.execute(select(*[func.coalesce(func.sum(getattr(table, c)), 0)
                                      for c in COUNTERS]).where(*where))).one()
     out = {c: int(v) for c, v in zip(COUNTERS, row, strict=True)}
@@ -166,6 +209,23 @@ async def online_now(db: AsyncSession, product_id: int) -> tuple[int, int]:
     online = (await db.execute(select(func.count()).select_from(Device).where(
         Device.product_id == product_id, ONLINE))).scalar_one()
     return int(online), int(total)
+
+
+async def filtered_devices(db: AsyncSession, product_id: int, w: Window
+                           ) -> tuple[int, int, list[dict[str, Any]]]:
+    """(online, total, devices and online per firmware version) of the devices the window's
+    filters select, counted now: one grouped pass over those devices (a group's members,
+    or an index range of the product's devices)."""
+    ids = devices_of(product_id, w)
+    assert ids is not None
+    rows = (await db.execute(
+        select(Device.firmware_version, func.count(),
+               func.coalesce(func.sum(case((Device.online, 1), else_=0)), 0))
+        .where(Device.product_id == product_id, Device.id.in_(ids))
+        .group_by(Device.firmware_version))).all()
+    out = sorted(({"version": v, "devices": int(n), "online": int(o)} for v, n, o in rows),
+                 key=lambda x: (-x["devices"], x["version"] or 0))
+    return sum(x["online"] for x in out), sum(x["devices"] for x in out), out
 
 
 async def firmware_distribution(db: AsyncSession, product_id: int) -> list[dict[str, Any]]:
@@ -192,10 +252,12 @@ async def troubled_devices(db: AsyncSession, product_id: int, w: Window, *,
     per-device sums are a CTE both lists read; both databases materialize a CTE read
     twice)."""
     d = FleetDeviceDay
+    where = [d.product_id == product_id, d.day >= _floor(w.start, 86_400), d.day < w.end]
+    if (ids := devices_of(product_id, w)) is not None:
+        where.append(d.device_id.in_(ids))
     sums = (select(d.device_id, func.sum(d.disconnects).label("disconnects"),
                    func.sum(d.errors).label("errors"))
-            .where(d.product_id == product_id, d.day >= _floor(w.start, 86_400), d.day < w.end)
-            .group_by(d.device_id).cte("sums"))
+            .where(*where).group_by(d.device_id).cte("sums"))
     out: dict[str, list[dict[str, Any]]] = {}
     parts = []
     for key in ("disconnects", "errors"):
@@ -222,10 +284,12 @@ async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dic
     ``VITALS_SAMPLE`` reports in the window (``worst``: lowest signal, highest others)."""
     from corral.fleet.vitals import number
 
-    rows = (await db.execute(
-        select(DeviceVitals.payload).where(DeviceVitals.product_id == product_id,
+    q = select(DeviceVitals.payload).where(DeviceVitals.product_id == product_id,
                                            DeviceVitals.at >= w.start, DeviceVitals.at < w.end)
-        .order_by(DeviceVitals.at.desc()).limit(VITALS_SAMPLE))).scalars().all()
+    if (ids := devices_of(product_id, w)) is not None:
+        q = q.where(DeviceVitals.device_id.in_(ids))
+    rows = (await db.execute(q.order_by(DeviceVitals.at.desc()).limit(VITALS_SAMPLE))
+            ).scalars().all()
     out: dict[str, Any] = {"reports": len(rows)}
     for key, path in VITAL_PATHS.items():
         values = [v for p in rows if (v := number(p, path)) is not None]
@@ -237,7 +301,8 @@ async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dic
 
 async def disconnect_reasons(db: AsyncSession, product_id: int, w: Window, *,
                              limit: int = 10) -> list[dict[str, Any]]:
-    """The most frequent disconnect reasons in the window's hours."""
+    """The most frequent disconnect reasons in the window's hours (of the whole product:
+    reasons are not counted per firmware version or segment)."""
     n = func.sum(FleetDisconnect.count).label("n")
     rows = (await db.execute(
         select(FleetDisconnect.reason, n).where(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, PrimaryKeyConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from corral.db.base import Base
@@ -36,12 +36,9 @@ class DeviceVitals(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
-class _Rollup:
-    """Counters of one product, one time bucket and one firmware version (0: not known)."""
+class _Counters:
+    """The counters of a rollup row."""
 
-    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    bucket: Mapped[dt.datetime] = mapped_column(primary_key=True)
-    firmware_version: Mapped[int] = mapped_column(Integer, primary_key=True)
     online: Mapped[int] = mapped_column(Integer, default=0)  # most devices online at once
     events: Mapped[int] = mapped_column(Integer, default=0)  # device events stored
     connects: Mapped[int] = mapped_column(Integer, default=0)
@@ -54,6 +51,14 @@ class _Rollup:
     var_offline: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class _Rollup(_Counters):
+    """Counters of one product, one time bucket and one firmware version (0: not known)."""
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    firmware_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
 class FleetMinute(_Rollup, Base):
     __tablename__ = "fleet_minutes"
     __table_args__ = (Index("ix_fleet_minutes_bucket", "bucket"),)
@@ -62,6 +67,42 @@ class FleetMinute(_Rollup, Base):
 class FleetHour(_Rollup, Base):
     __tablename__ = "fleet_hours"
     __table_args__ = (Index("ix_fleet_hours_bucket", "bucket"),)
+
+
+class _SegmentRollup(_Counters):
+    """The same counters for one segment of a product's devices: ``g:<group id>`` (a device
+    group) or ``os:<Device OS version>``. A device's counts go to each segment it is in when
+    its counts are flushed (see :mod:`corral.fleet.rollups`), so a filtered request reads
+    these rows exactly as an unfiltered one reads ``fleet_minutes``/``fleet_hours``."""
+
+    product_id: Mapped[int] = mapped_column(Integer)
+    segment: Mapped[str] = mapped_column(String(40))
+    bucket: Mapped[dt.datetime]
+    firmware_version: Mapped[int] = mapped_column(Integer)
+
+
+class FleetSegmentMinute(_SegmentRollup, Base):
+    __tablename__ = "fleet_segment_minutes"
+    # a filtered request is one range of the primary key: product, segment, bucket
+    __table_args__ = (PrimaryKeyConstraint("product_id", "segment", "bucket",
+                                           "firmware_version"),
+                      Index("ix_fleet_segment_minutes_bucket", "bucket"))
+
+
+class FleetSegmentHour(_SegmentRollup, Base):
+    __tablename__ = "fleet_segment_hours"
+    __table_args__ = (PrimaryKeyConstraint("product_id", "segment", "bucket",
+                                           "firmware_version"),
+                      Index("ix_fleet_segment_hours_bucket", "bucket"))
+
+
+MINUTE_TABLES = (FleetMinute, FleetSegmentMinute)  # kept fleet_minute_retention_days
+HOUR_TABLES = (FleetHour, FleetSegmentHour)  # kept fleet_hour_retention_days
+
+
+def rollup_table(*, minute: bool, segment: bool) -> Any:
+    """The rollup table of a read: per minute or per hour, of products or of segments."""
+    return (MINUTE_TABLES if minute else HOUR_TABLES)[1 if segment else 0]
 
 
 class FleetDeviceDay(Base):

@@ -13,6 +13,14 @@ counts to the same rows):
 * the firmware version of a device is what its session said (Hello, describe), 0 when not
   known.
 
+The same counts go to the segment rollups (``fleet_segment_minutes``/``_hours``), which
+answer fleet health filtered by device group or by Device OS version: a device's counts are
+kept per device until the flush, which looks up the devices' groups and Device OS versions
+(two indexed reads per 500 devices counted, cached for ``SEGMENT_TTL_S``) and adds them to
+each segment the device is in (``g:<group id>``, ``os:<version>``). A device is counted
+under the groups it is in when its counts are flushed (at most ``SEGMENT_TTL_S`` late after
+a change of its groups), never under the groups it joins later.
+
 Online devices per minute are sampled by :func:`sample_online` (a singleton, once a
 minute): a grouped count of the devices table (indexed), kept as the most seen in the
 bucket. A node that dies loses at most ``flush_s`` seconds of its counts; a node that stops
@@ -24,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -31,10 +40,17 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from corral.devices.models import Device
+from corral.devices.models import Device, DeviceGroupMember
 from corral.devices.presence import Offline
 from corral.events.writer import StoredEvent
-from corral.fleet.models import FleetDeviceDay, FleetDisconnect, FleetHour, FleetMinute
+from corral.fleet.models import (
+    FleetDeviceDay,
+    FleetDisconnect,
+    FleetHour,
+    FleetMinute,
+    FleetSegmentHour,
+    FleetSegmentMinute,
+)
 from corral.kit import clock
 from corral.kit.aio import cancel_and_wait
 
@@ -45,6 +61,19 @@ COUNTERS = ("events", "connects", "disconnects", "fn_success", "fn_failure", "fn
 _INDEX = {name: i for i, name in enumerate(COUNTERS)}
 CallOutcome = Literal["success", "failure", "offline"]
 Key = tuple[int, dt.datetime, int]  # product, minute, firmware version
+DeviceKey = tuple[str, int, dt.datetime, int]  # device, product, minute, firmware version
+SegmentKey = tuple[int, str, dt.datetime, int]  # product, segment, minute, firmware version
+SEGMENT_TTL_S = 60.0  # how long a device's looked-up segments are used
+SEGMENT_CACHE_MAX = 200_000  # devices whose segments are cached (cleared when over)
+LOOKUP_CHUNK = 500  # device IDs per segment look-up
+
+
+def group_segment(group_id: int) -> str:
+    return f"g:{group_id}"
+
+
+def os_segment(version: str) -> str:
+    return f"os:{version}"
 
 
 def minute_of(at: dt.datetime) -> dt.datetime:
@@ -74,6 +103,8 @@ class FleetTally:
         self.firmware_of = firmware_of or (lambda _device: None)
         self.flush_s = flush_s
         self.counts: dict[Key, list[int]] = {}
+        self.per_device: dict[DeviceKey, list[int]] = {}  # the same, per device (segments)
+        self._segments: dict[str, tuple[float, tuple[str, ...]]] = {}  # device -> (until, s)
         self.device_days: dict[tuple[str, dt.datetime, int], list[int]] = {}
         self.last_firmware: dict[str, int] = {}  # connected devices' versions (for offline)
         self.reasons: dict[tuple[int, dt.datetime, str], int] = {}  # disconnects by reason
@@ -83,13 +114,19 @@ class FleetTally:
 
     # -- counting (synchronous, on the hot paths) ---------------------------------------------
 
-    def _add(self, product_id: int, at: dt.datetime, firmware: int | None, counter: str,
-             n: int = 1) -> None:
-        key = (product_id, minute_of(at), firmware or 0)
+    def _add(self, device_id: str, product_id: int, at: dt.datetime, firmware: int | None,
+             counter: str) -> None:
+        minute, fw = minute_of(at), firmware or 0
+        key = (product_id, minute, fw)
         row = self.counts.get(key)
         if row is None:
             row = self.counts[key] = [0] * len(COUNTERS)
-        row[_INDEX[counter]] += n
+        row[_INDEX[counter]] += 1
+        dkey = (device_id, product_id, minute, fw)
+        drow = self.per_device.get(dkey)
+        if drow is None:
+            drow = self.per_device[dkey] = [0] * len(COUNTERS)
+        drow[_INDEX[counter]] += 1
 
     def _device_day(self, device_id: str, product_id: int, at: dt.datetime, which: int) -> None:
         key = (device_id, day_of(at), product_id)
@@ -108,13 +145,14 @@ class FleetTally:
                     fw = self.firmware_of(e.device_id)
                     if fw is not None:
                         self.last_firmware[e.device_id] = fw
-                    self._add(e.product_id, e.published_at, fw, "connects")
+                    self._add(e.device_id, e.product_id, e.published_at, fw, "connects")
                 elif e.data == "offline":
                     fw = self.last_firmware.pop(e.device_id, None)
-                    self._add(e.product_id, e.published_at, fw, "disconnects")
+                    self._add(e.device_id, e.product_id, e.published_at, fw, "disconnects")
                     self._device_day(e.device_id, e.product_id, e.published_at, 0)
             elif e.source == "device" and not _system(e.name):
-                self._add(e.product_id, e.published_at, self._firmware(e.device_id), "events")
+                self._add(e.device_id, e.product_id, e.published_at,
+                          self._firmware(e.device_id), "events")
 
     def presence(self, pairs: Sequence[tuple[Any, Any]]) -> None:
         """The event writer's after-presence hook: the reasons of committed disconnects."""
@@ -137,7 +175,7 @@ class FleetTally:
             return
         at = at or clock.now()
         prefix = "fn" if kind == "function" else "var"
-        self._add(product_id, at, self._firmware(device_id), f"{prefix}_{outcome}")
+        self._add(device_id, product_id, at, self._firmware(device_id), f"{prefix}_{outcome}")
         if outcome == "failure":  # the device failed or timed out (offline is no error)
             self._device_day(device_id, product_id, at, 1)
 
@@ -165,15 +203,21 @@ class FleetTally:
         are put back and tried again at the next flush."""
         async with self._lock:
             counts, self.counts = self.counts, {}
+            per_device, self.per_device = self.per_device, {}
             days, self.device_days = self.device_days, {}
             reasons, self.reasons = self.reasons, {}
             if not counts and not days and not reasons:
                 return
             try:
                 async with self.sessionmaker() as db:
-                    await add_counts(db, counts, days, reasons)
+                    segments = await self._by_segment(db, per_device)
+                    await add_counts(db, counts, days, reasons, segments)
                     await db.commit()
             except BaseException:
+                for pkey, prow in per_device.items():
+                    pmine = self.per_device.setdefault(pkey, [0] * len(COUNTERS))
+                    for i, n in enumerate(prow):
+                        pmine[i] += n
                 for rkey, n in reasons.items():
                     self.reasons[rkey] = self.reasons.get(rkey, 0) + n
                 for key, row in counts.items():
@@ -187,6 +231,52 @@ class FleetTally:
                 raise
             self.flushes += 1
 
+    async def _by_segment(self, db: AsyncSession, per_device: dict[DeviceKey, list[int]]
+                          ) -> dict[SegmentKey, list[int]]:
+        """The per-device counts summed per segment the devices are in now."""
+        if not per_device:
+            return {}
+        found = await self.segments_of(db, {d for d, _p, _m, _f in per_device})
+        out: dict[SegmentKey, list[int]] = {}
+        for (device, product, minute, fw), row in per_device.items():
+            for seg in found.get(device, ()):
+                mine = out.setdefault((product, seg, minute, fw), [0] * len(COUNTERS))
+                for i, n in enumerate(row):
+                    mine[i] += n
+        return out
+
+    async def segments_of(self, db: AsyncSession, devices: set[str]
+                          ) -> dict[str, tuple[str, ...]]:
+        """Each device's segments: its groups and its Device OS version (an indexed read
+        pair per ``LOOKUP_CHUNK`` devices not looked up in the last ``SEGMENT_TTL_S``)."""
+        now = time.monotonic()
+        out: dict[str, tuple[str, ...]] = {}
+        missing = []
+        for d in devices:
+            hit = self._segments.get(d)
+            if hit is not None and hit[0] > now:
+                out[d] = hit[1]
+            else:
+                missing.append(d)
+        if len(self._segments) + len(missing) > SEGMENT_CACHE_MAX:
+            self._segments.clear()
+        for i in range(0, len(missing), LOOKUP_CHUNK):
+            chunk = sorted(missing[i:i + LOOKUP_CHUNK])
+            found: dict[str, list[str]] = {d: [] for d in chunk}
+            for device, group in (await db.execute(
+                    select(DeviceGroupMember.device_id, DeviceGroupMember.group_id)
+                    .where(DeviceGroupMember.device_id.in_(chunk)))).all():
+                found[device].append(group_segment(group))
+            for device, version in (await db.execute(
+                    select(Device.id, Device.system_firmware_version)
+                    .where(Device.id.in_(chunk),
+                           Device.system_firmware_version.is_not(None)))).all():
+                found[device].append(os_segment(version))
+            for device, segs in found.items():
+                out[device] = tuple(segs)
+                self._segments[device] = (now + SEGMENT_TTL_S, out[device])
+        return out
+
 
 def _insert(dialect: str) -> Any:
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -194,10 +284,27 @@ def _insert(dialect: str) -> Any:
 
 async def add_counts(db: AsyncSession, counts: dict[Key, list[int]],
                      days: dict[tuple[str, dt.datetime, int], list[int]],
-                     reasons: dict[tuple[int, dt.datetime, str], int] | None = None) -> None:
-    """Add ``counts`` to the minute and hour rows, ``days`` to the per-device days and
-    ``reasons`` to the disconnects per hour and reason."""
+                     reasons: dict[tuple[int, dt.datetime, str], int] | None = None,
+                     segments: dict[SegmentKey, list[int]] | None = None) -> None:
+    """Add ``counts`` to the minute and hour rows, ``days`` to the per-device days,
+    ``reasons`` to the disconnects per hour and reason and ``segments`` to the segments'
+    minute and hour rows."""
     ins = _insert((await db.connection()).dialect.name)
+    if segments:
+        seg_hours: dict[SegmentKey, list[int]] = {}
+        for (product, seg, minute, fw), row in segments.items():
+            h = seg_hours.setdefault((product, seg, hour_of(minute), fw), [0] * len(COUNTERS))
+            for i, n in enumerate(row):
+                h[i] += n
+        for stable, srows in ((FleetSegmentMinute, segments), (FleetSegmentHour, seg_hours)):
+            svalues = [{"product_id": p, "segment": sg, "bucket": b, "firmware_version": fw,
+                        "online": 0, **dict(zip(COUNTERS, row, strict=True))}
+                       for (p, sg, b, fw), row in sorted(srows.items())]
+            sstmt = ins(stable)
+            sstmt = sstmt.on_conflict_do_update(
+                index_elements=["product_id", "segment", "bucket", "firmware_version"],
+                set_={c: getattr(stable, c) + getattr(sstmt.excluded, c) for c in COUNTERS})
+            await db.execute(sstmt, svalues)
     if reasons:
         stmt = ins(FleetDisconnect)
         stmt = stmt.on_conflict_do_update(
@@ -259,4 +366,41 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
             index_elements=["product_id", "bucket", "firmware_version"],
             set_={"online": bigger(table.online, stmt.excluded.online)})
         await db.execute(stmt, values)
+    seg_rows = await _online_per_segment(db)
+    for stable, bucket in ((FleetSegmentMinute, minute_of(at)), (FleetSegmentHour, hour_of(at))):
+        if not seg_rows:
+            break
+        svalues = [{"product_id": p, "segment": sg, "bucket": bucket, "firmware_version": fw,
+                    "online": n, **dict.fromkeys(COUNTERS, 0)}
+                   for (p, sg, fw), n in sorted(seg_rows.items())]
+        sstmt = ins(stable)
+        sstmt = sstmt.on_conflict_do_update(
+            index_elements=["product_id", "segment", "bucket", "firmware_version"],
+            set_={"online": bigger(stable.online, sstmt.excluded.online)})
+        await db.execute(sstmt, svalues)
     return len(rows)
+
+
+async def _online_per_segment(db: AsyncSession) -> dict[tuple[int, str, int], int]:
+    """Online devices per product, segment and firmware version (0: not known): the online
+    devices joined to their group memberships, and grouped by Device OS version."""
+    out: dict[tuple[int, str, int], int] = {}
+    by_group = (await db.execute(
+        select(Device.product_id, DeviceGroupMember.group_id, Device.firmware_version,
+               func.count())
+        .join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
+        .where(Device.online, Device.product_id.is_not(None))
+        .group_by(Device.product_id, DeviceGroupMember.group_id,
+                  Device.firmware_version))).all()
+    by_os = (await db.execute(
+        select(Device.product_id, Device.system_firmware_version, Device.firmware_version,
+               func.count())
+        .where(Device.online, Device.product_id.is_not(None),
+               Device.system_firmware_version.is_not(None))
+        .group_by(Device.product_id, Device.system_firmware_version,
+                  Device.firmware_version))).all()
+    for rows, name in ((by_group, group_segment), (by_os, os_segment)):
+        for product, seg, fw, n in rows:
+            key = (int(product), name(seg), int(fw or 0))
+            out[key] = out.get(key, 0) + int(n)
+    return out

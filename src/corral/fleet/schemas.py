@@ -44,9 +44,11 @@ class FleetMetricsQuery(RequestModel):
     product_fw: Int | None = Field(None, ge=0, le=65_535,
                                    description="Only devices running this firmware version")
     device_group: str | None = Field(
-        None, max_length=64, description="Not supported as a filter: answers 400 (docs/fleet.md)")
+        None, max_length=64,
+        description="Only devices in this group of the product (by name; 404 if none)")
     device_os_version: str | None = Field(
-        None, max_length=32, description="Not supported as a filter: answers 400 (docs/fleet.md)")
+        None, max_length=32,
+        description="Only devices running this Device OS version (not with device_group)")
 
 
 class OrgHealthQuery(RequestModel):
@@ -246,10 +248,20 @@ class EventsReceived(Answer):
     received: int
 
 
+class HealthFilter(Answer):
+    """The filters that applied; ``unfiltered``: the parts that stay product-wide."""
+
+    product_fw: int | None
+    device_group_id: int | None
+    device_os_version: str | None
+    unfiltered: list[str]
+
+
 class FleetHealth(Answer):
     product_id: int
     start_date: str
     end_date: str
+    filter: HealthFilter
     devices: HealthDevices
     connections: HealthConnections
     events: EventsReceived

@@ -10,7 +10,7 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.fleet import vitals
-from corral.fleet.models import FleetDeviceDay, FleetDisconnect, FleetHour, FleetMinute
+from corral.fleet.models import HOUR_TABLES, MINUTE_TABLES, FleetDeviceDay, FleetDisconnect
 from corral.kit import clock
 from corral.settings import Settings
 
@@ -19,17 +19,19 @@ log = logging.getLogger("corral.fleet")
 
 async def fleet_retention(sessionmaker: async_sessionmaker[AsyncSession],
                           settings: Settings) -> dict[str, int]:
-    """Delete vitals older than ``vitals_retention_days``, per-minute rollups older than
-    ``fleet_minute_retention_days`` and hourly ones (and per-device days) older than
-    ``fleet_hour_retention_days``. Returns what was deleted, by table."""
+    """Delete vitals older than ``vitals_retention_days``, per-minute rollups (of products
+    and of segments) older than ``fleet_minute_retention_days`` and hourly ones (and
+    per-device days) older than ``fleet_hour_retention_days``. Returns what was deleted,
+    by table."""
     now = clock.now()
     days = dt.timedelta(days=1)
     out: dict[str, int] = {}
     async with sessionmaker() as db:
         out["device_vitals"] = await vitals.delete_older_than(
             db, now - settings.vitals_retention_days * days)
-        for table, keep in ((FleetMinute, settings.fleet_minute_retention_days),
-                            (FleetHour, settings.fleet_hour_retention_days)):
+        kept = [(t, settings.fleet_minute_retention_days) for t in MINUTE_TABLES] \
+            + [(t, settings.fleet_hour_retention_days) for t in HOUR_TABLES]
+        for table, keep in kept:
             result = await db.execute(delete(table).where(table.bucket < now - keep * days))
             out[table.__tablename__] = int(getattr(result, "rowcount", 0) or 0)
         result = await db.execute(delete(FleetDeviceDay).where(
