@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from corral.devices.models import Device
 from corral.events.models import Event
 from corral.fleet.models import FleetMinute
-from corral.fleet.rollups import FleetTally, minute_of
+from corral.fleet.rollups import COUNTERS, FleetTally, minute_of
 from corral.kit import clock
 from corral.sessions.link import Hello
 from corral.web.app import Runtime, create_app
@@ -302,3 +302,33 @@ async def test_troubled_devices_read_the_covering_index(app: Any, database_url: 
             f"EXPLAIN QUERY PLAN {sql}"))).all())
     assert "COVERING INDEX ix_fleet_device_days_product_day" in plan, plan
     assert plan.count("SEARCH fleet_device_days") == 1 and "MATERIALIZE sums" in plan, plan
+
+
+async def test_a_call_is_counted_before_its_caller_has_the_answer(app, client, fleet):
+    """On a bus whose publish yields (a networked one), the caller used to get its answer
+    before the session counted the call: a caller that then read the metrics (this file's
+    call test, once on PostgreSQL) missed it."""
+    import asyncio
+
+    rt = app.state.runtime
+    bus = rt.hub.bus
+    publish = bus.publish
+
+    async def slow_publish(subject: str, payload: Any, *a: Any, **kw: Any) -> Any:
+        out = await publish(subject, payload, *a, **kw)
+        await asyncio.sleep(0.05)
+        return out
+
+    bus.publish = slow_publish
+    link = ScriptedLink()
+    link.functions["ok"] = lambda arg: 1
+    s = await rt.hub.open(Hello(DEVS[0]), link)
+    await s.describe(functions=["ok"])
+    try:
+        r = await client.post(f"/v1/devices/{DEVS[0]}/ok", headers=bearer(fleet["token"]))
+        assert r.status_code == 200, r.text
+        i = COUNTERS.index("fn_success")
+        assert sum(row[i] for row in rt.fleet.counts.values()) == 1
+    finally:
+        bus.publish = publish
+        await s.close("done")

@@ -529,10 +529,10 @@ class DeviceSession:
             reply = _reply_error(502, "device_error", "The request to the device failed")
         finally:
             self._requests.discard(msg)
+        if self.hub.call_results:  # counted before the caller has its answer, so a caller
+            self._count_call(msg, reply)  # that then reads fleet metrics finds its call
         with contextlib.suppress(Exception):
             await msg.respond(reply)
-        if self.hub.call_results:
-            self._count_call(msg, reply)
 
     def _count_call(self, msg: Message, reply: dict[str, Any]) -> None:
         """Tell the call-result hooks (fleet rollups) how a call or read ended: success,
