@@ -32,7 +32,7 @@ def health(ctx: typer.Context,
            as_json: Json = False) -> None:
     """Online devices, connections, events, call outcomes, firmware versions, update
     success per release, vitals and the most troubled devices (of the devices the filters
-    select; disconnect reasons stay product-wide)."""
+    select; disconnect reasons are not counted per firmware version)."""
     params = {k: v for k, v in (("start_date", start), ("end_date", end),
                                 ("product_fw", firmware), ("device_group", group),
                                 ("device_os_version", device_os)) if v is not None}

@@ -129,13 +129,14 @@ async def metrics_variables(pc: ProductCtx = Depends(ProductGuard(FLEET)),
     return await _series(pc, q, "variables")
 
 
-UNFILTERED = ["connections.reasons"]  # product-wide even when the request is filtered
 
 
 async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
     """The fleet-health summary of a product over ``w`` (also what the console and the CLI
-    show). Filtered (firmware version, group, Device OS version): every part but the
-    disconnect reasons counts only the selected devices."""
+    show). Filtered (firmware version, group, Device OS version): every part counts only
+    the selected devices, but the disconnect reasons are not counted per firmware version
+    (with ``product_fw`` they are the whole product's, or the group's / Device OS
+    version's)."""
     db = pc.db
     if w.filtered:
         online, total, firmware = await metrics.filtered_devices(db, pc.product.id, w)
@@ -151,7 +152,7 @@ async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
         "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
         "filter": {"product_fw": w.firmware, "device_group_id": w.group_id,
                    "device_os_version": w.os_version,
-                   "unfiltered": UNFILTERED if w.filtered else []},
+                   "unfiltered": ["connections.reasons"] if w.firmware is not None else []},
         "devices": {"total": total, "online": online, "online_max": t["online_max"]},
         "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
                         "reasons": await metrics.disconnect_reasons(db, pc.product.id, w)},

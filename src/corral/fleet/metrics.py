@@ -17,6 +17,7 @@ from corral.fleet.models import (
     FleetDeviceDay,
     FleetDisconnect,
     FleetMinute,
+    FleetSegmentDisconnect,
     rollup_table,
 )
 from corral.fleet.rollups import COUNTERS, group_segment, os_segment
@@ -301,13 +302,14 @@ async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dic
 
 async def disconnect_reasons(db: AsyncSession, product_id: int, w: Window, *,
                              limit: int = 10) -> list[dict[str, Any]]:
-    """The most frequent disconnect reasons in the window's hours (of the whole product:
-    reasons are not counted per firmware version or segment)."""
-    n = func.sum(FleetDisconnect.count).label("n")
+    """The most frequent disconnect reasons in the window's hours, of the window's group or
+    Device OS version if it has one (reasons are not counted per firmware version)."""
+    t: Any = FleetDisconnect if w.segment is None else FleetSegmentDisconnect
+    where = [t.product_id == product_id, t.bucket >= _floor(w.start, 3600), t.bucket < w.end]
+    if w.segment is not None:
+        where.append(t.segment == w.segment)
+    n = func.sum(t.count).label("n")
     rows = (await db.execute(
-        select(FleetDisconnect.reason, n).where(
-            FleetDisconnect.product_id == product_id,
-            FleetDisconnect.bucket >= _floor(w.start, 3600), FleetDisconnect.bucket < w.end)
-        .group_by(FleetDisconnect.reason).order_by(desc("n"), FleetDisconnect.reason)
+        select(t.reason, n).where(*where).group_by(t.reason).order_by(desc("n"), t.reason)
         .limit(limit))).all()
     return [{"reason": r, "count": int(c)} for r, c in rows]

@@ -144,6 +144,19 @@ class FleetAlertRule(Base):
     created_at: Mapped[dt.datetime]
 
 
+class FleetSegmentDisconnect(Base):
+    """Disconnects per product, segment (as the segment rollups), hour and reason."""
+
+    __tablename__ = "fleet_segment_disconnects"
+    __table_args__ = (Index("ix_fleet_segment_disconnects_bucket", "bucket"),)
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    segment: Mapped[str] = mapped_column(String(40), primary_key=True)
+    bucket: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class FleetDisconnect(Base):
     """Disconnects per product, hour and reason (the session's close reason, at most 64
     characters)."""

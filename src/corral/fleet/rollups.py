@@ -48,6 +48,7 @@ from corral.fleet.models import (
     FleetDisconnect,
     FleetHour,
     FleetMinute,
+    FleetSegmentDisconnect,
     FleetSegmentHour,
     FleetSegmentMinute,
 )
@@ -108,6 +109,7 @@ class FleetTally:
         self.device_days: dict[tuple[str, dt.datetime, int], list[int]] = {}
         self.last_firmware: dict[str, int] = {}  # connected devices' versions (for offline)
         self.reasons: dict[tuple[int, dt.datetime, str], int] = {}  # disconnects by reason
+        self.device_reasons: dict[tuple[str, int, dt.datetime, str], int] = {}  # (segments)
         self.flushes = 0
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -160,6 +162,8 @@ class FleetTally:
             if isinstance(change, Offline) and row.product_id is not None:
                 key = (row.product_id, hour_of(change.at), (change.reason or "unknown")[:64])
                 self.reasons[key] = self.reasons.get(key, 0) + 1
+                dkey = (change.device_id, *key)
+                self.device_reasons[dkey] = self.device_reasons.get(dkey, 0) + 1
 
     def _firmware(self, device_id: str) -> int | None:
         fw = self.firmware_of(device_id)
@@ -206,14 +210,18 @@ class FleetTally:
             per_device, self.per_device = self.per_device, {}
             days, self.device_days = self.device_days, {}
             reasons, self.reasons = self.reasons, {}
+            device_reasons, self.device_reasons = self.device_reasons, {}
             if not counts and not days and not reasons:
                 return
             try:
                 async with self.sessionmaker() as db:
                     segments = await self._by_segment(db, per_device)
                     await add_counts(db, counts, days, reasons, segments)
+                    await self._reasons_by_segment(db, device_reasons)
                     await db.commit()
             except BaseException:
+                for drkey, n in device_reasons.items():
+                    self.device_reasons[drkey] = self.device_reasons.get(drkey, 0) + n
                 for pkey, prow in per_device.items():
                     pmine = self.per_device.setdefault(pkey, [0] * len(COUNTERS))
                     for i, n in enumerate(prow):
@@ -244,6 +252,26 @@ class FleetTally:
                 for i, n in enumerate(row):
                     mine[i] += n
         return out
+
+    async def _reasons_by_segment(self, db: AsyncSession,
+                                  device_reasons: dict[tuple[str, int, dt.datetime, str], int]
+                                  ) -> None:
+        """Add the disconnects by reason to each segment the devices are in now."""
+        if not device_reasons:
+            return
+        found = await self.segments_of(db, {d for d, *_rest in device_reasons})
+        rows: dict[tuple[int, str, dt.datetime, str], int] = {}
+        for (device, product, hour, reason), n in device_reasons.items():
+            for seg in found.get(device, ()):
+                rows[(product, seg, hour, reason)] = rows.get((product, seg, hour, reason), 0) + n
+        if not rows:
+            return
+        stmt = _insert((await db.connection()).dialect.name)(FleetSegmentDisconnect)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["product_id", "segment", "bucket", "reason"],
+            set_={"count": FleetSegmentDisconnect.count + stmt.excluded.count})
+        await db.execute(stmt, [{"product_id": p, "segment": sg, "bucket": b, "reason": r,
+                                 "count": n} for (p, sg, b, r), n in sorted(rows.items())])
 
     async def segments_of(self, db: AsyncSession, devices: set[str]
                           ) -> dict[str, tuple[str, ...]]:

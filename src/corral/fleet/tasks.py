@@ -10,7 +10,13 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.fleet import vitals
-from corral.fleet.models import HOUR_TABLES, MINUTE_TABLES, FleetDeviceDay, FleetDisconnect
+from corral.fleet.models import (
+    HOUR_TABLES,
+    MINUTE_TABLES,
+    FleetDeviceDay,
+    FleetDisconnect,
+    FleetSegmentDisconnect,
+)
 from corral.kit import clock
 from corral.settings import Settings
 
@@ -37,9 +43,10 @@ async def fleet_retention(sessionmaker: async_sessionmaker[AsyncSession],
         result = await db.execute(delete(FleetDeviceDay).where(
             FleetDeviceDay.day < now - settings.fleet_hour_retention_days * days))
         out["fleet_device_days"] = int(getattr(result, "rowcount", 0) or 0)
-        result = await db.execute(delete(FleetDisconnect).where(
-            FleetDisconnect.bucket < now - settings.fleet_hour_retention_days * days))
-        out["fleet_disconnects"] = int(getattr(result, "rowcount", 0) or 0)
+        for table in (FleetDisconnect, FleetSegmentDisconnect):
+            result = await db.execute(delete(table).where(
+                table.bucket < now - settings.fleet_hour_retention_days * days))
+            out[table.__tablename__] = int(getattr(result, "rowcount", 0) or 0)
         await db.commit()
     if any(out.values()):
         log.info("fleet retention: deleted %s", out)
