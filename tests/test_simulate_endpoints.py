@@ -128,8 +128,10 @@ async def test_two_simulators_of_one_product_do_not_share_a_state_file(
     async with live_server(app) as url, mqtt_listener(app) as mqtt:
         common = ("--product", product["slug"], "--mqtt-host", "127.0.0.1",
                   "--mqtt-port", str(mqtt.port), "--interval", "1")
+        # the first run must outlive the two below, each a new Python process (seconds apiece
+        # on a loaded machine): it holds its state file the whole time
         first = asyncio.create_task(_simulate(url, token, tmp_path, *common, "--devices", "2",
-                                              "--duration", "15"))
+                                              "--duration", "30"))
         states = tmp_path / "corral" / "simulate"
 
         async def first_has_its_fleet() -> bool:
