@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import random
 import sqlite3
@@ -37,7 +36,7 @@ from typing import Any
 import httpx
 from _server import corral_server, percentile, signup_and_login
 from bench_inventory import seed
-from bench_metering import PAYLOAD, Link, setup
+from bench_metering import Link, publish_flat_out, setup
 from sqlalchemy import func, select
 
 from corral.bus.inprocess import InProcessBus
@@ -45,7 +44,6 @@ from corral.db.engine import make_sessionmaker
 from corral.events.writer import EventWriter
 from corral.fleet.models import FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally
-from corral.sessions import session as core  # DeviceSession: what it counts
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Hello, OpenGate
 from corral.settings import Settings
@@ -176,30 +174,7 @@ async def ingest_round(sm: Any, settings: Settings, ids: list[str], fleet: bool,
     sessions = [await hub.open(Hello(d, firmware_version=i % 20 + 1), Link())
                 for i, d in enumerate(ids)]
     before = await rolled_up(sm, sessions[0].facts.product_id) if fleet else 0
-    original = core.uncounted_name
-    core.uncounted_name = lambda name: True  # type: ignore[assignment]  # metering off
-    stop = asyncio.Event()
-    count = 0
-
-    async def device(s: Any) -> None:
-        nonlocal count
-        while not stop.is_set():
-            await s.publish("bench", PAYLOAD)
-            count += 1
-
-    tasks = [asyncio.create_task(device(s)) for s in sessions]
-    await asyncio.sleep(1.0)  # warm-up
-    n0, t0, c0 = count, time.perf_counter(), time.process_time()
-    await asyncio.sleep(seconds)
-    n = count - n0
-    rate = n / (time.perf_counter() - t0)
-    cpu_us = (time.process_time() - c0) / max(1, n) * 1e6
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    core.uncounted_name = original
-    for s in sessions:
-        with contextlib.suppress(Exception):
-            await s.close("bench over")
+    rate, cpu_us, count = await publish_flat_out(sessions, seconds, metered=False)
     await writer.stop()
     if tally is not None:
         await tally.stop()

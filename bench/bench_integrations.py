@@ -34,22 +34,18 @@ from typing import Any
 
 import httpx
 from _server import free_port
-from bench_metering import Link
-from sqlalchemy import delete, func, select, text
+from bench_metering import Link, bench_product
+from sqlalchemy import delete, func, select
 
 from corral import models
 from corral.bus.inprocess import InProcessBus
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.db.migrate import upgrade
-from corral.devices.models import Device
 from corral.events import outbox
-from corral.events.models import Event
 from corral.events.writer import EventWriter, NewEvent
 from corral.integrations import signing
 from corral.integrations.models import Attempt, Delivery, Integration, IntegrationOutbox
 from corral.integrations.tasks import IntegrationWorker
-from corral.orgs.models import Organization
-from corral.products.models import Product
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Hello, OpenGate
 from corral.settings import Settings
@@ -102,21 +98,9 @@ async def setup(url: str, n: int) -> tuple[Any, int, list[str]]:
         await db.execute(delete(Attempt))
         await db.execute(delete(Delivery))
         await db.execute(delete(Integration))
-        await db.execute(delete(Event).where(Event.device_id.in_(ids)))
-        await db.execute(delete(Device).where(Device.id.in_(ids)))
-        await db.execute(text("DELETE FROM products WHERE slug = 'bench-hooks'"))
-        await db.execute(text("DELETE FROM organizations WHERE slug = 'bench-hooks'"))
-        org = Organization(name="Bench", slug="bench-hooks")
-        db.add(org)
-        await db.flush()
-        product = Product(org_id=org.id, name="Bench", name_key="bench", slug="bench-hooks",
-                          platform_id=12, settings={"event_rate_per_s": 1e9,
-                                                    "event_rate_burst": 10**9})
-        db.add(product)
-        await db.flush()
-        db.add_all([Device(id=d, product_id=product.id, platform_id=12) for d in ids])
+        _org_id, product_id = await bench_product(db, "bench-hooks", ids)
         await db.commit()
-        return engine, product.id, ids
+        return engine, product_id, ids
 
 
 async def integrations(sm: Any, product_id: int, url: str, k: int) -> None:

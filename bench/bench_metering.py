@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,23 +85,30 @@ async def setup(url: str, n: int) -> tuple[Any, int, list[str]]:
         await ledger.fold_pending(db)
         await db.commit()
     async with sm() as db:
-        await db.execute(delete(Event).where(Event.device_id.in_(ids)))
         await db.execute(delete(UsageCounter).where(UsageCounter.device_id.in_(ids)))
-        await db.execute(delete(Device).where(Device.id.in_(ids)))
-        await db.execute(text("DELETE FROM products WHERE slug = 'bench-metering'"))
-        await db.execute(text("DELETE FROM organizations WHERE slug = 'bench-metering'"))
-        org = Organization(name="Bench", slug="bench-metering")
-        db.add(org)
-        await db.flush()
-        product = Product(org_id=org.id, name="Bench", name_key="bench", slug="bench-metering",
-                          platform_id=12, settings={"event_rate_per_s": 1e9,
-                                                    "event_rate_burst": 10**9})
-        db.add(product)
-        await db.flush()
-        db.add_all([Device(id=d, product_id=product.id, platform_id=12) for d in ids])
+        org_id, _product_id = await bench_product(db, "bench-metering", ids)
         await db.commit()
-        org_id = org.id
     return engine, org_id, ids
+
+
+async def bench_product(db: Any, slug: str, ids: list[str]) -> tuple[int, int]:
+    """A fresh organization and product ``slug`` holding the devices ``ids`` (what an earlier
+    run left under that slug, and those devices' events, go first); no rate limit on events.
+    Returns (organization id, product id); the caller commits."""
+    await db.execute(delete(Event).where(Event.device_id.in_(ids)))
+    await db.execute(delete(Device).where(Device.id.in_(ids)))
+    await db.execute(text("DELETE FROM products WHERE slug = :s"), {"s": slug})
+    await db.execute(text("DELETE FROM organizations WHERE slug = :s"), {"s": slug})
+    org = Organization(name="Bench", slug=slug)
+    db.add(org)
+    await db.flush()
+    product = Product(org_id=org.id, name="Bench", name_key="bench", slug=slug,
+                      platform_id=12, settings={"event_rate_per_s": 1e9,
+                                                "event_rate_burst": 10**9})
+    db.add(product)
+    await db.flush()
+    db.add_all([Device(id=d, product_id=product.id, platform_id=12) for d in ids])
+    return org.id, product.id
 
 
 FOLDS: list[float] = []  # seconds each fold took
@@ -134,6 +142,21 @@ async def round_(sm: Any, settings: Settings, ids: list[str], metered: bool, org
                             free_max_devices=100))
     hub = SessionHub(settings, sm, bus, writer, gate=gate, reset_presence=False)
     sessions = [await hub.open(Hello(d), Link()) for d in ids]
+    extra = (lambda stop: folder(sm, settings.metering_refresh_s, stop)) if metered else None
+    rate, cpu_us, count = await publish_flat_out(sessions, seconds, metered=metered,
+                                                 beside=extra)
+    await writer.stop()
+    await bus.close()
+    return rate, cpu_us, count
+
+
+async def publish_flat_out(sessions: list[Any], seconds: float, *, metered: bool,
+                           beside: Callable[[asyncio.Event], Awaitable[None]] | None = None
+                           ) -> tuple[float, float, int]:
+    """Every session publishes as fast as its own commits allow; after a 1 s warm-up,
+    ``seconds`` are timed. Returns (events/s, process CPU µs per event, events in all) and
+    closes the sessions. ``metered=False`` makes every event name uncounted (metering off);
+    ``beside(stop)`` runs alongside until the end (e.g. the metering fold)."""
     original = core.uncounted_name
     if not metered:
         core.uncounted_name = lambda name: True  # type: ignore[assignment]
@@ -147,22 +170,22 @@ async def round_(sm: Any, settings: Settings, ids: list[str], metered: bool, org
             count += 1
 
     tasks = [asyncio.create_task(device(s)) for s in sessions]
-    if metered:
-        tasks.append(asyncio.create_task(folder(sm, settings.metering_refresh_s, stop)))
-    await asyncio.sleep(1.0)  # warm-up
-    n0, t0, c0 = count, time.perf_counter(), time.process_time()
-    await asyncio.sleep(seconds)
-    n = count - n0
-    rate = n / (time.perf_counter() - t0)
-    cpu_us = (time.process_time() - c0) / max(1, n) * 1e6
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    core.uncounted_name = original
-    for s in sessions:
-        with contextlib.suppress(Exception):
-            await s.close("bench over")
-    await writer.stop()
-    await bus.close()
+    if beside is not None:
+        tasks.append(asyncio.create_task(beside(stop)))
+    try:
+        await asyncio.sleep(1.0)  # warm-up
+        n0, t0, c0 = count, time.perf_counter(), time.process_time()
+        await asyncio.sleep(seconds)
+        n = count - n0
+        rate = n / (time.perf_counter() - t0)
+        cpu_us = (time.process_time() - c0) / max(1, n) * 1e6
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        core.uncounted_name = original
+        for s in sessions:
+            with contextlib.suppress(Exception):
+                await s.close("bench over")
     return rate, cpu_us, count
 
 
