@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from corral.fleet.models import FleetAlertRule
 from corral.kit import clock
 from corral.sessions.link import Hello
@@ -101,3 +103,18 @@ async def test_fleet_health_page_filters_by_group_and_device_os(app, client, dat
         in r.text
     assert re.search(rf"<dt>Devices</dt><dd>{total}</dd>", r.text)
     await s.close("done")
+
+
+@pytest.mark.parametrize("query", [
+    "fleet?fw=%C2%B2", "fleet?fw=99999999999999999999", "customers?page=%C2%B2",
+    "customers?page=99999999999999999999", "logs?before_id=%C2%B2",
+    "logs?before_id=99999999999999999999"])
+async def test_console_numbers_in_queries_are_ascii_ids_or_ignored(app, client, database_url,
+                                                                    query):
+    """A Unicode digit (`²`: str.isdigit() says yes, int() refuses) or a number beyond the
+    column's range in a console page's query is ignored, never a 500 (kit.ids.path_id, the
+    rule the API's ids follow)."""
+    world = await console_world(app, database_url)
+    r = await client.get(f"/console/products/{world.product.slug}/{query}",
+                         headers=console_headers(world, "org:Owner"))
+    assert r.status_code == 200, r.text[:300]

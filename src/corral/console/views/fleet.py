@@ -24,6 +24,7 @@ from corral.fleet.schemas import AlertRuleChange, AlertRuleCreate
 from corral.kit import clock
 from corral.kit.body import from_body
 from corral.kit.errors import CorralError
+from corral.kit.ids import path_id
 from corral.locations import service as locations
 from corral.products.access import ProductCtx
 
@@ -63,7 +64,8 @@ async def fleet_page(request: Request, pc: ProductCtx = Depends(ConsoleProductGu
     chosen = request.query_params.get("range", "day")
     span, bucket = RANGES.get(chosen, RANGES["day"])
     fw_raw = (request.query_params.get("fw") or "").strip()
-    firmware = int(fw_raw) if fw_raw.isdigit() else None
+    # a version the API would refuse shows the whole product; 0: devices that never said
+    firmware = 0 if fw_raw == "0" else path_id(fw_raw)
     group = (request.query_params.get("group") or "").strip()
     os_version = (request.query_params.get("os") or "").strip()
     now = clock.now()

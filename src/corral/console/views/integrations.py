@@ -27,6 +27,7 @@ from corral.integrations.guard import Policy
 from corral.integrations.service import Scope
 from corral.kit import clock
 from corral.kit.errors import BadRequest
+from corral.kit.ids import INT64_MAX, path_id
 from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
 
@@ -43,6 +44,7 @@ FORMATS = [("default", "Default data (form, or query for GET)"), ("json", "JSON 
 TYPES = [("Webhook", "Webhook (HTTP)"), ("MQTT", "MQTT forwarding")]
 METHODS = [(m, m) for m in schemas.METHODS]
 SAMPLE = '{"temp": 21.5}'
+MAX_REDELIVER_HOURS = 24 * 366 * 10  # "failed in the last N hours": ten years is every one
 
 
 @dataclass
@@ -259,14 +261,16 @@ async def _redeliver(request: Request, place: Place, integration_id: str) -> Res
     form = await read_form(request)
     row = await service.get(place.db, place.scope, integration_id)
     event = text(form, "event_id").strip()
-    if event.isdigit():
+    event_id = path_id(event, hi=INT64_MAX)
+    if event_id is not None:
         _, errors = await attempt(place.db, ("event_id",),
-                                  lambda: service.redeliver_event(place.db, row, int(event)))
+                                  lambda: service.redeliver_event(place.db, row, event_id))
         flash = ("; ".join(errors.general + list(errors.fields.values())) if errors
                  else f"Event {event} queued again.")
         return redirect(f"{place.base}/{row.id}", flash=flash)
     hours = text(form, "hours").strip()
-    since = clock.now() - dt.timedelta(hours=int(hours)) if hours.isdigit() else None
+    hours_n = path_id(hours, hi=MAX_REDELIVER_HOURS)
+    since = clock.now() - dt.timedelta(hours=hours_n) if hours_n else None
     n = await service.redeliver_range(place.db, row, since=since, until=None)
     return redirect(f"{place.base}/{row.id}", flash=f"{n} failed or skipped deliveries queued "
                                                     "again.")

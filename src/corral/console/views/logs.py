@@ -25,6 +25,7 @@ from corral.devices.lookup import device_names
 from corral.events import service as events
 from corral.events.api import device_scope, open_stream, org_device
 from corral.kit.errors import BadRequest
+from corral.kit.ids import INT64_MAX, path_id
 from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
 from corral.sessions import contract
@@ -59,8 +60,7 @@ def log_filters(params: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
 
 
 def _before(params: Mapping[str, str]) -> int | None:
-    raw = params.get("before_id") or ""
-    return int(raw) if raw.isdigit() and 0 < int(raw) < 2**63 else None
+    return path_id(params.get("before_id"), hi=INT64_MAX - 1)
 
 
 async def _names(db: AsyncSession, ids: set[str]) -> dict[str, str]:

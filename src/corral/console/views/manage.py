@@ -19,6 +19,7 @@ from corral.devices import groups as group_rules
 from corral.devices.schemas import CaChange, GroupChange, GroupCreate
 from corral.kit.body import from_body
 from corral.kit.errors import BadRequest
+from corral.kit.ids import INT64_MAX, path_id
 from corral.orgs import service as orgs
 from corral.orgs.access import OrgCtx
 from corral.products import service as products
@@ -34,8 +35,8 @@ def _base(pc: ProductCtx) -> str:
 
 
 def _page_no(request: Request) -> int:
-    raw = request.query_params.get("page", "1")
-    return max(1, min(int(raw), 100_000)) if raw.isdigit() else 1
+    n = path_id(request.query_params.get("page", "1"), hi=INT64_MAX)
+    return min(n, 100_000) if n else 1
 
 
 # --- groups ---------------------------------------------------------------------------------
