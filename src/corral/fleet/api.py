@@ -4,17 +4,12 @@ never the events table."""
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
-from corral.devices.groups import GROUP_NAME_RE
-from corral.devices.models import DeviceGroup
-from corral.firmware.updates import outcomes_by_release
-from corral.fleet import alerts, metrics
+from corral.fleet import alerts, health, metrics
 from corral.fleet.models import FleetAlertRule
 from corral.fleet.schemas import (
     AlertRuleAnswer,
@@ -33,7 +28,7 @@ from corral.fleet.schemas import (
 )
 from corral.kit import clock
 from corral.kit.body import body, query
-from corral.kit.errors import BadRequest, NotFound
+from corral.kit.errors import BadRequest
 from corral.kit.responses import OkAnswer, answers
 from corral.locations import service as locations
 from corral.orgs.access import OrgCtx, OrgGuard
@@ -44,41 +39,12 @@ router = APIRouter(tags=["fleet health"])
 
 FLEET = "fleet:get"
 MAX_LOCATIONS = 10_000
-OS_VERSION_RE = re.compile(r"^[0-9A-Za-z.+_-]{1,32}$")
 
 
 async def _window(pc: ProductCtx, q: FleetMetricsQuery) -> metrics.Window:
     w = window_of(q.model_dump(exclude_none=True), pc.ctx.settings.fleet_minute_retention_days)
-    return await with_filters(pc, w, group=q.device_group, os_version=q.device_os_version)
-
-
-async def with_filters(pc: ProductCtx, w: metrics.Window, *, group: str | None,
-                       os_version: str | None) -> metrics.Window:
-    """``w`` filtered by a device group of the product (by name; 404 ``group_not_found``
-    when it has none of that name) or by a Device OS version (400 when it is none);
-    empty values filter nothing."""
-    group = group.strip() if group else None
-    os_version = os_version.strip() if os_version else None
-    if group and os_version:
-        raise BadRequest("device_group and device_os_version cannot be combined (either "
-                         "one can be combined with product_fw)", code="bad_request")
-    if group:
-        if not GROUP_NAME_RE.match(group):
-            raise BadRequest("device_group must be a group name: 1-64 lowercase letters, "
-                             "digits, '-' or '_'", code="bad_request")
-        group_id = (await pc.db.execute(select(DeviceGroup.id).where(
-            DeviceGroup.product_id == pc.product.id, DeviceGroup.name == group))
-                    ).scalar_one_or_none()
-        if group_id is None:
-            raise NotFound(f"Group {group} not found", code="group_not_found")
-        return dataclasses.replace(w, group_id=int(group_id))
-    if os_version:
-        if not OS_VERSION_RE.match(os_version):
-            raise BadRequest("device_os_version must be a Device OS version such as 6.2.0 "
-                             "(1 to 32 letters, digits, '.', '+', '-' or '_')",
-                             code="bad_request")
-        return dataclasses.replace(w, os_version=os_version)
-    return w
+    return await health.with_filters(pc.db, pc.product.id, w, group=q.device_group,
+                                     os_version=q.device_os_version)
 
 
 def window_of(params: Any, minute_days: int) -> metrics.Window:
@@ -131,45 +97,6 @@ async def metrics_variables(pc: ProductCtx = Depends(ProductGuard(FLEET)),
 
 
 
-async def health(pc: ProductCtx, w: metrics.Window) -> dict[str, Any]:
-    """The fleet-health summary of a product over ``w`` (also what the console and the CLI
-    show). Filtered (firmware version, group, Device OS version): every part counts only
-    the selected devices, but the disconnect reasons are not counted per firmware version
-    (with ``product_fw`` they are the whole product's, or the group's / Device OS
-    version's)."""
-    db = pc.db
-    if w.filtered:
-        online, total, firmware = await metrics.filtered_devices(db, pc.product.id, w)
-    else:
-        online, total = await metrics.online_now(db, pc.product.id)
-        firmware = await metrics.firmware_distribution(db, pc.product.id)
-    t = await metrics.totals(db, pc.product.id, w)
-    calls = t["fn_success"] + t["fn_failure"] + t["fn_offline"] + t["var_success"] \
-        + t["var_failure"] + t["var_offline"]
-    failed = t["fn_failure"] + t["var_failure"]
-    return {
-        "product_id": pc.product.id,
-        "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
-        "filter": {"product_fw": w.firmware, "device_group_id": w.group_id,
-                   "device_os_version": w.os_version,
-                   "unfiltered": ["connections.reasons"] if w.firmware is not None else []},
-        "devices": {"total": total, "online": online, "online_max": t["online_max"]},
-        "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
-                        "reasons": await metrics.disconnect_reasons(db, pc.product.id, w)},
-        "events": {"received": t["events"]},
-        "functions": {k: t[f"fn_{k}"] for k in ("success", "failure", "offline")},
-        "variables": {k: t[f"var_{k}"] for k in ("success", "failure", "offline")},
-        "error_rate": None if not calls else round(failed / calls, 4),
-        "offline_rate": None if not calls else round(
-            (t["fn_offline"] + t["var_offline"]) / calls, 4),
-        "firmware": firmware,
-        "updates": await outcomes_by_release(db, pc.product.id, since=w.start,
-                                             devices=metrics.devices_of(pc.product.id, w)),
-        "vitals": await metrics.vitals_aggregates(db, pc.product.id, w),
-        "top": await metrics.troubled_devices(db, pc.product.id, w),
-    }
-
-
 @router.get("/v1/products/{product}/fleet/health", summary="A product's fleet health",
             responses=answers(FleetHealth))
 async def fleet_health(pc: ProductCtx = Depends(ProductGuard(FLEET)),
@@ -180,7 +107,7 @@ async def fleet_health(pc: ProductCtx = Depends(ProductGuard(FLEET)),
     disconnects and errors (`start_date`, `end_date`, default the last day; filters:
     `product_fw`, and `device_group` or `device_os_version`; `filter` says which applied
     and which parts stay product-wide)."""
-    return await health(pc, await _window(pc, q))
+    return await health.product_health(pc.db, pc.product.id, await _window(pc, q))
 
 
 MAX_ORG_PRODUCTS = 200

@@ -18,7 +18,7 @@ from corral.console.render import page, redirect
 from corral.console.session import ConsoleProductGuard
 from corral.devices.models import DeviceGroup
 from corral.fleet import alerts, metrics
-from corral.fleet.api import health, with_filters
+from corral.fleet.health import product_health, with_filters
 from corral.fleet.models import FleetAlertRule
 from corral.fleet.schemas import AlertRuleChange, AlertRuleCreate
 from corral.kit import clock
@@ -72,13 +72,14 @@ async def fleet_page(request: Request, pc: ProductCtx = Depends(ConsoleProductGu
     w = metrics.Window(now - span, now, bucket, firmware)
     filter_error = None
     try:
-        w = await with_filters(pc, w, group=group[:64], os_version=os_version[:32])
+        w = await with_filters(pc.db, pc.product.id, w, group=group[:64],
+                               os_version=os_version[:32])
     except CorralError as exc:
         filter_error, group, os_version = exc.description, "", ""
     groups = (await pc.db.execute(select(DeviceGroup.name).where(
         DeviceGroup.product_id == pc.product.id).order_by(DeviceGroup.name)
         .limit(MAX_GROUPS))).scalars().all()
-    facts = await health(pc, w)
+    facts = await product_health(pc.db, pc.product.id, w)
     online = (await metrics.series(pc.db, pc.product.id, "online", w))["online"]
     events = (await metrics.series(pc.db, pc.product.id, "events", w))["events"]
     rules = (await pc.db.execute(select(FleetAlertRule).where(

@@ -1,0 +1,89 @@
+"""A product's fleet health over a window (what ``GET .../fleet/health``, the console's Fleet
+health page and ``corral fleet health`` show) and the window's device filters (a group by
+name, a Device OS version): the rules the routes and the console share."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.devices.groups import GROUP_NAME_RE
+from corral.devices.models import DeviceGroup
+from corral.firmware.updates import outcomes_by_release
+from corral.fleet import metrics
+from corral.kit import clock
+from corral.kit.errors import BadRequest, NotFound
+
+OS_VERSION_RE = re.compile(r"^[0-9A-Za-z.+_-]{1,32}$")
+
+
+async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
+                       group: str | None, os_version: str | None) -> metrics.Window:
+    """``w`` filtered by a device group of the product (by name; 404 ``group_not_found``
+    when it has none of that name) or by a Device OS version (400 when it is none);
+    empty values filter nothing."""
+    group = group.strip() if group else None
+    os_version = os_version.strip() if os_version else None
+    if group and os_version:
+        raise BadRequest("device_group and device_os_version cannot be combined (either "
+                         "one can be combined with product_fw)", code="bad_request")
+    if group:
+        if not GROUP_NAME_RE.match(group):
+            raise BadRequest("device_group must be a group name: 1-64 lowercase letters, "
+                             "digits, '-' or '_'", code="bad_request")
+        group_id = (await db.execute(select(DeviceGroup.id).where(
+            DeviceGroup.product_id == product_id, DeviceGroup.name == group))
+                    ).scalar_one_or_none()
+        if group_id is None:
+            raise NotFound(f"Group {group} not found", code="group_not_found")
+        return dataclasses.replace(w, group_id=int(group_id))
+    if os_version:
+        if not OS_VERSION_RE.match(os_version):
+            raise BadRequest("device_os_version must be a Device OS version such as 6.2.0 "
+                             "(1 to 32 letters, digits, '.', '+', '-' or '_')",
+                             code="bad_request")
+        return dataclasses.replace(w, os_version=os_version)
+    return w
+
+
+async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
+                         ) -> dict[str, Any]:
+    """The fleet-health summary of a product over ``w`` (also what the console and the CLI
+    show). Filtered (firmware version, group, Device OS version): every part counts only
+    the selected devices, but the disconnect reasons are not counted per firmware version
+    (with ``product_fw`` they are the whole product's, or the group's / Device OS
+    version's)."""
+    if w.filtered:
+        online, total, firmware = await metrics.filtered_devices(db, product_id, w)
+    else:
+        online, total = await metrics.online_now(db, product_id)
+        firmware = await metrics.firmware_distribution(db, product_id)
+    t = await metrics.totals(db, product_id, w)
+    calls = t["fn_success"] + t["fn_failure"] + t["fn_offline"] + t["var_success"] \
+        + t["var_failure"] + t["var_offline"]
+    failed = t["fn_failure"] + t["var_failure"]
+    return {
+        "product_id": product_id,
+        "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
+        "filter": {"product_fw": w.firmware, "device_group_id": w.group_id,
+                   "device_os_version": w.os_version,
+                   "unfiltered": ["connections.reasons"] if w.firmware is not None else []},
+        "devices": {"total": total, "online": online, "online_max": t["online_max"]},
+        "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
+                        "reasons": await metrics.disconnect_reasons(db, product_id, w)},
+        "events": {"received": t["events"]},
+        "functions": {k: t[f"fn_{k}"] for k in ("success", "failure", "offline")},
+        "variables": {k: t[f"var_{k}"] for k in ("success", "failure", "offline")},
+        "error_rate": None if not calls else round(failed / calls, 4),
+        "offline_rate": None if not calls else round(
+            (t["fn_offline"] + t["var_offline"]) / calls, 4),
+        "firmware": firmware,
+        "updates": await outcomes_by_release(db, product_id, since=w.start,
+                                             devices=metrics.devices_of(product_id, w)),
+        "vitals": await metrics.vitals_aggregates(db, product_id, w),
+        "top": await metrics.troubled_devices(db, product_id, w),
+    }
