@@ -23,12 +23,13 @@ from corral.transports.mqtt.tls import ensure_server_certificate
 
 def hook_settings(database_url: str | None, tmp_path: Path, **overrides: Any) -> Settings:
     """Test settings for integrations: 127.0.0.1 allowed as a target, quick retries and
-    polls, cheap password hashing."""
+    polls, cheap password hashing. A request may take 10 s: on a loaded CI machine a 1 s
+    limit turned an answered request into a retry (test_timeout_is_retried sets its own)."""
     return Settings(**{
         "data_dir": tmp_path / "data", "database_url": database_url, "argon2_time_cost": 1,
         "argon2_memory_kib": 8, "log_format": "text", "integrations_allow_hosts": "127.0.0.1",
         "integrations_retry_base_s": 0.05, "integrations_retry_max_s": 0.2,
-        "integrations_timeout_s": 1.0, "integrations_poll_s": 0.05, **overrides})
+        "integrations_timeout_s": 10.0, "integrations_poll_s": 0.05, **overrides})
 
 
 def free_port() -> int:

@@ -185,6 +185,7 @@ async def test_500_is_retried_with_the_same_idempotency_id(client, app, worker):
 
 
 async def test_timeout_is_retried(client, app, worker):
+    worker.webhooks.timeout_s = 1.0  # the other tests allow 10 s (hookkit.hook_settings)
     ada = await new_user(client, "ada@example.com")
     async with serve() as target:
         target.script = [Answer(200, "late", delay=3.0)]  # the timeout is 1 s

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.skipif(not broker_up() and not os.environ.get("CI"),
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    return hook_settings(database_url, tmp_path, integrations_timeout_s=2.0)
+    return hook_settings(database_url, tmp_path)
 
 
 @contextlib.asynccontextmanager
