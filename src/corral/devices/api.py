@@ -24,6 +24,8 @@ from corral.devices.schemas import (
     GroupAnswer,
     GroupChange,
     GroupCreate,
+    GroupPreview,
+    GroupPreviewAnswer,
     GroupQuery,
     GroupsAnswer,
     ImportAnswer,
@@ -152,10 +154,21 @@ async def create_group(
     pc: ProductCtx = Depends(ProductGuard("groups:create")),
     req: GroupCreate = body(GroupCreate),
 ) -> dict[str, Any]:
-    """Create a group: `name` (lowercase letters, digits, `-`, `_`), `color` (`#rrggbb`), `description`."""
+    """Create a group: `name` (lowercase letters, digits, `-`, `_`), `color` (`#rrggbb`), `description`; with `query` (a filter over device attributes) a dynamic group whose devices are those matching it."""
     g = await group_rules.create_group(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
                                        req=req)
-    return {"group": group_rules.group_json(g, 0)}
+    return {"group": group_rules.group_json(g, (await group_rules.group_counts(pc.db, [g]))
+                                            .get(g.id, 0))}
+
+
+@router.post("/v1/products/{product}/groups/preview", summary="Preview a dynamic group's query",
+             responses=answers(GroupPreviewAnswer))
+async def preview_group(
+    pc: ProductCtx = Depends(ProductGuard("devices:list")),
+    req: GroupPreview = body(GroupPreview),
+) -> dict[str, Any]:
+    """How many devices `query` matches now and the first `per_page` (at most 100) of them, most recently heard first; nothing is saved. A bad query is a 400 `invalid_query` with its `line` and `column`."""
+    return await service.preview_query(pc.db, pc.product, req.query, req.per_page)
 
 
 @router.get("/v1/products/{product}/groups/{name}", summary="Get a device group",
@@ -174,7 +187,7 @@ async def update_group(
     name: str, pc: ProductCtx = Depends(ProductGuard("groups:update")),
     req: GroupChange = body(GroupChange),
 ) -> dict[str, Any]:
-    """Rename, recolor or describe a group (at least one of `name`, `color`, `description`)."""
+    """Rename, recolor or describe a group, or change its `query` (at least one of `name`, `color`, `description`, `query`; `query: null` makes a dynamic group static)."""
     g, n = await group_rules.update_group(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip,
                                           product=pc.product, name=name, req=req)
     return {"group": group_rules.group_json(g, n)}

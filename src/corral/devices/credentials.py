@@ -717,8 +717,10 @@ async def _join_groups(db: AsyncSession, product_id: int, device_id: str,
     await db.execute(_insert_ignore(db, DeviceGroup.__table__, ["product_id", "name"]),
                      [{"product_id": product_id, "name": n, "created_at": now, "updated_at": now}
                       for n in names])
+    # a dynamic group has no members to add: the device is in it when it matches its query
     group_ids = (await db.execute(select(DeviceGroup.id).where(
-        DeviceGroup.product_id == product_id, DeviceGroup.name.in_(names)))).scalars().all()
+        DeviceGroup.product_id == product_id, DeviceGroup.name.in_(names),
+        DeviceGroup.query.is_(None)))).scalars().all()
     await db.execute(_insert_ignore(db, DeviceGroupMember.__table__, ["device_id", "group_id"]),
                      [{"device_id": device_id, "group_id": gid} for gid in group_ids])
 

@@ -3,6 +3,11 @@
 A device may be in many groups of its product. Setting a device's groups takes an absolute
 list and creates unknown names; batch add/remove works on up to ``MAX_BATCH`` devices.
 Group names are lowercase letters, digits, ``-`` and ``_`` (Particle's rule).
+
+A **dynamic** group has a ``query`` (:mod:`corral.devices.dynquery`) instead of members:
+its devices are those of the product matching the query *now*. Membership is evaluated
+when it is read (compiled to one SQL condition; nothing is stored per device), so it is
+always live; static membership operations on it are refused (``dynamic_group``).
 """
 
 from __future__ import annotations
@@ -16,18 +21,21 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from corral.audit import service as audit
 from corral.auth.subject import Subject
-from corral.devices.models import DeviceGroup, DeviceGroupMember
+from corral.devices import dynquery
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.devices.schemas import GroupChange, GroupCreate
 from corral.kit import clock
-from corral.kit.errors import BadRequest, Conflict, NotFound
+from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound
 from corral.products.models import Product
 
 GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 CHUNK = 5000
+COUNT_UP_TO = 1_000_000  # a dynamic group's device_count stops counting here
 # a stable default color per name (Particle gives every group one)
 PALETTE = ("#0ea5e9", "#22c55e", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
            "#14b8a6", "#64748b", "#84cc16")
@@ -64,16 +72,56 @@ def _default_color(name: str) -> str:
 def group_json(g: DeviceGroup, device_count: int = 0) -> dict[str, Any]:
     return {"id": g.id, "name": g.name, "description": g.description, "color": g.color,
             "fw_version": None, "device_count": device_count,
+            "dynamic": g.query is not None, "query": g.query,
             "created_at": clock.iso(g.created_at), "updated_at": clock.iso(g.updated_at)}
 
 
+class DynamicGroupRefused(CorralError):
+    """A static membership operation on a dynamic group."""
+
+    status = 400
+    code = "dynamic_group"
+
+
+async def dynamic_condition(db: AsyncSession, product_id: int,
+                            g: DeviceGroup | str) -> ColumnElement[bool]:
+    """The condition on ``Device`` (without the product) that a dynamic group's members
+    meet now; ``g`` is the group or its query text."""
+    text = g if isinstance(g, str) else g.query
+    assert text is not None, "a static group has members, not a condition"
+    query = dynquery.parse(text)
+    scope = await dynquery.load_scope(db, product_id, query, strict=False)
+    return dynquery.compile_query(query, scope)
+
+
+async def count_matching(db: AsyncSession, product_id: int, cond: ColumnElement[bool],
+                         cap: int | None = COUNT_UP_TO) -> int:
+    """The product's devices meeting ``cond`` (at most ``cap + 1`` are counted)."""
+    inner = select(Device.id).where(Device.product_id == product_id, cond)
+    if cap is not None:
+        inner = inner.limit(cap + 1)
+    return int((await db.execute(select(func.count()).select_from(inner.subquery())))
+               .scalar_one())
+
+
 async def device_counts(db: AsyncSession, group_ids: list[int]) -> dict[int, int]:
+    """Members of static groups (a dynamic group has none: see :func:`group_counts`)."""
     out: dict[int, int] = {}
     for chunk in chunks(group_ids):
         rows = await db.execute(
             select(DeviceGroupMember.group_id, func.count())
             .where(DeviceGroupMember.group_id.in_(chunk)).group_by(DeviceGroupMember.group_id))
         out.update({gid: int(n) for gid, n in rows.all()})
+    return out
+
+
+async def group_counts(db: AsyncSession, groups: Sequence[DeviceGroup]) -> dict[int, int]:
+    """Device counts of static (members) and dynamic (devices matching now) groups."""
+    out = await device_counts(db, [g.id for g in groups if g.query is None])
+    for g in groups:
+        if g.query is not None:
+            out[g.id] = await count_matching(db, g.product_id,
+                                             await dynamic_condition(db, g.product_id, g))
     return out
 
 
@@ -84,7 +132,7 @@ async def list_groups(db: AsyncSession, product: Product,
     if name:
         q = q.where(DeviceGroup.name.icontains(name, autoescape=True))
     groups = list((await db.execute(q.order_by(DeviceGroup.name))).scalars())
-    counts = await device_counts(db, [g.id for g in groups])
+    counts = await group_counts(db, groups)
     return [(g, counts.get(g.id, 0)) for g in groups]
 
 
@@ -106,7 +154,7 @@ async def get_group(db: AsyncSession, product: Product, name: str) -> DeviceGrou
 async def group_with_count(db: AsyncSession, product: Product,
                            name: str) -> tuple[DeviceGroup, int]:
     g = await get_group(db, product, name)
-    return g, (await device_counts(db, [g.id])).get(g.id, 0)
+    return g, (await group_counts(db, [g])).get(g.id, 0)
 
 
 async def _flush_or_conflict(db: AsyncSession, name: str) -> None:
@@ -124,28 +172,54 @@ async def _name_free(db: AsyncSession, product: Product, name: str) -> None:
         raise Conflict(f"A group named {name!r} already exists", code="group_exists")
 
 
+async def check_query(db: AsyncSession, product: Product, text: Any,
+                      own_name: str | None = None) -> dynquery.Query:
+    """A group query parsed and checked against the product (the groups it names exist,
+    no cycle through ``own_name``); 400 ``invalid_query`` with a position otherwise."""
+    query = dynquery.parse(text)
+    await dynquery.load_scope(db, product.id, query, strict=True, own_name=own_name)
+    return query
+
+
 async def create_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
                        req: GroupCreate) -> DeviceGroup:
-    """Create a group from ``name`` (required), ``color`` and ``description``; 409 if taken."""
+    """Create a group from ``name`` (required), ``color``, ``description`` and ``query``
+    (a dynamic group); 409 if taken."""
     name = clean_group_name(req.name)
     color = _clean_color(req.color) if req.color is not None else None
     description = req.description
+    query = (await check_query(db, product, req.query, name)).text \
+        if req.query is not None else None
     await _name_free(db, product, name)
     g = DeviceGroup(product_id=product.id, name=name, description=description,
-                    color=color or _default_color(name))
+                    color=color or _default_color(name), query=query)
     db.add(g)
     await _flush_or_conflict(db, name)
     audit.record(db, actor=actor, ip=ip, action="group.created", org_id=product.org_id,
                  product_id=product.id, target_type="group", target_id=name,
-                 details={"color": g.color})
+                 details={"color": g.color, **({"query": query} if query else {})})
     return g
 
 
 async def update_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
                        name: str, req: GroupChange) -> tuple[DeviceGroup, int]:
-    """Change ``name``, ``color`` and/or ``description`` (at least one)."""
+    """Change ``name``, ``color``, ``description`` and/or ``query`` (at least one). A
+    ``query`` makes the group dynamic (refused while it has members); ``null`` makes it
+    static again (with no members)."""
     g = await get_group(db, product, name)
     changed: dict[str, Any] = {}
+    if req.sent("query"):
+        if req.query is None:
+            if g.query is not None:
+                changed["query"] = None
+            g.query = None
+        else:
+            query = await check_query(db, product, req.query, g.name)
+            if g.query is None and (await device_counts(db, [g.id])).get(g.id, 0):
+                raise Conflict(f"Group {g.name!r} has devices: take them out before giving "
+                               "it a query", code="group_has_devices")
+            g.query = query.text
+            changed["query"] = query.text
     if req.sent("name"):
         new = clean_group_name(req.name)
         if new != g.name:
@@ -159,12 +233,12 @@ async def update_group(db: AsyncSession, *, actor: Subject, ip: str, product: Pr
         g.description = req.description
         changed["description"] = True
     if not req.model_fields_set:
-        raise BadRequest("Nothing to update: send name, color or description",
+        raise BadRequest("Nothing to update: send name, color, description or query",
                          code="invalid_request")
     await _flush_or_conflict(db, g.name)
     audit.record(db, actor=actor, ip=ip, action="group.updated", org_id=product.org_id,
                  product_id=product.id, target_type="group", target_id=g.name, details=changed)
-    return g, (await device_counts(db, [g.id])).get(g.id, 0)
+    return g, (await group_counts(db, [g])).get(g.id, 0)
 
 
 async def delete_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
@@ -188,6 +262,7 @@ async def ensure_groups(db: AsyncSession, *, actor: Subject | None, ip: str | No
         return {}
     found = {g.name: g for g in (await db.execute(select(DeviceGroup).where(
         DeviceGroup.product_id == product.id, DeviceGroup.name.in_(names)))).scalars()}
+    refuse_dynamic(found.values())
     for name in names:
         if name in found:
             continue
@@ -199,6 +274,15 @@ async def ensure_groups(db: AsyncSession, *, actor: Subject | None, ip: str | No
                      details={"color": g.color, "implicit": True})
     await _flush_or_conflict(db, ", ".join(names))
     return found
+
+
+def refuse_dynamic(groups: Iterable[DeviceGroup]) -> None:
+    """400 ``dynamic_group`` when one of ``groups`` is dynamic (no static members)."""
+    for g in groups:
+        if g.query is not None:
+            raise DynamicGroupRefused(
+                f"Group {g.name!r} is dynamic: its devices are those matching its query "
+                f"({g.query}); change the query instead of adding or removing devices")
 
 
 async def group_names_for(db: AsyncSession, device_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -240,8 +324,10 @@ async def batch_groups(db: AsyncSession, *, actor: Subject, ip: str, product: Pr
     add_groups = await ensure_groups(db, actor=actor, ip=ip, product=product, names=add)
     remove_ids = []
     if remove:
-        remove_ids = list((await db.execute(select(DeviceGroup.id).where(
+        removed = list((await db.execute(select(DeviceGroup).where(
             DeviceGroup.product_id == product.id, DeviceGroup.name.in_(remove)))).scalars())
+        refuse_dynamic(removed)
+        remove_ids = [g.id for g in removed]
     add_ids = [g.id for g in add_groups.values() if g.name not in set(remove)]
     for chunk in chunks(device_ids):
         if remove_ids:

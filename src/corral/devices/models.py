@@ -107,6 +107,8 @@ class DeviceGroup(Timestamps, Base):
     name: Mapped[str] = mapped_column(String(64))
     description: Mapped[str | None] = mapped_column(String(500))
     color: Mapped[str | None] = mapped_column(String(7))
+    # a dynamic group's filter (corral.devices.dynquery); None: a static group (members)
+    query: Mapped[str | None] = mapped_column(Text)
 
 
 class DeviceGroupMember(Base):

@@ -51,7 +51,9 @@ class DeviceListQuery(RequestModel):
     serial_number: Short | None = Field(None, alias="serialNumber")
     firmware_version: Int | None = Field(None, alias="firmwareVersion", ge=0, le=2**31 - 1)
     search: Short | None = Field(None, description="An ID, name or serial number prefix")
-    groups: GroupNames | None = None
+    groups: GroupNames | None = Field(None, validation_alias=AliasChoices("groups", "group"),
+                                      description="Devices in any of these groups (static "
+                                      "or dynamic)")
     tags: Tags | None = Field(None, description="Devices carrying every one of these tags "
                               "(a list or `a,b`)")
     cohort: Short | None = Field(None, description="Devices in this cohort")
@@ -141,6 +143,8 @@ class GroupCreate(RequestModel):
     name: str = Field(description="1-64 lowercase letters, digits, '-' or '_'")
     color: str | None = Field(None, description="#rrggbb (default: one per name)")
     description: str | None = Field(None, max_length=MAX_GROUP_DESCRIPTION)
+    query: Any = Field(None, description="A dynamic group's filter, e.g. "
+                       "`tag = \"north\" and online` (see the README, Groups)")
 
 
 class GroupChange(RequestModel):
@@ -149,6 +153,16 @@ class GroupChange(RequestModel):
     name: str | None = None
     color: str | None = None
     description: str | None = Field(None, max_length=MAX_GROUP_DESCRIPTION)
+    query: Any = Field(None, description="A filter (the group becomes dynamic), or null "
+                       "(static again)")
+
+
+class GroupPreview(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Any = Field(description="The filter to try")
+    per_page: Int = Field(25, ge=1, le=100, validation_alias=AliasChoices("per_page",
+                                                                          "perPage"))
 
 
 class DeviceImport(RequestModel):
@@ -230,6 +244,8 @@ class Group(Answer):
     color: str | None
     fw_version: int | None
     device_count: int
+    dynamic: bool
+    query: str | None
     created_at: str | None
     updated_at: str | None
 
@@ -240,6 +256,14 @@ class GroupAnswer(Answer):
 
 class GroupsAnswer(Answer):
     groups: list[Group]
+
+
+class GroupPreviewAnswer(Answer):
+    query: str
+    device_count: int
+    device_count_is_estimate: bool
+    devices: list[DeviceObject]
+    meta: Paging
 
 
 class ImportAnswer(Answer):

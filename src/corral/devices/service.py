@@ -12,7 +12,7 @@ import re
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -35,8 +35,8 @@ from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
+from corral.devices import dynquery, search, signals
 from corral.devices import groups as group_rules
-from corral.devices import search, signals
 from corral.devices import tags as tag_rules
 from corral.devices.access import is_device_id
 from corral.devices.cohorts import cohort_names_for, in_cohort
@@ -159,6 +159,10 @@ class DeviceQuery:
     # False: no exact total (a page of a huge product stays fast); ``has_more`` says whether
     # another page follows
     count: bool = True
+    # one more condition on Device (a dynamic group's query) and what identifies it (the
+    # cached totals' key)
+    where: ColumnElement[bool] | None = None
+    where_key: str | None = None
 
 
 def parse_device_query(params: Mapping[str, str] | DeviceListQuery) -> DeviceQuery:
@@ -193,10 +197,34 @@ async def _large_groups(db: AsyncSession, product: Product, q: DeviceQuery) -> b
     return int(n) > FEW_MATCHES
 
 
+async def _with_dynamic_groups(db: AsyncSession, product: Product,
+                               q: DeviceQuery) -> DeviceQuery:
+    """``q`` with its dynamic groups (if it names any) turned into a condition: a device is
+    in one of ``q.groups`` when it is a member of a static one or matches a dynamic one."""
+    if not q.groups:
+        return q
+    dynamic = list((await db.execute(select(DeviceGroup).where(
+        DeviceGroup.product_id == product.id, DeviceGroup.name.in_(q.groups),
+        DeviceGroup.query.is_not(None)))).scalars())
+    if not dynamic:
+        return q
+    names = {g.name for g in dynamic}
+    static = [n for n in q.groups if n not in names]
+    parts = [await group_rules.dynamic_condition(db, product.id, g) for g in dynamic]
+    if static:
+        parts.append(Device.id.in_(_group_members(product, static)))
+    cond = parts[0] if len(parts) == 1 else or_(*parts)
+    key = "groups:" + ",".join(f"{g.name}={g.query}" for g in dynamic) + ";" + ",".join(static)
+    if q.where is not None:
+        cond, key = and_(q.where, cond), f"{q.where_key};{key}"
+    return replace(q, groups=None, where=cond, where_key=key)
+
+
 async def _conditions(db: AsyncSession, product: Product,
                       q: DeviceQuery) -> tuple[list[ColumnElement[bool]], Any]:
     """The filters of ``q`` and, when they are only large groups of the product, those
     groups' membership (counted instead of walking the devices: see :func:`_count`)."""
+    q = await _with_dynamic_groups(db, product, q)
     large = await _large_groups(db, product, q)
     many_tagged = bool(q.tags) and await tag_rules.carried_by_many(db, q.tags or [],
                                                                    FEW_MATCHES)
@@ -246,6 +274,8 @@ def _filters(product: Product, q: DeviceQuery, dialect: str, *,
         conds.append(Device.firmware_version == q.firmware_version)
     if q.search and q.search.strip():
         conds.append(Device.id.in_(_search(product, q.search.strip())))
+    if q.where is not None:
+        conds.append(q.where)
     return conds
 
 
@@ -354,7 +384,7 @@ _ESTIMATES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[float, in
 def _filter_key(product: Product, q: DeviceQuery) -> tuple[Any, ...]:
     return (product.id, q.device_id, q.device_name, q.serial_number,
             tuple(q.groups or ()), tuple(q.tags or ()), q.cohort, q.quarantined, q.online, q.development,
-            q.firmware_version, q.search)
+            q.firmware_version, q.search, q.where_key)
 
 
 async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
@@ -380,6 +410,7 @@ async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
 async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQuery,
                                 cap: int | None = None) -> int:
     """How many of the product's devices match ``q`` (at most ``cap + 1`` are counted)."""
+    q = await _with_dynamic_groups(db, product, q)
     conds, members = await _conditions(db, product, q)
     return await _count(db, conds, cap, members)
 
@@ -409,6 +440,7 @@ async def list_product_devices(db: AsyncSession, product: Product,
     whether another follows), then its rows are loaded by id. ``q.count`` False skips the
     exact total, the costly part of a page of a huge product.
     """
+    q = await _with_dynamic_groups(db, product, q)
     conds, members = await _conditions(db, product, q)
     col = SORT_ATTRS[q.sort_attr]
     desc = q.sort_dir == "desc"
@@ -835,3 +867,18 @@ async def touch_each(db: AsyncSession, heard: Mapping[str, dt.datetime]) -> None
 __all__ = ["Admission", "DeviceQuery", "admit", "batch_update", "device_view",
            "list_product_devices", "mark_offline", "mark_online", "my_devices",
            "parse_device_query", "remove_product_device", "touch", "touch_each", "update_device"]
+
+
+async def preview_query(db: AsyncSession, product: Product, text: Any,
+                        per_page: int = 25) -> dict[str, Any]:
+    """How many of the product's devices a group query matches now, and the first page of
+    them (most recently heard first), without saving anything."""
+    query = await group_rules.check_query(db, product, text)
+    scope = await dynquery.load_scope(db, product.id, query, strict=True)
+    cond = dynquery.compile_query(query, scope)
+    page = await list_product_devices(db, product, DeviceQuery(
+        per_page=per_page, where=cond, where_key=f"preview:{query.text}"))
+    out = page.json()
+    return {"query": query.text, "device_count": page.total,
+            "device_count_is_estimate": page.estimated, "devices": out["devices"],
+            "meta": out["meta"]}
