@@ -316,3 +316,110 @@ async def test_create_refuses_bad_queries(app, client):
         assert r.json()["error"] in ("invalid_query", "invalid_request"), r.text
     r = await client.get(base, headers=bearer(tok))
     assert [x["name"] for x in r.json()["groups"]] == ["yard"]
+
+
+# --- release targeting ---------------------------------------------------------------------
+
+async def test_release_to_a_dynamic_group(app, client):
+    from sqlalchemy import event
+
+    from corral.firmware.resolver import device_facts
+    from test_firmware_api import device, release, upload
+
+    tok, p, _o, _op = await world(app, client)
+    for v in (3, 5, 7, 8):
+        assert (await upload(client, tok, p, v)).status_code == 201
+    base = f"/v1/products/{p['slug']}/groups"
+    r = await client.post(base, headers=bearer(tok), json={"name": "boron", "query":
+                                                           "platform = boron"})
+    assert r.status_code == 201
+    # a dry run simulates the new group's members (A and B: platform 13)
+    r = await client.put(f"/v1/products/{p['id']}/firmware/release", headers=bearer(tok),
+                         json={"version": 8, "groups": ["boron"], "dry_run": True})
+    assert r.status_code == 200, r.text
+    assert sorted(d["id"] for d in r.json()["devices"]) == [A, B]
+    assert (await release(client, tok, p, version=8, groups=["boron"])).status_code == 200
+    assert (await release(client, tok, p, version=7, groups=["yard"])).status_code == 200
+    assert (await release(client, tok, p, version=5, product_default=True)).status_code == 200
+
+    async def targets() -> dict[str, int | None]:
+        return {i: (await device(client, tok, p, i))["targeted_firmware_release_version"]
+                for i in (A, B, C, D)}
+
+    # A: boron (v8) but in cohort early without a release; B: boron v8 beats yard v7;
+    # C: development (nothing); D: default v5
+    assert await targets() == {A: 8, B: 8, C: None, D: 5}
+    # a cohort with a (lower) release wins over the dynamic group's higher one
+    r = await client.put(f"/v1/products/{p['slug']}/cohorts/early", headers=bearer(tok),
+                         json={"firmware_version": 3})
+    assert r.status_code == 200, r.text
+    assert await targets() == {A: 3, B: 8, C: None, D: 3}
+    # live: B stops matching (it reports another platform) and falls to its static group
+    async with app.state.sessionmaker() as db:
+        (await db.get(Device, B)).platform_id = 32
+        await db.commit()
+    assert (await targets())[B] == 7
+    # the list page resolves targets too
+    r = await client.get(f"/v1/products/{p['slug']}/devices", headers=bearer(tok),
+                         params={"sortAttr": "deviceId", "sortDir": "asc"})
+    assert [d["targeted_firmware_release_version"] for d in r.json()["devices"]] == \
+        [3, 7, None, 3]
+
+    # membership is loaded with a fixed number of queries, whatever the number of devices
+    async with app.state.sessionmaker() as db:
+        db.add_all([Device(id=hexid(0x1000 + i), product_id=p["id"], platform_id=13)
+                    for i in range(300)])
+        await db.commit()
+    async with app.state.sessionmaker() as db:
+        statements: list[str] = []
+        engine = db.get_bind().sync_engine if hasattr(db.get_bind(), "sync_engine") \
+            else db.get_bind()
+        listener = lambda *a: statements.append(a[2])  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            facts = await device_facts(db, p["id"])
+            few = len(statements)
+            statements.clear()
+            some = await device_facts(db, p["id"], [hexid(0x1000 + i) for i in range(250)])
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+    boron = (await client.get(f"{base}/boron", headers=bearer(tok))).json()["group"]["id"]
+    members = {f.id for f in facts if boron in f.group_ids}
+    assert members == {A} | {hexid(0x1000 + i) for i in range(300)}
+    assert {f.id for f in some if boron in f.group_ids} == {hexid(0x1000 + i)
+                                                           for i in range(250)}
+    assert few <= 8 and len(statements) <= 8, (few, statements)
+
+
+# --- fleet health -----------------------------------------------------------------------------
+
+async def test_fleet_health_filtered_by_a_dynamic_group(app, client):
+    tok, p, _o, _op = await world(app, client)
+    base = f"/v1/products/{p['slug']}/groups"
+    r = await client.post(base, headers=bearer(tok), json={"name": "north",
+                                                           "query": "tag = north"})
+    gid = r.json()["group"]["id"]
+    health = f"/v1/products/{p['id']}/fleet/health"
+    r = await client.get(health, headers=bearer(tok), params={"device_group": "north"})
+    assert r.status_code == 200, r.text
+    h = r.json()
+    assert h["filter"]["device_group_id"] == gid
+    assert "events" in h["filter"]["unfiltered"] and "connections" in h["filter"]["unfiltered"]
+    assert (h["devices"]["total"], h["devices"]["online"]) == (2, 1)
+    assert sorted((x["version"], x["devices"]) for x in h["firmware"]) == [(2, 1), (3, 1)]
+    r = await client.get(health, headers=bearer(tok),
+                         params={"device_group": "north", "product_fw": 3})
+    assert r.json()["devices"]["total"] == 1
+    # live: C gets the tag and is counted at once
+    async with app.state.sessionmaker() as db:
+        db.add(DeviceTag(device_id=C, tag="north"))
+        await db.commit()
+    r = await client.get(health, headers=bearer(tok), params={"device_group": "north"})
+    assert (r.json()["devices"]["total"], r.json()["devices"]["online"]) == (3, 2)
+    # a static group's summary is unchanged: nothing unfiltered
+    r = await client.get(health, headers=bearer(tok), params={"device_group": "yard"})
+    assert r.json()["filter"]["unfiltered"] == [] and r.json()["devices"]["total"] == 2
+    # series keep no history of a dynamic group's devices: refused, not silently unfiltered
+    r = await client.get(f"/v1/products/{p['id']}/metrics/events", headers=bearer(tok),
+                         params={"device_group": "north"})
+    assert r.status_code == 400 and "dynamic group" in r.json()["error_description"]

@@ -181,3 +181,24 @@ def test_raising_a_count_never_removes_a_device(ids_, firmware_id, a, b, updated
     small, large = (count_admitted(gate, n, devices, rs) for n in (low, high))
     assert small <= large
     assert len(large) == min(high, len(ids_))
+
+
+G_DYNAMIC = 10  # a dynamic group: the resolver sees only its id (membership found beforehand)
+
+
+@pytest.mark.parametrize(("groups", "cohort", "want"), [
+    (frozenset({G_DYNAMIC}), None, Target(8, "group")),
+    (frozenset({G_DYNAMIC, G_RELEASED_HIGH}), None, Target(8, "group")),  # the highest wins
+    (frozenset({G_RELEASED_LOW}), None, Target(4, "group")),  # not matching: not in it
+    (frozenset({G_DYNAMIC}), C_RELEASED, Target(3, "cohort")),  # a cohort still wins
+    (frozenset({G_DYNAMIC}), C_UNRELEASED, Target(8, "group")),
+    (frozenset(), None, Target(5, "default")),
+])
+def test_dynamic_groups_rank_like_static_groups_below_a_cohort(groups, cohort, want):
+    """A dynamic group with a release is one more group in the table: the highest group
+    release wins among static and dynamic groups alike, and a cohort's release wins over
+    both, even when lower (v3 against v8)."""
+    rs = ReleaseSet(default_version=5, group_versions={**RELEASED, G_DYNAMIC: 8},
+                    cohort_versions=COHORT_RELEASES)
+    d = DeviceFacts(id="c" * 24, group_ids=groups, cohort_id=cohort)
+    assert resolve(d, rs) == want

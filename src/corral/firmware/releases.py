@@ -110,7 +110,7 @@ async def simulate(db: AsyncSession, product: Product, fw: ProductFirmware,
     """Every device of the product with its target before and after releasing ``fw``."""
     ids = await group_ids_by_name(db, product, groups)
     pt = await load_releases(db, product.id)
-    devices = await device_facts(db, product.id)
+    devices = await device_facts(db, product.id, also_groups=set(ids.values()))
     before = _resolve_all(devices, pt, pt.releases)
     gate = None
     pt_after = pt

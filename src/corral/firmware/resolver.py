@@ -7,7 +7,9 @@ The rules (Particle's "firmware precedence"), first match wins:
 3. a device in a **cohort with a release** gets the cohort's release, even when one of its
    groups has a higher one (corral's addition: a cohort is the device's one exclusive release
    track, chosen on purpose; groups overlap and are only labels for releases);
-4. a device in **groups with releases** gets the highest version released to any of them;
+4. a device in **groups with releases** gets the highest version released to any of them
+   (static groups by membership, dynamic groups by matching their query when resolved: the
+   resolver sees only group ids, so both kinds rank the same way, below a cohort);
 5. otherwise the **product default** release;
 6. otherwise nothing.
 
@@ -27,15 +29,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.cohort_models import Cohort, CohortMember
-from corral.devices.models import Device, DeviceGroupMember
+from corral.devices.groups import dynamic_condition
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.firmware.models import FirmwareGroupRelease, ProductFirmware
 from corral.rollouts.models import Rollout
 
@@ -231,9 +234,38 @@ def finish_count_gates(pt: ProductTargets, devices: Sequence[DeviceFacts]) -> Re
     return releases
 
 
+async def _dynamic_members(db: AsyncSession, product_id: int, device_ids: list[str] | None,
+                           also: Collection[int]) -> list[tuple[str, int]]:
+    """(device id, group id) of the devices (all the product's, or ``device_ids``) matching
+    the product's dynamic groups that have a release (or are in ``also``: a release being
+    simulated): one query per such group (and chunk of ids), never one per device."""
+    released = select(FirmwareGroupRelease.group_id).where(
+        FirmwareGroupRelease.product_id == product_id)
+    wanted = [DeviceGroup.id.in_(released)]
+    if also:
+        wanted.append(DeviceGroup.id.in_(sorted(also)))
+    groups = list((await db.execute(select(DeviceGroup).where(
+        DeviceGroup.product_id == product_id, DeviceGroup.query.is_not(None), or_(*wanted))
+        .order_by(DeviceGroup.id))).scalars())
+    out: list[tuple[str, int]] = []
+    for g in groups:
+        cond = await dynamic_condition(db, product_id, g)
+        q = select(Device.id).where(Device.product_id == product_id, cond)
+        if device_ids is None:
+            out += [(did, g.id) for did in (await db.execute(q)).scalars()]
+            continue
+        for i in range(0, len(device_ids), CHUNK):
+            out += [(did, g.id) for did in (await db.execute(
+                q.where(Device.id.in_(device_ids[i:i + CHUNK])))).scalars()]
+    return out
+
+
 async def device_facts(db: AsyncSession, product_id: int,
-                       device_ids: Sequence[str] | None = None) -> list[DeviceFacts]:
-    """The product's devices (or those of ``device_ids`` in it) as resolver input."""
+                       device_ids: Sequence[str] | None = None,
+                       also_groups: Collection[int] = ()) -> list[DeviceFacts]:
+    """The product's devices (or those of ``device_ids`` in it) as resolver input. Their
+    ``group_ids`` hold their static groups and the dynamic groups with a release (and
+    those of ``also_groups``) whose query they match now."""
     groups: dict[str, set[int]] = defaultdict(set)
     cohorts: dict[str, int] = {}
     rows: list[tuple[str, bool, int | None, int | None]] = []
@@ -266,6 +298,10 @@ async def device_facts(db: AsyncSession, product_id: int,
             cohorts.update({did: int(cid) for did, cid in (await db.execute(
                 select(CohortMember.device_id, CohortMember.cohort_id)
                 .where(CohortMember.device_id.in_(chunk)))).all()})
+    for did, gid in await _dynamic_members(
+            db, product_id, None if device_ids is None else sorted(set(device_ids)),
+            also_groups):
+        groups[did].add(gid)
     return [DeviceFacts(id=did, development=bool(dev), desired_version=desired,
                         group_ids=frozenset(groups.get(did, ())), firmware_version=fw,
                         cohort_id=cohorts.get(did))

@@ -56,7 +56,13 @@ def window_of(params: Any, minute_days: int) -> metrics.Window:
 
 
 async def _series(pc: ProductCtx, q: FleetMetricsQuery, metric: str) -> dict[str, Any]:
-    return await metrics.series(pc.db, pc.product.id, metric, await _window(pc, q))
+    w = await _window(pc, q)
+    if w.members is not None:
+        raise BadRequest(f"device_group {q.device_group} is a dynamic group: its devices "
+                         "change with its query and no history of them is kept, so series "
+                         "cannot be filtered by it (the health summary can)",
+                         code="bad_request")
+    return await metrics.series(pc.db, pc.product.id, metric, w)
 
 
 @router.get("/v1/products/{product}/metrics/online", summary="Devices online over time",

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.devices.groups import GROUP_NAME_RE
+from corral.devices.groups import GROUP_NAME_RE, dynamic_condition
 from corral.devices.models import DeviceGroup
 from corral.firmware.updates import outcomes_by_release
 from corral.fleet import metrics
@@ -24,8 +24,8 @@ OS_VERSION_RE = re.compile(r"^[0-9A-Za-z.+_-]{1,32}$")
 async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
                        group: str | None, os_version: str | None) -> metrics.Window:
     """``w`` filtered by a device group of the product (by name; 404 ``group_not_found``
-    when it has none of that name) or by a Device OS version (400 when it is none);
-    empty values filter nothing."""
+    when it has none of that name; a dynamic group filters by its query) or by a Device OS
+    version (400 when it is none); empty values filter nothing."""
     group = group.strip() if group else None
     os_version = os_version.strip() if os_version else None
     if group and os_version:
@@ -35,12 +35,15 @@ async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
         if not GROUP_NAME_RE.match(group):
             raise BadRequest("device_group must be a group name: 1-64 lowercase letters, "
                              "digits, '-' or '_'", code="bad_request")
-        group_id = (await db.execute(select(DeviceGroup.id).where(
+        g = (await db.execute(select(DeviceGroup).where(
             DeviceGroup.product_id == product_id, DeviceGroup.name == group))
-                    ).scalar_one_or_none()
-        if group_id is None:
+             ).scalar_one_or_none()
+        if g is None:
             raise NotFound(f"Group {group} not found", code="group_not_found")
-        return dataclasses.replace(w, group_id=int(group_id))
+        if g.query is not None:
+            return dataclasses.replace(w, group_id=g.id,
+                                       members=await dynamic_condition(db, product_id, g))
+        return dataclasses.replace(w, group_id=g.id)
     if os_version:
         if not OS_VERSION_RE.match(os_version):
             raise BadRequest("device_os_version must be a Device OS version such as 6.2.0 "
@@ -50,13 +53,27 @@ async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
     return w
 
 
+DYNAMIC_UNFILTERED = ["devices.online_max", "connections", "events", "functions", "variables",
+                      "error_rate", "offline_rate"]
+
+
+def _unfiltered(w: metrics.Window) -> list[str]:
+    """The parts of the summary the window's filters do not narrow."""
+    if w.members is not None:
+        return list(DYNAMIC_UNFILTERED)
+    return ["connections.reasons"] if w.firmware is not None else []
+
+
 async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
                          ) -> dict[str, Any]:
     """The fleet-health summary of a product over ``w`` (also what the console and the CLI
     show). Filtered (firmware version, group, Device OS version): every part counts only
     the selected devices, but the disconnect reasons are not counted per firmware version
     (with ``product_fw`` they are the whole product's, or the group's / Device OS
-    version's)."""
+    version's). A dynamic group has no history: the devices, firmware, update outcomes,
+    vitals and top lists are its devices' now; the counters over the window (connections,
+    events, calls, ``online_max``) stay the product's (or the firmware version's), and
+    ``filter.unfiltered`` names them."""
     if w.filtered:
         online, total, firmware = await metrics.filtered_devices(db, product_id, w)
     else:
@@ -71,7 +88,7 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
         "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
         "filter": {"product_fw": w.firmware, "device_group_id": w.group_id,
                    "device_os_version": w.os_version,
-                   "unfiltered": ["connections.reasons"] if w.firmware is not None else []},
+                   "unfiltered": _unfiltered(w)},
         "devices": {"total": total, "online": online, "online_max": t["online_max"]},
         "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
                         "reasons": await metrics.disconnect_reasons(db, product_id, w)},

@@ -50,17 +50,25 @@ class Window:
     firmware: int | None = None
     group_id: int | None = None
     os_version: str | None = None
+    # a dynamic group (``group_id``): the condition on Device its devices meet now. It has
+    # no segment rollups (membership is not recorded over time): only what is counted from
+    # the devices now is filtered
+    members: Any = None
 
     @property
     def segment(self) -> str | None:
-        """The segment rollups' key of the group or Device OS filter (None: neither)."""
+        """The segment rollups' key of the group or Device OS filter (None: neither, or a
+        dynamic group)."""
+        if self.members is not None:
+            return None
         if self.group_id is not None:
             return group_segment(self.group_id)
         return None if self.os_version is None else os_segment(self.os_version)
 
     @property
     def filtered(self) -> bool:
-        return self.firmware is not None or self.segment is not None
+        return self.firmware is not None or self.segment is not None \
+            or self.members is not None
 
 
 def _filters(table: Any, product_id: int, w: Window) -> list[Any]:
@@ -75,7 +83,13 @@ def _filters(table: Any, product_id: int, w: Window) -> list[Any]:
 def devices_of(product_id: int, w: Window) -> Select[Any] | None:
     """The IDs of the product's devices the window's filters select, as a subquery (None:
     no filter). A group reads its members (indexed by group); a Device OS version
-    ix_devices_product_os; a firmware version ix_devices_product_fw."""
+    ix_devices_product_os; a firmware version ix_devices_product_fw; a dynamic group its
+    condition."""
+    if w.members is not None:
+        q = select(Device.id).where(Device.product_id == product_id, w.members)
+        if w.firmware is not None:
+            q = q.where(Device.firmware_version == w.firmware)
+        return q
     if w.group_id is not None:
         q = select(DeviceGroupMember.device_id).where(DeviceGroupMember.group_id == w.group_id)
         if w.firmware is not None:
