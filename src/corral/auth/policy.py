@@ -56,6 +56,7 @@ PRODUCT_READ = frozenset({
     "devices:get", "events:get", "firmware:list", "firmware:get", "groups:list", "groups:get",
     "cohorts:list", "cohorts:get", "rollouts:list", "fleet:get", "usage:get", "locations:get", "devices.diagnostics:get",
     "integrations:list", "integrations:get", "metrics.integrations:get",
+    "ledgers:list", "ledgers:get", "ledgers.instances:get",
 })
 SUPPORT_EXTRA = frozenset({
     "devices:update", "devices.function:call", "devices.variable:get", "customers:update",
@@ -69,6 +70,7 @@ DEVELOPER_EXTRA = frozenset({
     "clients:create", "clients:update", "clients:remove", "rollouts:manage",
     "sims:update", "fleet:manage",
     "integrations:create", "integrations:update", "integrations:remove", "integrations:test",
+    "ledgers:create", "ledgers:update", "ledgers:remove", "ledgers.instances:set",
 })
 ADMIN_EXTRA = frozenset({
     "products:update", "products:remove", "teams.users:invite", "teams.users:update",

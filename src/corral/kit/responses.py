@@ -29,6 +29,7 @@ ERROR_TEXT: dict[int, str] = {
     409: "Conflicts with the current state",
     413: "The request body is too large",
     416: "The range is not satisfiable",
+    422: "The document does not match the ledger's JSON Schema (``violations`` lists where)",
     429: "Too many requests (rate limited, or too many failed logins)",
     502: "The device or an upstream service failed",
     503: "A needed service is not available",

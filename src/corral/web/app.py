@@ -412,6 +412,7 @@ def routers() -> list[APIRouter]:
     from corral.fleet.api import router as fleet_router
     from corral.fleet.vitals_api import router as vitals_router
     from corral.integrations.api import router as integrations_router
+    from corral.ledgers.api import router as ledgers_router
     from corral.locations.api import router as locations_router
     from corral.metering.agreements_api import router as agreements_router
     from corral.metering.api import router as metering_router
@@ -429,7 +430,8 @@ def routers() -> list[APIRouter]:
             cohorts_router,
             firmware_router, firmware_delivery_router, rollouts_router, metering_router,
             agreements_router,
-            locations_router, integrations_router, vitals_router, endpoints_router,
+            locations_router, integrations_router, ledgers_router, vitals_router,
+            endpoints_router,
             fleet_router,
             sessions_router]
 
@@ -493,6 +495,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    from corral.ledgers.schemas import CLOUD_ONLY_LIMIT
+
     bulk = [(r"^/v1/products/[^/]+/(devices|device_keys)/?$", settings.max_import_bytes),
             # a firmware upload: the binary plus the multipart framing and form fields
             (r"^/v1/products/[^/]+/firmware/?$", settings.firmware_max_bytes + 65_536),
@@ -500,7 +504,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             (r"^/v1/(products/[^/]+/)?devices/[^/]+/?$", settings.firmware_max_bytes + 65_536),
             # the console's Import dialog and firmware upload
             (r"^/console/products/[^/]+/devices/import$", settings.max_import_bytes),
-            (r"^/console/products/[^/]+/firmware$", settings.firmware_max_bytes + 65_536)]
+            (r"^/console/products/[^/]+/firmware$", settings.firmware_max_bytes + 65_536),
+            # a cloud-only ledger document: up to 1 MB of data plus its envelope
+            (r"^/v1/(orgs/[^/]+/)?ledgers/[^/]+/instances/[^/]+/?$", CLOUD_ONLY_LIMIT + 65_536)]
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, large=bulk)  # type: ignore[arg-type]
     app.add_middleware(RejectNul)  # type: ignore[arg-type]
     app.add_middleware(Metrics)  # type: ignore[arg-type]

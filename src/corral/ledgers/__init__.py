@@ -1,0 +1,1 @@
+"""Ledgers: JSON documents per owner, product or device, versioned (Particle's Ledger)."""
