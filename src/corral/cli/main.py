@@ -16,6 +16,7 @@ from corral.cli.firmware import firmware_app, rollout_app
 from corral.cli.health import fleet_app
 from corral.cli.integrations import integrations_app
 from corral.cli.keys import keys_app
+from corral.cli.ledgers import ledger_app
 from corral.cli.serve import serve
 from corral.cli.simulate import simulate
 
@@ -61,6 +62,7 @@ app.add_typer(devices_app, name="devices")
 app.command()(simulate)
 app.add_typer(keys_app, name="keys")
 app.add_typer(integrations_app, name="integrations")
+app.add_typer(ledger_app, name="ledger")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(firmware_app, name="firmware")
 app.add_typer(rollout_app, name="rollout")
