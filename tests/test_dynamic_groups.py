@@ -423,3 +423,30 @@ async def test_fleet_health_filtered_by_a_dynamic_group(app, client):
     r = await client.get(f"/v1/products/{p['id']}/metrics/events", headers=bearer(tok),
                          params={"device_group": "north"})
     assert r.status_code == 400 and "dynamic group" in r.json()["error_description"]
+
+
+async def test_a_large_count_is_taken_once_per_ttl(app, client, monkeypatch):
+    from sqlalchemy import insert
+
+    from corral.devices import groups as group_rules
+
+    tok, p = await owner_and_product(client)
+    n = group_rules.EXACT_UP_TO + 50
+    async with app.state.sessionmaker() as db:
+        await db.execute(insert(Device), [
+            {"id": hexid(0x500000 + i), "product_id": p["id"], "platform_id": 13,
+             "tags": [], "functions": [], "variables": {}} for i in range(n)])
+        await db.commit()
+    base = f"/v1/products/{p['slug']}/groups"
+    r = await client.post(base, headers=bearer(tok), json={"name": "b", "query": "platform = boron"})
+    assert r.json()["group"]["device_count"] == n
+    async with app.state.sessionmaker() as db:
+        await db.execute(insert(Device), [
+            {"id": hexid(0x600000 + i), "product_id": p["id"], "platform_id": 13,
+             "tags": [], "functions": [], "variables": {}} for i in range(5)])
+        await db.commit()
+    # within the TTL the exact count above EXACT_UP_TO is reused; after it, counted again
+    assert (await client.get(f"{base}/b", headers=bearer(tok))).json()["group"]["device_count"] == n
+    monkeypatch.setattr(group_rules, "COUNT_TTL_S", 0.0)
+    assert (await client.get(f"{base}/b", headers=bearer(tok))).json()["group"]["device_count"] \
+        == n + 5

@@ -13,6 +13,7 @@ from corral.cli.billing import billing_app
 from corral.cli.billing_subscription import register as register_billing_subscription
 from corral.cli.devices import devices_app
 from corral.cli.firmware import firmware_app, rollout_app
+from corral.cli.groups import groups_app
 from corral.cli.health import fleet_app
 from corral.cli.integrations import integrations_app
 from corral.cli.keys import keys_app
@@ -59,6 +60,7 @@ app.add_typer(client.orgs_app, name="orgs")
 app.add_typer(client.products_app, name="products")
 app.add_typer(client.team_app, name="team")
 app.add_typer(devices_app, name="devices")
+app.add_typer(groups_app, name="groups")
 app.command()(simulate)
 app.add_typer(keys_app, name="keys")
 app.add_typer(integrations_app, name="integrations")

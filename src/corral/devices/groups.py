@@ -13,6 +13,8 @@ always live; static membership operations on it are refused (``dynamic_group``).
 from __future__ import annotations
 
 import re
+import time
+import weakref
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -35,7 +37,13 @@ from corral.products.models import Product
 GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 CHUNK = 5000
-COUNT_UP_TO = 1_000_000  # a dynamic group's device_count stops counting here
+# a dynamic group's device_count: exact up to this many, beyond it the last exact count of
+# the same query in this process if younger than COUNT_TTL_S (as the device list's totals)
+EXACT_UP_TO = 10_000
+COUNT_TTL_S = 30.0
+# engine -> {(product id, query): (counted at, count)}
+_COUNTS: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], tuple[float, int]]] = \
+    weakref.WeakKeyDictionary()
 # a stable default color per name (Particle gives every group one)
 PALETTE = ("#0ea5e9", "#22c55e", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
            "#14b8a6", "#64748b", "#84cc16")
@@ -95,7 +103,7 @@ async def dynamic_condition(db: AsyncSession, product_id: int,
 
 
 async def count_matching(db: AsyncSession, product_id: int, cond: ColumnElement[bool],
-                         cap: int | None = COUNT_UP_TO) -> int:
+                         cap: int | None = None) -> int:
     """The product's devices meeting ``cond`` (at most ``cap + 1`` are counted)."""
     inner = select(Device.id).where(Device.product_id == product_id, cond)
     if cap is not None:
@@ -120,9 +128,28 @@ async def group_counts(db: AsyncSession, groups: Sequence[DeviceGroup]) -> dict[
     out = await device_counts(db, [g.id for g in groups if g.query is None])
     for g in groups:
         if g.query is not None:
-            out[g.id] = await count_matching(db, g.product_id,
-                                             await dynamic_condition(db, g.product_id, g))
+            out[g.id] = await dynamic_count(db, g.product_id, g.query)
     return out
+
+
+async def dynamic_count(db: AsyncSession, product_id: int, query: str) -> int:
+    """The devices matching a dynamic group's query: exact up to ``EXACT_UP_TO``; beyond,
+    counted exactly at most once per ``COUNT_TTL_S`` per query (a count of most of a
+    million devices costs more than a request should)."""
+    cond = await dynamic_condition(db, product_id, query)
+    n = await count_matching(db, product_id, cond, EXACT_UP_TO)
+    if n <= EXACT_UP_TO:
+        return n
+    known = _COUNTS.setdefault(db.get_bind(), {})
+    key, now = (product_id, query), time.monotonic()
+    hit = known.get(key)
+    if hit is not None and now - hit[0] < COUNT_TTL_S:
+        return hit[1]
+    exact = await count_matching(db, product_id, cond)
+    if len(known) >= 10_000:  # bounded: forget them all (each is one count away)
+        known.clear()
+    known[key] = (now, exact)
+    return exact
 
 
 async def list_groups(db: AsyncSession, product: Product,

@@ -29,6 +29,8 @@ class Device(Timestamps, Base):
         Index("ix_devices_product_os", "product_id", "system_firmware_version",
               "firmware_version", "id"),
         Index("ix_devices_product_quarantined", "product_id", "quarantined"),
+        # dynamic groups by platform (``platform = boron``), in the default order
+        Index("ix_devices_product_platform", "product_id", "platform_id", "last_heard", "id"),
         Index("ix_devices_owner_name", "owner_user_id", "name"),
         Index("ix_devices_serial", "serial_number"),
         # a serial-number prefix within one product (the console's search box)
