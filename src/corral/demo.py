@@ -357,7 +357,7 @@ async def start_demo_fleet(runtime: Any) -> Fleet | _NoFleet:
     host, port, context = endpoint
     labels = [demo_device_name(DEMO_FLEET_IDS.index(did) + 1) for did, _s in creds]
     fleet = Fleet(creds, host, port, interval=DEMO_SIM_INTERVAL_S, tls=context,
-                  labels=labels, connect_concurrency=10)
+                  labels=labels, connect_concurrency=10, ledgers=True)
     await fleet.start()
     log.info("demo: %d simulated devices connecting to %s:%d", len(creds), host, port)
     return fleet

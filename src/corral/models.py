@@ -23,6 +23,7 @@ from corral.firmware import models as _firmware  # noqa: F401
 from corral.fleet import models as _fleet  # noqa: F401
 from corral.integrations import models as _integrations  # noqa: F401
 from corral.ledgers import models as _ledgers  # noqa: F401
+from corral.ledgers import sync_models as _ledger_sync  # noqa: F401
 from corral.locations import models as _locations  # noqa: F401
 from corral.mail import models as _mail  # noqa: F401
 from corral.metering import models as _metering  # noqa: F401

@@ -99,7 +99,8 @@ class Transport(StrEnum):
 async def _run(a: Api, product: str, fleet_devices: list[dict[str, str]],
                all_devices: list[dict[str, str]], state_path: Path, *, host: str, port: int,
                interval: float, duration: float | None, connect_concurrency: int, protocol: int,
-               iccids: dict[str, str] | None) -> tuple[Fleet, str | None]:
+               iccids: dict[str, str] | None, ledgers: bool = False
+               ) -> tuple[Fleet, str | None]:
     """Run the fleet; also why the run failed (None: the server saw the devices)."""
     minter = SecretMinter(a, product)
     check = ServerCheck(a, product)
@@ -138,7 +139,7 @@ async def _run(a: Api, product: str, fleet_devices: list[dict[str, str]],
         fleet = Fleet([(d["id"], d["secret"]) for d in fleet_devices], host, port,
                       interval=interval, protocol=protocol,
                       connect_concurrency=connect_concurrency, reprovision=reprovision,
-                      iccids=iccids)
+                      iccids=iccids, ledgers=ledgers)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -215,6 +216,9 @@ def simulate(
         "the state file, so a rerun reuses it) and reports it (MQTT: in its describe; "
         "Particle: in its system describe); the server lists the SIMs and counts the "
         "devices' traffic as cellular data.")] = False,
+    ledgers: Annotated[bool, typer.Option(
+        "--ledgers", help="MQTT: the devices take the product's cloud-to-device ledgers "
+        "(an `interval` key in a ledger's document sets their publish interval).")] = False,
 ) -> None:
     """Run simulated devices in a product: they publish `sim/temperature`, answer the
     functions led/reboot/interval and the variables temperature/uptime/label/on."""
@@ -279,13 +283,15 @@ def simulate(
         fleet, problem = asyncio.run(_run(
             a, product, fleet_devices, all_devices, state_path, host=host, port=port,
             interval=interval, duration=duration, connect_concurrency=connect_concurrency,
-            protocol=protocol, iccids=iccids))
+            protocol=protocol, iccids=iccids, ledgers=ledgers))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         raise typer.Exit(130) from None
     s = fleet.stats
     console.print(f"Simulated {s.devices:,} devices: {s.connects:,} connections, "
                   f"{s.events_sent:,} events sent, {s.events_refused:,} refused, "
-                  f"{s.calls_answered:,} calls answered.", highlight=False, soft_wrap=True)
+                  f"{s.calls_answered:,} calls answered"
+                  + (f", {s.ledgers_applied:,} ledger versions applied" if ledgers else "")
+                  + ".", highlight=False, soft_wrap=True)
     if s.gave_up:
         fail(f"{s.gave_up} device(s) could not connect (credentials refused).")
     if problem:

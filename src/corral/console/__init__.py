@@ -25,7 +25,6 @@ def console_routers() -> list[APIRouter]:
         fleet,
         home,
         integrations,
-        ledgers,
         logs,
         manage,
         products,
@@ -34,7 +33,7 @@ def console_routers() -> list[APIRouter]:
 
     return [auth.router, home.router, products.router, devices.router, logs.router,
             device.router, firmware.router, team.router, manage.router, integrations.router,
-            billing.router, fleet.router, cohorts.router, ledgers.router]
+            billing.router, fleet.router, cohorts.router]
 
 
 def install(app: FastAPI) -> tuple[Callable[[str], bool], Any]:

@@ -10,6 +10,7 @@ Built on corral's sans-IO MQTT codec, so thousands of devices can share one even
   variable reads are answered by the registered handlers
 * ``devices/{id}/inbox/{prefix}``: :meth:`Device.subscribe` (Particle-style name prefixes)
 * ``devices/{id}/ota/#``: :meth:`Device.on_ota`
+* ``devices/{id}/ledgers/#``: :meth:`Device.ledger` (:mod:`corral.device.ledgers`)
 * ``devices/{id}/claim``: :meth:`Device.claim`
 
 Handlers may be plain functions or coroutine functions. Plain ones run on the event loop,
@@ -40,6 +41,7 @@ from corral.device.errors import (
     SubscribeRefused,
     reason_name,
 )
+from corral.device.ledgers import Ledger, LedgerBook
 from corral.device.members import (
     INT32,
     MAX_MEMBERS,
@@ -131,6 +133,7 @@ class Device:
         max_packet_size: int = 262_144,
         subscription_qos: int = 1,
         connect_limit: asyncio.Semaphore | None = None,
+        ledger_store: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
             raise ValueError(f"a device ID is 24 hexadecimal characters, not {device_id!r}")
@@ -170,6 +173,7 @@ class Device:
         self._variables: dict[str, tuple[VariableType, VariableGetter]] = {}
         self._subscriptions: dict[str, list[EventHandler]] = {}
         self._ota: OtaHandler | None = None
+        self._ledgers = LedgerBook(self._send_ledger, ledger_store)
         self._facts: dict[str, Any] = {}
         self._vitals: Callable[[], Any] | None = None
         self._vitals_every: float | None = None
@@ -271,6 +275,29 @@ class Device:
         conn = self._conn
         if conn is not None and not conn.done.is_set():
             self._in_background(self._subscribe(conn, [self._topic("ota/#")]), "subscribe ota")
+        return handler
+
+    def ledger(self, name: str) -> Ledger:
+        """The ledger ``name`` (Particle's ``Particle.ledger``): its document as the cloud
+        last sent it (``get()``, ``on_change``, ``wait``), or this device's own
+        device-to-cloud document (``set``). ``ledger_store`` (a file) keeps the documents
+        across restarts."""
+        first = not self._ledgers.wanted
+        led = self._ledgers.ledger(name)
+        conn = self._conn
+        if first and conn is not None and self.connected:
+            self._in_background(self._sync_ledgers(conn, subscribe=True), "ledgers")
+        return led
+
+    def on_ledger(self, handler: Callable[[Ledger], Any]) -> Callable[[Ledger], Any]:
+        """Call ``handler(ledger)`` for every cloud-to-device ledger the cloud sends a new
+        version of, whatever its name (the device takes ledgers from now on)."""
+        first = not self._ledgers.wanted
+        self._ledgers.wanted = True
+        self._ledgers.listeners.append(handler)
+        conn = self._conn
+        if first and conn is not None and self.connected:
+            self._in_background(self._sync_ledgers(conn, subscribe=True), "ledgers")
         return handler
 
     def on_connect(self, handler: ConnectHandler) -> ConnectHandler:
@@ -587,7 +614,11 @@ class Device:
         filters += [self._inbox_filter(p) for p in self._subscriptions]
         if self._ota is not None:
             filters.append(self._topic("ota/#"))
+        if self._ledgers.wanted:
+            filters.append(self._topic("ledgers/#"))
         await self._subscribe(conn, filters, strict=True)
+        if self._ledgers.wanted:
+            await self._sync_ledgers(conn, subscribe=False)
         await self._publish(conn, self._topic("describe"),
                             json.dumps(self.describe_payload()).encode("utf-8"), 1)
         if self._vitals is not None and self._vitals_every:
@@ -761,8 +792,27 @@ class Device:
                         conn.spawn(self._deliver(handler, rest, data), f"event-{rest}")
         elif kind == "ota" and self._ota is not None:
             conn.spawn(self._run_ota(self._ota, rest, p.payload), f"ota-{rest}")
+        elif kind == "ledgers" and rest and "/" not in rest:
+            conn.spawn(self._ledger_message(rest, p.payload), f"ledger-{rest}")
         else:
             log.info("device %s: message on %s ignored", self.device_id, p.topic)
+
+    async def _sync_ledgers(self, conn: Connection, *, subscribe: bool) -> None:
+        """Subscribe to ``ledgers/#`` (when asked) and say what this device holds."""
+        if subscribe:
+            await self._subscribe(conn, [self._topic("ledgers/#")])
+        await self._publish(conn, self._topic("ledgers/sync"),
+                            json.dumps({"have": self._ledgers.have()}).encode(), 1)
+
+    async def _send_ledger(self, rest: str, body: dict[str, Any]) -> None:
+        await self._publish(self._require(), self._topic(f"ledgers/{rest}"),
+                            json.dumps(body, separators=(",", ":")).encode(), 1)
+
+    async def _ledger_message(self, name: str, payload: bytes) -> None:
+        try:
+            await self._ledgers.received(name, payload)
+        except (NotConnected, PublishRefused) as exc:
+            log.info("device %s: ledger %s not acknowledged: %s", self.device_id, name, exc)
 
     async def _deliver(self, handler: EventHandler, name: str, data: str) -> None:
         try:

@@ -32,6 +32,7 @@ import httpx
 
 from corral.device.client import Device
 from corral.device.errors import ConnectError, NotConnected, PublishRefused
+from corral.device.ledgers import Ledger
 from corral.device.ota import Offer, OtaUpdater
 
 log = logging.getLogger("corral.device.simulator")
@@ -61,6 +62,7 @@ class FleetStats:
     reprovisioned: int = 0  # secrets replaced after a refusal
     gave_up: int = 0  # devices that stopped (credentials refused for good)
     updates_applied: int = 0  # firmware images downloaded, checked and applied
+    ledgers_applied: int = 0  # cloud-to-device ledger versions applied
 
 
 class SimulatedBehaviour:
@@ -136,7 +138,8 @@ class SimulatedDevice(SimulatedBehaviour):
                  connect_limit: asyncio.Semaphore | None = None,
                  reprovision: Reprovision | None = None,
                  rng: random.Random | None = None,
-                 http: httpx.AsyncClient | None = None, iccid: str | None = None) -> None:
+                 http: httpx.AsyncClient | None = None, iccid: str | None = None,
+                 ledgers: bool = False) -> None:
         self.stats = stats
         self.iccid = iccid  # its SIM: a cellular device
         self.rng = rng or random.Random()
@@ -152,6 +155,8 @@ class SimulatedDevice(SimulatedBehaviour):
                              server_hostname=server_hostname, protocol=protocol,
                              keepalive=keepalive, connect_limit=connect_limit)
         self._wire()
+        if ledgers:  # it takes cloud-to-device ledgers (docs/mqtt.md "Ledgers")
+            self.device.on_ledger(self._ledger_changed)
         self.ota = OtaUpdater(self.device, self._apply_update, http=http).attach()
 
     def _apply_update(self, offer: Offer, image: bytes) -> None:
@@ -209,6 +214,14 @@ class SimulatedDevice(SimulatedBehaviour):
         dev.on_connect(connected)
         dev.on_disconnect(disconnected)
 
+    def _ledger_changed(self, ledger: Ledger) -> None:
+        """A cloud-to-device ledger's new version: an ``interval`` key (seconds) sets the
+        publish interval, as the ``interval`` function does."""
+        self.stats.ledgers_applied += 1
+        value = (ledger.data or {}).get("interval")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            self.interval = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, float(value)))
+
     # --- functions and variables --------------------------------------------------------------
 
     # --- running ------------------------------------------------------------------------------
@@ -264,18 +277,20 @@ class SimulatedDevice(SimulatedBehaviour):
 class Fleet:
     """Many simulated devices in this event loop. ``start()`` returns at once; the devices
     connect in the background, at most ``connect_concurrency`` at the same moment. A device
-    with an entry in ``iccids`` is cellular and reports that SIM."""
+    with an entry in ``iccids`` is cellular and reports that SIM. With ``ledgers`` the
+    devices take cloud-to-device ledgers (an ``interval`` key sets their publish interval)."""
 
     def __init__(self, credentials: Sequence[tuple[str, str]], host: str = "127.0.0.1",
                  port: int = 1883, *, interval: float = 5.0, tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, protocol: int = 5, keepalive: int = 60,
                  connect_concurrency: int = 50, reprovision: Reprovision | None = None,
                  labels: Sequence[str] | None = None, seed: int | None = None,
-                 iccids: Mapping[str, str] | None = None) -> None:
+                 iccids: Mapping[str, str] | None = None, ledgers: bool = False) -> None:
         if connect_concurrency < 1:
             raise ValueError("connect_concurrency must be at least 1")
         self.credentials = list(credentials)
         self.iccids = dict(iccids or {})  # device id -> its SIM (cellular devices)
+        self.ledgers = ledgers
         self.host = host
         self.port = port
         self.interval = interval
@@ -315,7 +330,7 @@ class Fleet:
                                   keepalive=self.keepalive, connect_limit=limit,
                                   reprovision=self.reprovision,
                                   rng=random.Random(self.rng.random()), http=self._http,
-                                  iccid=self.iccids.get(device_id))
+                                  iccid=self.iccids.get(device_id), ledgers=self.ledgers)
             sim.device.on_connect(self._progress.set)
             self.devices.append(sim)
             self._tasks.append(asyncio.get_running_loop().create_task(

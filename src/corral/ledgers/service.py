@@ -38,6 +38,7 @@ from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound, Paylo
 from corral.kit.ids import path_id
 from corral.kit.responses import paging
 from corral.ledgers import schemas as S
+from corral.ledgers import signals
 from corral.ledgers.models import LedgerDefinition, LedgerInstance, LedgerVersion
 from corral.orgs.models import Organization
 from corral.products.models import Product
@@ -386,6 +387,8 @@ async def _write(db: AsyncSession, org: Organization, ledger: LedgerDefinition, 
     except IntegrityError as exc:
         raise Conflict("Another write to this instance happened at the same time; retry",
                        code="ledger_write_conflict") from exc
+    if ledger.direction == S.CLOUD_TO_DEVICE:  # the devices it reaches, after commit
+        signals.changed(db, ledger.id, ref.level, ref.key)
     audit.record(db, actor=actor, ip=ip, action=f"ledger.instance.{op}", org_id=org.id,
                  product_id=ref.product_id, target_type="ledger",
                  target_id=f"{ledger.name}/{ref.value}",

@@ -45,7 +45,7 @@ from corral.sessions.link import (
     Refused,
 )
 from corral.sessions.lookup import DeviceRows
-from corral.sessions.session import DeviceSession, SessionObserver
+from corral.sessions.session import DeviceSession, LedgerPort, SessionObserver
 from corral.settings import Settings
 
 log = logging.getLogger("corral.sessions")
@@ -72,6 +72,7 @@ class SessionHub:
         self.opened = 0
         self.refused = 0
         self.observers: list[SessionObserver] = []  # e.g. the firmware delivery engine
+        self.ledgers: LedgerPort | None = None  # the ledger sync engine, when one runs
         # (device_id, product_id, kind, outcome) of each call or read this node answered
         self.call_results: list[Callable[[str, int | None, str, Any], None]] = []
         self._flusher: asyncio.Task[None] | None = None

@@ -30,7 +30,7 @@ class Refused(Exception):
     """The core refuses something a device asked for. ``code`` is machine-readable:
     ``bad_credentials``, ``unknown_device``, ``unknown_product``, ``wrong_product``,
     ``quarantined``, ``denied``, ``invalid``, ``too_large``, ``rate_limited``, ``paused``,
-    ``closed``, ``busy``."""
+    ``closed``, ``busy``, ``forbidden``."""
 
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(f"{code}: {reason}")
@@ -155,6 +155,11 @@ class DeviceLink(Protocol):
         """Tell a device with updates disabled that an update waits for it (``pending``),
         or that the next one is forced and to be applied anyway (``forced``,
         ``firmware_updates_forced``)."""
+        ...
+
+    async def deliver_ledger(self, name: str, document: dict[str, Any]) -> bool:
+        """Send a cloud-to-device ledger's document (``name``, ``version``, ``data``, ...);
+        False when the device does not take ledgers over this transport. Never raises."""
         ...
 
 

@@ -47,6 +47,8 @@ CELLULAR_BATCH = 16 * 1024  # bytes of cellular traffic per usage increment
 VITALS_EVENT = "spark/device/diagnostics/update"
 VITALS_MAX_BYTES = 4096
 VITALS_RATE_PER_S, VITALS_BURST = 1 / 10, 3  # vitals reports a device may send
+LEDGER_MAX_BYTES = 16 * 1024  # a ledger document a device writes (Particle's synced limit)
+LEDGER_SYNC_MAX = 64  # ledgers a device may list in one sync
 
 
 class SessionObserver(Protocol):
@@ -63,6 +65,25 @@ class SessionObserver(Protocol):
         ...
 
 
+class LedgerPort(Protocol):
+    """Where a device's ledger traffic goes (the ledger sync engine,
+    :mod:`corral.ledgers.sync`). Called on the event loop; ``wanted`` must not block."""
+
+    def wanted(self, session: DeviceSession, have: dict[str, int] | None) -> None:
+        """The device takes cloud-to-device ledgers: send what it lacks. ``have`` (from a
+        sync) is what it holds, name -> version; None: what it last acknowledged."""
+        ...
+
+    async def applied(self, session: DeviceSession, name: str, version: int) -> None:
+        """The device applied ``version`` of ledger ``name``."""
+        ...
+
+    async def written(self, session: DeviceSession, name: str, data: dict[str, Any], *,
+                      merge: bool) -> None:
+        """The device wrote its device-to-cloud ledger ``name`` (raise :class:`Refused`)."""
+        ...
+
+
 class SessionHost(Protocol):
     """What a session needs of the hub that opened it (:class:`corral.sessions.core.SessionHub`):
     the session module stays below the hub, which imports it."""
@@ -75,6 +96,7 @@ class SessionHost(Protocol):
     heard: dict[str, dt.datetime]
     discarded: int
     observers: list[SessionObserver]
+    ledgers: LedgerPort | None
     call_results: list[Callable[[str, int | None, str, Any], None]]
 
     async def record_cellular(self, device_id: str, iccid: str | None) -> bool: ...
@@ -92,6 +114,18 @@ def _reply_error(status: int, error: str, description: str) -> dict[str, Any]:
 
 
 # --- the session ----------------------------------------------------------------------------
+
+def _json_object(payload: bytes, what: str, limit: int) -> dict[str, Any]:
+    if len(payload) > limit:
+        raise Refused("too_large", f"{what} is at most {limit} bytes")
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise Refused("invalid", f"{what} must be a JSON object")
+    return body
+
 
 class DeviceSession:
     """One connected device on this node."""
@@ -256,6 +290,57 @@ class DeviceSession:
             return await self.hub.writer.write(self._event(VITALS_EVENT, text))
         except WriterStopped:
             raise Refused("busy", "The server is shutting down") from None
+
+    # -- ledgers (docs/mqtt.md "Ledgers") -------------------------------------------------------
+
+    def _ledger_port(self) -> LedgerPort:
+        self._check_open()
+        port = self.hub.ledgers
+        if port is None:
+            raise Refused("invalid", "This server does not serve ledgers")
+        return port
+
+    def ledgers_wanted(self, have: dict[str, int] | None = None) -> None:
+        """The device subscribed to its ledgers (or resumed a session that had): the cloud
+        sends every cloud-to-device ledger it has not acknowledged."""
+        port = self.hub.ledgers
+        if port is not None and not self.closed:
+            port.wanted(self, have)
+
+    async def ledger_sync(self, payload: bytes) -> None:
+        """``{"have": {"name": version, ...}}``: what the device holds (``{}`` after losing
+        its storage); the cloud sends every ledger whose version differs."""
+        port = self._ledger_port()
+        body = _json_object(payload, "A ledger sync", 4096)
+        have = body.get("have", {})
+        if not isinstance(have, dict) or len(have) > LEDGER_SYNC_MAX or not all(
+                isinstance(k, str) and type(v) is int for k, v in have.items()):
+            raise Refused("invalid", 'A ledger sync is {"have": {"<ledger>": <version>, ...}} '
+                          f"(at most {LEDGER_SYNC_MAX} ledgers)")
+        self.heard()
+        port.wanted(self, have)
+
+    async def ledger_applied(self, name: str, payload: bytes) -> None:
+        """``{"version": N}``: the device applied version N of cloud-to-device ledger
+        ``name``."""
+        port = self._ledger_port()
+        version = _json_object(payload, "A ledger acknowledgement", 256).get("version")
+        if type(version) is not int or version < 1:
+            raise Refused("invalid", 'A ledger acknowledgement is {"version": <the version>}')
+        self.heard()
+        await port.applied(self, name, version)
+
+    async def ledger_set(self, name: str, payload: bytes) -> None:
+        """``{"data": {...}, "set_mode": "Replace" | "Merge"}``: the device writes its
+        device-to-cloud ledger ``name`` (a new version; refused when it does not validate)."""
+        port = self._ledger_port()
+        body = _json_object(payload, "A ledger write", LEDGER_MAX_BYTES + 256)
+        data, mode = body.get("data"), body.get("set_mode", "Replace")
+        if not isinstance(data, dict) or mode not in ("Replace", "Merge"):
+            raise Refused("invalid", 'A ledger write is {"data": {...}, "set_mode": '
+                          '"Replace" | "Merge"}')
+        self.heard()
+        await port.written(self, name, data, merge=mode == "Merge")
 
     async def system_event(self, name: str, data: str | None) -> None:
         """Store a cloud-sourced system event of this device (``spark/flash/status``,

@@ -84,6 +84,7 @@ class Runtime:
         self.writer: EventWriter | None = None
         self.hub: SessionHub | None = None
         self.delivery: Any = None  # corral.firmware.delivery.FirmwareDelivery, once started
+        self.ledger_sync: Any = None  # corral.ledgers.sync.LedgerSync, once started
         self.integrations: IntegrationWorker | None = None  # webhooks and MQTT forwarding
         self.locations: LocationRecorder | None = None
         self.vitals: VitalsRecorder | None = None
@@ -169,6 +170,10 @@ class Runtime:
 
         self.delivery = FirmwareDelivery(self.settings, self.sessionmaker, self.hub)
         self.delivery.start()
+        from corral.ledgers.sync import LedgerSync
+
+        self.ledger_sync = LedgerSync(self.sessionmaker, self.hub, self.bus)
+        await self.ledger_sync.start()
         self.metering.attach(self.sessionmaker, self.writer, self.hub)
         leases = self.leases
         singletons = cfg.node_role in ("all", "worker")
@@ -353,6 +358,8 @@ class Runtime:
             step = "deliveries and integrations"
             if self.delivery is not None:
                 await self.delivery.stop()
+            if self.ledger_sync is not None:
+                await self.ledger_sync.stop()
             if self.integrations is not None:
                 await self.integrations.stop()
             step = "the device hub"
@@ -413,6 +420,7 @@ def routers() -> list[APIRouter]:
     from corral.fleet.vitals_api import router as vitals_router
     from corral.integrations.api import router as integrations_router
     from corral.ledgers.api import router as ledgers_router
+    from corral.ledgers.sync_api import router as ledger_sync_router
     from corral.locations.api import router as locations_router
     from corral.metering.agreements_api import router as agreements_router
     from corral.metering.api import router as metering_router
@@ -430,7 +438,8 @@ def routers() -> list[APIRouter]:
             cohorts_router,
             firmware_router, firmware_delivery_router, rollouts_router, metering_router,
             agreements_router,
-            locations_router, integrations_router, ledgers_router, vitals_router,
+            locations_router, integrations_router, ledgers_router, ledger_sync_router,
+            vitals_router,
             endpoints_router,
             fleet_router,
             sessions_router]

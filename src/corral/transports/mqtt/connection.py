@@ -438,6 +438,8 @@ class Connection(MqttLink):
                 await session.subscribe(prefix)
             except Refused:
                 state.inbox.pop(prefix, None)
+        if state.ledgers_qos is not None:
+            session.ledgers_wanted()
         for pid, out in list(state.inflight.items()):
             if not out.keep:
                 del state.inflight[pid]
@@ -567,6 +569,10 @@ class Connection(MqttLink):
                 await self._ack(p, self._done(code, why))
             return
         await self.slots.acquire()
+        if target.kind in ("ledger_applied", "ledger_set", "ledger_sync"):
+            ledger = asyncio.get_running_loop().create_task(self._ledger(target, p.payload))
+            self.acks.put_nowait((p, ledger))
+            return
         if target.kind == "event":
             # the hot path: validated now, acknowledged by the ack loop once committed
             result: Awaitable[Any] = self._publish_event(target.arg, p)
@@ -605,6 +611,26 @@ class Connection(MqttLink):
         except Exception:
             log.exception("publish of %s on %r failed", self.device_id, p.topic)
             return RC_IMPLEMENTATION, "internal error"
+
+    async def _ledger(self, target: topics.PublishTarget,
+                      payload: bytes) -> tuple[int, str | None]:
+        """``devices/{id}/ledgers/...``: a sync, an acknowledgement or a device's write
+        (acknowledged once handled; a write once committed)."""
+        session = self.session
+        assert session is not None
+        try:
+            if target.kind == "ledger_sync":
+                await session.ledger_sync(payload)
+            elif target.kind == "ledger_applied":
+                await session.ledger_applied(target.arg, payload)
+            else:
+                await session.ledger_set(target.arg, payload)
+        except Refused as exc:
+            return PUBACK_CODES.get(exc.code, RC_IMPLEMENTATION), exc.reason
+        except Exception:
+            log.exception("ledger message of %s on %s not handled", self.device_id, target)
+            return RC_IMPLEMENTATION, "internal error"
+        return 0, None
 
     async def _vitals(self, payload: bytes) -> tuple[int, str | None]:
         """``devices/{id}/diagnostics``: the device's vitals (acknowledged once stored)."""
@@ -759,6 +785,9 @@ class Connection(MqttLink):
                 state.requests_qos = qos
             elif target.kind == "ota":
                 state.ota_qos = qos
+            elif target.kind == "ledgers":
+                state.ledgers_qos = qos
+                session.ledgers_wanted()
             else:
                 try:
                     await session.subscribe(target.arg)
@@ -784,6 +813,8 @@ class Connection(MqttLink):
                 existed, state.requests_qos = state.requests_qos is not None, None
             elif target.kind == "ota":
                 existed, state.ota_qos = state.ota_qos is not None, None
+            elif target.kind == "ledgers":
+                existed, state.ledgers_qos = state.ledgers_qos is not None, None
             else:
                 existed = state.inbox.pop(target.arg, None) is not None
                 if existed:

@@ -64,6 +64,7 @@ class SessionState:
     expiry_s: int = 0  # kept this long after the connection ends (0: discarded then)
     requests_qos: int | None = None
     ota_qos: int | None = None
+    ledgers_qos: int | None = None
     inbox: dict[str, int] = field(default_factory=dict)  # prefix -> granted QoS
     inflight: dict[int, Outbound] = field(default_factory=dict)
     queued: deque[Outbound] = field(default_factory=deque)
@@ -353,6 +354,20 @@ class MqttLink:
         with contextlib.suppress(ConnectionError):
             await self._publish_out(topics.ota_topic(self.device_id, kind), body,
                                     state.ota_qos, keep=False)
+
+    async def deliver_ledger(self, name: str, document: dict[str, Any]) -> bool:
+        """``devices/{id}/ledgers/{name}``: a cloud-to-device ledger's document. False when
+        the device does not take ledgers (not subscribed) or is gone."""
+        state = self.state
+        if state is None or state.ledgers_qos is None or self.closing:
+            return False
+        body = json.dumps(document, separators=(",", ":")).encode()
+        try:
+            await self._publish_out(topics.ledger_topic(self.device_id, name), body,
+                                    state.ledgers_qos, keep=True)
+        except ConnectionError:
+            return False
+        return True
 
     async def disconnect(self, reason: str) -> None:
         self.kicked = True

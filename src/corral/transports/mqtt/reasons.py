@@ -43,4 +43,5 @@ PUBACK_CODES: Final[dict[str, int]] = {
     "paused": RC_QUOTA_EXCEEDED,
     "invalid": RC_PAYLOAD_INVALID,
     "too_large": RC_PAYLOAD_INVALID,
+    "forbidden": RC_NOT_AUTHORIZED,
 }

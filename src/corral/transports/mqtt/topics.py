@@ -14,14 +14,17 @@ from typing import Final, Literal
 DEVICE_ID_RE: Final = re.compile(r"^[0-9a-fA-F]{24}$")
 ROOT: Final = "devices"
 
-PublishKind = Literal["event", "describe", "reply", "claim", "ota_status", "diagnostics"]
-SubscribeKind = Literal["requests", "inbox", "ota"]
+PublishKind = Literal["event", "describe", "reply", "claim", "ota_status", "diagnostics",
+                      "ledger_applied", "ledger_set", "ledger_sync"]
+SubscribeKind = Literal["requests", "inbox", "ota", "ledgers"]
+LEDGER_NAME_RE: Final = re.compile(r"^[a-z0-9-]{1,32}$")
 
 
 @dataclass(frozen=True, slots=True)
 class PublishTarget:
     """What a device's PUBLISH topic means: ``kind`` and its argument (the event name for
-    ``event``, the request id for ``reply``, empty otherwise)."""
+    ``event``, the request id for ``reply``, the ledger's name for ``ledger_applied`` and
+    ``ledger_set``, empty otherwise)."""
 
     kind: PublishKind
     arg: str = ""
@@ -67,6 +70,25 @@ def ota_topic(device_id: str, sub: str) -> str:
     return f"{ROOT}/{device_id}/ota/{sub}"
 
 
+def ledger_topic(device_id: str, name: str) -> str:
+    """``devices/{id}/ledgers/{name}``: a cloud-to-device ledger's document."""
+    return f"{ROOT}/{device_id}/ledgers/{name}"
+
+
+def _ledger_publish(rest: str) -> PublishTarget | None:
+    """``ledgers/sync``, ``ledgers/{name}/applied``, ``ledgers/{name}/set``."""
+    if rest == "sync":
+        return PublishTarget("ledger_sync")
+    name, _, verb = rest.partition("/")
+    if LEDGER_NAME_RE.fullmatch(name) is None:
+        return None
+    if verb == "applied":
+        return PublishTarget("ledger_applied", name)
+    if verb == "set":
+        return PublishTarget("ledger_set", name)
+    return None
+
+
 def parse_publish(device_id: str, topic: str) -> PublishTarget | None:
     """The meaning of a PUBLISH from ``device_id`` (lower case) on ``topic``; None when the
     device may not publish there."""
@@ -84,6 +106,8 @@ def parse_publish(device_id: str, topic: str) -> PublishTarget | None:
         return PublishTarget("diagnostics")
     if rest == "ota/status":
         return PublishTarget("ota_status")
+    if rest.startswith("ledgers/"):
+        return _ledger_publish(rest[len("ledgers/"):])
     if rest.startswith("replies/"):
         rid = rest[len("replies/"):]
         return PublishTarget("reply", rid) if rid and "/" not in rid else None
@@ -96,7 +120,8 @@ def parse_filter(device_id: str, topic_filter: str) -> SubscribeTarget | None:
 
     ``requests/+`` and ``requests/#`` receive requests; ``inbox/#`` every event in scope;
     ``inbox/{prefix}`` (no wildcard) events whose names start with ``prefix``; ``ota/#``
-    is reserved for firmware updates. Anything else is refused."""
+    is reserved for firmware updates, ``ledgers/#`` for cloud-to-device ledgers. Anything
+    else is refused."""
     rest = _own_rest(device_id, topic_filter)
     if rest is None:
         return None
@@ -104,6 +129,8 @@ def parse_filter(device_id: str, topic_filter: str) -> SubscribeTarget | None:
         return SubscribeTarget("requests")
     if rest == "ota/#":
         return SubscribeTarget("ota")
+    if rest in ("ledgers/#", "ledgers/+"):
+        return SubscribeTarget("ledgers")
     if rest == "inbox/#":
         return SubscribeTarget("inbox", "")
     if rest.startswith("inbox/"):
@@ -114,4 +141,4 @@ def parse_filter(device_id: str, topic_filter: str) -> SubscribeTarget | None:
 
 
 __all__ = ["PublishTarget", "SubscribeTarget", "events_topic", "inbox_topic", "is_device_id",
-           "ota_topic", "parse_filter", "parse_publish", "request_topic"]
+           "ledger_topic", "ota_topic", "parse_filter", "parse_publish", "request_topic"]

@@ -836,6 +836,11 @@ class ParticleConnection:
         await self.deliver_event(f"{UPDATES_EVENT_PREFIX}{kind}", "true" if value else "false",
                                  published_at=clock.iso(clock.now()) or "", ttl=60, coreid="")
 
+    async def deliver_ledger(self, name: str, document: dict[str, Any]) -> bool:
+        # Device OS 6 syncs ledgers with CoAP messages that ../shared/reference does not
+        # document; corral does not guess them (docs/particle-udp.md, "Ledgers")
+        return False
+
     async def send_firmware(self, image: bytes, *, chunk_size: int | None = None,
                             fast: bool = False, progress: ProgressFn | None = None,
                             step_timeout: float = 30.0) -> OtaResult:

@@ -1,0 +1,78 @@
+"""``GET /v1/ledgers/:name/devices`` and ``/v1/orgs/:org/ledgers/:name/devices`` (corral's
+own, beyond Particle): each device's sent and applied version of a cloud-to-device ledger,
+and which devices are behind (:mod:`corral.ledgers.sync_status`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import AliasChoices, Field
+from sqlalchemy import select
+
+from corral.kit.body import Flag, Int, RequestModel, query
+from corral.kit.errors import NotFound
+from corral.kit.ids import path_id
+from corral.kit.responses import Answer, answers
+from corral.ledgers import service
+from corral.ledgers.api import Scoper, org, sandbox
+from corral.ledgers.sync_status import device_syncs
+from corral.orgs.access import OrgCtx
+from corral.products.models import Product
+
+router = APIRouter(tags=["ledgers"])
+
+
+class DevicesQuery(RequestModel):
+    product: str | None = None  # id or slug: one product's devices
+    behind: Flag = False  # only the devices that do not hold the latest version
+    page: Annotated[Int, Field(ge=1, le=1_000_000)] = 1
+    per_page: Annotated[Int, Field(ge=1, le=100)] = Field(
+        25, validation_alias=AliasChoices("per_page", "perPage"))
+
+
+class DeviceSyncObject(Answer):
+    device_id: str
+    name: str | None
+    product_id: int | None
+    latest_version: int
+    sent_version: int
+    applied_version: int | None
+    in_sync: bool
+    sent_at: str | None
+    applied_at: str | None
+
+
+class DeviceSyncsAnswer(Answer):
+    devices: list[DeviceSyncObject]
+    meta: dict[str, Any]
+
+
+def register(base: str, scoper: Scoper, label: str) -> None:
+    @router.get(base + "/{name}/devices", summary=f"Devices' versions of a ledger ({label})",
+                responses=answers(DeviceSyncsAnswer))
+    async def ledger_devices(name: str, oc: OrgCtx = Depends(scoper("ledgers.instances:get")),
+                             q: DevicesQuery = query(DevicesQuery)) -> dict[str, Any]:
+        """A cloud-to-device ledger's version on each device it reaches: the latest (what
+        the device should hold), the last sent, the acknowledged one, ``in_sync``;
+        ``?behind=true`` lists only the devices that do not hold the latest."""
+        ledger = await service.get_ledger(oc.db, oc.org, name)
+        product_id = None
+        if q.product is not None:
+            pid = path_id(q.product)
+            product_id = (await oc.db.execute(select_product(oc, q.product, pid))).scalar()
+            if product_id is None:
+                raise NotFound("Product not found", code="not_found")
+        rows, meta = await device_syncs(oc.db, oc.org, ledger, product_id=product_id,
+                                        behind=q.behind, page=q.page, per_page=q.per_page)
+        return {"devices": [r.json() for r in rows], "meta": meta}
+
+
+def select_product(oc: OrgCtx, raw: str, pid: int | None) -> Any:
+    return select(Product.id).where(Product.org_id == oc.org.id,
+                                    Product.id == pid if pid is not None
+                                    else Product.slug == raw.lower())
+
+
+register("/v1/ledgers", sandbox, "sandbox")
+register("/v1/orgs/{org}/ledgers", org, "organization")
