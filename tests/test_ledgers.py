@@ -148,6 +148,8 @@ async def test_instances_set_merge_delete_versions_rollback(app, client):
     assert r.json() == {"ok": True, "version": 5}
     assert_error(await client.get(path, headers=bearer(tok)), 404, "ledger_instance_not_found")
     assert_error(await client.delete(path, headers=bearer(tok)), 404)
+    r = await client.get("/v1/ledgers/config/instances", headers=bearer(tok))
+    assert r.json()["instances"] == [] and r.json()["meta"]["total"] == 0
     # deleted documents keep their history; a later write continues the numbering
     r = await put(client, tok, path, {"again": 1})
     assert r.json()["instance"]["version"] == 6

@@ -50,6 +50,7 @@ PAGES = [
     ("18-org-team", "/console/orgs/demo-org/team"),
     ("19-billing", "/console/orgs/demo-org/billing"),
     ("20-org-logs", "/console/orgs/demo-org/logs"),
+    ("21-org-ledgers", "/console/orgs/demo-org/ledgers"),
 ]
 PHONE_PAGES = [("phone-devices", f"{PRODUCT}/devices"),
                ("phone-device", f"{PRODUCT}/devices/{LIVE}"),

@@ -25,6 +25,7 @@ def console_routers() -> list[APIRouter]:
         fleet,
         home,
         integrations,
+        ledgers,
         logs,
         manage,
         products,
@@ -33,7 +34,7 @@ def console_routers() -> list[APIRouter]:
 
     return [auth.router, home.router, products.router, devices.router, logs.router,
             device.router, firmware.router, team.router, manage.router, integrations.router,
-            billing.router, fleet.router, cohorts.router]
+            billing.router, fleet.router, cohorts.router, ledgers.router]
 
 
 def install(app: FastAPI) -> tuple[Callable[[str], bool], Any]:

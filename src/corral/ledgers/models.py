@@ -27,7 +27,7 @@ class LedgerDefinition(Timestamps, Base):
     description: Mapped[str] = mapped_column(Text, default="")
     scope: Mapped[str] = mapped_column(String(8))  # Owner | Product | Device
     direction: Mapped[str] = mapped_column(String(16))  # CloudOnly | CloudToDevice | DeviceToCloud
-    json_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    json_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     archived_at: Mapped[dt.datetime | None]
     created_by: Mapped[str | None] = mapped_column(String(254))
     updated_by: Mapped[str | None] = mapped_column(String(254))
@@ -48,7 +48,8 @@ class LedgerInstance(Timestamps, Base):
     ledger_id: Mapped[int] = mapped_column(ForeignKey("ledger_definitions.id", ondelete="CASCADE"))
     level: Mapped[str] = mapped_column(String(8))
     scope_key: Mapped[str] = mapped_column(String(64))
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # None: deleted
+    # None is SQL NULL (not JSON null), so "deleted" is a plain IS NULL test
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     size_bytes: Mapped[int] = mapped_column(default=0)
     version: Mapped[int] = mapped_column(default=0)
     updated_by: Mapped[str | None] = mapped_column(String(254))
@@ -68,7 +69,7 @@ class LedgerVersion(Base):
         ForeignKey("ledger_instances.id", ondelete="CASCADE"))
     version: Mapped[int]
     op: Mapped[str] = mapped_column(String(12))  # set | merge | delete | rollback
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     size_bytes: Mapped[int] = mapped_column(default=0)
     restored_from: Mapped[int | None]  # rollback: the version restored
     created_at: Mapped[dt.datetime]
