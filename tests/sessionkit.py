@@ -41,6 +41,7 @@ class ScriptedDevice:
         self.calls: list[tuple[str, str]] = []
         self.reads: list[str] = []
         self.delivered: list[tuple[str, str | None]] = []
+        self.ledgers: list[dict[str, Any]] = []  # ledger documents the cloud sent
         self.disconnected: list[str] = []
 
     async def call_function(self, name: str, arg: str) -> int:
@@ -69,6 +70,10 @@ class ScriptedDevice:
 
     async def request_describe(self) -> None:
         return None
+
+    async def deliver_ledger(self, name: str, document: dict[str, Any]) -> bool:
+        self.ledgers.append(document)
+        return True
 
     async def disconnect(self, reason: str) -> None:
         self.disconnected.append(reason)

@@ -152,6 +152,25 @@ async def test_control_signals_reach_the_holding_node(two: dict[str, Any]) -> No
     assert two["device"].disconnected
 
 
+async def test_a_ledger_written_through_one_node_reaches_a_device_on_another(
+        two: dict[str, Any]) -> None:
+    """The write commits on node b; node a's sync engine hears of it on the bus and sends
+    the device the new document (docs/ledgers.md "Syncing with devices")."""
+    b, ada, p = two["b"], two["ada"], two["p"]
+    r = await b.client.post("/v1/ledgers", headers=bearer(ada), json={"ledger": {
+        "name": "config", "scope": "Product", "direction": "CloudToDevice"}})
+    assert r.status_code == 201, r.text
+    two["session"].ledgers_wanted()  # the device subscribed to its ledgers on node a
+    for n, value in enumerate((5, 10), start=1):
+        r = await b.client.put(f"/v1/ledgers/config/instances/{p['id']}", headers=bearer(ada),
+                               json={"instance": {"data": {"interval": value}}})
+        assert r.status_code == 200, r.text
+        await wait_for(lambda n=n: len(two["device"].ledgers) == n)
+    assert two["device"].ledgers == [
+        {"name": "config", "version": 1, "scope": "Product", "data": {"interval": 5}},
+        {"name": "config", "version": 2, "scope": "Product", "data": {"interval": 10}}]
+
+
 async def test_a_reconnect_to_another_node_takes_over(two: dict[str, Any]) -> None:
     a, b = two["a"], two["b"]
     again = ScriptedDevice(functions={"led": lambda arg: 1})
