@@ -485,21 +485,21 @@ async def definitions_for_device(db: AsyncSession, device: Device,
     return list((await db.execute(stmt.order_by(LedgerDefinition.name))).scalars())
 
 
-async def effective_for_device(db: AsyncSession, device: Device, ledger: LedgerDefinition
-                               ) -> tuple[dict[str, Any], tuple[int, int, int]]:
-    """The document ``device`` sees of ``ledger``: the owner-level instance, overridden by
-    its product's, overridden by its own (only the levels the ledger's scope allows), merged
-    with :func:`deep_merge`. Also the versions ``(owner, product, device)`` it is made of
-    (0 where no instance was ever written); any write to any of them raises one of them,
-    so a device compares tuples (element-wise, none may go down) to know it is behind."""
+def levels_for(ledger: LedgerDefinition, device: Device) -> list[tuple[str, str]]:
+    """The ``(level, scope key)`` instances ``device``'s document of ``ledger`` is merged
+    from, coarse to fine (only the levels the ledger's scope allows)."""
     wanted = [(S.OWNER, str(ledger.org_id))]
     if ledger.scope in (S.PRODUCT, S.DEVICE) and device.product_id is not None:
         wanted.append((S.PRODUCT, str(device.product_id)))
     if ledger.scope == S.DEVICE:
         wanted.append((S.DEVICE, device.id))
-    rows = {(i.level, i.scope_key): i for i in (await db.execute(select(LedgerInstance).where(
-        LedgerInstance.ledger_id == ledger.id,
-        tuple_(LedgerInstance.level, LedgerInstance.scope_key).in_(wanted)))).scalars()}
+    return wanted
+
+
+def merge_levels(wanted: list[tuple[str, str]], rows: dict[tuple[str, str], LedgerInstance]
+                 ) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """The document made of the ``wanted`` instances found in ``rows`` (keyed by ``(level,
+    scope key)``), and the versions ``(owner, product, device)`` it is made of."""
     data: dict[str, Any] = {}
     versions = {S.OWNER: 0, S.PRODUCT: 0, S.DEVICE: 0}
     for key in wanted:
@@ -510,3 +510,17 @@ async def effective_for_device(db: AsyncSession, device: Device, ledger: LedgerD
         if inst.data is not None:
             data = deep_merge(data, inst.data)
     return data, (versions[S.OWNER], versions[S.PRODUCT], versions[S.DEVICE])
+
+
+async def effective_for_device(db: AsyncSession, device: Device, ledger: LedgerDefinition
+                               ) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """The document ``device`` sees of ``ledger``: the owner-level instance, overridden by
+    its product's, overridden by its own (only the levels the ledger's scope allows), merged
+    with :func:`deep_merge`. Also the versions ``(owner, product, device)`` it is made of
+    (0 where no instance was ever written); any write to any of them raises one of them,
+    so a device compares tuples (element-wise, none may go down) to know it is behind."""
+    wanted = levels_for(ledger, device)
+    rows = {(i.level, i.scope_key): i for i in (await db.execute(select(LedgerInstance).where(
+        LedgerInstance.ledger_id == ledger.id,
+        tuple_(LedgerInstance.level, LedgerInstance.scope_key).in_(wanted)))).scalars()}
+    return merge_levels(wanted, rows)

@@ -1,7 +1,10 @@
 """The ledger sync engine: brings connected devices the cloud-to-device ledgers they lack,
 records what they applied, and takes their device-to-cloud writes (docs/mqtt.md "Ledgers").
 
-One per node, next to the session hub (it is the hub's :class:`LedgerPort`):
+One per node, next to the session hub (it is the hub's :class:`LedgerPort`). Work is
+batched: devices to sync wait in one queue that a single task drains up to 500 at a time (a
+few queries and one commit per batch, however many devices a product-wide change reaches),
+and acknowledgements are written together every 50 ms.
 
 * a device subscribes to ``devices/{id}/ledgers/#`` (or resumes a session that had) ->
   every cloud-to-device ledger that reaches it whose version it has not acknowledged is
@@ -25,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,16 +43,20 @@ from corral.kit import clock
 from corral.kit.errors import CorralError, PayloadTooLarge
 from corral.ledgers import schemas as S
 from corral.ledgers import service
+from corral.ledgers.models import LedgerDefinition, LedgerInstance
 from corral.ledgers.signals import SUBJECT
 from corral.ledgers.sync_models import LedgerDeviceState
 from corral.orgs.models import Organization
+from corral.products.models import Product
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Refused
 from corral.sessions.session import DeviceSession
 
 log = logging.getLogger("corral.ledgers.sync")
 
-MAX_RUNS = 16  # devices synced at once per node (a product-wide change reaches many)
+BATCH = 500  # devices planned in one transaction
+ACK_FLUSH_S = 0.05  # acknowledgements are written together this often
+Planned = list[tuple[DeviceSession, str, dict[str, Any]]]
 
 
 def device_actor(device_id: str) -> Subject:
@@ -64,11 +72,13 @@ class LedgerSync:
         self.sessionmaker = sessionmaker
         self.hub = hub
         self.bus = bus
-        self.slots = asyncio.Semaphore(MAX_RUNS)
         self.sent = 0  # documents handed to devices
         self._takers: dict[str, DeviceSession] = {}  # devices that take ledgers
-        self._runs: dict[str, asyncio.Task[None]] = {}
-        self._again: dict[str, tuple[DeviceSession, dict[str, int] | None]] = {}
+        self._pending: dict[str, tuple[DeviceSession, dict[str, int] | None]] = {}
+        self._acks: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._acker: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[Any]] = set()
         self._sub: Subscription | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -84,18 +94,26 @@ class LedgerSync:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
-        runs = list(self._runs.values())
-        for t in runs:
+        tasks = [t for t in (self._worker, self._acker) if t is not None] + list(self._sends)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*runs, return_exceptions=True)
-        self._runs.clear()
-        self._again.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._worker = self._acker = None
+        self._pending.clear()
+        for _, done in self._acks:
+            done.cancel()
+        self._acks.clear()
 
     async def idle(self, within: float = 30.0) -> None:
-        """Wait until no sync is in progress (tests)."""
+        """Wait until nothing is queued, planned or being sent (tests, bench)."""
         async with asyncio.timeout(within):
-            while self._runs:
-                await asyncio.gather(*self._runs.values(), return_exceptions=True)
+            while True:
+                busy = [t for t in (self._worker, self._acker) if t is not None
+                        and not t.done()] + list(self._sends)
+                if not busy and not self._pending:
+                    return
+                await asyncio.gather(*busy, return_exceptions=True)
+                await asyncio.sleep(0)
 
     # -- LedgerPort --------------------------------------------------------------------------
 
@@ -104,18 +122,14 @@ class LedgerSync:
         self._schedule(session, have)
 
     async def applied(self, session: DeviceSession, name: str, version: int) -> None:
-        async with self.sessionmaker() as db:
-            ledger_id = await self._ledger_id(db, session.device_id, name)
-            if ledger_id is None:
-                return  # not a ledger of this device (any more): nothing to record
-            await db.execute(update(LedgerDeviceState).where(
-                LedgerDeviceState.device_id == session.device_id,
-                LedgerDeviceState.ledger_id == ledger_id,
-                LedgerDeviceState.version >= version,
-                (LedgerDeviceState.applied_version.is_(None))
-                | (LedgerDeviceState.applied_version < version),
-            ).values(applied_version=version, applied_at=clock.now()))
-            await commit(db)
+        """Returns once the acknowledgement is committed (with the others of its 50 ms)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._acks.append(({"d": session.device_id, "n": name, "v": version,
+                            "at": clock.now()}, done))
+        if self._acker is None or self._acker.done():
+            self._acker = loop.create_task(self._write_acks(), name="ledger-acks")
+        await done
 
     async def written(self, session: DeviceSession, name: str, data: dict[str, Any], *,
                       merge: bool) -> None:
@@ -160,90 +174,171 @@ class LedgerSync:
             facts = session.facts
             if ((level == S.DEVICE and did == key)
                     or (level == S.PRODUCT and str(facts.product_id) == key)
-                    or level == S.OWNER):  # the run finds whether the org's ledger reaches it
+                    or level == S.OWNER):  # the plan finds whether the org's ledger reaches it
                 self._schedule(session, None)
 
-    # -- runs ----------------------------------------------------------------------------------
+    # -- the queue -----------------------------------------------------------------------------
 
     def _schedule(self, session: DeviceSession, have: dict[str, int] | None) -> None:
-        did = session.device_id
         if session.closed:
             return
-        if did in self._runs:
-            prev = self._again.get(did)
-            # an explicit "have" is kept over a later plain change
-            self._again[did] = (session, have if have is not None else
-                                (prev[1] if prev is not None else None))
-            return
-        task = asyncio.get_running_loop().create_task(self._run(session, have),
-                                                      name=f"ledgers-{did}")
-        self._runs[did] = task
-        task.add_done_callback(lambda t, d=did: self._ran(d, t))
+        prev = self._pending.get(session.device_id)
+        # an explicit "have" is kept over a later plain change
+        if have is None and prev is not None and prev[0] is session:
+            have = prev[1]
+        self._pending[session.device_id] = (session, have)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain(),
+                                                                  name="ledger-sync")
 
-    def _ran(self, did: str, task: asyncio.Task[None]) -> None:
-        if self._runs.get(did) is task:
-            del self._runs[did]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("ledger sync of %s failed", did, exc_info=task.exception())
-        again = self._again.pop(did, None)
-        if again is not None and not task.cancelled():
-            self._schedule(*again)
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = []
+            for did in list(self._pending)[:BATCH]:
+                session, have = self._pending.pop(did)
+                if not session.closed:
+                    batch.append((session, have))
+            if not batch:
+                continue
+            try:
+                planned = await self._plan(batch)
+                if planned is None:  # another writer got there first: plan again once
+                    planned = await self._plan(batch) or []
+            except Exception:
+                log.exception("ledger sync of %d devices failed", len(batch))
+                continue
+            if planned:
+                task = asyncio.get_running_loop().create_task(self._send(planned))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
 
-    async def _run(self, session: DeviceSession, have: dict[str, int] | None) -> None:
-        async with self.slots:
-            if session.closed:
-                return
-            out = await self._plan(session.device_id, have)
-        for name, doc in out:
-            if session.closed:
-                return
-            if await session.link.deliver_ledger(name, doc):
+    async def _send(self, planned: Planned) -> None:
+        async def one(session: DeviceSession, name: str, doc: dict[str, Any]) -> None:
+            if not session.closed and await session.link.deliver_ledger(name, doc):
                 self.sent += 1
 
-    async def _plan(self, did: str, have: dict[str, int] | None
-                    ) -> list[tuple[str, dict[str, Any]]]:
-        """Bring the device's states up to date (committed) and return the documents it
-        lacks."""
-        out: list[tuple[str, dict[str, Any]]] = []
+        await asyncio.gather(*(one(*p) for p in planned), return_exceptions=True)
+
+    async def _plan(self, batch: list[tuple[DeviceSession, dict[str, int] | None]]
+                    ) -> Planned | None:
+        """Bring the devices' states up to date (committed) and return the documents they
+        lack; None when a concurrent writer made the commit fail."""
+        out: Planned = []
+        ids = [s.device_id for s, _ in batch]
         async with self.sessionmaker() as db:
-            device = await db.get(Device, did)
-            if device is None:
+            devices = {d.id: d for d in (await db.execute(
+                select(Device).where(Device.id.in_(ids)))).scalars()}
+            org_of = await self._orgs(db, list(devices.values()))
+            orgs = set(org_of.values())
+            if not orgs:
                 return out
-            ledgers = await service.definitions_for_device(db, device, S.CLOUD_TO_DEVICE)
+            ledgers = list((await db.execute(select(LedgerDefinition).where(
+                LedgerDefinition.org_id.in_(orgs), LedgerDefinition.archived_at.is_(None),
+                LedgerDefinition.direction == S.CLOUD_TO_DEVICE)
+                .order_by(LedgerDefinition.name))).scalars())
             if not ledgers:
                 return out
-            states = {s.ledger_id: s for s in (await db.execute(select(LedgerDeviceState).where(
-                LedgerDeviceState.device_id == did))).scalars()}
-            now = clock.now()
+            by_org: dict[int, list[LedgerDefinition]] = defaultdict(list)
             for ledger in ledgers:
-                data, versions = await service.effective_for_device(db, device, ledger)
-                if not any(versions):
-                    continue  # never written at any level: nothing to hold
-                source = ".".join(map(str, versions))
-                st = states.get(ledger.id)
-                if st is None:
-                    st = LedgerDeviceState(device_id=did, ledger_id=ledger.id, version=0,
-                                           source="")
-                    db.add(st)
-                if st.source != source:
-                    st.version, st.source = st.version + 1, source
-                held = have.get(ledger.name) if have is not None else st.applied_version
-                if held != st.version:
-                    st.sent_at = now
-                    out.append((ledger.name, {"name": ledger.name, "version": st.version,
-                                              "scope": ledger.scope, "data": data}))
+                by_org[ledger.org_id].append(ledger)
+            lids = [ledger.id for ledger in ledgers]
+            products = {str(d.product_id) for d in devices.values() if d.product_id is not None}
+            rows: dict[int, dict[tuple[str, str], LedgerInstance]] = defaultdict(dict)
+            for inst in (await db.execute(select(LedgerInstance).where(
+                    LedgerInstance.ledger_id.in_(lids), or_(
+                        and_(LedgerInstance.level == S.OWNER,
+                             LedgerInstance.scope_key.in_([str(o) for o in orgs])),
+                        and_(LedgerInstance.level == S.PRODUCT,
+                             LedgerInstance.scope_key.in_(products)),
+                        and_(LedgerInstance.level == S.DEVICE,
+                             LedgerInstance.scope_key.in_(ids)))))).scalars():
+                rows[inst.ledger_id][(inst.level, inst.scope_key)] = inst
+            states = {(st.device_id, st.ledger_id): st for st in (await db.execute(
+                select(LedgerDeviceState).where(LedgerDeviceState.device_id.in_(ids),
+                                                LedgerDeviceState.ledger_id.in_(lids))
+            )).scalars()}
+            now = clock.now()
+            for session, have in batch:
+                device = devices.get(session.device_id)
+                if device is None or device.id not in org_of:
+                    continue
+                for ledger in by_org[org_of[device.id]]:
+                    data, versions = service.merge_levels(service.levels_for(ledger, device),
+                                                          rows[ledger.id])
+                    if not any(versions):
+                        continue  # never written at any level: nothing to hold
+                    source = ".".join(map(str, versions))
+                    st = states.get((device.id, ledger.id))
+                    if st is None:
+                        st = states[(device.id, ledger.id)] = LedgerDeviceState(
+                            device_id=device.id, ledger_id=ledger.id, version=0, source="")
+                        db.add(st)
+                    if st.source != source:
+                        st.version, st.source = st.version + 1, source
+                    held = have.get(ledger.name) if have is not None else st.applied_version
+                    if held != st.version:
+                        st.sent_at = now
+                        out.append((session, ledger.name, {
+                            "name": ledger.name, "version": st.version, "scope": ledger.scope,
+                            "data": data}))
             try:
                 await commit(db)
-            except (IntegrityError, CorralError):  # another node synced it meanwhile
-                log.info("ledger states of %s changed meanwhile; synced next time", did)
-                return []
+            except (IntegrityError, CorralError):
+                log.info("ledger states of %d devices changed meanwhile", len(batch))
+                return None
         return out
 
-    async def _ledger_id(self, db: AsyncSession, did: str, name: str) -> int | None:
-        device = await db.get(Device, did)
-        if device is None:
-            return None
-        for ledger in await service.definitions_for_device(db, device, S.CLOUD_TO_DEVICE):
-            if ledger.name == name:
-                return ledger.id
-        return None
+    async def _orgs(self, db: AsyncSession, devices: list[Device]) -> dict[str, int]:
+        """Device id -> the organization whose ledgers reach it (its product's; for a device
+        in no product, its owner's personal organization)."""
+        pids = {d.product_id for d in devices if d.product_id is not None}
+        owners = {d.owner_user_id for d in devices
+                  if d.product_id is None and d.owner_user_id is not None}
+        by_product: dict[int, int] = {}
+        by_owner: dict[int, int] = {}
+        if pids:
+            by_product = {p: o for p, o in (await db.execute(
+                select(Product.id, Product.org_id).where(Product.id.in_(pids)))).all()}
+        if owners:
+            by_owner = {u: o for u, o in (await db.execute(
+                select(Organization.owner_user_id, Organization.id).where(
+                    Organization.personal.is_(True),
+                    Organization.owner_user_id.in_(owners)))).all() if u is not None}
+        out: dict[str, int] = {}
+        for d in devices:
+            org = (by_product.get(d.product_id) if d.product_id is not None
+                   else by_owner.get(d.owner_user_id) if d.owner_user_id is not None else None)
+            if org is not None:
+                out[d.id] = org
+        return out
+
+    # -- acknowledgements ------------------------------------------------------------------------
+
+    async def _write_acks(self) -> None:
+        """Write the acknowledgements gathered meanwhile in one transaction (never lowering
+        ``applied_version``, never above what was sent), until none are left."""
+        state = LedgerDeviceState.__table__
+        stmt = state.update().where(
+            state.c.device_id == bindparam("d"),
+            state.c.ledger_id.in_(select(LedgerDefinition.id).where(
+                LedgerDefinition.name == bindparam("n"),
+                LedgerDefinition.direction == S.CLOUD_TO_DEVICE)),
+            state.c.version >= bindparam("v"),
+            or_(state.c.applied_version.is_(None), state.c.applied_version < bindparam("v")),
+        ).values(applied_version=bindparam("v"), applied_at=bindparam("at"))
+        while self._acks:
+            await asyncio.sleep(ACK_FLUSH_S)
+            acks, self._acks = self._acks, []
+            try:
+                async with self.sessionmaker() as db:
+                    await db.execute(stmt, [params for params, _ in acks])
+                    await commit(db)
+            except Exception as exc:
+                log.exception("%d ledger acknowledgements not written", len(acks))
+                for _, done in acks:
+                    if not done.done():
+                        done.set_exception(Refused("busy", f"not recorded: {exc!r}"[:200]))
+                continue
+            for _, done in acks:
+                if not done.done():
+                    done.set_result(None)
