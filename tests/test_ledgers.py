@@ -357,3 +357,52 @@ async def test_sandbox_device_without_product(app, client):
     r = await put(client, tok, f"/v1/ledgers/notes/instances/{DEV.upper()}", {"n": 1})
     assert r.status_code == 200, r.text
     assert r.json()["instance"]["scope"]["value"] == DEV
+
+
+async def test_product_routes_reach_only_the_products_documents(app, client):
+    from test_api_users import make_api_user
+
+    tok, p = await owner_and_product(client)
+    r = await client.post("/v1/user/products", headers=bearer(tok),
+                          json={"product": {"name": "Sibling"}})
+    sibling = r.json()["product"]
+    await add_device(app, DEV, p["id"])
+    await add_device(app, DEV2, sibling["id"])
+    await create(client, tok, name="cfg", scope="Device", direction="CloudToDevice")
+    for value in ("owner", f"product:{p['id']}", DEV, f"product:{sibling['id']}", DEV2):
+        assert (await put(client, tok, f"/v1/ledgers/cfg/instances/{value}",
+                          {"v": value})).status_code == 200
+    bot = (await make_api_user(client, tok, p["id"], [
+        "ledgers:list", "ledgers:get", "ledgers.instances:get", "ledgers.instances:set"]
+    ))["tokens"][0]["token"]
+    base = f"/v1/products/{p['slug']}/ledgers"
+    r = await client.get(base, headers=bearer(bot))
+    assert [d["name"] for d in r.json()["ledger_definitions"]] == ["cfg"], r.text
+    r = await client.get(f"{base}/cfg/instances", headers=bearer(bot))
+    assert sorted(i["scope"]["value"] for i in r.json()["instances"]) == sorted(
+        [f"product:{p['id']}", DEV])
+    r = await put(client, bot, f"{base}/cfg/instances/{DEV}", {"by": "bot"}, mode="Merge")
+    assert r.status_code == 200 and r.json()["instance"]["data"] == {"v": DEV, "by": "bot"}
+    assert r.json()["instance"]["updated_by"]  # the API user's label
+    r = await client.post(f"{base}/cfg/instances/product:{p['slug']}/rollback",
+                          headers=bearer(bot), json={"version": 1})
+    assert r.status_code == 200, r.text
+    # the owner's document and the sibling product's are not this product's
+    for value in ("owner", f"owner:{p['org_id']}", f"product:{sibling['id']}", DEV2):
+        assert_error(await client.get(f"{base}/cfg/instances/{value}", headers=bearer(bot)),
+                     404, "scope_value_not_found")
+        assert_error(await put(client, bot, f"{base}/cfg/instances/{value}", {"x": 1}), 404)
+    # a cloud-only document of exactly 1 MB fits through the product route too
+    await create(client, tok, name="big", scope="Product", direction="CloudOnly")
+    r = await put(client, bot, f"{base}/big/instances/{p['id']}",
+                  {"v": "x" * (1024 * 1024 - 8)})
+    assert r.status_code == 200 and r.json()["instance"]["size_bytes"] == 1024 * 1024, r.text
+    # definitions are managed in the organization / sandbox only
+    assert (await create(client, bot, base, name="new", scope="Owner")).status_code == 405
+    # a scope the API user lacks
+    reader = (await make_api_user(client, tok, p["id"], ["ledgers.instances:get"], name="ro")
+              )["tokens"][0]["token"]
+    r = await put(client, reader, f"{base}/cfg/instances/{DEV}", {"x": 1})
+    assert_error(r, 403)
+    assert (await client.get(f"{base}/cfg/instances/{DEV}", headers=bearer(reader))
+            ).status_code == 200

@@ -82,14 +82,20 @@ def test_ledger_create_edit_history_rollback(page: Any, console_server: Any) -> 
     assert page.get_by_text("Ledger config archived.").is_visible()
 
 
-def test_view_only_member_reads_without_editor(page: Any, console_server: Any) -> None:
-    base = console_server.url
+def _seed(base: str, name: str, scope: str, owner_data: dict[str, Any]) -> tuple[Api, str]:
+    """A demo-org ledger with an owner-level document, through the API."""
     api = Api(base)
     owner = api.login("demo@corral.example", "corral-demo")
     api.call(owner, "POST", "/v1/orgs/demo-org/ledgers",
-             json={"ledger": {"name": "notes", "scope": "Owner"}})
-    api.call(owner, "PUT", "/v1/orgs/demo-org/ledgers/notes/instances/owner",
-             json={"instance": {"data": {"motd": "hello"}}})
+             json={"ledger": {"name": name, "scope": scope}})
+    api.call(owner, "PUT", f"/v1/orgs/demo-org/ledgers/{name}/instances/owner",
+             json={"instance": {"data": owner_data}})
+    return api, owner
+
+
+def test_view_only_member_reads_without_editor(page: Any, console_server: Any) -> None:
+    base = console_server.url
+    api, owner = _seed(base, "notes", "Owner", {"motd": "hello"})
     api.signup("ledger-viewer@example.com")
     api.invite_and_accept(owner, "demo-org", "ledger-viewer@example.com", "View-only")
     sign_in(page, base, "ledger-viewer@example.com", PASSWORD)
@@ -99,3 +105,26 @@ def test_view_only_member_reads_without_editor(page: Any, console_server: Any) -
     assert "hello" in page.locator(".code-block").first.inner_text()
     assert page.get_by_label("JSON document").count() == 0
     assert page.get_by_role("button", name=re.compile("Roll back")).count() == 0
+
+
+def test_product_page_reaches_only_the_products_documents(page: Any,
+                                                           console_server: Any) -> None:
+    base = console_server.url
+    _seed(base, "prodcfg", "Device", {"secret": "org-wide"})
+    sign_in(page, base)
+    visit(page, base, "/console/products/demo-product")
+    page.get_by_role("link", name="Ledgers").first.click()
+    page.wait_for_url(re.compile(".*/products/demo-product/ledgers$"))
+    assert page.get_by_role("region", name="New ledger").count() == 0
+    page.get_by_role("link", name="prodcfg").click()
+    page.wait_for_url(re.compile(".*/products/demo-product/ledgers/prodcfg$"))
+    audit(page)
+    assert page.locator("tr[data-instance]").count() == 0  # the owner-level one is not listed
+    assert page.get_by_role("button", name="Archive ledger").count() == 0
+    page.get_by_label("Scope value").fill("product:demo-product")
+    page.get_by_role("button", name="Open").click()
+    page.get_by_label("JSON document").fill('{"interval": 30}')
+    page.get_by_role("button", name="Save as a new version").click()
+    assert page.get_by_text("Saved as version 1.").is_visible()
+    visit(page, base, "/console/products/demo-product/ledgers/prodcfg/instance?scope=owner",
+          status=404)

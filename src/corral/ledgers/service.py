@@ -26,7 +26,7 @@ from typing import Any
 from jsonschema import exceptions as js_exceptions
 from jsonschema import validators
 from referencing import exceptions as ref_exceptions
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -259,8 +259,17 @@ def _not_found(raw: str) -> NotFound:
 
 
 async def resolve_scope(db: AsyncSession, org: Organization, ledger: LedgerDefinition,
-                        raw: str) -> ScopeRef:
-    """The instance a scope value names, within ``org`` (404 for anything outside it)."""
+                        raw: str, within: Product | None = None) -> ScopeRef:
+    """The instance a scope value names, within ``org`` (404 for anything outside it), and
+    with ``within`` only the product's own instance and its devices'."""
+    ref = await _resolve(db, org, ledger, raw)
+    if within is not None and (ref.level == S.OWNER or ref.product_id != within.id):
+        raise _not_found(raw)
+    return ref
+
+
+async def _resolve(db: AsyncSession, org: Organization, ledger: LedgerDefinition,
+                   raw: str) -> ScopeRef:
     if raw.lower() == "owner":  # the owner, whatever the ledger's scope
         raw = "owner:"
     level, _, value = raw.partition(":") if ":" in raw else (ledger.scope, "", raw)
@@ -349,9 +358,15 @@ async def get_instance(db: AsyncSession, ledger: LedgerDefinition, ref: ScopeRef
     return inst
 
 
-async def list_instances(db: AsyncSession, ledger: LedgerDefinition, q: S.InstancePage
-                         ) -> dict[str, Any]:
+async def list_instances(db: AsyncSession, ledger: LedgerDefinition, q: S.InstancePage,
+                         within: Product | None = None) -> dict[str, Any]:
+    """The ledger's documents; with ``within``, the product's own and its devices'."""
     where = [LedgerInstance.ledger_id == ledger.id, LedgerInstance.data.isnot(None)]
+    if within is not None:
+        where.append(or_(
+            (LedgerInstance.level == S.PRODUCT) & (LedgerInstance.scope_key == str(within.id)),
+            (LedgerInstance.level == S.DEVICE) & LedgerInstance.scope_key.in_(
+                select(Device.id).where(Device.product_id == within.id))))
     total = int((await db.execute(select(func.count()).select_from(LedgerInstance)
                                   .where(*where))).scalar() or 0)
     rows = (await db.execute(select(LedgerInstance).where(*where)

@@ -515,7 +515,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             (r"^/console/products/[^/]+/devices/import$", settings.max_import_bytes),
             (r"^/console/products/[^/]+/firmware$", settings.firmware_max_bytes + 65_536),
             # a cloud-only ledger document: up to 1 MB of data plus its envelope
-            (r"^/v1/(orgs/[^/]+/)?ledgers/[^/]+/instances/[^/]+/?$", CLOUD_ONLY_LIMIT + 65_536)]
+            (r"^/v1/((orgs|products)/[^/]+/)?ledgers/[^/]+/instances/[^/]+/?$",
+             CLOUD_ONLY_LIMIT + 65_536)]
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, large=bulk)  # type: ignore[arg-type]
     app.add_middleware(RejectNul)  # type: ignore[arg-type]
     app.add_middleware(Metrics)  # type: ignore[arg-type]
