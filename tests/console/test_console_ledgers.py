@@ -6,11 +6,12 @@ View-only member reads but is offered no editor."""
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
 
-from consolekit import PASSWORD, Api, audit, sign_in, tab_walk, visit
+from consolekit import DEMO_PASSWORD, DEMO_USER, PASSWORD, Api, audit, sign_in, tab_walk, visit
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +129,39 @@ def test_product_page_reaches_only_the_products_documents(page: Any,
     assert page.get_by_text("Saved as version 1.").is_visible()
     visit(page, base, "/console/products/demo-product/ledgers/prodcfg/instance?scope=owner",
           status=404)
+
+
+def test_ledger_devices_show_who_applied_the_latest(page: Any, console_server: Any) -> None:
+    """The demo's simulated devices take ledgers: after a product-level write they
+    acknowledge it and show "in sync"; the demo devices that are offline show "behind"
+    (and are all that "Behind only" lists)."""
+    base = console_server.url
+    api = Api(base)
+    token = api.login(DEMO_USER, DEMO_PASSWORD)
+    api.call(token, "POST", "/v1/orgs/demo-org/ledgers", json={"ledger": {
+        "name": "fleet-config", "scope": "Product", "direction": "CloudToDevice"}})
+    api.call(token, "PUT", "/v1/orgs/demo-org/ledgers/fleet-config/instances/demo-product",
+             json={"instance": {"data": {"interval": 30}}})
+    in_sync: list[str] = []
+    for _ in range(150):  # the simulated devices apply it within seconds
+        listed = api.call(token, "GET", "/v1/orgs/demo-org/ledgers/fleet-config/devices",
+                          params={"per_page": 100})["devices"]
+        in_sync = [d["device_id"] for d in listed if d["in_sync"]]
+        if len(in_sync) >= 5:
+            break
+        time.sleep(0.2)
+    assert len(in_sync) >= 5, listed
+    sign_in(page, base)
+    visit(page, base, f"{ORG}/ledgers/fleet-config")
+    devices = page.get_by_role("region", name="Devices")
+    assert devices.locator("[data-state='in-sync']").count() >= 5
+    behind = devices.locator("[data-state='behind']").count()
+    assert behind >= 1  # the demo product's devices that are not simulated never connect
+    audit(page)
+    devices.get_by_role("link", name="Behind only").click()
+    page.wait_for_url(re.compile(r".*/ledgers/fleet-config\?behind=1$"))
+    devices = page.get_by_role("region", name="Devices")
+    assert devices.locator("[data-state='in-sync']").count() == 0
+    assert devices.locator("[data-state='behind']").count() == min(behind, 50)
+    for did in in_sync:
+        assert devices.locator(f"tr[data-device='{did}']").count() == 0

@@ -27,6 +27,7 @@ from corral.kit.ids import path_id
 from corral.ledgers import schemas as S
 from corral.ledgers import service
 from corral.ledgers.models import LedgerDefinition
+from corral.ledgers.sync_status import device_syncs
 from corral.orgs.access import OrgCtx
 from corral.orgs.models import Organization
 from corral.products.access import ProductCtx
@@ -42,6 +43,7 @@ SCOPE_OPTIONS = [(s, s) for s in S.SCOPES]
 DIRECTION_OPTIONS = [(S.CLOUD_ONLY, "Cloud only (up to 1 MB)"),
                      (S.CLOUD_TO_DEVICE, "Cloud to device (up to 16 KB)"),
                      (S.DEVICE_TO_CLOUD, "Device to cloud (up to 16 KB)")]
+SYNC_PAGE = 50  # devices per page of a ledger's sync table
 MODE_OPTIONS = [(S.REPLACE, "Replace the document"), (S.MERGE, "Merge into it")]
 
 
@@ -195,15 +197,24 @@ def register(base: str, placer: Placer, label: str, *, definitions: bool) -> Non
     @router.get(base + "/{name}", summary=f"A ledger ({label})")
     async def ledger_detail(request: Request, name: str,
                             oc: Place = Depends(placer("ledgers:get"))) -> Response:
-        """One definition and its instances (the first 100), with a way to open any scope value."""
+        """One definition and its instances (the first 100), with a way to open any scope
+        value; for a cloud-to-device ledger, each device's applied version (``?behind=1``:
+        only the devices that do not hold the latest; ``?page=``)."""
         ledger = await service.get_ledger(oc.db, oc.org, name)
         instances = await service.list_instances(oc.db, ledger, S.InstancePage(per_page=100),
                                                   oc.product)
+        syncs, sync_meta = None, None
+        behind = request.query_params.get("behind") in ("1", "true")
+        if ledger.direction == S.CLOUD_TO_DEVICE:
+            sync_page = path_id(request.query_params.get("page", "1")) or 1
+            syncs, sync_meta = await device_syncs(
+                oc.db, oc.org, ledger, product_id=oc.product.id if oc.product else None,
+                behind=behind, page=min(sync_page, 1_000_000), per_page=SYNC_PAGE)
         return await page(request, "ledgers/detail.html", title=f"{ledger.name} · Ledgers",
                           ledger=service.ledger_json(ledger), instances=instances["instances"],
                           total=instances["meta"]["total"], base=_base(oc),
                           schema=_pretty(ledger.json_schema) if ledger.json_schema else None,
-                          **_layout(oc))
+                          syncs=syncs, sync_meta=sync_meta, behind=behind, **_layout(oc))
 
     @router.get(base + "/{name}/instance", summary=f"A ledger instance ({label})")
     async def instance_view(request: Request, name: str,
