@@ -277,3 +277,17 @@ async def test_devices_applied_versions_and_who_is_behind(w: Any) -> None:
     assert r.status_code == 404, r.text
     r = await w.client.get(url, headers=bearer(w.token), params={"per_page": 0})
     assert r.status_code == 400, r.text
+
+
+async def test_a_products_view_lists_only_its_devices(w: Any) -> None:
+    await define(w, "config", "Owner")
+    await put(w, "config", "owner", {"a": 1})
+    other = await make_product(w.client, w.token, "Gadget", platform_id=12)
+    [(stranger, _secret)] = await provision(w.client, w.token, other["slug"], 1)
+    url = f"/v1/products/{w.product['slug']}/ledgers/config/devices"
+    r = await w.client.get(url, headers=bearer(w.token), params={"product": other["slug"]})
+    assert r.status_code == 200, r.text
+    listed = {d["device_id"] for d in r.json()["devices"]}
+    assert listed == set(w.ids) and stranger not in listed  # ?product= cannot widen it
+    r = await w.client.get("/v1/ledgers/config/devices", headers=bearer(w.token))
+    assert stranger in {d["device_id"] for d in r.json()["devices"]}

@@ -1,5 +1,5 @@
-"""``GET /v1/ledgers/:name/devices`` and ``/v1/orgs/:org/ledgers/:name/devices`` (corral's
-own, beyond Particle): each device's sent and applied version of a cloud-to-device ledger,
+"""``GET /v1/ledgers/:name/devices``, ``/v1/orgs/:org/ledgers/:name/devices`` and
+``/v1/products/:product/ledgers/:name/devices`` (corral's own, beyond Particle): each device's sent and applied version of a cloud-to-device ledger,
 and which devices are behind (:mod:`corral.ledgers.sync_status`)."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from corral.kit.errors import NotFound
 from corral.kit.ids import path_id
 from corral.kit.responses import Answer, answers
 from corral.ledgers import service
-from corral.ledgers.api import Scoper, org, sandbox
+from corral.ledgers.api import Place, Scoper, org, product, sandbox
 from corral.ledgers.sync_status import device_syncs
-from corral.orgs.access import OrgCtx
 from corral.products.models import Product
 
 router = APIRouter(tags=["ledgers"])
@@ -51,14 +50,15 @@ class DeviceSyncsAnswer(Answer):
 def register(base: str, scoper: Scoper, label: str) -> None:
     @router.get(base + "/{name}/devices", summary=f"Devices' versions of a ledger ({label})",
                 responses=answers(DeviceSyncsAnswer))
-    async def ledger_devices(name: str, oc: OrgCtx = Depends(scoper("ledgers.instances:get")),
+    async def ledger_devices(name: str, oc: Place = Depends(scoper("ledgers.instances:get")),
                              q: DevicesQuery = query(DevicesQuery)) -> dict[str, Any]:
         """A cloud-to-device ledger's version on each device it reaches: the latest (what
         the device should hold), the last sent, the acknowledged one, ``in_sync``;
-        ``?behind=true`` lists only the devices that do not hold the latest."""
+        ``?behind=true`` lists only the devices that do not hold the latest (a product's
+        route: only its devices)."""
         ledger = await service.get_ledger(oc.db, oc.org, name)
-        product_id = None
-        if q.product is not None:
+        product_id = oc.product.id if oc.product is not None else None
+        if q.product is not None and oc.product is None:
             pid = path_id(q.product)
             product_id = (await oc.db.execute(select_product(oc, q.product, pid))).scalar()
             if product_id is None:
@@ -68,7 +68,7 @@ def register(base: str, scoper: Scoper, label: str) -> None:
         return {"devices": [r.json() for r in rows], "meta": meta}
 
 
-def select_product(oc: OrgCtx, raw: str, pid: int | None) -> Any:
+def select_product(oc: Place, raw: str, pid: int | None) -> Any:
     return select(Product.id).where(Product.org_id == oc.org.id,
                                     Product.id == pid if pid is not None
                                     else Product.slug == raw.lower())
@@ -76,3 +76,4 @@ def select_product(oc: OrgCtx, raw: str, pid: int | None) -> Any:
 
 register("/v1/ledgers", sandbox, "sandbox")
 register("/v1/orgs/{org}/ledgers", org, "organization")
+register("/v1/products/{product}/ledgers", product, "product")
