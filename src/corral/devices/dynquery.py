@@ -144,7 +144,7 @@ class QueryError(BadRequest):
 
     def __init__(self, message: str, line: int = 1, column: int = 1) -> None:
         super().__init__(f"query: {message} (line {line}, column {column})",
-                         code="invalid_query", line=line, column=column)
+                         code="invalid_query", line=line, column=column, field="query")
         self.message = message
 
 

@@ -392,4 +392,32 @@
       if (ev.dataTransfer && ev.dataTransfer.files.length) input.files = ev.dataTransfer.files;
     });
   }
+
+  // --- group editor: a live preview of a dynamic group's query (debounced, a server-rendered
+  // fragment: how many devices match now and the first of them, or where the query is wrong)
+  for (const box of $$("[data-preview-url]")) {
+    const input = document.getElementById(box.id.replace(/-preview$/, ""));
+    if (!input) continue;
+    let timer = null;
+    let asked = 0;
+    const refresh = () => {
+      const query = input.value.trim();
+      const mine = ++asked;
+      if (!query) { box.innerHTML = ""; return; }
+      box.setAttribute("aria-busy", "true");
+      fetch(box.dataset.previewUrl + "?query=" + encodeURIComponent(query), { credentials: "same-origin" })
+        .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
+        .then((html) => { if (mine === asked) box.innerHTML = html; })
+        .catch(() => { if (mine === asked) box.textContent = "Could not preview this query; try again."; })
+        .finally(() => { if (mine === asked) box.removeAttribute("aria-busy"); });
+    };
+    input.addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(refresh, 300);
+    });
+    // a query already there: previewed when shown (the new-group form sent back with an
+    // error), or when an edit menu's field is first focused; never for every group at load
+    if (input.value.trim() && input.offsetParent !== null) refresh();
+    input.addEventListener("focus", () => { if (!box.innerHTML.trim()) refresh(); });
+  }
 })();

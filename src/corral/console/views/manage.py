@@ -6,16 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 
 from corral.audit import service as audit
 from corral.console.forms import FormErrors, attempt, checked, read_form, text
-from corral.console.render import page, redirect
+from corral.console.render import ENV, page, redirect
 from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
 from corral.customers import service as customers
 from corral.customers.schemas import CustomerCreate
-from corral.devices import credentials
+from corral.devices import credentials, dynquery
 from corral.devices import groups as group_rules
+from corral.devices import service as device_service
 from corral.devices.schemas import CaChange, GroupChange, GroupCreate
 from corral.kit.body import from_body
 from corral.kit.errors import BadRequest
@@ -58,19 +59,48 @@ async def groups(request: Request,
     return await _groups(request, pc)
 
 
-def _group_body(form: dict[str, Any]) -> dict[str, Any]:
-    return {"name": text(form, "name").strip(), "color": text(form, "color"),
+GROUP_FIELDS = ("name", "color", "description", "query")
+PREVIEW_DEVICES = 10
+
+
+def _group_body(form: dict[str, Any], *, editing: bool = False) -> dict[str, Any]:
+    body = {"name": text(form, "name").strip(), "color": text(form, "color"),
             "description": text(form, "description")}
+    query = text(form, "query").strip()
+    if query or (editing and "query" in form):
+        body["query"] = query or None  # blank while editing: a static group again
+    return body
+
+
+@router.get("/console/products/{product}/groups/preview", summary="Preview a group query")
+async def preview_group(request: Request,
+                        pc: ProductCtx = Depends(ConsoleProductGuard("devices:list"))
+                        ) -> Response:
+    """A fragment for the group editor's live preview: how many devices ``query`` matches
+    now and the first of them, or where the query is wrong."""
+    query = request.query_params.get("query", "").strip()
+    result: dict[str, Any] | None = None
+    problem = None
+    if query:
+        try:
+            result = await device_service.preview_query(pc.db, pc.product, query,
+                                                        PREVIEW_DEVICES)
+        except dynquery.QueryError as exc:
+            problem = exc.description.removeprefix("query: ")
+    html = ENV.get_template("manage/_group_preview.html").render(
+        query=query, result=result, problem=problem, base=_base(pc))
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
 @router.post("/console/products/{product}/groups", summary="Create a group")
 async def create_group(request: Request,
                        pc: ProductCtx = Depends(ConsoleProductGuard("groups:create"))
                        ) -> Response:
-    """A group: name (lowercase letters, digits, - and _), color, description."""
+    """A group: name (lowercase letters, digits, - and _), color, description; with a
+    query, a dynamic group."""
     form = await read_form(request)
     body = _group_body(form)
-    g, errors = await attempt(pc.db, ("name", "color", "description"), lambda: (
+    g, errors = await attempt(pc.db, GROUP_FIELDS, lambda: (
         group_rules.create_group(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
                                  req=from_body(GroupCreate, body))))
     if g is None:
@@ -82,10 +112,10 @@ async def create_group(request: Request,
 async def edit_group(name: str, request: Request,
                      pc: ProductCtx = Depends(ConsoleProductGuard("groups:update"))
                      ) -> Response:
-    """Rename, recolor or describe the group."""
+    """Rename, recolor or describe the group, or change its query."""
     form = await read_form(request)
-    body = _group_body(form)
-    done, errors = await attempt(pc.db, ("name", "color", "description"), lambda: (
+    body = _group_body(form, editing=True)
+    done, errors = await attempt(pc.db, GROUP_FIELDS, lambda: (
         group_rules.update_group(pc.db, actor=pc.ctx.me, ip=pc.ctx.ip, product=pc.product,
                                  name=name, req=from_body(GroupChange, body))))
     if done is None:
