@@ -22,6 +22,10 @@ COLUMNS = ("name", "serial_number")
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        # an extension belongs to the database: two migrations of one database at once (two
+        # schemas, two test workers) would both try to create it ("IF NOT EXISTS" is not
+        # atomic), so the second waits for the first's commit
+        op.execute("SELECT pg_advisory_xact_lock(hashtext('corral:create-extension:pg_trgm'))")
         op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
         # the extension may live in another schema than corral's tables (installed earlier,
         # or by the operator): name its operator class with that schema
