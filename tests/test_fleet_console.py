@@ -33,7 +33,10 @@ async def test_fleet_health_page_shows_the_fleet(app, client, database_url):
                          headers=console_headers(world, "org:View-only"))
     assert r.status_code == 200, r.text
     html = r.text
-    assert "<h1>Fleet health</h1>" in html and html.count("<svg class=\"chart\"") == 2
+    assert "<h1>Fleet health</h1>" in html and html.count("<svg class=\"chart\"") == 3
+    assert 'aria-label="Data operations: highest 1 ' in html  # the one counted publish
+    assert re.search(r"<dt>Data operations</dt><dd>1</dd>", html)
+    assert "<th scope=\"col\">Timed out</th>" in html and "data-timeout-rate" in html
     assert re.search(r"<dt>Online now</dt><dd>1</dd>", html)
     assert "Few online" in html and "<td>4</td>" in html  # the rule; firmware version 4
     assert "<td>test: unplugged</td><td>1</td>" in html

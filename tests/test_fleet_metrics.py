@@ -4,6 +4,7 @@ the server restarts; Particle's metrics shapes; bad parameters get clear errors.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import Counter
 from typing import Any
@@ -127,7 +128,10 @@ async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
         await fresh.stop()
 
 
-async def test_calls_are_counted_by_outcome(app, client, fleet, manual_clock):
+async def test_calls_are_counted_by_outcome(app, client, fleet, manual_clock, settings):
+    """Success, failure (the device failed), timeout (it did not answer in time) and
+    offline are separate outcomes in fleet health; Particle's series count a timeout as a
+    failure."""
     tok, prod = fleet["token"], fleet["product"]
     hub = app.state.runtime.hub
     link = ScriptedLink()
@@ -138,28 +142,90 @@ async def test_calls_are_counted_by_outcome(app, client, fleet, manual_clock):
 
         raise DeviceError("nope")
 
+    async def hang(arg: str) -> int:
+        await asyncio.sleep(30)
+        return 1
+
     link.functions["bad"] = broken
+    link.functions["slow"] = hang
     link.variables["v"] = 1
     s = await hub.open(Hello(DEVS[0], firmware_version=2), link)
-    await s.describe(functions=["ok", "bad"], variables={"v": "int32"})
-    for path, method in ((f"/v1/devices/{DEVS[0]}/ok", "post"),
-                         (f"/v1/devices/{DEVS[0]}/bad", "post"),
-                         (f"/v1/devices/{DEVS[0]}/v", "get"),
-                         (f"/v1/devices/{DEVS[1]}/ok", "post")):  # offline
-        await getattr(client, method)(path, headers=bearer(tok))
+    await s.describe(functions=["ok", "bad", "slow"], variables={"v": "int32"})
+    settings.device_call_timeout_s = 0.2
+    for path, method, status in ((f"/v1/devices/{DEVS[0]}/ok", "post", 200),
+                                 (f"/v1/devices/{DEVS[0]}/bad", "post", 400),
+                                 (f"/v1/devices/{DEVS[0]}/slow", "post", 408),
+                                 (f"/v1/devices/{DEVS[0]}/v", "get", 200),
+                                 (f"/v1/devices/{DEVS[1]}/ok", "post", 404)):  # offline
+        r = await getattr(client, method)(path, headers=bearer(tok))
+        assert r.status_code == status, (path, r.text)
     await app.state.runtime.fleet.flush()
     r = await client.get(f"/v1/products/{prod['id']}/metrics/functions", headers=bearer(tok),
                          params={"bucket_size": 3600})
     got = Counter()
     for b in r.json()["functions"]:
+        assert set(b) <= {"time", "success", "failure", "offline"}  # Particle's shape
         got.update({k: v for k, v in b.items() if k != "time"})
-    assert got == {"success": 1, "failure": 1, "offline": 1}
+    assert got == {"success": 1, "failure": 2, "offline": 1}
     r = await client.get(f"/v1/products/{prod['id']}/metrics/variables", headers=bearer(tok))
     assert sum(b.get("success", 0) for b in r.json()["variables"]) == 1
     r = await client.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
     h = r.json()
-    assert h["error_rate"] == round(1 / 4, 4)
-    assert h["top"]["errors"] == [{"device_id": DEVS[0], "errors": 1}]
+    assert h["functions"] == {"success": 1, "failure": 1, "timeout": 1, "offline": 1}
+    assert h["variables"] == {"success": 1, "failure": 0, "timeout": 0, "offline": 0}
+    assert h["error_rate"] == round(2 / 5, 4)
+    assert h["timeout_rate"] == round(1 / 5, 4)
+    assert h["offline_rate"] == round(1 / 5, 4)
+    assert h["top"]["errors"] == [{"device_id": DEVS[0], "errors": 2}]
+    r = await client.get(f"/v1/orgs/{prod['org_id']}/fleet/health", headers=bearer(tok))
+    [row] = r.json()["products"]
+    assert (row["calls"], row["failed_calls"], row["timed_out_calls"],
+            row["timeout_rate"]) == (5, 2, 1, round(1 / 5, 4))
+
+
+async def test_data_operations_equal_metering(app, client, fleet, manual_clock):
+    """The data operations series (and the health total) equal what metering stored for
+    the product's devices: counted publishes, function calls and variable reads; the
+    cloud's and the device's system events, failed calls and offline answers are none."""
+    from corral.metering.usage import U
+
+    tok, prod = fleet["token"], fleet["product"]
+    link = ScriptedLink()
+    link.functions["ok"] = lambda arg: 7
+    link.variables["v"] = 1
+    s = await app.state.runtime.hub.open(Hello(DEVS[0], firmware_version=2), link)
+    await s.describe(functions=["ok"], variables={"v": "int32"})
+    for name in ("temp", "hum", "temp"):
+        await s.publish(name, "1")
+    manual_clock.set(manual_clock.now() + dt.timedelta(minutes=1))
+    s.bucket.tokens = 4.0
+    await s.publish("temp", "2")
+    for path, method in ((f"/v1/devices/{DEVS[0]}/ok", "post"),
+                         (f"/v1/devices/{DEVS[0]}/v", "get"),
+                         (f"/v1/devices/{DEVS[0]}/nope", "post"),  # unknown: none
+                         (f"/v1/devices/{DEVS[1]}/ok", "post")):  # offline: none
+        await getattr(client, method)(path, headers=bearer(tok))
+    await settle_fleet(app)
+    async with app.state.sessionmaker() as db:
+        want = (await db.execute(select(func.sum(U.data_operations)).where(
+            U.product_id == prod["id"]))).scalar_one()
+    assert want == 6
+    now = clock.now()
+    r = await client.get(f"/v1/products/{prod['slug']}/metrics/data_operations",
+                         headers=bearer(tok),
+                         params={"bucket_size": 60,
+                                 "start_date": clock.iso(now - dt.timedelta(minutes=5)),
+                                 "end_date": clock.iso(now + dt.timedelta(minutes=1))})
+    assert r.status_code == 200, r.text
+    series = r.json()["data_operations"]
+    assert sum(b["count"] for b in series) == want
+    assert [b["count"] for b in series if b["count"]] == [3, 3]  # 3 publishes; 1 + 2 calls
+    r = await client.get(f"/v1/products/{prod['slug']}/fleet/health", headers=bearer(tok))
+    assert r.json()["data_operations"] == want
+    r = await client.get(f"/v1/products/{prod['slug']}/metrics/data_operations",
+                         headers=bearer(tok), params={"product_fw": 3})
+    assert sum(b["count"] for b in r.json()["data_operations"]) == 0
+    await s.close("done")
 
 
 @pytest.mark.parametrize("params", [

@@ -222,3 +222,55 @@ async def test_another_products_group_is_not_found(app, client):
     r = await client.get(f"/v1/products/{prod['id']}/metrics/events", headers=bearer(tok),
                          params={"device_group": "theirs"})
     assert r.status_code == 404 and r.json()["error"] == "group_not_found", r.text
+
+
+@pytest.mark.parametrize("f", FILTERS, ids=lambda f: "&".join(f"{k}={v}" for k, v in f.items()))
+async def test_an_organizations_filtered_health_equals_a_direct_count(app, client, fleet, f):
+    """``/v1/orgs/:org/fleet/health`` takes the product filters: the product's row and the
+    sum count the selected devices only."""
+    tok, prod = fleet["token"], fleet["product"]
+    ids = await selected(app, prod["id"], f)
+    want = await direct(app, prod["id"], ids)
+    r = await client.get(f"/v1/orgs/{prod['org_id']}/fleet/health", headers=bearer(tok),
+                         params=f)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [row] = body["products"]
+    got = {k: row[k] for k in ("devices", "online", "events", "connects", "disconnects")}
+    assert got == {"devices": want["total"], "online": want["online"],
+                   "events": sum(want["per_minute"].values()),
+                   "connects": want["connects"], "disconnects": want["disconnects"]}
+    assert row["calls"] == (1 if IDS[0] in ids else 0)
+    assert {k: body["total"][k] for k in got} == got
+    assert body["filter"] == {"product_fw": f.get("product_fw"),
+                              "device_group": f.get("device_group"),
+                              "device_os_version": f.get("device_os_version")}
+
+
+@pytest.mark.parametrize(("params", "status", "error"), [
+    ({"device_group": "nope"}, 404, "group_not_found"),
+    ({"device_group": "Bad Name"}, 400, "bad_request"),
+    ({"device_group": "beta", "device_os_version": "6.2.0"}, 400, "bad_request"),
+    ({"device_os_version": "6.2.0;drop"}, 400, "bad_request"),
+    ({"product_fw": "x"}, 400, "bad_request"),
+])
+async def test_an_organizations_bad_filters(app, client, fleet, params, status, error):
+    tok, prod = fleet["token"], fleet["product"]
+    r = await client.get(f"/v1/orgs/{prod['org_id']}/fleet/health", headers=bearer(tok),
+                         params=params)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error
+
+
+async def test_an_organizations_group_filter_leaves_out_products_without_it(app, client,
+                                                                          fleet):
+    tok, prod = fleet["token"], fleet["product"]
+    r = await client.post("/v1/user/products", headers=bearer(tok),
+                          json={"product": {"name": "No Groups", "platform_id": 12}})
+    assert r.status_code == 200, r.text
+    r = await client.get(f"/v1/orgs/{prod['org_id']}/fleet/health", headers=bearer(tok))
+    assert len(r.json()["products"]) == 2
+    r = await client.get(f"/v1/orgs/{prod['org_id']}/fleet/health", headers=bearer(tok),
+                         params={"device_group": "beta"})
+    assert r.status_code == 200, r.text
+    assert [p["slug"] for p in r.json()["products"]] == [prod["slug"]]

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, literal_column, select, text
 
 from corral.console import counts
 from corral.db.engine import refresh_statistics
@@ -33,13 +33,17 @@ async def _product_of_2000(app: Any, client: httpx.AsyncClient) -> int:
     async with app.state.sessionmaker() as db:
         await db.execute(insert(Device), rows)
         await db.commit()
-    # the statistics a running server keeps (SQLite: its sampled ANALYZE pass; PostgreSQL:
-    # autovacuum's, which a test cannot wait for)
+    await _analyze(app)
+    return pid
+
+
+async def _analyze(app: Any) -> None:
+    """The statistics a running server keeps (SQLite: its sampled ANALYZE pass; PostgreSQL:
+    autovacuum's, which a test cannot wait for)."""
     if not await refresh_statistics(app.state.runtime.engine):
         async with app.state.sessionmaker() as db:
             await db.execute(text("ANALYZE"))
             await db.commit()
-    return pid
 
 
 async def _plan(app: Any, stmt: Any) -> str:
@@ -111,3 +115,86 @@ async def test_a_sqlite_server_keeps_the_planners_statistics(
         await eventually(analyzed, within=15)
     finally:
         await runtime.stop()
+
+
+async def _searchable_product(app: Any, client: httpx.AsyncClient, n: int = 2000) -> int:
+    """A product of ``n`` devices: two thirds named ``sensor-<i>``, the rest ``gate-<i>``;
+    every seventh never heard, the others heard at distinct, shuffled times."""
+    import datetime as dt
+
+    _token, product = await owner_and_product(client)
+    pid = int(product["id"])
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = [{"id": f"{i:024x}", "product_id": pid, "platform_id": 12,
+             "name": f"{'sensor' if i % 3 else 'gate'}-{i}",
+             "serial_number": f"SN{i:06d}",
+             "last_heard": None if i % 7 == 0 else base + dt.timedelta(
+                 seconds=(i * 7919) % n)} for i in range(n)]
+    async with app.state.sessionmaker() as db:
+        await db.execute(insert(Device), rows)
+        await db.commit()
+    await _analyze(app)
+    return pid
+
+
+async def test_a_search_matching_many_devices_walks_the_last_heard_index(
+        app: Any, client: httpx.AsyncClient) -> None:
+    """The console's search box matching many devices (bench B15: 11,111 of a million)
+    pages along ix_devices_product_last_heard, testing each device, instead of collecting
+    and sorting every match."""
+    from corral.devices.service import _search_per_row
+
+    pid = await _searchable_product(app, client)
+    async with app.state.sessionmaker() as db:
+        dialect = db.get_bind().dialect.name
+    tie = literal_column("devices.rowid") if dialect == "sqlite" else Device.id
+    stmt = (select(Device.id).where(Device.product_id == pid,
+                                    _search_per_row("sensor-1", dialect),
+                                    Device.last_heard.is_not(None))
+            .order_by(Device.last_heard.desc(), tie.desc()).limit(26))
+    plan = await _plan(app, stmt)
+    assert "ix_devices_product_last_heard" in plan, plan
+    # no sort of the matches (SQLite orders equal last_heard by rowid as it goes: "RIGHT
+    # PART OF ORDER BY", as the listing without a search does)
+    assert "TEMP B-TREE FOR ORDER BY" not in plan and "MULTI-INDEX" not in plan, plan
+    assert "Bitmap" not in plan and "\n  ->  Sort" not in plan, plan
+
+
+@pytest.mark.parametrize("sort", ["lastConnection:desc", "lastConnection:asc",
+                                  "deviceName:asc", "deviceId:desc"])
+async def test_a_walked_search_lists_what_the_collected_one_does(
+        app: Any, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+        sort: str) -> None:
+    """Walking the sort index gives the same pages, in the same order, as collecting and
+    sorting the matches (and as sorting them here), on every page."""
+    from corral.devices import service
+    from corral.products.models import Product
+
+    pid = await _searchable_product(app, client, n=600)
+    attr, direction = sort.split(":")
+    col = {"lastConnection": "last_heard", "deviceName": "name", "deviceId": "id"}[attr]
+    async with app.state.sessionmaker() as db:
+        product = await db.get(Product, pid)
+        rows = (await db.execute(select(Device.id, Device.name, Device.last_heard).where(
+            Device.product_id == pid, Device.name.startswith("sensor")))).all()
+    assert len(rows) > 100
+
+    def key(r: Any) -> Any:  # a missing value sorts as the smallest; ties by id
+        v = {"id": r.id, "name": r.name, "last_heard": r.last_heard}[col]
+        return (v is not None, v if v is not None else 0, r.id)
+
+    want = [r.id for r in sorted(rows, key=key, reverse=direction == "desc")]
+    pages: dict[int, list[str]] = {}
+    for walk_above in (50, 10**9):  # walked, collected
+        monkeypatch.setattr(service, "SEARCH_WALK", walk_above)
+        got: list[str] = []
+        for page in range(1, 20):
+            q = DeviceQuery(search="sensor", sort_attr=attr, sort_dir=direction,
+                            per_page=25, page=page, count=False)
+            async with app.state.sessionmaker() as db:
+                result = await service.list_product_devices(db, product, q)
+            got += [d.id for d in result.devices]
+            if not result.has_more:
+                break
+        pages[walk_above] = got
+    assert pages[50] == pages[10**9] == want

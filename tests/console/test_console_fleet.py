@@ -29,12 +29,15 @@ def test_fleet_health_of_the_live_demo_fleet(page: Any, console_server: Any) -> 
     page.get_by_role("heading", name="Fleet health", level=1).wait_for()
     assert _stat(page, "Devices") == 25  # the demo product's devices
     deadline = time.monotonic() + 60
-    while _stat(page, "Online now") == 0 or _stat(page, "Events received") == 0:
+    while _stat(page, "Online now") == 0 or _stat(page, "Events received") == 0 \
+            or _stat(page, "Data operations") == 0:
         assert time.monotonic() < deadline, "the demo fleet never showed up"
         time.sleep(1.0)
         page.reload()
     assert page.locator("svg.chart rect").count() > 0
     assert page.get_by_role("img", name=re.compile("Events received")).count() == 1
+    assert page.get_by_role("img", name=re.compile("Data operations")).count() == 1
+    assert page.get_by_role("columnheader", name="Timed out").count() == 1
     page.get_by_label("Range").select_option("hour")
     page.get_by_role("button", name="Show").click()
     page.wait_for_url(re.compile(r"range=hour"))

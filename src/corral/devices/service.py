@@ -62,6 +62,11 @@ FEW_MATCHES = 20_000  # filtered listings this small are sorted after filtering
 # of every match: ~50 ms at 1,000,000) is taken at most once per ESTIMATE_TTL_S per product
 # and filter and reused meanwhile, and the answer says so (meta.total_is_estimate)
 EXACT_COUNT_UP_TO = 10_000
+# a search box matching more devices than this pages by walking the sort index, testing
+# each device against the search (see :func:`_walked_search`), for the first WALK_OFFSET
+# rows of the listing; fewer matches (or deeper pages) are collected and sorted instead
+SEARCH_WALK = 4_000
+WALK_OFFSET = 1_000
 ESTIMATE_TTL_S = 30.0
 CHUNK = 5_000
 
@@ -301,6 +306,36 @@ def _search(product: Product, text: str) -> Any:
     return union(*parts)
 
 
+def _search_per_row(text: str, dialect: str) -> ColumnElement[bool]:
+    """The device's ID, name or serial number starts with ``text``: the same test as
+    :func:`_search`, made to be checked row by row while a sort index is walked (on SQLite
+    the columns are written as ``column || ''``, which no index serves, so the planner
+    walks the sort index rather than uniting the prefix ranges and sorting the matches)."""
+    def opaque(column: Any) -> Any:  # SQLite: an expression no index of the column serves
+        return column.concat("") if dialect == "sqlite" else column
+
+    terms = [_prefix(opaque(Device.name), text), _prefix(opaque(Device.serial_number), text)]
+    lowered = text.lower()
+    if HEX_PREFIX_RE.match(lowered):
+        ident = opaque(Device.id)
+        terms.append(and_(ident >= lowered, ident < lowered + "g"))
+    return or_(*terms)
+
+
+async def _walked_search(db: AsyncSession, product: Product, q: DeviceQuery,
+                         conds: list[ColumnElement[bool]], offset: int
+                         ) -> list[ColumnElement[bool]] | None:
+    """The conditions of a page that walks the sort index when the search box is the only
+    filter and matches many devices (more than SEARCH_WALK: one device in 250 of a million
+    or more, so a page of 100 is found within ~25,000 index entries, while collecting and
+    sorting every match costs a row read per match: bench B15); None otherwise."""
+    if not (q.search and q.search.strip()) or len(conds) != 2 or offset >= WALK_OFFSET:
+        return None
+    if await _count(db, conds, SEARCH_WALK) <= SEARCH_WALK:
+        return None
+    return [conds[0], _search_per_row(q.search.strip(), db.get_bind().dialect.name)]
+
+
 @dataclass
 class DevicePage:
     devices: list[Device]
@@ -447,7 +482,10 @@ async def list_product_devices(db: AsyncSession, product: Product,
     offset, limit = (q.page - 1) * q.per_page, q.per_page + 1
     tie = Device.id if col is Device.id else _tiebreak(db)
     total, estimated = await _total(db, product, q, conds, members) if q.count else (None, False)
-    if members is not None:  # only large groups: more than FEW_MATCHES devices
+    walked = await _walked_search(db, product, q, conds, offset)
+    if walked is not None:  # a search matching many devices: walk the sort index
+        few, conds = False, walked
+    elif members is not None:  # only large groups: more than FEW_MATCHES devices
         few = False
     else:
         few = len(conds) > 1 and (

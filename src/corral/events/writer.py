@@ -92,10 +92,11 @@ class StoredEvent:
     owner_user_id: int | None
     customer_id: int | None
     private: bool
+    counted: bool = False  # a data operation (the row's usage committed with it)
 
     @classmethod
     def of(cls, event_id: int, row: NewEvent) -> StoredEvent:
-        return cls(id=event_id, **row.values())
+        return cls(id=event_id, **row.values(), counted=row.counted)
 
 
 _COLUMNS = ["id", "published_at", "name", "data", "ttl", "source", "device_id", "product_id",
@@ -151,6 +152,8 @@ class EventWriter:
         # (row, presence change) of each committed item that carried both (fleet rollups:
         # disconnect reasons), after commit
         self.after_presence: list[Callable[[list[tuple[NewEvent, presence.Change]]], Any]] = []
+        # the usage increments committed with a batch (fleet rollups: data operations)
+        self.after_usage: list[Callable[[list[Usage]], Any]] = []
         self.batches_committed = 0
         self.batches_failed = 0
         self.rows_committed = 0
@@ -302,6 +305,12 @@ class EventWriter:
                     phook(pairs)
                 except Exception:
                     log.exception("event after-presence hook failed")
+        if self.after_usage and usage:
+            for uhook in list(self.after_usage):
+                try:
+                    uhook(usage)
+                except Exception:
+                    log.exception("event after-usage hook failed")
         if self.after_commit:
             stored = [StoredEvent.of(i, r) for i, r in zip(ids, rows, strict=True)]
             for hook in list(self.after_commit):

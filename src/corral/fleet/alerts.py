@@ -136,9 +136,9 @@ async def _value(db: AsyncSession, rule: FleetAlertRule, now: dt.datetime
         return float(n), n < rule.threshold, None
     if rule.kind == "error_rate_above":
         m = FleetMinute
-        failed = func.sum(m.fn_failure + m.var_failure)
-        total = func.sum(m.fn_success + m.fn_failure + m.fn_offline + m.var_success
-                         + m.var_failure + m.var_offline)
+        failed = func.sum(m.fn_failure + m.var_failure + m.fn_timeout + m.var_timeout)
+        total = func.sum(m.fn_success + m.fn_failure + m.fn_timeout + m.fn_offline
+                         + m.var_success + m.var_failure + m.var_timeout + m.var_offline)
         f, t = (await db.execute(select(failed, total).where(
             m.product_id == rule.product_id,
             m.bucket >= now - dt.timedelta(seconds=rule.window_s)))).one()

@@ -16,6 +16,7 @@ from corral.fleet.schemas import (
     AlertRuleChange,
     AlertRuleCreate,
     AlertRules,
+    DataOperationsSeries,
     EventsSeries,
     FleetHealth,
     FleetLocations,
@@ -26,14 +27,12 @@ from corral.fleet.schemas import (
     OrgHealthQuery,
     VariablesSeries,
 )
-from corral.kit import clock
 from corral.kit.body import body, query
 from corral.kit.errors import BadRequest
 from corral.kit.responses import OkAnswer, answers
 from corral.locations import service as locations
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.products.access import ProductCtx, ProductGuard
-from corral.products.models import Product
 
 router = APIRouter(tags=["fleet health"])
 
@@ -97,8 +96,20 @@ async def metrics_functions(pc: ProductCtx = Depends(ProductGuard(FLEET)),
             responses=answers(VariablesSeries))
 async def metrics_variables(pc: ProductCtx = Depends(ProductGuard(FLEET)),
                             q: FleetMetricsQuery = query(FleetMetricsQuery)) -> dict[str, Any]:
-    """`{"variables": [{"time", "success", "failure", "offline"}]}` (zero counts left out)."""
+    """`{"variables": [{"time", "success", "failure", "offline"}]}` (zero counts left out;
+    a timeout counts as a failure)."""
     return await _series(pc, q, "variables")
+
+
+@router.get("/v1/products/{product}/metrics/data_operations",
+            summary="Data operations over time", responses=answers(DataOperationsSeries))
+async def metrics_data_operations(pc: ProductCtx = Depends(ProductGuard(FLEET)),
+                                  q: FleetMetricsQuery = query(FleetMetricsQuery)
+                                  ) -> dict[str, Any]:
+    """corral's own: `{"data_operations": [{"time", "count"}]}`: data operations per bucket
+    (publishes, deliveries to the devices, function calls and variable reads that usage
+    counted), from the rollups."""
+    return await _series(pc, q, "data_operations")
 
 
 
@@ -116,41 +127,18 @@ async def fleet_health(pc: ProductCtx = Depends(ProductGuard(FLEET)),
     return await health.product_health(pc.db, pc.product.id, await _window(pc, q))
 
 
-MAX_ORG_PRODUCTS = 200
-
-
 @router.get("/v1/orgs/{org}/fleet/health", summary="An organization's fleet health",
             responses=answers(OrgFleetHealth))
 async def org_fleet_health(oc: OrgCtx = Depends(OrgGuard(FLEET)),
                            q: OrgHealthQuery = query(OrgHealthQuery)) -> dict[str, Any]:
     """Per product of the organization (at most 200, by name) and summed: devices, online
     now and most at once, connects and disconnects, events, call outcomes and the error
-    rate (`start_date`, `end_date`, default the last day)."""
+    rate (`start_date`, `end_date`, default the last day; filters: `product_fw`, and
+    `device_group` (each product's group of that name; products without one are left out)
+    or `device_os_version`)."""
     w = window_of(q.model_dump(exclude_none=True), oc.ctx.settings.fleet_minute_retention_days)
-    products = (await oc.db.execute(select(Product).where(Product.org_id == oc.org.id)
-                                    .order_by(Product.name).limit(MAX_ORG_PRODUCTS))).scalars()
-    rows = []
-    sums: dict[str, int] = {}
-    for p in products:
-        online, total = await metrics.online_now(oc.db, p.id)
-        t = await metrics.totals(oc.db, p.id, w)
-        calls = sum(t[f"{k}_{o}"] for k in ("fn", "var") for o in ("success", "failure",
-                                                                     "offline"))
-        failed = t["fn_failure"] + t["var_failure"]
-        row = {"product_id": p.id, "slug": p.slug, "name": p.name, "devices": total,
-               "online": online, "online_max": t["online_max"],
-               "connects": t["connects"], "disconnects": t["disconnects"],
-               "events": t["events"], "calls": calls, "failed_calls": failed,
-               "error_rate": None if not calls else round(failed / calls, 4)}
-        rows.append(row)
-        for k in ("devices", "online", "online_max", "connects", "disconnects", "events",
-                  "calls", "failed_calls"):
-            sums[k] = sums.get(k, 0) + int(row[k])  # online_max: the sum of each's most
-    calls = sums.get("calls", 0)
-    return {"org_id": oc.org.id, "start_date": clock.iso(w.start),
-            "end_date": clock.iso(w.end), "products": rows,
-            "total": {**sums, "error_rate": None if not calls
-                      else round(sums["failed_calls"] / calls, 4)}}
+    return await health.org_health(oc.db, oc.org.id, w, group=q.device_group,
+                                   os_version=q.device_os_version)
 
 
 @router.get("/v1/products/{product}/fleet_locations", summary="The fleet's last locations",

@@ -21,20 +21,32 @@ from corral.kit.errors import BadRequest, NotFound
 OS_VERSION_RE = re.compile(r"^[0-9A-Za-z.+_-]{1,32}$")
 
 
-async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
-                       group: str | None, os_version: str | None) -> metrics.Window:
-    """``w`` filtered by a device group of the product (by name; 404 ``group_not_found``
-    when it has none of that name; a dynamic group filters by its query) or by a Device OS
-    version (400 when it is none); empty values filter nothing."""
+def checked_filters(group: str | None, os_version: str | None
+                    ) -> tuple[str | None, str | None]:
+    """The group name and Device OS version of a request, stripped and checked (400
+    ``bad_request`` naming what is wrong; both at once are refused); empty: None."""
     group = group.strip() if group else None
     os_version = os_version.strip() if os_version else None
     if group and os_version:
         raise BadRequest("device_group and device_os_version cannot be combined (either "
                          "one can be combined with product_fw)", code="bad_request")
+    if group and not GROUP_NAME_RE.match(group):
+        raise BadRequest("device_group must be a group name: 1-64 lowercase letters, "
+                         "digits, '-' or '_'", code="bad_request")
+    if os_version and not OS_VERSION_RE.match(os_version):
+        raise BadRequest("device_os_version must be a Device OS version such as 6.2.0 "
+                         "(1 to 32 letters, digits, '.', '+', '-' or '_')",
+                         code="bad_request")
+    return group or None, os_version or None
+
+
+async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
+                       group: str | None, os_version: str | None) -> metrics.Window:
+    """``w`` filtered by a device group of the product (by name; 404 ``group_not_found``
+    when it has none of that name; a dynamic group filters by its query) or by a Device OS
+    version (400 when it is none); empty values filter nothing."""
+    group, os_version = checked_filters(group, os_version)
     if group:
-        if not GROUP_NAME_RE.match(group):
-            raise BadRequest("device_group must be a group name: 1-64 lowercase letters, "
-                             "digits, '-' or '_'", code="bad_request")
         g = (await db.execute(select(DeviceGroup).where(
             DeviceGroup.product_id == product_id, DeviceGroup.name == group))
              ).scalar_one_or_none()
@@ -45,15 +57,12 @@ async def with_filters(db: AsyncSession, product_id: int, w: metrics.Window, *,
                                        members=await dynamic_condition(db, product_id, g))
         return dataclasses.replace(w, group_id=g.id)
     if os_version:
-        if not OS_VERSION_RE.match(os_version):
-            raise BadRequest("device_os_version must be a Device OS version such as 6.2.0 "
-                             "(1 to 32 letters, digits, '.', '+', '-' or '_')",
-                             code="bad_request")
         return dataclasses.replace(w, os_version=os_version)
     return w
 
 
-DYNAMIC_UNFILTERED = ["devices.online_max", "connections", "events", "functions", "variables",
+DYNAMIC_UNFILTERED = ["devices.online_max", "connections", "events", "data_operations",
+                      "functions", "variables", "timeout_rate",
                       "error_rate", "offline_rate"]
 
 
@@ -62,6 +71,14 @@ def _unfiltered(w: metrics.Window) -> list[str]:
     if w.members is not None:
         return list(DYNAMIC_UNFILTERED)
     return ["connections.reasons"] if w.firmware is not None else []
+
+
+def call_counts(t: dict[str, int]) -> tuple[int, int, int]:
+    """(calls, failed, timed out) of rollup totals: function calls and variable reads;
+    failed counts the device's failures and its timeouts (offline is no error)."""
+    calls = sum(t[f"{k}_{o}"] for k in ("fn", "var") for o in metrics.OUTCOMES)
+    timeouts = t["fn_timeout"] + t["var_timeout"]
+    return calls, t["fn_failure"] + t["var_failure"] + timeouts, timeouts
 
 
 async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
@@ -80,9 +97,7 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
         online, total = await metrics.online_now(db, product_id)
         firmware = await metrics.firmware_distribution(db, product_id)
     t = await metrics.totals(db, product_id, w)
-    calls = t["fn_success"] + t["fn_failure"] + t["fn_offline"] + t["var_success"] \
-        + t["var_failure"] + t["var_offline"]
-    failed = t["fn_failure"] + t["var_failure"]
+    calls, failed, timeouts = call_counts(t)
     return {
         "product_id": product_id,
         "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
@@ -93,9 +108,11 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
         "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
                         "reasons": await metrics.disconnect_reasons(db, product_id, w)},
         "events": {"received": t["events"]},
-        "functions": {k: t[f"fn_{k}"] for k in ("success", "failure", "offline")},
-        "variables": {k: t[f"var_{k}"] for k in ("success", "failure", "offline")},
+        "data_operations": t["data_ops"],
+        "functions": {k: t[f"fn_{k}"] for k in metrics.OUTCOMES},
+        "variables": {k: t[f"var_{k}"] for k in metrics.OUTCOMES},
         "error_rate": None if not calls else round(failed / calls, 4),
+        "timeout_rate": None if not calls else round(timeouts / calls, 4),
         "offline_rate": None if not calls else round(
             (t["fn_offline"] + t["var_offline"]) / calls, 4),
         "firmware": firmware,
@@ -104,3 +121,66 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
         "vitals": await metrics.vitals_aggregates(db, product_id, w),
         "top": await metrics.troubled_devices(db, product_id, w),
     }
+
+
+MAX_ORG_PRODUCTS = 200
+ORG_SUMMED = ("devices", "online", "online_max", "connects", "disconnects", "events",
+              "data_operations", "calls", "failed_calls", "timed_out_calls")
+
+
+async def org_health(db: AsyncSession, org_id: int, w: metrics.Window, *,
+                     group: str | None = None, os_version: str | None = None
+                     ) -> dict[str, Any]:
+    """An organization's fleet health over ``w``: per product (at most
+    ``MAX_ORG_PRODUCTS``, by name) and summed. The filters apply to every product: the
+    window's firmware version, a Device OS version, or a device group by name (each
+    product's group of that name; products without one are left out, and when none has
+    one the answer is 404 ``group_not_found``)."""
+    from corral.products.models import Product
+
+    group, os_version = checked_filters(group, os_version)
+    products = (await db.execute(select(Product).where(Product.org_id == org_id)
+                                 .order_by(Product.name).limit(MAX_ORG_PRODUCTS))).scalars()
+    group_ids: dict[int, int] = {}
+    if group:
+        group_ids = {int(p): int(g) for p, g in (await db.execute(
+            select(DeviceGroup.product_id, DeviceGroup.id).where(
+                DeviceGroup.name == group,
+                DeviceGroup.product_id.in_(select(Product.id).where(
+                    Product.org_id == org_id))))).all()}
+        if not group_ids:
+            raise NotFound(f"Group {group} not found", code="group_not_found")
+    rows = []
+    sums: dict[str, int] = dict.fromkeys(ORG_SUMMED, 0)
+    for p in products:
+        pw = dataclasses.replace(w, os_version=os_version)
+        if group:
+            if p.id not in group_ids:
+                continue
+            pw = dataclasses.replace(pw, group_id=group_ids[p.id])
+        if pw.filtered:
+            online, total, _fw = await metrics.filtered_devices(db, p.id, pw)
+        else:
+            online, total = await metrics.online_now(db, p.id)
+        t = await metrics.totals(db, p.id, pw)
+        calls, failed, timeouts = call_counts(t)
+        row: dict[str, Any] = {
+            "product_id": p.id, "slug": p.slug, "name": p.name, "devices": total,
+            "online": online, "online_max": t["online_max"],
+            "connects": t["connects"], "disconnects": t["disconnects"],
+            "events": t["events"], "data_operations": t["data_ops"], "calls": calls,
+            "failed_calls": failed, "timed_out_calls": timeouts,
+            "error_rate": None if not calls else round(failed / calls, 4),
+            "timeout_rate": None if not calls else round(timeouts / calls, 4)}
+        rows.append(row)
+        for k in ORG_SUMMED:
+            sums[k] += int(row[k])  # online_max: the sum of each's most
+    calls = sums["calls"]
+    return {"org_id": org_id, "start_date": clock.iso(w.start), "end_date": clock.iso(w.end),
+            "filter": {"product_fw": w.firmware, "device_group": group,
+                       "device_os_version": os_version},
+            "products": rows,
+            "total": {**sums, "error_rate": None if not calls
+                      else round(sums["failed_calls"] / calls, 4),
+                      "timeout_rate": None if not calls
+                      else round(sums["timed_out_calls"] / calls, 4)}}

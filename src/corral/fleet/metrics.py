@@ -28,14 +28,20 @@ MIN_BUCKET_S = 60  # the finest rollup is per minute
 MAX_BUCKETS = 5000
 DEFAULT_RANGE = dt.timedelta(days=1)
 
-SERIES: dict[str, tuple[str, dict[str, str]]] = {
-    # metric -> (answer key, {answer field: rollup counter})
-    "online": ("online", {"count": "online"}),
-    "events": ("events", {"received": "events"}),
-    "functions": ("functions", {"success": "fn_success", "failure": "fn_failure",
-                                "offline": "fn_offline"}),
-    "variables": ("variables", {"success": "var_success", "failure": "var_failure",
-                                "offline": "var_offline"}),
+OUTCOMES = ("success", "failure", "timeout", "offline")  # a call's outcomes in the rollups
+
+SERIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    # metric -> (answer key, {answer field: the rollup counters it sums})
+    "online": ("online", {"count": ("online",)}),
+    "events": ("events", {"received": ("events",)}),
+    # Particle's shape: a timeout is a failure there (corral's fleet health separates them)
+    "functions": ("functions", {"success": ("fn_success",),
+                                "failure": ("fn_failure", "fn_timeout"),
+                                "offline": ("fn_offline",)}),
+    "variables": ("variables", {"success": ("var_success",),
+                                "failure": ("var_failure", "var_timeout"),
+                                "offline": ("var_offline",)}),
+    "data_operations": ("data_operations", {"count": ("data_ops",)}),
 }
 
 
@@ -170,7 +176,7 @@ async def series(db: AsyncSession, product_id: int, metric: str, w: Window
     """Particle's ``{"<metric>": [{"time", ...}]}``: one entry per bucket from ``start`` to
     ``end``. Counters are summed over the bucket; ``online`` is the most seen at once."""
     key, fields = SERIES[metric]
-    columns = sorted(set(fields.values()))
+    columns = sorted({c for cols in fields.values() for c in cols})
     first = _floor(w.start, w.bucket_s)
     n = int(-(-(w.end - first).total_seconds() // w.bucket_s))
     buckets = [[0] * len(columns) for _ in range(n)]
@@ -187,10 +193,11 @@ async def series(db: AsyncSession, product_id: int, metric: str, w: Window
     for i, values in enumerate(buckets):
         entry: dict[str, Any] = {"time": clock.iso(first + dt.timedelta(seconds=i * w.bucket_s))}
         by_col = dict(zip(columns, values, strict=True))
-        for name, col in fields.items():
-            if metric in ("functions", "variables") and not by_col[col]:
+        for name, cols in fields.items():
+            n = sum(by_col[c] for c in cols)
+            if metric in ("functions", "variables") and not n:
                 continue  # Particle leaves zero counts out of these
-            entry[name] = by_col[col]
+            entry[name] = n
         out.append(entry)
     return {key: out}
 

@@ -49,6 +49,12 @@ class _Counters:
     var_success: Mapped[int] = mapped_column(Integer, default=0)
     var_failure: Mapped[int] = mapped_column(Integer, default=0)
     var_offline: Mapped[int] = mapped_column(Integer, default=0)
+    # the device did not answer in time (migration 0036; before it, counted as failure)
+    fn_timeout: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    var_timeout: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # data operations (seed 004): counted publishes, deliveries to the device, function
+    # calls and variable reads that metering counted (migration 0036)
+    data_ops: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class _Rollup(_Counters):

@@ -30,17 +30,15 @@ class DiagnosticsSummaryQuery(DiagnosticsRange):
     limit: Int | None = Field(None, ge=1, le=1000, description="Buckets (30)")
 
 
-class FleetMetricsQuery(RequestModel):
-    """The range of a metrics series or of fleet health (default the last day)."""
+class OrgHealthQuery(RequestModel):
+    """The range of an organization's fleet health (default the last day) and its filters."""
 
-    ERROR_CODES = {"bucket_size": "bad_request", "product_fw": "bad_request",
-                   "device_group": "bad_request", "device_os_version": "bad_request",
-                   "start_date": "bad_request", "end_date": "bad_request"}
+    ERROR_CODES = {"product_fw": "bad_request", "device_group": "bad_request",
+                   "device_os_version": "bad_request", "start_date": "bad_request",
+                   "end_date": "bad_request"}
 
     start_date: str | None = DATE
     end_date: str | None = DATE
-    bucket_size: Int | None = Field(None, ge=60, le=31 * 86_400,
-                                    description="Seconds per bucket (900)")
     product_fw: Int | None = Field(None, ge=0, le=65_535,
                                    description="Only devices running this firmware version")
     device_group: str | None = Field(
@@ -51,11 +49,13 @@ class FleetMetricsQuery(RequestModel):
         description="Only devices running this Device OS version (not with device_group)")
 
 
-class OrgHealthQuery(RequestModel):
-    ERROR_CODES = {"start_date": "bad_request", "end_date": "bad_request"}
+class FleetMetricsQuery(OrgHealthQuery):
+    """The range of a metrics series or of fleet health (default the last day)."""
 
-    start_date: str | None = DATE
-    end_date: str | None = DATE
+    ERROR_CODES = {**OrgHealthQuery.ERROR_CODES, "bucket_size": "bad_request"}
+
+    bucket_size: Int | None = Field(None, ge=60, le=31 * 86_400,
+                                    description="Seconds per bucket (900)")
 
 
 # --- alert rules ---------------------------------------------------------------------------
@@ -168,6 +168,10 @@ class CallsPoint(Answer):
     offline: int | None = None
 
 
+class DataOperationsSeries(Answer):
+    data_operations: list[OnlinePoint]
+
+
 class OnlineSeries(Answer):
     online: list[OnlinePoint]
 
@@ -202,8 +206,11 @@ class HealthConnections(Answer):
 
 
 class CallOutcomes(Answer):
+    """``failure``: the device failed; ``timeout``: it did not answer in time."""
+
     success: int
     failure: int
+    timeout: int
     offline: int
 
 
@@ -265,9 +272,11 @@ class FleetHealth(Answer):
     devices: HealthDevices
     connections: HealthConnections
     events: EventsReceived
+    data_operations: int
     functions: CallOutcomes
     variables: CallOutcomes
     error_rate: float | None
+    timeout_rate: float | None
     offline_rate: float | None
     firmware: list[FirmwareShare]
     updates: list[ReleaseOutcomes]
@@ -285,19 +294,30 @@ class OrgProductHealth(Answer):
     connects: int
     disconnects: int
     events: int
+    data_operations: int
     calls: int
     failed_calls: int
+    timed_out_calls: int
     error_rate: float | None
+    timeout_rate: float | None
 
 
 class OrgHealthTotal(Answer):
     error_rate: float | None
+    timeout_rate: float | None
+
+
+class OrgHealthFilter(Answer):
+    product_fw: int | None
+    device_group: str | None
+    device_os_version: str | None
 
 
 class OrgFleetHealth(Answer):
     org_id: int
     start_date: str
     end_date: str
+    filter: OrgHealthFilter
     products: list[OrgProductHealth]
     total: OrgHealthTotal
 

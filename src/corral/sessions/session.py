@@ -621,13 +621,15 @@ class DeviceSession:
 
     def _count_call(self, msg: Message, reply: dict[str, Any]) -> None:
         """Tell the call-result hooks (fleet rollups) how a call or read ended: success,
-        failure (the device failed or timed out) or offline; a caller's mistake (an unknown
+        failure (the device failed), timeout (it did not answer in time) or offline; a caller's mistake (an unknown
         name, a bad argument) or a paused account is not counted."""
         if reply.get("ok") is True:
             outcome = "success"
         elif reply.get("error") == "device_offline":
             outcome = "offline"
-        elif reply.get("error") in ("timed_out", "device_error"):
+        elif reply.get("error") == "timed_out":
+            outcome = "timeout"
+        elif reply.get("error") == "device_error":
             outcome = "failure"
         else:
             return

@@ -140,6 +140,7 @@ class Runtime:
         self.fleet = FleetTally(self.sessionmaker, firmware_of=self._firmware_of)
         self.writer.after_commit.append(self.fleet)  # events, connects and disconnects
         self.writer.after_presence.append(self.fleet.presence)  # disconnect reasons
+        self.writer.after_usage.append(self.fleet.usage)  # data operations without a row
         self.integrations = IntegrationWorker(self.settings, self.sessionmaker, self.writer)
         self.writer.after_commit.append(self.integrations.wake)  # new outbox rows, maybe
         self.writer.start()

@@ -1,6 +1,7 @@
 """The console's Fleet health page: a product's health over a chosen range (last hour, day,
 week, 30 days; one firmware version, one device group or one Device OS version), with
-server-rendered SVG charts of devices online and events received, from the same rollups as
+server-rendered SVG charts of devices online, events received and data operations, from the
+same rollups as
 ``/v1/products/:product/fleet/health``."""
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ async def fleet_page(request: Request, pc: ProductCtx = Depends(ConsoleProductGu
     facts = await product_health(pc.db, pc.product.id, w)
     online = (await metrics.series(pc.db, pc.product.id, "online", w))["online"]
     events = (await metrics.series(pc.db, pc.product.id, "events", w))["events"]
+    ops = (await metrics.series(pc.db, pc.product.id, "data_operations", w))["data_operations"]
     rules = (await pc.db.execute(select(FleetAlertRule).where(
         FleetAlertRule.product_id == pc.product.id).order_by(FleetAlertRule.id))).scalars()
     return await page(request, "fleet/health.html", product=pc.product, role=pc.role,
@@ -92,6 +94,7 @@ async def fleet_page(request: Request, pc: ProductCtx = Depends(ConsoleProductGu
                       filter_error=filter_error,
                       online_chart=chart(online, "count", "devices online"),
                       events_chart=chart(events, "received", "events"),
+                      ops_chart=chart(ops, "count", "data operations"),
                       rules=[alerts.rule_json(r) for r in rules])
 
 
