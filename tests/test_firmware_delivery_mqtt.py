@@ -114,6 +114,27 @@ async def state_is(w: Any, did: str, state: str, **fields: Any) -> bool:
         ups[0][k] == v for k, v in fields.items())
 
 
+async def test_a_cohorts_release_reaches_a_connecting_device(w):
+    """The product has released nothing else: the cohort's release alone is work for the
+    connect check (it once looked only at the product default and group releases)."""
+    await upload(w, 2)
+    base = f"/v1/products/{w.product['id']}/cohorts"
+    r = await w.client.post(base, headers=bearer(w.token),
+                            json={"name": "early", "firmware_version": 2})
+    assert r.status_code == 201, r.text
+    r = await w.client.put(f"{base}/early/devices", headers=bearer(w.token),
+                           json={"add": [w.ids[0]]})
+    assert r.status_code == 200, r.text
+    d, u = w.device(0, trusted_keys=[w.key["public_key"]])
+    other, _ = w.device(1, trusted_keys=[w.key["public_key"]])
+    await d.connect()
+    await other.connect()
+    await until(lambda: state_is(w, w.ids[0], "applied"), WAIT, "applied")
+    assert u.applied == [2]  # type: ignore[attr-defined]
+    await w.app.state.runtime.delivery.idle()
+    assert await updates_of(w, w.ids[1]) == []  # not in the cohort: nothing to do
+
+
 async def test_a_release_is_downloaded_verified_applied_and_reported(w):
     fw = await upload(w, 2)
     assert fw["signing_key_id"] == w.key["key_id"]

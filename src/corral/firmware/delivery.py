@@ -46,6 +46,7 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from corral.devices.cohort_models import Cohort, CohortMember
 from corral.devices.models import Device
 from corral.firmware import links, signing, updates
 from corral.firmware.models import (
@@ -422,6 +423,8 @@ _CONNECT_CHECK = select(
                    ProductFirmware.product_default.is_(True)).label("has_default"),
     exists().where(FirmwareGroupRelease.product_id == Device.product_id
                    ).label("has_group_release"),
+    exists().where(CohortMember.device_id == Device.id, Cohort.id == CohortMember.cohort_id,
+                   Cohort.firmware_id.is_not(None)).label("has_cohort_release"),
 )
 
 
@@ -433,7 +436,7 @@ def _may_have_work(row: Any) -> bool:
     if row.product_id is None:
         return False
     return bool(row.desired_firmware_version is not None or row.has_default
-                or row.has_group_release)
+                or row.has_group_release or row.has_cohort_release)
 
 
 async def _delivered_size(db: AsyncSession, u: DeviceUpdate) -> tuple[int, bool]:
