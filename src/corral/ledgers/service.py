@@ -287,11 +287,7 @@ async def _resolve(db: AsyncSession, org: Organization, ledger: LedgerDefinition
             raise _not_found(raw)
         return ScopeRef(S.OWNER, str(org.id), shown(str(org.id)), org.name)
     if level == S.PRODUCT:
-        pid = path_id(value)
-        row = (await db.execute(select(Product).where(
-            Product.org_id == org.id,
-            Product.id == pid if pid is not None else Product.slug == value.lower())
-        )).scalar_one_or_none()
+        row = await product_in(db, org, value)
         if row is None:
             raise _not_found(raw)
         return ScopeRef(S.PRODUCT, str(row.id), shown(str(row.id)), row.name, row.id)
@@ -299,6 +295,15 @@ async def _resolve(db: AsyncSession, org: Organization, ledger: LedgerDefinition
     if device is None:
         raise _not_found(raw)
     return ScopeRef(S.DEVICE, device.id, shown(device.id), device.name, device.product_id)
+
+
+async def product_in(db: AsyncSession, org: Organization, raw: str) -> Product | None:
+    """``org``'s product with id or slug ``raw``, else None."""
+    pid = path_id(raw)
+    return (await db.execute(select(Product).where(
+        Product.org_id == org.id,
+        Product.id == pid if pid is not None else Product.slug == raw.lower())
+    )).scalar_one_or_none()
 
 
 async def _device_in(db: AsyncSession, org: Organization, device_id: str) -> Device | None:
@@ -478,19 +483,35 @@ async def rollback(db: AsyncSession, org: Organization, ledger: LedgerDefinition
 
 # --- what devices get ------------------------------------------------------------------------
 
+async def orgs_of_devices(db: AsyncSession, devices: list[Device]) -> dict[str, int]:
+    """Device id -> the organization whose ledgers reach it: its product's, or, for a
+    device in no product, its owner's personal organization (two queries for any number)."""
+    pids = {d.product_id for d in devices if d.product_id is not None}
+    owners = {d.owner_user_id for d in devices
+              if d.product_id is None and d.owner_user_id is not None}
+    by_product: dict[int, int] = {}
+    by_owner: dict[int, int] = {}
+    if pids:
+        by_product = {p: o for p, o in (await db.execute(
+            select(Product.id, Product.org_id).where(Product.id.in_(pids)))).all()}
+    if owners:
+        by_owner = {u: o for u, o in (await db.execute(
+            select(Organization.owner_user_id, Organization.id).where(
+                Organization.personal.is_(True),
+                Organization.owner_user_id.in_(owners)))).all() if u is not None}
+    out: dict[str, int] = {}
+    for d in devices:
+        org = (by_product.get(d.product_id) if d.product_id is not None
+               else by_owner.get(d.owner_user_id) if d.owner_user_id is not None else None)
+        if org is not None:
+            out[d.id] = org
+    return out
+
+
 async def definitions_for_device(db: AsyncSession, device: Device,
                                  direction: str | None = None) -> list[LedgerDefinition]:
-    """The live (not archived) ledgers that reach ``device``: its product's organization's,
-    or, for a device in no product, its owner's personal organization's."""
-    if device.product_id is not None:
-        org_id = (await db.execute(select(Product.org_id).where(
-            Product.id == device.product_id))).scalar()
-    elif device.owner_user_id is not None:
-        org_id = (await db.execute(select(Organization.id).where(
-            Organization.personal.is_(True),
-            Organization.owner_user_id == device.owner_user_id))).scalar()
-    else:
-        return []
+    """The live (not archived) ledgers that reach ``device`` (:func:`orgs_of_devices`)."""
+    org_id = (await orgs_of_devices(db, [device])).get(device.id)
     if org_id is None:
         return []
     stmt = select(LedgerDefinition).where(LedgerDefinition.org_id == org_id,

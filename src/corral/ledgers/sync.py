@@ -47,7 +47,6 @@ from corral.ledgers.models import LedgerDefinition, LedgerInstance
 from corral.ledgers.signals import SUBJECT
 from corral.ledgers.sync_models import LedgerDeviceState
 from corral.orgs.models import Organization
-from corral.products.models import Product
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Refused
 from corral.sessions.session import DeviceSession
@@ -228,7 +227,7 @@ class LedgerSync:
         async with self.sessionmaker() as db:
             devices = {d.id: d for d in (await db.execute(
                 select(Device).where(Device.id.in_(ids)))).scalars()}
-            org_of = await self._orgs(db, list(devices.values()))
+            org_of = await service.orgs_of_devices(db, list(devices.values()))
             orgs = set(org_of.values())
             if not orgs:
                 return out
@@ -286,30 +285,6 @@ class LedgerSync:
             except (IntegrityError, CorralError):
                 log.info("ledger states of %d devices changed meanwhile", len(batch))
                 return None
-        return out
-
-    async def _orgs(self, db: AsyncSession, devices: list[Device]) -> dict[str, int]:
-        """Device id -> the organization whose ledgers reach it (its product's; for a device
-        in no product, its owner's personal organization)."""
-        pids = {d.product_id for d in devices if d.product_id is not None}
-        owners = {d.owner_user_id for d in devices
-                  if d.product_id is None and d.owner_user_id is not None}
-        by_product: dict[int, int] = {}
-        by_owner: dict[int, int] = {}
-        if pids:
-            by_product = {p: o for p, o in (await db.execute(
-                select(Product.id, Product.org_id).where(Product.id.in_(pids)))).all()}
-        if owners:
-            by_owner = {u: o for u, o in (await db.execute(
-                select(Organization.owner_user_id, Organization.id).where(
-                    Organization.personal.is_(True),
-                    Organization.owner_user_id.in_(owners)))).all() if u is not None}
-        out: dict[str, int] = {}
-        for d in devices:
-            org = (by_product.get(d.product_id) if d.product_id is not None
-                   else by_owner.get(d.owner_user_id) if d.owner_user_id is not None else None)
-            if org is not None:
-                out[d.id] = org
         return out
 
     # -- acknowledgements ------------------------------------------------------------------------

@@ -8,16 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from pydantic import AliasChoices, Field
-from sqlalchemy import select
 
 from corral.kit.body import Flag, Int, RequestModel, query
 from corral.kit.errors import NotFound
-from corral.kit.ids import path_id
 from corral.kit.responses import Answer, answers
 from corral.ledgers import service
 from corral.ledgers.api import Place, Scoper, org, product, sandbox
 from corral.ledgers.sync_status import device_syncs
-from corral.products.models import Product
 
 router = APIRouter(tags=["ledgers"])
 
@@ -59,19 +56,13 @@ def register(base: str, scoper: Scoper, label: str) -> None:
         ledger = await service.get_ledger(oc.db, oc.org, name)
         product_id = oc.product.id if oc.product is not None else None
         if q.product is not None and oc.product is None:
-            pid = path_id(q.product)
-            product_id = (await oc.db.execute(select_product(oc, q.product, pid))).scalar()
-            if product_id is None:
+            found = await service.product_in(oc.db, oc.org, q.product)
+            if found is None:
                 raise NotFound("Product not found", code="not_found")
+            product_id = found.id
         rows, meta = await device_syncs(oc.db, oc.org, ledger, product_id=product_id,
                                         behind=q.behind, page=q.page, per_page=q.per_page)
         return {"devices": [r.json() for r in rows], "meta": meta}
-
-
-def select_product(oc: Place, raw: str, pid: int | None) -> Any:
-    return select(Product.id).where(Product.org_id == oc.org.id,
-                                    Product.id == pid if pid is not None
-                                    else Product.slug == raw.lower())
 
 
 register("/v1/ledgers", sandbox, "sandbox")
