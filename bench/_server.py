@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -72,3 +74,37 @@ def signup_and_login(base: str, username: str = "bench@example.com",
 def percentile(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def report(label: str, lat: list[float], width: int = 34) -> None:
+    """One row of a latency table: p50, p99 and max in milliseconds."""
+    print(f"{label:{width}} {percentile(lat, 50) * 1e3:8.1f} {percentile(lat, 99) * 1e3:8.1f} "
+          f"{max(lat) * 1e3:8.1f}")
+
+
+def fleet_database(tmp: Path, db_file: Path, devices: int,
+                   seed: Callable[[str, str, int], Awaitable[None]], *, user: str,
+                   password: str, analyze: bool = False) -> str:
+    """The product slug of a seeded SQLite fleet in ``db_file``: reused when the file exists
+    (a server start migrates it; ``analyze`` refreshes its statistics), otherwise a server
+    makes a user and a product and ``seed(url, slug, devices)`` fills it."""
+    url = f"sqlite+aiosqlite:///{db_file}"
+    if db_file.exists():
+        with corral_server(tmp, database_url=url):
+            pass  # the start migrates it
+        with sqlite3.connect(db_file) as conn:
+            slug = str(conn.execute("SELECT slug FROM products ORDER BY id LIMIT 1").fetchone()[0])
+            if analyze:
+                conn.execute("ANALYZE")
+        print(f"reusing the fleet in {db_file}")
+        return slug
+    with corral_server(tmp, database_url=url) as base:
+        token = signup_and_login(base, user, password)
+        r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},
+                       headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        r.raise_for_status()
+        slug = str(r.json()["product"]["slug"])
+    t = time.perf_counter()
+    asyncio.run(seed(url, slug, devices))
+    print(f"seeded {devices} devices in {time.perf_counter() - t:.1f} s")
+    return slug

@@ -14,7 +14,6 @@ of the server's time). Each page's answer is checked (200, HTML, the page's head
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import re
 import sqlite3
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, percentile, signup_and_login
+from _server import corral_server, fleet_database, report
 from bench_inventory import seed
 
 USER, PASSWORD = "bench@example.com", "bench-password"
@@ -59,11 +58,6 @@ def timed(c: httpx.Client, path: str, params: dict[str, str], expect: str) -> fl
     return elapsed
 
 
-def report(label: str, lat: list[float]) -> None:
-    print(f"{label:34} {percentile(lat, 50) * 1e3:8.1f} {percentile(lat, 99) * 1e3:8.1f} "
-          f"{max(lat) * 1e3:8.1f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1_000_000)
@@ -75,23 +69,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db_file = args.database or Path(tmp) / "corral.db"
         url = f"sqlite+aiosqlite:///{db_file}"
-        if db_file.exists():
-            with corral_server(Path(tmp), database_url=url):
-                pass  # the start migrates it
-            with sqlite3.connect(db_file) as conn:
-                slug = conn.execute("SELECT slug FROM products ORDER BY id LIMIT 1").fetchone()[0]
-            print(f"reusing the fleet in {db_file}")
-        else:
-            with corral_server(Path(tmp), database_url=url) as base:
-                token = signup_and_login(base, USER, PASSWORD)
-                r = httpx.post(f"{base}/v1/user/products",
-                               json={"product": {"name": "Fleet"}},
-                               headers={"Authorization": f"Bearer {token}"}, timeout=30)
-                r.raise_for_status()
-                slug = r.json()["product"]["slug"]
-            t = time.perf_counter()
-            asyncio.run(seed(url, slug, args.devices))
-            print(f"seeded {args.devices} devices in {time.perf_counter() - t:.1f} s")
+        slug = fleet_database(Path(tmp), db_file, args.devices, seed, user=USER,
+                              password=PASSWORD)
         with sqlite3.connect(db_file) as conn:  # device pages to open: a spread of the fleet
             ids = [row[0] for row in conn.execute(
                 "SELECT id FROM devices ORDER BY id LIMIT 1000 OFFSET ?",

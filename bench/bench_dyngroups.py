@@ -18,7 +18,6 @@ against a direct SQL count of the same rule, and times sequential, bounded reque
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import random
 import sqlite3
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, percentile, signup_and_login
+from _server import corral_server, fleet_database, report, signup_and_login
 from sqlalchemy import insert, select, text
 
 from corral.db.engine import make_engine
@@ -114,11 +113,6 @@ def expected_counts(db_file: Path) -> dict[str, int]:
     return out
 
 
-def report(label: str, lat: list[float]) -> None:
-    print(f"{label:40} {percentile(lat, 50) * 1e3:8.1f} {percentile(lat, 99) * 1e3:8.1f} "
-          f"{max(lat) * 1e3:8.1f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1_000_000)
@@ -130,23 +124,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db_file = args.database or Path(tmp) / "corral.db"
         url = f"sqlite+aiosqlite:///{db_file}"
-        if db_file.exists():
-            with corral_server(Path(tmp), database_url=url):
-                pass  # the start migrates it
-            with sqlite3.connect(db_file) as conn:
-                slug = conn.execute("SELECT slug FROM products ORDER BY id LIMIT 1").fetchone()[0]
-                conn.execute("ANALYZE")
-            print(f"reusing the fleet in {db_file}")
-        else:
-            with corral_server(Path(tmp), database_url=url) as base:
-                token = signup_and_login(base, USER, PASSWORD)
-                r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},
-                               headers={"Authorization": f"Bearer {token}"}, timeout=30)
-                r.raise_for_status()
-                slug = r.json()["product"]["slug"]
-            t = time.perf_counter()
-            asyncio.run(seed(url, slug, args.devices))
-            print(f"seeded {args.devices} devices in {time.perf_counter() - t:.1f} s")
+        slug = fleet_database(Path(tmp), db_file, args.devices, seed, user=USER,
+                              password=PASSWORD, analyze=True)
         rnd = random.Random(1)
         with corral_server(Path(tmp), database_url=url) as base:
             token = signup_and_login(base, USER, PASSWORD)
@@ -173,7 +152,7 @@ def main() -> None:
                     # a time-relative rule may move by a device or two during the run
                     assert all(abs(n - want[name]) <= max(2, want[name] // 1000)
                                for n in counts), (name, counts, want[name])
-                    report(f"count  {name} ({want[name]})", lat)
+                    report(f"count  {name} ({want[name]})", lat, 40)
                     lat = []
                     for _ in range(args.requests):
                         q = {"group": name, "per_page": "25", "page": str(rnd.randint(1, 40))}
@@ -181,7 +160,7 @@ def main() -> None:
                         r = c.get(f"/v1/products/{slug}/devices", params=q)
                         lat.append(time.perf_counter() - t)
                         r.raise_for_status()
-                    report(f"page   {name}", lat)
+                    report(f"page   {name}", lat, 40)
                     print(f"        query: {query}")
 
 
