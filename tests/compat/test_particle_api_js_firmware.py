@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from compatkit import step
 
 from corral.firmware.module import build_module
 
@@ -73,14 +74,8 @@ def results(run_driver: Callable[[str, dict[str, str]], dict[str, Any]],
         "CORRAL_COMPAT_DEADLINE_MS": "60000"})
 
 
-def _rec(results: dict[str, Any], name: str) -> dict[str, Any]:
-    rec = results["steps"].get(name)
-    assert rec is not None, (name, results.get("order"), results["unexpected"])
-    return rec
-
-
 def _ok(results: dict[str, Any], name: str, status: int = 200) -> Any:
-    rec = _rec(results, name)
+    rec = step(results, name)
     assert rec["ok"], (f"{name}() rejected: HTTP {rec.get('statusCode')} {rec.get('message')}"
                        f"\nbody: {rec.get('body')}\n{results['_server_log'][-2000:]}")
     assert rec["statusCode"] == status, rec
@@ -88,7 +83,7 @@ def _ok(results: dict[str, Any], name: str, status: int = 200) -> Any:
 
 
 def _error(results: dict[str, Any], name: str, status: int) -> dict[str, Any]:
-    rec = _rec(results, name)
+    rec = step(results, name)
     assert not rec["ok"] and rec["statusCode"] == status, rec
     assert rec["bodyIsJson"], rec
     return rec["body"]
