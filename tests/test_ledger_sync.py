@@ -164,11 +164,11 @@ async def test_raw_mqtt_contract_and_stored_acknowledgement(w: Any) -> None:
     got.append((topic, doc))
     assert topic == f"devices/{w.ids[2]}/ledgers/config"
     assert doc == {"name": "config", "version": 1, "scope": "Product", "data": {"a": 1}}
-    await raw._publish(conn, f"devices/{w.ids[2]}/ledgers/config/applied",
+    await conn.publish(f"devices/{w.ids[2]}/ledgers/config/applied",
                        json.dumps({"version": 1}).encode(), 1)
     # a bad acknowledgement is refused with the reason (MQTT 5 PUBACK 0x99)
     with pytest.raises(PublishRefused) as refused:
-        await raw._publish(conn, f"devices/{w.ids[2]}/ledgers/config/applied", b"[1]", 1)
+        await conn.publish(f"devices/{w.ids[2]}/ledgers/config/applied", b"[1]", 1)
     assert refused.value.reason_code == 0x99
     await raw.close()
     raw2 = w.device(2)

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
 from corral.device.backoff import Backoff
-from corral.device.connection import Connection
+from corral.device.connection import Connection, Dial, open_connection
 from corral.device.errors import (
     ConnectError,
     NotConnected,
@@ -51,23 +51,7 @@ from corral.device.members import (
     check_member,
     variable_value,
 )
-from corral.transports.mqtt.codec import (
-    Connack,
-    Connect,
-    Decoder,
-    Disconnect,
-    Packet,
-    Pingreq,
-    Pingresp,
-    Puback,
-    Publish,
-    Suback,
-    Subscribe,
-    Subscription,
-    Unsuback,
-    Unsubscribe,
-    encode,
-)
+from corral.transports.mqtt.codec import Disconnect, Packet, Puback, Publish
 from corral.transports.mqtt.properties import EMPTY, Properties, ProtocolError
 
 FIRST_VITALS_WITHIN_S = 300.0
@@ -265,7 +249,7 @@ class Device:
             return
         conn = self._conn
         if conn is not None and not conn.done.is_set():
-            self._in_background(self._unsubscribe(conn, self._inbox_filter(prefix)),
+            self._in_background(conn.unsubscribe(self._inbox_filter(prefix)),
                                 f"unsubscribe {prefix!r}")
 
     def on_ota(self, handler: OtaHandler) -> OtaHandler:
@@ -444,14 +428,14 @@ class Device:
         props = EMPTY
         if ttl is not None and conn.version == 5:
             props = Properties(message_expiry_interval=ttl)
-        await self._publish(conn, self._topic(f"events/{name}"), payload, qos, props)
+        await conn.publish(self._topic(f"events/{name}"), payload, qos, props)
 
     async def claim(self, code: str) -> None:
         """Present a claim code (``POST /v1/device_claims``); the server claims the device to
         whoever created it. Returns once the server acknowledged the message."""
         if not isinstance(code, str) or not code:
             raise ValueError("a claim code is non-empty text")
-        await self._publish(self._require(), self._topic("claim"), code.encode("utf-8"), 1)
+        await self._require().publish(self._topic("claim"), code.encode("utf-8"), 1)
 
     async def send_ota_status(self, state: str, *, reason: str | None = None,
                               bytes_received: int | None = None) -> None:
@@ -464,7 +448,7 @@ class Device:
             body["reason"] = reason[:300]
         if bytes_received is not None:
             body["bytes"] = bytes_received
-        await self._publish(self._require(), self._topic("ota/status"),
+        await self._require().publish(self._topic("ota/status"),
                             json.dumps(body).encode("utf-8"), 1)
 
     async def reconnect(self) -> None:
@@ -498,7 +482,7 @@ class Device:
             if self._vitals is None:
                 raise ValueError("no vitals: register a getter with vitals() or pass a dict")
             doc = await _call(self._vitals)
-        await self._publish(conn, self._topic("diagnostics"),
+        await conn.publish(self._topic("diagnostics"),
                             json.dumps(doc, separators=(",", ":")).encode("utf-8"), 1)
 
     async def _vitals_loop(self, conn: Connection, every: float) -> None:
@@ -518,7 +502,7 @@ class Device:
     async def send_describe(self) -> None:
         """Send the describe message now (it is sent on connect and after changes anyway)."""
         conn = self._require()
-        await self._publish(conn, self._topic("describe"),
+        await conn.publish(self._topic("describe"),
                             json.dumps(self.describe_payload()).encode("utf-8"), 1)
 
     # --- internals: connecting ----------------------------------------------------------------
@@ -536,76 +520,16 @@ class Device:
         return conn
 
     async def _open(self) -> Connection:
-        """TCP (+TLS), CONNECT, CONNACK."""
-        loop = asyncio.get_running_loop()
-        where = f"{self.host}:{self.port}"
-        writer: asyncio.StreamWriter | None = None
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self.tls,
-                    server_hostname=(self.server_hostname or self.host) if self.tls else None)
-                props = EMPTY
-                if self.protocol == 5 and not self.clean_session:
-                    props = Properties(session_expiry_interval=self.session_expiry)
-                username = self.device_id if self.secret is not None else None
-                writer.write(encode(Connect(
-                    client_id=self.device_id, clean_start=self.clean_session,
-                    keep_alive=self.keepalive, username=username,
-                    password=self.secret.encode("utf-8") if self.secret is not None else None,
-                    properties=props, protocol_level=self.protocol), self.protocol))
-                await writer.drain()
-                decoder = Decoder(self.protocol, self.max_packet_size)
-                packets: list[Packet] = []
-                while not packets:
-                    data = await reader.read(65536)
-                    if not data:
-                        raise ConnectError(f"{where} closed the connection before CONNACK")
-                    packets = decoder.feed(data)
-        except ConnectError:
-            if writer is not None:
-                writer.transport.abort()
-            raise
-        except TimeoutError:
-            if writer is not None:
-                writer.transport.abort()
-            raise ConnectError(f"no answer from {where} within {self.connect_timeout:g} s") \
-                from None
-        except ProtocolError as exc:
-            assert writer is not None
-            writer.transport.abort()
-            raise ConnectError(f"{where} sent a malformed answer: {exc.message}") from None
-        except (OSError, ssl.SSLError) as exc:
-            if writer is not None:
-                writer.transport.abort()
-            raise ConnectError(f"cannot connect to {where}: {exc}") from exc
-        except BaseException:  # cancelled: do not leave the socket open
-            if writer is not None:
-                writer.transport.abort()
-            raise
-        ack = packets[0]
-        if not isinstance(ack, Connack):
-            writer.transport.abort()
-            raise ConnectError(f"{where} answered CONNECT with {type(ack).__name__}")
-        if ack.reason_code:
-            writer.transport.abort()
-            raise ConnectError(reason_name(ack.reason_code, self.protocol),
-                               reason_code=ack.reason_code, protocol=self.protocol,
-                               server_reason=ack.properties.reason_string)
-        keepalive = self.keepalive
-        if ack.properties.server_keep_alive is not None:
-            keepalive = ack.properties.server_keep_alive
-        receive_max = ack.properties.receive_maximum or 65535
-        now = loop.time()
-        conn = Connection(reader=reader, writer=writer, version=self.protocol, keepalive=keepalive,
-                     receive_maximum=receive_max, decoder=decoder, last_tx=now, last_rx=now,
-                     opened_at=now)
-        conn.inflight = asyncio.Semaphore(min(receive_max, 1024))
-        self.session_present = ack.session_present
+        """TCP (+TLS), CONNECT, CONNACK; then the connection's read and ping tasks."""
+        conn, early = await open_connection(Dial(
+            self.device_id, self.secret, self.host, self.port, self.tls, self.server_hostname,
+            self.protocol, self.keepalive, self.clean_session, self.session_expiry,
+            self.connect_timeout, self.max_packet_size, self.ack_timeout))
+        self.session_present = conn.session_present
         self._conn = conn
-        conn.spawn(self._read_loop(conn, packets[1:]), f"mqtt-read-{self.device_id}")
-        if keepalive:
-            conn.spawn(self._keepalive_loop(conn), f"mqtt-ping-{self.device_id}")
+        conn.spawn(self._read_loop(conn, early), f"mqtt-read-{self.device_id}")
+        if conn.keepalive:
+            conn.spawn(conn.keepalive_loop(self.ping_timeout), f"mqtt-ping-{self.device_id}")
         return conn
 
     async def _setup(self, conn: Connection) -> None:
@@ -619,7 +543,7 @@ class Device:
         await self._subscribe(conn, filters, strict=True)
         if self._ledgers.wanted:
             await self._sync_ledgers(conn, subscribe=False)
-        await self._publish(conn, self._topic("describe"),
+        await conn.publish(self._topic("describe"),
                             json.dumps(self.describe_payload()).encode("utf-8"), 1)
         if self._vitals is not None and self._vitals_every:
             conn.spawn(self._vitals_loop(conn, self._vitals_every),
@@ -669,62 +593,19 @@ class Device:
         """Functions, variables or facts changed: re-describe if connected."""
         conn = self._conn
         if conn is not None and not conn.done.is_set() and self.connects:
-            self._in_background(self._publish(
-                conn, self._topic("describe"),
+            self._in_background(conn.publish(self._topic("describe"),
                 json.dumps(self.describe_payload()).encode("utf-8"), 1), "describe")
 
     # --- internals: packets -------------------------------------------------------------------
 
-    async def _request(self, conn: Connection, packet_id: int, packet: Packet) -> Packet:
-        """Send a packet that the server acknowledges with the same packet id."""
-        fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
-        conn.pending[packet_id] = fut
-        try:
-            conn.send(packet)
-            await conn.writer.drain()
-            async with asyncio.timeout(self.ack_timeout):
-                return await fut
-        except (ConnectionError, OSError) as exc:
-            conn.lose(f"write failed: {exc}")
-            raise NotConnected(f"the connection ended: {conn.reason}") from exc
-        finally:
-            if conn.pending.get(packet_id) is fut:
-                del conn.pending[packet_id]
-
-    async def _publish(self, conn: Connection, topic: str, payload: bytes, qos: int,
-                       props: Properties = EMPTY) -> None:
-        if qos == 0:
-            conn.send(Publish(topic, payload, 0, properties=props))
-            try:
-                await conn.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                conn.lose(f"write failed: {exc}")
-                raise NotConnected(f"the connection ended: {conn.reason}") from exc
-            return
-        assert conn.inflight is not None
-        async with conn.inflight:
-            pid = conn.new_pid()
-            ack = await self._request(conn, pid, Publish(topic, payload, 1, packet_id=pid,
-                                                         properties=props))
-        if isinstance(ack, Puback) and ack.reason_code >= 0x80:
-            raise PublishRefused(topic, ack.reason_code, ack.properties.reason_string)
-
     async def _subscribe(self, conn: Connection, filters: list[str], *, strict: bool = False) -> None:
-        pid = conn.new_pid()
-        subs = tuple(Subscription(f, self.subscription_qos) for f in filters)
-        ack = await self._request(conn, pid, Subscribe(pid, subs))
-        if not isinstance(ack, Suback):
-            raise NotConnected(f"SUBSCRIBE answered with {type(ack).__name__}")
-        for f, code in zip(filters, ack.reason_codes, strict=False):
+        codes = await conn.subscribe(filters, self.subscription_qos)
+        for f, code in zip(filters, codes, strict=False):
             if code >= 0x80:
                 # only the request topic is essential; a refused prefix is reported
                 if strict and f == self._topic("requests/+"):
                     raise SubscribeRefused(f, code)
                 log.warning("device %s: %s", self.device_id, SubscribeRefused(f, code))
-
-    async def _unsubscribe(self, conn: Connection, topic_filter: str) -> None:
-        pid = conn.new_pid()
-        await self._request(conn, pid, Unsubscribe(pid, (topic_filter,)))
 
     async def _read_loop(self, conn: Connection, early: list[Packet]) -> None:
         """Read and dispatch packets until the connection dies; then clean it up."""
@@ -760,13 +641,8 @@ class Device:
             if packet.qos == 1 and packet.packet_id is not None:
                 conn.send(Puback(packet.packet_id))
             self._incoming(conn, packet)
-        elif isinstance(packet, Puback | Suback | Unsuback):
-            fut = conn.pending.pop(packet.packet_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(packet)
-        elif isinstance(packet, Pingresp):
-            if conn.pong is not None and not conn.pong.done():
-                conn.pong.set_result(None)
+        elif conn.settle(packet):
+            pass
         elif isinstance(packet, Disconnect):
             text = reason_name(packet.reason_code)
             if packet.properties.reason_string:
@@ -801,11 +677,11 @@ class Device:
         """Subscribe to ``ledgers/#`` (when asked) and say what this device holds."""
         if subscribe:
             await self._subscribe(conn, [self._topic("ledgers/#")])
-        await self._publish(conn, self._topic("ledgers/sync"),
+        await conn.publish(self._topic("ledgers/sync"),
                             json.dumps({"have": self._ledgers.have()}).encode(), 1)
 
     async def _send_ledger(self, rest: str, body: dict[str, Any]) -> None:
-        await self._publish(self._require(), self._topic(f"ledgers/{rest}"),
+        await self._require().publish(self._topic(f"ledgers/{rest}"),
                             json.dumps(body, separators=(",", ":")).encode(), 1)
 
     async def _ledger_message(self, name: str, payload: bytes) -> None:
@@ -836,7 +712,7 @@ class Device:
             return
         if kind == "describe":
             with contextlib.suppress(NotConnected, TimeoutError):
-                await self._publish(conn, self._topic("describe"),
+                await conn.publish(self._topic("describe"),
                                     json.dumps(self.describe_payload()).encode("utf-8"), 1)
             return
         if kind == "diagnostics":
@@ -857,7 +733,7 @@ class Device:
             log.info("device %s: %s %r failed: %r", self.device_id, kind, name, exc)
             reply = {"error": str(exc) or type(exc).__name__}
         with contextlib.suppress(NotConnected, TimeoutError):
-            await self._publish(conn, self._topic(f"replies/{request_id}"),
+            await conn.publish(self._topic(f"replies/{request_id}"),
                                 json.dumps(reply).encode("utf-8"), 1)
 
     async def _run_function(self, name: Any, arg: Any) -> int:
@@ -878,30 +754,6 @@ class Device:
             raise LookupError(f"unknown variable {name!r}")
         vtype, getter = entry
         return variable_value(await _call(getter), vtype)
-
-    async def _keepalive_loop(self, conn: Connection) -> None:
-        """Ping when nothing was sent or received for ``keepalive`` seconds; a PINGRESP that
-        does not come within the ping timeout means the server is gone."""
-        loop = asyncio.get_running_loop()
-        interval = float(conn.keepalive)
-        timeout = self.ping_timeout or min(30.0, max(1.0, interval / 2))
-        while not conn.done.is_set():
-            due = min(conn.last_tx, conn.last_rx) + interval
-            now = loop.time()
-            if now < due:
-                await asyncio.sleep(due - now)
-                continue
-            conn.pong = loop.create_future()
-            try:
-                conn.send(Pingreq())
-                async with asyncio.timeout(timeout):
-                    await conn.pong
-            except TimeoutError:
-                conn.lose(f"no PINGRESP within {timeout:g} s")
-                return
-            except (NotConnected, ConnectionError, OSError):
-                return
-            conn.last_rx = loop.time()
 
 
 __all__ = ["Device", "EventHandler", "FunctionHandler", "OtaHandler", "VariableGetter"]
