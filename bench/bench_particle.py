@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_particle.py handshakes [--devices 300] [--concurrency 50]
     .venv/bin/python bench/bench_particle.py held  [--devices 5000]
     .venv/bin/python bench/bench_particle.py storm [--devices 10000] [--concurrency 500]
+    .venv/bin/python bench/bench_particle.py calls [--devices 20] [--calls 1000]
     (each takes --database-url for PostgreSQL, --no-describe to skip the two describes)
 
 handshakes: the pure crypto of one handshake in-process (server side: RSA-2048 decrypt of
@@ -11,6 +12,11 @@ handshakes: the pure crypto of one handshake in-process (server side: RSA-2048 d
        `corral serve` (TCP, handshake, Hello, admission, describes), one at a time and
        `concurrency` at a time.
 held:  N devices connect and stay; the server's RSS before and after gives memory per session.
+calls: N devices online (each answers at once); `POST /v1/devices/{id}/led` and
+       `GET /v1/devices/{id}/t` on random devices through the REST API, one at a time, then 8
+       and 32 in flight, from keep-alive HTTP/1.1 connections on raw sockets (a client of
+       a few µs per request, so the latency is the server's); server CPU per call from
+       /proc.
 storm: N devices connect as fast as the gateway takes them (at most `concurrency`
        handshakes in flight); then every connection is cut at once and all reconnect: the
        time until all are online again is the reconnect storm.
@@ -28,6 +34,7 @@ import asyncio
 import collections
 import json
 import os
+import random
 import resource
 import sys
 import tempfile
@@ -178,6 +185,90 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class RawHTTP:
+    """One keep-alive HTTP/1.1 connection: a request, its answer (Content-Length bodies)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 head: bytes) -> None:
+        self.reader, self.writer, self.head = reader, writer, head
+
+    @classmethod
+    async def open(cls, base: str, token: str) -> RawHTTP:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        return cls(reader, writer, f"Host: {host}\r\nAuthorization: Bearer {token}\r\n"
+                   .encode())
+
+    async def send(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        extra = (b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+                 if body else b"")
+        self.writer.write(f"{method} {path} HTTP/1.1\r\n".encode() + self.head + extra
+                          + b"\r\n" + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def timed(client: RawHTTP, count: int, method: str, paths: list[str], body: bytes,
+                lat: list[float], errors: list[int], rnd: random.Random) -> None:
+    """``count`` requests to random ``paths``; latencies of the 200s, the other statuses."""
+    for _ in range(count):
+        t = time.perf_counter()
+        status, answer = await client.send(method, rnd.choice(paths), body)
+        if status == 200 and answer:
+            lat.append(time.perf_counter() - t)
+        else:
+            errors.append(status)
+
+
+async def calls(srv: Any, port: int, server: rsa.RSAPublicKey, n: int, concurrency: int,
+                describe: bool, total: int = 1000) -> None:
+    product_id, fleet = await provision(srv.base, n, "calls")
+    token = await asyncio.to_thread(signup_and_login, srv.base)
+    conn = Connector(port, server, product_id, concurrency=50, describe=True)
+    devices = await conn.connect_all(fleet)
+    await asyncio.sleep(SETTLE_S)
+    ids = [d.device_id for d in devices]
+    rows = []
+    rnd = random.Random(1)
+    for what, method, suffix, body in (("function call", "POST", "led", b'{"arg":"on"}'),
+                                       ("variable read", "GET", "t", b"")):
+        for conc in (1, 8, 32):
+            clients = [await RawHTTP.open(srv.base, token) for _ in range(conc)]
+            lat: list[float] = []
+            errors: list[int] = []
+            paths = [f"/v1/devices/{d}/{suffix}" for d in ids]
+
+            async with asyncio.timeout(PHASE_LIMIT_S):
+                await asyncio.gather(*(timed(c, 100 // conc + 1, method, paths, body, lat,
+                                             errors, rnd) for c in clients))  # warm-up
+                lat.clear()
+                errors.clear()
+                s0 = proc_cpu_s(srv.pid)
+                t = time.perf_counter()
+                await asyncio.gather(*(timed(c, total // conc, method, paths, body, lat, errors,
+                                             rnd) for c in clients))
+                wall = time.perf_counter() - t
+            server_cpu = proc_cpu_s(srv.pid) - s0
+            for c in clients:
+                c.close()
+            rows.append((what, conc, len(lat), wall, lat, server_cpu, len(errors)))
+    print("\n| request | in flight | requests | req/s | p50 | p99 | server CPU | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for what, conc, ok, wall, lat, server_cpu, errors in rows:
+        print(f"| {what} | {conc} | {ok:,} | {ok / wall:,.0f} | "
+              f"{percentile(lat, 50) * 1000:.1f} ms | {percentile(lat, 99) * 1000:.1f} ms | "
+              f"{server_cpu / max(ok, 1) * 1000:.2f} ms | {errors} |")
+    await close_all(devices)
+
+
 # --- the benchmarks -------------------------------------------------------------------------
 
 def crypto_reference(rounds: int = 300) -> None:
@@ -299,14 +390,16 @@ async def storm(srv: Any, port: int, server: rsa.RSAPublicKey, n: int, concurren
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["handshakes", "held", "storm"])
+    ap.add_argument("what", choices=["handshakes", "held", "storm", "calls"])
+    ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--devices", type=int)
     ap.add_argument("--concurrency", type=int)
     ap.add_argument("--no-describe", action="store_true")
     ap.add_argument("--database-url")
     ap.add_argument("--max-handshakes", type=int, help="the server's particle_max_handshakes")
     a = ap.parse_args()
-    defaults = {"handshakes": (300, 50), "held": (5000, 200), "storm": (10_000, 500)}
+    defaults = {"handshakes": (300, 50), "held": (5000, 200), "storm": (10_000, 500),
+                "calls": (20, 1)}
     n = a.devices or defaults[a.what][0]
     concurrency = a.concurrency or defaults[a.what][1]
     describe = not a.no_describe
@@ -321,8 +414,11 @@ def main() -> None:
                 "CORRAL_PARTICLE_PORT": str(port), "CORRAL_PARTICLE_UDP_PORT": "0",
                 **({"CORRAL_PARTICLE_MAX_HANDSHAKES": str(a.max_handshakes)}
                    if a.max_handshakes else {})}) as srv:
-            run = {"handshakes": handshakes, "held": held, "storm": storm}[a.what]
-            asyncio.run(run(srv, port, server, n, concurrency, describe))
+            if a.what == "calls":
+                asyncio.run(calls(srv, port, server, n, concurrency, describe, a.calls))
+            else:
+                run = {"handshakes": handshakes, "held": held, "storm": storm}[a.what]
+                asyncio.run(run(srv, port, server, n, concurrency, describe))
     print(f"(database: {'PostgreSQL' if a.database_url else 'SQLite'}; "
           f"describes: {'yes' if describe else 'no'}; {os.cpu_count()} cores shared by "
           "server and load generator)")

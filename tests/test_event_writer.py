@@ -145,3 +145,27 @@ async def test_after_commit_hook_gets_stored_events(sm, writer, manual_clock):
         source="device", device_id="a" * 24, product_id=1, org_id=None, owner_user_id=None,
         customer_id=None, private=True,
     )]
+
+
+async def test_a_waited_for_count_commits_without_the_delay(sm):
+    """A call's usage (``count(now=True)``) does not wait ``max_delay`` for more rows: it
+    commits at once, with what was already queued, and is counted exactly once."""
+    from corral.metering.ledger import Usage
+    from corral.metering.models import UsageDelta
+
+    w = EventWriter(sm, max_delay=10)  # a plain row would wait 10 s for company
+    w.start()
+    try:
+        queued = w.write_nowait(ev(1))
+        await asyncio.wait_for(w.count(Usage("a" * 24, "function", product_id=1), now=True), 5)
+        assert queued.done() and queued.result() > 0  # it went in the same batch
+        assert w.batches_committed == 1
+        later = w.write_nowait(ev(2))  # the hurry is over: the next row waits again
+        await asyncio.sleep(0.2)
+        assert not later.done()
+    finally:
+        await asyncio.wait_for(w.stop(), WAIT)
+    assert later.done() and await count(sm) == 2
+    async with sm() as db:
+        calls = (await db.execute(select(func.sum(UsageDelta.function_calls)))).scalar_one()
+    assert calls == 1

@@ -163,6 +163,7 @@ class EventWriter:
         self._space = asyncio.Event()  # writers: the queue has room again
         self._space.set()
         self._closing = False
+        self._hurry = False  # a queued row is waited for: commit without the delay
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -207,9 +208,20 @@ class EventWriter:
         (returns 0)."""
         return await (await self.submit(row, usage, change=change))
 
-    async def count(self, usage: Usage) -> None:
-        """Record one usage increment; returns once it is committed."""
-        await self.write(None, usage)
+    async def count(self, usage: Usage, *, now: bool = False) -> None:
+        """Record one usage increment; returns once it is committed.
+
+        ``now``: someone waits for this answer (a function call, a variable read), so the
+        batch it joins commits without waiting ``max_delay`` for more rows; rows already
+        queued go with it, and under load the next batch fills while this one commits."""
+        while not self._closing and len(self._pending) >= self.max_pending:
+            self._space.clear()
+            await self._space.wait()
+        fut = self.write_nowait(None, usage)
+        if now:
+            self._hurry = True
+            self._wake.set()
+        await fut
 
     async def submit(self, row: NewEvent | None, usage: Usage | None = None, *,
                      change: presence.Change | None = None) -> asyncio.Future[int]:
@@ -249,17 +261,22 @@ class EventWriter:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            if len(self._pending) < self.max_batch and not self._closing:
+            if len(self._pending) < self.max_batch and not self._closing and not self._hurry:
                 remaining = self._pending[0].queued_at + self.max_delay - loop.time()
                 if remaining > 0:
                     self._wake.clear()
                     try:
                         async with asyncio.timeout(remaining):
-                            await self._wake.wait()
+                            while not self._hurry and not self._closing \
+                                    and len(self._pending) < self.max_batch:
+                                await self._wake.wait()
+                                self._wake.clear()
                     except TimeoutError:
                         pass
             n = min(self.max_batch, len(self._pending))
             batch = [self._pending.popleft() for _ in range(n)]
+            if not self._pending:
+                self._hurry = False
             if len(self._pending) < self.max_pending:
                 self._space.set()
             await self._commit(batch)

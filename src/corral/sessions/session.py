@@ -677,7 +677,7 @@ class DeviceSession:
                     or not INT32[0] <= value <= INT32[1]:
                 return _reply_error(502, "device_error",
                                     f"Function {name} returned a value that is not an int32")
-            await self.hub.writer.count(self._usage("function", size))
+            await self.hub.writer.count(self._usage("function", size), now=True)
             self.heard()
             return {"ok": True, "return_value": value}
         if kind == "variable":
@@ -697,7 +697,7 @@ class DeviceSession:
                 return _reply_error(502, "device_error",
                                     f"Variable {name} could not be read: {exc.text}")
             size = len(str(value).encode("utf-8"))
-            await self.hub.writer.count(self._usage("variable", size))
+            await self.hub.writer.count(self._usage("variable", size), now=True)
             self.heard()
             return {"ok": True, "result": value, "type": vtype}
         return _reply_error(400, "invalid_request", f"Unknown request kind {kind!r}")
