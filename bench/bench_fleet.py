@@ -4,6 +4,7 @@ to ingest (goal: under 5 %).
 
     .venv/bin/python bench/bench_fleet.py health [--devices 1000000] [--days 30] [--requests 200]
         [--database fleet.db]   (keep the seeded fleet there; reused when it exists)
+    .venv/bin/python bench/bench_fleet.py tally [--devices 200] [--batches 500]
     .venv/bin/python bench/bench_fleet.py ingest [--devices 500] [--seconds 5] [--rounds 3] \
         [--database-url postgresql+asyncpg://...]
 
@@ -15,16 +16,23 @@ routes are timed with sequential requests over 127.0.0.1 (each answer checked).
 
 ``ingest``: as B10 (bench_metering.py): in-process device sessions on the real hub, event
 writer and database, each publishing as fast as its own commit allows; rounds alternate
-**off** (no fleet hook) and **on** (the FleetTally after-commit hook with its firmware
-lookup and its flush every 5 s, as ``corral serve`` runs it). Metering is off in both, so
-the difference is the rollups' own cost. Medians of the rounds.
+**off** (no fleet hook) and **on** (the FleetTally after-commit hook and its flush every
+5 s, as ``corral serve`` runs it). Both rounds have a no-op after-commit hook, standing for
+the others ``corral serve`` always has, so the committed events' list is built in both.
+Metering is off in both, so the difference is the rollups' own cost. Medians of the rounds.
+
+``tally``: the after-commit work alone, without a database: ``--batches`` batches of one
+event per device are turned into committed events (``StoredEvent.of``) and counted by a
+FleetTally, then folded as a flush does; process CPU µs per event for each step.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
+import os
 import random
 import sqlite3
 import statistics
@@ -38,10 +46,11 @@ from _server import corral_server, percentile, signup_and_login
 from bench_inventory import seed
 from bench_metering import Link, publish_flat_out, setup
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from corral.bus.inprocess import InProcessBus
 from corral.db.engine import make_sessionmaker
-from corral.events.writer import EventWriter
+from corral.events.writer import EventWriter, NewEvent, StoredEvent
 from corral.fleet.models import FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally
 from corral.sessions.core import SessionHub
@@ -156,20 +165,49 @@ def health(a: argparse.Namespace) -> None:
                   f"{h['events']['received']:,} events, {h['vitals']['reports']} vitals)")
 
 
+@dataclasses.dataclass
+class Round:
+    rate: float  # events/s
+    cpu_us: float  # process CPU µs per event
+    count: int  # events published
+    hook_us: float = 0.0  # the tally hook's own CPU (this thread's) per event it was given
+    flush_ms: list[float] = dataclasses.field(default_factory=list)  # wall, per flush
+
+
 async def ingest_round(sm: Any, settings: Settings, ids: list[str], fleet: bool,
-                       seconds: float) -> tuple[float, float, int]:
+                       seconds: float) -> Round:
     bus = InProcessBus()
     writer = EventWriter(sm)
     writer.start()
     hub = SessionHub(settings, sm, bus, writer, gate=OpenGate(), reset_presence=False)
+    # `corral serve` always has after-commit hooks (bus fan-out, locations, vitals), so the
+    # writer builds the committed events' list in both rounds: "off" registers a no-op
+    writer.after_commit.append(lambda _events: None)
     tally = None
+    hook = [0.0, 0]  # thread CPU seconds in the tally hook, events given to it
+    flushes: list[float] = []
     if fleet:
         def firmware_of(device_id: str) -> int | None:
             s = hub.sessions.get(device_id)
             return s.firmware_version if s is not None else None
 
         tally = FleetTally(sm, firmware_of=firmware_of)
-        writer.after_commit.append(tally)
+
+        def timed(events: list[StoredEvent]) -> None:
+            c = time.thread_time()
+            tally(events)
+            hook[0] += time.thread_time() - c
+            hook[1] += len(events)
+
+        flush = tally.flush
+
+        async def timed_flush() -> None:
+            t = time.perf_counter()
+            await flush()
+            flushes.append((time.perf_counter() - t) * 1e3)
+
+        tally.flush = timed_flush  # type: ignore[method-assign]
+        writer.after_commit.append(timed)
         tally.start()
     sessions = [await hub.open(Hello(d, firmware_version=i % 20 + 1), Link())
                 for i, d in enumerate(ids)]
@@ -182,7 +220,7 @@ async def ingest_round(sm: Any, settings: Settings, ids: list[str], fleet: bool,
         if counted != count:  # the rollups must count every stored publish, once
             raise SystemExit(f"rollups counted {counted} events of {count} published")
     await bus.close()
-    return rate, cpu_us, count
+    return Round(rate, cpu_us, count, hook[0] / max(1, hook[1]) * 1e6, flushes)
 
 
 async def rolled_up(sm: Any, product_id: int | None) -> int:
@@ -195,18 +233,19 @@ async def ingest_run(url: str, n: int, seconds: float, rounds: int) -> None:
     engine, _org, ids = await setup(url, n)
     sm = make_sessionmaker(engine)
     settings = Settings(database_url=url)
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    cpu: dict[bool, list[float]] = {False: [], True: []}
+    rounds_of: dict[bool, list[Round]] = {False: [], True: []}
     for _ in range(rounds):
         for fleet in (False, True):
-            rate, cpu_us, _made = await ingest_round(sm, settings, ids, fleet, seconds)
-            rates[fleet].append(rate)
-            cpu[fleet].append(cpu_us)
+            rounds_of[fleet].append(await ingest_round(sm, settings, ids, fleet, seconds))
     await engine.dispose()
+    rates = {k: [r.rate for r in v] for k, v in rounds_of.items()}
     off, on = statistics.median(rates[False]), statistics.median(rates[True])
-    coff, con = statistics.median(cpu[False]), statistics.median(cpu[True])
+    coff = statistics.median(r.cpu_us for r in rounds_of[False])
+    con = statistics.median(r.cpu_us for r in rounds_of[True])
     db_name = "PostgreSQL" if url.startswith("postgresql") else "SQLite"
-    print(f"\n{n} devices in-process, {rounds} rounds of {seconds:g} s each, {db_name}\n")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n{n} devices in-process, {rounds} rounds of {seconds:g} s each, {db_name}, "
+          f"load average at the end {load}\n")
     print("| fleet rollups | events/s (median) | CPU µs/event (median) | rounds (events/s) |")
     print("|---|---:|---:|---|")
     for label, key, c in (("off", False, coff), ("on", True, con)):
@@ -214,6 +253,38 @@ async def ingest_run(url: str, n: int, seconds: float, rounds: int) -> None:
               f"{', '.join(f'{r:,.0f}' for r in rates[key])} |")
     print(f"\nthroughput overhead {100 * (off - on) / off:.1f} %, CPU per event "
           f"{100 * (con - coff) / coff:+.1f} % (goal: under 5 %)")
+    hook_us = statistics.median(r.hook_us for r in rounds_of[True])
+    flush_ms = [f for r in rounds_of[True] for f in r.flush_ms]
+    events = sum(r.count for r in rounds_of[True])
+    print(f"the tally hook itself: {hook_us:.2f} µs of CPU per event (median of the on "
+          f"rounds, {100 * hook_us / coff:.1f} % of the off rounds' CPU per event); "
+          f"{len(flush_ms)} flushes for {events:,} events, median "
+          f"{statistics.median(flush_ms) if flush_ms else 0:.1f} ms wall each")
+
+
+def tally(devices: int, batches: int) -> None:
+    firmware = {f"{i:024x}": i % 20 + 1 for i in range(devices)}
+    t = FleetTally(async_sessionmaker(), firmware_of=firmware.get)  # (never flushed)
+    start = dt.datetime(2026, 12, 5, 10, tzinfo=dt.UTC)
+    rows = [[NewEvent(name="bench", data="x", device_id=d, product_id=1, counted=i % 2 == 0,
+                      published_at=start + dt.timedelta(milliseconds=50 * b),
+                      firmware_version=fw)
+             for i, (d, fw) in enumerate(firmware.items())] for b in range(batches)]
+    c0 = time.process_time()
+    stored = [[StoredEvent.of(i, r) for i, r in enumerate(batch)] for batch in rows]
+    c1 = time.process_time()
+    for batch in stored:
+        t(batch)
+    c2 = time.process_time()
+    t._fold()
+    c3 = time.process_time()
+    n = devices * batches
+    counted = sum(row[COUNTERS.index("events")] for row in t.counts.values())
+    assert counted == n, (counted, n)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{n:,} events ({devices} devices x {batches} batches), load average {load}")
+    print(f"StoredEvent.of {(c1 - c0) / n * 1e6:.2f} µs/event, FleetTally hook "
+          f"{(c2 - c1) / n * 1e6:.2f} µs/event, fold {(c3 - c2) / n * 1e6:.3f} µs/event")
 
 
 def main() -> None:
@@ -225,6 +296,9 @@ def main() -> None:
     h.add_argument("--requests", type=int, default=200)
     h.add_argument("--database", type=Path, default=None,
                    help="a SQLite file to keep the seeded fleet in; reused when it exists")
+    t = sub.add_parser("tally")
+    t.add_argument("--devices", type=int, default=200)
+    t.add_argument("--batches", type=int, default=500)
     i = sub.add_parser("ingest")
     i.add_argument("--devices", type=int, default=500)
     i.add_argument("--seconds", type=float, default=5)
@@ -233,6 +307,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.what == "health":
         health(a)
+    elif a.what == "tally":
+        tally(a.devices, a.batches)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             url = a.database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"

@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from corral.devices.models import Device
 from corral.events.models import Event
+from corral.events.writer import StoredEvent
 from corral.fleet.models import FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally, minute_of
 from corral.kit import clock
@@ -398,3 +400,32 @@ async def test_a_call_is_counted_before_its_caller_has_the_answer(app, client, f
     finally:
         bus.publish = publish
         await s.close("done")
+
+
+def test_the_tally_counts_each_device_event_once_under_its_minute_and_firmware() -> None:
+    """The after-commit hook counts per (device, product, firmware, minute) and folds at
+    flush: a batch spanning two minutes, naive and aware times, the firmware carried by the
+    event or (when not) looked up, system events and events of no product left out."""
+    t = FleetTally(async_sessionmaker(), firmware_of={"b": 9}.get)
+    m0 = dt.datetime(2026, 12, 5, 10, 0, 59, 999_999, tzinfo=dt.UTC)
+    m1 = m0 + dt.timedelta(microseconds=1)
+
+    def ev(i: int, device: str, at: dt.datetime, *, name: str = "temp", fw: int | None = 3,
+           product: int | None = 1, counted: bool = False) -> StoredEvent:
+        return StoredEvent(id=i, published_at=at, name=name, data=None, ttl=60,
+                           source="device", device_id=device, product_id=product, org_id=None,
+                           owner_user_id=None, customer_id=None, private=True,
+                           counted=counted, firmware_version=fw)
+
+    t([ev(1, "a", m0, counted=True), ev(2, "a", m1), ev(3, "a", m1.replace(tzinfo=None)),
+       ev(4, "b", m0, fw=None), ev(5, "a", m0, name="spark/device/x"),
+       ev(6, "a", m0, name="Particle/x"), ev(7, "a", m0, product=None)])
+    t([ev(8, "a", m0)])
+    t._fold()
+    e, ops = COUNTERS.index("events"), COUNTERS.index("data_ops")
+    minute = m0.replace(second=0, microsecond=0)
+    got = {k: (row[e], row[ops]) for k, row in t.counts.items()}
+    assert got == {(1, minute, 3): (2, 1), (1, minute + dt.timedelta(minutes=1), 3): (2, 0),
+                   (1, minute, 9): (1, 0)}
+    assert sum(row[e] for row in t.per_device.values()) == 5
+    assert t.pending == {} and t.pending_ops == {}

@@ -29,7 +29,7 @@ import datetime as dt
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -65,6 +65,9 @@ class NewEvent:
     # its usage with the row, in the same transaction (``ledger.apply_events`` on SQLite,
     # ``ledger.pg_publish_batch`` on PostgreSQL)
     counted: bool = False
+    # what the publishing device's session runs (not a column: the fleet rollups count the
+    # committed event under it without looking the device up)
+    firmware_version: int | None = None
 
     def values(self) -> dict[str, Any]:
         return {
@@ -76,9 +79,12 @@ class NewEvent:
         }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """A committed event: the row as stored, with its id."""
+class StoredEvent(NamedTuple):
+    """A committed event: the row as stored, with its id (what the after-commit hooks get).
+
+    A named tuple, not a frozen dataclass: one is built per committed row whenever any
+    after-commit hook is registered (always in ``corral serve``), and a frozen slotted
+    dataclass of its fields cost ~4.7 µs to build against ~0.4 µs (bench B16)."""
 
     id: int
     published_at: dt.datetime
@@ -93,10 +99,13 @@ class StoredEvent:
     customer_id: int | None
     private: bool
     counted: bool = False  # a data operation (the row's usage committed with it)
+    firmware_version: int | None = None  # the publishing session's (not stored)
 
     @classmethod
     def of(cls, event_id: int, row: NewEvent) -> StoredEvent:
-        return cls(id=event_id, **row.values(), counted=row.counted)
+        return cls(event_id, row.published_at, row.name, row.data, row.ttl, row.source,
+                   row.device_id, row.product_id, row.org_id, row.owner_user_id,
+                   row.customer_id, row.private, row.counted, row.firmware_version)
 
 
 _COLUMNS = ["id", "published_at", "name", "data", "ttl", "source", "device_id", "product_id",

@@ -7,13 +7,16 @@ counts to the same rows):
 
 * events: the event writer's after-commit hook (committed device events, not the cloud's
   ``spark*``/``particle*`` system events) and its ``spark/status`` events (connects and
-  disconnects, with the per-device-day disconnect count);
+  disconnects, with the per-device-day disconnect count). Per device event the hook raises
+  one counter keyed by device, product, firmware version and epoch minute; these are folded
+  into the rollup dictionaries per distinct key when flushing (bench B16);
 * function and variable calls: the session core's call results (success, failure,
   timeout) and the API's "device offline" answers;
 * data operations: the writer's counted publishes (with their rows) and the usage
   increments it commits for deliveries, function calls and variable reads;
-* the firmware version of a device is what its session said (Hello, describe), 0 when not
-  known.
+* the firmware version of a device is what its session said (Hello, describe), carried by
+  the event it published (``StoredEvent.firmware_version``) or looked up for the rest; 0
+  when not known.
 
 The same counts go to the segment rollups (``fleet_segment_minutes``/``_hours``), which
 answer fleet health filtered by device group or by Device OS version: a device's counts are
@@ -72,6 +75,9 @@ DATA_OP_KINDS = frozenset({"delivery", "function", "variable"})
 Key = tuple[int, dt.datetime, int]  # product, minute, firmware version
 DeviceKey = tuple[str, int, dt.datetime, int]  # device, product, minute, firmware version
 SegmentKey = tuple[int, str, dt.datetime, int]  # product, segment, minute, firmware version
+PendingKey = tuple[str, int, int | None, int]  # device, product, firmware version, epoch minute
+_SYSTEM = ("spark", "particle")  # (lower case) prefixes of the cloud's own event names
+_MINUTE = dt.timedelta(minutes=1)
 SEGMENT_TTL_S = 60.0  # how long a device's looked-up segments are used
 SEGMENT_CACHE_MAX = 200_000  # devices whose segments are cached (cleared when over)
 LOOKUP_CHUNK = 500  # device IDs per segment look-up
@@ -98,10 +104,6 @@ def day_of(at: dt.datetime) -> dt.datetime:
     return hour_of(at).replace(hour=0)
 
 
-def _system(name: str) -> bool:
-    return name[:5].lower() == "spark" or name[:8].lower() == "particle"
-
-
 class FleetTally:
     """This node's counts since the last flush (see the module doc)."""
 
@@ -111,6 +113,8 @@ class FleetTally:
         self.sessionmaker = sessionmaker
         self.firmware_of = firmware_of or (lambda _device: None)
         self.flush_s = flush_s
+        self.pending: dict[PendingKey, int] = {}  # device events since the last fold
+        self.pending_ops: dict[PendingKey, int] = {}  # of which counted (data operations)
         self.counts: dict[Key, list[int]] = {}
         self.per_device: dict[DeviceKey, list[int]] = {}  # the same, per device (segments)
         self._segments: dict[str, tuple[float, tuple[str, ...]]] = {}  # device -> (until, s)
@@ -146,54 +150,80 @@ class FleetTally:
         row[which] += 1
 
     def __call__(self, events: Sequence[StoredEvent]) -> None:
-        """The event writer's after-commit hook. A batch's device events are summed per
-        device and minute first, then added once per (device, minute): the per-event work
-        is one dictionary update (bench B16)."""
-        batch: dict[tuple[str, int, int], list[int]] = {}  # device, product, epoch minute
+        """The event writer's after-commit hook. Per device event one counter in
+        ``pending`` goes up, keyed by device, product, firmware version (the publishing
+        session's, carried by the event) and epoch minute; the minute of a batch's events
+        is worked out once per minute seen, not per event. ``pending`` is folded into the
+        rollup dictionaries per distinct key when flushing (bench B16)."""
+        pending, ops = self.pending, self.pending_ops
+        lo = hi = None  # the minute of the last event counted: [lo, hi), epoch minute m
+        m = 0
         for e in events:
             product_id, device_id = e.product_id, e.device_id
             if product_id is None or not device_id:
                 continue
-            if e.source == "device":
-                if _system(e.name):
-                    continue
-                at = e.published_at
-                key = (device_id, product_id, int((at if at.tzinfo else at.replace(
-                    tzinfo=dt.UTC)).timestamp()) // 60)
-                acc = batch.get(key)
-                if acc is None:
-                    batch[key] = [1, 1 if e.counted else 0]
-                else:
-                    acc[0] += 1
-                    if e.counted:
-                        acc[1] += 1
-            elif e.name == "spark/status" and e.source == "cloud":
-                if e.data == "online":
-                    fw = self.firmware_of(device_id)
-                    if fw is not None:
-                        self.last_firmware[device_id] = fw
-                    self._add(device_id, product_id, e.published_at, fw, "connects")
-                elif e.data == "offline":
-                    fw = self.last_firmware.pop(device_id, None)
-                    self._add(device_id, product_id, e.published_at, fw, "disconnects")
-                    self._device_day(device_id, product_id, e.published_at, 0)
+            if e.source != "device":
+                if e.name == "spark/status" and e.source == "cloud":
+                    self._status(e, device_id, product_id)
+                continue
+            name = e.name
+            if name[:1] in "sSpP" and name[:8].lower().startswith(_SYSTEM):
+                continue
+            at = e.published_at
+            try:
+                same = lo <= at < hi  # type: ignore[operator]
+            except TypeError:  # the first event, or naive after aware
+                same = False
+            if not same:
+                lo = at.replace(second=0, microsecond=0)
+                hi = lo + _MINUTE
+                m = int((at if at.tzinfo else at.replace(tzinfo=dt.UTC)).timestamp()) // 60
+            key = (device_id, product_id, e.firmware_version, m)
+            pending[key] = pending.get(key, 0) + 1
+            if e.counted:
+                ops[key] = ops.get(key, 0) + 1
+
+    def _status(self, e: StoredEvent, device_id: str, product_id: int) -> None:
+        """A connect or disconnect (``spark/status`` online/offline from the cloud)."""
+        if e.data == "online":
+            fw = e.firmware_version
+            if fw is None:
+                fw = self.firmware_of(device_id)
+            if fw is not None:
+                self.last_firmware[device_id] = fw
+            self._add(device_id, product_id, e.published_at, fw, "connects")
+        elif e.data == "offline":
+            last = self.last_firmware.pop(device_id, None)
+            fw = e.firmware_version if e.firmware_version is not None else last
+            self._add(device_id, product_id, e.published_at, fw, "disconnects")
+            self._device_day(device_id, product_id, e.published_at, 0)
+
+    def _fold(self) -> None:
+        """Add the events counted since the last fold to the rollup dictionaries (per
+        device, product, minute and firmware version). An event whose session did not say
+        its firmware version is counted under the device's version known now."""
+        pending, self.pending = self.pending, {}
+        ops, self.pending_ops = self.pending_ops, {}
         minutes: dict[int, dt.datetime] = {}
-        for (device_id, product_id, m), (n, ops) in batch.items():
+        width = len(COUNTERS)
+        for key, n in pending.items():
+            device_id, product_id, fw, m = key
             minute = minutes.get(m)
             if minute is None:
                 minute = minutes[m] = dt.datetime.fromtimestamp(m * 60, dt.UTC)
-            fw = self._firmware(device_id) or 0
+            if fw is None:
+                fw = self._firmware(device_id) or 0
             row = self.counts.get((product_id, minute, fw))
             if row is None:
-                row = self.counts[(product_id, minute, fw)] = [0] * len(COUNTERS)
+                row = self.counts[(product_id, minute, fw)] = [0] * width
             drow = self.per_device.get((device_id, product_id, minute, fw))
             if drow is None:
-                drow = self.per_device[(device_id, product_id, minute, fw)] = \
-                    [0] * len(COUNTERS)
+                drow = self.per_device[(device_id, product_id, minute, fw)] = [0] * width
+            k = ops.get(key, 0)
             row[_EVENTS] += n
             drow[_EVENTS] += n
-            row[_DATA_OPS] += ops
-            drow[_DATA_OPS] += ops
+            row[_DATA_OPS] += k
+            drow[_DATA_OPS] += k
 
     def usage(self, items: Sequence[Usage]) -> None:
         """The event writer's after-usage hook: the data operations that come without an
@@ -253,6 +283,7 @@ class FleetTally:
         """Add the counts so far to the rollup tables (one transaction). On failure they
         are put back and tried again at the next flush."""
         async with self._lock:
+            self._fold()
             counts, self.counts = self.counts, {}
             per_device, self.per_device = self.per_device, {}
             days, self.device_days = self.device_days, {}

@@ -497,7 +497,8 @@ class DeviceSession:
         return NewEvent(name=name, data=data, ttl=ttl, source=source, device_id=f.device_id,
                         product_id=f.product_id, org_id=f.org_id,
                         owner_user_id=f.owner_user_id, customer_id=f.customer_id,
-                        private=private, published_at=at or clock.now(), counted=counted)
+                        private=private, published_at=at or clock.now(), counted=counted,
+                        firmware_version=self.firmware_version)
 
     def _usage(self, kind: Kind, size: int, *, at: dt.datetime | None = None) -> Usage:
         f = self.facts
