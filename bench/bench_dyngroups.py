@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, fleet_database, report, signup_and_login
+from _server import corral_server, fleet_database, report, seeding, signup_and_login
 from sqlalchemy import insert, select, text
 
 from corral.db.engine import make_engine
@@ -64,6 +64,7 @@ async def seed(url: str, slug: str, n: int) -> None:
     rnd = random.Random(17)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     async with engine.begin() as conn:
+        await seeding(conn)
         pid = (await conn.execute(select(Product.id).where(Product.slug == slug))).scalar_one()
         cid = (await conn.execute(insert(Cohort).values(
             product_id=pid, name="early", created_at=now, updated_at=now)

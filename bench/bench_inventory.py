@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, percentile, signup_and_login
+from _server import corral_server, percentile, seeding, signup_and_login
 from sqlalchemy import insert, select
 
 from corral.db.engine import make_engine
@@ -51,6 +51,7 @@ async def seed(url: str, slug: str, n: int) -> None:
     rnd = random.Random(7)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     async with engine.begin() as conn:
+        await seeding(conn)
         pid = (await conn.execute(select(Product.id).where(Product.slug == slug))).scalar_one()
         gid = (await conn.execute(insert(DeviceGroup).values(
             product_id=pid, name="beta", created_at=now, updated_at=now).returning(DeviceGroup.id))
