@@ -286,7 +286,8 @@ async def test_dynamic_group_lifecycle(app, client):
                                    "metadata": {action: ["north-online"]}})
         assert r.status_code == 400 and r.json()["error"] == "dynamic_group", r.text
     r = await client.get(f"/v1/products/{p['slug']}/devices/{C}", headers=bearer(tok))
-    assert r.json()["groups"] == ["yard"]
+    # its static group, and the dynamic group it matches through that one
+    assert r.json()["groups"] == ["yard", "yard-or-north"]
 
     # a static group with devices cannot take a query; an empty one can; null: static again
     r = await client.put(f"{base}/yard", headers=bearer(tok), json={"query": "online"})
@@ -305,6 +306,76 @@ async def test_dynamic_group_lifecycle(app, client):
     actions = [(e.action, e.details.get("query")) for e in await audit_actions(app, "group.")]
     assert ("group.created", "tag = north and online") in actions
     assert ("group.updated", "tag = north") in actions
+
+
+@pytest.mark.parametrize("per_statement", [50, 7])
+async def test_a_devices_groups_list_the_dynamic_groups_it_matches(app, client, monkeypatch,
+                                                                   per_statement):
+    """`groups` of a device (GET /v1/devices/:id, the product's device and its list) holds
+    its static groups and every dynamic group of its product it matches now: each query
+    shape above, tested per device (memberships probed, not gathered), in one statement per
+    ``GROUPS_PER_STATEMENT`` dynamic groups whatever the page's size."""
+    from sqlalchemy import event
+
+    from corral.devices import groups as group_rules
+
+    monkeypatch.setattr(group_rules, "GROUPS_PER_STATEMENT", per_statement)
+    tok, p, other_tok, other = await world(app, client)
+    async with app.state.sessionmaker() as db:
+        db.add_all([DeviceGroup(product_id=p["id"], name=f"c{i}", query=text)
+                    for i, (text, _want) in enumerate(CASES)])
+        await db.commit()
+    static = {B: ["yard"], C: ["yard"]}
+
+    def expected(device: str) -> list[str]:
+        return sorted(static.get(device, []) +
+                      [f"c{i}" for i, (_t, want) in enumerate(CASES) if device in want])
+
+    statements: list[str] = []
+
+    def counted(_conn, _cursor, sql, *_args) -> None:
+        statements.append(sql)
+
+    engine = app.state.runtime.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", counted)
+    try:
+        r = await client.get(f"/v1/products/{p['slug']}/devices", headers=bearer(tok),
+                             params={"per_page": "100"})
+    finally:
+        event.remove(engine, "before_cursor_execute", counted)
+    assert r.status_code == 200, r.text
+    listed = {d["id"]: d["groups"] for d in r.json()["devices"]}
+    assert listed == {d: expected(d) for d in (A, B, C, D)}
+    matching = [s for s in statements if "UNION ALL" in s or "AS gid" in s]
+    assert len(matching) == -(-len(CASES) // per_statement), matching
+    for device in (A, B, C, D):
+        r = await client.get(f"/v1/products/{p['slug']}/devices/{device}", headers=bearer(tok))
+        assert r.json()["groups"] == expected(device)
+        r = await client.get(f"/v1/devices/{device}", headers=bearer(tok))
+        assert r.json()["groups"] == expected(device)
+    # another product's groups never show; its own device has none
+    r = await client.get(f"/v1/products/{other['slug']}/devices/{E}", headers=bearer(other_tok))
+    assert r.json()["groups"] == []
+
+    # a client sending back the groups it read (plus a new static one) is not refused: the
+    # dynamic ones stay decided by their queries; a dynamic group it does not match is
+    r = await client.put(f"/v1/products/{p['slug']}/devices/{A}", headers=bearer(tok),
+                         json={"groups": [*expected(A), "field"]})
+    assert r.status_code == 200, r.text
+    static[A] = ["field"]
+    r = await client.get(f"/v1/products/{p['slug']}/devices/{A}", headers=bearer(tok))
+    assert r.json()["groups"] == expected(A)
+    unmatched = next(f"c{i}" for i, (_t, want) in enumerate(CASES) if A not in want)
+    r = await client.put(f"/v1/products/{p['slug']}/devices/{A}", headers=bearer(tok),
+                         json={"groups": [unmatched]})
+    assert r.status_code == 400 and r.json()["error"] == "dynamic_group", r.text
+    # leaving out the dynamic ones it matches takes it out of its static ones only
+    r = await client.put(f"/v1/products/{p['slug']}/devices/{A}", headers=bearer(tok),
+                         json={"groups": []})
+    assert r.status_code == 200, r.text
+    static[A] = []
+    r = await client.get(f"/v1/products/{p['slug']}/devices/{A}", headers=bearer(tok))
+    assert r.json()["groups"] == expected(A)
 
 
 async def test_create_refuses_bad_queries(app, client):

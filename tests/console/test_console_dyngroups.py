@@ -61,6 +61,16 @@ def test_dynamic_group_editor_with_live_preview(page: Any, console_server: Any) 
     row.get_by_role("link", name=f"{n} devices in beta-online").click()
     page.wait_for_url(re.compile(r".*/devices\?group=beta-online"))
     assert page.locator("tbody tr").count() == min(n, 50) or n > 50
+    # each member lists the dynamic group among its groups, in the list and on its page,
+    # where it is not a checkbox of the static groups' form
+    first = page.locator("tbody tr").first
+    assert "beta-online" in first.inner_text()
+    first.locator("a.device-name").click()
+    page.wait_for_selector("#dynamic-groups")
+    assert "beta-online" in page.locator("#dynamic-groups").inner_text()
+    assert page.locator("input[name=group][value=beta-online]").count() == 0
+    assert page.locator("input[name=group][value=beta]").is_checked()
+    audit(page)
 
     # editing the query previews it too, and saves it
     visit(page, base, f"{PRODUCT}/groups")

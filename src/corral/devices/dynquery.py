@@ -30,6 +30,7 @@ groups or other dynamic groups (inlined, at most ``MAX_DEPTH`` deep, no cycles).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -235,6 +236,14 @@ def parse(text: Any) -> Query:
         raise QueryError(f"at most {MAX_QUERY_LEN} characters")
     if not text.strip():
         raise QueryError("is empty")
+    return _parsed(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(text: str) -> Query:
+    """A query parsed once per text (saved queries are read on every listing, count and
+    device page; a parse costs far more than the statement it becomes). Errors are not
+    cached: they are raised again."""
     try:
         tree = _PARSER.parse(text)
     except UnexpectedInput as exc:
@@ -362,11 +371,17 @@ class GroupRef:
 
 @dataclass
 class Scope:
-    """What a query compiles against: the product, the groups it names, the time."""
+    """What a query compiles against: the product, the groups it names, the time.
+
+    ``per_device``: memberships (tags, cohorts, static groups) are tested device by device
+    (``EXISTS`` on the membership's primary key, which leads with the device) instead of
+    gathering every member first (``IN``): right when a few given devices are tested (a
+    page's groups), or when a sort index is walked and a page needs a few probes."""
 
     product_id: int
     groups: dict[str, GroupRef]
     now: dt.datetime
+    per_device: bool = False
 
 
 async def load_scope(db: AsyncSession, product_id: int, query: Query, *, strict: bool,
@@ -426,10 +441,18 @@ def _compile(e: Expr, scope: Scope, path: tuple[str, ...]) -> ColumnElement[bool
     return _leaf(e.field, e.op, value, scope, path)
 
 
+def _member(scope: Scope, device_id: Any, where: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The device is in the membership ``device_id`` is the device column of (with ``where``
+    on it): gathered (``IN``) or probed per device (``EXISTS``), as ``scope`` says."""
+    if scope.per_device:
+        return select(device_id).where(device_id == Device.id, where).exists()
+    return Device.id.in_(select(device_id).where(where))
+
+
 def _matches_any(e: Leaf, scope: Scope, path: tuple[str, ...]) -> ColumnElement[bool]:
     values = list(e.values)
     if e.field == "tag":
-        return Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag.in_(values)))
+        return _member(scope, DeviceTag.device_id, DeviceTag.tag.in_(values))
     non_null = [v for v in values if v is not None]
     column = _COLUMNS.get(e.field)
     if column is not None and e.field not in ("id",):
@@ -462,14 +485,14 @@ def _leaf(name: str, op: str, value: Any, scope: Scope,
         col = getattr(Device, name)  # bare when true: the partial indexes match it
         return col if value else col.is_(False)
     if name == "tag":
-        return Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == value))
+        return _member(scope, DeviceTag.device_id, DeviceTag.tag == value)
     if name == "cohort":
-        members = select(CohortMember.device_id).join(
-            Cohort, Cohort.id == CohortMember.cohort_id).where(
-            Cohort.product_id == scope.product_id)
+        cohorts = select(Cohort.id).where(Cohort.product_id == scope.product_id)
         if value is None:
-            return Device.id.not_in(members)
-        return Device.id.in_(members.where(Cohort.name == value))
+            return not_(_member(scope, CohortMember.device_id,
+                                CohortMember.cohort_id.in_(cohorts)))
+        return _member(scope, CohortMember.device_id,
+                       CohortMember.cohort_id.in_(cohorts.where(Cohort.name == value)))
     if name == "group":
         return _group(value, scope, path)
     if name == "customer":
@@ -511,8 +534,7 @@ def _group(name: str, scope: Scope, path: tuple[str, ...]) -> ColumnElement[bool
     if ref is None or name in path:  # gone since the query was saved, or a cycle
         return false()
     if ref.query is None:
-        return Device.id.in_(select(DeviceGroupMember.device_id)
-                             .where(DeviceGroupMember.group_id == ref.id))
+        return _member(scope, DeviceGroupMember.device_id, DeviceGroupMember.group_id == ref.id)
     return _compile(ref.query.expr, scope, (*path, name))
 
 

@@ -17,10 +17,10 @@ import time
 import weakref
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, literal, select, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -170,6 +170,12 @@ async def group_colors(db: AsyncSession, product: Product) -> dict[str, str]:
     return {name: color or _default_color(name) for name, color in rows.all()}
 
 
+async def dynamic_group_names(db: AsyncSession, product: Product) -> set[str]:
+    """Names of the product's dynamic groups (no counts)."""
+    return set((await db.execute(select(DeviceGroup.name).where(
+        DeviceGroup.product_id == product.id, DeviceGroup.query.is_not(None)))).scalars())
+
+
 async def get_group(db: AsyncSession, product: Product, name: str) -> DeviceGroup:
     row = (await db.execute(select(DeviceGroup).where(
         DeviceGroup.product_id == product.id, DeviceGroup.name == name))).scalar_one_or_none()
@@ -312,8 +318,11 @@ def refuse_dynamic(groups: Iterable[DeviceGroup]) -> None:
                 f"({g.query}); change the query instead of adding or removing devices")
 
 
-async def group_names_for(db: AsyncSession, device_ids: Sequence[str]) -> dict[str, list[str]]:
-    """Group names of each device, in one query per chunk (no per-device queries)."""
+async def group_names_for(db: AsyncSession, device_ids: Sequence[str],
+                          product_id: int | None = None) -> dict[str, list[str]]:
+    """Group names of each device, in one query per chunk (no per-device queries); with
+    ``product_id`` (the devices' product) also the product's dynamic groups each device
+    matches now (:func:`dynamic_matches`: two more statements)."""
     out: dict[str, list[str]] = defaultdict(list)
     for chunk in chunks(list(device_ids)):
         rows = await db.execute(
@@ -322,13 +331,61 @@ async def group_names_for(db: AsyncSession, device_ids: Sequence[str]) -> dict[s
             .where(DeviceGroupMember.device_id.in_(chunk)))
         for device_id, name in rows.all():
             out[device_id].append(name)
+    if product_id is not None and device_ids:
+        for device_id, g in await dynamic_matches(db, product_id, device_ids):
+            out[device_id].append(g.name)
     return {k: sorted(v) for k, v in out.items()}
+
+
+# dynamic groups tested in one statement (a UNION ALL of one SELECT each), and the bound
+# values one statement may carry (SQLite allows 32,766)
+GROUPS_PER_STATEMENT = 50
+VALUES_PER_STATEMENT = 10_000
+
+
+async def dynamic_matches(db: AsyncSession, product_id: int,
+                          device_ids: Sequence[str] | None,
+                          only: Callable[[DeviceGroup], bool] | None = None
+                          ) -> list[tuple[str, DeviceGroup]]:
+    """(device id, group) for each of ``device_ids`` (None: every device of the product)
+    and each dynamic group of the product (those ``only`` accepts) whose query it matches
+    now. One statement for the product's groups, then one per 50 dynamic groups (and
+    chunk of ids): each group's condition is tested on the given devices alone, memberships
+    probed per device (``Scope.per_device``), so the cost is bounded by the ids times the
+    groups, whatever the size of the product or of the groups."""
+    every = list((await db.execute(select(DeviceGroup).where(
+        DeviceGroup.product_id == product_id).order_by(DeviceGroup.id))).scalars())
+    dynamic = [g for g in every if g.query is not None and (only is None or only(g))]
+    if not dynamic or (device_ids is not None and not device_ids):
+        return []
+    scope = dynquery.Scope(
+        product_id=product_id, now=clock.now(), per_device=device_ids is not None,
+        groups={g.name: dynquery.GroupRef(g.id, dynquery.parse(g.query) if g.query else None)
+                for g in every})
+    by_id = {g.id: g for g in dynamic}
+    out: list[tuple[str, DeviceGroup]] = []
+    for part in chunks(dynamic, GROUPS_PER_STATEMENT):
+        conds = [(g.id, dynquery.compile_query(dynquery.parse(g.query), scope)) for g in part]
+        id_chunks: Iterable[Sequence[str] | None] = [None] if device_ids is None else chunks(
+            list(device_ids), max(1, VALUES_PER_STATEMENT // len(part)))
+        for ids in id_chunks:
+            selects = [select(Device.id, literal(gid).label("gid")).where(
+                Device.product_id == product_id, cond,
+                *([] if ids is None else [Device.id.in_(ids)])) for gid, cond in conds]
+            stmt = selects[0] if len(selects) == 1 else union_all(*selects)
+            out += [(did, by_id[int(gid)]) for did, gid in (await db.execute(stmt)).all()]
+    return out
 
 
 async def set_device_groups(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
                             device_id: str, names: list[str]) -> list[str]:
-    """Make the device's groups exactly ``names`` (unknown names are created)."""
-    groups = await ensure_groups(db, actor=actor, ip=ip, product=product, names=names)
+    """Make the device's static groups exactly ``names`` (unknown names are created). A
+    dynamic group the device matches now may be named (a client sends back the ``groups``
+    it read): it is left as it is, its query decides; naming any other dynamic group is
+    refused (``dynamic_group``), and leaving out one the device matches changes nothing."""
+    matched = {g.name for _d, g in await dynamic_matches(db, product.id, [device_id])}
+    groups = await ensure_groups(db, actor=actor, ip=ip, product=product,
+                                 names=[n for n in names if n not in matched])
     wanted = {g.id for g in groups.values()}
     current = set((await db.execute(select(DeviceGroupMember.group_id).where(
         DeviceGroupMember.device_id == device_id))).scalars())

@@ -118,7 +118,8 @@ async def device_view(db: AsyncSession, device: Device) -> dict[str, Any]:
     owner = (await owner_names(db, [device])).get(device.id)
     if device.product_id is None:
         return device_json(device, owner=owner)
-    groups = (await group_rules.group_names_for(db, [device.id])).get(device.id, [])
+    groups = (await group_rules.group_names_for(db, [device.id], device.product_id)
+              ).get(device.id, [])
     targets = await _targets(db, device.product_id, [device.id])
     cohort = (await cohort_names_for(db, [device.id])).get(device.id)
     return device_json(device, groups=groups, owner=owner, product=True,
@@ -507,7 +508,7 @@ async def list_product_devices(db: AsyncSession, product: Product,
         select(Device).where(Device.id.in_(page_ids)))).scalars()} if page_ids else {}
     devices = [rows[i] for i in page_ids if i in rows]
     ids = [d.id for d in devices]
-    groups = await group_rules.group_names_for(db, ids)
+    groups = await group_rules.group_names_for(db, ids, product.id)
     owners = await owner_names(db, devices)
     customer_ids = sorted({d.customer_id for d in devices if d.customer_id is not None})
     customers: list[dict[str, Any]] = []

@@ -33,12 +33,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.cohort_models import Cohort, CohortMember
-from corral.devices.groups import dynamic_condition
-from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
+from corral.devices.groups import dynamic_matches
+from corral.devices.models import Device, DeviceGroupMember
 from corral.firmware.models import FirmwareGroupRelease, ProductFirmware
 from corral.rollouts.models import Rollout
 
@@ -238,26 +238,13 @@ async def _dynamic_members(db: AsyncSession, product_id: int, device_ids: list[s
                            also: Collection[int]) -> list[tuple[str, int]]:
     """(device id, group id) of the devices (all the product's, or ``device_ids``) matching
     the product's dynamic groups that have a release (or are in ``also``: a release being
-    simulated): one query per such group (and chunk of ids), never one per device."""
-    released = select(FirmwareGroupRelease.group_id).where(
-        FirmwareGroupRelease.product_id == product_id)
-    wanted = [DeviceGroup.id.in_(released)]
-    if also:
-        wanted.append(DeviceGroup.id.in_(sorted(also)))
-    groups = list((await db.execute(select(DeviceGroup).where(
-        DeviceGroup.product_id == product_id, DeviceGroup.query.is_not(None), or_(*wanted))
-        .order_by(DeviceGroup.id))).scalars())
-    out: list[tuple[str, int]] = []
-    for g in groups:
-        cond = await dynamic_condition(db, product_id, g)
-        q = select(Device.id).where(Device.product_id == product_id, cond)
-        if device_ids is None:
-            out += [(did, g.id) for did in (await db.execute(q)).scalars()]
-            continue
-        for i in range(0, len(device_ids), CHUNK):
-            out += [(did, g.id) for did in (await db.execute(
-                q.where(Device.id.in_(device_ids[i:i + CHUNK])))).scalars()]
-    return out
+    simulated): a statement per 50 such groups (and chunk of ids), never one per device."""
+    wanted = set(also) | set((await db.execute(select(FirmwareGroupRelease.group_id).where(
+        FirmwareGroupRelease.product_id == product_id))).scalars())
+    if not wanted:
+        return []
+    return [(did, g.id) for did, g in await dynamic_matches(
+        db, product_id, device_ids, only=lambda g: g.id in wanted)]
 
 
 async def device_facts(db: AsyncSession, product_id: int,

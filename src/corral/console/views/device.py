@@ -147,12 +147,15 @@ async def render(request: Request, t: Target, results: Results | None = None, *,
     owner = (await devices.owner_names(db, [device])).get(device.id)
     groups: list[str] = []
     colors: dict[str, str] = {}
+    dynamic: set[str] = set()
     fw = None
     versions: list[Any] = []
     updates: list[Any] = []
     if product is not None and t.via == "product":
-        groups = (await group_rules.group_names_for(db, [device.id])).get(device.id, [])
+        groups = (await group_rules.group_names_for(db, [device.id], product.id)
+                  ).get(device.id, [])
         colors = await group_rules.group_colors(db, product)
+        dynamic = await group_rules.dynamic_group_names(db, product)
         fw = await firmware_facts(db, product, device)
         versions = await firmware.product_firmware(db, product)
         updates = await device_updates(db, device.id, limit=5)
@@ -165,7 +168,7 @@ async def render(request: Request, t: Target, results: Results | None = None, *,
         request, "devices/device.html", status=status,
         product=product if t.via == "product" else None, role=t.role,
         title=f"{device.name or device.id}", section="devices", device=device, owner=owner,
-        groups=groups, colors=colors, fw=fw, versions=versions, updates=updates, via=t.via,
+        groups=groups, dynamic=dynamic, colors=colors, fw=fw, versions=versions, updates=updates, via=t.via,
         base=t.base, may=t.may, results=results, platforms=PLATFORM_NAMES,
         credentials=credentials.credentials_json(device), vitals=health,
         # the live events panel (logs/_live.html)
