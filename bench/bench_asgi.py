@@ -1,14 +1,15 @@
 """B1a: per-request cost inside the process (ASGI called directly: no HTTP, no client).
 
-    .venv/bin/python bench/bench_asgi.py [--profile | --profile-call] [--statements] [--n 1000]
-        [--database-url URL]
+    .venv/bin/python bench/bench_asgi.py [--profile | --profile-call | --profile-path PATH]
+        [--sort cumulative] [--top 25] [--statements] [--n 1000] [--database-url URL]
 
 Separates the framework and middleware overhead (``/openapi.json``: no database) from
 database round trips, counted exactly per route (statements sent to the database, COMMIT
 and ROLLBACK included, from SQLAlchemy's cursor events; ``/healthz``: one). ``--n``
 sequential requests per route after 100 warm-up requests; wall and process CPU time
 (all threads) per request. ``--profile``: cProfile of
-``/v1/products/{p}`` (the heaviest guarded read).
+``/v1/products/{p}`` (the heaviest guarded read); ``--profile-call`` of a function call
+(the in-process device below answers at once); ``--profile-path`` of any GET.
 """
 
 from __future__ import annotations
@@ -138,9 +139,10 @@ async def main() -> None:
             for sql in shown:
                 print(f"    {sql}")
             shown = None
-    if "--profile" in sys.argv or "--profile-call" in sys.argv:
+    if "--profile" in sys.argv or "--profile-call" in sys.argv or "--profile-path" in sys.argv:
         path, body = ((f"/v1/devices/{device}/led", b'{"arg": "on"}')
                       if "--profile-call" in sys.argv else (f"/v1/products/{product}", b""))
+        path = _arg("--profile-path", path) or path
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(500):

@@ -48,7 +48,7 @@ from corral.metering.gate import UsageGate
 from corral.metering.tasks import MeteringService
 from corral.sessions.core import SessionHub, publish_after_commit
 from corral.settings import Settings
-from corral.web import errors, openapi
+from corral.web import errors, openapi, routing
 from corral.web.middleware import BodyLimit, Metrics, RejectNul
 from corral.web.ratelimit import ClientAddress, RateLimit, RateLimiter, SharedBudget
 
@@ -524,6 +524,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
     app.add_middleware(RateLimit, limiter=rt.limiter)  # type: ignore[arg-type]
     # outermost: every part below sees the real client address
     app.add_middleware(ClientAddress, trusted=settings.trusted_proxies)  # type: ignore[arg-type]
+    routing.gate(app)  # a request skips a router none of whose paths fits in one regex test
     return app
 
 
