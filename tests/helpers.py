@@ -3,6 +3,8 @@ devices."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -199,3 +201,21 @@ async def settle_fleet(app: Any, *, sample: bool = True) -> None:
             await sample_online(db)
             await db.commit()
     await rt.fleet.flush()
+
+
+@contextlib.asynccontextmanager
+async def restarted(app: Any, settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """Stop ``app``'s runtime (it flushes what it holds) and start a fresh server on the same
+    database; yields a client of the fresh one (stopped on exit)."""
+    from corral.web.app import Runtime, create_app
+
+    await app.state.runtime.stop()
+    fresh = Runtime(settings)
+    fresh_app = create_app(settings, runtime=fresh)
+    await fresh.start(fresh_app, migrate_db=False, background=False)
+    try:
+        transport = httpx.ASGITransport(app=fresh_app, client=("127.0.0.1", 50001))
+        async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as c:
+            yield c
+    finally:
+        await fresh.stop()

@@ -9,7 +9,6 @@ import datetime as dt
 from collections import Counter
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -21,8 +20,7 @@ from corral.fleet.models import FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally, minute_of
 from corral.kit import clock
 from corral.sessions.link import Hello
-from corral.web.app import Runtime, create_app
-from helpers import add_device, bearer, new_user, owner_and_product, settle_fleet
+from helpers import add_device, bearer, new_user, owner_and_product, restarted, settle_fleet
 from test_sessions_core import ScriptedLink
 
 DEVS = ["0123456789abcdef0123aa01", "0123456789abcdef0123aa02", "0123456789abcdef0123aa03"]
@@ -85,7 +83,6 @@ async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
     manual_clock.set(manual_clock.now().replace(second=second))
     tok, prod = fleet["token"], fleet["product"]
     await run_fleet(app, manual_clock)
-    rt = app.state.runtime
     await settle_fleet(app)
     want = await direct_events_per_minute(app, prod["id"])
     assert sum(want.values()) == 6 and len(want) == 2
@@ -114,20 +111,12 @@ async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
     assert max(b["count"] for b in r.json()["online"]) == 2
 
     # a restart: the counts were flushed when the server stopped; a new server reads them
-    await rt.stop()
-    fresh = Runtime(settings)
-    fresh_app = create_app(settings, runtime=fresh)
-    await fresh.start(fresh_app, migrate_db=False, background=False)
-    try:
-        transport = httpx.ASGITransport(app=fresh_app, client=("127.0.0.1", 50001))
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as c2:
-            assert await api_events_per_minute(c2, tok, prod) == want
-            r = await c2.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
-            # the restart marked every device offline; the history stays
-            assert r.json()["devices"]["online"] == 0
-            assert r.json()["events"]["received"] == 6
-    finally:
-        await fresh.stop()
+    async with restarted(app, settings) as c2:
+        assert await api_events_per_minute(c2, tok, prod) == want
+        r = await c2.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
+        # the restart marked every device offline; the history stays
+        assert r.json()["devices"]["online"] == 0
+        assert r.json()["events"]["received"] == 6
 
 
 async def test_calls_are_counted_by_outcome(app, client, fleet, manual_clock, settings):

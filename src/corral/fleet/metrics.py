@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import statistics
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import Select, case, desc, func, literal, select, text, union_al
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.models import Device, DeviceGroupMember
+from corral.fleet import vitals_rollups
 from corral.fleet.models import (
     DeviceVitals,
     FleetDeviceDay,
@@ -295,15 +297,19 @@ async def troubled_devices(db: AsyncSession, product_id: int, w: Window, *,
     return out
 
 
-VITAL_PATHS = {"rssi": "device.network.signal.rssi",
-               "round_trip": "device.cloud.coap.round_trip",
-               "memory_used": "device.system.memory.used"}
-VITALS_SAMPLE = 1000
+VITALS_SAMPLE = 1000  # a dynamic group's reports read (it has no vitals rollups)
 
 
 async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dict[str, Any]:
-    """Median and worst of signal, round trip and memory over the newest
-    ``VITALS_SAMPLE`` reports in the window (``worst``: lowest signal, highest others)."""
+    """Median and worst of signal, round trip and memory over the window's reports
+    (``worst``: lowest signal, highest others): from the vitals rollups, every report of
+    the window's minutes (hours past a day, the edges counting their whole hour), the
+    median within the bins' resolution (:mod:`corral.fleet.vitals_rollups`). A dynamic
+    group has no rollups: the newest ``VITALS_SAMPLE`` reports of its devices now."""
+    if w.members is None:
+        return await vitals_rollups.aggregates(
+            db, product_id, w.start, w.end, hourly=w.end - w.start > dt.timedelta(days=1),
+            segment=w.segment, firmware=w.firmware)
     from corral.fleet.vitals import number
 
     q = select(DeviceVitals.payload).where(DeviceVitals.product_id == product_id,
@@ -312,12 +318,12 @@ async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dic
         q = q.where(DeviceVitals.device_id.in_(ids))
     rows = (await db.execute(q.order_by(DeviceVitals.at.desc()).limit(VITALS_SAMPLE))
             ).scalars().all()
-    out: dict[str, Any] = {"reports": len(rows)}
-    for key, path in VITAL_PATHS.items():
-        values = [v for p in rows if (v := number(p, path)) is not None]
+    out: dict[str, Any] = {"reports": len(rows), "sampled": True}
+    for key, path in vitals_rollups.VITAL_PATHS.items():
+        values = [v for p in rows if (v := number(p, path)) is not None and math.isfinite(v)]
         out[key] = None if not values else {
             "median": statistics.median(values),
-            "worst": min(values) if key == "rssi" else max(values)}
+            "worst": min(values) if key == "rssi" else max(values), "count": len(values)}
     return out
 
 

@@ -102,8 +102,44 @@ class FleetSegmentHour(_SegmentRollup, Base):
                       Index("ix_fleet_segment_hours_bucket", "bucket"))
 
 
-MINUTE_TABLES = (FleetMinute, FleetSegmentMinute)  # kept fleet_minute_retention_days
-HOUR_TABLES = (FleetHour, FleetSegmentHour)  # kept fleet_hour_retention_days
+class _VitalsRollup:
+    """The vitals reports of one product (``segment`` ``""``) or one of its segments (as
+    the segment rollups), one time bucket and one firmware version (0: not known), for one
+    vital (``rssi``, ``round_trip``, ``memory_used``; ``reports`` counts every report) and
+    one bin of its fixed histogram (:mod:`corral.fleet.vitals_rollups`): how many values
+    fell in the bin, and the lowest and highest of them."""
+
+    product_id: Mapped[int] = mapped_column(Integer)
+    segment: Mapped[str] = mapped_column(String(40))
+    bucket: Mapped[dt.datetime]
+    firmware_version: Mapped[int] = mapped_column(Integer)
+    vital: Mapped[str] = mapped_column(String(16))
+    bin: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    low: Mapped[float] = mapped_column(Float)
+    high: Mapped[float] = mapped_column(Float)
+
+
+_VITALS_KEY = ("product_id", "segment", "vital", "bucket", "firmware_version", "bin")
+
+
+class FleetVitalsMinute(_VitalsRollup, Base):
+    __tablename__ = "fleet_vitals_minutes"
+    # a request is one range of the primary key: product, segment, vital, bucket
+    __table_args__ = (PrimaryKeyConstraint(*_VITALS_KEY),
+                      Index("ix_fleet_vitals_minutes_bucket", "bucket"))
+
+
+class FleetVitalsHour(_VitalsRollup, Base):
+    __tablename__ = "fleet_vitals_hours"
+    __table_args__ = (PrimaryKeyConstraint(*_VITALS_KEY),
+                      Index("ix_fleet_vitals_hours_bucket", "bucket"))
+
+
+# kept fleet_minute_retention_days
+MINUTE_TABLES = (FleetMinute, FleetSegmentMinute, FleetVitalsMinute)
+# kept fleet_hour_retention_days
+HOUR_TABLES = (FleetHour, FleetSegmentHour, FleetVitalsHour)
 
 
 def rollup_table(*, minute: bool, segment: bool) -> Any:

@@ -38,7 +38,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from sqlalchemy import func, select
@@ -366,22 +366,34 @@ class FleetTally:
                 missing.append(d)
         if len(self._segments) + len(missing) > SEGMENT_CACHE_MAX:
             self._segments.clear()
-        for i in range(0, len(missing), LOOKUP_CHUNK):
-            chunk = sorted(missing[i:i + LOOKUP_CHUNK])
-            found: dict[str, list[str]] = {d: [] for d in chunk}
-            for device, group in (await db.execute(
-                    select(DeviceGroupMember.device_id, DeviceGroupMember.group_id)
-                    .where(DeviceGroupMember.device_id.in_(chunk)))).all():
-                found[device].append(group_segment(group))
-            for device, version in (await db.execute(
-                    select(Device.id, Device.system_firmware_version)
-                    .where(Device.id.in_(chunk),
-                           Device.system_firmware_version.is_not(None)))).all():
-                found[device].append(os_segment(version))
-            for device, segs in found.items():
-                out[device] = tuple(segs)
-                self._segments[device] = (now + SEGMENT_TTL_S, out[device])
+        found = await lookup_segments(db, missing)
+        for device, segs in found.items():
+            out[device] = segs
+            self._segments[device] = (now + SEGMENT_TTL_S, segs)
         return out
+
+
+async def lookup_segments(db: AsyncSession, devices: Iterable[str]
+                          ) -> dict[str, tuple[str, ...]]:
+    """Each device's segments now: its groups and its Device OS version (an indexed read
+    pair per ``LOOKUP_CHUNK`` devices)."""
+    ids = sorted(devices)
+    out: dict[str, tuple[str, ...]] = {}
+    for i in range(0, len(ids), LOOKUP_CHUNK):
+        chunk = ids[i:i + LOOKUP_CHUNK]
+        found: dict[str, list[str]] = {d: [] for d in chunk}
+        for device, group in (await db.execute(
+                select(DeviceGroupMember.device_id, DeviceGroupMember.group_id)
+                .where(DeviceGroupMember.device_id.in_(chunk)))).all():
+            found[device].append(group_segment(group))
+        for device, version in (await db.execute(
+                select(Device.id, Device.system_firmware_version)
+                .where(Device.id.in_(chunk),
+                       Device.system_firmware_version.is_not(None)))).all():
+            found[device].append(os_segment(version))
+        for device, segs in found.items():
+            out[device] = tuple(segs)
+    return out
 
 
 def _insert(dialect: str) -> Any:

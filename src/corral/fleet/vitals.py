@@ -7,7 +7,8 @@ is a JSON object (``{"device": {"network": ..., "cloud": ..., "power": ..., "sys
 an MQTT device sends it on ``devices/{id}/diagnostics`` (docs/mqtt.md). The event is stored
 like any event (never a data operation: its name starts with ``spark``); once it is
 committed, :class:`VitalsRecorder` (an after-commit hook of the event writer) keeps its
-payload in ``device_vitals`` for ``CORRAL_VITALS_RETENTION_DAYS``.
+payload in ``device_vitals`` for ``CORRAL_VITALS_RETENTION_DAYS`` and adds it to the fleet's
+vitals rollups (:mod:`corral.fleet.vitals_rollups`) in the same transaction.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.events.recorder import EventRecorder
 from corral.events.writer import StoredEvent
+from corral.fleet import vitals_rollups
 from corral.fleet.models import DeviceVitals
 from corral.kit import clock
+from corral.kit.text import strict_loads
 
 log = logging.getLogger("corral.fleet")
 
@@ -86,8 +89,8 @@ def parse(data: str | bytes | None) -> dict[str, Any]:
     if len(raw) > MAX_BYTES:
         raise BadVitals(f"vitals are at most {MAX_BYTES} bytes")
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        doc = strict_loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadVitals("vitals must be a JSON object") from None
     if not isinstance(doc, dict):
         raise BadVitals("vitals must be a JSON object")
@@ -108,7 +111,10 @@ def number(payload: dict[str, Any], path: str) -> float | None:
     v = pick(payload, path)
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond a float's range
+        return None
 
 
 # --- storing ------------------------------------------------------------------------------
@@ -116,7 +122,8 @@ def number(payload: dict[str, Any], path: str) -> float | None:
 async def store(db: AsyncSession, events: Sequence[StoredEvent]) -> int:
     """Store the vitals of committed diagnostics events (in the caller's transaction);
     an event already stored is skipped. Returns the number stored."""
-    rows = []
+    rows: list[dict[str, Any]] = []
+    firmware: dict[int, int | None] = {}  # event id -> the publishing session's version
     for e in events:
         if e.name != EVENT or not e.device_id:
             continue
@@ -126,13 +133,20 @@ async def store(db: AsyncSession, events: Sequence[StoredEvent]) -> int:
             continue
         rows.append({"device_id": e.device_id, "product_id": e.product_id, "org_id": e.org_id,
                      "event_id": e.id, "at": e.published_at, "payload": payload})
+        firmware[e.id] = e.firmware_version
     if not rows:
         return 0
     dialect = (await db.connection()).dialect.name
     ins: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
     result = await db.execute(ins(DeviceVitals).on_conflict_do_nothing(
-        index_elements=[DeviceVitals.event_id]).returning(DeviceVitals.id), rows)
-    return len(result.scalars().all())
+        index_elements=[DeviceVitals.event_id]).returning(DeviceVitals.event_id), rows)
+    inserted = set(result.scalars().all())
+    # the fleet's vitals rollups: the reports inserted now (a replayed event is not counted
+    # twice), in this transaction
+    await vitals_rollups.add_reports(db, [
+        (r["device_id"], r["product_id"], r["at"], firmware[r["event_id"]], r["payload"])
+        for r in rows if r["event_id"] in inserted and r["product_id"] is not None])
+    return len(inserted)
 
 
 class VitalsRecorder(EventRecorder):

@@ -68,6 +68,7 @@ from pydantic import (
 from starlette.datastructures import UploadFile
 
 from corral.kit.errors import BadRequest, PayloadTooLarge
+from corral.kit.text import reject_json_constant as _reject_constant
 
 M = TypeVar("M", bound="RequestModel")
 
@@ -217,8 +218,6 @@ def check_no_nul(value: Any) -> None:
             check_no_nul(v)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def content_type(request: Request) -> str:

@@ -22,6 +22,7 @@ from corral.devices import claims as claim_rules
 from corral.devices import presence
 from corral.events.writer import EventWriter, NewEvent, WriterStopped
 from corral.kit import clock
+from corral.kit.text import strict_loads
 from corral.metering import sims
 from corral.metering.ledger import Kind, Usage, uncounted_name
 from corral.sessions import contract
@@ -278,8 +279,8 @@ class DeviceSession:
         if len(raw) > VITALS_MAX_BYTES:
             raise Refused("too_large", f"Vitals are at most {VITALS_MAX_BYTES} bytes")
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            doc = strict_loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             doc = None
         if not isinstance(doc, dict):
             raise Refused("invalid", "Vitals must be a JSON object")
