@@ -274,3 +274,37 @@ async def test_an_organizations_group_filter_leaves_out_products_without_it(app,
                          params={"device_group": "beta"})
     assert r.status_code == 200, r.text
     assert [p["slug"] for p in r.json()["products"]] == [prod["slug"]]
+
+
+async def test_an_organizations_group_filter_takes_a_dynamic_group_by_its_query(
+        app, client, fleet):
+    """A product's dynamic group of the requested name selects the devices matching its
+    query now (as the product's own fleet health does); another product's static group of
+    that name still selects its members."""
+    tok, prod = fleet["token"], fleet["product"]
+    r = await client.post(f"/v1/products/{prod['slug']}/groups", headers=bearer(tok),
+                          json={"name": "live", "query": "online"})
+    assert r.status_code == 201, r.text
+    r = await client.post("/v1/user/products", headers=bearer(tok),
+                          json={"product": {"name": "Static Live", "platform_id": 12}})
+    assert r.status_code == 200, r.text
+    other = r.json()["product"]
+    r = await client.post(f"/v1/products/{other['slug']}/groups", headers=bearer(tok),
+                          json={"name": "live"})
+    assert r.status_code == 201, r.text
+    async with app.state.sessionmaker() as db:
+        online = set((await db.execute(select(Device.id).where(
+            Device.product_id == prod["id"], Device.online.is_(True)))).scalars())
+    assert online and online != set(FLEET)
+    r = await client.get(f"/v1/orgs/{prod['org_id']}/fleet/health", headers=bearer(tok),
+                         params={"device_group": "live"})
+    assert r.status_code == 200, r.text
+    rows = {p["slug"]: p for p in r.json()["products"]}
+    assert (rows[prod["slug"]]["devices"], rows[prod["slug"]]["online"]) \
+        == (len(online), len(online))
+    assert "events" in rows[prod["slug"]]["unfiltered"]
+    assert (rows[other["slug"]]["devices"], rows[other["slug"]]["unfiltered"]) == (0, [])
+    # the product's own view agrees
+    r = await client.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok),
+                         params={"device_group": "live"})
+    assert r.json()["devices"]["total"] == len(online)

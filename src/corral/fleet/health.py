@@ -124,6 +124,11 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
 
 
 MAX_ORG_PRODUCTS = 200
+# a product row's counters over the window that a dynamic group does not narrow (it has no
+# segment rollups: they stay the product's, or the firmware version's)
+ORG_DYNAMIC_UNFILTERED = ("online_max", "connects", "disconnects", "events",
+                          "data_operations", "calls", "failed_calls", "timed_out_calls",
+                          "error_rate", "timeout_rate")
 ORG_SUMMED = ("devices", "online", "online_max", "connects", "disconnects", "events",
               "data_operations", "calls", "failed_calls", "timed_out_calls")
 
@@ -135,29 +140,34 @@ async def org_health(db: AsyncSession, org_id: int, w: metrics.Window, *,
     ``MAX_ORG_PRODUCTS``, by name) and summed. The filters apply to every product: the
     window's firmware version, a Device OS version, or a device group by name (each
     product's group of that name; products without one are left out, and when none has
-    one the answer is 404 ``group_not_found``)."""
+    one the answer is 404 ``group_not_found``). A product's dynamic group of that name
+    filters by its query, as :func:`with_filters` does: its ``devices`` and ``online`` are
+    the devices matching it now, its counters over the window stay the product's and the
+    row's ``unfiltered`` names them."""
     from corral.products.models import Product
 
     group, os_version = checked_filters(group, os_version)
     products = (await db.execute(select(Product).where(Product.org_id == org_id)
                                  .order_by(Product.name).limit(MAX_ORG_PRODUCTS))).scalars()
-    group_ids: dict[int, int] = {}
+    groups: dict[int, DeviceGroup] = {}
     if group:
-        group_ids = {int(p): int(g) for p, g in (await db.execute(
-            select(DeviceGroup.product_id, DeviceGroup.id).where(
+        groups = {g.product_id: g for g in (await db.execute(
+            select(DeviceGroup).where(
                 DeviceGroup.name == group,
                 DeviceGroup.product_id.in_(select(Product.id).where(
-                    Product.org_id == org_id))))).all()}
-        if not group_ids:
+                    Product.org_id == org_id))))).scalars()}
+        if not groups:
             raise NotFound(f"Group {group} not found", code="group_not_found")
     rows = []
     sums: dict[str, int] = dict.fromkeys(ORG_SUMMED, 0)
     for p in products:
         pw = dataclasses.replace(w, os_version=os_version)
         if group:
-            if p.id not in group_ids:
+            g = groups.get(p.id)
+            if g is None:
                 continue
-            pw = dataclasses.replace(pw, group_id=group_ids[p.id])
+            pw = dataclasses.replace(pw, group_id=g.id, members=None if g.query is None
+                                     else await dynamic_condition(db, p.id, g))
         if pw.filtered:
             online, total, _fw = await metrics.filtered_devices(db, p.id, pw)
         else:
@@ -171,7 +181,8 @@ async def org_health(db: AsyncSession, org_id: int, w: metrics.Window, *,
             "events": t["events"], "data_operations": t["data_ops"], "calls": calls,
             "failed_calls": failed, "timed_out_calls": timeouts,
             "error_rate": None if not calls else round(failed / calls, 4),
-            "timeout_rate": None if not calls else round(timeouts / calls, 4)}
+            "timeout_rate": None if not calls else round(timeouts / calls, 4),
+            "unfiltered": list(ORG_DYNAMIC_UNFILTERED) if pw.members is not None else []}
         rows.append(row)
         for k in ORG_SUMMED:
             sums[k] += int(row[k])  # online_max: the sum of each's most
