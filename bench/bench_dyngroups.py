@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, fleet_database, report, seeding, signup_and_login
+from _server import corral_server, fleet_database, insert_rows, report, seeding, signup_and_login
 from sqlalchemy import insert, select, text
 
 from corral.db.engine import make_engine
@@ -76,7 +76,7 @@ async def seed(url: str, slug: str, n: int) -> None:
         async def flush() -> None:
             for table, rows in ((Device, devices), (DeviceTag, tags), (CohortMember, cohort)):
                 if rows:
-                    await conn.execute(insert(table), rows)
+                    await insert_rows(conn, table, rows)
                     rows.clear()
 
         for i in range(n):

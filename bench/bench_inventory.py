@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, percentile, seeding, signup_and_login
+from _server import corral_server, insert_rows, percentile, seeding, signup_and_login
 from sqlalchemy import insert, select
 
 from corral.db.engine import make_engine
@@ -69,10 +69,10 @@ async def seed(url: str, slug: str, n: int) -> None:
             if i % 10 == 0:
                 members.append({"device_id": did, "group_id": gid})
             if len(batch) == 20_000:
-                await conn.execute(insert(Device), batch)
+                await insert_rows(conn, Device, batch)
                 batch.clear()
         if batch:
-            await conn.execute(insert(Device), batch)
+            await insert_rows(conn, Device, batch)
         for k in range(0, len(members), 20_000):
             await conn.execute(insert(DeviceGroupMember), members[k:k + 20_000])
     async with engine.begin() as conn:
