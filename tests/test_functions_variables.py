@@ -234,3 +234,26 @@ async def test_no_database_connection_is_held_during_a_call(client, app, shop):
 async def test_call_while_shutting_down_is_503(client, app, shop):
     await app.state.runtime.bus.close()
     assert_error(await call(client, shop["ada"], "led", {"arg": "on"}), 503, "unavailable")
+
+
+async def test_a_call_reads_the_device_and_its_product_in_one_query(client, app, shop):
+    """The device guard reads the device, its product, the caller's role and the tenant
+    facts in one statement (cached token); the call's count is the writer's INSERT+COMMIT."""
+    from sqlalchemy import event
+
+    sent: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split())[:40])
+
+    engine = app.state.runtime.engine.sync_engine
+    assert (await call(client, shop["ada"], "led", {"arg": "on"})).status_code == 200
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        r = await call(client, shop["ada"], "led", {"arg": "on"})
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert r.status_code == 200 and r.json()["return_value"] == 1
+    # (on PostgreSQL the pool's pre-ping, SELECT 1, comes with each connection checkout)
+    selects = [s for s in sent if s.upper().startswith("SELECT") and s != "SELECT 1"]
+    assert len(selects) == 1 and selects[0].startswith("SELECT devices.id"), sent

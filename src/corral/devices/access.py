@@ -15,18 +15,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
-from corral.auth.guards import Guard
+from corral.auth.guards import Guard, tenant_facts
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
 from corral.devices.models import Device
 from corral.kit.errors import Forbidden, NotFound
-from corral.products.access import ProductCtx, authorize_loaded, load_product
+from corral.products.access import (
+    ProductCtx,
+    authorize_loaded,
+    load_product,
+    strongest,
+    with_roles,
+)
 from corral.products.models import Product
 
 DEVICE_ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
@@ -70,8 +77,34 @@ async def find_device(db: AsyncSession, key: str, subject: Subject | None) -> De
     return (await db.execute(q.limit(1))).scalar_one_or_none()
 
 
+Loaded = tuple[Product, Role | None, list[Any]]  # what load_product reads
+
+
+async def load_device(db: AsyncSession, device_id: str, subject: Subject
+                      ) -> tuple[Device, Loaded | None] | None:
+    """The device ``device_id`` (24 hex digits, any case) and, in the same query, its
+    product, the caller's strongest role on it and the tenant facts (what
+    :func:`authorize_device` needs; None for a device in no product); None if there is no
+    such device."""
+    facts = tenant_facts(Product.org_id)
+    q = (select(Device, Product, *facts)
+         .outerjoin(Product, Product.id == Device.product_id)
+         .where(Device.id == device_id.lower()))
+    q, people = with_roles(q, subject)
+    rows = (await db.execute(q)).all()
+    if not rows:
+        return None
+    device, product = rows[0][0], rows[0][1]
+    if product is None:
+        return device, None
+    return device, (product, strongest(rows, people), list(rows[0][2:2 + len(facts)]))
+
+
 async def authorize_device(db: AsyncSession, subject: Subject, device: Device,
-                           permission: str) -> tuple[Product | None, Role | None, str]:
+                           permission: str, loaded: Loaded | None = None
+                           ) -> tuple[Product | None, Role | None, str]:
+    """How the caller may do ``permission`` on ``device`` (see the module doc), or 404/403;
+    ``loaded``: its product as :func:`load_device` read it (else read here)."""
     if subject.kind == "user" and device.owner_user_id == subject.user_id:
         product = await db.get(Product, device.product_id) if device.product_id else None
         return product, None, "owner"
@@ -84,7 +117,7 @@ async def authorize_device(db: AsyncSession, subject: Subject, device: Device,
     if device.product_id is None:
         raise NotFound("Device not found")
     # the product, the caller's role on it and the tenant facts in one query
-    found = await load_product(db, str(device.product_id), subject)
+    found = loaded or await load_product(db, str(device.product_id), subject)
     assert found is not None
     product, role, facts = found
     try:
@@ -105,10 +138,16 @@ class DeviceGuard(Guard):
 
     async def resolve(self, ctx: Ctx, device_id: str) -> DeviceCtx:
         """The device ``device_id`` if the caller may do ``permission`` on it."""
-        device = await find_device(ctx.db, device_id, ctx.me)
+        loaded: Loaded | None = None
+        if is_device_id(device_id):  # the device and its product in one query
+            found = await load_device(ctx.db, device_id, ctx.me)
+            device, loaded = found if found is not None else (None, None)
+        else:
+            device = await find_device(ctx.db, device_id, ctx.me)
         if device is None:
             raise NotFound("Device not found")
-        product, role, via = await authorize_device(ctx.db, ctx.me, device, self.permission)
+        product, role, via = await authorize_device(ctx.db, ctx.me, device, self.permission,
+                                                    loaded)
         return DeviceCtx(ctx=ctx, device=device, product=product, role=role, via=via)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Row, Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
@@ -76,23 +77,33 @@ async def load_product(db: AsyncSession, key: str, subject: Subject
     if n is not None:
         where = or_(Product.id == n, where)
     facts = tenant_facts(Product.org_id)
-    q = select(Product, *facts).where(where)
-    people = subject.kind == "user" and subject.user_id is not None
-    if people:
-        q = q.add_columns(Membership.role).outerjoin(Membership, and_(
-            Membership.user_id == subject.user_id,
-            or_(and_(Membership.org_id == Product.org_id, Membership.product_id.is_(None)),
-                Membership.product_id == Product.id)))
+    q, people = with_roles(select(Product, *facts).where(where), subject)
     rows = (await db.execute(q)).all()
     if not rows:
         return None
     # an id wins over a slug that happens to be the same digits (as get_product does)
     chosen = next((r[0] for r in rows if r[0].id == n), rows[0][0])
     mine = [r for r in rows if r[0] is chosen]
-    nfacts = len(facts)
-    values = list(mine[0][1:1 + nfacts])
-    roles = [Role.parse(r[-1]) for r in mine if people and r[-1] is not None]
-    return chosen, (max(roles) if roles else None), values
+    return chosen, strongest(mine, people), list(mine[0][1:1 + len(facts)])
+
+
+def with_roles(q: Select[Any], subject: Subject) -> tuple[Select[Any], bool]:
+    """``q`` (which selects ``Product``) with, for a person, a last column holding each of
+    the caller's org-scope and product-scope roles on that product (one row per
+    membership, NULL for none); the flag says whether the column was added."""
+    people = subject.kind == "user" and subject.user_id is not None
+    if people:
+        q = q.add_columns(Membership.role).outerjoin(Membership, and_(
+            Membership.user_id == subject.user_id,
+            or_(and_(Membership.org_id == Product.org_id, Membership.product_id.is_(None)),
+                Membership.product_id == Product.id)))
+    return q, people
+
+
+def strongest(rows: Sequence[Row[Any]], people: bool) -> Role | None:
+    """The strongest role in the last column of :func:`with_roles`' rows."""
+    roles = [Role.parse(r[-1]) for r in rows if people and r[-1] is not None]
+    return max(roles) if roles else None
 
 
 async def authorize_loaded(db: AsyncSession, subject: Subject, product: Product,
