@@ -10,6 +10,7 @@ import pytest
 from corral.fleet.models import FleetAlertRule
 from corral.kit import clock
 from corral.sessions.link import Hello
+from helpers import settle_fleet
 from test_permissions_matrix import console_headers, console_world
 from test_sessions_core import ScriptedLink
 
@@ -121,3 +122,39 @@ async def test_console_numbers_in_queries_are_ascii_ids_or_ignored(app, client, 
     r = await client.get(f"/console/products/{world.product.slug}/{query}",
                          headers=console_headers(world, "org:Owner"))
     assert r.status_code == 200, r.text[:300]
+
+
+async def test_organization_fleet_health_page(app, client, database_url):
+    """The organization's page: its products' rows and the total from the same numbers as
+    ``/v1/orgs/:org/fleet/health``, linked from the organization's navigation; the filters
+    carry to each product's page; a refused filter is named and all devices are shown."""
+    world = await console_world(app, database_url)
+    did = "0123456789abcdef01234567"  # the world's product device
+    s = await app.state.runtime.hub.open(Hello(did, firmware_version=4), ScriptedLink())
+    await s.publish("temp", "1")
+    await s.publish("temp", "2")
+    await settle_fleet(app)
+    headers = console_headers(world, "org:View-only")
+    base = f"/console/orgs/{world.org.slug}/fleet"
+    r = await client.get(f"{base}?range=hour", headers=headers)
+    assert r.status_code == 200, r.text
+    html = r.text
+    api = (await client.get(f"/v1/orgs/{world.org.slug}/fleet/health",
+                            headers={"Authorization": f"Bearer {world.token}"})).json()
+    [row] = api["products"]
+    assert row["events"] == 2 and row["online"] == 1
+    assert "<h1>Fleet health</h1>" in html
+    assert f'<tr data-product="{world.product.slug}">' in html
+    assert re.search(r"<dt>Events received</dt><dd>2</dd>", html)
+    assert re.search(r"<dt>Online now</dt><dd>1</dd>", html)
+    assert f'href="/console/orgs/{world.org.slug}/fleet" aria-current="page"' in html
+    assert f'href="/console/products/{world.product.slug}/fleet?range=hour&amp;fw=&amp;' \
+           'group=&amp;os="' in html
+    r = await client.get(f"{base}?group=Not+A+Name&fw=4", headers=headers)
+    assert r.status_code == 200 and "data-filter-error" in r.text
+    assert re.search(r"<dt>Events received</dt><dd>2</dd>", r.text)  # firmware 4's
+    r = await client.get(f"{base}?fw=5", headers=headers)
+    assert re.search(r"<dt>Events received</dt><dd>0</dd>", r.text) and "data-filtered" in r.text
+    r = await client.get(f"{base}?group=nope", headers=headers)
+    assert "data-filter-error" in r.text and "Group nope not found" in r.text
+    await s.close("done")

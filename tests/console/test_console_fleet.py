@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consolekit import DEMO_PASSWORD, DEMO_USER, PASSWORD, Api, sign_in, visit
+from consolekit import DEMO_PASSWORD, DEMO_USER, PASSWORD, Api, sign_in, tab_walk, visit
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,46 @@ def test_fleet_health_filtered_by_group(page: Any, console_server: Any) -> None:
     page.wait_for_url(re.compile(r"os=&|os=$"))
     assert _stat(page, "Devices") == 25
     assert page.locator("[data-filtered]").count() == 0
+
+
+ORG = "/console/orgs/demo-org/fleet"
+
+
+def _cell(page: Any, product: str, column: int) -> int:
+    row = page.locator(f"tr[data-product='{product}']")
+    return int(re.sub(r"[^\d]", "", row.locator("td").nth(column).inner_text()) or 0)
+
+
+def test_organization_fleet_health(page: Any, console_server: Any) -> None:
+    """The organization's Fleet health page, reached from its navigation: a row per product
+    and the total; the group filter narrows each product's row and carries to the product's
+    own page; every control is labelled and reachable with Tab."""
+    base = console_server.url
+    sign_in(page, base)
+    visit(page, base, "/console/orgs/demo-org")
+    page.get_by_role("navigation", name="Organization").get_by_role(
+        "link", name="Fleet health").click()
+    page.wait_for_url(re.compile(r".*/console/orgs/demo-org/fleet$"))
+    page.get_by_role("heading", name="Fleet health", level=1).wait_for()
+    visit(page, base, ORG)
+    tab_walk(page)
+    assert _cell(page, "demo-product", 0) == 25  # devices
+    rows = page.locator("[data-org-products] tbody tr")
+    total = sum(_cell(page, r.get_attribute("data-product"), 0) for r in rows.all())
+    assert _stat(page, "Devices") == total >= 25
+    page.get_by_label("Range").select_option("week")
+    page.get_by_label("Device group").select_option("beta")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url(re.compile(r"group=beta"))
+    assert _cell(page, "demo-product", 0) == 6
+    assert page.locator("[data-filtered]").count() == 1
+    assert page.get_by_label("Range").input_value() == "week"
+    page.locator("tr[data-product='demo-product']").get_by_role("link").click()
+    page.wait_for_url(re.compile(r"/console/products/demo-product/fleet\?.*group=beta"))
+    assert _stat(page, "Devices") == 6
+    assert page.get_by_label("Range").input_value() == "week"
+    visit(page, base, ORG + "?group=Not%20a%20name")
+    assert page.locator("[data-filter-error]").count() == 1
 
 
 ALERTS = BASE + "/alerts"

@@ -6,20 +6,22 @@ same rollups as
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
 from corral.console.forms import FormErrors, attempt, checked, read_form
-from corral.console.nav import NavItem, add_product_page
+from corral.console.nav import NavItem, add_org_page, add_product_page
 from corral.console.render import page, redirect
-from corral.console.session import ConsoleProductGuard
+from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
 from corral.devices.models import DeviceGroup
 from corral.fleet import alerts, metrics
-from corral.fleet.health import product_health, with_filters
+from corral.fleet.health import org_health, product_health, with_filters
 from corral.fleet.models import FleetAlertRule
 from corral.fleet.schemas import AlertRuleChange, AlertRuleCreate
 from corral.kit import clock
@@ -27,7 +29,9 @@ from corral.kit.body import from_body
 from corral.kit.errors import CorralError
 from corral.kit.ids import path_id
 from corral.locations import service as locations
+from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
+from corral.products.models import Product
 
 router = APIRouter()
 
@@ -38,6 +42,7 @@ MAX_GROUPS = 500  # offered in the group filter (by name)
 
 add_product_page(NavItem("fleet", "Fleet health", "/fleet", "fleet:get", "pulse"),
                  before="logs")
+add_org_page(NavItem("fleet", "Fleet health", "/fleet", "fleet:get", "pulse"), before="logs")
 
 
 def chart(points: list[dict[str, Any]], key: str, unit: str) -> dict[str, Any]:
@@ -56,25 +61,47 @@ def chart(points: list[dict[str, Any]], key: str, unit: str) -> dict[str, Any]:
             "last": points[-1]["time"] if points else ""}
 
 
+@dataclasses.dataclass
+class PageFilters:
+    """The Fleet health pages' range and filters, as the query string gave them."""
+
+    chosen: str  # a key of RANGES
+    fw: str  # the firmware version as typed ("" when it is no version)
+    group: str
+    os_version: str
+    window: metrics.Window
+
+    @classmethod
+    def of(cls, request: Request) -> PageFilters:
+        """A version the API would refuse shows every version; 0: devices that never said."""
+        chosen = request.query_params.get("range", "day")
+        chosen = chosen if chosen in RANGES else "day"
+        span, bucket = RANGES[chosen]
+        fw_raw = (request.query_params.get("fw") or "").strip()
+        firmware = 0 if fw_raw == "0" else path_id(fw_raw)
+        now = clock.now()
+        return cls(chosen, fw_raw if firmware is not None else "",
+                   (request.query_params.get("group") or "").strip()[:64],
+                   (request.query_params.get("os") or "").strip()[:32],
+                   metrics.Window(now - span, now, bucket, firmware))
+
+    def form(self) -> dict[str, Any]:
+        """What the filter form shows."""
+        return {"chosen": self.chosen, "ranges": list(RANGES), "fw": self.fw,
+                "group": self.group, "os_version": self.os_version}
+
+
 @router.get("/console/products/{product}/fleet", summary="Fleet health")
 async def fleet_page(request: Request, pc: ProductCtx = Depends(ConsoleProductGuard("fleet:get"))
                      ) -> Response:
     """Devices online, events, calls, firmware, updates, vitals, troubled devices, alerts
     (of the devices the filters select: a firmware version, a group or a Device OS
     version; a filter the API would refuse is named on the page, which shows all)."""
-    chosen = request.query_params.get("range", "day")
-    span, bucket = RANGES.get(chosen, RANGES["day"])
-    fw_raw = (request.query_params.get("fw") or "").strip()
-    # a version the API would refuse shows the whole product; 0: devices that never said
-    firmware = 0 if fw_raw == "0" else path_id(fw_raw)
-    group = (request.query_params.get("group") or "").strip()
-    os_version = (request.query_params.get("os") or "").strip()
-    now = clock.now()
-    w = metrics.Window(now - span, now, bucket, firmware)
+    pf = PageFilters.of(request)
+    group, os_version, w = pf.group, pf.os_version, pf.window
     filter_error = None
     try:
-        w = await with_filters(pc.db, pc.product.id, w, group=group[:64],
-                               os_version=os_version[:32])
+        w = await with_filters(pc.db, pc.product.id, w, group=group, os_version=os_version)
     except CorralError as exc:
         filter_error, group, os_version = exc.description, "", ""
     groups = (await pc.db.execute(select(DeviceGroup.name).where(
@@ -88,14 +115,39 @@ async def fleet_page(request: Request, pc: ProductCtx = Depends(ConsoleProductGu
         FleetAlertRule.product_id == pc.product.id).order_by(FleetAlertRule.id))).scalars()
     return await page(request, "fleet/health.html", product=pc.product, role=pc.role,
                       title=f"Fleet health · {pc.product.name}", section="fleet",
-                      facts=facts, chosen=chosen if chosen in RANGES else "day",
-                      ranges=list(RANGES), fw=fw_raw if firmware is not None else "",
-                      groups=groups, group=group, os_version=os_version,
-                      filter_error=filter_error,
+                      facts=facts, **{**pf.form(), "group": group, "os_version": os_version},
+                      groups=groups, filter_error=filter_error,
                       online_chart=chart(online, "count", "devices online"),
                       events_chart=chart(events, "received", "events"),
                       ops_chart=chart(ops, "count", "data operations"),
                       rules=[alerts.rule_json(r) for r in rules])
+
+
+@router.get("/console/orgs/{org}/fleet", summary="Fleet health of the organization")
+async def org_fleet_page(request: Request, oc: OrgCtx = Depends(ConsoleOrgGuard("fleet:get"))
+                         ) -> Response:
+    """Every product of the organization (at most 200) and their sum over a range, of the
+    devices the filters select (a firmware version, a group by name in each product, or a
+    Device OS version), as ``/v1/orgs/:org/fleet/health``; a filter the API would refuse
+    is named on the page, which shows all."""
+    pf = PageFilters.of(request)
+    group, os_version, filter_error = pf.group, pf.os_version, None
+    try:
+        facts = await org_health(oc.db, oc.org.id, pf.window, group=group or None,
+                                 os_version=os_version or None)
+    except CorralError as exc:
+        filter_error, group, os_version = exc.description, "", ""
+        facts = await org_health(oc.db, oc.org.id, pf.window)
+    groups = (await oc.db.execute(
+        select(DeviceGroup.name).distinct()
+        .where(DeviceGroup.product_id.in_(select(Product.id).where(
+            Product.org_id == oc.org.id)))
+        .order_by(DeviceGroup.name).limit(MAX_GROUPS))).scalars().all()
+    query = urlencode({"range": pf.chosen, "fw": pf.fw, "group": group, "os": os_version})
+    return await page(request, "fleet/org.html", org=oc.org, role=oc.role,
+                      title=f"Fleet health · {oc.org.name}", section="fleet", facts=facts,
+                      **{**pf.form(), "group": group, "os_version": os_version},
+                      groups=groups, filter_error=filter_error, query=query)
 
 
 MAP_W, MAP_H = 720, 360  # an equirectangular world: 2 px per degree
