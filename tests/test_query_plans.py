@@ -198,3 +198,26 @@ async def test_a_walked_search_lists_what_the_collected_one_does(
                 break
         pages[walk_above] = got
     assert pages[50] == pages[10**9] == want
+
+
+async def test_a_search_is_counted_range_by_range_up_to_the_cap(
+        app: Any, client: httpx.AsyncClient) -> None:
+    """The search box's capped count stops each prefix range at cap + 1 before uniting
+    them (a union is collected whole otherwise): exact up to the cap, above it beyond."""
+    from corral.devices.service import _count_search
+    from corral.products.models import Product
+
+    pid = await _searchable_product(app, client, n=600)
+    async with app.state.sessionmaker() as db:
+        product = await db.get(Product, pid)
+        # names sensor-1, sensor-1x, sensor-1xx and serials SN0001xx match "sensor-1"/"SN0001"
+        for text in ("sensor-1", "SN0001", "0000000000000000000001"):
+            exact = len(set((await db.execute(select(Device.id).where(
+                Device.product_id == pid,
+                (Device.name.startswith(text)) | (Device.serial_number.startswith(text))
+                | (Device.id.startswith(text))))).scalars()))
+            assert exact > 5, text
+            assert await _count_search(db, product, text, None) == exact
+            assert await _count_search(db, product, text, exact) == exact
+            assert await _count_search(db, product, text, exact + 100) == exact
+            assert await _count_search(db, product, text, 5) > 5

@@ -292,10 +292,8 @@ def _prefix(column: Any, text: str) -> ColumnElement[bool]:
                 column.startswith(text, autoescape=True))
 
 
-def _search(product: Product, text: str) -> Any:
-    """Ids of the product's devices whose ID, name or serial number starts with ``text``:
-    one indexed range each, united. (An OR of the three ranges was tried: SQLite's planner
-    then walked a whole product index when its statistics were missing or coarse.)"""
+def _search_ranges(product: Product, text: str) -> list[Any]:
+    """One indexed range per column a search box matches by prefix (ID, name, serial)."""
     parts = [select(Device.id).where(Device.product_id == product.id,
                                      _prefix(Device.name, text)),
              select(Device.id).where(Device.product_id == product.id,
@@ -304,7 +302,35 @@ def _search(product: Product, text: str) -> Any:
     if HEX_PREFIX_RE.match(lowered):
         parts.append(select(Device.id).where(Device.product_id == product.id,
                                              Device.id >= lowered, Device.id < lowered + "g"))
-    return union(*parts)
+    return parts
+
+
+def _search(product: Product, text: str) -> Any:
+    """Ids of the product's devices whose ID, name or serial number starts with ``text``:
+    one indexed range each, united. (An OR of the three ranges was tried: SQLite's planner
+    then walked a whole product index when its statistics were missing or coarse.)"""
+    return union(*_search_ranges(product, text))
+
+
+async def _count_search(db: AsyncSession, product: Product, text: str,
+                        cap: int | None) -> int:
+    """The devices the search box matches (:func:`_search`), counting at most ``cap + 1``.
+    Capped, each range stops after ``cap + 1`` entries before they are united: a union is
+    otherwise collected whole before anything counts it (11,111 prefix matches of a million
+    devices cost two such unions per page, bench B15). Exact up to ``cap``; beyond, the
+    answer exceeds ``cap`` as it should (a range alone already does)."""
+    ranges = _search_ranges(product, text)
+    if cap is not None:
+        ranges = [select(r.limit(cap + 1).subquery().c.id) for r in ranges]
+    united = union(*ranges).subquery()
+    return int((await db.execute(select(func.count()).select_from(united))).scalar_one())
+
+
+def _only_search(q: DeviceQuery, conds: list[ColumnElement[bool]]) -> str | None:
+    """The search box's text when it is the listing's only filter (``conds``: the product
+    and the search), else None."""
+    text = (q.search or "").strip()
+    return text if text and len(conds) == 2 else None
 
 
 def _search_per_row(text: str, dialect: str) -> ColumnElement[bool]:
@@ -332,7 +358,7 @@ async def _walked_search(db: AsyncSession, product: Product, q: DeviceQuery,
     sorting every match costs a row read per match: bench B15); None otherwise."""
     if not (q.search and q.search.strip()) or len(conds) != 2 or offset >= WALK_OFFSET:
         return None
-    if await _count(db, conds, SEARCH_WALK) <= SEARCH_WALK:
+    if await _count_search(db, product, q.search.strip(), SEARCH_WALK) <= SEARCH_WALK:
         return None
     return [conds[0], _search_per_row(q.search.strip(), db.get_bind().dialect.name)]
 
@@ -412,6 +438,16 @@ async def _count(db: AsyncSession, conds: list[ColumnElement[bool]],
     return int((await db.execute(select(func.count()).select_from(inner))).scalar_one())
 
 
+async def _count_of(db: AsyncSession, product: Product, q: DeviceQuery,
+                    conds: list[ColumnElement[bool]], cap: int | None = None,
+                    members: Any = None) -> int:
+    """:func:`_count` of ``q``'s matches; the search box alone is counted by its ranges."""
+    text = _only_search(q, conds)
+    if text is not None:
+        return await _count_search(db, product, text, cap)
+    return await _count(db, conds, cap, members)
+
+
 # engine -> {(product id, filters): (counted at, count)}: per database, per process
 _ESTIMATES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[float, int]]] = \
     weakref.WeakKeyDictionary()
@@ -428,7 +464,7 @@ async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
     """The number of matches and whether it is an estimate: exact up to
     EXACT_COUNT_UP_TO (counting stops there), beyond it the last exact count of the same
     product and filters if younger than ESTIMATE_TTL_S."""
-    n = await _count(db, conds, EXACT_COUNT_UP_TO, members)
+    n = await _count_of(db, product, q, conds, EXACT_COUNT_UP_TO, members)
     if n <= EXACT_COUNT_UP_TO:
         return n, False
     known = _ESTIMATES.setdefault(db.get_bind(), {})
@@ -436,7 +472,7 @@ async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
     hit = known.get(key)
     if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
         return hit[1], True
-    exact = await _count(db, conds, None, members)
+    exact = await _count_of(db, product, q, conds, None, members)
     if len(known) >= 10_000:  # bounded: forget them all (each is one count away)
         known.clear()
     known[key] = (now, exact)
@@ -448,7 +484,7 @@ async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQue
     """How many of the product's devices match ``q`` (at most ``cap + 1`` are counted)."""
     q = await _with_dynamic_groups(db, product, q)
     conds, members = await _conditions(db, product, q)
-    return await _count(db, conds, cap, members)
+    return await _count_of(db, product, q, conds, cap, members)
 
 
 async def _two_part_slice(db: AsyncSession, first: tuple[list[Any], list[Any]],
@@ -490,7 +526,8 @@ async def list_product_devices(db: AsyncSession, product: Product,
         few = False
     else:
         few = len(conds) > 1 and (
-            total if total is not None else await _count(db, conds, FEW_MATCHES)) <= FEW_MATCHES
+            total if total is not None else await _count_of(db, product, q, conds, FEW_MATCHES)
+        ) <= FEW_MATCHES
     if few:
         page_ids = await _few_matches_slice(db, conds, col, tie, desc, offset, limit)
     elif col is Device.id:
