@@ -187,17 +187,24 @@ async def test_a_walked_search_lists_what_the_collected_one_does(
     pages: dict[int, list[str]] = {}
     for walk_above in (50, 10**9):  # walked, collected
         monkeypatch.setattr(service, "SEARCH_WALK", walk_above)
-        got: list[str] = []
-        for page in range(1, 20):
-            q = DeviceQuery(search="sensor", sort_attr=attr, sort_dir=direction,
-                            per_page=25, page=page, count=False)
-            async with app.state.sessionmaker() as db:
-                result = await service.list_product_devices(db, product, q)
-            got += [d.id for d in result.devices]
-            if not result.has_more:
-                break
-        pages[walk_above] = got
+        pages[walk_above] = await _every_page(app, product, lambda page: DeviceQuery(
+            search="sensor", sort_attr=attr, sort_dir=direction, per_page=25, page=page,
+            count=False))
     assert pages[50] == pages[10**9] == want
+
+
+async def _every_page(app: Any, product: Any, query: Any) -> list[str]:
+    """The ids of every page of a listing, in order (``query(page)``: its DeviceQuery)."""
+    from corral.devices import service
+
+    got: list[str] = []
+    for page in range(1, 100):
+        async with app.state.sessionmaker() as db:
+            result = await service.list_product_devices(db, product, query(page))
+        got += [d.id for d in result.devices]
+        if not result.has_more:
+            return got
+    raise AssertionError("more than 99 pages")
 
 
 async def test_a_search_is_counted_range_by_range_up_to_the_cap(
@@ -221,3 +228,93 @@ async def test_a_search_is_counted_range_by_range_up_to_the_cap(
             assert await _count_search(db, product, text, exact) == exact
             assert await _count_search(db, product, text, exact + 100) == exact
             assert await _count_search(db, product, text, 5) > 5
+
+
+@pytest.mark.parametrize("query", ['name ^= "sensor"', 'serial ^= "SN00010"',
+                                   'name ^= "gate" or serial ^= "SN00002"'])
+@pytest.mark.parametrize("sort", ["lastConnection:desc", "deviceId:asc", "deviceId:desc",
+                                  "lastConnection:asc"])
+async def test_a_bounded_walk_lists_what_the_other_plans_do(
+        app: Any, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+        query: str, sort: str) -> None:
+    """A filtered page first walks WALK_BOUND devices of the sort order: whether that finds
+    the page (many matches) or not (few: planned by the match count), every page is the
+    one the other plans give, in the same order as sorting the matches here."""
+    from corral.devices import service
+    from corral.devices.models import DeviceGroup
+    from corral.products.models import Product
+
+    pid = await _searchable_product(app, client, n=600)
+    attr, direction = sort.split(":")
+    col = {"lastConnection": "last_heard", "deviceId": "id"}[attr]
+    async with app.state.sessionmaker() as db:
+        db.add(DeviceGroup(product_id=pid, name="dyn", query=query))
+        await db.commit()
+        product = await db.get(Product, pid)
+        prefixes = [part.split('"')[1] for part in query.split(" or ")]
+        rows = [r for r in (await db.execute(select(
+            Device.id, Device.name, Device.serial_number, Device.last_heard).where(
+            Device.product_id == pid))).all()
+            if any((r.name or "").startswith(p) or (r.serial_number or "").startswith(p)
+                   for p in prefixes)]
+
+    def key(r: Any) -> Any:  # a missing value sorts as the smallest; ties by id
+        v = r.id if col == "id" else r.last_heard
+        return (v is not None, v if v is not None else 0, r.id)
+
+    want = [r.id for r in sorted(rows, key=key, reverse=direction == "desc")]
+    found: list[bool] = []
+    real = service._bounded_walk
+
+    async def recording(*args: Any) -> Any:
+        ids = await real(*args)
+        found.append(ids is not None)
+        return ids
+
+    monkeypatch.setattr(service, "_bounded_walk", recording)
+    pages: dict[int, list[str]] = {}
+    for bound in (200, 10**9):  # walked when it can, never walked
+        monkeypatch.setattr(service, "WALK_BOUND", bound)
+        pages[bound] = await _every_page(app, product, lambda page: DeviceQuery(
+            groups=["dyn"], sort_attr=attr, sort_dir=direction, per_page=10, page=page,
+            count=page % 2 == 0))
+    assert pages[200] == pages[10**9] == want
+    # the first pages of 200 or 400 matches among 600 devices are found by walking, not
+    # those of 10 matches (nor when ascending by last heard: the never heard come first)
+    assert any(found) == (query.startswith("name") and sort != "lastConnection:asc"), found
+
+
+async def test_a_bounded_walk_reads_the_sort_index_and_probes_memberships(
+        app: Any, client: httpx.AsyncClient) -> None:
+    """The bounded walk of a dynamic group naming a tag runs along
+    ix_devices_product_last_heard from its edge, probing device_tags per device, with no
+    sort and no gathering of the tag's devices."""
+    import datetime as dt
+
+    from corral.devices import dynquery
+    from corral.devices.models import DeviceTag
+
+    pid = await _searchable_product(app, client)
+    async with app.state.sessionmaker() as db:
+        dialect = db.get_bind().dialect.name
+        if dialect != "sqlite":
+            pytest.skip("PostgreSQL plans EXISTS as a semi-join by its statistics: on a "
+                        "2,000-device table sorting the matches is its right choice")
+        await db.execute(insert(DeviceTag), [{"device_id": f"{i:024x}", "tag": "north"}
+                                             for i in range(0, 2000, 3)])
+        await db.commit()
+    await _analyze(app)
+    query = dynquery.parse("tag = north and not quarantined")
+    scope = dynquery.Scope(product_id=pid, groups={}, now=dt.datetime.now(dt.UTC),
+                           per_device=True)
+    tie = literal_column("devices.rowid") if dialect == "sqlite" else Device.id
+    stmt = (select(Device.id).where(
+        *_filters(_Product(pid), DeviceQuery(where=dynquery.compile_query(query, scope)),
+                  dialect, large_groups=True, large_tags=True),
+        Device.last_heard.is_not(None),
+        Device.last_heard >= dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        .order_by(Device.last_heard.desc(), tie.desc()).limit(26))
+    plan = await _plan(app, stmt)
+    assert "ix_devices_product_last_heard" in plan, plan
+    assert "TEMP B-TREE FOR ORDER BY" not in plan and "\n  ->  Sort" not in plan, plan
+    assert "LIST SUBQUERY" not in plan and "Hash" not in plan, plan

@@ -92,13 +92,16 @@ class DynamicGroupRefused(CorralError):
 
 
 async def dynamic_condition(db: AsyncSession, product_id: int,
-                            g: DeviceGroup | str) -> ColumnElement[bool]:
+                            g: DeviceGroup | str, *,
+                            per_device: bool = False) -> ColumnElement[bool]:
     """The condition on ``Device`` (without the product) that a dynamic group's members
-    meet now; ``g`` is the group or its query text."""
+    meet now; ``g`` is the group or its query text. ``per_device``: memberships probed
+    device by device (see :class:`dynquery.Scope`), for walking a sort index."""
     text = g if isinstance(g, str) else g.query
     assert text is not None, "a static group has members, not a condition"
     query = dynquery.parse(text)
     scope = await dynquery.load_scope(db, product_id, query, strict=False)
+    scope.per_device = per_device
     return dynquery.compile_query(query, scope)
 
 
