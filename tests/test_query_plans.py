@@ -318,3 +318,47 @@ async def test_a_bounded_walk_reads_the_sort_index_and_probes_memberships(
     assert "ix_devices_product_last_heard" in plan, plan
     assert "TEMP B-TREE FOR ORDER BY" not in plan and "\n  ->  Sort" not in plan, plan
     assert "LIST SUBQUERY" not in plan and "Hash" not in plan, plan
+
+
+async def test_a_pages_dynamic_groups_are_tested_on_its_devices_rows_only(
+        app: Any, client: httpx.AsyncClient) -> None:
+    """The dynamic groups a page's devices match (their ``groups`` field) are tested on
+    those devices' rows, reached by id: never along a range a group's query offers (a serial
+    prefix, a platform and recent last heard), whose size grows with the fleet."""
+    from sqlalchemy import event
+
+    from corral.devices import groups as group_rules
+    from corral.devices.models import DeviceGroup
+
+    pid = await _searchable_product(app, client)
+    async with app.state.sessionmaker() as db:
+        db.add_all([DeviceGroup(product_id=pid, name="sn", query='serial ^= "SN00"'),
+                    DeviceGroup(product_id=pid, name="recent",
+                                query="platform = argon and last_heard > 1d"),
+                    DeviceGroup(product_id=pid, name="named", query='name ^= "sensor"')])
+        await db.commit()
+    await _analyze(app)
+    seen: list[tuple[str, Any]] = []
+
+    def record(_c: Any, _cu: Any, sql: str, params: Any, *_a: Any) -> None:
+        seen.append((sql, params))
+
+    engine = app.state.runtime.engine.sync_engine
+    ids = [f"{i:024x}" for i in range(0, 250, 10)]
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        async with app.state.sessionmaker() as db:
+            matches = await group_rules.dynamic_matches(db, pid, ids)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert {g.name for _d, g in matches} == {"sn", "recent", "named"}
+    sql, params = seen[-1]
+    assert "UNION ALL" in sql
+    async with app.state.sessionmaker() as db:
+        conn = await db.connection()
+        explain = "EXPLAIN QUERY PLAN " if conn.dialect.name == "sqlite" else "EXPLAIN "
+        plan = "\n".join(str(r[-1]) for r in (await conn.exec_driver_sql(
+            explain + sql, params)).all())
+    for line in plan.splitlines():
+        assert "ix_devices_product_serial" not in line and "Seq Scan on devices" not in line
+        assert "ix_devices_product_platform" not in line and "SCAN devices" not in line, plan

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal, select, union_all
+from sqlalchemy import case, delete, func, insert, literal, select, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -372,9 +372,14 @@ async def dynamic_matches(db: AsyncSession, product_id: int,
         id_chunks: Iterable[Sequence[str] | None] = [None] if device_ids is None else chunks(
             list(device_ids), max(1, VALUES_PER_STATEMENT // len(part)))
         for ids in id_chunks:
+            # given ids: the condition is only tested on their rows (inside a CASE no
+            # index serves it), else a planner may walk a range the condition offers
+            # (``platform = boron and last_heard < 7d``: every recent boron of the product)
             selects = [select(Device.id, literal(gid).label("gid")).where(
-                Device.product_id == product_id, cond,
-                *([] if ids is None else [Device.id.in_(ids)])) for gid, cond in conds]
+                Device.product_id == product_id,
+                *([cond] if ids is None else [Device.id.in_(ids),
+                                              case((cond, 1), else_=0) == 1]))
+                for gid, cond in conds]
             stmt = selects[0] if len(selects) == 1 else union_all(*selects)
             out += [(did, by_id[int(gid)]) for did, gid in (await db.execute(stmt)).all()]
     return out
