@@ -169,3 +169,20 @@ async def test_a_waited_for_count_commits_without_the_delay(sm):
     async with sm() as db:
         calls = (await db.execute(select(func.sum(UsageDelta.function_calls)))).scalar_one()
     assert calls == 1
+
+
+async def test_only_a_batch_with_an_outbox_row_wakes_the_integrations(app, monkeypatch):
+    """A call's usage count or a presence event adds no integration outbox row, so its
+    commit does not wake the integrations worker (which would query the outbox for nothing);
+    a device event that may trigger an integration does."""
+    from corral.metering.ledger import Usage
+
+    rt = app.state.runtime
+    woken: list[int] = []
+    monkeypatch.setattr(rt.integrations, "wake", lambda *_: woken.append(1))
+    await asyncio.wait_for(rt.writer.count(Usage("a" * 24, "function", product_id=1),
+                                           now=True), WAIT)
+    await asyncio.wait_for(rt.writer.write(ev(name="spark/status")), WAIT)
+    assert woken == []
+    await asyncio.wait_for(rt.writer.write(ev(name="temp")), WAIT)
+    assert woken == [1]

@@ -32,6 +32,7 @@ from corral.cluster.registry import NodeRegistry, new_node_id
 from corral.db import migrate
 from corral.db.engine import make_engine, refresh_statistics
 from corral.db.session import AWAIT_AFTER_COMMIT
+from corral.events import outbox
 from corral.events.service import delete_older_than
 from corral.events.writer import EventWriter
 from corral.fleet import alerts as fleet_alerts
@@ -142,7 +143,10 @@ class Runtime:
         self.writer.after_presence.append(self.fleet.presence)  # disconnect reasons
         self.writer.after_usage.append(self.fleet.usage)  # data operations without a row
         self.integrations = IntegrationWorker(self.settings, self.sessionmaker, self.writer)
-        self.writer.after_commit.append(self.integrations.wake)  # new outbox rows, maybe
+        # a batch with an outbox row (events that may trigger an integration): dispatch now;
+        # a batch of usage or presence only (a function call's count) has nothing for it
+        self.writer.after_commit.append(
+            lambda events: outbox.wanted(events) and self.integrations.wake())
         self.writer.start()
         cfg = self.settings
         self.leases = Leases(self.sessionmaker, self.node_id, cfg.lease_ttl_s,
