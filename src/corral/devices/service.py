@@ -70,6 +70,9 @@ WALK_OFFSET = 1_000
 # a filtered page first walks at most this many devices of the sort order, testing each
 # (see :func:`_bounded_walk`); only when they hold too few matches is it planned otherwise
 WALK_BOUND = 2_000
+# ... or 40 devices per row of a deeper page (a filter matching 2.5 % of them finds it),
+# down to this row (page 40 of 25, page 10 of 100); deeper pages are planned by match count
+WALK_DEPTH = 1_001
 ESTIMATE_TTL_S = 30.0
 CHUNK = 5_000
 
@@ -382,17 +385,18 @@ async def _walked_search(db: AsyncSession, product: Product, q: DeviceQuery,
 async def _bounded_walk(db: AsyncSession, product: Product, q: DeviceQuery, col: Any,
                         tie: Any, desc: bool, offset: int, limit: int) -> list[str] | None:
     """The page's ids when they lie among the first WALK_BOUND devices of the sort order
-    (descending, or by ID), else None. The WALK_BOUND-th device's sort key is read from the
-    sort index (index entries only), then the filters are tested along that stretch of the
-    index, memberships probed per device (``EXISTS``): the page costs at most WALK_BOUND row
-    tests, however many devices the filters match and however costly they are to gather or
+    (40 per row of a deeper page; descending, or by ID), else None. The last such device's
+    sort key is read from the sort index (index entries only), then the filters are tested
+    along that stretch of the index, memberships probed per device (``EXISTS``): the page
+    costs at most that many row tests (it stops once the page is full), however many
+    devices the filters match and however costly they are to gather or
     count (a dynamic group such as ``platform = argon and firmware >= 18`` matches 5 % of a
     fleet through no single index: collecting and sorting its matches read a third of the
-    fleet). A filter matching fewer than ~1 device in WALK_BOUND / page size returns None
-    and is planned by its match count as before, having cost WALK_BOUND row tests (~13 ms
-    at a million devices)."""
+    fleet). A filter matching too few devices returns None and is planned by its match
+    count as before, having cost those row tests (~13 ms for 2,000 at a million devices,
+    up to 40,000 on page 40)."""
     nullable = col is not Device.id
-    if (nullable and not desc) or offset + limit > WALK_BOUND // 10:
+    if (nullable and not desc) or offset + limit > WALK_DEPTH:
         return None  # ascending starts with the devices without a value; deep pages
     order = [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()]
     if not nullable:
@@ -401,7 +405,7 @@ async def _bounded_walk(db: AsyncSession, product: Product, q: DeviceQuery, col:
     if nullable:
         base.append(col.is_not(None))
     edge = (await db.execute(select(col).where(*base).order_by(*order)
-                             .offset(WALK_BOUND).limit(1))).first()
+                             .offset(max(WALK_BOUND, 40 * (offset + limit))).limit(1))).first()
     if edge is None:
         return None  # a smaller product: the plans below cost little
     walked = replace(q, where=q.where_walked if q.where_walked is not None else q.where)
