@@ -1,7 +1,8 @@
 """The fleet's vitals aggregates come from rollups written where the reports are stored:
 the API's median equals a direct computation over every stored report within the bins'
 resolution, and its worst exactly, unfiltered, per group, per Device OS version and per
-firmware version, and across a restart; a replayed report is not counted twice."""
+firmware version, over hours and over days, and across a restart; a replayed report is not
+counted twice."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlalchemy import select
 
 from corral.events.writer import StoredEvent
 from corral.fleet import vitals, vitals_rollups
-from corral.fleet.models import DeviceVitals, FleetVitalsHour, FleetVitalsMinute
+from corral.fleet.models import DeviceVitals, FleetVitalsDay, FleetVitalsHour
 from corral.fleet.tasks import fleet_retention
 from corral.kit import clock
 from corral.sessions.link import Hello, Refused
@@ -110,7 +111,8 @@ def check(h: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 WINDOWS = {"the last hour": {"start_date": "-60", "end_date": "+2"},
-           "two days, hourly": {"start_date": "-2880", "end_date": "+2"}}
+           "two days, hourly": {"start_date": "-2878", "end_date": "+2"},
+           "30 days, daily": {"start_date": "-43200", "end_date": "+2"}}
 
 
 def window(name: str) -> dict[str, str]:
@@ -196,7 +198,7 @@ async def test_non_finite_values_are_refused_and_retention_drops_the_rollups(
     manual_clock.set(manual_clock.now() + dt.timedelta(
         days=settings.fleet_hour_retention_days + 1))
     deleted = await fleet_retention(app.state.sessionmaker, settings)
-    assert deleted["fleet_vitals_minutes"] > 0 and deleted["fleet_vitals_hours"] > 0
+    assert deleted["fleet_vitals_hours"] > 0 and deleted["fleet_vitals_days"] > 0
     async with app.state.sessionmaker() as db:
-        for table in (FleetVitalsMinute, FleetVitalsHour):
+        for table in (FleetVitalsHour, FleetVitalsDay):
             assert (await db.execute(select(table))).first() is None

@@ -303,13 +303,12 @@ VITALS_SAMPLE = 1000  # a dynamic group's reports read (it has no vitals rollups
 async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dict[str, Any]:
     """Median and worst of signal, round trip and memory over the window's reports
     (``worst``: lowest signal, highest others): from the vitals rollups, every report of
-    the window's minutes (hours past a day, the edges counting their whole hour), the
-    median within the bins' resolution (:mod:`corral.fleet.vitals_rollups`). A dynamic
-    group has no rollups: the newest ``VITALS_SAMPLE`` reports of its devices now."""
+    the window's hours (days past two days; the first counted whole), the median within
+    the bins' resolution (:mod:`corral.fleet.vitals_rollups`). A dynamic group has no
+    rollups: the newest ``VITALS_SAMPLE`` reports of its devices now."""
     if w.members is None:
-        return await vitals_rollups.aggregates(
-            db, product_id, w.start, w.end, hourly=w.end - w.start > dt.timedelta(days=1),
-            segment=w.segment, firmware=w.firmware)
+        return await vitals_rollups.aggregates(db, product_id, w.start, w.end,
+                                               segment=w.segment, firmware=w.firmware)
     from corral.fleet.vitals import number
 
     q = select(DeviceVitals.payload).where(DeviceVitals.product_id == product_id,

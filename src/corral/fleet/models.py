@@ -104,10 +104,11 @@ class FleetSegmentHour(_SegmentRollup, Base):
 
 class _VitalsRollup:
     """The vitals reports of one product (``segment`` ``""``) or one of its segments (as
-    the segment rollups), one time bucket and one firmware version (0: not known), for one
-    vital (``rssi``, ``round_trip``, ``memory_used``; ``reports`` counts every report) and
-    one bin of its fixed histogram (:mod:`corral.fleet.vitals_rollups`): how many values
-    fell in the bin, and the lowest and highest of them."""
+    the segment rollups), one time bucket and one firmware version (``ALL_VERSIONS``: every
+    version, what an unfiltered request reads), for one vital (``rssi``, ``round_trip``,
+    ``memory_used``; ``reports`` counts every report) and one bin of its fixed histogram
+    (:mod:`corral.fleet.vitals_rollups`): how many values fell in the bin, and the lowest
+    and highest of them."""
 
     product_id: Mapped[int] = mapped_column(Integer)
     segment: Mapped[str] = mapped_column(String(40))
@@ -120,14 +121,9 @@ class _VitalsRollup:
     high: Mapped[float] = mapped_column(Float)
 
 
-_VITALS_KEY = ("product_id", "segment", "vital", "bucket", "firmware_version", "bin")
-
-
-class FleetVitalsMinute(_VitalsRollup, Base):
-    __tablename__ = "fleet_vitals_minutes"
-    # a request is one range of the primary key: product, segment, vital, bucket
-    __table_args__ = (PrimaryKeyConstraint(*_VITALS_KEY),
-                      Index("ix_fleet_vitals_minutes_bucket", "bucket"))
+ALL_VERSIONS = -1  # the vitals rollups' firmware version of every version's reports
+# a request is one range of the primary key: product, segment, version, vital, bucket
+_VITALS_KEY = ("product_id", "segment", "firmware_version", "vital", "bucket", "bin")
 
 
 class FleetVitalsHour(_VitalsRollup, Base):
@@ -136,10 +132,17 @@ class FleetVitalsHour(_VitalsRollup, Base):
                       Index("ix_fleet_vitals_hours_bucket", "bucket"))
 
 
-# kept fleet_minute_retention_days
-MINUTE_TABLES = (FleetMinute, FleetSegmentMinute, FleetVitalsMinute)
+class FleetVitalsDay(_VitalsRollup, Base):
+    """The same per UTC day (what ranges longer than two days read)."""
+
+    __tablename__ = "fleet_vitals_days"
+    __table_args__ = (PrimaryKeyConstraint(*_VITALS_KEY),
+                      Index("ix_fleet_vitals_days_bucket", "bucket"))
+
+
+MINUTE_TABLES = (FleetMinute, FleetSegmentMinute)  # kept fleet_minute_retention_days
 # kept fleet_hour_retention_days
-HOUR_TABLES = (FleetHour, FleetSegmentHour, FleetVitalsHour)
+HOUR_TABLES = (FleetHour, FleetSegmentHour, FleetVitalsHour, FleetVitalsDay)
 
 
 def rollup_table(*, minute: bool, segment: bool) -> Any:
