@@ -11,7 +11,8 @@ to ingest (goal: under 5 %).
 ``health``: a fresh SQLite database migrated by corral, B3's generator for the devices
 (bench_inventory.seed), then the rollups a fleet of that size leaves after ``--days`` days
 (per minute for the retention, per hour for every day, 20 firmware versions, per-device days
-for 1 % of the devices, 5,000 vitals reports), inserted directly. corral serves it and the
+for 1 % of the devices, 5,000 vitals reports, vitals rollups with every histogram bin of
+the usual ranges filled every hour and day), inserted directly. corral serves it and the
 routes are timed with sequential requests over 127.0.0.1 (each answer checked).
 
 ``ingest``: as B10 (bench_metering.py): in-process device sessions on the real hub, event
@@ -51,8 +52,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from corral.bus.inprocess import InProcessBus
 from corral.db.engine import make_sessionmaker
 from corral.events.writer import EventWriter, NewEvent, StoredEvent
-from corral.fleet.models import FleetMinute
+from corral.fleet.models import ALL_VERSIONS, FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally
+from corral.fleet.vitals_rollups import bin_of
 from corral.sessions.core import SessionHub
 from corral.sessions.link import Hello, OpenGate
 from corral.settings import Settings
@@ -83,12 +85,13 @@ def seed_rollups(db_file: Path, product_id: int, devices: int, days: int,
                 for fw in FIRMWARE:
                     online = int(per_fw * rnd.uniform(0.6, 0.9))
                     scale = step // 60
-                    rows.append((product_id, bucket, fw, online,
+                    rows.append((product_id, bucket, fw, online,  # then COUNTERS' order
                                  online * scale // 30, rnd.randint(0, 20) * scale,
                                  rnd.randint(0, 20) * scale, rnd.randint(0, 50) * scale,
                                  rnd.randint(0, 3) * scale, rnd.randint(0, 2) * scale,
                                  rnd.randint(0, 50) * scale, rnd.randint(0, 3) * scale,
-                                 rnd.randint(0, 2) * scale))
+                                 rnd.randint(0, 2) * scale, rnd.randint(0, 1) * scale,
+                                 rnd.randint(0, 1) * scale, online * scale // 30))
             conn.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", rows)
             out[table] = len(rows)
         ids = [r[0] for r in conn.execute(
@@ -109,6 +112,28 @@ def seed_rollups(db_file: Path, product_id: int, devices: int, days: int,
         conn.executemany("INSERT INTO device_vitals (device_id, product_id, event_id, at, "
                          "payload) VALUES (?, ?, ?, ?, ?)", rows)
         out["device_vitals"] = len(rows)
+        # the vitals rollups of such a fleet reporting hourly: every bin of the three
+        # vitals' usual ranges holds values every hour, for each version and for all
+        bins = {"rssi": sorted({bin_of("rssi", v) for v in range(-110, -39)}),
+                "round_trip": sorted({bin_of("round_trip", v) for v in range(30, 901)}),
+                "memory_used": sorted({bin_of("memory_used", v)
+                                       for v in range(20_000, 150_001, 50)})}
+        for table, step, n in (("fleet_vitals_hours", dt.timedelta(hours=1), days * 24),
+                               ("fleet_vitals_days", dt.timedelta(days=1), days)):
+            rows = []
+            top = now.replace(minute=0, hour=0 if step.days else now.hour)
+            for k in range(n):
+                bucket = sqlite_time(top - k * step)
+                for fw in (ALL_VERSIONS, *FIRMWARE):
+                    reports = per_fw * len(FIRMWARE) if fw == ALL_VERSIONS else per_fw
+                    rows.append((product_id, "", bucket, fw, "reports", 0, reports, 0, 0))
+                    for vital, vbins in bins.items():
+                        rows += [(product_id, "", bucket, fw, vital, b, rnd.randint(1, 40),
+                                  float(b), float(b)) for b in vbins]
+            conn.executemany(f"INSERT INTO {table} (product_id, segment, bucket, "
+                             "firmware_version, vital, bin, count, low, high) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            out[table] = len(rows)
     return out
 
 
