@@ -1,4 +1,4 @@
-"""B17: dynamic groups at 1,000,000 devices — p50/p99 of evaluating a group (its device count,
+"""B19: dynamic groups at 1,000,000 devices — p50/p99 of evaluating a group (its device count,
 `GET /v1/products/{p}/groups/{name}`) and of a page of its members
 (`GET /v1/products/{p}/devices?group={name}`) for query shapes from selective to broad
 (issue 21: p99 under 200 ms).
