@@ -18,6 +18,7 @@ from corral.device import PublishRefused
 from corral.events.models import Event
 from corral.fleet import vitals
 from corral.fleet.models import DeviceVitals
+from corral.fleet.report import pick
 from corral.fleet.tasks import fleet_retention
 from corral.kit import clock
 from corral.metering import ledger
@@ -73,7 +74,7 @@ async def test_a_report_is_stored_as_an_event_and_as_vitals_never_as_a_data_oper
     await send(app, DEV, report(rssi=-71))
     [row] = await stored(app)
     assert row.device_id == DEV and row.product_id == setup["product"]["id"]
-    assert vitals.pick(row.payload, "device.network.signal.rssi") == -71
+    assert pick(row.payload, "device.network.signal.rssi") == -71
     async with app.state.sessionmaker() as db:
         names = list((await db.execute(select(Event.name).where(Event.device_id == DEV)))
                      .scalars())
@@ -179,7 +180,7 @@ async def test_retention_drops_old_vitals(app, setup, settings):
     out = await fleet_retention(app.state.sessionmaker, settings)
     assert out["device_vitals"] == 1
     [left] = await stored(app)
-    assert vitals.pick(left.payload, "device.network.signal.rssi") == -40
+    assert pick(left.payload, "device.network.signal.rssi") == -40
 
 
 async def test_the_sdk_sends_vitals_when_asked_over_mqtt(app, client):

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from corral.events.writer import StoredEvent
-from corral.fleet import vitals, vitals_rollups
+from corral.fleet import report, vitals, vitals_rollups
 from corral.fleet.models import DeviceVitals, FleetVitalsDay, FleetVitalsHour
 from corral.fleet.tasks import fleet_retention
 from corral.kit import clock
@@ -88,7 +88,7 @@ async def direct(app: Any, product_id: int, f: dict[str, Any]) -> dict[str, Any]
         )).scalars().all()
     out: dict[str, Any] = {"reports": len(payloads)}
     for key, path in vitals_rollups.VITAL_PATHS.items():
-        values = [v for p in payloads if (v := vitals.number(p, path)) is not None]
+        values = [v for p in payloads if (v := report.number(p, path)) is not None]
         out[key] = {"count": len(values), "median": statistics.median(values),
                     "worst": min(values) if key == "rssi" else max(values)}
     return out

@@ -22,6 +22,7 @@ from corral.fleet.models import (
     FleetSegmentDisconnect,
     rollup_table,
 )
+from corral.fleet.report import number
 from corral.fleet.rollups import COUNTERS, group_segment, os_segment
 from corral.kit import clock
 
@@ -309,8 +310,6 @@ async def vitals_aggregates(db: AsyncSession, product_id: int, w: Window) -> dic
     if w.members is None:
         return await vitals_rollups.aggregates(db, product_id, w.start, w.end,
                                                segment=w.segment, firmware=w.firmware)
-    from corral.fleet.vitals import number
-
     q = select(DeviceVitals.payload).where(DeviceVitals.product_id == product_id,
                                            DeviceVitals.at >= w.start, DeviceVitals.at < w.end)
     if (ids := devices_of(product_id, w)) is not None:

@@ -30,6 +30,7 @@ from corral.events.recorder import EventRecorder
 from corral.events.writer import StoredEvent
 from corral.fleet import vitals_rollups
 from corral.fleet.models import DeviceVitals
+from corral.fleet.report import number
 from corral.kit import clock
 from corral.kit.text import strict_loads
 
@@ -95,26 +96,6 @@ def parse(data: str | bytes | None) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise BadVitals("vitals must be a JSON object")
     return doc
-
-
-def pick(payload: dict[str, Any], path: str) -> Any:
-    """The value at a dotted ``path`` of ``payload`` (``None`` when absent)."""
-    node: Any = payload
-    for part in path.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
-def number(payload: dict[str, Any], path: str) -> float | None:
-    v = pick(payload, path)
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    try:
-        return float(v)
-    except OverflowError:  # an integer beyond a float's range
-        return None
 
 
 # --- storing ------------------------------------------------------------------------------

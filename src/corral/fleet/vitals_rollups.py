@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.fleet.models import ALL_VERSIONS, FleetVitalsDay, FleetVitalsHour
+from corral.fleet.report import number
 from corral.fleet.rollups import day_of, hour_of, lookup_segments
 
 VITAL_PATHS = {"rssi": "device.network.signal.rssi",
@@ -60,8 +61,6 @@ def bin_of(vital: str, value: float) -> int:
 
 def values_of(payload: dict[str, Any]) -> list[tuple[str, float]]:
     """The report's finite vitals, by name."""
-    from corral.fleet.vitals import number
-
     out = []
     for vital, path in VITAL_PATHS.items():
         v = number(payload, path)

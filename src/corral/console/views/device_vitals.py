@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.fleet import vitals
+from corral.fleet import report, vitals
 from corral.kit import clock
 
 RANGES = {"day": dt.timedelta(days=1), "week": dt.timedelta(days=7),
@@ -70,7 +70,7 @@ def last_items(payload: dict[str, Any]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     seen: set[str] = set()
     for label, path, how in LAST:
-        value = vitals.pick(payload, path)
+        value = report.pick(payload, path)
         if value is None or isinstance(value, dict | list) or label in seen:
             continue
         seen.add(label)
