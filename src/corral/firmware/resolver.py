@@ -183,6 +183,8 @@ class ProductTargets:
     releases: ReleaseSet
     firmware_ids: dict[int, int]  # version -> firmware id (uploaded ones)
     counts: dict[int, int]  # version -> count, for count-mode rollouts
+    # the groups with a release (whatever its firmware), None when not read
+    released_groups: frozenset[int] | None = None
 
 
 async def load_releases(db: AsyncSession, product_id: int,
@@ -195,9 +197,10 @@ async def load_releases(db: AsyncSession, product_id: int,
     firmware_ids = {int(v): int(i) for i, v, _d in rows}
     defaults = [int(v) for _i, v, d in rows if d]
     by_id = {int(i): int(v) for i, v, _d in rows}
-    group_versions = {int(g): by_id[int(f)] for g, f in (await db.execute(
+    group_rows = (await db.execute(
         select(FirmwareGroupRelease.group_id, FirmwareGroupRelease.firmware_id)
-        .where(FirmwareGroupRelease.product_id == product_id))).all() if int(f) in by_id}
+        .where(FirmwareGroupRelease.product_id == product_id))).all()
+    group_versions = {int(g): by_id[int(f)] for g, f in group_rows if int(f) in by_id}
     states = ("active", "paused", "aborted") if include_aborted else ("active", "paused")
     gates: dict[int, Gate] = {}
     counts: dict[int, int] = {}
@@ -219,7 +222,8 @@ async def load_releases(db: AsyncSession, product_id: int,
     releases = ReleaseSet(default_version=max(defaults) if defaults else None,
                           group_versions=group_versions, gates=gates,
                           cohort_versions=cohort_versions)
-    return ProductTargets(releases=releases, firmware_ids=firmware_ids, counts=counts)
+    return ProductTargets(releases=releases, firmware_ids=firmware_ids, counts=counts,
+                          released_groups=frozenset(int(g) for g, _f in group_rows))
 
 
 def finish_count_gates(pt: ProductTargets, devices: Sequence[DeviceFacts]) -> ReleaseSet:
@@ -235,12 +239,16 @@ def finish_count_gates(pt: ProductTargets, devices: Sequence[DeviceFacts]) -> Re
 
 
 async def _dynamic_members(db: AsyncSession, product_id: int, device_ids: list[str] | None,
-                           also: Collection[int]) -> list[tuple[str, int]]:
+                           also: Collection[int], released: Collection[int] | None
+                           ) -> list[tuple[str, int]]:
     """(device id, group id) of the devices (all the product's, or ``device_ids``) matching
-    the product's dynamic groups that have a release (or are in ``also``: a release being
-    simulated): a statement per 50 such groups (and chunk of ids), never one per device."""
-    wanted = set(also) | set((await db.execute(select(FirmwareGroupRelease.group_id).where(
-        FirmwareGroupRelease.product_id == product_id))).scalars())
+    the product's dynamic groups that have a release (``released``: their ids, when the
+    caller has read them already) or are in ``also`` (a release being simulated): a
+    statement per 50 such groups (and chunk of ids), never one per device."""
+    if released is None:
+        released = set((await db.execute(select(FirmwareGroupRelease.group_id).where(
+            FirmwareGroupRelease.product_id == product_id))).scalars())
+    wanted = set(also) | set(released)
     if not wanted:
         return []
     return [(did, g.id) for did, g in await dynamic_matches(
@@ -249,10 +257,12 @@ async def _dynamic_members(db: AsyncSession, product_id: int, device_ids: list[s
 
 async def device_facts(db: AsyncSession, product_id: int,
                        device_ids: Sequence[str] | None = None,
-                       also_groups: Collection[int] = ()) -> list[DeviceFacts]:
+                       also_groups: Collection[int] = (),
+                       released_groups: Collection[int] | None = None) -> list[DeviceFacts]:
     """The product's devices (or those of ``device_ids`` in it) as resolver input. Their
     ``group_ids`` hold their static groups and the dynamic groups with a release (and
-    those of ``also_groups``) whose query they match now."""
+    those of ``also_groups``) whose query they match now; ``released_groups``: the ids of
+    the groups with a release, when the caller has them (:func:`load_releases`)."""
     groups: dict[str, set[int]] = defaultdict(set)
     cohorts: dict[str, int] = {}
     rows: list[tuple[str, bool, int | None, int | None]] = []
@@ -287,7 +297,7 @@ async def device_facts(db: AsyncSession, product_id: int,
                 .where(CohortMember.device_id.in_(chunk)))).all()})
     for did, gid in await _dynamic_members(
             db, product_id, None if device_ids is None else sorted(set(device_ids)),
-            also_groups):
+            also_groups, released_groups):
         groups[did].add(gid)
     return [DeviceFacts(id=did, development=bool(dev), desired_version=desired,
                         group_ids=frozenset(groups.get(did, ())), firmware_version=fw,
@@ -301,9 +311,9 @@ async def targets_for(db: AsyncSession, product_id: int,
     """Device id -> its target, for the product's devices (or just ``device_ids``)."""
     pt = releases or await load_releases(db, product_id)
     if pt.counts:  # count gates rank every device the release could target
-        everyone = await device_facts(db, product_id)
+        everyone = await device_facts(db, product_id, released_groups=pt.released_groups)
         rs = finish_count_gates(pt, everyone)
         wanted = set(device_ids) if device_ids is not None else None
         return {d.id: resolve(d, rs) for d in everyone if wanted is None or d.id in wanted}
-    facts = await device_facts(db, product_id, device_ids)
+    facts = await device_facts(db, product_id, device_ids, released_groups=pt.released_groups)
     return {d.id: resolve(d, pt.releases) for d in facts}
