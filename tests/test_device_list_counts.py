@@ -59,3 +59,55 @@ async def test_large_totals_are_estimates_of_a_recent_count(
                          params={"perPage": 5, "page": 2, "sortAttr": "deviceId",
                                  "sortDir": "asc"})
     assert [d["id"] for d in r.json()["devices"]] == [f"{i:024x}" for i in range(6, 11)]
+
+
+async def test_a_broad_filter_in_a_large_product_is_estimated_from_a_sample(
+        client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a product of SAMPLE_FROM devices or more, a filter whose matches among SAMPLE
+    devices (in ID order) scale to more than SAMPLED_ABOVE is not counted: the scaled
+    sample is the total, said to be an estimate; a narrow filter is counted exactly."""
+    from sqlalchemy import func, select
+
+    from corral.devices.models import Device
+
+    monkeypatch.setattr(service, "SAMPLE", 60)
+    monkeypatch.setattr(service, "SAMPLE_FROM", 300)
+    monkeypatch.setattr(service, "SAMPLED_ABOVE", 100)
+    ada, product = await owner_and_product(client)
+    ids = [f"{i:024x}" for i in range(1, 601)]
+    await add_devices(app, product["id"], *ids)
+    async with app.state.sessionmaker() as db:
+        for n, did in enumerate(ids):  # two devices in three on firmware 3, then 1 in 50 on 9
+            (await db.get(Device, did)).firmware_version = 9 if n % 50 == 0 else (
+                3 if n % 3 else 1)
+        await db.commit()
+        exact = (await db.execute(select(func.count()).where(
+            Device.product_id == product["id"], Device.firmware_version == 3))).scalar_one()
+    seen: list[str] = []
+    real = service._count
+
+    async def counting(*args: Any, **kwargs: Any) -> int:
+        seen.append("count")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_count", counting)
+    meta = await _meta(client, ada, product, firmwareVersion=3)
+    assert meta["total_is_estimate"] is True
+    assert abs(meta["total"] - exact) <= exact // 4, (meta["total"], exact)
+    assert meta["total_pages"] == -(-meta["total"] // 2)
+    assert seen == [], "a broad filter was counted"
+    meta = await _meta(client, ada, product, firmwareVersion=9)  # 12 devices: exact
+    assert meta["total"] == 12 and "total_is_estimate" not in meta
+    assert seen, "a narrow filter was not counted"
+    # the console's bounded count: above its cap by the sample, without counting
+    from corral.products.models import Product
+
+    seen.clear()
+    async with app.state.sessionmaker() as db:
+        p = await db.get(Product, product["id"])
+        broad = await service.count_product_devices(
+            db, p, service.DeviceQuery(firmware_version=3), cap=50)
+        narrow = await service.count_product_devices(
+            db, p, service.DeviceQuery(firmware_version=9), cap=50)
+    assert (broad, narrow) == (51, 12)
+    assert len(seen) == 1, seen  # the narrow one only
