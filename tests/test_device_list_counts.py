@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.devices import service
+from corral.devices import estimates, service
 from helpers import add_devices, bearer, owner_and_product
 
 
@@ -51,7 +51,7 @@ async def test_large_totals_are_estimates_of_a_recent_count(
     # a filter has its own count (and below the threshold it is exact)
     meta = await _meta(client, ada, product, deviceId="00000000000000000000000a")
     assert meta["total"] == 1 and "total_is_estimate" not in meta
-    monkeypatch.setattr(service, "ESTIMATE_TTL_S", 0.0)  # the estimate has aged out
+    monkeypatch.setattr(estimates, "ESTIMATE_TTL_S", 0.0)  # the estimate has aged out
     meta = await _meta(client, ada, product)
     assert (meta["total"], meta["total_is_estimate"]) == (10, True)
     # the pages themselves are exact whatever the total says
@@ -70,9 +70,9 @@ async def test_a_broad_filter_in_a_large_product_is_estimated_from_a_sample(
 
     from corral.devices.models import Device
 
-    monkeypatch.setattr(service, "SAMPLE", 60)
-    monkeypatch.setattr(service, "SAMPLE_FROM", 300)
-    monkeypatch.setattr(service, "SAMPLED_ABOVE", 100)
+    monkeypatch.setattr(estimates, "SAMPLE", 60)
+    monkeypatch.setattr(estimates, "SAMPLE_FROM", 300)
+    monkeypatch.setattr(estimates, "SAMPLED_ABOVE", 100)
     ada, product = await owner_and_product(client)
     ids = [f"{i:024x}" for i in range(1, 601)]
     await add_devices(app, product["id"], *ids)

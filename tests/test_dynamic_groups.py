@@ -5,11 +5,12 @@ preview route, the device list's group filter, live membership, refused static o
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
 from corral.auth.models import Customer
-from corral.devices import dynquery
+from corral.devices import dynquery, estimates
 from corral.devices.cohort_models import Cohort, CohortMember
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember, DeviceTag
 from corral.kit import clock
@@ -511,13 +512,87 @@ async def test_a_large_count_is_taken_once_per_ttl(app, client, monkeypatch):
     base = f"/v1/products/{p['slug']}/groups"
     r = await client.post(base, headers=bearer(tok), json={"name": "b", "query": "platform = boron"})
     assert r.json()["group"]["device_count"] == n
+    assert "device_count_is_estimate" not in r.json()["group"]  # counted just now
     async with app.state.sessionmaker() as db:
         await db.execute(insert(Device), [
             {"id": hexid(0x600000 + i), "product_id": p["id"], "platform_id": 13,
              "tags": [], "functions": [], "variables": {}} for i in range(5)])
         await db.commit()
     # within the TTL the exact count above EXACT_UP_TO is reused; after it, counted again
-    assert (await client.get(f"{base}/b", headers=bearer(tok))).json()["group"]["device_count"] == n
-    monkeypatch.setattr(group_rules, "COUNT_TTL_S", 0.0)
+    reused = (await client.get(f"{base}/b", headers=bearer(tok))).json()["group"]
+    assert (reused["device_count"], reused["device_count_is_estimate"]) == (n, True)
+    monkeypatch.setattr(estimates, "ESTIMATE_TTL_S", 0.0)
     assert (await client.get(f"{base}/b", headers=bearer(tok))).json()["group"]["device_count"] \
         == n + 5
+
+
+async def test_a_broad_group_of_a_large_product_is_counted_from_a_sample(
+        app, client, monkeypatch):
+    """In a product of SAMPLE_FROM devices or more, a dynamic group a sample of SAMPLE
+    devices (in ID order) puts above SAMPLED_ABOVE is not counted: its device_count is the
+    scaled sample, said to be an estimate (API and console); a narrow group is exact."""
+    from sqlalchemy import func, insert, select
+
+    from corral.devices import groups as group_rules
+
+    monkeypatch.setattr(estimates, "SAMPLE", 60)
+    monkeypatch.setattr(estimates, "SAMPLE_FROM", 300)
+    monkeypatch.setattr(estimates, "SAMPLED_ABOVE", 100)
+    tok, p = await owner_and_product(client)
+    async with app.state.sessionmaker() as db:  # two in three on firmware 3, 1 in 50 on 9
+        await db.execute(insert(Device), [
+            {"id": hexid(0x700000 + i), "product_id": p["id"], "platform_id": 13,
+             "firmware_version": 9 if i % 50 == 0 else (3 if i % 3 else 1),
+             "tags": [], "functions": [], "variables": {}} for i in range(600)])
+        await db.commit()
+        exact = (await db.execute(select(func.count()).where(
+            Device.product_id == p["id"], Device.firmware_version == 3))).scalar_one()
+    counted: list[int | None] = []
+    real = group_rules.count_matching
+
+    async def counting(db, product_id, cond, cap=None):
+        counted.append(cap)
+        return await real(db, product_id, cond, cap)
+
+    monkeypatch.setattr(group_rules, "count_matching", counting)
+    base = f"/v1/products/{p['slug']}/groups"
+    for name, query in (("broad", "firmware = 3"), ("narrow", "firmware = 9")):
+        r = await client.post(base, headers=bearer(tok), json={"name": name, "query": query})
+        assert r.status_code == 201, r.text
+    g = (await client.get(f"{base}/broad", headers=bearer(tok))).json()["group"]
+    assert g["device_count_is_estimate"] is True
+    assert abs(g["device_count"] - exact) <= exact // 4, (g["device_count"], exact)
+    # only the narrow group was counted (once, when created, capped): never the broad one
+    assert counted == [group_rules.EXACT_UP_TO], counted
+    g = (await client.get(f"{base}/narrow", headers=bearer(tok))).json()["group"]
+    assert g["device_count"] == 12 and "device_count_is_estimate" not in g
+    listed = {x["name"]: x for x in (await client.get(base, headers=bearer(tok))).json()["groups"]}
+    assert listed["broad"]["device_count_is_estimate"] is True
+    assert "device_count_is_estimate" not in listed["narrow"]
+
+
+async def test_the_console_says_a_group_count_is_an_estimate(app, client, database_url,
+                                                             monkeypatch):
+    from sqlalchemy import insert
+
+    from test_permissions_matrix import console_headers, console_world
+
+    monkeypatch.setattr(estimates, "SAMPLE", 60)
+    monkeypatch.setattr(estimates, "SAMPLE_FROM", 300)
+    monkeypatch.setattr(estimates, "SAMPLED_ABOVE", 100)
+    world = await console_world(app, database_url)
+    now = clock.now()
+    async with app.state.sessionmaker() as db:
+        await db.execute(insert(Device), [
+            {"id": hexid(0x800000 + i), "product_id": world.product.id, "platform_id": 13,
+             "firmware_version": 9 if i % 50 == 0 else 3, "tags": [], "functions": [],
+             "variables": {}} for i in range(600)])
+        for name, query in (("broad", "firmware = 3"), ("narrow", "firmware = 9")):
+            db.add(DeviceGroup(product_id=world.product.id, name=name, query=query,
+                               created_at=now, updated_at=now))
+        await db.commit()
+    r = await client.get(f"/console/products/{world.product.slug}/groups",
+                         headers=console_headers(world, "org:Owner"))
+    assert r.status_code == 200, r.text
+    assert re.search(r'aria-label="about \d+ devices in broad">≈ [\d,]+</a>', r.text), r.text
+    assert 'aria-label="12 devices in narrow">12</a>' in r.text

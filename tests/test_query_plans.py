@@ -362,3 +362,86 @@ async def test_a_pages_dynamic_groups_are_tested_on_its_devices_rows_only(
     for line in plan.splitlines():
         assert "ix_devices_product_serial" not in line and "Seq Scan on devices" not in line
         assert "ix_devices_product_platform" not in line and "SCAN devices" not in line, plan
+
+
+def test_a_querys_implied_last_heard_range() -> None:
+    """dynquery.heard_span: where the last_heard of a heard device matching a query lies,
+    widened by SPAN_MARGIN; None when the query does not bound it."""
+    import datetime as dt
+
+    from corral.devices import dynquery
+
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    m, day = dynquery.SPAN_MARGIN, dt.timedelta(days=1)
+
+    def span(text: str) -> Any:
+        return dynquery.heard_span(dynquery.parse(text), now)
+
+    assert span("last_heard > 30d or last_heard = null") == (None, now - 30 * day + m)
+    assert span("last_heard < 7d") == (now - 7 * day - m, None)
+    assert span("last_heard > 30d and last_heard < 60d") == (now - 60 * day - m,
+                                                              now - 30 * day + m)
+    assert span('platform = boron and last_heard >= "2026-05-01T00:00:00Z"') == (
+        dt.datetime(2026, 5, 1, tzinfo=dt.UTC) - m, None)
+    assert span("last_heard = null") == dynquery.NO_SPAN
+    for unbounded in ("platform = boron", "not last_heard < 7d",
+                      "last_heard < 7d or platform = argon", "last_heard != null"):
+        assert span(unbounded) is None, unbounded
+
+
+@pytest.mark.parametrize("sort", ["lastConnection:desc", "lastConnection:asc"])
+async def test_a_listing_starts_at_the_range_its_query_implies(
+        app: Any, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+        sort: str) -> None:
+    """A dynamic group bounding last_heard (``last_heard < T or last_heard = null``: the
+    devices not heard since T) lists through the (product, last heard) index from that
+    bound (bench B19's ``stale`` group read past every recently heard device), and every
+    page is the one sorting its matches here gives."""
+    import datetime as dt
+
+    from corral.devices import service
+    from corral.devices.models import DeviceGroup
+    from corral.products.models import Product
+
+    pid = await _searchable_product(app, client, n=600)
+    cutoff = dt.datetime(2026, 1, 1, 0, 5, tzinfo=dt.UTC)
+    query = 'last_heard < "2026-01-01T00:05:00Z" or last_heard = null'
+    async with app.state.sessionmaker() as db:
+        db.add(DeviceGroup(product_id=pid, name="stale", query=query))
+        await db.commit()
+        product = await db.get(Product, pid)
+        rows = [r for r in (await db.execute(select(Device.id, Device.last_heard).where(
+            Device.product_id == pid))).all() if r.last_heard is None or r.last_heard < cutoff]
+    attr, direction = sort.split(":")
+    want = [r.id for r in sorted(rows, key=lambda r: (
+        r.last_heard is not None, r.last_heard or 0, r.id), reverse=direction == "desc")]
+    ranges: list[list[Any]] = []
+    real = service._heard_range
+
+    def recording(q: Any, col: Any) -> Any:
+        out = real(q, col)
+        ranges.append(out)
+        return out
+
+    monkeypatch.setattr(service, "_heard_range", recording)
+    monkeypatch.setattr(service, "FEW_MATCHES", 10)  # planned as a large listing
+    monkeypatch.setattr(service, "WALK_BOUND", 10**9)  # not walked
+    got = await _every_page(app, product, lambda page: DeviceQuery(
+        groups=["stale"], sort_attr=attr, sort_dir=direction, per_page=25, page=page,
+        count=page == 1))
+    assert got == want and len(want) > 100
+    assert ranges and all(len(r) == 1 for r in ranges), ranges  # the upper bound
+    if app.state.settings.database_url.startswith("sqlite"):
+        async with app.state.sessionmaker() as db:
+            conds, _members = await service._conditions(db, product, await (
+                service._with_dynamic_groups(db, product, DeviceQuery(groups=["stale"]))))
+            q = await service._with_dynamic_groups(db, product, DeviceQuery(groups=["stale"]))
+            stmt = select(Device.id).where(
+                *conds, Device.last_heard.is_not(None),
+                *real(q, Device.last_heard)).order_by(
+                Device.last_heard.desc(), Device.id.desc()).limit(25)
+            plan = " ".join(str(r[-1]) for r in (await db.execute(
+                text("EXPLAIN QUERY PLAN " + str(stmt.compile(
+                    compile_kwargs={"literal_binds": True}))))).all())
+        assert "INDEX ix_devices_product_last_heard (product_id=? AND" in plan, plan
+        assert "last_heard<?)" in plan, plan  # a range of the index, not a walk of it all

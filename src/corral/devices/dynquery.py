@@ -538,6 +538,72 @@ def _group(name: str, scope: Scope, path: tuple[str, ...]) -> ColumnElement[bool
     return _compile(ref.query.expr, scope, (*path, name))
 
 
+# --- what a query implies about last_heard -------------------------------------------------
+
+Span = tuple[dt.datetime | None, dt.datetime | None]  # lowest, highest (None: unbounded)
+NO_SPAN: Span = (dt.datetime.max.replace(tzinfo=dt.UTC),
+                 dt.datetime.min.replace(tzinfo=dt.UTC))  # no heard device matches
+# the bounds are widened by this much: they are computed at another moment than the
+# condition's own "now" (an age such as ``last_heard > 30d`` moves with the clock)
+SPAN_MARGIN = dt.timedelta(minutes=5)
+
+
+def heard_span(query: Query, now: dt.datetime) -> Span | None:
+    """Where the ``last_heard`` of a device that matches ``query`` and has been heard lies:
+    (lowest, highest), either None when unbounded; :data:`NO_SPAN` when no heard device
+    can match; None when the query bounds it neither way. Implied by the query, so adding
+    it to the query's condition changes nothing but lets the database start a walk of the
+    (product, last heard) index at the bound (``last_heard > 30d or last_heard = null``
+    matches three devices in four of a fleet, all at the far end of that index)."""
+    lo, hi = _span(query.expr, now)
+    if (lo, hi) == NO_SPAN:
+        return NO_SPAN
+    if lo is None and hi is None:
+        return None
+    return (None if lo is None else lo - SPAN_MARGIN, None if hi is None else hi + SPAN_MARGIN)
+
+
+def _span(e: Expr, now: dt.datetime) -> Span:
+    if isinstance(e, Leaf):
+        if e.field != "last_heard" or e.op not in ("=", "<", "<=", ">", ">="):
+            return (None, None)  # another field, or a list / != : no bound
+        value = e.values[0]
+        if value is None:
+            return NO_SPAN if e.op == "=" else (None, None)
+        op = e.op
+        if isinstance(value, dt.timedelta):  # an age: "< 7d" is heard after now - 7d
+            value, op = now - value, {"=": "=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}[op]
+        if not isinstance(value, dt.datetime):
+            return (None, None)
+        if value.tzinfo is None:  # as the column reads a naive time: UTC
+            value = value.replace(tzinfo=dt.UTC)
+        return {"=": (value, value), "<": (None, value), "<=": (None, value),
+                ">": (value, None), ">=": (value, None)}[op]
+    if e.op == "not":
+        return (None, None)
+    spans = [_span(p, now) for p in e.parts]
+    return span_and(spans) if e.op == "and" else span_or(spans)
+
+
+def span_and(spans: list[Span]) -> Span:
+    """Where a value lies that lies in each of ``spans``."""
+    if any(s == NO_SPAN for s in spans):
+        return NO_SPAN
+    los = [s[0] for s in spans if s[0] is not None]
+    his = [s[1] for s in spans if s[1] is not None]
+    return (max(los) if los else None, min(his) if his else None)
+
+
+def span_or(spans: list[Span]) -> Span:
+    """Where a value lies that lies in any of ``spans`` (their hull)."""
+    spans = [s for s in spans if s != NO_SPAN]
+    if not spans:
+        return NO_SPAN
+    los, his = [s[0] for s in spans], [s[1] for s in spans]
+    return (None if None in los else min(x for x in los if x is not None),
+            None if None in his else max(x for x in his if x is not None))
+
+
 def explain() -> list[tuple[str, str, str]]:
     """(field, operators, what it is) of every field, for the docs and the console."""
     return [(name, " ".join(sorted(f.ops)) + (" in" if f.lists else ""),

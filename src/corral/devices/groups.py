@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import re
 import time
-import weakref
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import case, delete, func, insert, literal, select, union_all
 from sqlalchemy.exc import IntegrityError
@@ -27,7 +26,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from corral.audit import service as audit
 from corral.auth.subject import Subject
-from corral.devices import dynquery
+from corral.devices import dynquery, estimates
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.devices.schemas import GroupChange, GroupCreate
 from corral.kit import clock
@@ -37,13 +36,8 @@ from corral.products.models import Product
 GROUP_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 CHUNK = 5000
-# a dynamic group's device_count: exact up to this many, beyond it the last exact count of
-# the same query in this process if younger than COUNT_TTL_S (as the device list's totals)
+# a dynamic group's device_count: exact up to this many (see :func:`dynamic_count`)
 EXACT_UP_TO = 10_000
-COUNT_TTL_S = 30.0
-# engine -> {(product id, query): (counted at, count)}
-_COUNTS: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], tuple[float, int]]] = \
-    weakref.WeakKeyDictionary()
 # a stable default color per name (Particle gives every group one)
 PALETTE = ("#0ea5e9", "#22c55e", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
            "#14b8a6", "#64748b", "#84cc16")
@@ -77,9 +71,11 @@ def _default_color(name: str) -> str:
     return PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
 
 
-def group_json(g: DeviceGroup, device_count: int = 0) -> dict[str, Any]:
+def group_json(g: DeviceGroup, count: Count | int = 0) -> dict[str, Any]:
+    count = count if isinstance(count, Count) else Count(count)
     return {"id": g.id, "name": g.name, "description": g.description, "color": g.color,
-            "fw_version": None, "device_count": device_count,
+            "fw_version": None, "device_count": count.n,
+            **({"device_count_is_estimate": True} if count.estimate else {}),
             "dynamic": g.query is not None, "query": g.query,
             "created_at": clock.iso(g.created_at), "updated_at": clock.iso(g.updated_at)}
 
@@ -126,44 +122,61 @@ async def device_counts(db: AsyncSession, group_ids: list[int]) -> dict[int, int
     return out
 
 
-async def group_counts(db: AsyncSession, groups: Sequence[DeviceGroup]) -> dict[int, int]:
+class Count(NamedTuple):
+    """A group's device count, and whether it is an estimate (a dynamic group matching
+    most of a large product: see :func:`dynamic_count`)."""
+
+    n: int
+    estimate: bool = False
+
+
+async def group_counts(db: AsyncSession, groups: Sequence[DeviceGroup]) -> dict[int, Count]:
     """Device counts of static (members) and dynamic (devices matching now) groups."""
-    out = await device_counts(db, [g.id for g in groups if g.query is None])
+    out = {gid: Count(n) for gid, n in
+           (await device_counts(db, [g.id for g in groups if g.query is None])).items()}
     for g in groups:
         if g.query is not None:
             out[g.id] = await dynamic_count(db, g.product_id, g.query)
     return out
 
 
-async def dynamic_count(db: AsyncSession, product_id: int, query: str) -> int:
-    """The devices matching a dynamic group's query: exact up to ``EXACT_UP_TO``; beyond,
-    counted exactly at most once per ``COUNT_TTL_S`` per query (a count of most of a
-    million devices costs more than a request should)."""
+async def dynamic_count(db: AsyncSession, product_id: int, query: str) -> Count:
+    """The devices matching a dynamic group's query. In a product of ``SAMPLE_FROM``
+    devices or more, a query a sample says matches more than ``SAMPLED_ABOVE`` is not
+    counted: the sample's estimate is the count (:mod:`corral.devices.estimates`; counting
+    most of a million devices costs more than a request should). Otherwise exact up to
+    ``EXACT_UP_TO``; beyond, counted exactly at most once per ``ESTIMATE_TTL_S`` per query
+    and process (an estimate meanwhile, as the device list's totals)."""
     cond = await dynamic_condition(db, product_id, query)
+    known = estimates.known_counts(db)
+    key, now = (product_id, "group", query), time.monotonic()
+    sampled = known.get((*key, "sampled"))
+    if sampled is not None and now - sampled[0] < estimates.ESTIMATE_TTL_S:
+        return Count(sampled[1], True)
+    n = await estimates.sampled_total(db, product_id, [cond])
+    if n is not None and n > estimates.SAMPLED_ABOVE:
+        known[(*key, "sampled")] = (now, n)
+        return Count(n, True)
     n = await count_matching(db, product_id, cond, EXACT_UP_TO)
     if n <= EXACT_UP_TO:
-        return n
-    known = _COUNTS.setdefault(db.get_bind(), {})
-    key, now = (product_id, query), time.monotonic()
+        return Count(n)
     hit = known.get(key)
-    if hit is not None and now - hit[0] < COUNT_TTL_S:
-        return hit[1]
+    if hit is not None and now - hit[0] < estimates.ESTIMATE_TTL_S:
+        return Count(hit[1], True)
     exact = await count_matching(db, product_id, cond)
-    if len(known) >= 10_000:  # bounded: forget them all (each is one count away)
-        known.clear()
     known[key] = (now, exact)
-    return exact
+    return Count(exact)
 
 
 async def list_groups(db: AsyncSession, product: Product,
-                      name: str | None = None) -> list[tuple[DeviceGroup, int]]:
+                      name: str | None = None) -> list[tuple[DeviceGroup, Count]]:
     """The product's groups by name (``name``: case-insensitive partial match)."""
     q = select(DeviceGroup).where(DeviceGroup.product_id == product.id)
     if name:
         q = q.where(DeviceGroup.name.icontains(name, autoescape=True))
     groups = list((await db.execute(q.order_by(DeviceGroup.name))).scalars())
     counts = await group_counts(db, groups)
-    return [(g, counts.get(g.id, 0)) for g in groups]
+    return [(g, counts.get(g.id, Count(0))) for g in groups]
 
 
 async def group_colors(db: AsyncSession, product: Product) -> dict[str, str]:
@@ -188,9 +201,9 @@ async def get_group(db: AsyncSession, product: Product, name: str) -> DeviceGrou
 
 
 async def group_with_count(db: AsyncSession, product: Product,
-                           name: str) -> tuple[DeviceGroup, int]:
+                           name: str) -> tuple[DeviceGroup, Count]:
     g = await get_group(db, product, name)
-    return g, (await group_counts(db, [g])).get(g.id, 0)
+    return g, (await group_counts(db, [g])).get(g.id, Count(0))
 
 
 async def _flush_or_conflict(db: AsyncSession, name: str) -> None:
@@ -238,7 +251,7 @@ async def create_group(db: AsyncSession, *, actor: Subject, ip: str, product: Pr
 
 
 async def update_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,
-                       name: str, req: GroupChange) -> tuple[DeviceGroup, int]:
+                       name: str, req: GroupChange) -> tuple[DeviceGroup, Count]:
     """Change ``name``, ``color``, ``description`` and/or ``query`` (at least one). A
     ``query`` makes the group dynamic (refused while it has members); ``null`` makes it
     static again (with no members)."""
@@ -274,7 +287,7 @@ async def update_group(db: AsyncSession, *, actor: Subject, ip: str, product: Pr
     await _flush_or_conflict(db, g.name)
     audit.record(db, actor=actor, ip=ip, action="group.updated", org_id=product.org_id,
                  product_id=product.id, target_type="group", target_id=g.name, details=changed)
-    return g, (await group_counts(db, [g])).get(g.id, 0)
+    return g, (await group_counts(db, [g])).get(g.id, Count(0))
 
 
 async def delete_group(db: AsyncSession, *, actor: Subject, ip: str, product: Product,

@@ -215,8 +215,10 @@ class DeviceCustomer(Answer):
 
 class DevicePaging(Paging):
     total_is_estimate: bool = Field(
-        False, description="Present (true) when more than 10,000 devices match: `total` "
-        "is then the exact count of up to 30 s ago")
+        False, description="Present (true) when `total` is not an exact count of now: more "
+        "than 10,000 devices match and `total` is the exact count of up to 30 s ago, or, in "
+        "a product of 100,000 devices or more, a filter matching more than 30,000 is "
+        "estimated from a sample of 5,000 devices")
 
 
 class DevicePageAnswer(Answer):
@@ -244,6 +246,10 @@ class Group(Answer):
     color: str | None
     fw_version: int | None
     device_count: int
+    device_count_is_estimate: bool = Field(
+        False, description="Present (true) when `device_count` is an estimate: a dynamic "
+        "group matching more than 30,000 devices of a product of 100,000 or more (from a "
+        "sample of 5,000 devices), or more than 10,000 counted up to 30 s ago")
     dynamic: bool
     query: str | None
     created_at: str | None

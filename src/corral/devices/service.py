@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -18,7 +17,6 @@ from typing import Any, Literal
 from sqlalchemy import (
     and_,
     bindparam,
-    case,
     false,
     func,
     literal,
@@ -36,11 +34,12 @@ from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
-from corral.devices import dynquery, search, signals
+from corral.devices import dynquery, estimates, search, signals
 from corral.devices import groups as group_rules
 from corral.devices import tags as tag_rules
 from corral.devices.access import is_device_id
 from corral.devices.cohorts import cohort_names_for, in_cohort
+from corral.devices.estimates import known_counts, product_device_count
 from corral.devices.json import device_json
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.devices.schemas import (
@@ -76,20 +75,7 @@ WALK_BOUND = 2_000
 # ... or 40 devices per row of a deeper page (a filter matching 2.5 % of them finds it),
 # down to this row (page 40 of 25, page 10 of 100); deeper pages are planned by match count
 WALK_DEPTH = 1_001
-ESTIMATE_TTL_S = 30.0
-# a product of SAMPLE_FROM devices or more estimates a filtered listing's total from SAMPLE
-# of its devices; a filter estimated to match more than SAMPLED_ABOVE is not counted at all
-# (the total says it is an estimate): see :func:`_total`
-SAMPLE = 5_000
-SAMPLE_FROM = 100_000
-SAMPLED_ABOVE = 30_000
 CHUNK = 5_000
-
-
-async def product_device_count(db: AsyncSession, product_id: int) -> int:
-    return int((await db.execute(
-        select(func.count()).select_from(Device).where(Device.product_id == product_id)
-    )).scalar_one())
 
 
 async def refuse_delete_with_devices(db: AsyncSession, product: Product) -> str | None:
@@ -186,6 +172,9 @@ class DeviceQuery:
     where_key: str | None = None
     # the same condition with memberships probed per device (for walking a sort index)
     where_walked: ColumnElement[bool] | None = None
+    # where the last_heard of a heard device meeting ``where`` lies (dynquery.heard_span),
+    # None when unbounded: the listing adds it to the sort index's range
+    heard: dynquery.Span | None = None
 
 
 def parse_device_query(params: Mapping[str, str] | DeviceListQuery) -> DeviceQuery:
@@ -250,8 +239,14 @@ async def _with_dynamic_groups(db: AsyncSession, product: Product,
     key = "groups:" + ",".join(f"{g.name}={g.query}" for g in dynamic) + ";" + ",".join(static)
     if q.where is not None:
         key = f"{q.where_key};{key}"
+    now = clock.now()
+    spans = [dynquery.heard_span(dynquery.parse(g.query), now) for g in dynamic]
+    heard = None if static or None in spans else dynquery.span_or(
+        [s for s in spans if s is not None])
+    if q.where is not None and q.heard is not None:  # both conditions hold
+        heard = q.heard if heard is None else dynquery.span_and([q.heard, heard])
     return replace(q, groups=None, where=await condition(False), where_key=key,
-                   where_walked=await condition(True))
+                   where_walked=await condition(True), heard=heard)
 
 
 async def _conditions(db: AsyncSession, product: Product,
@@ -510,48 +505,10 @@ async def _count_of(db: AsyncSession, product: Product, q: DeviceQuery,
     return await _count(db, conds, cap, members)
 
 
-# engine -> {(product id, filters): (counted at, count)}: per database, per process
-_ESTIMATES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[float, int]]] = \
-    weakref.WeakKeyDictionary()
-
-
 def _filter_key(product: Product, q: DeviceQuery) -> tuple[Any, ...]:
     return (product.id, q.device_id, q.device_name, q.serial_number,
             tuple(q.groups or ()), tuple(q.tags or ()), q.cohort, q.quarantined, q.online, q.development,
             q.firmware_version, q.search, q.where_key)
-
-
-async def _product_size(db: AsyncSession, product: Product) -> int:
-    """The product's devices, counted at most once per ESTIMATE_TTL_S (an index-only count,
-    ~30 ms at a million)."""
-    known = _ESTIMATES.setdefault(db.get_bind(), {})
-    key, now = (product.id, "size"), time.monotonic()
-    hit = known.get(key)
-    if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
-        return hit[1]
-    n = await product_device_count(db, product.id)
-    known[key] = (now, n)
-    return n
-
-
-async def _sampled_total(db: AsyncSession, product: Product,
-                         conds: list[ColumnElement[bool]]) -> int | None:
-    """The matches of ``conds`` estimated from a sample: those among the product's first
-    SAMPLE devices in ID order (the edge read from the ID index, each sampled device's row
-    tested once: inside a CASE no other index serves the filters), scaled to the product's
-    size. None for a product smaller than SAMPLE_FROM (its counts are cheap enough)."""
-    edge = (await db.execute(select(Device.id).where(Device.product_id == product.id)
-                             .order_by(Device.id).offset(SAMPLE).limit(1))).scalar()
-    if edge is None:
-        return None
-    size = await _product_size(db, product)
-    if size < SAMPLE_FROM:
-        return None
-    inner = select(Device.id).where(Device.product_id == product.id, Device.id < edge,
-                                    case((and_(*conds[1:]), 1), else_=0) == 1)
-    hits = int((await db.execute(select(func.count()).select_from(inner.subquery())))
-               .scalar_one())
-    return round(hits * size / SAMPLE)
 
 
 async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
@@ -563,27 +520,23 @@ async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
     request path at all: the sample's estimate is the total (the capped count alone reads
     rows until 10,001 matches are found: ~200,000 row tests for a dynamic group matching
     5 % of a million devices)."""
-    known = _ESTIMATES.setdefault(db.get_bind(), {})
+    known = known_counts(db)
     key, now = _filter_key(product, q), time.monotonic()
     if len(conds) > 1 and members is None and _only_search(q, conds) is None:
         hit = known.get((*key, "sampled"))
-        if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
+        if hit is not None and now - hit[0] < estimates.ESTIMATE_TTL_S:
             return hit[1], True
-        sampled = await _sampled_total(db, product, conds)
-        if sampled is not None and sampled > SAMPLED_ABOVE:
-            if len(known) >= 10_000:  # bounded: forget them all
-                known.clear()
+        sampled = await estimates.sampled_total(db, product.id, conds[1:])
+        if sampled is not None and sampled > estimates.SAMPLED_ABOVE:
             known[(*key, "sampled")] = (now, sampled)
             return sampled, True
     n = await _count_of(db, product, q, conds, EXACT_COUNT_UP_TO, members)
     if n <= EXACT_COUNT_UP_TO:
         return n, False
     hit = known.get(key)
-    if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
+    if hit is not None and now - hit[0] < estimates.ESTIMATE_TTL_S:
         return hit[1], True
     exact = await _count_of(db, product, q, conds, None, members)
-    if len(known) >= 10_000:  # bounded: forget them all (each is one count away)
-        known.clear()
     known[key] = (now, exact)
     return exact, True
 
@@ -595,10 +548,10 @@ async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQue
     :func:`_total`) is answered ``cap + 1`` without counting."""
     q = await _with_dynamic_groups(db, product, q)
     conds, members = await _conditions(db, product, q)
-    if cap is not None and cap < SAMPLED_ABOVE and len(conds) > 1 and members is None \
+    if cap is not None and cap < estimates.SAMPLED_ABOVE and len(conds) > 1 and members is None \
             and _only_search(q, conds) is None:
-        sampled = await _sampled_total(db, product, conds)
-        if sampled is not None and sampled > SAMPLED_ABOVE:
+        sampled = await estimates.sampled_total(db, product.id, conds[1:])
+        if sampled is not None and sampled > estimates.SAMPLED_ABOVE:
             return cap + 1
     return await _count_of(db, product, q, conds, cap, members)
 
@@ -614,6 +567,15 @@ async def _two_part_slice(db: AsyncSession, first: tuple[list[Any], list[Any]],
     first_n = offset + len(ids) if ids else await _count(db, first[0])
     return ids + await _slice(db, second[0], second[1], max(0, offset - first_n),
                               limit - len(ids))
+
+
+def _heard_range(q: DeviceQuery, col: Any) -> list[ColumnElement[bool]]:
+    """When the listing is sorted by last heard: the range its filters imply on it
+    (``q.heard``), as conditions the (product, last heard) index can start from."""
+    if col is not Device.last_heard or q.heard is None:
+        return []
+    lo, hi = q.heard
+    return [*([] if lo is None else [col >= lo]), *([] if hi is None else [col <= hi])]
 
 
 async def list_product_devices(db: AsyncSession, product: Product,
@@ -659,7 +621,7 @@ async def list_product_devices(db: AsyncSession, product: Product,
         page_ids = await _slice(db, conds, [Device.id.desc() if desc else Device.id.asc()],
                                 offset, limit)
     else:
-        valued = ([*conds, col.is_not(None)],
+        valued = ([*conds, col.is_not(None), *_heard_range(q, col)],
                   [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()])
         empty = ([*conds, col.is_(None)], [tie.desc() if desc else tie.asc()])
         first, second = (valued, empty) if desc else (empty, valued)
@@ -1078,7 +1040,8 @@ async def preview_query(db: AsyncSession, product: Product, text: Any,
     scope = await dynquery.load_scope(db, product.id, query, strict=True)
     cond = dynquery.compile_query(query, scope)
     page = await list_product_devices(db, product, DeviceQuery(
-        per_page=per_page, where=cond, where_key=f"preview:{query.text}"))
+        per_page=per_page, where=cond, where_key=f"preview:{query.text}",
+        heard=dynquery.heard_span(query, scope.now)))
     out = page.json()
     return {"query": query.text, "device_count": page.total,
             "device_count_is_estimate": page.estimated, "devices": out["devices"],
