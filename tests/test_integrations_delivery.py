@@ -543,3 +543,34 @@ async def test_a_failed_read_of_due_deliveries_neither_stalls_nor_repeats_them(
         await eventually(both_recorded)
         await asyncio.sleep(0.5)  # a repeat would have been sent by now
         assert sorted(s.form["data"] for s in target.seen) == ["1", "2"]
+
+
+async def test_a_lane_ending_as_it_disables_leaves_its_unrecorded_sends_to_its_successor(
+        client, app, worker, monkeypatch):
+    """The failure that disables an integration ends its lane before that outcome is
+    written. An event arriving meanwhile starts a successor lane; it used to find the
+    failed delivery still pending and send it a second time (seen in CI as a fourth
+    request where three were due). The ended lane stays registered until its sends are
+    recorded, so the successor inherits them."""
+    from corral.integrations import tasks
+
+    monkeypatch.setattr(tasks, "FLUSH_S", 2.0)  # outcomes reach the database late
+    s = app.state.settings
+    s.integrations_throttle_after, s.integrations_disable_min_failures = 1, 1
+    s.integrations_disable_after_s, s.integrations_max_attempts = 0.0, 1
+    ada = await new_user(client, "ada@example.com")
+    async with serve() as target:
+        target.default = Answer(503, "down")
+        hook = await create(client, ada, {"event": "once", "url": target.url})
+        await publish(client, ada, "once", "1")
+        await target.wait(1)
+        await asyncio.sleep(0.3)  # the lane has ended (disabling); the outcome is unwritten
+        assert hook["id"] in worker.lanes and worker.lanes[hook["id"]].done
+        await publish(client, ada, "once", "2")  # a successor lane starts
+
+        async def recorded() -> bool:
+            return "pending" not in [d.status for d in await deliveries(app)]
+
+        await eventually(recorded)
+        await asyncio.sleep(0.5)  # a repeat would have been sent by now
+        assert [x.form["data"] for x in target.seen].count("1") == 1, target.seen

@@ -572,7 +572,11 @@ class Lane:
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self.worker.lanes.get(self.id) is self:
+            # a lane whose sent deliveries are not recorded yet stays registered (done), so
+            # its successor inherits them (IntegrationWorker.lane) instead of finding them
+            # still pending and sending them again (a lane ending as it disables the
+            # integration, with the third failure's outcome not yet written)
+            if self.worker.lanes.get(self.id) is self and not self.busy - self.settled:
                 del self.worker.lanes[self.id]
                 PENDING_LANES.set(len(self.worker.lanes))
 
