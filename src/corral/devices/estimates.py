@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, case, func, select
@@ -78,3 +78,35 @@ async def sampled_total(db: AsyncSession, product_id: int,
     hits = int((await db.execute(select(func.count()).select_from(inner.subquery())))
                .scalar_one())
     return round(hits * size / SAMPLE)
+
+
+async def count_or_estimate(db: AsyncSession, key: tuple[Any, ...], product_id: int,
+                            sample: Sequence[ColumnElement[bool]] | None,
+                            count: Callable[[int | None], Awaitable[int]], exact_up_to: int,
+                            *, fresh_is_estimate: bool) -> tuple[int, bool]:
+    """How many devices match, and whether that is an estimate; ``key`` names the filter
+    (per product) for the remembered counts, ``count(cap)`` counts them (at most
+    ``cap + 1``). With ``sample`` (the filter's conditions besides the product), a large
+    product's match a sample puts above SAMPLED_ABOVE is the sample's estimate, not
+    counted. Otherwise exact up to ``exact_up_to``; beyond, counted exactly at most once per
+    ESTIMATE_TTL_S and that count reused meanwhile (an estimate; a fresh one too when
+    ``fresh_is_estimate``: a listing's total says so whenever it is beyond the cap)."""
+    known = known_counts(db)
+    now = time.monotonic()
+    if sample is not None:
+        hit = known.get((*key, "sampled"))
+        if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
+            return hit[1], True
+        sampled = await sampled_total(db, product_id, sample)
+        if sampled is not None and sampled > SAMPLED_ABOVE:
+            known[(*key, "sampled")] = (now, sampled)
+            return sampled, True
+    n = await count(exact_up_to)
+    if n <= exact_up_to:
+        return n, False
+    hit = known.get(key)
+    if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
+        return hit[1], True
+    exact = await count(None)
+    known[key] = (now, exact)
+    return exact, fresh_is_estimate

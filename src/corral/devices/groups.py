@@ -13,7 +13,6 @@ always live; static membership operations on it are refused (``dynamic_group``).
 from __future__ import annotations
 
 import re
-import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -148,24 +147,11 @@ async def dynamic_count(db: AsyncSession, product_id: int, query: str) -> Count:
     ``EXACT_UP_TO``; beyond, counted exactly at most once per ``ESTIMATE_TTL_S`` per query
     and process (an estimate meanwhile, as the device list's totals)."""
     cond = await dynamic_condition(db, product_id, query)
-    known = estimates.known_counts(db)
-    key, now = (product_id, "group", query), time.monotonic()
-    sampled = known.get((*key, "sampled"))
-    if sampled is not None and now - sampled[0] < estimates.ESTIMATE_TTL_S:
-        return Count(sampled[1], True)
-    n = await estimates.sampled_total(db, product_id, [cond])
-    if n is not None and n > estimates.SAMPLED_ABOVE:
-        known[(*key, "sampled")] = (now, n)
-        return Count(n, True)
-    n = await count_matching(db, product_id, cond, EXACT_UP_TO)
-    if n <= EXACT_UP_TO:
-        return Count(n)
-    hit = known.get(key)
-    if hit is not None and now - hit[0] < estimates.ESTIMATE_TTL_S:
-        return Count(hit[1], True)
-    exact = await count_matching(db, product_id, cond)
-    known[key] = (now, exact)
-    return Count(exact)
+    n, estimate = await estimates.count_or_estimate(
+        db, (product_id, "group", query), product_id, [cond],
+        lambda cap: count_matching(db, product_id, cond, cap), EXACT_UP_TO,
+        fresh_is_estimate=False)
+    return Count(n, estimate)
 
 
 async def list_groups(db: AsyncSession, product: Product,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -39,7 +38,7 @@ from corral.devices import groups as group_rules
 from corral.devices import tags as tag_rules
 from corral.devices.access import is_device_id
 from corral.devices.cohorts import cohort_names_for, in_cohort
-from corral.devices.estimates import known_counts, product_device_count
+from corral.devices.estimates import product_device_count
 from corral.devices.json import device_json
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.devices.schemas import (
@@ -511,6 +510,16 @@ def _filter_key(product: Product, q: DeviceQuery) -> tuple[Any, ...]:
             q.firmware_version, q.search, q.where_key)
 
 
+def _samplable(q: DeviceQuery, conds: list[ColumnElement[bool]],
+               members: Any) -> list[ColumnElement[bool]] | None:
+    """The filters (besides the product) a sample may estimate the matches of: not for an
+    unfiltered listing, large groups counted on their membership, or the search box alone
+    (counted by its own index ranges)."""
+    if len(conds) > 1 and members is None and _only_search(q, conds) is None:
+        return conds[1:]
+    return None
+
+
 async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
                  conds: list[ColumnElement[bool]], members: Any = None) -> tuple[int, bool]:
     """The number of matches and whether it is an estimate: exact up to
@@ -520,25 +529,10 @@ async def _total(db: AsyncSession, product: Product, q: DeviceQuery,
     request path at all: the sample's estimate is the total (the capped count alone reads
     rows until 10,001 matches are found: ~200,000 row tests for a dynamic group matching
     5 % of a million devices)."""
-    known = known_counts(db)
-    key, now = _filter_key(product, q), time.monotonic()
-    if len(conds) > 1 and members is None and _only_search(q, conds) is None:
-        hit = known.get((*key, "sampled"))
-        if hit is not None and now - hit[0] < estimates.ESTIMATE_TTL_S:
-            return hit[1], True
-        sampled = await estimates.sampled_total(db, product.id, conds[1:])
-        if sampled is not None and sampled > estimates.SAMPLED_ABOVE:
-            known[(*key, "sampled")] = (now, sampled)
-            return sampled, True
-    n = await _count_of(db, product, q, conds, EXACT_COUNT_UP_TO, members)
-    if n <= EXACT_COUNT_UP_TO:
-        return n, False
-    hit = known.get(key)
-    if hit is not None and now - hit[0] < estimates.ESTIMATE_TTL_S:
-        return hit[1], True
-    exact = await _count_of(db, product, q, conds, None, members)
-    known[key] = (now, exact)
-    return exact, True
+    return await estimates.count_or_estimate(
+        db, _filter_key(product, q), product.id, _samplable(q, conds, members),
+        lambda cap: _count_of(db, product, q, conds, cap, members), EXACT_COUNT_UP_TO,
+        fresh_is_estimate=True)
 
 
 async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQuery,
@@ -548,9 +542,9 @@ async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQue
     :func:`_total`) is answered ``cap + 1`` without counting."""
     q = await _with_dynamic_groups(db, product, q)
     conds, members = await _conditions(db, product, q)
-    if cap is not None and cap < estimates.SAMPLED_ABOVE and len(conds) > 1 and members is None \
-            and _only_search(q, conds) is None:
-        sampled = await estimates.sampled_total(db, product.id, conds[1:])
+    sample = _samplable(q, conds, members)
+    if cap is not None and cap < estimates.SAMPLED_ABOVE and sample is not None:
+        sampled = await estimates.sampled_total(db, product.id, sample)
         if sampled is not None and sampled > estimates.SAMPLED_ABOVE:
             return cap + 1
     return await _count_of(db, product, q, conds, cap, members)
