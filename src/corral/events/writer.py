@@ -223,10 +223,7 @@ class EventWriter:
         ``now``: someone waits for this answer (a function call, a variable read), so the
         batch it joins commits without waiting ``max_delay`` for more rows; rows already
         queued go with it, and under load the next batch fills while this one commits."""
-        while not self._closing and len(self._pending) >= self.max_pending:
-            self._space.clear()
-            await self._space.wait()
-        fut = self.write_nowait(None, usage)
+        fut = await self.submit(None, usage)
         if now:
             self._hurry = True
             self._wake.set()
