@@ -321,10 +321,12 @@ def refuse_dynamic(groups: Iterable[DeviceGroup]) -> None:
 
 
 async def group_names_for(db: AsyncSession, device_ids: Sequence[str],
-                          product_id: int | None = None) -> dict[str, list[str]]:
+                          product_id: int | None = None,
+                          matched: Sequence[tuple[str, DeviceGroup]] | None = None
+                          ) -> dict[str, list[str]]:
     """Group names of each device, in one query per chunk (no per-device queries); with
     ``product_id`` (the devices' product) also the product's dynamic groups each device
-    matches now (:func:`dynamic_matches`: two more statements)."""
+    matches now (``matched``, or :func:`dynamic_matches`: two more statements)."""
     out: dict[str, list[str]] = defaultdict(list)
     for chunk in chunks(list(device_ids)):
         rows = await db.execute(
@@ -334,7 +336,9 @@ async def group_names_for(db: AsyncSession, device_ids: Sequence[str],
         for device_id, name in rows.all():
             out[device_id].append(name)
     if product_id is not None and device_ids:
-        for device_id, g in await dynamic_matches(db, product_id, device_ids):
+        if matched is None:
+            matched = await dynamic_matches(db, product_id, device_ids)
+        for device_id, g in matched:
             out[device_id].append(g.name)
     return {k: sorted(v) for k, v in out.items()}
 

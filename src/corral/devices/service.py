@@ -118,21 +118,25 @@ async def device_view(db: AsyncSession, device: Device) -> dict[str, Any]:
     owner = (await owner_names(db, [device])).get(device.id)
     if device.product_id is None:
         return device_json(device, owner=owner)
-    groups = (await group_rules.group_names_for(db, [device.id], device.product_id)
+    matched = await group_rules.dynamic_matches(db, device.product_id, [device.id])
+    groups = (await group_rules.group_names_for(db, [device.id], device.product_id, matched)
               ).get(device.id, [])
-    targets = await _targets(db, device.product_id, [device.id])
+    targets = await _targets(db, device.product_id, [device.id], matched)
     cohort = (await cohort_names_for(db, [device.id])).get(device.id)
     return device_json(device, groups=groups, owner=owner, product=True,
                        targeted=targets.get(device.id), cohort=cohort)
 
 
-async def _targets(db: AsyncSession, product_id: int, ids: list[str]) -> dict[str, int | None]:
-    """Device id -> ``targeted_firmware_release_version`` (the firmware precedence rules)."""
+async def _targets(db: AsyncSession, product_id: int, ids: list[str],
+                   matched: Sequence[tuple[str, DeviceGroup]]) -> dict[str, int | None]:
+    """Device id -> ``targeted_firmware_release_version`` (the firmware precedence rules);
+    ``matched``: the dynamic groups the devices match (tested once for the page)."""
     from corral.firmware.resolver import targets_for
 
     if not ids:
         return {}
-    return {i: t.version for i, t in (await targets_for(db, product_id, ids)).items()}
+    return {i: t.version for i, t in (await targets_for(
+        db, product_id, ids, matched=[(d, g.id) for d, g in matched])).items()}
 
 
 # --- the product inventory ---------------------------------------------------------------------
@@ -626,7 +630,8 @@ async def list_product_devices(db: AsyncSession, product: Product,
         select(Device).where(Device.id.in_(page_ids)))).scalars()} if page_ids else {}
     devices = [rows[i] for i in page_ids if i in rows]
     ids = [d.id for d in devices]
-    groups = await group_rules.group_names_for(db, ids, product.id)
+    matched = await group_rules.dynamic_matches(db, product.id, ids) if ids else []
+    groups = await group_rules.group_names_for(db, ids, product.id, matched)
     owners = await owner_names(db, devices)
     customer_ids = sorted({d.customer_id for d in devices if d.customer_id is not None})
     customers: list[dict[str, Any]] = []
@@ -635,7 +640,7 @@ async def list_product_devices(db: AsyncSession, product: Product,
             select(Customer.id, Customer.email).where(Customer.id.in_(customer_ids))
             .order_by(Customer.id))).all()]
     return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page,
-                      await _targets(db, product.id, ids), has_more=has_more,
+                      await _targets(db, product.id, ids, matched), has_more=has_more,
                       estimated=estimated, cohorts=await cohort_names_for(db, ids))
 
 

@@ -258,11 +258,14 @@ async def _dynamic_members(db: AsyncSession, product_id: int, device_ids: list[s
 async def device_facts(db: AsyncSession, product_id: int,
                        device_ids: Sequence[str] | None = None,
                        also_groups: Collection[int] = (),
-                       released_groups: Collection[int] | None = None) -> list[DeviceFacts]:
+                       released_groups: Collection[int] | None = None,
+                       matched: Sequence[tuple[str, int]] | None = None) -> list[DeviceFacts]:
     """The product's devices (or those of ``device_ids`` in it) as resolver input. Their
     ``group_ids`` hold their static groups and the dynamic groups with a release (and
     those of ``also_groups``) whose query they match now; ``released_groups``: the ids of
-    the groups with a release, when the caller has them (:func:`load_releases`)."""
+    the groups with a release, when the caller has them (:func:`load_releases`);
+    ``matched``: (device id, group id) of every dynamic group each of ``device_ids``
+    matches now, when the caller has tested them already (a device page shows them)."""
     groups: dict[str, set[int]] = defaultdict(set)
     cohorts: dict[str, int] = {}
     rows: list[tuple[str, bool, int | None, int | None]] = []
@@ -295,9 +298,14 @@ async def device_facts(db: AsyncSession, product_id: int,
             cohorts.update({did: int(cid) for did, cid in (await db.execute(
                 select(CohortMember.device_id, CohortMember.cohort_id)
                 .where(CohortMember.device_id.in_(chunk)))).all()})
-    for did, gid in await _dynamic_members(
+    if matched is not None and device_ids is not None and released_groups is not None:
+        wanted = set(also_groups) | set(released_groups)
+        dynamic = [(did, gid) for did, gid in matched if gid in wanted]
+    else:
+        dynamic = await _dynamic_members(
             db, product_id, None if device_ids is None else sorted(set(device_ids)),
-            also_groups, released_groups):
+            also_groups, released_groups)
+    for did, gid in dynamic:
         groups[did].add(gid)
     return [DeviceFacts(id=did, development=bool(dev), desired_version=desired,
                         group_ids=frozenset(groups.get(did, ())), firmware_version=fw,
@@ -307,13 +315,16 @@ async def device_facts(db: AsyncSession, product_id: int,
 
 async def targets_for(db: AsyncSession, product_id: int,
                       device_ids: Sequence[str] | None = None,
-                      releases: ProductTargets | None = None) -> dict[str, Target]:
-    """Device id -> its target, for the product's devices (or just ``device_ids``)."""
+                      releases: ProductTargets | None = None,
+                      matched: Sequence[tuple[str, int]] | None = None) -> dict[str, Target]:
+    """Device id -> its target, for the product's devices (or just ``device_ids``;
+    ``matched``: the dynamic groups they match, if known: see :func:`device_facts`)."""
     pt = releases or await load_releases(db, product_id)
     if pt.counts:  # count gates rank every device the release could target
         everyone = await device_facts(db, product_id, released_groups=pt.released_groups)
         rs = finish_count_gates(pt, everyone)
         wanted = set(device_ids) if device_ids is not None else None
         return {d.id: resolve(d, rs) for d in everyone if wanted is None or d.id in wanted}
-    facts = await device_facts(db, product_id, device_ids, released_groups=pt.released_groups)
+    facts = await device_facts(db, product_id, device_ids, released_groups=pt.released_groups,
+                               matched=matched)
     return {d.id: resolve(d, pt.releases) for d in facts}
