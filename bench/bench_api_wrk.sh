@@ -22,11 +22,18 @@ TOKEN=$(curl -sf -X POST "$BASE/oauth/token" -d grant_type=password -d username=
   -d password=wrk-password -d client_id=bench -d client_secret=bench | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 curl -sf -X POST "$BASE/v1/user/products" -H "Authorization: Bearer $TOKEN" \
   -H 'content-type: application/json' -d '{"product":{"name":"Bench"}}' >/dev/null
-printf '%-34s %9s %9s %9s\n' route req/s p50_ms p99_ms
+# server CPU (user + system) of the uvicorn process, in clock ticks: robust to other load
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
+TICK=$(getconf CLK_TCK)
+printf '%-34s %9s %9s %9s %9s\n' route req/s p50_ms p99_ms cpu_ms/req
 for path in /healthz /v1/user /v1/products/bench /v1/products/bench/team /v1/products/bench/devices; do
+  c0=$(cpu_ticks)
   out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$BASE$path")
+  c1=$(cpu_ticks)
+  nreq=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu=$(awk -v a="$c0" -v b="$c1" -v t="$TICK" -v n="$nreq" 'BEGIN { printf "%.2f", (b - a) * 1000 / t / n }')
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-  printf '%-34s %9s %9s %9s %s\n' "GET $path" "$rps" "$p50" "$p99" "${non2xx:+non-2xx=$non2xx}"
+  printf '%-34s %9s %9s %9s %9s %s\n' "GET $path" "$rps" "$p50" "$p99" "$cpu" "${non2xx:+non-2xx=$non2xx}"
 done
