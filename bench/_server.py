@@ -133,6 +133,14 @@ def fleet_database(tmp: Path, db_file: Path, devices: int,
                 conn.execute("ANALYZE")
         print(f"reusing the fleet in {db_file}")
         return slug
+    return new_fleet(tmp, url, devices, seed, user=user, password=password)
+
+
+def new_fleet(tmp: Path, url: str, devices: int,
+              seed: Callable[[str, str, int], Awaitable[None]], *, user: str,
+              password: str) -> str:
+    """The slug of a new product in the database at ``url``: a server makes a user and the
+    product, then ``seed(url, slug, devices)`` fills it."""
     with corral_server(tmp, database_url=url) as base:
         token = signup_and_login(base, user, password)
         r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},

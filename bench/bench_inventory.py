@@ -1,10 +1,13 @@
 """B3: product device listing at scale — p50/p99 of one page with 1,000,000 devices.
 
     .venv/bin/python bench/bench_inventory.py [--devices 1000000] [--requests 200]
-        [--database-url postgresql+asyncpg://postgres@127.0.0.1:5432/corral_bench_inv]
+        [--database fleet.db | --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/corral_bench_inv]
+        [--keep] [--shapes 'groups=beta;quarantined=true']
 
 (PostgreSQL: an empty database, e.g. ``dropdb --if-exists corral_bench_inv; createdb
-corral_bench_inv``; the default is a fresh SQLite file.)
+corral_bench_inv``; the default is a fresh SQLite file. ``--database FILE`` keeps the SQLite
+fleet there and reuses it when the file exists (as bench_console.py, whose fleet it shares);
+``--keep`` reuses the fleet a PostgreSQL database already holds instead of seeding again.)
 
 Seeds a product with N devices straight into a fresh SQLite database (migrated by corral's own
 Alembic migrations; bulk core inserts, ~10 % of devices in a group, varied names, firmware
@@ -24,13 +27,22 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import corral_server, insert_rows, percentile, seeding, signup_and_login
+from _server import (
+    corral_server,
+    fleet_database,
+    insert_rows,
+    new_fleet,
+    percentile,
+    seeding,
+    signup_and_login,
+)
 from sqlalchemy import insert, select
 
 from corral.db.engine import make_engine
 from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.products.models import Product
 
+USER, PASSWORD = "bench@example.com", "bench-password"  # signup_and_login's defaults
 SHAPES = [
     ("default (lastConnection desc)", {}),
     ("sortAttr=deviceId asc", {"sortAttr": "deviceId", "sortDir": "asc"}),
@@ -82,31 +94,56 @@ async def seed(url: str, slug: str, n: int) -> None:
     await engine.dispose()
 
 
+def seeded_product(tmp: Path, url: str, devices: int, keep: bool) -> str:
+    """The slug of the product to list: an existing fleet's when ``keep`` finds one in the
+    database, else a new product seeded with ``devices`` devices."""
+    if keep:
+        async def existing() -> str | None:
+            engine = make_engine(url)
+            try:
+                async with engine.connect() as conn:
+                    return (await conn.execute(select(Product.slug).order_by(Product.id)
+                                               .limit(1))).scalar()
+            finally:
+                await engine.dispose()
+
+        with corral_server(tmp, database_url=url):
+            pass  # the start migrates it
+        slug = asyncio.run(existing())
+        if slug is not None:
+            print(f"reusing the fleet of product {slug}")
+            return slug
+    return new_fleet(tmp, url, devices, seed, user=USER, password=PASSWORD)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1_000_000)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--database-url", default=None)
+    ap.add_argument("--database", type=Path, default=None,
+                    help="a SQLite file to keep the seeded fleet in (reused when it exists)")
+    ap.add_argument("--keep", action="store_true",
+                    help="reuse the fleet already in --database-url instead of seeding")
+    ap.add_argument("--shapes", default="", help="';'-separated labels (default: all)")
     args = ap.parse_args()
+    wanted = [s for s in args.shapes.split(";") if s]
+    shapes = [(label, p) for label, p in SHAPES if not wanted or label in wanted]
     with tempfile.TemporaryDirectory() as tmp:
-        url = args.database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'corral.db'}"
-        with corral_server(Path(tmp), database_url=url) as base:
-            token = signup_and_login(base)
-            h = {"Authorization": f"Bearer {token}"}
-            r = httpx.post(f"{base}/v1/user/products", json={"product": {"name": "Fleet"}},
-                           headers=h, timeout=30)
-            r.raise_for_status()
-            slug = r.json()["product"]["slug"]
-        t = time.perf_counter()
-        asyncio.run(seed(url, slug, args.devices))
-        print(f"seeded {args.devices} devices in {time.perf_counter() - t:.1f} s")
+        if args.database is not None:
+            url = f"sqlite+aiosqlite:///{args.database}"
+            slug = fleet_database(Path(tmp), args.database, args.devices, seed,
+                                  user=USER, password=PASSWORD)
+        else:
+            url = args.database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'corral.db'}"
+            slug = seeded_product(Path(tmp), url, args.devices, args.keep)
         with corral_server(Path(tmp), database_url=url) as base:
             token = signup_and_login(base)
             rnd = random.Random(1)
             print(f"{'query':34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
             with httpx.Client(base_url=base, timeout=60,
                               headers={"Authorization": f"Bearer {token}"}) as c:
-                for label, params in SHAPES:
+                for label, params in shapes:
                     lat = []
                     for _ in range(args.requests):
                         q = {k: (f"{rnd.getrandbits(12):03x}" if v == "{prefix}" else v)

@@ -1,7 +1,7 @@
 """Where a device-list page's time goes, in-process, on a kept SQLite fleet (B15, B17).
 
     .venv/bin/python bench/bench_list_pages.py --database fleet.db [--shapes tag,fw7]
-        [--pages 1,10,19] [--per-page 25] [--no-count] [--statements 3]
+        [--pages 1,10,19] [--per-page 25] [--no-count | --console] [--statements 3]
 
 Opens the fleet that ``bench_console.py --database`` or ``bench_dyngroups.py --database``
 kept (its first product) and calls the device list's service directly (no HTTP, no
@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import event, select
 
+from corral.console.counts import CAP
 from corral.db.engine import make_engine, make_sessionmaker
 from corral.devices import service
 from corral.devices.models import DeviceGroup
@@ -36,6 +37,13 @@ SHAPES: dict[str, dict[str, Any]] = {
     "group-beta": {"groups": ["beta"]},
     "fw7": {"firmware_version": 7},
     "quarantined": {"quarantined": True},
+    # and the other shapes of /v1 (bench_inventory.py)
+    "sort-id": {"sort_attr": "deviceId", "sort_dir": "asc"},
+    "sort-fw": {"sort_attr": "firmwareVersion", "sort_dir": "desc"},
+    "id-prefix": {"device_id": "a1f"},
+    "name-rare": {"device_name": "or-12345"},
+    "serial-substring": {"serial_number": "0004242"},
+    "online": {"online": True},
 }
 
 
@@ -50,7 +58,9 @@ async def main() -> None:
                     "above and every dynamic group of the product (as dyn:<name>)")
     ap.add_argument("--pages", default="1,10,19")
     ap.add_argument("--per-page", type=int, default=25)
-    ap.add_argument("--no-count", action="store_true", help="as the console (no total)")
+    ap.add_argument("--no-count", action="store_true", help="no total (as the console)")
+    ap.add_argument("--console", action="store_true", help="as the console's list page: no "
+                    "total, then the bounded count (console.counts.CAP) the page shows")
     ap.add_argument("--statements", type=int, default=3)
     args = ap.parse_args()
     engine = make_engine(f"sqlite+aiosqlite:///{args.database}")
@@ -81,10 +91,12 @@ async def main() -> None:
         for page in pages:
             log.clear()
             q = service.DeviceQuery(page=page, per_page=args.per_page,
-                                    count=not args.no_count, **shapes[name])
+                                    count=not (args.no_count or args.console), **shapes[name])
             async with sessions() as db:
                 w, c = time.perf_counter(), time.process_time()
                 await service.list_product_devices(db, product, q)
+                if args.console:
+                    await service.count_product_devices(db, product, q, cap=CAP)
                 walls.append((time.perf_counter() - w) * 1e3)
                 cpus.append((time.process_time() - c) * 1e3)
         print(f"{name:28} {median(walls):8.1f} {median(cpus):8.1f} {len(log):10}")

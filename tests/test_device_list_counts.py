@@ -111,3 +111,72 @@ async def test_a_broad_filter_in_a_large_product_is_estimated_from_a_sample(
             db, p, service.DeviceQuery(firmware_version=9), cap=50)
     assert (broad, narrow) == (51, 12)
     assert len(seen) == 1, seen  # the narrow one only
+
+
+async def test_a_remembered_count_far_over_the_threshold_is_not_counted_again(
+        client: httpx.AsyncClient, app: Any, small_threshold: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A total counted above twice the threshold is answered, as an estimate, without even
+    the capped count while it is younger than ESTIMATE_TTL_S; once it has aged out the
+    devices are counted again."""
+    ada, product = await owner_and_product(client)
+    await add_devices(app, product["id"], *[f"{i:024x}" for i in range(1, 13)])
+    seen: list[int | None] = []
+    real = service._count
+
+    async def counting(db: Any, conds: Any, cap: int | None = None, members: Any = None) -> int:
+        seen.append(cap)
+        return await real(db, conds, cap, members)
+
+    monkeypatch.setattr(service, "_count", counting)
+    by_id = {"sortAttr": "deviceId"}  # (by last heard, never-heard devices are counted too)
+    meta = await _meta(client, ada, product, **by_id)
+    assert (meta["total"], meta["total_is_estimate"], seen) == (12, True, [5, None])
+    seen.clear()
+    meta = await _meta(client, ada, product, **by_id)
+    assert (meta["total"], meta["total_is_estimate"], seen) == (12, True, [])
+    monkeypatch.setattr(estimates, "ESTIMATE_TTL_S", 0.0)
+    meta = await _meta(client, ada, product, **by_id)
+    assert (meta["total"], seen) == (12, [5, None])
+
+
+async def test_a_sample_is_taken_once_per_estimate_age_and_the_listing_counts_for_the_console(
+        client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A narrow filter's sample (it only chooses to count) is taken once per
+    ESTIMATE_TTL_S; the console's bounded count takes the count the listing already made
+    (``DevicePage.counted``), and it equals what counting says."""
+    from corral.devices.models import Device
+    from corral.products.models import Product
+
+    monkeypatch.setattr(estimates, "SAMPLE", 60)
+    monkeypatch.setattr(estimates, "SAMPLE_FROM", 300)
+    ada, product = await owner_and_product(client)
+    ids = [f"{i:024x}" for i in range(1, 401)]
+    await add_devices(app, product["id"], *ids)
+    async with app.state.sessionmaker() as db:
+        for n, did in enumerate(ids):
+            (await db.get(Device, did)).firmware_version = 9 if n % 40 == 0 else 1
+        await db.commit()
+    samples: list[int] = []
+    real = estimates.sampled_total
+
+    async def sampling(*args: Any) -> int | None:
+        samples.append(1)
+        return await real(*args)
+
+    monkeypatch.setattr(estimates, "sampled_total", sampling)
+    for _ in range(3):
+        meta = await _meta(client, ada, product, firmwareVersion=9)
+        assert meta["total"] == 10 and "total_is_estimate" not in meta
+    assert samples == [1]
+    async with app.state.sessionmaker() as db:
+        p = await db.get(Product, product["id"])
+        for page in (1, 2, 3, 4):  # 10 matches, 4 per page: pages 1-3, then none
+            q = service.DeviceQuery(firmware_version=9, per_page=4, page=page, count=False)
+            listed = await service.list_product_devices(db, p, q)
+            assert listed.counted in (None, 10), (page, listed.counted)
+            assert await service.count_product_devices(db, p, q, cap=50) == 10
+        q = service.DeviceQuery(firmware_version=9, per_page=4, page=1, count=False)
+        assert (await service.list_product_devices(db, p, q)).counted == 10
+        q = service.DeviceQuery(firmware_version=1, per_page=4, page=100, count=False)
+        assert (await service.list_product_devices(db, p, q)).counted in (None, 390)

@@ -19,7 +19,6 @@ from sqlalchemy import (
     false,
     func,
     literal,
-    literal_column,
     or_,
     select,
     union,
@@ -254,9 +253,9 @@ async def _with_dynamic_groups(db: AsyncSession, product: Product,
 
 async def _conditions(db: AsyncSession, product: Product,
                       q: DeviceQuery) -> tuple[list[ColumnElement[bool]], Any]:
-    """The filters of ``q`` and, when they are only large groups of the product, those
-    groups' membership (counted instead of walking the devices: see :func:`_count`)."""
-    q = await _with_dynamic_groups(db, product, q)
+    """The filters of ``q`` (its dynamic groups already turned into its condition by
+    :func:`_with_dynamic_groups`) and, when they are only large groups of the product,
+    those groups' membership (counted instead of walking the devices: see :func:`_count`)."""
     large = await _large_groups(db, product, q)
     many_tagged = bool(q.tags) and await tag_rules.carried_by_many(db, q.tags or [],
                                                                    FEW_MATCHES)
@@ -436,6 +435,9 @@ class DevicePage:
     has_more: bool = False  # another page follows
     estimated: bool = False  # total is an estimate (beyond EXACT_COUNT_UP_TO)
     cohorts: dict[str, str] = field(default_factory=dict)  # device id -> cohort name
+    # how many devices match, when the listing counted them on its way (exact up to
+    # FEW_MATCHES; beyond, more than FEW_MATCHES); None when it did not
+    counted: int | None = None
 
     def json(self) -> dict[str, Any]:
         assert self.total is not None
@@ -449,15 +451,6 @@ class DevicePage:
             "meta": {**paging(self.page, self.per_page, self.total),
                      **({"total_is_estimate": True} if self.estimated else {})},
         }
-
-
-def _tiebreak(db: AsyncSession) -> Any:
-    """The column that orders rows with equal sort keys. SQLite: the rowid, which every
-    SQLite index already carries, so ``(product_id, column)`` indexes give the full order
-    without a sort; elsewhere the device id (the lead may widen those indexes with it)."""
-    if db.get_bind().dialect.name == "sqlite":
-        return literal_column("devices.rowid")
-    return Device.id
 
 
 async def _slice(db: AsyncSession, conds: list[ColumnElement[bool]], order: list[Any],
@@ -548,7 +541,7 @@ async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQue
     conds, members = await _conditions(db, product, q)
     sample = _samplable(q, conds, members)
     if cap is not None and cap < estimates.SAMPLED_ABOVE and sample is not None:
-        sampled = await estimates.sampled_total(db, product.id, sample)
+        sampled = await estimates.sampled(db, _filter_key(product, q), product.id, sample)
         if sampled is not None and sampled > estimates.SAMPLED_ABOVE:
             return cap + 1
     return await _count_of(db, product, q, conds, cap, members)
@@ -593,14 +586,21 @@ async def list_product_devices(db: AsyncSession, product: Product,
     col = SORT_ATTRS[q.sort_attr]
     desc = q.sort_dir == "desc"
     offset, limit = (q.page - 1) * q.per_page, q.per_page + 1
-    tie = Device.id if col is Device.id else _tiebreak(db)
+    # equal sort keys are ordered by device id, on every database: every sort index is
+    # (product_id, column, id), so it gives the full order without a sort (SQLite's rowid,
+    # used before, sorted each firmware version's 50,000 devices of a million: bench B3)
+    tie = Device.id
     total, estimated = await _total(db, product, q, conds, members) if q.count else (None, False)
     walked = await _walked_search(db, product, q, conds, offset)
     page_ids: list[str] | None = None
+    few = False
+    # the matches when this listing learns their number on its way (exact up to
+    # FEW_MATCHES, beyond it more than FEW_MATCHES): a caller's bounded count needs no count
+    counted = total if total is not None and not estimated else None
     if walked is not None:  # a search matching many devices: walk the sort index
-        few, conds = False, walked
+        conds = walked
     elif members is not None:  # only large groups: more than FEW_MATCHES devices
-        few = False
+        pass
     else:
         # not for the search box (walked its own way), name or serial substrings (their
         # search index gathers the matches anyway), quarantined or online devices (few by
@@ -608,9 +608,11 @@ async def list_product_devices(db: AsyncSession, product: Product,
         if len(conds) > 1 and not (q.search and q.search.strip()) and not q.quarantined \
                 and not q.online and not q.device_name and not q.serial_number:
             page_ids = await _bounded_walk(db, product, q, col, tie, desc, offset, limit)
-        few = page_ids is None and len(conds) > 1 and (
-            total if total is not None else await _count_of(db, product, q, conds, FEW_MATCHES)
-        ) <= FEW_MATCHES
+        if page_ids is None and len(conds) > 1:
+            n = total if total is not None else await _count_of(db, product, q, conds,
+                                                                  FEW_MATCHES)
+            counted = n if total is None else counted
+            few = n <= FEW_MATCHES
     if page_ids is not None:
         pass  # found along the sort index
     elif few:
@@ -625,6 +627,8 @@ async def list_product_devices(db: AsyncSession, product: Product,
         first, second = (valued, empty) if desc else (empty, valued)
         page_ids = await _two_part_slice(db, first, second, offset, limit)
     has_more = len(page_ids) > q.per_page
+    if not has_more and (page_ids or not offset):  # the last page: the matches end here
+        counted = offset + len(page_ids)
     page_ids = page_ids[:q.per_page]
     rows = {d.id: d for d in (await db.execute(
         select(Device).where(Device.id.in_(page_ids)))).scalars()} if page_ids else {}
@@ -641,7 +645,8 @@ async def list_product_devices(db: AsyncSession, product: Product,
             .order_by(Customer.id))).all()]
     return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page,
                       await _targets(db, product.id, ids, matched), has_more=has_more,
-                      estimated=estimated, cohorts=await cohort_names_for(db, ids))
+                      estimated=estimated, cohorts=await cohort_names_for(db, ids),
+                      counted=counted)
 
 
 # --- updating a device -------------------------------------------------------------------------

@@ -100,7 +100,9 @@ async def _list_page(request: Request, pc: ProductCtx, *, status: int = 200,
     result = await devices.list_product_devices(pc.db, pc.product, q)
     bounded = counts.Count(0)
     if result.devices or q.page > 1:
-        n = await devices.count_product_devices(pc.db, pc.product, q, cap=counts.CAP)
+        # the listing's own count when it took one (exact up to FEW_MATCHES >= CAP)
+        n = result.counted if result.counted is not None else \
+            await devices.count_product_devices(pc.db, pc.product, q, cap=counts.CAP)
         bounded = counts.Count(min(n, counts.CAP), exact=n <= counts.CAP)
     colors = await group_rules.group_colors(pc.db, pc.product)
     count_url = link(f"/console/products/{pc.product.slug}/devices/count", filters)
