@@ -113,12 +113,12 @@ async def test_a_broad_filter_in_a_large_product_is_estimated_from_a_sample(
     assert len(seen) == 1, seen  # the narrow one only
 
 
-async def test_a_remembered_count_far_over_the_threshold_is_not_counted_again(
+async def test_a_remembered_count_over_the_threshold_is_not_counted_again(
         client: httpx.AsyncClient, app: Any, small_threshold: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A total counted above twice the threshold is answered, as an estimate, without even
-    the capped count while it is younger than ESTIMATE_TTL_S; once it has aged out the
-    devices are counted again."""
+    """A total counted above the threshold is answered, as an estimate, without even the
+    capped count while it is younger than ESTIMATE_TTL_S; once it has aged out the devices
+    are counted again."""
     ada, product = await owner_and_product(client)
     await add_devices(app, product["id"], *[f"{i:024x}" for i in range(1, 13)])
     seen: list[int | None] = []

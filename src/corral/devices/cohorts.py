@@ -15,15 +15,20 @@ from corral.devices.cohort_models import Cohort, CohortMember
 CHUNK = 5000
 
 
-async def cohort_names_for(db: AsyncSession, device_ids: Sequence[str]) -> dict[str, str]:
-    """Device id -> the name of its cohort (devices in none are absent)."""
+async def cohort_names_for(db: AsyncSession, device_ids: Sequence[str],
+                           cohort_ids: dict[str, int] | None = None) -> dict[str, str]:
+    """Device id -> the name of its cohort (devices in none are absent); ``cohort_ids``:
+    filled with device id -> its cohort's id on the way."""
     out: dict[str, str] = {}
     ids = list(device_ids)
     for i in range(0, len(ids), CHUNK):
-        out.update({d: n for d, n in await db.execute(
-            select(CohortMember.device_id, Cohort.name)
-            .join(Cohort, Cohort.id == CohortMember.cohort_id)
-            .where(CohortMember.device_id.in_(ids[i:i + CHUNK])))})
+        for d, n, cid in await db.execute(
+                select(CohortMember.device_id, Cohort.name, Cohort.id)
+                .join(Cohort, Cohort.id == CohortMember.cohort_id)
+                .where(CohortMember.device_id.in_(ids[i:i + CHUNK]))):
+            out[d] = n
+            if cohort_ids is not None:
+                cohort_ids[d] = int(cid)
     return out
 
 

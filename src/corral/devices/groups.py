@@ -322,19 +322,23 @@ def refuse_dynamic(groups: Iterable[DeviceGroup]) -> None:
 
 async def group_names_for(db: AsyncSession, device_ids: Sequence[str],
                           product_id: int | None = None,
-                          matched: Sequence[tuple[str, DeviceGroup]] | None = None
+                          matched: Sequence[tuple[str, DeviceGroup]] | None = None,
+                          static_ids: dict[str, set[int]] | None = None
                           ) -> dict[str, list[str]]:
     """Group names of each device, in one query per chunk (no per-device queries); with
     ``product_id`` (the devices' product) also the product's dynamic groups each device
-    matches now (``matched``, or :func:`dynamic_matches`: two more statements)."""
+    matches now (``matched``, or :func:`dynamic_matches`: two more statements).
+    ``static_ids``: filled with each device's static groups' ids on the way."""
     out: dict[str, list[str]] = defaultdict(list)
     for chunk in chunks(list(device_ids)):
         rows = await db.execute(
-            select(DeviceGroupMember.device_id, DeviceGroup.name)
+            select(DeviceGroupMember.device_id, DeviceGroup.name, DeviceGroup.id)
             .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
             .where(DeviceGroupMember.device_id.in_(chunk)))
-        for device_id, name in rows.all():
+        for device_id, name, gid in rows.all():
             out[device_id].append(name)
+            if static_ids is not None:
+                static_ids.setdefault(device_id, set()).add(int(gid))
     if product_id is not None and device_ids:
         if matched is None:
             matched = await dynamic_matches(db, product_id, device_ids)

@@ -117,25 +117,35 @@ async def device_view(db: AsyncSession, device: Device) -> dict[str, Any]:
     owner = (await owner_names(db, [device])).get(device.id)
     if device.product_id is None:
         return device_json(device, owner=owner)
-    matched = await group_rules.dynamic_matches(db, device.product_id, [device.id])
-    groups = (await group_rules.group_names_for(db, [device.id], device.product_id, matched)
-              ).get(device.id, [])
-    targets = await _targets(db, device.product_id, [device.id], matched)
-    cohort = (await cohort_names_for(db, [device.id])).get(device.id)
-    return device_json(device, groups=groups, owner=owner, product=True,
-                       targeted=targets.get(device.id), cohort=cohort)
+    groups, cohorts, targets = await _memberships(db, device.product_id, [device])
+    return device_json(device, groups=groups.get(device.id, []), owner=owner, product=True,
+                       targeted=targets.get(device.id), cohort=cohorts.get(device.id))
 
 
-async def _targets(db: AsyncSession, product_id: int, ids: list[str],
-                   matched: Sequence[tuple[str, DeviceGroup]]) -> dict[str, int | None]:
-    """Device id -> ``targeted_firmware_release_version`` (the firmware precedence rules);
-    ``matched``: the dynamic groups the devices match (tested once for the page)."""
-    from corral.firmware.resolver import targets_for
+async def _memberships(db: AsyncSession, product_id: int, devices: Sequence[Device]
+                       ) -> tuple[dict[str, list[str]], dict[str, str], dict[str, int | None]]:
+    """Of the product's ``devices``: device id -> its groups' names (static, and the dynamic
+    groups it matches now: tested once for them all), its cohort's name and its
+    ``targeted_firmware_release_version`` (the firmware precedence rules, resolved from the
+    rows, memberships and matches read here: the resolver reads only the releases)."""
+    from corral.firmware.resolver import DeviceFacts, targets_for
 
+    ids = [d.id for d in devices]
     if not ids:
-        return {}
-    return {i: t.version for i, t in (await targets_for(
-        db, product_id, ids, matched=[(d, g.id) for d, g in matched])).items()}
+        return {}, {}, {}
+    matched = await group_rules.dynamic_matches(db, product_id, ids)
+    static: dict[str, set[int]] = {}
+    groups = await group_rules.group_names_for(db, ids, product_id, matched, static)
+    cohort_ids: dict[str, int] = {}
+    cohorts = await cohort_names_for(db, ids, cohort_ids)
+    known = [DeviceFacts(id=d.id, development=bool(d.development),
+                         desired_version=d.desired_firmware_version,
+                         group_ids=frozenset(static.get(d.id, ())),
+                         firmware_version=d.firmware_version, cohort_id=cohort_ids.get(d.id))
+             for d in devices]
+    targets = {i: t.version for i, t in (await targets_for(
+        db, product_id, ids, matched=[(d, g.id) for d, g in matched], known=known)).items()}
+    return groups, cohorts, targets
 
 
 # --- the product inventory ---------------------------------------------------------------------
@@ -172,6 +182,8 @@ class DeviceQuery:
     # cached totals' key)
     where: ColumnElement[bool] | None = None
     where_key: str | None = None
+    # the ids of the static groups ``groups`` names, once read (None: not read yet)
+    group_ids: list[int] | None = None
     # the same condition with memberships probed per device (for walking a sort index)
     where_walked: ColumnElement[bool] | None = None
     # where the last_heard of a heard device meeting ``where`` lies (dynquery.heard_span),
@@ -195,7 +207,14 @@ def parse_device_query(params: Mapping[str, str] | DeviceListQuery) -> DeviceQue
                        sort_attr=req.sort_attr, sort_dir=req.sort_dir)
 
 
-def _group_members(product: Product, groups: list[str]) -> Any:
+def _group_members(product: Product, groups: list[str],
+                   ids: Sequence[int] | None = None) -> Any:
+    """The members of the product's static groups ``groups``; ``ids``: those groups' ids
+    when known (see :func:`_with_dynamic_groups`), so no join to the groups is needed
+    (each probe of a walk along a sort index is then one primary-key lookup)."""
+    if ids is not None:
+        return select(DeviceGroupMember.device_id).where(
+            DeviceGroupMember.group_id.in_(list(ids)))
     return (select(DeviceGroupMember.device_id)
             .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
             .where(DeviceGroup.product_id == product.id, DeviceGroup.name.in_(groups)))
@@ -206,7 +225,7 @@ async def _large_groups(db: AsyncSession, product: Product, q: DeviceQuery) -> b
     membership index, stopping there)."""
     if not q.groups:
         return False
-    inner = _group_members(product, q.groups).limit(FEW_MATCHES + 1).subquery()
+    inner = _group_members(product, q.groups, q.group_ids).limit(FEW_MATCHES + 1).subquery()
     n = (await db.execute(select(func.count()).select_from(inner))).scalar_one()
     return int(n) > FEW_MATCHES
 
@@ -217,19 +236,20 @@ async def _with_dynamic_groups(db: AsyncSession, product: Product,
     in one of ``q.groups`` when it is a member of a static one or matches a dynamic one."""
     if not q.groups:
         return q
-    dynamic = list((await db.execute(select(DeviceGroup).where(
-        DeviceGroup.product_id == product.id, DeviceGroup.name.in_(q.groups),
-        DeviceGroup.query.is_not(None)))).scalars())
-    if not dynamic:
-        return q
+    named = list((await db.execute(select(DeviceGroup).where(
+        DeviceGroup.product_id == product.id, DeviceGroup.name.in_(q.groups)))).scalars())
+    dynamic = [g for g in named if g.query is not None]
+    if not dynamic:  # static groups only: their members by group id
+        return replace(q, group_ids=sorted(g.id for g in named))
     names = {g.name for g in dynamic}
     static = [n for n in q.groups if n not in names]
+    static_ids = [g.id for g in named if g.query is None]
 
     async def condition(per_device: bool) -> ColumnElement[bool]:
         parts = [await group_rules.dynamic_condition(db, product.id, g, per_device=per_device)
                  for g in dynamic]
         if static:
-            members = _group_members(product, static)
+            members = _group_members(product, static, static_ids)
             parts.append(members.where(DeviceGroupMember.device_id == Device.id).exists()
                          if per_device else Device.id.in_(members))
         cond = parts[0] if len(parts) == 1 else or_(*parts)
@@ -262,8 +282,12 @@ async def _conditions(db: AsyncSession, product: Product,
     conds = _filters(product, q, db.get_bind().dialect.name, large_groups=large,
                      large_tags=many_tagged)
     only_groups = large and len(conds) == 2  # the product and its groups
-    return conds, (_group_members(product, q.groups or []).subquery() if only_groups
-                   else None)
+    if not only_groups:
+        return conds, None
+    members = _group_members(product, q.groups or [], q.group_ids)
+    if q.group_ids is None or len(q.group_ids) > 1:  # a device may be in several
+        members = members.distinct()
+    return conds, members.subquery()
 
 
 def _filters(product: Product, q: DeviceQuery, dialect: str, *,
@@ -287,7 +311,7 @@ def _filters(product: Product, q: DeviceQuery, dialect: str, *,
         conds.append(search.contains(dialect, Device.serial_number, "serial_number",
                                      q.serial_number))
     if q.groups:
-        members = _group_members(product, q.groups)
+        members = _group_members(product, q.groups, q.group_ids)
         if large_groups:
             conds.append(members.where(DeviceGroupMember.device_id == Device.id).exists())
         else:
@@ -480,10 +504,10 @@ async def _few_matches_slice(db: AsyncSession, conds: list[ColumnElement[bool]],
 async def _count(db: AsyncSession, conds: list[ColumnElement[bool]],
                  cap: int | None = None, members: Any = None) -> int:
     """Rows matching ``conds`` (counting at most ``cap + 1`` of them when ``cap`` is set).
-    ``members``: the filter is only the product's groups, whose members are counted on the
-    membership index instead (a group holds only its product's devices: removing a device
+    ``members``: the filter is only the product's groups, whose members (each device once:
+    see :func:`_conditions`) are counted on the membership index instead (a group holds only its product's devices: removing a device
     from a product takes it out of the groups)."""
-    source = (select(members.c.device_id).distinct() if members is not None
+    source = (select(members.c.device_id) if members is not None
               else select(Device.id).where(*conds))
     if cap is not None:
         source = source.limit(cap + 1)
@@ -599,8 +623,9 @@ async def list_product_devices(db: AsyncSession, product: Product,
     counted = total if total is not None and not estimated else None
     if walked is not None:  # a search matching many devices: walk the sort index
         conds = walked
-    elif members is not None:  # only large groups: more than FEW_MATCHES devices
-        pass
+    elif members is not None:  # only large groups: more than FEW_MATCHES memberships
+        if counted is None and q.group_ids is not None and len(q.group_ids) == 1:
+            counted = FEW_MATCHES + 1  # one group's memberships are as many devices
     else:
         # not for the search box (walked its own way), name or serial substrings (their
         # search index gathers the matches anyway), quarantined or online devices (few by
@@ -633,9 +658,7 @@ async def list_product_devices(db: AsyncSession, product: Product,
     rows = {d.id: d for d in (await db.execute(
         select(Device).where(Device.id.in_(page_ids)))).scalars()} if page_ids else {}
     devices = [rows[i] for i in page_ids if i in rows]
-    ids = [d.id for d in devices]
-    matched = await group_rules.dynamic_matches(db, product.id, ids) if ids else []
-    groups = await group_rules.group_names_for(db, ids, product.id, matched)
+    groups, cohorts, targets = await _memberships(db, product.id, devices)
     owners = await owner_names(db, devices)
     customer_ids = sorted({d.customer_id for d in devices if d.customer_id is not None})
     customers: list[dict[str, Any]] = []
@@ -644,8 +667,7 @@ async def list_product_devices(db: AsyncSession, product: Product,
             select(Customer.id, Customer.email).where(Customer.id.in_(customer_ids))
             .order_by(Customer.id))).all()]
     return DevicePage(devices, groups, owners, customers, total, q.page, q.per_page,
-                      await _targets(db, product.id, ids, matched), has_more=has_more,
-                      estimated=estimated, cohorts=await cohort_names_for(db, ids),
+                      targets, has_more=has_more, estimated=estimated, cohorts=cohorts,
                       counted=counted)
 
 

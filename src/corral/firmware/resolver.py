@@ -316,10 +316,21 @@ async def device_facts(db: AsyncSession, product_id: int,
 async def targets_for(db: AsyncSession, product_id: int,
                       device_ids: Sequence[str] | None = None,
                       releases: ProductTargets | None = None,
-                      matched: Sequence[tuple[str, int]] | None = None) -> dict[str, Target]:
+                      matched: Sequence[tuple[str, int]] | None = None,
+                      known: Sequence[DeviceFacts] | None = None) -> dict[str, Target]:
     """Device id -> its target, for the product's devices (or just ``device_ids``;
-    ``matched``: the dynamic groups they match, if known: see :func:`device_facts`)."""
+    ``matched``: the dynamic groups they match, if known: see :func:`device_facts`;
+    ``known``: with ``matched``, the facts of ``device_ids`` as the caller read them, their
+    static groups only: a listing has read each device's row, groups and cohort already)."""
     pt = releases or await load_releases(db, product_id)
+    if known is not None and matched is not None and not pt.counts \
+            and pt.released_groups is not None:
+        extra: dict[str, set[int]] = defaultdict(set)
+        for did, gid in matched:
+            if gid in pt.released_groups:
+                extra[did].add(gid)
+        return {d.id: resolve(replace(d, group_ids=d.group_ids | extra[d.id])
+                              if d.id in extra else d, pt.releases) for d in known}
     if pt.counts:  # count gates rank every device the release could target
         everyone = await device_facts(db, product_id, released_groups=pt.released_groups)
         rs = finish_count_gates(pt, everyone)
