@@ -54,7 +54,7 @@ async def product_size(db: AsyncSession, product_id: int) -> int:
     key, now = (product_id, "size"), time.monotonic()
     hit = known.get(key)
     if hit is not None and now - hit[0] < ESTIMATE_TTL_S:
-        return hit[1]
+        return int(hit[1])
     n = await product_device_count(db, product_id)
     known[key] = (now, n)
     return n
