@@ -190,10 +190,16 @@ class ProductTargets:
 async def load_releases(db: AsyncSession, product_id: int,
                         include_aborted: bool = True) -> ProductTargets:
     """The product's default and group releases and their rollouts (count gates are
-    completed by :func:`finish_count_gates`, which needs the devices)."""
+    completed by :func:`finish_count_gates`, which needs the devices). A product without
+    firmware has none of them (each references one of its firmware: group releases and
+    rollouts go with it, a cohort's release is cleared): one statement, not four."""
     rows = (await db.execute(select(ProductFirmware.id, ProductFirmware.version,
                                     ProductFirmware.product_default)
                              .where(ProductFirmware.product_id == product_id))).all()
+    if not rows:  # no firmware: no group release, rollout or cohort release can name one
+        return ProductTargets(releases=ReleaseSet(default_version=None, group_versions={},
+                                                  gates={}, cohort_versions={}),
+                              firmware_ids={}, counts={}, released_groups=frozenset())
     firmware_ids = {int(v): int(i) for i, v, _d in rows}
     defaults = [int(v) for _i, v, d in rows if d]
     by_id = {int(i): int(v) for i, v, _d in rows}
