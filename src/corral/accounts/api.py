@@ -24,7 +24,6 @@ from corral.auth.deps import AuthCtx, PublicCtx, auth_ctx, basic_credentials, op
 from corral.auth.models import AccessToken, User
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
-from corral.billing.locks import subscriptions
 from corral.kit import clock
 from corral.kit.body import body, check_no_nul, describe_errors, documented_body
 from corral.kit.errors import NotFound, OAuthError
@@ -112,10 +111,8 @@ def _user_json(user: User, orgs: list[Any], subs: dict[int, dict[str, str]]) -> 
 async def get_user(ctx: AuthCtx) -> dict[str, Any]:
     """The calling user's profile and organizations."""
     me = _person(ctx.me)
-    user = await ctx.db.get(User, me.user_id)
-    assert user is not None
-    orgs = await service.user_orgs(ctx.db, user.id)
-    return _user_json(user, orgs, await subscriptions(ctx.db, (o.id for o in orgs)))
+    user, orgs, subs = await service.profile(ctx.db, me.user_id)
+    return _user_json(user, orgs, subs)
 
 
 @router.put("/v1/user", summary="Update the current user", responses=answers(MessageAnswer))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.accounts.models import LoginFailure
@@ -19,6 +19,7 @@ from corral.audit import service as audit
 from corral.auth.models import AccessToken, Customer, Membership, OAuthClient, User
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
+from corral.billing.models import Subscription
 from corral.kit import clock
 from corral.kit.errors import BadRequest, Conflict, Forbidden, LoginLocked, NotFound, OAuthError
 from corral.kit.passwords import hash_password, verify_password
@@ -370,6 +371,31 @@ async def user_orgs(db: AsyncSession, user_id: int) -> list[Organization]:
          .where(Membership.user_id == user_id, Membership.product_id.is_(None))
          .order_by(Organization.id))
     return list((await db.execute(q)).scalars())
+
+
+async def profile(db: AsyncSession, user_id: int | None
+                  ) -> tuple[User, list[Organization], dict[int, dict[str, str]]]:
+    """The user, their organizations (by id) and each one's subscription plan and status,
+    in one statement (what ``GET /v1/user`` shows; the separate reads cost a round trip
+    each)."""
+    q = (select(User, Organization, Subscription.plan_code, Subscription.status)
+         .outerjoin(Membership, and_(Membership.user_id == User.id,
+                                     Membership.product_id.is_(None)))
+         .outerjoin(Organization, Organization.id == Membership.org_id)
+         .outerjoin(Subscription, Subscription.org_id == Organization.id)
+         .where(User.id == user_id).order_by(Organization.id))
+    rows = (await db.execute(q)).all()
+    if not rows:
+        raise NotFound("User not found")
+    orgs: list[Organization] = []
+    subs: dict[int, dict[str, str]] = {}
+    for _user, org, plan, status in rows:
+        if org is None:
+            continue
+        orgs.append(org)
+        if plan is not None:
+            subs[org.id] = {"plan": str(plan), "status": str(status)}
+    return rows[0][0], orgs, subs
 
 
 async def update_user(db: AsyncSession, settings: Settings, me: Subject, req: UserChange,
