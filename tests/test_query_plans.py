@@ -489,3 +489,36 @@ async def test_a_sort_by_firmware_version_reads_its_index_in_order(
             assert "devices.id DESC" in sql, sql
             if sqlite:  # PostgreSQL may sort 2,000 rows by its statistics: its right choice
                 assert "TEMP B-TREE" not in plan and "ix_devices_product_fw" in plan, plan
+
+
+async def test_a_list_page_reads_each_thing_once(app: Any, client: httpx.AsyncClient) -> None:
+    """A page's firmware targets come from the rows, memberships and cohorts the page read
+    (the resolver reads only the releases), and a product without firmware has no releases
+    to read beyond its firmware list."""
+    from sqlalchemy import event
+
+    from corral.devices import service
+    from corral.products.models import Product
+
+    pid = await _searchable_product(app, client, n=200)
+    statements: list[str] = []
+
+    def seen(_c: Any, _cu: Any, sql: str, *_a: Any) -> None:
+        statements.append(" ".join(sql.split()))
+
+    engine = app.state.runtime.engine.sync_engine
+    async with app.state.sessionmaker() as db:
+        product = await db.get(Product, pid)
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            page = await service.list_product_devices(db, product, DeviceQuery(
+                page=2, per_page=25, count=False))
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+    assert len(page.devices) == 25 and all(t is None for t in page.targets.values())
+    assert sum("FROM device_group_members" in s for s in statements) == 1, statements
+    assert sum("FROM cohort_members" in s for s in statements) == 1, statements
+    assert not [s for s in statements if "FROM rollouts" in s
+                or "FROM firmware_group_releases" in s
+                or s.startswith("SELECT devices.id, devices.development,")], statements
+    assert len(statements) <= 8, statements
