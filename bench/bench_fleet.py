@@ -4,6 +4,7 @@ to ingest (goal: under 5 %).
 
     .venv/bin/python bench/bench_fleet.py health [--devices 1000000] [--days 30] [--requests 200]
         [--database fleet.db]   (keep the seeded fleet there; reused when it exists)
+    .venv/bin/python bench/bench_fleet.py parts --database fleet.db [--runs 10]
     .venv/bin/python bench/bench_fleet.py tally [--devices 200] [--batches 500]
     .venv/bin/python bench/bench_fleet.py ingest [--devices 500] [--seconds 5] [--rounds 3] \
         [--database-url postgresql+asyncpg://...]
@@ -12,8 +13,14 @@ to ingest (goal: under 5 %).
 (bench_inventory.seed), then the rollups a fleet of that size leaves after ``--days`` days
 (per minute for the retention, per hour for every day, 20 firmware versions, per-device days
 for 1 % of the devices, 5,000 vitals reports, vitals rollups with every histogram bin of
-the usual ranges filled every hour and day), inserted directly. corral serves it and the
-routes are timed with sequential requests over 127.0.0.1 (each answer checked).
+the usual ranges filled every hour and day), inserted directly, with the per-device days
+marked out of date as the flushes that write them mark them. Then the fleet-minute
+singleton's work runs once (the device counts' sample, every closed day's "most troubled"
+lists), as the server would at its start. corral serves it and the routes are timed with
+sequential requests over 127.0.0.1 (each answer checked).
+
+``parts``: the summary's parts in-process on a fleet ``health --database`` kept (median
+process CPU of ``--runs`` calls each; 30 days and the last day), and the minute sample.
 
 ``ingest``: as B10 (bench_metering.py): in-process device sessions on the real hub, event
 writer and database, each publishing as fast as its own commit allows; rounds alternate
@@ -50,7 +57,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from corral.bus.inprocess import InProcessBus
-from corral.db.engine import make_sessionmaker
+from corral.db.engine import make_engine, make_sessionmaker
 from corral.events.writer import EventWriter, NewEvent, StoredEvent
 from corral.fleet.models import ALL_VERSIONS, FleetMinute
 from corral.fleet.rollups import COUNTERS, FleetTally
@@ -103,6 +110,11 @@ def seed_rollups(db_file: Path, product_id: int, devices: int, days: int,
         conn.executemany("INSERT INTO fleet_device_days (device_id, day, product_id, "
                          "disconnects, errors) VALUES (?, ?, ?, ?, ?)", rows)
         out["fleet_device_days"] = len(rows)
+        # as the flushes that wrote those rows leave them: every day's lists out of date
+        conn.executemany("INSERT INTO fleet_troubled_days (product_id, day, version, "
+                         "computed_version, rest_disconnects, rest_errors) "
+                         "VALUES (?, ?, 1, 0, 0, 0)",
+                         sorted({(product_id, r[1]) for r in rows}))
         payload = ('{"device":{"network":{"signal":{"rssi":%d}},"cloud":{"coap":'
                    '{"round_trip":%d}},"system":{"memory":{"used":%d,"total":160000}}}}')
         rows = [(rnd.choice(ids), product_id, -1 - i, sqlite_time(
@@ -137,6 +149,29 @@ def seed_rollups(db_file: Path, product_id: int, devices: int, days: int,
     return out
 
 
+async def minute_work(url: str) -> None:
+    """What the fleet-minute singleton of ``corral serve`` does before the requests are
+    timed (it also runs at the server's start): the sample of the devices online and of
+    the device counts, and the closed days' "most troubled" lists (all of them)."""
+    from corral.fleet import tops
+    from corral.fleet.rollups import sample_online
+    from corral.kit import clock
+
+    engine = make_engine(url)
+    sm = make_sessionmaker(engine)
+    t0 = time.process_time()
+    async with sm() as db:
+        await sample_online(db)
+        await db.commit()
+        sampled = time.process_time() - t0
+        made = 0
+        while n := await tops.make_lists(db, now=clock.now()):
+            made += n
+    await engine.dispose()
+    print(f"minute singleton: sample {sampled * 1e3:.0f} ms CPU; {made} day lists made in "
+          f"{(time.process_time() - t0 - sampled) * 1e3:.0f} ms CPU")
+
+
 def health(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db_file = a.database or Path(tmp) / "corral.db"
@@ -160,6 +195,7 @@ def health(a: argparse.Namespace) -> None:
             made = seed_rollups(db_file, product["id"], a.devices, a.days,
                                 Settings().fleet_minute_retention_days)
             print(f"seeded {a.devices:,} devices and {made} in {time.perf_counter() - t:.1f} s")
+        asyncio.run(minute_work(url))
         now = dt.datetime.now(dt.UTC)
         month = {"start_date": (now - dt.timedelta(days=a.days)).isoformat(),
                  "end_date": now.isoformat()}
@@ -188,6 +224,54 @@ def health(a: argparse.Namespace) -> None:
             h = c.get(f"/v1/products/{product['id']}/fleet/health", params=month).json()
             print(f"\n(the answer: {h['devices']}, {len(h['firmware'])} firmware versions, "
                   f"{h['events']['received']:,} events, {h['vitals']['reports']} vitals)")
+
+
+async def parts(db_file: Path, runs: int, days: int) -> None:
+    """The fleet-health summary's parts, in-process on a seeded fleet (``health
+    --database``): median process CPU ms of ``runs`` calls each, for 30 days and the last
+    day; then the minute singleton's work (the sample, the day lists)."""
+    from corral.firmware.updates import outcomes_by_release
+    from corral.fleet import health as fleet_health
+    from corral.fleet import metrics, tops
+    from corral.fleet.rollups import sample_online
+    from corral.kit import clock
+    from corral.products.models import Product
+
+    sm = make_sessionmaker(make_engine(f"sqlite+aiosqlite:///{db_file}"))
+    async with sm() as db:
+        pid = (await db.execute(select(func.min(Product.id)))).scalar_one()
+    now = clock.now()
+    windows = {f"{days} d": metrics.Window(now - dt.timedelta(days=days), now, 3600),
+               "1 d": metrics.Window(now - dt.timedelta(days=1), now, 900)}
+    print(f"{'part':28} " + " ".join(f"{k + ' CPU ms':>12}" for k in windows))
+    steps: dict[str, Any] = {
+        "device counts": lambda db, w: metrics.device_counts(db, pid, w),
+        "totals": lambda db, w: metrics.totals(db, pid, w),
+        "troubled": lambda db, w: metrics.troubled_devices(db, pid, w),
+        "vitals": lambda db, w: metrics.vitals_aggregates(db, pid, w),
+        "disconnect reasons": lambda db, w: metrics.disconnect_reasons(db, pid, w),
+        "updates": lambda db, w: outcomes_by_release(db, pid, since=w.start, devices=None),
+        "the whole summary": lambda db, w: fleet_health.product_health(db, pid, w),
+    }
+    async with sm() as db:
+        for label, step in steps.items():
+            cells = []
+            for w in windows.values():
+                cpu = []
+                for _ in range(runs):
+                    t0 = time.process_time()
+                    await step(db, w)
+                    cpu.append(time.process_time() - t0)
+                cells.append(f"{statistics.median(cpu) * 1e3:12.1f}")
+            print(f"{label:28} " + " ".join(cells))
+        t0 = time.process_time()
+        await sample_online(db)
+        await db.commit()
+        print(f"\nthe minute sample (online and device counts): "
+              f"{(time.process_time() - t0) * 1e3:.1f} ms CPU")
+        t0 = time.process_time()
+        made = await tops.make_lists(db, now=now)
+        print(f"day lists made: {made} in {(time.process_time() - t0) * 1e3:.1f} ms CPU")
 
 
 @dataclasses.dataclass
@@ -321,6 +405,10 @@ def main() -> None:
     h.add_argument("--requests", type=int, default=200)
     h.add_argument("--database", type=Path, default=None,
                    help="a SQLite file to keep the seeded fleet in; reused when it exists")
+    pp = sub.add_parser("parts")
+    pp.add_argument("--database", type=Path, required=True, help="a fleet seeded by health")
+    pp.add_argument("--runs", type=int, default=10)
+    pp.add_argument("--days", type=int, default=30)
     t = sub.add_parser("tally")
     t.add_argument("--devices", type=int, default=200)
     t.add_argument("--batches", type=int, default=500)
@@ -332,6 +420,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.what == "health":
         health(a)
+    elif a.what == "parts":
+        asyncio.run(parts(a.database, a.runs, a.days))
     elif a.what == "tally":
         tally(a.devices, a.batches)
     else:

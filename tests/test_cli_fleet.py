@@ -32,7 +32,8 @@ def test_fleet_health_prints_a_products_health(cli: Cli, user: str, tmp_path: Pa
     r = cli("fleet", "health", "--product", slug, "--json")
     assert r.exit_code == 0, r.output
     h = json.loads(r.stdout)
-    assert h["devices"] == {"total": 1, "online": 0, "online_max": 0}
+    assert h["devices"] == {"total": 1, "online": 0, "online_max": 0, "as_of": None}
+    assert h["top"] == {"disconnects": [], "errors": [], "approximate": False}
     assert h["firmware"] == [{"version": None, "devices": 1, "online": 0}]
     assert h["data_operations"] == 0 and h["functions"]["timeout"] == 0
     r = cli("fleet", "health", "--product", slug)

@@ -75,9 +75,17 @@ async def run_fleet(app: Any, manual_clock: Any) -> None:
     return sessions
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["counted", "sampled"])
 @pytest.mark.parametrize("second", [30, 0], ids=["mid-minute", "on-the-minute"])
 async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
-        app, client, fleet, settings, manual_clock, second):
+        app, client, fleet, settings, manual_clock, second, sampled, monkeypatch):
+    """``sampled``: the product's devices are read from the once-a-minute sample (as a
+    product of 20,000 devices or more is), equal to a direct count once it ran."""
+    from corral.fleet import metrics
+    from corral.fleet.rollups import sample_online
+
+    if sampled:
+        monkeypatch.setattr(metrics, "EXACT_BELOW", 1)
     # on the minute, the online sample opens a bucket that starts exactly "now": the default
     # window (the last day) used to end there and leave it out (online_max 0, a CI flake)
     manual_clock.set(manual_clock.now().replace(second=second))
@@ -96,7 +104,9 @@ async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
             Device.product_id == prod["id"], Device.online.is_(True)))).scalar_one()
         fw = dict((await db.execute(select(Device.firmware_version, func.count()).where(
             Device.product_id == prod["id"]).group_by(Device.firmware_version))).all())
-    assert h["devices"] == {"total": 3, "online": online, "online_max": 2} and online == 2
+    as_of = clock.iso(clock.now()) if sampled else None
+    assert h["devices"] == {"total": 3, "online": online, "online_max": 2,
+                            "as_of": as_of} and online == 2
     assert {f["version"]: f["devices"] for f in h["firmware"]} == fw == {3: 2, 5: 1}
     assert h["connections"] == {"connects": 3, "disconnects": 1,
                                 "reasons": [{"reason": "test: gone", "count": 1}]}
@@ -113,6 +123,10 @@ async def test_events_online_and_firmware_equal_a_direct_count_across_a_restart(
     # a restart: the counts were flushed when the server stopped; a new server reads them
     async with restarted(app, settings) as c2:
         assert await api_events_per_minute(c2, tok, prod) == want
+        if sampled:  # the restarted server's minute singleton samples first
+            async with app.state.sessionmaker() as db:
+                await sample_online(db)
+                await db.commit()
         r = await c2.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok))
         # the restart marked every device offline; the history stays
         assert r.json()["devices"]["online"] == 0
@@ -331,9 +345,12 @@ async def test_troubled_devices_equal_a_direct_sum(app: Any, client: Any, fleet:
         assert got[key] == [{"device_id": d, key: -n} for n, d in want], key
 
 
-async def test_troubled_devices_read_the_covering_index(app: Any, database_url: str) -> None:
+@pytest.mark.parametrize("firmware", [None, 3], ids=["unfiltered", "by-firmware"])
+async def test_troubled_devices_read_the_covering_index(app: Any, database_url: str,
+                                                        firmware: int | None) -> None:
     """SQLite answers the per-device sums from the covering index alone (the table is never
-    read), in one materialized pass for both lists."""
+    read), in one materialized pass for both lists: filtered, over the range; unfiltered,
+    over the days without lists (all of them here) after reading which days have them."""
     if not database_url.startswith("sqlite"):
         pytest.skip("SQLite's plan (PostgreSQL picks by statistics)")
     from sqlalchemy import text
@@ -351,10 +368,10 @@ async def test_troubled_devices_read_the_covering_index(app: Any, database_url: 
         db.execute = spy  # type: ignore[method-assign]
         now = clock.now()
         await metrics.troubled_devices(db, 1, metrics.Window(now - dt.timedelta(days=30),
-                                                             now, 3600))
-        assert len(captured) == 1
-        sql = captured[0].compile(dialect=(await db.connection()).dialect,
-                                  compile_kwargs={"literal_binds": True})
+                                                             now, 3600, firmware=firmware))
+        assert len(captured) == (1 if firmware else 2)
+        sql = captured[-1].compile(dialect=(await db.connection()).dialect,
+                                   compile_kwargs={"literal_binds": True})
         plan = " | ".join(str(r[-1]) for r in (await execute(text(
             f"EXPLAIN QUERY PLAN {sql}"))).all())
     assert "COVERING INDEX ix_fleet_device_days_product_day" in plan, plan

@@ -69,6 +69,9 @@ def health(ctx: typer.Context,
           [(d["total"], d["online"], d["online_max"], c["connects"], c["disconnects"],
             h["events"]["received"], h["data_operations"], _pct(h["error_rate"]),
             _pct(h["timeout_rate"]), _pct(h["offline_rate"]))])
+    if d.get("as_of"):
+        console.print(f"devices and firmware as of {d['as_of']} (the once-a-minute sample)",
+                      highlight=False)
     fn, var = h["functions"], h["variables"]
     table("Calls", ["", "success", "failure", "timed out", "offline"],
           [(name, x["success"], x["failure"], x["timeout"], x["offline"])
@@ -96,7 +99,8 @@ def health(ctx: typer.Context,
               [(x["reason"], x["count"]) for x in c["reasons"]])
     for key in ("disconnects", "errors"):
         if h["top"][key]:
-            table(f"Most {key}", ["device", key],
+            table(f"Most {key}" + (" (approximate: at least)" if h["top"].get("approximate")
+                                   else ""), ["device", key],
                   [(t["device_id"], t[key]) for t in h["top"][key]])
 
 

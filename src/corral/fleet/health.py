@@ -91,11 +91,7 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
     vitals and top lists are its devices' now; the counters over the window (connections,
     events, calls, ``online_max``) stay the product's (or the firmware version's), and
     ``filter.unfiltered`` names them."""
-    if w.filtered:
-        online, total, firmware = await metrics.filtered_devices(db, product_id, w)
-    else:
-        online, total = await metrics.online_now(db, product_id)
-        firmware = await metrics.firmware_distribution(db, product_id)
+    online, total, firmware, as_of = await metrics.device_counts(db, product_id, w)
     t = await metrics.totals(db, product_id, w)
     calls, failed, timeouts = call_counts(t)
     return {
@@ -104,7 +100,8 @@ async def product_health(db: AsyncSession, product_id: int, w: metrics.Window
         "filter": {"product_fw": w.firmware, "device_group_id": w.group_id,
                    "device_os_version": w.os_version,
                    "unfiltered": _unfiltered(w)},
-        "devices": {"total": total, "online": online, "online_max": t["online_max"]},
+        "devices": {"total": total, "online": online, "online_max": t["online_max"],
+                    "as_of": clock.iso(as_of) if as_of else None},
         "connections": {"connects": t["connects"], "disconnects": t["disconnects"],
                         "reasons": await metrics.disconnect_reasons(db, product_id, w)},
         "events": {"received": t["events"]},
@@ -168,16 +165,13 @@ async def org_health(db: AsyncSession, org_id: int, w: metrics.Window, *,
                 continue
             pw = dataclasses.replace(pw, group_id=g.id, members=None if g.query is None
                                      else await dynamic_condition(db, p.id, g))
-        if pw.filtered:
-            online, total, _fw = await metrics.filtered_devices(db, p.id, pw)
-        else:
-            online, total = await metrics.online_now(db, p.id)
+        online, total, _fw, as_of = await metrics.device_counts(db, p.id, pw)
         t = await metrics.totals(db, p.id, pw)
         calls, failed, timeouts = call_counts(t)
         row: dict[str, Any] = {
             "product_id": p.id, "slug": p.slug, "name": p.name, "devices": total,
-            "online": online, "online_max": t["online_max"],
-            "connects": t["connects"], "disconnects": t["disconnects"],
+            "online": online, "as_of": clock.iso(as_of) if as_of else None,
+            "online_max": t["online_max"], "connects": t["connects"], "disconnects": t["disconnects"],
             "events": t["events"], "data_operations": t["data_ops"], "calls": calls,
             "failed_calls": failed, "timed_out_calls": timeouts,
             "error_rate": None if not calls else round(failed / calls, 4),

@@ -9,13 +9,14 @@ import math
 import statistics
 from typing import Any
 
-from sqlalchemy import Select, case, desc, func, literal, select, text, union_all
+from sqlalchemy import Select, case, desc, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.devices.models import Device, DeviceGroupMember
-from corral.fleet import vitals_rollups
+from corral.fleet import tops, vitals_rollups
 from corral.fleet.models import (
     DeviceVitals,
+    FleetDeviceCount,
     FleetDeviceDay,
     FleetDisconnect,
     FleetMinute,
@@ -253,6 +254,36 @@ async def filtered_devices(db: AsyncSession, product_id: int, w: Window
     return sum(x["online"] for x in out), sum(x["devices"] for x in out), out
 
 
+# a product with at least this many devices at the last sample has its devices read from
+# the sample (at most a minute old); smaller ones are counted at each request (exact)
+EXACT_BELOW = 20_000
+
+
+async def device_counts(db: AsyncSession, product_id: int, w: Window
+                        ) -> tuple[int, int, list[dict[str, Any]], dt.datetime | None]:
+    """(online, total, devices and online per firmware version, as of when) of the product's
+    devices the window's filters select. Unfiltered or filtered by firmware version only,
+    a product of ``EXACT_BELOW`` devices or more (at the last sample) is read from the
+    once-a-minute sample (:class:`FleetDeviceCount`; "as of" its time); otherwise, or with a
+    group or Device OS filter, the devices are counted now ("as of" None)."""
+    if w.segment is None and w.members is None and w.firmware != 0:
+        c = FleetDeviceCount
+        rows = (await db.execute(select(c.firmware_version, c.devices, c.online, c.sampled_at)
+                                 .where(c.product_id == product_id))).all()
+        if rows and sum(r[1] for r in rows) >= EXACT_BELOW:
+            out = sorted(({"version": fw or None, "devices": int(n), "online": int(o)}
+                          for fw, n, o, _at in rows if w.firmware in (None, fw)),
+                         key=lambda x: (-x["devices"], x["version"] or 0))
+            return (sum(x["online"] for x in out), sum(x["devices"] for x in out), out,
+                    clock.aware(max(r[3] for r in rows)))
+    if w.filtered:
+        online, total, firmware = await filtered_devices(db, product_id, w)
+    else:
+        online, total = await online_now(db, product_id)
+        firmware = await firmware_distribution(db, product_id)
+    return online, total, firmware, None
+
+
 async def firmware_distribution(db: AsyncSession, product_id: int) -> list[dict[str, Any]]:
     """Devices per firmware version (``null``: never reported), most first: an index-only
     count (ix_devices_product_fw). ``online`` per version is the latest per-minute sample of
@@ -271,30 +302,23 @@ async def firmware_distribution(db: AsyncSession, product_id: int) -> list[dict[
 
 
 async def troubled_devices(db: AsyncSession, product_id: int, w: Window, *,
-                           limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+                           limit: int = 10) -> dict[str, Any]:
     """The devices with the most disconnects, and with the most failed calls, in the
-    window's days: one pass over the covering index ix_fleet_device_days_product_day (the
-    per-device sums are a CTE both lists read; both databases materialize a CTE read
-    twice)."""
+    window's days, and whether the lists are ``approximate``. Unfiltered: from the days'
+    lists (:mod:`corral.fleet.tops`). Filtered: one pass over the covering index
+    ix_fleet_device_days_product_day restricted to the selected devices (the per-device
+    sums are a CTE both lists read; both databases materialize a CTE read twice): exact,
+    and it grows with the range's per-device days."""
+    ids = devices_of(product_id, w)
+    if ids is None:
+        return await tops.troubled(db, product_id, w.start, w.end, limit=limit)
     d = FleetDeviceDay
-    where = [d.product_id == product_id, d.day >= _floor(w.start, 86_400), d.day < w.end]
-    if (ids := devices_of(product_id, w)) is not None:
-        where.append(d.device_id.in_(ids))
-    sums = (select(d.device_id, func.sum(d.disconnects).label("disconnects"),
-                   func.sum(d.errors).label("errors"))
-            .where(*where).group_by(d.device_id).cte("sums"))
-    out: dict[str, list[dict[str, Any]]] = {}
-    parts = []
-    for key in ("disconnects", "errors"):
-        col = sums.c[key]
-        parts.append(select(literal(key).label("kind"), sums.c.device_id, col.label("n"))
-                     .where(col > 0).order_by(desc(col), sums.c.device_id).limit(limit)
-                     .subquery().select())
-        out[key] = []
-    for kind, device_id, n in (await db.execute(union_all(*parts))).all():
-        out[kind].append({"device_id": device_id, kind: int(n)})
-    for key in out:
-        out[key].sort(key=lambda x, k=key: (-x[k], x["device_id"]))
+    ranked = await tops.ranked_sums(db, [d.product_id == product_id,
+                                         d.day >= _floor(w.start, 86_400), d.day < w.end,
+                                         d.device_id.in_(ids)], limit)
+    out: dict[str, Any] = {kind: [{"device_id": device, kind: n} for device, n in rows]
+                           for kind, rows in ranked.items()}
+    out["approximate"] = False
     return out
 
 

@@ -166,6 +166,53 @@ class FleetDeviceDay(Base):
     errors: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class FleetDeviceCount(Base):
+    """How many devices a product has per firmware version (0: never reported), and how
+    many of them were online, at the once-a-minute sample (:func:`corral.fleet.rollups.
+    sample_online`): what fleet health reads for a large product instead of counting its
+    devices per request. Every sample replaces every row."""
+
+    __tablename__ = "fleet_device_counts"
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    firmware_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    devices: Mapped[int] = mapped_column(Integer, default=0)
+    online: Mapped[int] = mapped_column(Integer, default=0)
+    sampled_at: Mapped[dt.datetime]
+
+
+class FleetTroubledDay(Base):
+    """A product's UTC day of per-device rows (:class:`FleetDeviceDay`) and whether its
+    "most troubled" lists (:class:`FleetDayTop`) are up to date: every flush that adds to
+    the day's rows raises ``version``; the lists were made at ``computed_version`` (they are
+    read only while it equals ``version``). ``rest_*``: the most any device left out of a
+    list has that day (0: the list holds every device with a count)."""
+
+    __tablename__ = "fleet_troubled_days"
+    __table_args__ = (Index("ix_fleet_troubled_days_day", "day"),)
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    computed_version: Mapped[int] = mapped_column(Integer, default=0)
+    rest_disconnects: Mapped[int] = mapped_column(Integer, default=0)
+    rest_errors: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FleetDayTop(Base):
+    """One of a product's day's devices with the most disconnects (``kind``
+    ``disconnects``) or failed calls (``errors``): at most ``TOPS_PER_DAY`` per kind."""
+
+    __tablename__ = "fleet_day_tops"
+    __table_args__ = (Index("ix_fleet_day_tops_day", "day"),)
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(12), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
 class FleetAlertRule(Base):
     """A product's threshold rule (``kind``: ``online_below`` devices, ``error_rate_above``
     percent of calls over ``window_s``, ``silent_longer`` than ``threshold`` seconds). While

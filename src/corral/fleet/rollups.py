@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -49,6 +49,7 @@ from corral.devices.models import Device, DeviceGroupMember
 from corral.devices.presence import Offline
 from corral.events.writer import StoredEvent
 from corral.fleet.models import (
+    FleetDeviceCount,
     FleetDeviceDay,
     FleetDisconnect,
     FleetHour,
@@ -56,6 +57,7 @@ from corral.fleet.models import (
     FleetSegmentDisconnect,
     FleetSegmentHour,
     FleetSegmentMinute,
+    FleetTroubledDay,
 )
 from corral.kit import clock
 from corral.kit.aio import cancel_and_wait
@@ -456,25 +458,37 @@ async def add_counts(db: AsyncSession, counts: dict[Key, list[int]],
                   "errors": FleetDeviceDay.errors + stmt.excluded.errors,
                   "product_id": stmt.excluded.product_id})
         await db.execute(stmt, values)
+        # the days' "most troubled" lists are out of date until made again (fleet.tops)
+        marked = ins(FleetTroubledDay)
+        marked = marked.on_conflict_do_update(
+            index_elements=["product_id", "day"],
+            set_={"version": FleetTroubledDay.version + 1})
+        await db.execute(marked, [
+            {"product_id": p, "day": day, "version": 1, "computed_version": 0,
+             "rest_disconnects": 0, "rest_errors": 0}
+            for p, day in sorted({(p, day) for _d, day, p in days})])
 
 
 async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> int:
     """Record how many devices of each product and firmware version are online now in
-    this minute's and this hour's rollups (the most seen in the bucket wins). Returns the
-    number of (product, firmware) pairs recorded. The caller commits."""
+    this minute's and this hour's rollups (the most seen in the bucket wins), and how many
+    devices each product has per firmware version and how many of them are online
+    (:class:`FleetDeviceCount`, what fleet health reads for a large product). Returns the
+    number of (product, firmware) pairs online. The caller commits."""
     at = at or clock.now()
     grouped = (await db.execute(
         select(Device.product_id, Device.firmware_version, func.count())
         .where(Device.online, Device.product_id.is_not(None))
         .group_by(Device.product_id, Device.firmware_version))).all()
-    if not grouped:
-        return 0
     online: dict[tuple[int, int], int] = {}
     for product, fw, count in grouped:  # a version never reported is 0
         online[(product, fw or 0)] = online.get((product, fw or 0), 0) + int(count)
-    rows = [(p, fw, n) for (p, fw), n in sorted(online.items())]
     dialect = (await db.connection()).dialect.name
     ins = _insert(dialect)
+    await _count_devices(db, online, at)
+    if not online:
+        return 0
+    rows = [(p, fw, n) for (p, fw), n in sorted(online.items())]
     bigger = func.greatest if dialect == "postgresql" else func.max
     for table, bucket in ((FleetMinute, minute_of(at)), (FleetHour, hour_of(at))):
         values = [{"product_id": p, "bucket": bucket, "firmware_version": int(fw),
@@ -497,6 +511,25 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
             set_={"online": bigger(stable.online, sstmt.excluded.online)})
         await db.execute(sstmt, svalues)
     return len(rows)
+
+
+async def _count_devices(db: AsyncSession, online: dict[tuple[int, int], int],
+                         at: dt.datetime) -> None:
+    """Replace the devices per product and firmware version (:class:`FleetDeviceCount`)
+    with a count of the devices now (an index-only grouped count, ix_devices_product_fw)
+    and ``online``, the online ones of the same sample."""
+    totals: dict[tuple[int, int], int] = {}
+    for product, fw, count in (await db.execute(
+            select(Device.product_id, Device.firmware_version, func.count())
+            .where(Device.product_id.is_not(None))
+            .group_by(Device.product_id, Device.firmware_version))).all():
+        totals[(product, fw or 0)] = totals.get((product, fw or 0), 0) + int(count)
+    await db.execute(delete(FleetDeviceCount))
+    if totals:
+        await db.execute(FleetDeviceCount.__table__.insert(), [
+            {"product_id": p, "firmware_version": fw, "devices": n,
+             "online": online.get((p, fw), 0), "sampled_at": at}
+            for (p, fw), n in sorted(totals.items())])
 
 
 async def _online_per_segment(db: AsyncSession) -> dict[tuple[int, str, int], int]:

@@ -192,6 +192,9 @@ class HealthDevices(Answer):
     total: int
     online: int
     online_max: int
+    # a product of 20,000 devices or more: the once-a-minute sample's time (total, online
+    # and the firmware distribution are its counts); null: counted at this request
+    as_of: str | None = None
 
 
 class DisconnectReason(Answer):
@@ -249,6 +252,9 @@ class TroubledDevice(Answer):
 class Troubled(Answer):
     disconnects: list[TroubledDevice]
     errors: list[TroubledDevice]
+    # true: made from each day's 100 most troubled devices and not provably the exact
+    # answer (the counts shown are at least the device's; one may be missing)
+    approximate: bool = False
 
 
 class EventsReceived(Answer):
@@ -290,6 +296,7 @@ class OrgProductHealth(Answer):
     name: str
     devices: int
     online: int
+    as_of: str | None = None  # as HealthDevices.as_of
     online_max: int
     connects: int
     disconnects: int

@@ -13,9 +13,11 @@ from corral.fleet import vitals
 from corral.fleet.models import (
     HOUR_TABLES,
     MINUTE_TABLES,
+    FleetDayTop,
     FleetDeviceDay,
     FleetDisconnect,
     FleetSegmentDisconnect,
+    FleetTroubledDay,
 )
 from corral.kit import clock
 from corral.settings import Settings
@@ -28,7 +30,7 @@ async def fleet_retention(sessionmaker: async_sessionmaker[AsyncSession],
     """Delete vitals older than ``vitals_retention_days``, per-minute rollups (of products
     and of segments) older than ``fleet_minute_retention_days`` and hourly ones (and
     per-device days) older than ``fleet_hour_retention_days``. Returns what was deleted,
-    by table."""
+    by table (the per-device days' lists and their days with them)."""
     now = clock.now()
     days = dt.timedelta(days=1)
     out: dict[str, int] = {}
@@ -43,6 +45,10 @@ async def fleet_retention(sessionmaker: async_sessionmaker[AsyncSession],
         result = await db.execute(delete(FleetDeviceDay).where(
             FleetDeviceDay.day < now - settings.fleet_hour_retention_days * days))
         out["fleet_device_days"] = int(getattr(result, "rowcount", 0) or 0)
+        for days_table in (FleetTroubledDay, FleetDayTop):
+            result = await db.execute(delete(days_table).where(
+                days_table.day < now - settings.fleet_hour_retention_days * days))
+            out[days_table.__tablename__] = int(getattr(result, "rowcount", 0) or 0)
         for table in (FleetDisconnect, FleetSegmentDisconnect):
             result = await db.execute(delete(table).where(
                 table.bucket < now - settings.fleet_hour_retention_days * days))

@@ -36,6 +36,7 @@ from corral.events import outbox
 from corral.events.service import delete_older_than
 from corral.events.writer import EventWriter
 from corral.fleet import alerts as fleet_alerts
+from corral.fleet import tops as fleet_tops
 from corral.fleet.rollups import FleetTally, sample_online
 from corral.fleet.tasks import fleet_retention
 from corral.fleet.vitals import VitalsRecorder
@@ -276,12 +277,14 @@ class Runtime:
         return session.firmware_version if session is not None else None
 
     async def _fleet_minute(self) -> None:
-        """Once a minute, as a singleton: record the devices online now in the fleet
-        rollups, then check the products' alert rules."""
+        """Once a minute, as a singleton: record the devices online now and the products'
+        device counts in the fleet rollups, make the closed days' "most troubled" lists
+        (:mod:`corral.fleet.tops`), then check the products' alert rules."""
         assert self.sessionmaker is not None and self.writer is not None
         async with self.sessionmaker() as db:
             await sample_online(db)
             await db.commit()
+            await fleet_tops.make_lists(db, now=clock.now())
         await fleet_alerts.run_pass(self.sessionmaker, self.writer,
                                     public_url=self.settings.resolved_public_url())
 

@@ -1,0 +1,170 @@
+"""Fleet health without per-device reads at scale: the "most troubled devices" from each
+closed day's lists (exact when the lists prove it, flagged ``approximate`` otherwise, made
+again after a late flush), and a large product's devices from the once-a-minute sample."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import Delete, func, select, update
+
+from corral.devices.models import Device
+from corral.fleet import metrics, tops
+from corral.fleet.models import FleetDayTop, FleetDeviceDay, FleetTroubledDay
+from corral.fleet.rollups import add_counts, day_of, sample_online
+from corral.fleet.tasks import fleet_retention
+from corral.kit import clock
+from helpers import add_device, bearer, owner_and_product
+
+
+async def direct(db: Any, pid: int, start: dt.datetime, end: dt.datetime
+                 ) -> dict[str, Counter[str]]:
+    rows = (await db.execute(select(FleetDeviceDay).where(
+        FleetDeviceDay.product_id == pid, FleetDeviceDay.day >= day_of(start),
+        FleetDeviceDay.day < end))).scalars().all()
+    out: dict[str, Counter[str]] = {k: Counter() for k in tops.KINDS}
+    for r in rows:
+        for k in tops.KINDS:
+            out[k][r.device_id] += getattr(r, k)
+    return out
+
+
+def ranked(sums: Counter[str], key: str, limit: int) -> list[dict[str, Any]]:
+    return [{"device_id": d, key: n}
+            for d, n in sorted(sums.items(), key=lambda x: (-x[1], x[0])) if n > 0][:limit]
+
+
+async def seed_days(app: Any, pid: int, days: dict[tuple[str, dt.datetime, int], list[int]]
+                    ) -> None:
+    async with app.state.sessionmaker() as db:
+        await add_counts(db, {}, days)
+        await db.commit()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_the_lists_answer_exactly_or_say_approximate(app, monkeypatch, seed):
+    """Random days of 30 devices, lists of 4 per day: an answer not flagged is the direct
+    sum; a flagged one shows counts no higher than the true ones; today is read directly."""
+    monkeypatch.setattr(tops, "TOPS_PER_DAY", 4)
+    rnd = random.Random(seed)
+    pid = 7
+    today = day_of(clock.now())
+    ids = [f"0123456789abcdef0123cc{i:02x}" for i in range(30)]
+    spread = rnd.choice([1, 3, 40])  # few distinct counts (ties, cut lists) to many
+    days = {(d, today - dt.timedelta(days=k), pid): [rnd.randint(0, spread),
+                                                      rnd.randint(0, spread)]
+            for d in ids for k in range(6) if rnd.random() < 0.7}
+    await seed_days(app, pid, days)
+    start = today - dt.timedelta(days=5)
+    async with app.state.sessionmaker() as db:
+        made = await tops.make_lists(db, now=clock.now() + dt.timedelta(hours=1))
+        assert made == 5 or clock.now().hour == 0  # today is not closed
+        want = await direct(db, pid, start, clock.now())
+        for limit in (1, 3, 10):
+            got = await tops.troubled(db, pid, start, clock.now(), limit=limit)
+            for k in tops.KINDS:
+                exact = ranked(want[k], k, limit)
+                if not got["approximate"]:
+                    assert got[k] == exact, (k, limit)
+                else:
+                    assert all(x[k] <= want[k][x["device_id"]] for x in got[k])
+    # lists of every device (none cut): always exact
+    monkeypatch.setattr(tops, "TOPS_PER_DAY", 100)
+    async with app.state.sessionmaker() as db:
+        await db.execute(update(FleetTroubledDay).values(computed_version=0))
+        await db.commit()
+        await tops.make_lists(db, now=clock.now() + dt.timedelta(hours=1))
+        got = await tops.troubled(db, pid, start, clock.now(), limit=10)
+        assert got["approximate"] is False
+        assert {k: got[k] for k in tops.KINDS} == {k: ranked(want[k], k, 10)
+                                                   for k in tops.KINDS}
+
+
+async def test_a_late_flush_makes_a_days_lists_again(app, manual_clock):
+    """A flush adding to a day whose lists were made raises its version: until the lists
+    are made again that day is read from the per-device rows (the answer stays exact), and
+    lists made while a flush added to the day stay out of date."""
+    pid = 3
+    yesterday = day_of(clock.now()) - dt.timedelta(days=1)
+    a, b = "0123456789abcdef0123dd01", "0123456789abcdef0123dd02"
+    await seed_days(app, pid, {(a, yesterday, pid): [2, 0], (b, yesterday, pid): [1, 0]})
+    later = clock.now() + dt.timedelta(days=1)
+    async with app.state.sessionmaker() as db:
+        assert await tops.make_lists(db, now=later) == 1
+        assert await tops.make_lists(db, now=later) == 0  # up to date
+    await seed_days(app, pid, {(b, yesterday, pid): [5, 0]})  # late: b has 6 now
+    async with app.state.sessionmaker() as db:
+        got = await tops.troubled(db, pid, yesterday, clock.now())
+        assert got["disconnects"] == [{"device_id": b, "disconnects": 6},
+                                      {"device_id": a, "disconnects": 2}]
+        # a flush after the day's version was read
+        execute = db.execute
+
+        async def racing(stmt: Any, *args: Any, **kw: Any) -> Any:
+            if isinstance(stmt, Delete) and stmt.table.name == "fleet_day_tops":
+                await seed_days(app, pid, {(a, yesterday, pid): [10, 0]})
+            return await execute(stmt, *args, **kw)
+
+        db.execute = racing  # type: ignore[method-assign]
+        assert await tops.make_lists(db, now=later) == 0
+        db.execute = execute  # type: ignore[method-assign]
+        got = await tops.troubled(db, pid, yesterday, clock.now())
+        assert got["disconnects"][0] == {"device_id": a, "disconnects": 12}
+        assert await tops.make_lists(db, now=later) == 1
+        n = (await db.execute(select(func.count()).select_from(FleetDayTop))).scalar_one()
+        assert n == 2
+        assert await tops.troubled(db, pid, yesterday, clock.now()) == got
+
+
+async def test_retention_deletes_the_lists(app, settings):
+    pid = 4
+    old = day_of(clock.now()) - dt.timedelta(days=settings.fleet_hour_retention_days + 2)
+    await seed_days(app, pid, {("0123456789abcdef0123ee01", old, pid): [1, 1]})
+    async with app.state.sessionmaker() as db:
+        assert await tops.make_lists(db, now=clock.now()) == 1
+    out = await fleet_retention(app.state.sessionmaker, settings)
+    assert out["fleet_troubled_days"] == 1 and out["fleet_day_tops"] == 2
+
+
+async def test_a_large_products_devices_are_the_samples(app, client, monkeypatch):
+    """At ``EXACT_BELOW`` devices or more, total, online and the firmware distribution are
+    the last sample's (``as_of`` its time), also filtered by firmware version; a group
+    filter still counts now."""
+    monkeypatch.setattr(metrics, "EXACT_BELOW", 3)
+    tok, prod = await owner_and_product(client)
+    pid = prod["id"]
+    for i, fw in enumerate((1, 1, 2, None)):
+        await add_device(app, f"0123456789abcdef0123ff{i:02x}", pid)
+        async with app.state.sessionmaker() as db:
+            await db.execute(update(Device).where(Device.id == f"0123456789abcdef0123ff{i:02x}")
+                             .values(firmware_version=fw, online=i == 0))
+            await db.commit()
+    r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok))
+    assert r.json()["devices"]["as_of"] is None  # no sample yet: counted
+    assert r.json()["devices"]["total"] == 4
+    async with app.state.sessionmaker() as db:
+        await sample_online(db)
+        await db.commit()
+        await add_device(app, "0123456789abcdef0123ff09", pid)  # after the sample
+        n = (await db.execute(select(func.count()).select_from(Device).where(
+            Device.product_id == pid))).scalar_one()
+    r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok))
+    h = r.json()
+    assert h["devices"]["as_of"] is not None and n == 5
+    assert (h["devices"]["total"], h["devices"]["online"]) == (4, 1)  # as of the sample
+    assert h["firmware"] == [{"version": 1, "devices": 2, "online": 1},
+                             {"version": None, "devices": 1, "online": 0},
+                             {"version": 2, "devices": 1, "online": 0}]
+    r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok),
+                         params={"product_fw": 1})
+    assert (r.json()["devices"]["total"], r.json()["firmware"]) == (
+        2, [{"version": 1, "devices": 2, "online": 1}])
+    async with app.state.sessionmaker() as db:
+        await sample_online(db)
+        await db.commit()
+    r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok))
+    assert r.json()["devices"]["total"] == n
