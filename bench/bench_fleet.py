@@ -242,15 +242,19 @@ async def parts(db_file: Path, runs: int, days: int) -> None:
         pid = (await db.execute(select(func.min(Product.id)))).scalar_one()
     now = clock.now()
     windows = {f"{days} d": metrics.Window(now - dt.timedelta(days=days), now, 3600),
-               "1 d": metrics.Window(now - dt.timedelta(days=1), now, 900)}
-    print(f"{'part':28} " + " ".join(f"{k + ' CPU ms':>12}" for k in windows))
+               "1 d": metrics.Window(now - dt.timedelta(days=1), now, 900),
+               # filtered by firmware version (1/20 of the fleet): the exact per-device pass
+               f"{days} d fw 1": metrics.Window(now - dt.timedelta(days=days), now, 3600,
+                                                 firmware=1)}
+    print(f"{'part':28} " + " ".join(f"{k + ' CPU ms':>16}" for k in windows))
     steps: dict[str, Any] = {
         "device counts": lambda db, w: metrics.device_counts(db, pid, w),
         "totals": lambda db, w: metrics.totals(db, pid, w),
         "troubled": lambda db, w: metrics.troubled_devices(db, pid, w),
         "vitals": lambda db, w: metrics.vitals_aggregates(db, pid, w),
         "disconnect reasons": lambda db, w: metrics.disconnect_reasons(db, pid, w),
-        "updates": lambda db, w: outcomes_by_release(db, pid, since=w.start, devices=None),
+        "updates": lambda db, w: outcomes_by_release(db, pid, since=w.start,
+                                                     devices=metrics.devices_of(pid, w)),
         "the whole summary": lambda db, w: fleet_health.product_health(db, pid, w),
     }
     async with sm() as db:
@@ -262,7 +266,7 @@ async def parts(db_file: Path, runs: int, days: int) -> None:
                     t0 = time.process_time()
                     await step(db, w)
                     cpu.append(time.process_time() - t0)
-                cells.append(f"{statistics.median(cpu) * 1e3:12.1f}")
+                cells.append(f"{statistics.median(cpu) * 1e3:16.1f}")
             print(f"{label:28} " + " ".join(cells))
         t0 = time.process_time()
         await sample_online(db)
