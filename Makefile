@@ -1,11 +1,12 @@
 # The README's commands: `make serve` (run corral with a demo account) and `make test`.
 # Both create .venv with `python3 -m venv` when it is missing and install corral into it
-# (editable, with the dev extras); the install is redone only when pyproject.toml changes.
+# (editable, with the dev extras, at the versions pinned in constraints.txt); the install is
+# redone only when pyproject.toml or constraints.txt changes.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 # The suite runs in parallel (pytest-xdist): most tests wait on sockets and subprocesses,
@@ -13,17 +14,24 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 4
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope)
 
-.PHONY: serve test lint typecheck install screenshots
+.PHONY: serve test lint typecheck install screenshots lock
 
 install: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Re-pin constraints.txt to what .venv holds (after adding or upgrading a dependency there:
+# `.venv/bin/pip install -U <package>`, run the suite, then `make lock`).
+lock: | $(BIN)/python
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+		--disable-pip-version-check | grep -v '^corral=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 serve: $(STAMP)
 	$(BIN)/corral serve --demo $(SERVE_ARGS)
