@@ -168,3 +168,38 @@ async def test_a_large_products_devices_are_the_samples(app, client, monkeypatch
         await db.commit()
     r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok))
     assert r.json()["devices"]["total"] == n
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_filters_lists_are_its_devices_only(app, client, monkeypatch, seed):
+    """Filtered by firmware version, the lists and the days without lists are read for the
+    selected devices only: exact, or flagged with counts no higher than the true ones."""
+    monkeypatch.setattr(tops, "TOPS_PER_DAY", 3)
+    rnd = random.Random(seed)
+    _tok, prod = await owner_and_product(client)
+    pid = prod["id"]
+    ids = [f"0123456789abcdef0123ab{i:02x}" for i in range(16)]
+    for i, did in enumerate(ids):
+        await add_device(app, did, pid)
+        async with app.state.sessionmaker() as db:
+            await db.execute(update(Device).where(Device.id == did)
+                             .values(firmware_version=1 + i % 2))
+            await db.commit()
+    today = day_of(clock.now())
+    await seed_days(app, pid, {(d, today - dt.timedelta(days=k), pid):
+                               [rnd.randint(0, 4), rnd.randint(0, 4)]
+                               for d in ids for k in range(5) if rnd.random() < 0.8})
+    start = today - dt.timedelta(days=4)
+    async with app.state.sessionmaker() as db:
+        await tops.make_lists(db, now=clock.now() + dt.timedelta(hours=1))
+        want = await direct(db, pid, start, clock.now())
+        w = metrics.Window(start, clock.now(), 3600, firmware=1)
+        got = await metrics.troubled_devices(db, pid, w, limit=4)
+    mine = set(ids[0::2])  # firmware 1
+    for k in tops.KINDS:
+        assert {x["device_id"] for x in got[k]} <= mine
+        exact = ranked(Counter({d: n for d, n in want[k].items() if d in mine}), k, 4)
+        if got["approximate"]:
+            assert all(x[k] <= want[k][x["device_id"]] for x in got[k])
+        else:
+            assert got[k] == exact, k

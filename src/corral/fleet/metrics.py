@@ -17,7 +17,6 @@ from corral.fleet import tops, vitals_rollups
 from corral.fleet.models import (
     DeviceVitals,
     FleetDeviceCount,
-    FleetDeviceDay,
     FleetDisconnect,
     FleetMinute,
     FleetSegmentDisconnect,
@@ -304,22 +303,10 @@ async def firmware_distribution(db: AsyncSession, product_id: int) -> list[dict[
 async def troubled_devices(db: AsyncSession, product_id: int, w: Window, *,
                            limit: int = 10) -> dict[str, Any]:
     """The devices with the most disconnects, and with the most failed calls, in the
-    window's days, and whether the lists are ``approximate``. Unfiltered: from the days'
-    lists (:mod:`corral.fleet.tops`). Filtered: one pass over the covering index
-    ix_fleet_device_days_product_day restricted to the selected devices (the per-device
-    sums are a CTE both lists read; both databases materialize a CTE read twice): exact,
-    and it grows with the range's per-device days."""
-    ids = devices_of(product_id, w)
-    if ids is None:
-        return await tops.troubled(db, product_id, w.start, w.end, limit=limit)
-    d = FleetDeviceDay
-    ranked = await tops.ranked_sums(db, [d.product_id == product_id,
-                                         d.day >= _floor(w.start, 86_400), d.day < w.end,
-                                         d.device_id.in_(ids)], limit)
-    out: dict[str, Any] = {kind: [{"device_id": device, kind: n} for device, n in rows]
-                           for kind, rows in ranked.items()}
-    out["approximate"] = False
-    return out
+    window's days, and whether the lists are ``approximate``: from the days' lists
+    (:mod:`corral.fleet.tops`), of the devices the window's filters select."""
+    return await tops.troubled(db, product_id, w.start, w.end, limit=limit,
+                               devices=devices_of(product_id, w))
 
 
 VITALS_SAMPLE = 1000  # a dynamic group's reports read (it has no vitals rollups)

@@ -15,7 +15,8 @@ ones together) in the database as their lists would be: it fetches at most ``day
 least what the lists show, and at most that plus the ``rest`` of every list it is not in. The answer is exact (``approximate`` false)
 when those bounds prove it: every device shown has its exact sum and no device left out
 can reach the last one shown; otherwise it says ``approximate`` true (the counts shown
-are lower bounds and a device may be missing). Small fleets (no day with more than
+are lower bounds and a device may be missing). A filtered request reads the same rows of
+the selected devices only (each probed against the filter by key). Small fleets (no day with more than
 ``TOPS_PER_DAY`` devices with a count) are always exact.
 """
 
@@ -24,7 +25,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import case, delete, desc, func, literal, select, union_all, update
+from sqlalchemy import (
+    Select,
+    case,
+    delete,
+    desc,
+    exists,
+    func,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.fleet.models import FleetDayTop, FleetDeviceDay, FleetTroubledDay
@@ -115,10 +127,22 @@ def _runs(days: list[dt.datetime]) -> list[tuple[dt.datetime, dt.datetime]]:
     return out
 
 
+def _among(devices: Select[Any] | None, column: Any) -> list[Any]:
+    """The condition that ``column`` (a device ID) is one of ``devices`` (a select of device
+    IDs: a filter's devices), probed per row (a correlated EXISTS: never the whole set
+    read), or none."""
+    if devices is None:
+        return []
+    return [exists(devices.where(devices.selected_columns[0] == column))]
+
+
 async def troubled(db: AsyncSession, product_id: int, start: dt.datetime, end: dt.datetime,
-                   *, limit: int = 10) -> dict[str, Any]:
+                   *, limit: int = 10, devices: Select[Any] | None = None) -> dict[str, Any]:
     """The ``limit`` devices with the most disconnects and with the most failed calls in
-    the days from ``start``'s to before ``end`` (see the module doc), and ``approximate``."""
+    the days from ``start``'s to before ``end`` (see the module doc), and ``approximate``;
+    only ``devices`` (a select of device IDs, a filter's) when given: the lists' rows and
+    the days without lists are probed per row (the rest of a list bounds every device left
+    out of it, selected or not)."""
     first = _day(start)
     days = []
     d = first
@@ -143,7 +167,7 @@ async def troubled(db: AsyncSession, product_id: int, start: dt.datetime, end: d
                 select(top.kind, top.device_id, func.sum(top.n), func.sum(listed_rest))
                 .join(t, (t.product_id == top.product_id) & (t.day == top.day))
                 .where(top.product_id == product_id, top.day >= first, top.day < end,
-                       t.computed_version == t.version)
+                       t.computed_version == t.version, *_among(devices, top.device_id))
                 .group_by(top.kind, top.device_id))).all():
             if kind in sums:
                 sums[kind][device] = int(n)
@@ -152,7 +176,8 @@ async def troubled(db: AsyncSession, product_id: int, start: dt.datetime, end: d
     # the days without lists, consecutive ones together: ranked as their lists would be
     for lo, hi in _runs([x for x in days if x not in rest]):
         ranked_run = await ranked_sums(db, [d_.product_id == product_id, d_.day >= lo,
-                                            d_.day < hi], TOPS_PER_DAY + 1)
+                                            d_.day < hi, *_among(devices, d_.device_id)],
+                                       TOPS_PER_DAY + 1)
         run_rest = []
         for kind in KINDS:
             found = ranked_run[kind]
