@@ -121,8 +121,9 @@ def parse_lifetime(settings: Settings, expires_in: Any, expires_at: Any) -> dt.d
             when = dt.datetime.fromisoformat(str(expires_at).replace("Z", "+00:00"))
         except ValueError as exc:
             raise OAuthError("expires_at must be an ISO 8601 time") from exc
-        when = clock.aware(when)
-        assert when is not None
+        aware = clock.aware(when)
+        assert aware is not None
+        when = aware
         if when <= now:
             raise OAuthError("expires_at must be in the future")
         return when

@@ -222,7 +222,8 @@ async def customer_device_ids(db: AsyncSession, customer_ids: list[int]) -> dict
         rows = await db.execute(select(Device.customer_id, Device.id).where(
             Device.customer_id.in_(customer_ids[start:start + CHUNK])).order_by(Device.id))
         for customer_id, device_id in rows:
-            out[customer_id].append(device_id)
+            if customer_id is not None:  # the IN above
+                out[customer_id].append(device_id)
     return out
 
 
@@ -377,6 +378,12 @@ async def redeem_claim_code(db: AsyncSession, *, device_id: str, code: str) -> C
     return first or ClaimResult(False, did, REDEEM_UNKNOWN_CODE)
 
 
+def _outcome(claimant: Claimant, did: str, ok: bool, reason: str | None, *,
+             changed: bool = False) -> ClaimResult:
+    return ClaimResult(ok, did, reason, user_id=claimant.user_id,
+                       customer_id=claimant.customer_id, changed=changed)
+
+
 async def _judge(db: AsyncSession, row: ClaimCode, device: Device | None,
                  did: str) -> ClaimResult | Claimant:
     """The outcome of ``row`` for the device (nothing changes), or its claimant when the
@@ -384,22 +391,21 @@ async def _judge(db: AsyncSession, row: ClaimCode, device: Device | None,
     claimant = await _code_claimant(db, row)
     if claimant is None:
         return ClaimResult(False, did, REDEEM_UNKNOWN_CODE)
-    ids = {"user_id": claimant.user_id, "customer_id": claimant.customer_id}
     if row.used_at is not None:
         if row.device_id == did and device is not None and claimant.owns(device):
-            return ClaimResult(True, did, None, **ids)  # the device repeated itself
-        return ClaimResult(False, did, REDEEM_USED, **ids)
+            return _outcome(claimant, did, True, None)  # the device repeated itself
+        return _outcome(claimant, did, False, REDEEM_USED)
     if row.expires_at <= clock.now():
-        return ClaimResult(False, did, REDEEM_EXPIRED, **ids)
+        return _outcome(claimant, did, False, REDEEM_EXPIRED)
     if device is None:
-        return ClaimResult(False, did, REDEEM_UNKNOWN_DEVICE, **ids)
+        return _outcome(claimant, did, False, REDEEM_UNKNOWN_DEVICE)
     if row.product_id is not None and device.product_id != row.product_id:
-        return ClaimResult(False, did, REDEEM_WRONG_PRODUCT, **ids)
+        return _outcome(claimant, did, False, REDEEM_WRONG_PRODUCT)
     refused = await refusal(db, device, claimant)
     if refused is not None:
         reason = REDEEM_WRONG_PRODUCT if (refused.reason == NOT_FOUND
                                           and claimant.customer_id is not None) else refused.reason
-        return ClaimResult(False, did, reason, **ids)
+        return _outcome(claimant, did, False, reason)
     return claimant
 
 
@@ -407,15 +413,14 @@ async def _redeem(db: AsyncSession, row: ClaimCode, device: Device | None,
                   claimant: Claimant) -> ClaimResult:
     assert device is not None
     did = device.id
-    ids = {"user_id": claimant.user_id, "customer_id": claimant.customer_id}
     row.used_at = clock.now()
     row.device_id = did
     if claimant.owns(device):
-        return ClaimResult(True, did, None, changed=False, **ids)
+        return _outcome(claimant, did, True, None, changed=False)
     _assign(db, device, claimant)
     org_id, product_id = await _product_org(db, device.product_id)
     audit.record(db, actor=None, actor_label=claimant.label, ip=None, action="device.claimed",
                  org_id=org_id, product_id=product_id, target_type="device", target_id=did,
                  details={**_owner_details(claimant), "via": "claim_code",
                           "claim_code_id": row.id})
-    return ClaimResult(True, did, None, changed=True, **ids)
+    return _outcome(claimant, did, True, None, changed=True)

@@ -34,6 +34,7 @@ async def cohort_names_for(db: AsyncSession, device_ids: Sequence[str],
 
 def in_cohort(device_id: Any, product_id: int, name: str) -> ColumnElement[bool]:
     """``device_id`` is a member of the product's cohort ``name`` (indexed lookups)."""
-    return device_id.in_(select(CohortMember.device_id)
-                         .join(Cohort, Cohort.id == CohortMember.cohort_id)
-                         .where(Cohort.product_id == product_id, Cohort.name == name))
+    member: ColumnElement[bool] = device_id.in_(
+        select(CohortMember.device_id).join(Cohort, Cohort.id == CohortMember.cohort_id)
+        .where(Cohort.product_id == product_id, Cohort.name == name))
+    return member

@@ -292,7 +292,7 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
 
     # one executemany UPDATE; devices already in this session are expired so they reload
     now = clock.now()
-    table = Device.__table__
+    table = _table(Device)
     stmt = (update(table).where(table.c.id == bindparam("b_id"))
             .values(public_key_der=bindparam("b_der"), public_key_algorithm=bindparam("b_alg"),
                     credentials_version=table.c.credentials_version + 1, updated_at=now))
@@ -308,7 +308,7 @@ async def bulk_set_keys(db: AsyncSession, *, actor: Subject | None, ip: str | No
                             CREDENTIALS_CHANGED)
     # one audit row per device, written as one executemany (ORM inserts of 10k rows that
     # each need their id back are issued one by one on SQLite: seconds instead of ms)
-    await db.execute(insert(AuditEntry.__table__), [
+    await db.execute(insert(_table(AuditEntry)), [
         {"at": now, "actor_user_id": actor.user_id if actor else None,
          "actor": actor.label if actor else "system", "ip": ip, "action": "device.key_set",
          "org_id": product.org_id, "product_id": product.id, "target_type": "device",
@@ -698,6 +698,13 @@ async def _issuing_ca(db: AsyncSession, leaf: x509.Certificate) -> tuple[Product
     return None, "the certificate is not signed by a registered CA"
 
 
+def _table(model: Any) -> Table:
+    """A mapped class's table (typed as any FROM clause by SQLAlchemy)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
 def _insert_ignore(db: AsyncSession, table: Table, conflict: list[str]) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING`` for PostgreSQL and SQLite (concurrent JITP)."""
     if db.get_bind().dialect.name == "postgresql":
@@ -714,14 +721,14 @@ async def _join_groups(db: AsyncSession, product_id: int, device_id: str,
     if not names:
         return
     now = clock.now()
-    await db.execute(_insert_ignore(db, DeviceGroup.__table__, ["product_id", "name"]),
+    await db.execute(_insert_ignore(db, _table(DeviceGroup), ["product_id", "name"]),
                      [{"product_id": product_id, "name": n, "created_at": now, "updated_at": now}
                       for n in names])
     # a dynamic group has no members to add: the device is in it when it matches its query
     group_ids = (await db.execute(select(DeviceGroup.id).where(
         DeviceGroup.product_id == product_id, DeviceGroup.name.in_(names),
         DeviceGroup.query.is_(None)))).scalars().all()
-    await db.execute(_insert_ignore(db, DeviceGroupMember.__table__, ["device_id", "group_id"]),
+    await db.execute(_insert_ignore(db, _table(DeviceGroupMember), ["device_id", "group_id"]),
                      [{"device_id": device_id, "group_id": gid} for gid in group_ids])
 
 
@@ -777,7 +784,7 @@ async def provision_from_certificate(db: AsyncSession, chain: list[x509.Certific
             return JitpResult(accepted=True, device=device, product_id=product.id,
                               created=False, reason="known device")
         inserted = (await db.execute(
-            _insert_ignore(db, Device.__table__, ["id"]).values(
+            _insert_ignore(db, _table(Device), ["id"]).values(
                 id=device_id, product_id=product.id, platform_id=product.platform_id,
                 tags=list(settings["tags"]), development=bool(settings["development"]),
                 quarantined=bool(settings["quarantine"]), imported_at=now,

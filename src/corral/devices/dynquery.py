@@ -219,7 +219,7 @@ def _syntax_error(text: str, exc: UnexpectedInput) -> QueryError:
         lines = text.splitlines() or [""]
         return QueryError("the query ends too early", len(lines), len(lines[-1]) + 1)
     if isinstance(exc, UnexpectedCharacters):
-        return QueryError(f"unexpected character {text[exc.pos_in_stream]!r}", line, column)
+        return QueryError(f"unexpected character {text[exc.pos_in_stream or 0]!r}", line, column)
     tok = getattr(exc, "token", None)
     if tok is not None and tok.type == "$END":
         lines = text.splitlines() or [""]
@@ -266,7 +266,7 @@ def _build(t: Tree[Any] | Token) -> Expr:
         return Node(rule[:-1], tuple(parts))
     if rule == "not_":
         return Node("not", (_build(t.children[0]),))
-    field_tok = t.children[0]
+    field_tok = _token(t.children[0])
     name = _field(field_tok)
     spec = FIELDS[name]
     line, column = _where(field_tok)
@@ -280,7 +280,7 @@ def _build(t: Tree[Any] | Token) -> Expr:
         if op not in spec.ops:
             raise QueryError(f"{name} does not take {op} (it takes "
                              f"{', '.join(sorted(spec.ops))})", *_where(op_tok))
-        value = _check(name, spec, op, value_tok)
+        value = _check(name, spec, op, _token(value_tok))
         return Leaf(name, op, (value,), line, column)
     # in_ / not_in
     if not spec.lists:
@@ -293,6 +293,12 @@ def _build(t: Tree[Any] | Token) -> Expr:
         raise QueryError(f"at most {MAX_LIST} values in a list", *_where(list_tree))
     values = tuple(dict.fromkeys(_check(name, spec, "=", tok) for tok in toks))
     return Leaf(name, "in" if rule == "in_" else "not_in", values, line, column)
+
+
+def _token(node: Any) -> Token:
+    """A terminal of the parse tree where the grammar puts one (a field name, a value)."""
+    assert isinstance(node, Token), node
+    return node
 
 
 def _field(tok: Token) -> str:
@@ -482,8 +488,8 @@ def _leaf(name: str, op: str, value: Any, scope: Scope,
           path: tuple[str, ...]) -> ColumnElement[bool]:
     """``name op value`` for one value, never NULL (op is not ``!=``)."""
     if name in ("online", "development", "quarantined", "cellular"):
-        col = getattr(Device, name)  # bare when true: the partial indexes match it
-        return col if value else col.is_(False)
+        flag: ColumnElement[bool] = getattr(Device, name)  # bare when true: the partial indexes match it
+        return flag if value else flag.is_(False)
     if name == "tag":
         return _member(scope, DeviceTag.device_id, DeviceTag.tag == value)
     if name == "cohort":

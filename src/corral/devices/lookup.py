@@ -18,7 +18,7 @@ async def device_names(db: AsyncSession, ids: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     ids = list(ids)
     for i in range(0, len(ids), CHUNK):
-        out.update({did: name for did, name in (await db.execute(
+        out.update({did: str(name) for did, name in (await db.execute(
             select(Device.id, Device.name).where(Device.id.in_(ids[i:i + CHUNK]),
                                                  Device.name.is_not(None)))).all()})
     return out

@@ -38,7 +38,7 @@ def contains(dialect: str, column: Any, name: str, text: str) -> ColumnElement[b
     ``text``, case-insensitively, through the search index where there is one."""
     if dialect == "sqlite" and len(text) >= MIN_INDEXED:
         phrase = '"' + text.replace('"', '""') + '"'
-        matches = select(literal_column("rowid")).select_from(_SEARCH).where(
+        matches: Any = select(literal_column("rowid")).select_from(_SEARCH).where(
             literal_column(TABLE).op("MATCH")(literal(f"{name} : {phrase}")))
         return literal_column("devices.rowid").in_(matches)
     if dialect == "postgresql":

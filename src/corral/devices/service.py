@@ -723,12 +723,12 @@ async def update_device(db: AsyncSession, *, actor: Subject, ip: str, device: De
     if "firmware_updates_forced" in sent:
         changes["firmware_updates_forced"] = bool(req.firmware_updates_forced)
     on_product = isinstance(req, ProductDeviceChange)
-    if on_product and "development" in sent:
+    if isinstance(req, ProductDeviceChange) and "development" in sent:
         changes["development"] = bool(req.development)
         if not may_mark_development(actor, role):
             raise Forbidden("Marking development devices needs the firmware:release "
                             "permission", code="forbidden", required="firmware:release")
-    if on_product and "quarantined" in sent:
+    if isinstance(req, ProductDeviceChange) and "quarantined" in sent:
         if req.quarantined:
             raise BadRequest("A device cannot be put in quarantine by hand; deny it with "
                              "DELETE and deny=true", code="invalid_request")

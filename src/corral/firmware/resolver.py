@@ -221,10 +221,10 @@ async def load_releases(db: AsyncSession, product_id: int,
             counts[r.version] = r.count
         else:
             counts.pop(r.version, None)
-    cohort_versions = {int(c): by_id[int(f)] for c, f in (await db.execute(
+    cohort_versions = {int(c): by_id[f] for c, f in (await db.execute(
         select(Cohort.id, Cohort.firmware_id).where(Cohort.product_id == product_id,
                                                     Cohort.firmware_id.is_not(None)))).all()
-        if int(f) in by_id}
+        if f is not None and f in by_id}
     releases = ReleaseSet(default_version=max(defaults) if defaults else None,
                           group_versions=group_versions, gates=gates,
                           cohort_versions=cohort_versions)

@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.audit import service as audit
@@ -218,7 +218,7 @@ async def _membership(db: AsyncSession, user_id: int, org_id: int, product_id: i
 async def _actor_role(db: AsyncSession, actor: Subject, org: Organization,
                       product_id: int | None) -> Role | None:
     """The inviter's effective role: org scope, or the stronger of org and product scope."""
-    where = Membership.product_id.is_(None)
+    where: ColumnElement[bool] = Membership.product_id.is_(None)
     if product_id is not None:
         where = where | (Membership.product_id == product_id)
     rows = (await db.execute(select(Membership.role).where(
