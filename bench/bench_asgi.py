@@ -7,7 +7,9 @@ Separates the framework and middleware overhead (``/openapi.json``: no database)
 database round trips, counted exactly per route (statements sent to the database, COMMIT
 and ROLLBACK included, from SQLAlchemy's cursor events; ``/healthz``: one). ``--n``
 sequential requests per route after 100 warm-up requests; wall and process CPU time
-(all threads) per request. ``--profile``: cProfile of
+(all threads) per request; on SQLite, the jobs handed to aiosqlite's thread per request
+(``hops``: each a queue put, a thread wake-up and a future resolved from that thread).
+``--profile``: cProfile of
 ``/v1/products/{p}`` (the heaviest guarded read); ``--profile-call`` of a function call
 (the in-process device below answers at once); ``--profile-path`` of any GET.
 """
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import httpx
 from sqlalchemy import event
 
@@ -100,7 +103,16 @@ async def main() -> None:
         await c.post(f"/v1/products/{product}/devices", headers=auth,
                      json={"ids": [f"{i:024x}" for i in range(1, 26)]})
     statements = 0
+    hops = 0  # jobs handed to aiosqlite's thread (SQLite only)
     shown: list[str] | None = None
+    queue_job = aiosqlite.Connection._execute
+
+    async def counted_hop(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await queue_job(self, fn, *args, **kwargs)
+
+    aiosqlite.Connection._execute = counted_hop  # type: ignore[method-assign]
 
     def counted(*args: Any) -> None:
         nonlocal statements
@@ -122,17 +134,17 @@ async def main() -> None:
               (f"/v1/products/{product}/devices/{device}", token, b""),
               (f"/v1/devices/{device}/led", token, b'{"arg": "on"}'),
               (f"/v1/devices/{device}/temp", token, b""))
-    print(f"{'route':44} {'ms/request':>10} {'CPU ms':>7} {'round trips':>12}")
+    print(f"{'route':44} {'ms/request':>10} {'CPU ms':>7} {'round trips':>12} {'hops':>5}")
     for path, tok, body in routes:
         for _ in range(100):
             assert await call(app, path, tok, body) == 200, path
-        statements = 0
+        statements = hops = 0
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             await call(app, path, tok, body)
         ms = (time.perf_counter() - t0) / n * 1e3
         cpu = (time.process_time() - c0) / n * 1e3  # every thread: aiosqlite's included
-        print(f"{path:44} {ms:10.3f} {cpu:7.3f} {statements / n:12.1f}")
+        print(f"{path:44} {ms:10.3f} {cpu:7.3f} {statements / n:12.1f} {hops / n:5.1f}")
         if "--statements" in sys.argv:  # what one request sends
             shown = []
             await call(app, path, tok, body)

@@ -12,9 +12,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from corral.db import sqlite_driver
+
 
 def make_engine(url: str, **kw: Any) -> AsyncEngine:
     if url.startswith("sqlite"):
+        # aiosqlite under SQLAlchemy, each statement one trip to the database thread
+        kw.setdefault("module", sqlite_driver.dbapi())
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
 
         @event.listens_for(engine.sync_engine, "connect")
