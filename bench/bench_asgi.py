@@ -8,7 +8,10 @@ database round trips, counted exactly per route (statements sent to the database
 and ROLLBACK included, from SQLAlchemy's cursor events; ``/healthz``: one). ``--n``
 sequential requests per route after 100 warm-up requests; wall and process CPU time
 (all threads) per request; on SQLite, the jobs handed to aiosqlite's thread per request
-(``hops``: each a queue put, a thread wake-up and a future resolved from that thread).
+(``hops``: each a queue put, a thread wake-up and a future resolved from that thread); on
+PostgreSQL, the writes to the server's socket (``hops``: each a request the server answers,
+the pool's pre-ping, BEGIN and asyncpg's own included; ``--no-pre-ping`` turns the
+pre-ping off to weigh it).
 ``--profile``: cProfile of
 ``/v1/products/{p}`` (the heaviest guarded read); ``--profile-call`` of a function call
 (the in-process device below answers at once); ``--profile-path`` of any GET.
@@ -17,6 +20,7 @@ sequential requests per route after 100 warm-up requests; wall and process CPU t
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import cProfile
 import pstats
 import sys
@@ -113,6 +117,19 @@ async def main() -> None:
         return await queue_job(self, fn, *args, **kwargs)
 
     aiosqlite.Connection._execute = counted_hop  # type: ignore[method-assign]
+    db_port = runtime.engine.url.port or 5432  # type: ignore[union-attr]
+    transport_write = asyncio.selector_events._SelectorSocketTransport.write
+
+    def counted_write(self: Any, data: Any) -> None:  # PostgreSQL: a request to the server
+        nonlocal hops
+        peer = self.get_extra_info("peername")
+        if peer and peer[1] == db_port:
+            hops += 1
+        transport_write(self, data)
+
+    asyncio.selector_events._SelectorSocketTransport.write = counted_write  # type: ignore[method-assign]
+    if "--no-pre-ping" in sys.argv:  # what the pool's pre-ping costs (PostgreSQL)
+        runtime.engine.sync_engine.pool._pre_ping = False  # type: ignore[union-attr]
 
     def counted(*args: Any) -> None:
         nonlocal statements
