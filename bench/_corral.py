@@ -98,6 +98,12 @@ def device_ids(n: int, salt: str = "bench") -> list[str]:
     return [hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()[:24] for i in range(n)]
 
 
+def proc_cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system, all threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

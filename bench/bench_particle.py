@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx
-from _corral import corral_serve, create_product, device_ids, rss_kib
+from _corral import corral_serve, create_product, device_ids, proc_cpu_s, rss_kib
 from _server import free_port, percentile, signup_and_login
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -178,11 +178,6 @@ async def wait_online(base: str, token: str, product_id: int, done: Callable[[in
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RawHTTP:

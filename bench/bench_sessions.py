@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx
-from _corral import corral_serve, provision_fleet, rss_kib
+from _corral import corral_serve, proc_cpu_s, provision_fleet, rss_kib
 from _mqttload import Conn, open_many, reply_to_requests
 from _server import percentile
 
@@ -91,13 +91,14 @@ async def calls(srv, n: int, total: int, concurrency: int) -> None:  # type: ign
 
         await asyncio.gather(*(one() for _ in range(min(200, total))))  # warm-up
         lat.clear()
-        t0 = time.perf_counter()
+        t0, s0 = time.perf_counter(), proc_cpu_s(srv.pid)
         await asyncio.gather(*(one() for _ in range(total)))
-        wall = time.perf_counter() - t0
-    print("\n| devices online | calls | concurrency | calls/s | p50 | p99 | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+        wall, server_cpu = time.perf_counter() - t0, proc_cpu_s(srv.pid) - s0
+    print("\n| devices online | calls | concurrency | calls/s | p50 | p99 | server CPU | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {n:,} | {total:,} | {concurrency} | {total / wall:,.0f} | "
-          f"{percentile(lat, 50) * 1000:.1f} ms | {percentile(lat, 99) * 1000:.1f} ms | {errors} |")
+          f"{percentile(lat, 50) * 1000:.1f} ms | {percentile(lat, 99) * 1000:.1f} ms | "
+          f"{server_cpu / total * 1000:.2f} ms | {errors} |")
     for conn in conns:
         await conn.close()
 
