@@ -136,13 +136,23 @@ def _used(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
 _SQL: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
-def _sqlite_insert(used: tuple[str, ...]) -> str:
-    sql = _SQL.get(("sqlite", used))
+def _insert(dialect: str, used: tuple[str, ...]) -> str:
+    """One delta row's INSERT carrying the keys and the ``used`` counters (``?`` or ``$n``
+    placeholders)."""
+    sql = _SQL.get((dialect, used))
     if sql is None:
         cols = (*_KEYS, *used)
-        sql = _SQL[("sqlite", used)] = (
-            f"INSERT INTO usage_deltas ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})")
+        marks = (["?"] * len(cols) if dialect == "sqlite"
+                 else [f"${i}" for i in range(1, len(cols) + 1)])
+        sql = _SQL[(dialect, used)] = (
+            f"INSERT INTO usage_deltas ({', '.join(cols)}) VALUES ({', '.join(marks)})")
     return sql
+
+
+# PostgreSQL: up to this many delta rows go in as a prepared INSERT (its transaction's BEGIN
+# with it): a COPY costs a statement to open the transaction, asyncpg's column query and the
+# COPY itself. A function call's or variable read's count is one row.
+PG_INSERT_MAX = 8
 
 
 async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
@@ -158,16 +168,19 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
     conn = await db.connection()
     dialect = conn.dialect.name
     if dialect == "postgresql":
+        records = [(r["device_id"], r["period"], r["product_id"], r["org_id"],
+                    r["owner_user_id"], *[r[c] for c in used]) for r in rows]
+        if len(records) <= PG_INSERT_MAX:
+            await conn.exec_driver_sql(_insert(dialect, used), records)
+            return len(rows)
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         if not raw.is_in_transaction():
             # the session's transaction begins at the adapter's first statement; a COPY on
             # the bare asyncpg connection before that would commit on its own
             await conn.exec_driver_sql("SELECT 1")
-        await raw.copy_records_to_table(
-            "usage_deltas", columns=(*_KEYS, *used),
-            records=[(r["device_id"], r["period"], r["product_id"], r["org_id"],
-                      r["owner_user_id"], *[r[c] for c in used]) for r in rows])
+        await raw.copy_records_to_table("usage_deltas", columns=(*_KEYS, *used),
+                                        records=records)
     else:
         # SQLite, the ingest hot path: to the driver directly, dates as SQLAlchemy's SQLite
         # Date text (a batch spans one or two months)
@@ -175,7 +188,7 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
         for r in rows:
             if r["period"] not in days:
                 days[r["period"]] = r["period"].isoformat()
-        await conn.exec_driver_sql(_sqlite_insert(used), [
+        await conn.exec_driver_sql(_insert(dialect, used), [
             (r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
              r["owner_user_id"], *[r[c] for c in used]) for r in rows])
     return len(rows)
