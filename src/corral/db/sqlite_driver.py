@@ -26,7 +26,11 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_dbapi,
 )
-from sqlalchemy.util.concurrency import await_
+
+try:
+    from sqlalchemy.util.concurrency import await_
+except ImportError:  # SQLAlchemy 2.0 names it await_only
+    from sqlalchemy.util.concurrency import await_only as await_
 
 _Facts = tuple[Any, list[Any], int, int | None]
 
