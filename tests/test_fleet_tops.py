@@ -203,3 +203,22 @@ async def test_a_filters_lists_are_its_devices_only(app, client, monkeypatch, se
             assert all(x[k] <= want[k][x["device_id"]] for x in got[k])
         else:
             assert got[k] == exact, k
+
+
+async def test_the_minute_singleton_makes_the_closed_days_lists(app, manual_clock):
+    """``corral serve``'s fleet-minute pass makes the lists of closed days (not today's)."""
+    manual_clock.set(day_of(clock.now()) + dt.timedelta(hours=12))
+    today = day_of(clock.now())
+    pid = 5
+    await seed_days(app, pid, {("0123456789abcdef0123ac01", today - dt.timedelta(days=1), pid):
+                               [3, 1],
+                               ("0123456789abcdef0123ac01", today, pid): [1, 0]})
+    await app.state.runtime._fleet_minute()
+    async with app.state.sessionmaker() as db:
+        done = dict((await db.execute(select(
+            FleetTroubledDay.day, FleetTroubledDay.computed_version == FleetTroubledDay.version)
+        )).all())
+        listed = (await db.execute(select(FleetDayTop.kind, FleetDayTop.n))).all()
+    assert {clock.aware(d): ok for d, ok in done.items()} == {
+        today - dt.timedelta(days=1): True, today: False}
+    assert sorted(listed) == [("disconnects", 3), ("errors", 1)]

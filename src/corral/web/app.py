@@ -278,15 +278,17 @@ class Runtime:
 
     async def _fleet_minute(self) -> None:
         """Once a minute, as a singleton: record the devices online now and the products'
-        device counts in the fleet rollups, make the closed days' "most troubled" lists
-        (:mod:`corral.fleet.tops`), then check the products' alert rules."""
+        device counts in the fleet rollups, check the products' alert rules, then make the
+        closed days' "most troubled" lists (:mod:`corral.fleet.tops`; a bounded number per
+        pass, after the alerts so they never wait for them)."""
         assert self.sessionmaker is not None and self.writer is not None
         async with self.sessionmaker() as db:
             await sample_online(db)
             await db.commit()
-            await fleet_tops.make_lists(db, now=clock.now())
         await fleet_alerts.run_pass(self.sessionmaker, self.writer,
                                     public_url=self.settings.resolved_public_url())
+        async with self.sessionmaker() as db:
+            await fleet_tops.make_lists(db, now=clock.now())
 
     def _metering_wake(self) -> None:
         """A plan or limit changed (after commit): every node's gate refreshes now."""
