@@ -149,6 +149,7 @@ async def main() -> None:
               (f"/v1/products/{product}", token, b""),
               (f"/v1/products/{product}/devices", token, b""),
               (f"/v1/products/{product}/devices/{device}", token, b""),
+              (f"/v1/devices/{device}", token, b""),
               (f"/v1/devices/{device}/led", token, b'{"arg": "on"}'),
               (f"/v1/devices/{device}/temp", token, b""))
     print(f"{'route':44} {'ms/request':>10} {'CPU ms':>7} {'round trips':>12} {'hops':>5}")
