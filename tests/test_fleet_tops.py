@@ -10,9 +10,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from sqlalchemy import Delete, func, select, update
+from sqlalchemy import Delete, Integer, func, select, update
 
-from corral.devices.models import Device
+from corral.devices.models import Device, DeviceGroup, DeviceGroupMember
 from corral.fleet import metrics, tops
 from corral.fleet.models import FleetDayTop, FleetDeviceDay, FleetTroubledDay
 from corral.fleet.rollups import add_counts, day_of, sample_online
@@ -168,6 +168,72 @@ async def test_a_large_products_devices_are_the_samples(app, client, monkeypatch
         await db.commit()
     r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok))
     assert r.json()["devices"]["total"] == n
+
+
+async def test_a_large_products_group_and_os_filters_are_the_samples(app, client, monkeypatch):
+    """At ``EXACT_BELOW`` devices or more, a static group's and a Device OS version's devices
+    (and their firmware versions) are the last sample's too, equal to a direct count at
+    that sample; a change after it shows at the next."""
+    monkeypatch.setattr(metrics, "EXACT_BELOW", 3)
+    tok, prod = await owner_and_product(client)
+    pid = prod["id"]
+    ids = [f"0123456789abcdef0123fe{i:02x}" for i in range(5)]
+    for i, did in enumerate(ids):
+        await add_device(app, did, pid)
+        async with app.state.sessionmaker() as db:
+            await db.execute(update(Device).where(Device.id == did).values(
+                firmware_version=1 + i % 2, online=i < 2,
+                system_firmware_version="6.1.0" if i < 3 else "5.9.0"))
+            await db.commit()
+    async with app.state.sessionmaker() as db:
+        group = DeviceGroup(product_id=pid, name="north")
+        db.add(group)
+        await db.flush()
+        db.add_all([DeviceGroupMember(group_id=group.id, device_id=d) for d in ids[1:4]])
+        await db.commit()
+
+    async def health(**params: Any) -> dict[str, Any]:
+        r = await client.get(f"/v1/products/{pid}/fleet/health", headers=bearer(tok),
+                             params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def direct(*where: Any) -> dict[int, tuple[int, int]]:
+        async with app.state.sessionmaker() as db:
+            rows = (await db.execute(
+                select(Device.firmware_version, func.count(),
+                       func.sum(func.cast(Device.online, Integer)))
+                .where(Device.product_id == pid, *where)
+                .group_by(Device.firmware_version))).all()
+        return {fw: (int(n), int(o)) for fw, n, o in rows}
+
+    def shown(h: dict[str, Any]) -> dict[int, tuple[int, int]]:
+        return {f["version"]: (f["devices"], f["online"]) for f in h["firmware"]}
+
+    in_north = Device.id.in_(select(DeviceGroupMember.device_id).where(
+        DeviceGroupMember.group_id == group.id))
+    assert (await health(device_group="north"))["devices"]["as_of"] is None  # no sample yet
+    async with app.state.sessionmaker() as db:
+        await sample_online(db)
+        await db.commit()
+    north, os6 = await direct(in_north), await direct(Device.system_firmware_version == "6.1.0")
+    assert north == {2: (2, 1), 1: (1, 0)} and os6 == {1: (2, 1), 2: (1, 1)}
+    h = await health(device_group="north")
+    assert h["devices"]["as_of"] is not None and shown(h) == north
+    assert (h["devices"]["total"], h["devices"]["online"]) == (3, 1)
+    h = await health(device_os_version="6.1.0")
+    assert h["devices"]["as_of"] is not None and shown(h) == os6
+    h = await health(device_group="north", product_fw=2)
+    assert shown(h) == {2: (2, 1)} and h["devices"]["total"] == 2
+    async with app.state.sessionmaker() as db:  # after the sample: shown at the next one
+        db.add(DeviceGroupMember(group_id=group.id, device_id=ids[0]))
+        await db.commit()
+    assert (await health(device_group="north"))["devices"]["total"] == 3
+    async with app.state.sessionmaker() as db:
+        await sample_online(db)
+        await db.commit()
+    h = await health(device_group="north")
+    assert h["devices"]["total"] == 4 and shown(h) == await direct(in_north)
 
 
 @pytest.mark.parametrize("seed", range(3))

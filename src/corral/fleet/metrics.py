@@ -19,6 +19,7 @@ from corral.fleet.models import (
     FleetDeviceCount,
     FleetDisconnect,
     FleetMinute,
+    FleetSegmentDeviceCount,
     FleetSegmentDisconnect,
     rollup_table,
 )
@@ -261,20 +262,27 @@ EXACT_BELOW = 20_000
 async def device_counts(db: AsyncSession, product_id: int, w: Window
                         ) -> tuple[int, int, list[dict[str, Any]], dt.datetime | None]:
     """(online, total, devices and online per firmware version, as of when) of the product's
-    devices the window's filters select. Unfiltered or filtered by firmware version only,
-    a product of ``EXACT_BELOW`` devices or more (at the last sample) is read from the
-    once-a-minute sample (:class:`FleetDeviceCount`; "as of" its time); otherwise, or with a
-    group or Device OS filter, the devices are counted now ("as of" None)."""
-    if w.segment is None and w.members is None and w.firmware != 0:
+    devices the window's filters select. A product of ``EXACT_BELOW`` devices or more (at the
+    last sample) is read from the once-a-minute sample ("as of" its time): unfiltered or by
+    firmware version from :class:`FleetDeviceCount`, by static group or Device OS version
+    (and firmware version) from :class:`FleetSegmentDeviceCount`. Otherwise, or with a
+    dynamic group, the devices are counted now ("as of" None)."""
+    if w.members is None and w.firmware != 0:
         c = FleetDeviceCount
-        rows = (await db.execute(select(c.firmware_version, c.devices, c.online, c.sampled_at)
-                                 .where(c.product_id == product_id))).all()
-        if rows and sum(r[1] for r in rows) >= EXACT_BELOW:
+        sizes = (await db.execute(select(c.firmware_version, c.devices, c.online, c.sampled_at)
+                                  .where(c.product_id == product_id))).all()
+        if sizes and sum(r[1] for r in sizes) >= EXACT_BELOW:
+            rows = sizes
+            if w.segment is not None:
+                s = FleetSegmentDeviceCount
+                rows = (await db.execute(
+                    select(s.firmware_version, s.devices, s.online, s.sampled_at)
+                    .where(s.product_id == product_id, s.segment == w.segment))).all()
             out = sorted(({"version": fw or None, "devices": int(n), "online": int(o)}
                           for fw, n, o, _at in rows if w.firmware in (None, fw)),
                          key=lambda x: (-x["devices"], x["version"] or 0))
             return (sum(x["online"] for x in out), sum(x["devices"] for x in out), out,
-                    clock.aware(max(r[3] for r in rows)))
+                    clock.aware(max(r[3] for r in sizes)))
     if w.filtered:
         online, total, firmware = await filtered_devices(db, product_id, w)
     else:

@@ -181,6 +181,22 @@ class FleetDeviceCount(Base):
     sampled_at: Mapped[dt.datetime]
 
 
+class FleetSegmentDeviceCount(Base):
+    """As :class:`FleetDeviceCount`, per segment: a static device group's devices
+    (``g:<id>``) or a Device OS version's (``os:<version>``), per firmware version, at the
+    once-a-minute sample; what a group- or Device-OS-filtered fleet health reads for a large
+    product. Every sample replaces every row."""
+
+    __tablename__ = "fleet_segment_device_counts"
+
+    product_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    segment: Mapped[str] = mapped_column(String(40), primary_key=True)
+    firmware_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    devices: Mapped[int] = mapped_column(Integer, default=0)
+    online: Mapped[int] = mapped_column(Integer, default=0)
+    sampled_at: Mapped[dt.datetime]
+
+
 class FleetTroubledDay(Base):
     """A product's UTC day of per-device rows (:class:`FleetDeviceDay`) and whether its
     "most troubled" lists (:class:`FleetDayTop`) are up to date: every flush that adds to

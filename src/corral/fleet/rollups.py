@@ -54,6 +54,7 @@ from corral.fleet.models import (
     FleetDisconnect,
     FleetHour,
     FleetMinute,
+    FleetSegmentDeviceCount,
     FleetSegmentDisconnect,
     FleetSegmentHour,
     FleetSegmentMinute,
@@ -473,7 +474,8 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
     """Record how many devices of each product and firmware version are online now in
     this minute's and this hour's rollups (the most seen in the bucket wins), and how many
     devices each product has per firmware version and how many of them are online
-    (:class:`FleetDeviceCount`, what fleet health reads for a large product). Returns the
+    (:class:`FleetDeviceCount`, what fleet health reads for a large product), the same per
+    static group and Device OS version (:class:`FleetSegmentDeviceCount`). Returns the
     number of (product, firmware) pairs online. The caller commits."""
     at = at or clock.now()
     grouped = (await db.execute(
@@ -486,6 +488,8 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
     dialect = (await db.connection()).dialect.name
     ins = _insert(dialect)
     await _count_devices(db, online, at)
+    seg_rows = await _online_per_segment(db)
+    await _count_segment_devices(db, seg_rows, at)
     if not online:
         return 0
     rows = [(p, fw, n) for (p, fw), n in sorted(online.items())]
@@ -498,7 +502,6 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
             index_elements=["product_id", "bucket", "firmware_version"],
             set_={"online": bigger(table.online, stmt.excluded.online)})
         await db.execute(stmt, values)
-    seg_rows = await _online_per_segment(db)
     for stable, bucket in ((FleetSegmentMinute, minute_of(at)), (FleetSegmentHour, hour_of(at))):
         if not seg_rows:
             break
@@ -530,6 +533,39 @@ async def _count_devices(db: AsyncSession, online: dict[tuple[int, int], int],
             {"product_id": p, "firmware_version": fw, "devices": n,
              "online": online.get((p, fw), 0), "sampled_at": at}
             for (p, fw), n in sorted(totals.items())])
+
+
+async def _count_segment_devices(db: AsyncSession, online: dict[tuple[int, str, int], int],
+                                 at: dt.datetime) -> None:
+    """Replace the devices per product, segment and firmware version
+    (:class:`FleetSegmentDeviceCount`) with a count of the devices now: the static groups'
+    members (their memberships joined to the devices) and the devices per Device OS version
+    (an index-only grouped count, ix_devices_product_os), with ``online``, the online ones
+    of the same sample (:func:`_online_per_segment`)."""
+    by_group = (await db.execute(
+        select(Device.product_id, DeviceGroupMember.group_id, Device.firmware_version,
+               func.count())
+        .join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
+        .where(Device.product_id.is_not(None))
+        .group_by(Device.product_id, DeviceGroupMember.group_id,
+                  Device.firmware_version))).all()
+    by_os = (await db.execute(
+        select(Device.product_id, Device.system_firmware_version, Device.firmware_version,
+               func.count())
+        .where(Device.product_id.is_not(None), Device.system_firmware_version.is_not(None))
+        .group_by(Device.product_id, Device.system_firmware_version,
+                  Device.firmware_version))).all()
+    totals: dict[tuple[int, str, int], int] = {}
+    for rows, name in ((by_group, group_segment), (by_os, os_segment)):
+        for product, seg, fw, n in rows:
+            key = (int(product), name(seg), int(fw or 0))
+            totals[key] = totals.get(key, 0) + int(n)
+    await db.execute(delete(FleetSegmentDeviceCount))
+    if totals:
+        await db.execute(FleetSegmentDeviceCount.__table__.insert(), [
+            {"product_id": p, "segment": sg, "firmware_version": fw, "devices": n,
+             "online": online.get((p, sg, fw), 0), "sampled_at": at}
+            for (p, sg, fw), n in sorted(totals.items())])
 
 
 async def _online_per_segment(db: AsyncSession) -> dict[tuple[int, str, int], int]:
