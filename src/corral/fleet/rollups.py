@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -475,21 +475,24 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
     this minute's and this hour's rollups (the most seen in the bucket wins), and how many
     devices each product has per firmware version and how many of them are online
     (:class:`FleetDeviceCount`, what fleet health reads for a large product), the same per
-    static group and Device OS version (:class:`FleetSegmentDeviceCount`). Returns the
+    static group and Device OS version (:class:`FleetSegmentDeviceCount`). Each is one
+    grouped pass over the devices counting them and their online ones together. Returns the
     number of (product, firmware) pairs online. The caller commits."""
     at = at or clock.now()
-    grouped = (await db.execute(
-        select(Device.product_id, Device.firmware_version, func.count())
-        .where(Device.online, Device.product_id.is_not(None))
-        .group_by(Device.product_id, Device.firmware_version))).all()
-    online: dict[tuple[int, int], int] = {}
-    for product, fw, count in grouped:  # a version never reported is 0
-        online[(product, fw or 0)] = online.get((product, fw or 0), 0) + int(count)
+    per_fw: dict[tuple[int, int], tuple[int, int]] = {}
+    for product, fw, n, on in (await db.execute(
+            select(Device.product_id, Device.firmware_version, func.count(), _ONLINE)
+            .where(Device.product_id.is_not(None))
+            .group_by(Device.product_id, Device.firmware_version))).all():
+        _add(per_fw, (int(product), int(fw or 0)), int(n), int(on or 0))  # 0: never reported
+    per_seg = await _per_segment(db)
+    await _replace_counts(db, FleetDeviceCount, per_fw, ("product_id", "firmware_version"), at)
+    await _replace_counts(db, FleetSegmentDeviceCount, per_seg,
+                          ("product_id", "segment", "firmware_version"), at)
+    online = {k: on for k, (_n, on) in per_fw.items() if on}
+    seg_rows = {k: on for k, (_n, on) in per_seg.items() if on}
     dialect = (await db.connection()).dialect.name
     ins = _insert(dialect)
-    await _count_devices(db, online, at)
-    seg_rows = await _online_per_segment(db)
-    await _count_segment_devices(db, seg_rows, at)
     if not online:
         return 0
     rows = [(p, fw, n) for (p, fw), n in sorted(online.items())]
@@ -516,78 +519,45 @@ async def sample_online(db: AsyncSession, *, at: dt.datetime | None = None) -> i
     return len(rows)
 
 
-async def _count_devices(db: AsyncSession, online: dict[tuple[int, int], int],
-                         at: dt.datetime) -> None:
-    """Replace the devices per product and firmware version (:class:`FleetDeviceCount`)
-    with a count of the devices now (an index-only grouped count, ix_devices_product_fw)
-    and ``online``, the online ones of the same sample."""
-    totals: dict[tuple[int, int], int] = {}
-    for product, fw, count in (await db.execute(
-            select(Device.product_id, Device.firmware_version, func.count())
-            .where(Device.product_id.is_not(None))
-            .group_by(Device.product_id, Device.firmware_version))).all():
-        totals[(product, fw or 0)] = totals.get((product, fw or 0), 0) + int(count)
-    await db.execute(delete(FleetDeviceCount))
-    if totals:
-        await db.execute(FleetDeviceCount.__table__.insert(), [
-            {"product_id": p, "firmware_version": fw, "devices": n,
-             "online": online.get((p, fw), 0), "sampled_at": at}
-            for (p, fw), n in sorted(totals.items())])
+# the online devices among those a grouped count counts
+_ONLINE = func.sum(case((Device.online, 1), else_=0))
 
 
-async def _count_segment_devices(db: AsyncSession, online: dict[tuple[int, str, int], int],
-                                 at: dt.datetime) -> None:
-    """Replace the devices per product, segment and firmware version
-    (:class:`FleetSegmentDeviceCount`) with a count of the devices now: the static groups'
-    members (their memberships joined to the devices) and the devices per Device OS version
-    (an index-only grouped count, ix_devices_product_os), with ``online``, the online ones
-    of the same sample (:func:`_online_per_segment`)."""
+def _add(out: dict[Any, tuple[int, int]], key: Any, n: int, on: int) -> None:
+    had = out.get(key, (0, 0))
+    out[key] = (had[0] + n, had[1] + on)
+
+
+async def _replace_counts(db: AsyncSession, table: Any, counts: dict[Any, tuple[int, int]],
+                          keys: tuple[str, ...], at: dt.datetime) -> None:
+    """Replace every row of ``table`` (:class:`FleetDeviceCount`,
+    :class:`FleetSegmentDeviceCount`) with ``counts``: key -> (devices, online)."""
+    await db.execute(delete(table))
+    if counts:
+        await db.execute(table.__table__.insert(), [
+            {**dict(zip(keys, k, strict=True)), "devices": n, "online": on, "sampled_at": at}
+            for k, (n, on) in sorted(counts.items())])
+
+
+async def _per_segment(db: AsyncSession) -> dict[tuple[int, str, int], tuple[int, int]]:
+    """(devices, online) per product, segment and firmware version (0: not known): the
+    static groups' memberships joined to their devices, and the devices per Device OS
+    version (ix_devices_product_os)."""
+    out: dict[tuple[int, str, int], tuple[int, int]] = {}
     by_group = (await db.execute(
         select(Device.product_id, DeviceGroupMember.group_id, Device.firmware_version,
-               func.count())
+               func.count(), _ONLINE)
         .join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
         .where(Device.product_id.is_not(None))
         .group_by(Device.product_id, DeviceGroupMember.group_id,
                   Device.firmware_version))).all()
     by_os = (await db.execute(
         select(Device.product_id, Device.system_firmware_version, Device.firmware_version,
-               func.count())
+               func.count(), _ONLINE)
         .where(Device.product_id.is_not(None), Device.system_firmware_version.is_not(None))
         .group_by(Device.product_id, Device.system_firmware_version,
                   Device.firmware_version))).all()
-    totals: dict[tuple[int, str, int], int] = {}
     for rows, name in ((by_group, group_segment), (by_os, os_segment)):
-        for product, seg, fw, n in rows:
-            key = (int(product), name(seg), int(fw or 0))
-            totals[key] = totals.get(key, 0) + int(n)
-    await db.execute(delete(FleetSegmentDeviceCount))
-    if totals:
-        await db.execute(FleetSegmentDeviceCount.__table__.insert(), [
-            {"product_id": p, "segment": sg, "firmware_version": fw, "devices": n,
-             "online": online.get((p, sg, fw), 0), "sampled_at": at}
-            for (p, sg, fw), n in sorted(totals.items())])
-
-
-async def _online_per_segment(db: AsyncSession) -> dict[tuple[int, str, int], int]:
-    """Online devices per product, segment and firmware version (0: not known): the online
-    devices joined to their group memberships, and grouped by Device OS version."""
-    out: dict[tuple[int, str, int], int] = {}
-    by_group = (await db.execute(
-        select(Device.product_id, DeviceGroupMember.group_id, Device.firmware_version,
-               func.count())
-        .join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
-        .where(Device.online, Device.product_id.is_not(None))
-        .group_by(Device.product_id, DeviceGroupMember.group_id,
-                  Device.firmware_version))).all()
-    by_os = (await db.execute(
-        select(Device.product_id, Device.system_firmware_version, Device.firmware_version,
-               func.count())
-        .where(Device.online, Device.product_id.is_not(None),
-               Device.system_firmware_version.is_not(None))
-        .group_by(Device.product_id, Device.system_firmware_version,
-                  Device.firmware_version))).all()
-    for rows, name in ((by_group, group_segment), (by_os, os_segment)):
-        for product, seg, fw, n in rows:
-            key = (int(product), name(seg), int(fw or 0))
-            out[key] = out.get(key, 0) + int(n)
+        for product, seg, fw, n, on in rows:
+            _add(out, (int(product), name(seg), int(fw or 0)), int(n), int(on or 0))
     return out

@@ -42,10 +42,7 @@ async def fleet_retention(sessionmaker: async_sessionmaker[AsyncSession],
         for table, keep in kept:
             result = await db.execute(delete(table).where(table.bucket < now - keep * days))
             out[table.__tablename__] = int(getattr(result, "rowcount", 0) or 0)
-        result = await db.execute(delete(FleetDeviceDay).where(
-            FleetDeviceDay.day < now - settings.fleet_hour_retention_days * days))
-        out["fleet_device_days"] = int(getattr(result, "rowcount", 0) or 0)
-        for days_table in (FleetTroubledDay, FleetDayTop):
+        for days_table in (FleetDeviceDay, FleetTroubledDay, FleetDayTop):
             result = await db.execute(delete(days_table).where(
                 days_table.day < now - settings.fleet_hour_retention_days * days))
             out[days_table.__tablename__] = int(getattr(result, "rowcount", 0) or 0)
