@@ -45,6 +45,22 @@ def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield served
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed console test carries the tail of the server's stderr in its report: a page
+    that answered 500 is explained by the traceback the server logged, and the log itself
+    lives in a temporary directory pytest deletes after three runs."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    served = getattr(item, "funcargs", {}).get("console_server")
+    if report.failed and served is not None:
+        try:
+            tail = served.stderr.read_bytes()[-20_000:].decode(errors="replace")
+        except OSError as exc:
+            tail = f"(could not read {served.stderr}: {exc})"
+        report.sections.append((f"corral serve stderr ({served.stderr})", tail))
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Per module: Playwright's synchronous API runs an event loop of its own while it is
