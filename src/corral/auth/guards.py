@@ -63,6 +63,12 @@ def tenant_facts(org_id: Any) -> list[Any]:
             for i, c in enumerate(_tenant_checks) if c.fact is not None]
 
 
+def tenant_checks_version() -> int:
+    """Changes whenever a check is registered (checks are only ever added): a statement
+    built once with :func:`tenant_facts` is rebuilt when this differs from its build's."""
+    return len(_tenant_checks)
+
+
 async def check_tenant(db: AsyncSession, org_id: int, permission: str,
                        facts: Sequence[Any] | None = None) -> None:
     """Run the registered checks; called by the org and product authorizers. ``facts``:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
@@ -28,11 +28,14 @@ from corral.auth.subject import Subject
 from corral.devices.models import Device
 from corral.kit.errors import Forbidden, NotFound
 from corral.products.access import (
+    ROLE_USER,
     ProductCtx,
     authorize_loaded,
+    is_person,
     load_product,
+    prebuilt,
+    role_columns,
     strongest,
-    with_roles,
 )
 from corral.products.models import Product
 
@@ -86,18 +89,26 @@ async def load_device(db: AsyncSession, device_id: str, subject: Subject
     product, the caller's strongest role on it and the tenant facts (what
     :func:`authorize_device` needs; None for a device in no product); None if there is no
     such device."""
-    facts = tenant_facts(Product.org_id)
-    q = (select(Device, Product, *facts)
-         .outerjoin(Product, Product.id == Device.product_id)
-         .where(Device.id == device_id.lower()))
-    q, people = with_roles(q, subject)
-    rows = (await db.execute(q)).all()
+    people = is_person(subject)
+    q, nfacts = prebuilt(("device", people), lambda: _device_statement(people))
+    params: dict[str, Any] = {"device_id": device_id.lower()}
+    if people:
+        params[ROLE_USER] = subject.user_id
+    rows = (await db.execute(q, params)).all()
     if not rows:
         return None
     device, product = rows[0][0], rows[0][1]
     if product is None:
         return device, None
-    return device, (product, strongest(rows, people), list(rows[0][2:2 + len(facts)]))
+    return device, (product, strongest(rows, people), list(rows[0][2:2 + nfacts]))
+
+
+def _device_statement(people: bool) -> tuple[Select[Any], int]:
+    facts = tenant_facts(Product.org_id)
+    q = (select(Device, Product, *facts)
+         .outerjoin(Product, Product.id == Device.product_id)
+         .where(Device.id == bindparam("device_id")))
+    return (role_columns(q) if people else q), len(facts)
 
 
 async def authorize_device(db: AsyncSession, subject: Subject, device: Device,

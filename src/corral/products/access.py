@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends
-from sqlalchemy import Row, Select, and_, or_, select
+from sqlalchemy import Row, Select, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import Ctx, auth_ctx
-from corral.auth.guards import Guard, check_tenant, tenant_facts
+from corral.auth.guards import Guard, check_tenant, tenant_checks_version, tenant_facts
 from corral.auth.models import Membership
 from corral.auth.policy import Role, check_role, check_scopes
 from corral.auth.subject import Subject
@@ -73,35 +73,70 @@ async def load_product(db: AsyncSession, key: str, subject: Subject
     tenant facts (:func:`corral.auth.guards.tenant_facts`), in one query; None if there is
     no such product."""
     n = path_id(key)  # ASCII digits in the column's range (kit.ids: one rule for ids)
-    where = Product.slug == key.lower()
+    people = is_person(subject)
+    q, nfacts = _product_statement(n is not None, people)
+    params: dict[str, Any] = {"slug": key.lower()}
     if n is not None:
-        where = or_(Product.id == n, where)
-    facts = tenant_facts(Product.org_id)
-    q, people = with_roles(select(Product, *facts).where(where), subject)
-    rows = (await db.execute(q)).all()
+        params["pid"] = n
+    if people:
+        params[ROLE_USER] = subject.user_id
+    rows = (await db.execute(q, params)).all()
     if not rows:
         return None
     # an id wins over a slug that happens to be the same digits (as get_product does)
     chosen = next((r[0] for r in rows if r[0].id == n), rows[0][0])
     mine = [r for r in rows if r[0] is chosen]
-    return chosen, strongest(mine, people), list(mine[0][1:1 + len(facts)])
+    return chosen, strongest(mine, people), list(mine[0][1:1 + nfacts])
 
 
-def with_roles(q: Select[Any], subject: Subject) -> tuple[Select[Any], bool]:
-    """``q`` (which selects ``Product``) with, for a person, a last column holding each of
-    the caller's org-scope and product-scope roles on that product (one row per
-    membership, NULL for none); the flag says whether the column was added."""
-    people = subject.kind == "user" and subject.user_id is not None
-    if people:
-        q = q.add_columns(Membership.role).outerjoin(Membership, and_(
-            Membership.user_id == subject.user_id,
-            or_(and_(Membership.org_id == Product.org_id, Membership.product_id.is_(None)),
-                Membership.product_id == Product.id)))
-    return q, people
+# The guards' statements, built once per shape and reused with the request's values as
+# parameters: building one (coercing every comparison, the tenant facts' subqueries) cost
+# more CPU than compiling and running it, and a reused statement object also keeps its
+# compiled-cache key. Keyed by the shape and the tenant checks' version (a check
+# registered later rebuilds them).
+_STATEMENTS: dict[tuple[Any, ...], tuple[Select[Any], int]] = {}
+ROLE_USER = "role_user_id"  # the bound parameter of the caller, in role_columns' join
+
+
+def prebuilt(key: tuple[Any, ...], build: Any) -> tuple[Select[Any], int]:
+    """The statement ``build()`` made for ``key`` (with the tenant checks' version), built
+    on first use: ``build`` returns it and the number of tenant-fact columns it selects."""
+    full = (*key, tenant_checks_version())
+    found = _STATEMENTS.get(full)
+    if found is None:
+        found = _STATEMENTS[full] = build()
+    return found
+
+
+def _product_statement(numeric: bool, people: bool) -> tuple[Select[Any], int]:
+    def build() -> tuple[Select[Any], int]:
+        where = Product.slug == bindparam("slug")
+        if numeric:
+            where = or_(Product.id == bindparam("pid"), where)
+        facts = tenant_facts(Product.org_id)
+        # the organization too: routes that show its slug then find it in the session
+        # (``db.get``) instead of asking the database again
+        q = select(Product, *facts).where(where)
+        return (role_columns(q) if people else q), len(facts)
+    return prebuilt(("product", numeric, people), build)
+
+
+def is_person(subject: Subject) -> bool:
+    return subject.kind == "user" and subject.user_id is not None
+
+
+def role_columns(q: Select[Any]) -> Select[Any]:
+    """``q`` (which selects ``Product``) with a last column holding each of the caller's
+    org-scope and product-scope roles on that product (one row per membership, NULL for
+    none); the caller's user id is the parameter ``ROLE_USER``."""
+    return q.add_columns(Membership.role).outerjoin(Membership, and_(
+        Membership.user_id == bindparam(ROLE_USER),
+        or_(and_(Membership.org_id == Product.org_id, Membership.product_id.is_(None)),
+            Membership.product_id == Product.id)))
 
 
 def strongest(rows: Sequence[Row[Any]], people: bool) -> Role | None:
-    """The strongest role in the last column of :func:`with_roles`' rows."""
+    """The strongest role in the last column of :func:`role_columns`' rows."""
     roles = [Role.parse(r[-1]) for r in rows if people and r[-1] is not None]
     return max(roles) if roles else None
 
