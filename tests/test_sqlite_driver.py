@@ -125,3 +125,36 @@ async def test_a_second_writer_waits_for_the_first(engine: Any) -> None:
     async with engine.connect() as conn:
         names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
     assert names == ["first", "second"]
+
+
+async def test_requests_in_flight_keep_their_connections(engine: Any) -> None:
+    """32 sessions at once (bench B1's wrk connections) each get a pooled connection and
+    give it back: none is opened for one request and closed after it (an aiosqlite thread
+    and the pragmas each time, with SQLAlchemy's default pool of 5)."""
+    import asyncio
+
+    from sqlalchemy import event
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from corral.db.engine import SQLITE_POOL_SIZE
+
+    opened: list[Any] = []
+    closed: list[Any] = []
+    event.listen(engine.sync_engine, "connect", lambda *a: opened.append(a))
+    event.listen(engine.sync_engine, "close", lambda *a: closed.append(a))
+    gate = asyncio.Event()
+
+    async def request() -> None:
+        async with AsyncSession(engine) as db:
+            await db.execute(text("SELECT count(*) FROM t"))
+            await gate.wait()  # all in flight together
+
+    for _round in range(2):
+        tasks = [asyncio.create_task(request()) for _ in range(SQLITE_POOL_SIZE)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*tasks)
+        gate.clear()
+    assert SQLITE_POOL_SIZE >= 32
+    assert len(opened) <= SQLITE_POOL_SIZE and closed == []
+    assert engine.sync_engine.pool.checkedin() == SQLITE_POOL_SIZE  # all kept, all idle
