@@ -4,6 +4,8 @@
 #   bash bench/bench_api_wrk.sh [seconds=10] [connections=32] [database-url]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# this checkout's code (the shared venv's editable install may point at another checkout)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SECS=${1:-10}; CONNS=${2:-32}; DBURL=${3:-}
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)"; exit 1; }
 TMP=$(mktemp -d)
