@@ -32,8 +32,10 @@ class Corral:
 def corral_serve(data_dir: Path, *, database_url: str | None = None,
                  extra_env: dict[str, str] | None = None,
                  extra_args: list[str] | None = None,
-                 start_timeout_s: float = 60) -> Iterator[Corral]:
-    """``corral serve`` (no demo, ``extra_args`` added) with MQTT on a free port."""
+                 start_timeout_s: float = 60,
+                 prefix: list[str] | None = None) -> Iterator[Corral]:
+    """``corral serve`` (no demo, ``extra_args`` added) with MQTT on a free port.
+    ``prefix``: a command the server runs under (valgrind ...); its PID is the server's."""
     http, mqtt = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update({"CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
@@ -43,7 +45,7 @@ def corral_serve(data_dir: Path, *, database_url: str | None = None,
     env["CORRAL_DATABASE_URL"] = url
     log = open(data_dir / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli.main", "serve", "--no-demo", "--data-dir",
+        [*(prefix or []), sys.executable, "-m", "corral.cli.main", "serve", "--no-demo", "--data-dir",
          str(data_dir), "--http-port", str(http), "--mqtt-port", str(mqtt),
          "--mqtt-tls-port", "0", *(extra_args or [])], env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{http}"

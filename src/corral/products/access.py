@@ -114,8 +114,6 @@ def _product_statement(numeric: bool, people: bool) -> tuple[Select[Any], int]:
         if numeric:
             where = or_(Product.id == bindparam("pid"), where)
         facts = tenant_facts(Product.org_id)
-        # the organization too: routes that show its slug then find it in the session
-        # (``db.get``) instead of asking the database again
         q = select(Product, *facts).where(where)
         return (role_columns(q) if people else q), len(facts)
     return prebuilt(("product", numeric, people), build)
