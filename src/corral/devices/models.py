@@ -114,12 +114,28 @@ class DeviceGroup(Timestamps, Base):
 
 
 class DeviceGroupMember(Base):
+    """One device in one static group. The ``device_*`` columns are copies of the device's
+    sort keys, kept by the database's triggers (migration 0041: set when the membership is
+    added, rewritten whenever the device's value changes, in the same statement), so a
+    group's devices are read in any list order from its own indexes: a page of a large
+    group does not walk the whole product's sort index probing memberships (bench B3)."""
+
     __tablename__ = "device_group_members"
+    __table_args__ = (
+        Index("ix_device_group_members_group_device", "group_id", "device_id"),
+        Index("ix_device_group_members_heard", "group_id", "device_last_heard", "device_id"),
+        Index("ix_device_group_members_fw", "group_id", "device_firmware_version", "device_id"),
+        Index("ix_device_group_members_name", "group_id", "device_name", "device_id"),
+    )
 
     device_id: Mapped[str] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
     group_id: Mapped[int] = mapped_column(
-        ForeignKey("device_groups.id", ondelete="CASCADE"), primary_key=True, index=True)
+        ForeignKey("device_groups.id", ondelete="CASCADE"), primary_key=True)
+    # written by the triggers only (never by the application)
+    device_last_heard: Mapped[dt.datetime | None]
+    device_firmware_version: Mapped[int | None]
+    device_name: Mapped[str | None] = mapped_column(String(64))
 
 
 class DeviceTag(Base):

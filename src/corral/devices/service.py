@@ -478,12 +478,19 @@ class DevicePage:
 
 
 async def _slice(db: AsyncSession, conds: list[ColumnElement[bool]], order: list[Any],
-                 offset: int, limit: int) -> list[str]:
-    """The ids of one slice. Only ids: the offset walks the index, not the rows."""
+                 offset: int, limit: int, ident: Any = Device.id) -> list[str]:
+    """The ids of one slice. Only ids: the offset walks the index, not the rows.
+    ``ident``: the device id column of the table the conditions read (the devices, or a
+    group's memberships: :func:`_group_slice`)."""
     if limit <= 0:
         return []
-    q = select(Device.id).where(*conds).order_by(*order).offset(offset).limit(limit)
-    return list((await db.execute(q)).scalars())
+    return list((await db.execute(_slice_statement(conds, order, offset, limit, ident)))
+                .scalars())
+
+
+def _slice_statement(conds: list[ColumnElement[bool]], order: list[Any], offset: int,
+                     limit: int, ident: Any = Device.id) -> Any:
+    return select(ident).where(*conds).order_by(*order).offset(offset).limit(limit)
 
 
 async def _few_matches_slice(db: AsyncSession, conds: list[ColumnElement[bool]], col: Any,
@@ -573,15 +580,54 @@ async def count_product_devices(db: AsyncSession, product: Product, q: DeviceQue
 
 async def _two_part_slice(db: AsyncSession, first: tuple[list[Any], list[Any]],
                           second: tuple[list[Any], list[Any]], offset: int,
-                          limit: int) -> list[str]:
+                          limit: int, ident: Any = Device.id) -> list[str]:
     """A slice across two consecutive parts (``(conditions, order)`` each). The size of the
     first part is only counted when the slice starts beyond it."""
-    ids = await _slice(db, first[0], first[1], offset, limit)
+    ids = await _slice(db, first[0], first[1], offset, limit, ident)
     if len(ids) == limit:
         return ids
-    first_n = offset + len(ids) if ids else await _count(db, first[0])
+    first_n = offset + len(ids) if ids else int((await db.execute(
+        select(func.count()).select_from(select(ident).where(*first[0]).subquery())
+    )).scalar_one())
     return ids + await _slice(db, second[0], second[1], max(0, offset - first_n),
-                              limit - len(ids))
+                              limit - len(ids), ident)
+
+
+# a static group's memberships carry copies of their device's sort keys (kept by the
+# database's triggers, migration 0041), each indexed (group, key, device)
+MEMBER_SORT_KEYS: dict[str, Any] = {
+    "deviceId": DeviceGroupMember.device_id, "deviceName": DeviceGroupMember.device_name,
+    "firmwareVersion": DeviceGroupMember.device_firmware_version,
+    "lastConnection": DeviceGroupMember.device_last_heard,
+}
+
+
+def _sorted_parts(conds: list[ColumnElement[bool]], col: Any, tie: Any, desc: bool,
+                  valued_only: Sequence[ColumnElement[bool]] = ()
+                  ) -> tuple[tuple[list[Any], list[Any]], tuple[list[Any], list[Any]]]:
+    """The two indexed parts of a sort by the nullable ``col`` (see
+    :func:`list_product_devices`), in the order they are listed; ``valued_only``: more
+    conditions of the part with a value."""
+    valued = ([*conds, col.is_not(None), *valued_only],
+              [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()])
+    empty = ([*conds, col.is_(None)], [tie.desc() if desc else tie.asc()])
+    return (valued, empty) if desc else (empty, valued)
+
+
+async def _group_slice(db: AsyncSession, group_id: int, sort_attr: str, desc: bool,
+                       offset: int, limit: int) -> list[str]:
+    """A slice of one static group's devices, read from the group's membership index in the
+    sort order (the copies of the devices' keys: :data:`MEMBER_SORT_KEYS`): the offset
+    walks that group's index entries only. The order is the devices' (key, then device id;
+    a missing key the smallest), so the page is the one the devices' own indexes give."""
+    member = DeviceGroupMember
+    col = MEMBER_SORT_KEYS[sort_attr]
+    conds: list[ColumnElement[bool]] = [member.group_id == group_id]
+    if col is member.device_id:
+        return await _slice(db, conds, [col.desc() if desc else col.asc()], offset, limit,
+                            member.device_id)
+    first, second = _sorted_parts(conds, col, member.device_id, desc)
+    return await _two_part_slice(db, first, second, offset, limit, member.device_id)
 
 
 def _heard_range(q: DeviceQuery, col: Any) -> list[ColumnElement[bool]]:
@@ -642,14 +688,15 @@ async def list_product_devices(db: AsyncSession, product: Product,
         pass  # found along the sort index
     elif few:
         page_ids = await _few_matches_slice(db, conds, col, tie, desc, offset, limit)
+    elif members is not None and q.group_ids is not None and len(q.group_ids) == 1:
+        # one large static group alone: read in order from its memberships (walking the
+        # product's sort index probed ~10 devices per member of a 10 % group: bench B3)
+        page_ids = await _group_slice(db, q.group_ids[0], q.sort_attr, desc, offset, limit)
     elif col is Device.id:
         page_ids = await _slice(db, conds, [Device.id.desc() if desc else Device.id.asc()],
                                 offset, limit)
     else:
-        valued = ([*conds, col.is_not(None), *_heard_range(q, col)],
-                  [col.desc(), tie.desc()] if desc else [col.asc(), tie.asc()])
-        empty = ([*conds, col.is_(None)], [tie.desc() if desc else tie.asc()])
-        first, second = (valued, empty) if desc else (empty, valued)
+        first, second = _sorted_parts(conds, col, tie, desc, _heard_range(q, col))
         page_ids = await _two_part_slice(db, first, second, offset, limit)
     has_more = len(page_ids) > q.per_page
     if not has_more and (page_ids or not offset):  # the last page: the matches end here
