@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     node_dead_after_s: float = Field(default=15.0, gt=0)
     lease_ttl_s: float = Field(default=15.0, gt=0)  # singleton work fails over after this
 
+    # the youngest generation's collection threshold once start-up is done (kit/heap; 0 keeps
+    # Python's 700): rarer young collections while requests allocate
+    gc_gen0_threshold: int = Field(default=20_000, ge=0, le=10_000_000)
+
     # --- credentials
     token_lifetime_s: int = 7_776_000  # Particle default: 90 days
     # token -> subject kept this long per process; cleared at once on any change (auth/cache)

@@ -41,7 +41,7 @@ from corral.fleet.rollups import FleetTally, sample_online
 from corral.fleet.tasks import fleet_retention
 from corral.fleet.vitals import VitalsRecorder
 from corral.integrations.tasks import IntegrationWorker
-from corral.kit import clock
+from corral.kit import clock, heap
 from corral.locations.service import LocationRecorder
 from corral.mail.backends import MailBackend, make_backend
 from corral.mail.tasks import Mailer
@@ -467,6 +467,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         try:
             if transports:
                 await rt.start_transports()
+            heap.settle_after_start(settings.gc_gen0_threshold)
             yield
         finally:
             await rt.stop()
