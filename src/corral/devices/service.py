@@ -509,13 +509,14 @@ async def _few_matches_slice(db: AsyncSession, conds: list[ColumnElement[bool]],
 
 
 async def _count(db: AsyncSession, conds: list[ColumnElement[bool]],
-                 cap: int | None = None, members: Any = None) -> int:
+                 cap: int | None = None, members: Any = None, ident: Any = Device.id) -> int:
     """Rows matching ``conds`` (counting at most ``cap + 1`` of them when ``cap`` is set).
     ``members``: the filter is only the product's groups, whose members (each device once:
-    see :func:`_conditions`) are counted on the membership index instead (a group holds only its product's devices: removing a device
-    from a product takes it out of the groups)."""
+    see :func:`_conditions`) are counted on the membership index instead (a group holds only
+    its product's devices: removing a device from a product takes it out of the groups).
+    ``ident``: the device id column of the table ``conds`` read (see :func:`_slice`)."""
     source = (select(members.c.device_id) if members is not None
-              else select(Device.id).where(*conds))
+              else select(ident).where(*conds))
     if cap is not None:
         source = source.limit(cap + 1)
     inner = source.subquery()
@@ -586,9 +587,7 @@ async def _two_part_slice(db: AsyncSession, first: tuple[list[Any], list[Any]],
     ids = await _slice(db, first[0], first[1], offset, limit, ident)
     if len(ids) == limit:
         return ids
-    first_n = offset + len(ids) if ids else int((await db.execute(
-        select(func.count()).select_from(select(ident).where(*first[0]).subquery())
-    )).scalar_one())
+    first_n = offset + len(ids) if ids else await _count(db, first[0], ident=ident)
     return ids + await _slice(db, second[0], second[1], max(0, offset - first_n),
                               limit - len(ids), ident)
 
