@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_asgi.py [--profile | --profile-call | --profile-path PATH]
         [--sort cumulative] [--top 25] [--statements] [--n 1000] [--database-url URL]
+        [--loop PATH [--seconds 20]]
 
 Separates the framework and middleware overhead (``/openapi.json``: no database) from
 database round trips, counted exactly per route (statements sent to the database, COMMIT
@@ -14,7 +15,8 @@ the pool's pre-ping, BEGIN and asyncpg's own included; ``--no-pre-ping`` turns t
 pre-ping off to weigh it).
 ``--profile``: cProfile of
 ``/v1/products/{p}`` (the heaviest guarded read); ``--profile-call`` of a function call
-(the in-process device below answers at once); ``--profile-path`` of any GET.
+(the in-process device below answers at once); ``--profile-path`` of any GET. ``--loop PATH`` repeats one route for ``--seconds`` after the
+table, for a sampling profiler attached to the process (``py-spy record --pid``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ async def main() -> None:
         auth = {"Authorization": f"Bearer {token}"}
         r = await c.post("/v1/user/products", headers=auth, json={"name": "Bench"})
         product = r.json()["product"]["slug"]
+        r = await c.post("/v1/user/products", headers=auth, json={"name": "Empty"})
+        empty = r.json()["product"]["slug"]  # B1's device list: a product with no devices
         await c.post(f"/v1/products/{product}/devices", headers=auth,
                      json={"ids": [f"{i:024x}" for i in range(1, 26)]})
     statements = 0
@@ -147,6 +151,8 @@ async def main() -> None:
     await session.describe(functions=["led"], variables={"temp": "double"})
     routes = (("/openapi.json", None, b""), ("/healthz", None, b""), ("/v1/user", token, b""),
               (f"/v1/products/{product}", token, b""),
+              (f"/v1/products/{product}/team", token, b""),
+              (f"/v1/products/{empty}/devices", token, b""),
               (f"/v1/products/{product}/devices", token, b""),
               (f"/v1/products/{product}/devices/{device}", token, b""),
               (f"/v1/devices/{device}", token, b""),
@@ -174,6 +180,16 @@ async def main() -> None:
             for sql in shown:
                 print(f"    {sql}")
             shown = None
+    if "--loop" in sys.argv:  # one route for --seconds, for a sampling profiler attached
+        path = _arg("--loop", "/v1/user") or "/v1/user"
+        body = b'{"arg": "on"}' if path.endswith("/led") else b""
+        until = time.perf_counter() + float(_arg("--seconds", "20") or 20)
+        count = 0
+        c0 = time.process_time()
+        while time.perf_counter() < until:
+            await call(app, path, token, body)
+            count += 1
+        print(f"loop {path}: {count} requests, {(time.process_time() - c0) / count * 1e3:.3f} ms CPU each")
     if "--profile" in sys.argv or "--profile-call" in sys.argv or "--profile-path" in sys.argv:
         path, body = ((f"/v1/devices/{device}/led", b'{"arg": "on"}')
                       if "--profile-call" in sys.argv else (f"/v1/products/{product}", b""))
