@@ -3,9 +3,19 @@ round trip for read-only requests."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy import select, update
 
+from corral.auth.deps import Db
 from corral.auth.models import User
+from corral.db.session import TransactionRoute, get_db
+from corral.kit.errors import BadRequest
+from corral.web import errors
 from helpers import new_user
 
 
@@ -31,3 +41,68 @@ async def test_core_update_in_a_request_is_committed(client):
     r = await client.put("/v1/user", headers=h, json={"account_info": {"first_name": "Kept"}})
     assert r.status_code == 200
     assert (await client.get("/v1/user", headers=h)).json()["account_info"]["first_name"] == "Kept"
+
+
+def _takes_session(dependant: Any) -> bool:
+    return any(d.call is get_db or _takes_session(d) for d in dependant.dependencies)
+
+
+def _api_routes(routes: list[Any]) -> list[APIRoute]:
+    found: list[APIRoute] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):  # an included router
+            found += _api_routes(route.original_router.routes)
+    return found
+
+
+async def test_every_route_taking_the_session_ends_it(app):
+    """A route that takes the request's session without a TransactionRoute would leave its
+    connection checked out: every such route of the app (API and console) has the class."""
+    routes = [r for r in _api_routes(app.routes) if _takes_session(r.dependant)]
+    assert len(routes) > 300
+    assert [r.path for r in routes if not isinstance(r, TransactionRoute)] == []
+
+
+def _probe_app(sessionmaker: Any, route_class: type[APIRoute]) -> FastAPI:
+    probe = FastAPI()
+    probe.state.sessionmaker = sessionmaker
+    router = APIRouter(route_class=route_class)
+
+    @router.post("/write")
+    async def write(db: Db, fail: bool = False) -> dict[str, Any]:
+        await db.execute(update(User).values(first_name="Probe"))
+        if fail:
+            raise BadRequest("refused after writing")
+        return {"ok": True}
+
+    probe.include_router(router)
+    errors.install(probe)
+    return probe
+
+
+async def test_transaction_route_commits_rolls_back_and_returns_the_connection(app, client):
+    await new_user(client, "probe@example.com")
+    pool = app.state.runtime.engine.sync_engine.pool
+    probe = _probe_app(app.state.sessionmaker, TransactionRoute)
+    transport = httpx.ASGITransport(app=probe)
+    async with httpx.AsyncClient(transport=transport, base_url="http://probe") as c:
+        r = await c.post("/write", params={"fail": "true"})
+        assert r.status_code == 400
+        assert pool.checkedout() == 0
+        async with app.state.sessionmaker() as db:  # the write before the error is gone
+            assert (await db.execute(select(User.first_name))).scalar() != "Probe"
+        assert (await c.post("/write")).status_code == 200
+        assert pool.checkedout() == 0
+        async with app.state.sessionmaker() as db:
+            assert (await db.execute(select(User.first_name))).scalar() == "Probe"
+
+
+async def test_a_plain_route_taking_the_session_is_refused(app):
+    probe = _probe_app(app.state.sessionmaker, APIRoute)
+    transport = httpx.ASGITransport(app=probe, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://probe") as c:
+        with pytest.raises(RuntimeError, match="TransactionRoute"):
+            await c.post("/write")
+    assert app.state.runtime.engine.sync_engine.pool.checkedout() == 0

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # the youngest generation's collection threshold once start-up is done (kit/heap; 0 keeps
     # Python's 700): rarer young collections while requests allocate
     gc_gen0_threshold: int = Field(default=20_000, ge=0, le=10_000_000)
+    # FastAPI's own OpenTelemetry spans, metrics and logs of HTTP requests, exported through
+    # the providers a process configures (opentelemetry-sdk); off, a request does not look
+    # the providers up (web/app)
+    http_telemetry: bool = False
 
     # --- credentials
     token_lifetime_s: int = 7_776_000  # Particle default: 90 days

@@ -21,15 +21,16 @@ from corral.accounts.schemas import (
     UserChange,
 )
 from corral.auth.deps import AuthCtx, PublicCtx, auth_ctx, basic_credentials, optional_ctx
-from corral.auth.models import AccessToken, User
+from corral.auth.models import AccessToken
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
+from corral.db.session import TransactionRoute
 from corral.kit import clock
 from corral.kit.body import body, check_no_nul, describe_errors, documented_body
 from corral.kit.errors import NotFound, OAuthError
 from corral.kit.responses import NO_STORE, OkAnswer, answers, ok
 
-router = APIRouter(tags=["accounts"])
+router = APIRouter(tags=["accounts"], route_class=TransactionRoute)
 
 
 def _person(me: Subject) -> Subject:
@@ -91,28 +92,27 @@ async def sign_up(ctx: PublicCtx, req: SignUp = body(SignUp)) -> dict[str, Any]:
     return ok()
 
 
-def _user_json(user: User, orgs: list[Any], subs: dict[int, dict[str, str]]) -> dict[str, Any]:
-    return {
-        "username": user.username,
-        "subscription_ids": [],
-        "account_info": {"first_name": user.first_name, "last_name": user.last_name,
-                         "business_account": user.business_account},
-        "mfa": {"enabled": False},
-        "scim_provisioned": False,
-        "no_password": user.password_hash is None,
-        "wifi_device_count": 0,
-        "cellular_device_count": 0,
-        "orgs": [{"id": o.id, "name": o.name, "slug": o.slug, "personal": o.personal,
-                  "subscription": subs.get(o.id)} for o in orgs],
-    }
-
-
 @router.get("/v1/user", summary="Get the current user", responses=answers(UserAnswer))
 async def get_user(ctx: AuthCtx) -> dict[str, Any]:
     """The calling user's profile and organizations."""
-    me = _person(ctx.me)
-    user, orgs, subs = await service.profile(ctx.db, me.user_id)
-    return _user_json(user, orgs, subs)
+    rows = await service.profile(ctx.db, _person(ctx.me).user_id)
+    username, first_name, last_name, business, no_password = rows[0][:5]
+    return {
+        "username": username,
+        "subscription_ids": [],
+        "account_info": {"first_name": first_name, "last_name": last_name,
+                         "business_account": business},
+        "mfa": {"enabled": False},
+        "scim_provisioned": False,
+        "no_password": bool(no_password),
+        "wifi_device_count": 0,
+        "cellular_device_count": 0,
+        "orgs": [{"id": org_id, "name": name, "slug": slug, "personal": personal,
+                  "subscription": None if plan is None else {"plan": str(plan),
+                                                             "status": str(status)}}
+                 for *_user, org_id, name, slug, personal, plan, status in rows
+                 if org_id is not None],
+    }
 
 
 @router.put("/v1/user", summary="Update the current user", responses=answers(MessageAnswer))

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Depends
 
 from corral.audit import service
 from corral.audit.schemas import AuditAnswer, AuditQuery
+from corral.db.session import TransactionRoute
 from corral.kit.body import query
 from corral.kit.responses import answers
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["audit"])
+router = APIRouter(tags=["audit"], route_class=TransactionRoute)
 
 
 def _page(rows: list[Any], more: bool, page: int, per_page: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from corral.settings import Settings
 
 _BEARER = re.compile(r"^Bearer\s+(\S+)\s*$", re.IGNORECASE)
 
-Db = Annotated[AsyncSession, Depends(get_db, scope="function")]
+Db = Annotated[AsyncSession, Depends(get_db)]
 
 
 async def token_from_request(request: Request) -> str | None:

@@ -19,12 +19,13 @@ from corral.billing.schemas import (
     InvoicesAnswer,
     Reactivation,
 )
+from corral.db.session import TransactionRoute
 from corral.kit import clock
 from corral.kit.body import body, query
 from corral.kit.responses import answers, ok, paging
 from corral.orgs.access import OrgCtx, OrgGuard
 
-router = APIRouter(tags=["billing"])
+router = APIRouter(tags=["billing"], route_class=TransactionRoute)
 
 
 def _provider(oc: OrgCtx) -> PaymentProvider:

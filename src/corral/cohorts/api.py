@@ -16,11 +16,12 @@ from corral.cohorts.schemas import (
     CohortMoved,
     CohortsAnswer,
 )
+from corral.db.session import TransactionRoute
 from corral.kit.body import body
 from corral.kit.responses import answers
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["cohorts"])
+router = APIRouter(tags=["cohorts"], route_class=TransactionRoute)
 
 
 @router.get("/v1/products/{product}/cohorts", summary="List cohorts",

@@ -17,13 +17,14 @@ from corral.auth.models import OAuthClient
 from corral.auth.policy import Role, check_scopes
 from corral.customers import service
 from corral.customers.schemas import CustomerCreate, CustomerPage, CustomerPassword, CustomersAnswer
+from corral.db.session import TransactionRoute
 from corral.kit.body import body, query, raw_body
 from corral.kit.errors import NotFound, OAuthError
 from corral.kit.responses import NO_STORE, OkAnswer, answers, ok, paging
 from corral.products.access import ProductCtx, ProductGuard, get_product
 from corral.products.models import Product
 
-router = APIRouter(tags=["customers"])
+router = APIRouter(tags=["customers"], route_class=TransactionRoute)
 
 
 @dataclass

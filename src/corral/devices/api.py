@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from corral.auth.deps import AuthCtx
+from corral.db.session import TransactionRoute
 from corral.devices import groups as group_rules
 from corral.devices import service  # also registers the product-delete check
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
@@ -37,7 +38,7 @@ from corral.kit.errors import BadRequest
 from corral.kit.responses import OkAnswer, answers, ok
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["devices"])
+router = APIRouter(tags=["devices"], route_class=TransactionRoute)
 
 
 # --- product devices -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from corral.auth.deps import AuthCtx, Ctx, auth_ctx
+from corral.db.session import TransactionRoute
 from corral.devices import claims
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
 from corral.devices.schemas import ClaimCodeAnswer, ClaimCodeRequest, Claimed, ClaimRequest
@@ -15,7 +16,7 @@ from corral.kit.errors import NotFound
 from corral.kit.responses import OkAnswer, answers, ok
 from corral.products.access import ProductCtx, ProductGuard, get_product
 
-router = APIRouter(tags=["claiming"])
+router = APIRouter(tags=["claiming"], route_class=TransactionRoute)
 
 
 class ProductOrCustomerGuard(ProductGuard):

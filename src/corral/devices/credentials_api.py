@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from corral.auth.deps import Ctx, auth_ctx
+from corral.db.session import TransactionRoute
 from corral.devices import credentials as service
 from corral.devices.access import DeviceCtx, DeviceGuard, is_device_id, product_device
 from corral.devices.importer import ImportInput, import_devices
@@ -29,7 +30,7 @@ from corral.kit.errors import BadRequest
 from corral.kit.responses import NO_STORE, answers, ok
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["device credentials"])
+router = APIRouter(tags=["device credentials"], route_class=TransactionRoute)
 
 
 # --- RSA public keys -------------------------------------------------------------------------

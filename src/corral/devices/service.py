@@ -587,7 +587,9 @@ async def _two_part_slice(db: AsyncSession, first: tuple[list[Any], list[Any]],
     ids = await _slice(db, first[0], first[1], offset, limit, ident)
     if len(ids) == limit:
         return ids
-    first_n = offset + len(ids) if ids else await _count(db, first[0], ident=ident)
+    # an empty first slice from the start: the first part is empty, nothing to count
+    first_n = offset + len(ids) if ids or not offset else await _count(db, first[0],
+                                                                       ident=ident)
     return ids + await _slice(db, second[0], second[1], max(0, offset - first_n),
                               limit - len(ids), ident)
 
@@ -660,8 +662,10 @@ async def list_product_devices(db: AsyncSession, product: Product,
     # used before, sorted each firmware version's 50,000 devices of a million: bench B3)
     tie = Device.id
     total, estimated = await _total(db, product, q, conds, members) if q.count else (None, False)
-    walked = await _walked_search(db, product, q, conds, offset)
-    page_ids: list[str] | None = None
+    # past the last match (an empty product's only page, say): nothing more to read
+    beyond = total is not None and not estimated and offset >= total
+    walked = None if beyond else await _walked_search(db, product, q, conds, offset)
+    page_ids: list[str] | None = [] if beyond else None
     few = False
     # the matches when this listing learns their number on its way (exact up to
     # FEW_MATCHES, beyond it more than FEW_MATCHES): a caller's bounded count needs no count
@@ -675,8 +679,9 @@ async def list_product_devices(db: AsyncSession, product: Product,
         # not for the search box (walked its own way), name or serial substrings (their
         # search index gathers the matches anyway), quarantined or online devices (few by
         # nature, each has its own index): a walk that fails costs WALK_BOUND row reads
-        if len(conds) > 1 and not (q.search and q.search.strip()) and not q.quarantined \
-                and not q.online and not q.device_name and not q.serial_number:
+        if page_ids is None and len(conds) > 1 and not (q.search and q.search.strip()) \
+                and not q.quarantined and not q.online and not q.device_name \
+                and not q.serial_number:
             page_ids = await _bounded_walk(db, product, q, col, tie, desc, offset, limit)
         if page_ids is None and len(conds) > 1:
             n = total if total is not None else await _count_of(db, product, q, conds,

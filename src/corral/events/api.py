@@ -29,7 +29,7 @@ from corral.auth.deps import AuthCtx, Ctx
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
 from corral.bus.base import Bus, BusClosed, Message
-from corral.db.session import release
+from corral.db.session import TransactionRoute, release
 from corral.devices.access import DeviceCtx, DeviceGuard, is_device_id, product_device
 from corral.devices.models import Device
 from corral.events import service
@@ -46,7 +46,7 @@ from corral.sessions import contract
 from corral.sessions.link import Refused, check_event_name
 
 log = logging.getLogger("corral.events")
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=TransactionRoute)
 
 STREAMS = Gauge("corral_sse_streams", "Open SSE event streams")
 DROPPED = Counter("corral_sse_dropped_events_total",

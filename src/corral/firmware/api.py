@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 from starlette.datastructures import FormData, UploadFile
 
+from corral.db.session import TransactionRoute
 from corral.firmware import releases, service, storage
 from corral.firmware.schemas import (
     Adoption,
@@ -30,7 +31,7 @@ from corral.kit.responses import answers
 from corral.products.access import ProductCtx, ProductGuard
 from corral.settings import Settings
 
-router = APIRouter(tags=["firmware"])
+router = APIRouter(tags=["firmware"], route_class=TransactionRoute)
 
 READ_CHUNK = 64 * 1024
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.db.session import get_db
+from corral.db.session import TransactionRoute, get_db
 from corral.devices.models import Device
 from corral.firmware import links, updates
 from corral.firmware.models import OPEN_STATES, DeviceBinary, DeviceUpdate, ProductFirmware
@@ -20,7 +20,7 @@ from corral.kit.errors import NotFound, Unauthorized
 from corral.kit.responses import answers
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["firmware"])
+router = APIRouter(tags=["firmware"], route_class=TransactionRoute)
 
 
 @router.get("/v1/firmware/downloads/{token}", response_class=FileResponse,
@@ -32,7 +32,7 @@ router = APIRouter(tags=["firmware"])
                                                             "format": "binary"}}}},
                 **answers(None, 401, 416)})
 async def download_update(token: str, request: Request,
-                          db: AsyncSession = Depends(get_db, scope="function")) -> FileResponse:
+                          db: AsyncSession = Depends(get_db)) -> FileResponse:
     """The binary of an update offered on ``devices/{id}/ota/offer``; the token in the path
     is the credential (it names one device and one update, and expires): no user, no
     tenant. HTTP Range is honoured, so an interrupted download resumes."""

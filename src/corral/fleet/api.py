@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
+from corral.db.session import TransactionRoute
 from corral.fleet import alerts, health, metrics
 from corral.fleet.models import FleetAlertRule
 from corral.fleet.schemas import (
@@ -34,7 +35,7 @@ from corral.locations import service as locations
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["fleet health"])
+router = APIRouter(tags=["fleet health"], route_class=TransactionRoute)
 
 FLEET = "fleet:get"
 MAX_LOCATIONS = 10_000

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from corral.auth.deps import Ctx
+from corral.db.session import TransactionRoute
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
 from corral.devices.models import Device
 from corral.fleet import vitals
@@ -26,7 +27,7 @@ from corral.kit.responses import OkAnswer, answers
 from corral.products.access import ProductCtx, ProductGuard
 from corral.sessions import contract
 
-router = APIRouter(tags=["diagnostics"])
+router = APIRouter(tags=["diagnostics"], route_class=TransactionRoute)
 
 HISTORY = answers(DiagnosticsHistory)
 HISTORY[200]["content"] = {"text/csv": {"schema": {"type": "string"}}}  # Accept: text/csv

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import AuthCtx, Ctx
 from corral.auth.policy import api_users_not_allowed
+from corral.db.session import TransactionRoute
 from corral.integrations import schemas, service
 from corral.integrations.guard import Policy
 from corral.integrations.models import Integration
@@ -32,7 +33,7 @@ from corral.kit.responses import NO_STORE, OkAnswer, answers, ok
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["integrations"])
+router = APIRouter(tags=["integrations"], route_class=TransactionRoute)
 
 
 @dataclass

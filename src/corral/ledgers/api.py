@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.deps import AuthCtx, Ctx
 from corral.auth.policy import api_users_not_allowed
+from corral.db.session import TransactionRoute
 from corral.kit.body import body, query
 from corral.kit.errors import BadRequest
 from corral.kit.ids import path_id
@@ -32,7 +33,7 @@ from corral.orgs.service import personal_org
 from corral.products.access import ProductCtx, ProductGuard
 from corral.products.models import Product
 
-router = APIRouter(tags=["ledgers"])
+router = APIRouter(tags=["ledgers"], route_class=TransactionRoute)
 
 
 @dataclass
@@ -92,7 +93,12 @@ def register(base: str, scoper: Scoper, label: str, *, definitions: bool = True)
     if definitions:
         register_definitions(base, scoper, label)
 
-    @router.get(base, summary=f"List ledgers ({label})", responses=answers(S.LedgersAnswer))
+    # a person without a personal organization has no sandbox: 404 (the routes with a
+    # path parameter document 404 anyway)
+    missing = (404,) if scoper is sandbox else ()
+
+    @router.get(base, summary=f"List ledgers ({label})",
+                responses=answers(S.LedgersAnswer, *missing))
     async def list_ledgers(oc: Place = Depends(scoper("ledgers:list")),
                            q: S.LedgerListQuery = query(S.LedgerListQuery)) -> dict[str, Any]:
         """Ledger definitions by name; ``scope`` and ``archived`` filter, paged."""
@@ -192,8 +198,10 @@ def register_definitions(base: str, scoper: Scoper, label: str) -> None:
     """Creating, changing and archiving definitions: organizations and the sandbox."""
     one = base + "/{name}"
 
+    missing = (404,) if scoper is sandbox else ()  # as in register
+
     @router.post(base, summary=f"Create a ledger ({label})", status_code=201,
-                 responses=answers(S.LedgerAnswer, 409, status=201))
+                 responses=answers(S.LedgerAnswer, 409, *missing, status=201))
     async def create_ledger(oc: Place = Depends(scoper("ledgers:create")),
                             req: S.LedgerCreate = body(S.LedgerCreate)) -> dict[str, Any]:
         """``{"ledger": {name, description, scope, direction, schema}}``."""

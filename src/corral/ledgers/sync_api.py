@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from pydantic import AliasChoices, Field
 
+from corral.db.session import TransactionRoute
 from corral.kit.body import Flag, Int, RequestModel, query
 from corral.kit.errors import NotFound
 from corral.kit.responses import Answer, answers
@@ -16,7 +17,7 @@ from corral.ledgers import service
 from corral.ledgers.api import Place, Scoper, org, product, sandbox
 from corral.ledgers.sync_status import device_syncs
 
-router = APIRouter(tags=["ledgers"])
+router = APIRouter(tags=["ledgers"], route_class=TransactionRoute)
 
 
 class DevicesQuery(RequestModel):

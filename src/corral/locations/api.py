@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from corral.db.session import TransactionRoute
 from corral.devices.access import is_device_id
 from corral.devices.models import Device
 from corral.kit.body import query
@@ -15,7 +16,7 @@ from corral.locations import service
 from corral.locations.schemas import LocationsAnswer, LocationsQuery, TrackAnswer, TrackQuery
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["locations"])
+router = APIRouter(tags=["locations"], route_class=TransactionRoute)
 
 
 def _window(q: TrackQuery) -> Any:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from corral.auth.deps import AuthCtx
-from corral.db.session import after_commit
+from corral.db.session import TransactionRoute, after_commit
 from corral.kit.body import body
 from corral.kit.errors import NotFound
 from corral.kit.ids import path_id
@@ -26,7 +26,7 @@ from corral.metering.schemas import (
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.orgs.models import Organization
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], route_class=TransactionRoute)
 CSV: dict[int | str, dict[str, Any]] = {200: {
     "description": "The report as CSV", "content": {"text/csv": {"schema": {"type": "string"}}}},
     404: {"description": "Not found"}, 409: {"description": "The report is not available yet"}}

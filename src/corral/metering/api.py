@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select, update
 
 from corral.auth.deps import AuthCtx
+from corral.db.session import TransactionRoute
 from corral.kit import clock
 from corral.kit.body import body, query, uploaded_file
 from corral.kit.errors import NotFound
@@ -41,7 +42,7 @@ from corral.metering.schemas import (
 from corral.orgs.access import OrgCtx, OrgGuard
 from corral.products.access import ProductCtx, ProductGuard
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], route_class=TransactionRoute)
 CSV_ANSWERS: dict[int | str, dict[str, Any]] = {200: {
     "model": UsageRowsAnswer, "description": "The rows (`format=csv`: as CSV)",
     "content": {"text/csv": {"schema": {"type": "string"}}}}}

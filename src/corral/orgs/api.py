@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 
 from corral.auth.deps import AuthCtx
 from corral.auth.policy import Role
+from corral.db.session import TransactionRoute
 from corral.kit.body import body
 from corral.kit.errors import BadRequest
 from corral.kit.responses import OkAnswer, answers, ok
@@ -27,7 +28,7 @@ from corral.orgs.schemas import (
     TeamInvite,
 )
 
-router = APIRouter(tags=["orgs"])
+router = APIRouter(tags=["orgs"], route_class=TransactionRoute)
 
 # particle-api-js inviteTeamMember sends only `username`; the least privileged role then
 DEFAULT_INVITE_ROLE = Role.VIEW_ONLY

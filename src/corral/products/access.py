@@ -17,6 +17,7 @@ from corral.auth.policy import Role, check_role, check_scopes
 from corral.auth.subject import Subject
 from corral.kit.errors import NotFound
 from corral.kit.ids import path_id
+from corral.orgs.models import Organization
 from corral.products.models import Product
 
 
@@ -25,6 +26,7 @@ class ProductCtx:
     ctx: Ctx
     product: Product
     role: Role | None  # None for API users and client tokens (scopes decide)
+    org_slug: str | None = None  # the product's organization's, when the guard read it
 
     @property
     def db(self) -> AsyncSession:
@@ -72,6 +74,14 @@ async def load_product(db: AsyncSession, key: str, subject: Subject
     """The product ``key`` (id or slug), the caller's strongest role on it (people) and the
     tenant facts (:func:`corral.auth.guards.tenant_facts`), in one query; None if there is
     no such product."""
+    found = await load_product_and_org(db, key, subject)
+    return None if found is None else found[:3]
+
+
+async def load_product_and_org(db: AsyncSession, key: str, subject: Subject
+                               ) -> tuple[Product, Role | None, list[Any], str] | None:
+    """:func:`load_product`, and the slug of the product's organization (read in the same
+    query: a product's answer names it)."""
     n = path_id(key)  # ASCII digits in the column's range (kit.ids: one rule for ids)
     people = is_person(subject)
     q, nfacts = _product_statement(n is not None, people)
@@ -86,7 +96,8 @@ async def load_product(db: AsyncSession, key: str, subject: Subject
     # an id wins over a slug that happens to be the same digits (as get_product does)
     chosen = next((r[0] for r in rows if r[0].id == n), rows[0][0])
     mine = [r for r in rows if r[0] is chosen]
-    return chosen, strongest(mine, people), list(mine[0][1:1 + nfacts])
+    return (chosen, strongest(mine, people), list(mine[0][1:1 + nfacts]),
+            mine[0][1 + nfacts] or "")
 
 
 # The guards' statements, built once per shape and reused with the request's values as
@@ -114,7 +125,9 @@ def _product_statement(numeric: bool, people: bool) -> tuple[Select[Any], int]:
         if numeric:
             where = or_(Product.id == bindparam("pid"), where)
         facts = tenant_facts(Product.org_id)
-        q = select(Product, *facts).where(where)
+        org_slug = (select(Organization.slug).where(Organization.id == Product.org_id)
+                    .scalar_subquery())
+        q = select(Product, *facts, org_slug).where(where)
         return (role_columns(q) if people else q), len(facts)
     return prebuilt(("product", numeric, people), build)
 
@@ -166,9 +179,9 @@ class ProductGuard(Guard):
         """The product ``product`` (id or slug) if the caller may do ``permission`` on it
         (the console's guards call this with their own context)."""
         me = ctx.me
-        found = await load_product(ctx.db, product, me)
+        found = await load_product_and_org(ctx.db, product, me)
         if found is None:
             raise NotFound("Product not found")
-        row, role, facts = found
+        row, role, facts, org_slug = found
         role = await authorize_loaded(ctx.db, me, row, role, facts, self.permission)
-        return ProductCtx(ctx=ctx, product=row, role=role)
+        return ProductCtx(ctx=ctx, product=row, role=role, org_slug=org_slug)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Response
 from corral.auth.deps import AuthCtx
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
+from corral.db.session import TransactionRoute
 from corral.kit.body import body
 from corral.kit.responses import OkAnswer, answers, ok
 from corral.orgs.access import OrgCtx, OrgGuard
@@ -40,7 +41,7 @@ from corral.products.views import (
     tokens_json,
 )
 
-router = APIRouter(tags=["products"])
+router = APIRouter(tags=["products"], route_class=TransactionRoute)
 
 
 def _person(me: Subject) -> Subject:
@@ -92,7 +93,7 @@ async def list_products(ctx: AuthCtx) -> dict[str, Any]:
 @router.get("/v1/products/{product}", responses=answers(ProductGet), summary="Get a product")
 async def get_product(pc: ProductCtx = Depends(ProductGuard("products:get"))) -> dict[str, Any]:
     """A product by id or slug."""
-    return {"product": product_json(await service.view(pc.db, pc.product))}
+    return {"product": product_json(await service.view(pc.db, pc.product, pc.org_slug))}
 
 
 @router.put("/v1/products/{product}", responses=answers(ProductAnswer, 409), summary="Update a product")

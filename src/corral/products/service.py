@@ -127,9 +127,14 @@ async def _check_name_free(db: AsyncSession, org_id: int, name: str,
                        code="name_taken")
 
 
-async def view(db: AsyncSession, product: Product) -> ProductView:
-    org = await orgs.get_org(db, str(product.org_id))
-    return ProductView(product, org.slug if org else "")
+async def view(db: AsyncSession, product: Product, org_slug: str | None = None
+               ) -> ProductView:
+    """``org_slug``: the organization's slug when the caller has it (the product guard
+    reads it), else read here."""
+    if org_slug is None:
+        org = await orgs.get_org(db, str(product.org_id))
+        org_slug = org.slug if org else ""
+    return ProductView(product, org_slug)
 
 
 async def _views(db: AsyncSession, products: list[Product]) -> list[ProductView]:
@@ -278,15 +283,18 @@ async def product_team(db: AsyncSession, product: Product) -> ProductTeam:
     """People (org-scope members of the product's org and product-scope members, each once
     with their strongest role) and the product's API users."""
     best: dict[int, TeamMember] = {}
-    for scope_product in (None, product.id):
-        rows = await orgs.list_team(db, org_id=product.org_id, product_id=scope_product)
-        for user, m in rows:
-            if m.product_id not in (None, product.id):
-                continue
-            scope = "organization" if m.product_id is None else "product"
-            current = best.get(user.id)
-            if current is None or Role.parse(m.role) > Role.parse(current.membership.role):
-                best[user.id] = TeamMember(user, m, scope)
+    # both scopes in one statement: the organization's members first, then the product's,
+    # each by username
+    rows = (await db.execute(
+        select(User, Membership).join(Membership, Membership.user_id == User.id)
+        .where(Membership.org_id == product.org_id,
+               or_(Membership.product_id.is_(None), Membership.product_id == product.id))
+        .order_by(Membership.product_id.is_not(None), User.username))).all()
+    for user, m in rows:
+        scope = "organization" if m.product_id is None else "product"
+        current = best.get(user.id)
+        if current is None or Role.parse(m.role) > Role.parse(current.membership.role):
+            best[user.id] = TeamMember(user, m, scope)
     api_users = list((await db.execute(
         select(User).where(User.kind == "api", User.api_product_id == product.id)
         .order_by(User.id))).scalars())

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from corral.db.session import TransactionRoute
 from corral.kit.body import body
 from corral.kit.errors import BadRequest
 from corral.kit.responses import answers
@@ -19,7 +20,7 @@ from corral.rollouts.schemas import (
     RolloutStart,
 )
 
-router = APIRouter(tags=["rollouts"])
+router = APIRouter(tags=["rollouts"], route_class=TransactionRoute)
 
 
 async def _view(pc: ProductCtx, r: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from corral.auth.deps import Ctx
 from corral.bus.base import BusClosed, BusTimeout, NoResponders
-from corral.db.session import release
+from corral.db.session import TransactionRoute, release
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
 from corral.devices.models import Device
 from corral.kit import clock
@@ -29,7 +29,7 @@ from corral.products.access import ProductCtx, ProductGuard
 from corral.sessions import contract
 from corral.sessions.schemas import FunctionAnswer, FunctionCall, ReadFormat, VariableAnswer
 
-router = APIRouter(tags=["functions and variables"])
+router = APIRouter(tags=["functions and variables"], route_class=TransactionRoute)
 
 FUNCTION_ANSWERS: dict[int | str, dict[str, Any]] = {
     200: {"model": FunctionAnswer, "description": "The function's return value (`format=raw`: "

@@ -13,10 +13,11 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter
 
 from corral.auth.deps import AuthCtx
+from corral.db.session import TransactionRoute
 from corral.kit.responses import Answer, OkAnswer, answers, ok
 from corral.settings import Settings
 
-router = APIRouter(tags=["devices"])
+router = APIRouter(tags=["devices"], route_class=TransactionRoute)
 
 WILDCARDS = ("", "0.0.0.0", "::")
 

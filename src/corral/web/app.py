@@ -480,6 +480,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         docs_url=None,  # served by corral.web.openapi, with local assets
         openapi_url="/openapi.json",
         redoc_url=None,
+        # off, FastAPI's telemetry hook costs nothing per request; on by default, every
+        # request asked the global OpenTelemetry providers (three lookups and the
+        # environment): ~5 % of a cached-token GET /v1/user (bench/README B1)
+        telemetry=None if settings.http_telemetry else {
+            "tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
     app.state.runtime = rt

@@ -20,12 +20,13 @@ from corral.console.session import (
     session_token,
     set_session_cookie,
 )
+from corral.db.session import TransactionRoute
 from corral.kit import clock
 from corral.kit.errors import BadRequest, OAuthError
 from corral.orgs import service as orgs
 from corral.products.access import get_product
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 SIGN_IN_FIELDS = ("username", "password", "product")
 

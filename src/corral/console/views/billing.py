@@ -20,13 +20,14 @@ from corral.console.errors import inactive_if_shut, inactive_page
 from corral.console.forms import FormErrors, attempt, read_form, text
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleOrgGuard
+from corral.db.session import TransactionRoute
 from corral.kit import clock
 from corral.kit.body import validate
 from corral.kit.errors import BadRequest
 from corral.metering import alerts, daily, plans, reports, usage
 from corral.orgs.access import OrgCtx
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 INVOICES_SHOWN = 12
 CHART_H = 120
 BAR_W, BAR_GAP = 18, 6

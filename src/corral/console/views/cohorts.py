@@ -14,11 +14,12 @@ from corral.cohorts.schemas import CohortChange, CohortCreate
 from corral.console.forms import FormErrors, attempt, read_form, text
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.firmware import service as firmware
 from corral.kit.body import from_body
 from corral.products.access import ProductCtx
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 FIELDS = ("name", "description", "firmware_version")
 
 

@@ -25,6 +25,7 @@ from corral.console.session import ConsoleDeviceGuard, ConsoleProductGuard
 from corral.console.views import device_vitals
 from corral.console.views.home import PLATFORM_NAMES
 from corral.console.views.logs import history
+from corral.db.session import TransactionRoute
 from corral.devices import claims, credentials, importer
 from corral.devices import groups as group_rules
 from corral.devices import service as devices
@@ -41,7 +42,7 @@ from corral.products.models import Product
 from corral.sessions import api as calls
 from corral.sessions.schemas import FunctionCall
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 @dataclass
 class Firmware:

@@ -14,6 +14,7 @@ from corral.console import counts
 from corral.console.forms import FormErrors, attempt, read_form, text, values
 from corral.console.render import page, redirect
 from corral.console.session import CSRF_FIELD, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.devices import groups as group_rules
 from corral.devices import importer
 from corral.devices import service as devices
@@ -23,7 +24,7 @@ from corral.kit.body import from_body
 from corral.kit.errors import BadRequest, CorralError
 from corral.products.access import ProductCtx
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 SORTS = {"lastConnection": "Last heard", "deviceName": "Name", "deviceId": "Device ID",
          "firmwareVersion": "Firmware"}

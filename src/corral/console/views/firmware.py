@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from corral.console.forms import FormErrors, attempt, checked, read_form, text, values
 from corral.console.render import page, redirect
 from corral.console.session import CSRF_FIELD, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.devices import groups as group_rules
 from corral.firmware import releases, service, storage
 from corral.firmware.api import read_upload
@@ -28,7 +29,7 @@ from corral.products.access import ProductCtx
 from corral.rollouts import service as rollouts
 from corral.rollouts.schemas import RolloutShares
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 UPLOAD_FIELDS = ("version", "title", "description", "binary", "mandatory", "signature")
 PREVIEW_ROWS = 100

@@ -19,6 +19,7 @@ from corral.console.forms import FormErrors, attempt, checked, read_form
 from corral.console.nav import NavItem, add_org_page, add_product_page
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.devices.models import DeviceGroup
 from corral.fleet import alerts, metrics
 from corral.fleet.health import org_health, product_health, with_filters
@@ -33,7 +34,7 @@ from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
 from corral.products.models import Product
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 RANGES = {"hour": (dt.timedelta(hours=1), 60), "day": (dt.timedelta(days=1), 900),
           "week": (dt.timedelta(days=7), 3600 * 6), "month": (dt.timedelta(days=30), 86_400)}

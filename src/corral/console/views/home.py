@@ -11,6 +11,7 @@ from corral.console import counts
 from corral.console.forms import FormErrors, attempt, read_form, text
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleOrgGuard, SignedIn
+from corral.db.session import TransactionRoute
 from corral.devices import claims
 from corral.devices import service as devices
 from corral.orgs import service as orgs
@@ -18,7 +19,7 @@ from corral.orgs.access import OrgCtx
 from corral.products import service as products
 from corral.products.schemas import ProductCreate
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 ORG_COOKIE = "corral_org"  # the organization last opened: /console/ goes back there
 

@@ -22,6 +22,7 @@ from corral.console.forms import FormErrors, attempt, checked, read_form, text
 from corral.console.nav import NavItem, add_org_page, add_product_page
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.integrations import schemas, sender, service, templates
 from corral.integrations.guard import Policy
 from corral.integrations.service import Scope
@@ -31,7 +32,7 @@ from corral.kit.ids import INT64_MAX, path_id
 from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 add_product_page(NavItem("integrations", "Integrations", "/integrations", "integrations:list",
                          "plug"))
 add_org_page(NavItem("integrations", "Integrations", "/integrations", "integrations:list",

@@ -21,6 +21,7 @@ from corral.console.forms import FormErrors, attempt, read_form, text
 from corral.console.nav import NavItem, add_org_page, add_product_page
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.kit.body import from_body
 from corral.kit.errors import BadRequest
 from corral.kit.ids import path_id
@@ -34,7 +35,7 @@ from corral.products.access import ProductCtx
 from corral.products.models import Product
 
 T = TypeVar("T")
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 add_org_page(NavItem("ledgers", "Ledgers", "/ledgers", "ledgers:list", "sliders"))
 add_product_page(NavItem("ledgers", "Ledgers", "/ledgers", "ledgers:list", "sliders"))
 

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.console.render import ENV, page
 from corral.console.session import ConsoleDeviceGuard, ConsoleOrgGuard, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.devices.access import DeviceCtx, is_device_id, product_device
 from corral.devices.lookup import device_names
 from corral.events import service as events
@@ -30,7 +31,7 @@ from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
 from corral.sessions import contract
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 PAGE = 50
 PREFIX_MAX = 64

@@ -14,6 +14,7 @@ from corral.console.render import ENV, page, redirect
 from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
 from corral.customers import service as customers
 from corral.customers.schemas import CustomerCreate
+from corral.db.session import TransactionRoute
 from corral.devices import credentials, dynquery
 from corral.devices import groups as group_rules
 from corral.devices import service as device_service
@@ -27,7 +28,7 @@ from corral.products import service as products
 from corral.products.access import ProductCtx
 from corral.products.schemas import ClientChange, ClientCreate
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 PER_PAGE = 50
 
 

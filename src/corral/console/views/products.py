@@ -12,12 +12,13 @@ from corral.console.forms import FormErrors, attempt, checked, read_form, text
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleProductGuard
 from corral.console.views.home import PLATFORM_NAMES, PLATFORMS
+from corral.db.session import TransactionRoute
 from corral.events import service as events
 from corral.products import service as products
 from corral.products.access import ProductCtx
 from corral.products.schemas import ProductChange
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 
 @router.get("/console/products/{product}", summary="Product overview")

@@ -17,13 +17,14 @@ from corral.auth.policy import API_USER_SCOPES, Role, assignable_roles, role_all
 from corral.console.forms import FormErrors, attempt, read_form, text, values
 from corral.console.render import page, redirect
 from corral.console.session import ConsoleOrgGuard, ConsoleProductGuard
+from corral.db.session import TransactionRoute
 from corral.orgs import service as orgs
 from corral.orgs.access import OrgCtx
 from corral.products import service as products
 from corral.products.access import ProductCtx
 from corral.products.schemas import TeamAdd, TeamChange
 
-router = APIRouter()
+router = APIRouter(route_class=TransactionRoute)
 
 
 def _roles(actor: Role | None, *, product: bool) -> list[tuple[str, str]]:
