@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_asgi.py [--profile | --profile-call | --profile-path PATH]
         [--sort cumulative] [--top 25] [--statements] [--n 1000] [--database-url URL]
-        [--loop PATH [--seconds 20]]
+        [--loop PATH [--seconds 20 | --count N]]
 
 Separates the framework and middleware overhead (``/openapi.json``: no database) from
 database round trips, counted exactly per route (statements sent to the database, COMMIT
@@ -15,8 +15,11 @@ the pool's pre-ping, BEGIN and asyncpg's own included; ``--no-pre-ping`` turns t
 pre-ping off to weigh it).
 ``--profile``: cProfile of
 ``/v1/products/{p}`` (the heaviest guarded read); ``--profile-call`` of a function call
-(the in-process device below answers at once); ``--profile-path`` of any GET. ``--loop PATH`` repeats one route for ``--seconds`` after the
-table, for a sampling profiler attached to the process (``py-spy record --pid``).
+(the in-process device below answers at once); ``--profile-path`` of any GET.
+``--loop PATH`` repeats one route (alone: no table) for ``--seconds``, for a sampling
+profiler attached to the process (``py-spy record --pid``), or ``--count`` times: under
+``valgrind --tool=callgrind``, the instruction totals of two counts, their difference divided
+by the counts' difference, are one request's instructions (start-up cancels out).
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ async def main() -> None:
               (f"/v1/devices/{device}/temp", token, b""))
     print(f"{'route':44} {'ms/request':>10} {'p99 ms':>7} {'CPU ms':>7} {'round trips':>12} "
           f"{'hops':>5}")
-    for path, tok, body in routes:
+    for path, tok, body in routes if "--loop" not in sys.argv else ():
         for _ in range(100):
             assert await call(app, path, tok, body) == 200, path
         statements = hops = 0
@@ -184,9 +187,12 @@ async def main() -> None:
         path = _arg("--loop", "/v1/user") or "/v1/user"
         body = b'{"arg": "on"}' if path.endswith("/led") else b""
         until = time.perf_counter() + float(_arg("--seconds", "20") or 20)
+        limit = int(_arg("--count", "0") or 0)  # a fixed count (instruction counts) instead
+        for _ in range(100):
+            assert await call(app, path, token, body) == 200, path
         count = 0
         c0 = time.process_time()
-        while time.perf_counter() < until:
+        while (count < limit) if limit else (time.perf_counter() < until):
             await call(app, path, token, body)
             count += 1
         print(f"loop {path}: {count} requests, {(time.process_time() - c0) / count * 1e3:.3f} ms CPU each")
