@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import bindparam, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -283,22 +283,27 @@ async def product_team(db: AsyncSession, product: Product) -> ProductTeam:
     """People (org-scope members of the product's org and product-scope members, each once
     with their strongest role) and the product's API users."""
     best: dict[int, TeamMember] = {}
-    # both scopes in one statement: the organization's members first, then the product's,
-    # each by username
-    rows = (await db.execute(
-        select(User, Membership).join(Membership, Membership.user_id == User.id)
-        .where(Membership.org_id == product.org_id,
-               or_(Membership.product_id.is_(None), Membership.product_id == product.id))
-        .order_by(Membership.product_id.is_not(None), User.username))).all()
+    rows = (await db.execute(_TEAM, {"org_id": product.org_id, "product_id": product.id})).all()
     for user, m in rows:
         scope = "organization" if m.product_id is None else "product"
         current = best.get(user.id)
         if current is None or Role.parse(m.role) > Role.parse(current.membership.role):
             best[user.id] = TeamMember(user, m, scope)
-    api_users = list((await db.execute(
-        select(User).where(User.kind == "api", User.api_product_id == product.id)
-        .order_by(User.id))).scalars())
+    api_users = list((await db.execute(_API_USERS, {"product_id": product.id})).scalars())
     return ProductTeam(people=list(best.values()), api_users=api_users)
+
+
+# built once, the product and its organization as parameters (building a statement and its
+# compiled-cache key cost more CPU than running it: bench/README B1b). Both membership
+# scopes in one statement: the organization's members first, then the product's, each by
+# username.
+_TEAM = (select(User, Membership).join(Membership, Membership.user_id == User.id)
+         .where(Membership.org_id == bindparam("org_id"),
+                or_(Membership.product_id.is_(None),
+                    Membership.product_id == bindparam("product_id")))
+         .order_by(Membership.product_id.is_not(None), User.username))
+_API_USERS = (select(User).where(User.kind == "api", User.api_product_id == bindparam("product_id"))
+              .order_by(User.id))
 
 
 @dataclass
