@@ -124,9 +124,10 @@ async def test_a_remembered_count_over_the_threshold_is_not_counted_again(
     seen: list[int | None] = []
     real = service._count
 
-    async def counting(db: Any, conds: Any, cap: int | None = None, members: Any = None) -> int:
+    async def counting(db: Any, conds: Any, cap: int | None = None, members: Any = None,
+                       **kwargs: Any) -> int:
         seen.append(cap)
-        return await real(db, conds, cap, members)
+        return await real(db, conds, cap, members, **kwargs)
 
     monkeypatch.setattr(service, "_count", counting)
     by_id = {"sortAttr": "deviceId"}  # (by last heard, never-heard devices are counted too)

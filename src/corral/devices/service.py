@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sqlalchemy import (
+    Select,
     and_,
     bindparam,
     false,
@@ -509,12 +510,20 @@ async def _few_matches_slice(db: AsyncSession, conds: list[ColumnElement[bool]],
 
 
 async def _count(db: AsyncSession, conds: list[ColumnElement[bool]],
-                 cap: int | None = None, members: Any = None, ident: Any = Device.id) -> int:
+                 cap: int | None = None, members: Any = None, ident: Any = Device.id,
+                 all_of: int | None = None) -> int:
     """Rows matching ``conds`` (counting at most ``cap + 1`` of them when ``cap`` is set).
     ``members``: the filter is only the product's groups, whose members (each device once:
     see :func:`_conditions`) are counted on the membership index instead (a group holds only
     its product's devices: removing a device from a product takes it out of the groups).
-    ``ident``: the device id column of the table ``conds`` read (see :func:`_slice`)."""
+    ``ident``: the device id column of the table ``conds`` read (see :func:`_slice`).
+    ``all_of``: ``conds`` are only this product's condition, counted by a statement built
+    once."""
+    if all_of is not None:
+        params: dict[str, Any] = {"product_id": all_of}
+        if cap is not None:
+            params["cap"] = cap + 1
+        return int((await db.execute(_COUNT_ALL[cap is not None], params)).scalar_one())
     source = (select(members.c.device_id) if members is not None
               else select(ident).where(*conds))
     if cap is not None:
@@ -530,7 +539,21 @@ async def _count_of(db: AsyncSession, product: Product, q: DeviceQuery,
     text = _only_search(q, conds)
     if text is not None:
         return await _count_search(db, product, text, cap)
-    return await _count(db, conds, cap, members)
+    unfiltered = len(conds) == 1 and members is None  # the product alone (see _filters)
+    return await _count(db, conds, cap, members, all_of=product.id if unfiltered else None)
+
+
+def _count_all_statement(capped: bool) -> Select[Any]:
+    """A product's devices counted (at most the parameter ``cap`` of them when ``capped``):
+    an unfiltered listing's total, built once (building it cost about what running it does
+    on a small product: bench/README B1)."""
+    ids = select(Device.id).where(Device.product_id == bindparam("product_id"))
+    if capped:
+        ids = ids.limit(bindparam("cap"))
+    return select(func.count()).select_from(ids.subquery())
+
+
+_COUNT_ALL = {capped: _count_all_statement(capped) for capped in (True, False)}
 
 
 def _filter_key(product: Product, q: DeviceQuery) -> tuple[Any, ...]:
