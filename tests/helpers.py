@@ -219,3 +219,16 @@ async def restarted(app: Any, settings: Any) -> AsyncIterator[httpx.AsyncClient]
             yield c
     finally:
         await fresh.stop()
+
+
+def api_routes(routes: list[Any]) -> list[Any]:
+    """Every FastAPI route among ``routes``, those of included routers too."""
+    from fastapi.routing import APIRoute
+
+    found: list[Any] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):  # an included router
+            found += api_routes(route.original_router.routes)
+    return found

@@ -16,7 +16,7 @@ from corral.auth.models import User
 from corral.db.session import TransactionRoute, get_db
 from corral.kit.errors import BadRequest
 from corral.web import errors
-from helpers import new_user
+from helpers import api_routes, new_user
 
 
 async def test_write_flags(app, client):
@@ -47,20 +47,10 @@ def _takes_session(dependant: Any) -> bool:
     return any(d.call is get_db or _takes_session(d) for d in dependant.dependencies)
 
 
-def _api_routes(routes: list[Any]) -> list[APIRoute]:
-    found: list[APIRoute] = []
-    for route in routes:
-        if isinstance(route, APIRoute):
-            found.append(route)
-        elif hasattr(route, "original_router"):  # an included router
-            found += _api_routes(route.original_router.routes)
-    return found
-
-
 async def test_every_route_taking_the_session_ends_it(app):
     """A route that takes the request's session without a TransactionRoute would leave its
     connection checked out: every such route of the app (API and console) has the class."""
-    routes = [r for r in _api_routes(app.routes) if _takes_session(r.dependant)]
+    routes = [r for r in api_routes(app.routes) if _takes_session(r.dependant)]
     assert len(routes) > 300
     assert [r.path for r in routes if not isinstance(r, TransactionRoute)] == []
 

@@ -6,17 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from fastapi.routing import APIRoute
-
-
-def _routes(routes: list[Any]) -> list[APIRoute]:
-    found: list[APIRoute] = []
-    for route in routes:
-        if isinstance(route, APIRoute):
-            found.append(route)
-        elif hasattr(route, "original_router"):  # an included router
-            found += _routes(route.original_router.routes)
-    return found
+from helpers import api_routes
 
 
 def _runs_on_the_loop(call: Any) -> bool:
@@ -36,7 +26,7 @@ def _plain(dependant: Any, path: str) -> list[str]:
 
 
 async def test_no_route_runs_a_dependency_on_the_thread_pool(app: Any) -> None:
-    routes = _routes(app.routes)
+    routes = api_routes(app.routes)
     assert len(routes) > 400
     plain = [p for r in routes for p in _plain(r.dependant, f"{sorted(r.methods)} {r.path}")]
     assert plain == []
