@@ -26,6 +26,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_dbapi,
 )
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 try:
     from sqlalchemy.util.concurrency import await_
@@ -50,6 +51,23 @@ def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) 
         return description, rows, cur.rowcount, cur.lastrowid
     finally:
         cur.close()
+
+
+def _run_and_commit(conn: sqlite3.Connection, operation: str, parameters: Sequence[Any]) -> None:
+    """On the database thread: ``operation`` once per parameter set, then COMMIT."""
+    conn.executemany(operation, parameters).close()
+    conn.commit()
+
+
+async def execute_and_commit(conn: AsyncConnection, operation: str,
+                             parameters: Sequence[Any]) -> None:
+    """Run ``operation`` once per parameter set in ``conn``'s transaction and COMMIT it, in
+    ONE job on the connection's thread (through SQLAlchemy: the statement, then the COMMIT,
+    two). The session's own commit afterwards finds no transaction open and sends nothing;
+    if the statement or the COMMIT fails, the transaction stays open for the caller's
+    rollback, as after a failed statement."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection  # aiosqlite.Connection
+    await driver._execute(_run_and_commit, driver._conn, operation, parameters)
 
 
 class OneTripCursor:

@@ -295,8 +295,9 @@ class EventWriter:
         try:
             async with self._sessionmaker() as db:
                 ids = await self._insert(db, rows) if rows else []
-                if usage:
-                    await ledger.apply(db, usage)
+                if usage:  # the last statement when no presence change follows: on
+                    # SQLite its trip to the database thread carries the COMMIT too
+                    await ledger.apply(db, usage, commit=not changes)
                 if changes:
                     await presence.apply(db, changes)
                 await db.commit()

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from corral.db import sqlite_driver
 from corral.kit import clock
 from corral.metering.models import COUNTERS
 
@@ -155,12 +156,16 @@ def _insert(dialect: str, used: tuple[str, ...]) -> str:
 PG_INSERT_MAX = 8
 
 
-async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
+async def apply(db: AsyncSession, items: Sequence[Usage], *, commit: bool = False) -> int:
     """Record ``items`` in the session's transaction: one ``usage_deltas`` row per distinct
     (device, period), appended (PostgreSQL: ``COPY``; SQLite: one ``executemany``), so the
     ingest path never waits on a counter row another batch or node is updating. The metering
     tick folds them into ``usage_counters`` (:func:`fold_pending`). Returns the number of
-    delta rows written."""
+    delta rows written.
+
+    ``commit`` (SQLite only; ignored on PostgreSQL, whose caller commits): these rows are
+    the transaction's last statement, so the COMMIT goes to the database thread with them
+    (one trip instead of two; the session's ``commit()`` then sends nothing)."""
     rows = fold(items)
     if not rows:
         return 0
@@ -188,9 +193,12 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
         for r in rows:
             if r["period"] not in days:
                 days[r["period"]] = r["period"].isoformat()
-        await conn.exec_driver_sql(_insert(dialect, used), [
-            (r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
-             r["owner_user_id"], *[r[c] for c in used]) for r in rows])
+        params = [(r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
+                   r["owner_user_id"], *[r[c] for c in used]) for r in rows]
+        if commit:
+            await sqlite_driver.execute_and_commit(conn, _insert(dialect, used), params)
+        else:
+            await conn.exec_driver_sql(_insert(dialect, used), params)
     return len(rows)
 
 
