@@ -172,10 +172,10 @@ async def test_a_waited_for_count_commits_without_the_delay(sm):
 
 
 async def test_a_usage_batch_commits_in_its_insert_s_trip(sm, monkeypatch):
-    """SQLite: a batch whose last statement is its usage rows sends the COMMIT with them (one
-    job on the database thread for a call's count, was two); the count is committed (another
-    session sees it) when ``count`` returns, once; a batch with a presence change after the
-    usage still commits on its own."""
+    """SQLite: a batch whose last statement is its usage rows sends the COMMIT with them (a
+    call's count alone: one job on the database thread, no session, was two jobs); the count
+    is committed (another session sees it) when ``count`` returns, once; a batch with a
+    presence change after the usage still commits on its own."""
     import aiosqlite
 
     from corral.devices import presence
@@ -202,6 +202,10 @@ async def test_a_usage_batch_commits_in_its_insert_s_trip(sm, monkeypatch):
         async with sm() as db:
             calls = (await db.execute(select(func.sum(UsageDelta.function_calls)))).scalar_one()
         assert calls == 1
+        jobs.clear()  # an event with its usage: the usage's trip carries the COMMIT
+        await asyncio.wait_for(w.write(ev(1), Usage("a" * 24, "publish", product_id=1)), WAIT)
+        assert jobs[-1] == "_run_and_commit" and "commit" not in jobs
+        assert await count(sm) == 1
         jobs.clear()
         change = presence.Described("a" * 24, functions=["led"])
         await asyncio.wait_for(w.write(None, Usage("a" * 24, "variable", product_id=1),

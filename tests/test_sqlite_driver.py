@@ -5,6 +5,7 @@ errors, server-side streams, the pragmas set at connect, two connections' locks.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,27 @@ async def test_execute_and_commit_failing_leaves_the_rollback(engine: Any) -> No
                                      [("a", 1), ("a", 2)])
         await conn.rollback()
         assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+
+
+async def test_commit_alone_commits_or_leaves_nothing(engine: Any, jobs: list[str],
+                                                      tmp_path: Path) -> None:
+    """A transaction of its own on a pooled connection, one job: committed when it returns;
+    a failing one commits none of its rows and leaves no transaction open on the connection
+    the pool gets back (the next user of the pool sees and locks nothing stale)."""
+    from corral.db.sqlite_driver import commit_alone
+
+    await commit_alone(engine, "INSERT INTO t (name, n) VALUES (?, ?)", [("a", 1), ("b", 2)])
+    assert jobs == ["_run_and_commit"]
+    async with aiosqlite.connect(tmp_path / "driver.db") as other:
+        rows = await (await other.execute("SELECT name, n FROM t ORDER BY id")).fetchall()
+    assert rows == [("a", 1), ("b", 2)]
+    with pytest.raises(sqlite3.IntegrityError):
+        await commit_alone(engine, "INSERT INTO t (name, n) VALUES (?, ?)", [("c", 3), ("a", 4)])
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        assert not raw.driver_connection.in_transaction
+        names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
+    assert names == ["a", "b"]
+    async with aiosqlite.connect(tmp_path / "driver.db") as other:  # no lock left behind
+        await other.execute("INSERT INTO t (name, n) VALUES ('d', 5)")
+        await other.commit()
