@@ -31,6 +31,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,17 @@ class Device:
 
     async def disconnect(self, reason: str) -> None:
         return None
+
+
+def count_jobs(on_job: Callable[[], None]) -> None:
+    """Call ``on_job`` for every job handed to an aiosqlite connection's thread from now on."""
+    queue_job = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        on_job()
+        return await queue_job(self, fn, *args, **kwargs)
+
+    aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
 
 
 async def call(app: Any, path: str, token: str | None = None, body: bytes = b"") -> int:
@@ -116,14 +128,12 @@ async def main() -> None:
     statements = 0
     hops = 0  # jobs handed to aiosqlite's thread (SQLite only)
     shown: list[str] | None = None
-    queue_job = aiosqlite.Connection._execute
 
-    async def counted_hop(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def one_hop() -> None:
         nonlocal hops
         hops += 1
-        return await queue_job(self, fn, *args, **kwargs)
 
-    aiosqlite.Connection._execute = counted_hop  # type: ignore[method-assign]
+    count_jobs(one_hop)
     db_port = runtime.engine.url.port or 5432  # type: ignore[union-attr]
     transport_write = asyncio.selector_events._SelectorSocketTransport.write
 
