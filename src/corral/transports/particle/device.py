@@ -153,7 +153,7 @@ class ParticleDevice:
         creds = crypto.open_server_reply(self.device_key, self.server_key, reply)
         self.channel = crypto.Session.from_creds(creds)
 
-    async def connect(self, host: str, port: int, *, within: float = 5.0,
+    async def connect(self, host: str, port: int, *, within: float = 15.0,
                       local_host: str | None = None) -> None:
         """Handshake, Hello, wait for the server Hello, then what Device OS sends after
         connecting (the capture's order): the system describe, a time request, the events
