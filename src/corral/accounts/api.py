@@ -20,7 +20,7 @@ from corral.accounts.schemas import (
     UserAnswer,
     UserChange,
 )
-from corral.auth.deps import AuthCtx, PublicCtx, auth_ctx, basic_credentials, optional_ctx
+from corral.auth.deps import AuthCtx, PublicCtx, auth_ctx, basic_credentials
 from corral.auth.models import AccessToken
 from corral.auth.policy import api_users_not_allowed
 from corral.auth.subject import Subject
@@ -185,7 +185,7 @@ async def revoke_token(token: str, request: Request, ctx: PublicCtx) -> Response
         if await service.revoke_by_value(ctx.db, token.lower()) is None:
             raise NotFound("Token not found")
         return JSONResponse(ok())
-    ctx = await auth_ctx(await optional_ctx(request, ctx.db))
+    ctx = await auth_ctx(request)  # the same session as the public context's
     me = _person(ctx.me)
     if await service.revoke_by_id(ctx.db, me, token) is None:
         raise NotFound("Token not found")

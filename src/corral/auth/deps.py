@@ -85,11 +85,27 @@ class Ctx:
         return self.request.app.state.runtime
 
 
-async def optional_ctx(request: Request, db: Db) -> Ctx:
-    token = await token_from_request(request)
-    subject = await resolve_token(db, token, _cache(request)) if token else None
-    return Ctx(db=db, settings=request.app.state.settings, ip=client_ip(request),
-               subject=subject, request=request)
+_CTX = "corral.ctx"  # the request's Ctx, in its ASGI scope once made
+
+
+async def optional_ctx(request: Request) -> Ctx:
+    """The request's context, its caller resolved from the token when there is one.
+
+    It takes the request's session from :func:`get_db` itself rather than as a dependency,
+    and :func:`auth_ctx` calls it rather than depending on it: FastAPI's dependency solving
+    costs ~30-40 us of CPU per node of a route's dependency tree (bench/README B1), and these
+    three nodes were under every authenticated route. Made once per request (kept in the
+    scope, as FastAPI's dependency cache would), so a route depending on it twice resolves
+    its token once."""
+    ctx: Ctx | None = request.scope.get(_CTX)
+    if ctx is None:
+        db = await get_db(request)
+        token = await token_from_request(request)
+        subject = await resolve_token(db, token, _cache(request)) if token else None
+        ctx = request.scope[_CTX] = Ctx(db=db, settings=request.app.state.settings,
+                                        ip=client_ip(request), subject=subject,
+                                        request=request)
+    return ctx
 
 
 def _cache(request: Request) -> SubjectCache | None:
@@ -98,16 +114,18 @@ def _cache(request: Request) -> SubjectCache | None:
     return cache if cache is not None and cache.enabled else None
 
 
-async def public_ctx(request: Request, db: Db) -> Ctx:
+async def public_ctx(request: Request) -> Ctx:
     """A context for a route that needs no authentication (``/oauth/token``, sign-up): any
     token the client sends is ignored, not judged. particle-cli logs in with
     ``Authorization: Bearer null``; refusing that as an invalid token would lock it out."""
+    db = await get_db(request)
     return Ctx(db=db, settings=request.app.state.settings, ip=client_ip(request),
                subject=None, request=request)
 
 
-async def auth_ctx(ctx: Annotated[Ctx, Depends(optional_ctx)]) -> Ctx:
+async def auth_ctx(request: Request) -> Ctx:
     """A context whose caller is authenticated: 401 without a token."""
+    ctx = await optional_ctx(request)
     ctx.me  # noqa: B018 - raises when no token was given
     return ctx
 
