@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select, update
 
 from corral.auth.deps import Db, auth_ctx, optional_ctx, public_ctx
+from corral.auth.guards import Guard
 from corral.auth.models import User
 from corral.db.session import TransactionRoute, get_db
 from corral.kit.errors import BadRequest
@@ -44,12 +45,14 @@ async def test_core_update_in_a_request_is_committed(client):
 
 
 # dependencies that take the request's session by calling get_db themselves (not a node of
-# the route's dependency tree: corral.auth.deps.optional_ctx says why)
+# the route's dependency tree: corral.auth.deps.optional_ctx says why), and the guards, which
+# call auth_ctx
 _CALLS_GET_DB = (get_db, optional_ctx, auth_ctx, public_ctx)
 
 
 def _takes_session(dependant: Any) -> bool:
-    return any(d.call in _CALLS_GET_DB or _takes_session(d) for d in dependant.dependencies)
+    return any(d.call in _CALLS_GET_DB or isinstance(d.call, Guard) or _takes_session(d)
+               for d in dependant.dependencies)
 
 
 async def test_every_route_taking_the_session_ends_it(app):

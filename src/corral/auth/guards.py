@@ -10,7 +10,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral.auth.deps import Ctx, auth_ctx
 
 
 class Guard:
@@ -24,6 +27,13 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.permission!r})"
+
+    async def context(self, request: Request) -> Ctx:
+        """The caller's context, which the guard judges: an API caller's (401 without a
+        token); the console's guards give the signed-in user's. A guard's ``__call__`` calls
+        this rather than depending on it: one node less of FastAPI's dependency solving on
+        every guarded route (corral.auth.deps.optional_ctx)."""
+        return await auth_ctx(request)
 
 
 # --- tenant checks after the guard has resolved the tenant and allowed the caller ---------

@@ -27,10 +27,11 @@ from fastapi import Depends, Request, Response
 
 from corral.auth.deps import Ctx, Db, client_ip
 from corral.auth.subject import Subject, resolve_token
-from corral.devices.access import DeviceCtx, DeviceGuard
+from corral.db.session import get_db
+from corral.devices.access import DeviceGuard
 from corral.kit.errors import CorralError, Forbidden, Unauthorized
-from corral.orgs.access import OrgCtx, OrgGuard
-from corral.products.access import ProductCtx, ProductGuard
+from corral.orgs.access import OrgGuard
+from corral.products.access import ProductGuard
 
 CONSOLE_CLIENT = "corral-console"
 SESSION_COOKIE = "corral_session"
@@ -70,7 +71,11 @@ def session_token(request: Request) -> str | None:
 
 async def console_ctx(request: Request, db: Db) -> Ctx:
     """The request's context with the signed-in subject (None when signed out). Kept on
-    ``request.state`` so that error pages can show the layout of who is signed in."""
+    ``request.state`` so that error pages can show the layout of who is signed in, and made
+    once per request (the console's guards call :func:`signed_in_context` themselves)."""
+    made: Ctx | None = getattr(request.state, "console", None)
+    if made is not None:
+        return made
     subject: Subject | None = None
     token = session_token(request)
     if token:
@@ -91,6 +96,11 @@ async def signed_in(ctx: Annotated[Ctx, Depends(console_ctx)]) -> Ctx:
     if ctx.subject is None:
         raise SignInRequired()
     return ctx
+
+
+async def signed_in_context(request: Request) -> Ctx:
+    """:func:`signed_in`, called rather than depended on (the console's guards)."""
+    return await signed_in(await console_ctx(request, await get_db(request)))
 
 
 ConsoleCtx = Annotated[Ctx, Depends(console_ctx)]
@@ -155,22 +165,22 @@ async def check_csrf(request: Request) -> None:
 class ConsoleProductGuard(ProductGuard):
     """:class:`ProductGuard` for console pages (the session cookie's subject)."""
 
-    async def __call__(self, product: str, ctx: Ctx = Depends(signed_in)) -> ProductCtx:
-        return await self.resolve(ctx, product)
+    async def context(self, request: Request) -> Ctx:
+        return await signed_in_context(request)
 
 
 class ConsoleOrgGuard(OrgGuard):
     """:class:`OrgGuard` for console pages."""
 
-    async def __call__(self, org: str, ctx: Ctx = Depends(signed_in)) -> OrgCtx:
-        return await self.resolve(ctx, org)
+    async def context(self, request: Request) -> Ctx:
+        return await signed_in_context(request)
 
 
 class ConsoleDeviceGuard(DeviceGuard):
     """:class:`DeviceGuard` for console pages (owners, customers and product members)."""
 
-    async def __call__(self, device_id: str, ctx: Ctx = Depends(signed_in)) -> DeviceCtx:
-        return await self.resolve(ctx, device_id)
+    async def context(self, request: Request) -> Ctx:
+        return await signed_in_context(request)
 
 
 def safe_next(value: str | None) -> str:

@@ -67,7 +67,7 @@ class CustomerCreateGuard(Guard):
                 if not isinstance(cid, str) or not isinstance(secret, str | None):
                     raise OAuthError("Invalid or missing client_id parameter")
         if cid is None:
-            pc = await ProductGuard(self.permission)(product, ctx)
+            pc = await ProductGuard(self.permission).resolve(ctx, product)
             return CustomerCreateCtx(ctx=ctx, product=pc.product, role=pc.role, oauth_client=None)
         client = await accounts.authenticate_client(ctx.db, cid, secret, required=True)
         assert client is not None

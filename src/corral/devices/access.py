@@ -17,11 +17,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends
+from fastapi import Request
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.auth.deps import Ctx, auth_ctx
+from corral.auth.deps import Ctx
 from corral.auth.guards import Guard, tenant_facts
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
@@ -144,8 +144,8 @@ class DeviceGuard(Guard):
     scope = "device"
     path_param = "device_id"
 
-    async def __call__(self, device_id: str, ctx: Ctx = Depends(auth_ctx)) -> DeviceCtx:
-        return await self.resolve(ctx, device_id)
+    async def __call__(self, device_id: str, request: Request) -> DeviceCtx:
+        return await self.resolve(await self.context(request), device_id)
 
     async def resolve(self, ctx: Ctx, device_id: str) -> DeviceCtx:
         """The device ``device_id`` if the caller may do ``permission`` on it."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from corral.auth.deps import AuthCtx, Ctx, auth_ctx
+from corral.auth.deps import AuthCtx
 from corral.db.session import TransactionRoute
 from corral.devices import claims
 from corral.devices.access import DeviceCtx, DeviceGuard, product_device
@@ -25,14 +25,15 @@ class ProductOrCustomerGuard(ProductGuard):
 
     scope = "product"
 
-    async def __call__(self, product: str, ctx: Ctx = Depends(auth_ctx)) -> ProductCtx:
+    async def __call__(self, product: str, request: Request) -> ProductCtx:
+        ctx = await self.context(request)
         me = ctx.me
         if me.kind == "customer":
             row = await get_product(ctx.db, product)
             if row is None or row.id != me.product_id:
                 raise NotFound("Product not found")
             return ProductCtx(ctx=ctx, product=row, role=None)
-        return await super().__call__(product, ctx)
+        return await self.resolve(ctx, product)
 
 
 @router.post("/v1/devices", summary="Claim a device", responses=answers(Claimed, 404, 409))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import Depends
+from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.auth.deps import Ctx, auth_ctx
+from corral.auth.deps import Ctx
 from corral.auth.guards import Guard, check_tenant
 from corral.auth.models import Membership
 from corral.auth.policy import Role, api_users_not_allowed, check_role
@@ -52,8 +52,8 @@ class OrgGuard(Guard):
     scope = "org"
     path_param = "org"
 
-    async def __call__(self, org: str, ctx: Ctx = Depends(auth_ctx)) -> OrgCtx:
-        return await self.resolve(ctx, org)
+    async def __call__(self, org: str, request: Request) -> OrgCtx:
+        return await self.resolve(await self.context(request), org)
 
     async def resolve(self, ctx: Ctx, org: str) -> OrgCtx:
         """The organization ``org`` (id or slug) if the caller may do ``permission`` in it."""

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends
+from fastapi import Request
 from sqlalchemy import Row, Select, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.auth.deps import Ctx, auth_ctx
+from corral.auth.deps import Ctx
 from corral.auth.guards import Guard, check_tenant, tenant_checks_version, tenant_facts
 from corral.auth.models import Membership
 from corral.auth.policy import Role, check_role, check_scopes
@@ -172,8 +172,8 @@ class ProductGuard(Guard):
     scope = "product"
     path_param = "product"
 
-    async def __call__(self, product: str, ctx: Ctx = Depends(auth_ctx)) -> ProductCtx:
-        return await self.resolve(ctx, product)
+    async def __call__(self, product: str, request: Request) -> ProductCtx:
+        return await self.resolve(await self.context(request), product)
 
     async def resolve(self, ctx: Ctx, product: str) -> ProductCtx:
         """The product ``product`` (id or slug) if the caller may do ``permission`` on it
