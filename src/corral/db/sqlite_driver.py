@@ -15,9 +15,7 @@ the rest of the statement's work). That never stalls the loop: only a connection
 journal is a WAL reads this way, and in a WAL a reader takes
 no lock a writer holds, so it never waits on the busy timeout; and a progress handler
 interrupts a read that runs past ``INLINE_BUDGET``, which then runs on the thread as any other
-statement, as does every run of the same SQL for the next ``SLOW_FOR`` seconds (``_slow``,
-bounded; the budget is wall time, so a read preempted on a busy machine counts as slow too,
-and it is tried here again once the machine may have calmed down). An interrupted SELECT
+statement, as does every later run of the same SQL (``_slow``, bounded). An interrupted SELECT
 leaves nothing behind (no transaction is open, nothing was written). Inside a transaction,
 every statement still goes to the thread, in order.
 
@@ -52,10 +50,9 @@ _Facts = tuple[Any, list[Any], int, int | None]
 # database thread instead; and how often (in SQLite VM steps) the clock is looked at meanwhile
 INLINE_BUDGET = 0.002
 _CHECK_EVERY = 1000
-# SQL that ran past the budget: on the database thread until the time it maps to (bounded:
-# emptied when full; statements are SQLAlchemy's cached compilations, a few hundred in all)
-SLOW_FOR = 60.0
-_slow: dict[str, float] = {}
+# SQL that ran past the budget once: on the database thread from then on (bounded: emptied
+# when full; statements are SQLAlchemy's cached compilations, a few hundred in all)
+_slow: set[str] = set()
 _SLOW_MAX = 1024
 
 
@@ -77,7 +74,7 @@ def _run_here(conn: sqlite3.Connection, operation: str, parameters: Any) -> _Fac
             raise
         if len(_slow) >= _SLOW_MAX:
             _slow.clear()
-        _slow[operation] = time.perf_counter() + SLOW_FOR
+        _slow.add(operation)
         return None
     finally:
         conn.set_progress_handler(None, 0)
@@ -120,8 +117,8 @@ class OneTripCursor:
         facts: _Facts | None = None
         raw = driver._connection
         if (not many and self._adapt.reads_inline and raw is not None
-                and not raw.in_transaction and operation.lstrip()[:6].upper() == "SELECT"
-                and _slow.get(operation, 0.0) < time.perf_counter()):
+                and not raw.in_transaction and operation not in _slow
+                and operation.lstrip()[:6].upper() == "SELECT"):
             try:
                 facts = _run_here(raw, operation, parameters)
             except Exception as error:
