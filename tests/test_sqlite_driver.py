@@ -1,12 +1,10 @@
 """The SQLite engine's adapter (corral.db.sqlite_driver): a statement is one job on
-aiosqlite's thread, a read outside a transaction and a COMMIT or ROLLBACK outside a
-transaction none (a read that runs long is interrupted and finishes there), and everything else
+aiosqlite's thread, a COMMIT or ROLLBACK outside a transaction none, and everything else
 behaves as SQLAlchemy's own aiosqlite adapter: rows, rowcount, lastrowid, transactions,
 errors, server-side streams, the pragmas set at connect, two connections' locks."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,6 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from corral.db import sqlite_driver
 from corral.db.engine import make_engine
 from corral.db.sqlite_driver import OneTripConnection
 
@@ -60,115 +57,13 @@ async def test_a_statement_is_one_job_and_no_transaction_none(engine: Any,
         jobs.clear()
         rows = (await conn.execute(text("SELECT 1, 'a' UNION ALL SELECT 2, 'b'"))).all()
         assert [tuple(r) for r in rows] == [(1, "a"), (2, "b")]
-        assert jobs == []  # a read outside a transaction: on this thread
+        assert jobs == ["_run"]
         await conn.rollback()  # nothing began: sqlite3 would do nothing, so nothing is sent
-        assert jobs == []
+        assert jobs == ["_run"]
     async with engine.begin() as conn:
         jobs.clear()
         await conn.execute(text("INSERT INTO t (name, n) VALUES ('x', 1)"))
-        # inside the transaction the insert began, a read goes to the thread, in order
-        assert (await conn.execute(text("SELECT n FROM t WHERE name = 'x'"))).scalar_one() == 1
-    assert jobs == ["_run", "_run", "commit"]  # the insert began a transaction: COMMIT sent
-
-
-async def test_a_read_outside_a_transaction_runs_on_the_event_loops_thread(
-        engine: Any, jobs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    threads: list[int] = []
-    run = sqlite_driver._run
-
-    def spied(*args: Any) -> Any:
-        threads.append(threading.get_ident())
-        return run(*args)
-
-    monkeypatch.setattr(sqlite_driver, "_run", spied)
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        assert raw.dbapi_connection.reads_inline  # the journal is a WAL
-        jobs.clear()
-        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
-        await conn.execute(text("INSERT INTO t (name, n) VALUES ('y', 2)"))
-        await conn.commit()
-    assert jobs == ["spied", "commit"]  # the insert and its COMMIT went to the thread
-    assert threads[0] == threading.get_ident() and threads[1] != threads[0]
-
-
-async def test_a_long_read_is_interrupted_and_finishes_on_the_database_thread(
-        engine: Any, jobs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A read past the budget does not hold the event loop: the progress handler stops it,
-    it runs again on the connection's thread with the same answer, and the same SQL goes
-    there directly from then on."""
-    monkeypatch.setattr(sqlite_driver, "_slow", set())
-    async with engine.begin() as conn:
-        await conn.execute(text("INSERT INTO t (name, n) VALUES (:name, :n)"),
-                           [{"name": f"r{i}", "n": i} for i in range(1000)])
-    long_read = "SELECT count(*) FROM t a, t b WHERE a.n + b.n >= :least"
-    compiled = long_read.replace(":least", "?")  # the SQL sqlite3 is given
-    ticks: list[float] = []
-    loop = asyncio.get_running_loop()
-
-    def tick() -> None:
-        ticks.append(loop.time())
-        handle[0] = loop.call_later(0.001, tick)
-
-    handle = [loop.call_soon(tick)]
-    inline_tries: list[str] = []
-    run_here = sqlite_driver._run_here
-    monkeypatch.setattr(sqlite_driver, "_run_here",
-                        lambda conn, op, p: inline_tries.append(op) or run_here(conn, op, p))
-    async with engine.connect() as conn:
-        jobs.clear()
-        started = loop.time()
-        count = (await conn.execute(text(long_read), {"least": 0})).scalar_one()
-        took = loop.time() - started
-        assert count == 1000 * 1000 and jobs == ["_run"]
-        assert compiled in sqlite_driver._slow
-        # the loop kept turning while the read ran on the thread (it takes far longer
-        # than the budget here: the 1,000,000 pairs)
-        assert took > 5 * sqlite_driver.INLINE_BUDGET
-        assert len([t for t in ticks if t >= started]) >= 3
-        assert (await conn.execute(text(long_read), {"least": 1998})).scalar_one() == 1
-        assert jobs == ["_run", "_run"] and inline_tries == [compiled]
-        # a short read is still answered here
-        assert (await conn.execute(text("SELECT n FROM t WHERE name = 'r7'"))).scalar_one() == 7
-        assert jobs == ["_run", "_run"]
-    handle[0].cancel()
-
-
-async def test_a_read_does_not_wait_for_a_writer(engine: Any, jobs: list[str]) -> None:
-    """In a WAL a reader takes no lock the writer holds: a read on the event loop's thread
-    answers at once, with the last committed data, while another connection's write
-    transaction is open."""
-    async with engine.connect() as writer, engine.connect() as reader:
-        await writer.execute(text("INSERT INTO t (name, n) VALUES ('open', 1)"))
-        jobs.clear()
-        started = asyncio.get_running_loop().time()
-        assert (await reader.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
-        assert asyncio.get_running_loop().time() - started < 0.5 and jobs == []
-        await writer.commit()
-        assert (await reader.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
-
-
-async def test_only_a_wal_reads_inline(engine: Any) -> None:
-    """A rollback journal would make a reader wait for a writer (the busy timeout, on the
-    event loop): only a WAL connection reads on the caller's thread. A database in memory
-    (one connection the pool shares) keeps every statement on its thread."""
-    memory = make_engine("sqlite+aiosqlite://")
-    try:
-        async with memory.connect() as conn:
-            raw = await conn.get_raw_connection()
-            assert raw.dbapi_connection.reads_inline is False
-    finally:
-        await memory.dispose()
-    async with engine.connect() as conn:
-        adapted = (await conn.get_raw_connection()).dbapi_connection
-        assert adapted.reads_inline is True
-        try:
-            assert adapted.read_inline("delete") is False and adapted.reads_inline is False
-            assert adapted.read_inline("memory") is False
-        finally:
-            assert adapted.read_inline("WAL") is True
+    assert jobs == ["_run", "commit"]  # the insert began a transaction: its COMMIT is sent
 
 
 async def test_rows_rowcount_lastrowid_and_executemany(engine: Any) -> None:

@@ -30,18 +30,12 @@ def make_engine(url: str, **kw: Any) -> AsyncEngine:
         kw.setdefault("module", sqlite_driver.dbapi())
         if _file_database(url):  # an in-memory one has a single connection (StaticPool)
             kw.setdefault("pool_size", SQLITE_POOL_SIZE)
-        # check_same_thread off: reads outside a transaction run on the event loop's thread
-        # (sqlite_driver), never at the same time as a job on the connection's own thread
-        engine = create_async_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False}, **kw)
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            journal = cur.fetchone()
-            if isinstance(dbapi_conn, sqlite_driver.OneTripConnection) and journal:
-                dbapi_conn.read_inline(str(journal[0]))
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")

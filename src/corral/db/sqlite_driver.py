@@ -8,17 +8,6 @@ is no transaction to end. Here a statement is one job (the same sqlite3 calls, r
 back on the connection's thread, the rows and the cursor's facts carried back), and a COMMIT
 or ROLLBACK outside a transaction, which sqlite3 would skip, is not sent.
 
-A read outside a transaction is not a job at all: it runs on the caller's thread (the event
-loop's), where the trip to the database thread costs more than a point lookup itself
-(~70-100 us of CPU per statement through an ORM session on the bench VM, against ~100 us for
-the rest of the statement's work). That never stalls the loop: only a connection whose
-journal is a WAL reads this way, and in a WAL a reader takes
-no lock a writer holds, so it never waits on the busy timeout; and a progress handler
-interrupts a read that runs past ``INLINE_BUDGET``, which then runs on the thread as any other
-statement, as does every later run of the same SQL (``_slow``, bounded). An interrupted SELECT
-leaves nothing behind (no transaction is open, nothing was written). Inside a transaction,
-every statement still goes to the thread, in order.
-
 Everything else is aiosqlite's and SQLAlchemy's own: the same sqlite3 connection on the same
 thread (so the transactions, the pragmas set at connect, the busy timeout and the one writer
 at a time are unchanged), the same dialect, server-side cursors (``stream()``) unchanged, and
@@ -28,7 +17,6 @@ at a time are unchanged), the same dialect, server-side cursors (``stream()``) u
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -45,39 +33,6 @@ except ImportError:  # SQLAlchemy 2.0 names it await_only
     from sqlalchemy.util.concurrency import await_only as await_
 
 _Facts = tuple[Any, list[Any], int, int | None]
-
-# the longest a read runs on the event loop's thread before it is interrupted and sent to the
-# database thread instead; and how often (in SQLite VM steps) the clock is looked at meanwhile
-INLINE_BUDGET = 0.002
-_CHECK_EVERY = 1000
-# SQL that ran past the budget once: on the database thread from then on (bounded: emptied
-# when full; statements are SQLAlchemy's cached compilations, a few hundred in all)
-_slow: set[str] = set()
-_SLOW_MAX = 1024
-
-
-async def _no_wait() -> None:
-    """Awaited after a read that ran inline: SQLAlchemy's async layer checks that a
-    statement went through the event loop (``await_`` of a finished coroutine: no wait)."""
-    return None
-
-
-def _run_here(conn: sqlite3.Connection, operation: str, parameters: Any) -> _Facts | None:
-    """A read on this thread, or None when it ran past the budget (interrupted: the caller
-    sends it to the database thread)."""
-    stop = time.perf_counter() + INLINE_BUDGET
-    conn.set_progress_handler(lambda: time.perf_counter() > stop, _CHECK_EVERY)
-    try:
-        return _run(conn, operation, parameters, False)
-    except sqlite3.OperationalError as error:
-        if error.sqlite_errorcode != sqlite3.SQLITE_INTERRUPT:
-            raise
-        if len(_slow) >= _SLOW_MAX:
-            _slow.clear()
-        _slow.add(operation)
-        return None
-    finally:
-        conn.set_progress_handler(None, 0)
 
 
 def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) -> _Facts:
@@ -114,22 +69,10 @@ class OneTripCursor:
 
     def _go(self, operation: str, parameters: Any, many: bool) -> None:
         driver: Any = self._adapt._connection  # aiosqlite.Connection
-        facts: _Facts | None = None
-        raw = driver._connection
-        if (not many and self._adapt.reads_inline and raw is not None
-                and not raw.in_transaction and operation not in _slow
-                and operation.lstrip()[:6].upper() == "SELECT"):
-            try:
-                facts = _run_here(raw, operation, parameters)
-            except Exception as error:
-                self._adapt._handle_exception(error)
-            if facts is not None:
-                await_(_no_wait())
-        if facts is None:
-            try:
-                facts = await_(driver._execute(_run, driver._conn, operation, parameters, many))
-            except Exception as error:
-                self._adapt._handle_exception(error)
+        try:
+            facts = await_(driver._execute(_run, driver._conn, operation, parameters, many))
+        except Exception as error:
+            self._adapt._handle_exception(error)
         self.description, rows, self.rowcount, self.lastrowid = facts
         self._rows = deque(rows)
 
@@ -174,21 +117,7 @@ class OneTripCursor:
 
 
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ("reads_inline",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # set by read_inline() once the connection's journal is known
-        self.reads_inline = False
-
-    def read_inline(self, journal_mode: str) -> bool:
-        """Reads outside a transaction run on the caller's thread from now on, where the
-        journal lets a reader never wait for a lock: a WAL. A rollback journal (a WAL could
-        not be set up, e.g. on a network file system) and a database in memory (one
-        connection the pool may hand to several sessions at once) keep every statement on
-        the database thread. Returns the choice."""
-        self.reads_inline = journal_mode.lower() == "wal"
-        return self.reads_inline
+    __slots__ = ()
 
     def cursor(self, server_side: bool = False) -> Any:
         if server_side:
