@@ -2,17 +2,26 @@
 # B1w: foundation API throughput measured with wrk (Debian package `wrk`) as the load
 # generator, so the client's own CPU cost stays small. Bounded: each run lasts --seconds.
 #   bash bench/bench_api_wrk.sh [seconds=10] [connections=32] [database-url]
+# One worker is measured on a core of its own: the server is pinned to CPU 0 and wrk to the
+# others (PIN=0 shares every core between them, as runs before 2026-12-06 07:00 UTC did: the
+# server's threads and wrk's then compete for both cores, and the tail is the machine's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # this checkout's code (the shared venv's editable install may point at another checkout)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SECS=${1:-10}; CONNS=${2:-32}; DBURL=${3:-}
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)"; exit 1; }
+PIN=${PIN:-1}
+CORES=$(nproc)
+SERVER_PIN=(); WRK=(wrk -t2)
+if [ "$PIN" = 1 ] && [ "$CORES" -ge 2 ] && command -v taskset >/dev/null; then
+  SERVER_PIN=(taskset -c 0); WRK=(taskset -c "1-$((CORES - 1))" wrk -t"$((CORES - 1))")
+fi
 TMP=$(mktemp -d)
 PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 env -u CORRAL_DATABASE_URL CORRAL_DATA_DIR="$TMP" CORRAL_LOG_LEVEL=WARNING CORRAL_API_RATE_LIMIT=0 \
     ${DBURL:+CORRAL_DATABASE_URL=$DBURL} \
-    .venv/bin/python -m uvicorn corral.web.app:asgi_app --factory --host 127.0.0.1 --port "$PORT" \
+    "${SERVER_PIN[@]}" .venv/bin/python -m uvicorn corral.web.app:asgi_app --factory --host 127.0.0.1 --port "$PORT" \
     --no-access-log --log-level warning --loop uvloop --http httptools --no-proxy-headers &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$TMP"' EXIT
@@ -30,7 +39,7 @@ TICK=$(getconf CLK_TCK)
 printf '%-34s %9s %9s %9s %9s\n' route req/s p50_ms p99_ms cpu_ms/req
 for path in /healthz /v1/user /v1/products/bench /v1/products/bench/team /v1/products/bench/devices; do
   c0=$(cpu_ticks)
-  out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$BASE$path")
+  out=$("${WRK[@]}" -c"$CONNS" -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$BASE$path")
   c1=$(cpu_ticks)
   nreq=$(awk '/requests in/ {print $1}' <<<"$out")
   cpu=$(awk -v a="$c0" -v b="$c1" -v t="$TICK" -v n="$nreq" 'BEGIN { printf "%.2f", (b - a) * 1000 / t / n }')
