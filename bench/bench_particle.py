@@ -36,6 +36,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -392,6 +393,10 @@ def main() -> None:
     ap.add_argument("--no-describe", action="store_true")
     ap.add_argument("--database-url")
     ap.add_argument("--max-handshakes", type=int, help="the server's particle_max_handshakes")
+    ap.add_argument("--shared", action="store_true",
+                    help="server and load generator share every core (the way before "
+                         "2026-12-06 07:00 UTC); by default the server has CPU 0 to itself "
+                         "and the devices and clients run on the others")
     a = ap.parse_args()
     defaults = {"handshakes": (300, 50), "held": (5000, 200), "storm": (10_000, 500),
                 "calls": (20, 1)}
@@ -403,9 +408,14 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10k sockets need >10k files
     port = free_port()
+    cores = os.cpu_count() or 1
+    pinned = not a.shared and cores >= 2 and shutil.which("taskset") is not None
+    if pinned:  # one server process on a core of its own, as bench_api_wrk.sh
+        os.sched_setaffinity(0, set(range(1, cores)))
     with tempfile.TemporaryDirectory() as tmp:
         server = load_or_create_server_key(Path(tmp)).public_key()
-        with corral_serve(Path(tmp), database_url=a.database_url, extra_env={
+        with corral_serve(Path(tmp), database_url=a.database_url,
+                          prefix=["taskset", "-c", "0"] if pinned else None, extra_env={
                 "CORRAL_PARTICLE_PORT": str(port), "CORRAL_PARTICLE_UDP_PORT": "0",
                 **({"CORRAL_PARTICLE_MAX_HANDSHAKES": str(a.max_handshakes)}
                    if a.max_handshakes else {})}) as srv:
@@ -414,9 +424,10 @@ def main() -> None:
             else:
                 run = {"handshakes": handshakes, "held": held, "storm": storm}[a.what]
                 asyncio.run(run(srv, port, server, n, concurrency, describe))
+    where = ("the server on CPU 0, the load generator on the others" if pinned
+             else f"{cores} cores shared by server and load generator")
     print(f"(database: {'PostgreSQL' if a.database_url else 'SQLite'}; "
-          f"describes: {'yes' if describe else 'no'}; {os.cpu_count()} cores shared by "
-          "server and load generator)")
+          f"describes: {'yes' if describe else 'no'}; {where})")
 
 
 if __name__ == "__main__":
