@@ -150,7 +150,9 @@ class Result:
     at: dt.datetime
     failures: int = 0  # the integration's consecutive failures after this outcome
     failing_since: dt.datetime | None = None
-    disable: bool = False  # this outcome disables the integration
+    # this outcome disables the integration (the lane's decision; not the outcomes of
+    # requests still in flight then, which may be recorded after a user enabled it again)
+    disable: bool = False
 
 
 class IntegrationWorker:
@@ -652,10 +654,12 @@ class Lane:
             else:
                 status, nxt = "failed", now
             DELIVERED.labels(outcome.kind if status != "failed" else "failed").inc()
+            decided = self.disabling
             self._health(outcome)
+            decided = self.disabling and not decided  # this failure disables the integration
             await self.worker.recorder.add(Result(
                 self, row.id, row.event_id, status, attempts, nxt, outcome, now,
-                self.failures, self.failing_since, self.disabling))
+                self.failures, self.failing_since, decided))
         finally:
             self.inflight -= 1
             self._wake.set()
