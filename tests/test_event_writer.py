@@ -171,6 +171,50 @@ async def test_a_waited_for_count_commits_without_the_delay(sm):
     assert calls == 1
 
 
+async def test_a_usage_batch_commits_in_its_insert_s_trip(sm, monkeypatch):
+    """SQLite: a batch whose last statement is its usage rows sends the COMMIT with them (a
+    call's count alone: one job on the database thread, no session, was two jobs); the count
+    is committed (another session sees it) when ``count`` returns, once; a batch with a
+    presence change after the usage still commits on its own."""
+    import aiosqlite
+
+    from corral.devices import presence
+    from corral.metering.ledger import Usage
+    from corral.metering.models import UsageDelta
+
+    async with sm() as db:
+        if (await db.connection()).dialect.name != "sqlite":
+            return  # PostgreSQL sends the batch as before (its own test: the call's requests)
+    jobs: list[str] = []
+    queue_job = aiosqlite.Connection._execute
+
+    async def counted(self, fn, *args, **kwargs):
+        jobs.append(getattr(fn, "__name__", repr(fn)))
+        return await queue_job(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    w = EventWriter(sm)
+    w.start()
+    try:
+        await asyncio.wait_for(w.count(Usage("a" * 24, "function", product_id=1), now=True),
+                               WAIT)
+        assert jobs == ["_run_and_commit"]
+        async with sm() as db:
+            calls = (await db.execute(select(func.sum(UsageDelta.function_calls)))).scalar_one()
+        assert calls == 1
+        jobs.clear()  # an event with its usage: the usage's trip carries the COMMIT
+        await asyncio.wait_for(w.write(ev(1), Usage("a" * 24, "publish", product_id=1)), WAIT)
+        assert jobs[-1] == "_run_and_commit" and "commit" not in jobs
+        assert await count(sm) == 1
+        jobs.clear()
+        change = presence.Described("a" * 24, functions=["led"])
+        await asyncio.wait_for(w.write(None, Usage("a" * 24, "variable", product_id=1),
+                                       change=change), WAIT)
+        assert jobs[-1] == "commit" and "_run_and_commit" not in jobs
+    finally:
+        await asyncio.wait_for(w.stop(), WAIT)
+
+
 async def test_only_a_batch_with_an_outbox_row_wakes_the_integrations(app, monkeypatch):
     """A call's usage count or a presence event adds no integration outbox row, so its
     commit does not wake the integrations worker (which would query the outbox for nothing);

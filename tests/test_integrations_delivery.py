@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from corral.integrations.models import Delivery
 from corral.settings import Settings
 from devicekit import eventually
 from helpers import add_role, audit_actions, bearer, new_user, owner_and_product
-from hookkit import Answer, hook_settings, serve
+from hookkit import Answer, Target, hook_settings, serve
 
 
 @pytest.fixture
@@ -51,6 +52,21 @@ async def events(app: Any, prefix: str) -> list[Event]:
     async with app.state.sessionmaker() as db:
         rows = (await db.execute(select(Event).order_by(Event.id))).scalars().all()
     return [e for e in rows if e.name.startswith(prefix)]
+
+
+@contextlib.asynccontextmanager
+async def failing_hook(client, app: Any, event: str, *, disable_after: int
+                       ) -> AsyncIterator[tuple[str, Target, dict[str, Any]]]:
+    """A user's webhook for ``event`` whose target answers 503: one attempt per event,
+    throttled after the first failure, disabled after ``disable_after``. Yields the user's
+    token, the target and the integration."""
+    s = app.state.settings
+    s.integrations_throttle_after, s.integrations_disable_min_failures = 1, disable_after
+    s.integrations_disable_after_s, s.integrations_max_attempts = 0.0, 1
+    ada = await new_user(client, "ada@example.com")
+    async with serve() as target:
+        target.default = Answer(503, "down")
+        yield ada, target, await create(client, ada, {"event": event, "url": target.url})
 
 
 async def deliveries(app: Any) -> list[Delivery]:
@@ -555,13 +571,7 @@ async def test_a_lane_ending_as_it_disables_leaves_its_unrecorded_sends_to_its_s
     from corral.integrations import tasks
 
     monkeypatch.setattr(tasks, "FLUSH_S", 2.0)  # outcomes reach the database late
-    s = app.state.settings
-    s.integrations_throttle_after, s.integrations_disable_min_failures = 1, 1
-    s.integrations_disable_after_s, s.integrations_max_attempts = 0.0, 1
-    ada = await new_user(client, "ada@example.com")
-    async with serve() as target:
-        target.default = Answer(503, "down")
-        hook = await create(client, ada, {"event": "once", "url": target.url})
+    async with failing_hook(client, app, "once", disable_after=1) as (ada, target, hook):
         await publish(client, ada, "once", "1")
         await target.wait(1)
         await asyncio.sleep(0.3)  # the lane has ended (disabling); the outcome is unwritten
@@ -574,3 +584,69 @@ async def test_a_lane_ending_as_it_disables_leaves_its_unrecorded_sends_to_its_s
         await eventually(recorded)
         await asyncio.sleep(0.5)  # a repeat would have been sent by now
         assert [x.form["data"] for x in target.seen].count("1") == 1, target.seen
+
+
+async def test_the_disable_commits_with_the_failure_that_causes_it(client, app, worker,
+                                                                   monkeypatch):
+    """The recorder used to disable an integration as soon as its lane had decided to,
+    in whichever batch it was writing, while the failure that decided it still waited for
+    the next one. A user could then see the integration disabled, enable it and redeliver;
+    the late failure overwrote the redelivered delivery (never sent again) and disabled the
+    integration again (seen in CI as 3 of 7 and 6 of 7 requests). Here the first outcome's
+    write is held until the lane has failed the second time and decided to disable."""
+    from corral.integrations import tasks
+    from corral.integrations.models import Integration
+
+    real_write = tasks.Recorder._write
+    writing, release = asyncio.Event(), asyncio.Event()
+    after_first: list[tuple[bool, int]] = []
+
+    async def held_write(self: Any, batch: list[Any]) -> None:
+        first = not writing.is_set()
+        if first:
+            writing.set()
+            await release.wait()
+        await real_write(self, batch)
+        if first:
+            async with app.state.sessionmaker() as db:
+                row = (await db.execute(select(Integration))).scalar_one()
+                after_first.append((row.disabled, row.consecutive_failures))
+
+    monkeypatch.setattr(tasks.Recorder, "_write", held_write)
+    async with failing_hook(client, app, "twice", disable_after=2) as (ada, target, hook):
+        await publish(client, ada, "twice", "1")
+        await target.wait(1)
+        await asyncio.wait_for(writing.wait(), 10)  # the first outcome's batch: held
+        await publish(client, ada, "twice", "2")
+        await target.wait(2)
+
+        async def decided() -> bool:
+            lane = worker.lanes.get(hook["id"])
+            return lane is not None and lane.disabling
+
+        await eventually(decided)
+        release.set()
+
+        async def disabled() -> bool:
+            r = await client.get(f"/v1/integrations/{hook['id']}", headers=bearer(ada))
+            return r.json()["integration"]["status"] == "disabled"
+
+        await eventually(disabled)
+        # the first outcome's batch recorded that outcome's health and did not disable
+        assert after_first == [(False, 1)]
+        assert [d.status for d in await deliveries(app)] == ["failed", "failed"]
+        target.default = Answer(200, "back")
+        r = await client.put(f"/v1/integrations/{hook['id']}", headers=bearer(ada),
+                             json={"disabled": False})
+        assert r.status_code == 200, r.text
+        r = await client.post(f"/v1/integrations/{hook['id']}/redeliver",
+                              headers=bearer(ada), json={})
+        assert r.json() == {"ok": True, "redelivered": 2}
+        await target.wait(4)
+
+        async def all_done() -> bool:
+            return [d.status for d in await deliveries(app)] == ["success", "success"]
+
+        await eventually(all_done)
+        r = await client.get(f"/v1/integrations/{hook['id']}", headers=bearer(ada))
+        assert r.json()["integration"]["status"] == "active"

@@ -279,6 +279,10 @@ async def test_function_call_and_variable_read_through_the_bus(app, hub, product
     assert (await ask({"kind": "variable", "name": "zz"}))["status"] == 404
     assert (await ask({"kind": "function", "name": "led", "arg": "x" * 1025}))["status"] == 400
     assert (await ask({"kind": "dance", "name": "led"}))["status"] == 400
+    for raw in (b"not json", b"[1, 2]", b'{"kind": "function"}', b'"text"'):  # malformed
+        r = (await hub.bus.request(subject, raw, timeout=WAIT)).json()
+        assert r == {"ok": False, "status": 400, "error": "invalid_request",
+                     "error_description": "Malformed request"}, raw
     u = await usage(app, DEV)
     assert u.function_calls == 1 and u.variable_reads == 4 and u.data_operations == 5
 

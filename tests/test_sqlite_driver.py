@@ -5,6 +5,7 @@ errors, server-side streams, the pragmas set at connect, two connections' locks.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,59 @@ async def test_requests_in_flight_keep_their_connections(engine: Any) -> None:
     assert SQLITE_POOL_SIZE >= 32
     assert len(opened) <= SQLITE_POOL_SIZE and closed == []
     assert engine.sync_engine.pool.checkedin() == SQLITE_POOL_SIZE  # all kept, all idle
+
+
+async def test_execute_and_commit_is_one_job_and_commits(engine: Any, jobs: list[str],
+                                                         tmp_path: Path) -> None:
+    """A transaction's last statement and its COMMIT in one trip; the caller's commit
+    afterwards sends nothing, and another connection sees the rows at once."""
+    from corral.db.sqlite_driver import execute_and_commit
+
+    async with engine.connect() as conn:
+        await conn.execute(text("INSERT INTO t (name, n) VALUES ('first', 0)"))
+        jobs.clear()
+        await execute_and_commit(conn, "INSERT INTO t (name, n) VALUES (?, ?)",
+                                 [("a", 1), ("b", 2)])
+        await conn.commit()
+    assert jobs == ["_run_and_commit"]
+    async with aiosqlite.connect(tmp_path / "driver.db") as other:
+        rows = await (await other.execute("SELECT name, n FROM t ORDER BY id")).fetchall()
+    assert rows == [("first", 0), ("a", 1), ("b", 2)]
+
+
+async def test_execute_and_commit_failing_leaves_the_rollback(engine: Any) -> None:
+    """A failing statement commits nothing: the transaction stays open (the earlier
+    statement in it too) and the caller's rollback discards it."""
+    from corral.db.sqlite_driver import execute_and_commit
+
+    async with engine.connect() as conn:
+        await conn.execute(text("INSERT INTO t (name, n) VALUES ('first', 0)"))
+        with pytest.raises(Exception, match="UNIQUE"):
+            await execute_and_commit(conn, "INSERT INTO t (name, n) VALUES (?, ?)",
+                                     [("a", 1), ("a", 2)])
+        await conn.rollback()
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+
+
+async def test_commit_alone_commits_or_leaves_nothing(engine: Any, jobs: list[str],
+                                                      tmp_path: Path) -> None:
+    """A transaction of its own on a pooled connection, one job: committed when it returns;
+    a failing one commits none of its rows and leaves no transaction open on the connection
+    the pool gets back (the next user of the pool sees and locks nothing stale)."""
+    from corral.db.sqlite_driver import commit_alone
+
+    await commit_alone(engine, "INSERT INTO t (name, n) VALUES (?, ?)", [("a", 1), ("b", 2)])
+    assert jobs == ["_run_and_commit"]
+    async with aiosqlite.connect(tmp_path / "driver.db") as other:
+        rows = await (await other.execute("SELECT name, n FROM t ORDER BY id")).fetchall()
+    assert rows == [("a", 1), ("b", 2)]
+    with pytest.raises(sqlite3.IntegrityError):
+        await commit_alone(engine, "INSERT INTO t (name, n) VALUES (?, ?)", [("c", 3), ("a", 4)])
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        assert not raw.driver_connection.in_transaction
+        names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
+    assert names == ["a", "b"]
+    async with aiosqlite.connect(tmp_path / "driver.db") as other:  # no lock left behind
+        await other.execute("INSERT INTO t (name, n) VALUES ('d', 5)")
+        await other.commit()

@@ -132,7 +132,13 @@ class Info:
 
 @dataclasses.dataclass(slots=True)
 class Result:
-    """One attempt's outcome, waiting for the recorder."""
+    """One attempt's outcome, waiting for the recorder, with the integration's health as
+    this outcome left it. The recorder writes that health, and disables the integration,
+    from the outcomes it records, never from the lane's state when it writes: the lane may
+    be further on by then (the failure that disables it sent and not yet recorded), and a
+    disable written before its failure let a user re-enable and redeliver in between; the
+    late failure then overwrote the redelivery (never sent again) and disabled the
+    integration a second time."""
 
     lane: Lane
     delivery_id: int
@@ -142,6 +148,11 @@ class Result:
     next_attempt_at: dt.datetime
     outcome: Outcome
     at: dt.datetime
+    failures: int = 0  # the integration's consecutive failures after this outcome
+    failing_since: dt.datetime | None = None
+    # this outcome disables the integration (the lane's decision; not the outcomes of
+    # requests still in flight then, which may be recorded after a user enabled it again)
+    disable: bool = False
 
 
 class IntegrationWorker:
@@ -643,9 +654,12 @@ class Lane:
             else:
                 status, nxt = "failed", now
             DELIVERED.labels(outcome.kind if status != "failed" else "failed").inc()
+            decided = self.disabling
             self._health(outcome)
-            await self.worker.recorder.add(Result(self, row.id, row.event_id, status, attempts,
-                                                  nxt, outcome, now))
+            decided = self.disabling and not decided  # this failure disables the integration
+            await self.worker.recorder.add(Result(
+                self, row.id, row.event_id, status, attempts, nxt, outcome, now,
+                self.failures, self.failing_since, decided))
         finally:
             self.inflight -= 1
             self._wake.set()
@@ -792,14 +806,13 @@ class Recorder:
                  "request": r.outcome.request, "response": r.outcome.response,
                  "error": (r.outcome.error or None) and r.outcome.error[:500]}
                 for r in batch])
-            lanes = {r.lane.id: r.lane for r in batch}
-            last: dict[str, Result] = {}
+            last: dict[str, Result] = {}  # per integration, its latest outcome in the batch
             for r in batch:
                 last[r.lane.id] = r
-            for iid, lane in lanes.items():
-                r = last[iid]
-                values: dict[str, Any] = {"consecutive_failures": lane.failures,
-                                          "failing_since": lane.failing_since}
+            disabling = {r.lane.id: r for r in batch if r.disable}
+            for iid, r in last.items():
+                values: dict[str, Any] = {"consecutive_failures": r.failures,
+                                          "failing_since": r.failing_since}
                 values["last_success_at" if r.outcome.ok else "last_failure_at"] = r.at
                 # health is not a configuration change: leave updated_at (the snapshot's
                 # change detector) alone
@@ -807,28 +820,27 @@ class Recorder:
                                  .values(**values, updated_at=Integration.updated_at)
                                  .execution_options(synchronize_session=False))
                 self.logged[iid] += sum(1 for x in batch if x.lane.id == iid)
-            for iid, lane in lanes.items():
-                if lane.disabling:
-                    row = await db.get(Integration, iid)
-                    if row is not None and not row.disabled:
-                        s = worker.settings
-                        await service.disable_for_failures(
-                            db, row, f"its target failed {lane.failures} times in a row for "
-                            f"more than {s.integrations_disable_after_s:g} s "
-                            f"(last error: {last[iid].outcome.error})"[:300],
-                            public_url=worker.public_url)
+            for iid, r in disabling.items():  # in the transaction of the failure that does it
+                row = await db.get(Integration, iid)
+                if row is not None and not row.disabled:
+                    s = worker.settings
+                    await service.disable_for_failures(
+                        db, row, f"its target failed {r.failures} times in a row for "
+                        f"more than {s.integrations_disable_after_s:g} s "
+                        f"(last error: {r.outcome.error})"[:300],
+                        public_url=worker.public_url)
             await commit(db)  # runs the after-commit hooks (the mailer's wake-up)
-        for iid, lane in lanes.items():
+        for iid, r in last.items():
             info = worker.snapshot.get(iid)
             if info is not None:
                 worker.snapshot[iid] = dataclasses.replace(
-                    info, consecutive_failures=lane.failures, failing_since=lane.failing_since)
+                    info, consecutive_failures=r.failures, failing_since=r.failing_since)
         keep = worker.settings.integrations_log_keep
         for iid, n in list(self.logged.items()):
             if n >= max(10, keep // 2):
                 self.logged[iid] = 0
                 await self._trim(iid, keep)
-        if any(lane.disabling for lane in lanes.values()):
+        if disabling:
             worker.changed()
 
     async def _trim(self, integration_id: str, keep: int) -> None:

@@ -26,8 +26,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from corral.db import sqlite_driver
 from corral.kit import clock
 from corral.metering.models import COUNTERS
 
@@ -155,12 +156,16 @@ def _insert(dialect: str, used: tuple[str, ...]) -> str:
 PG_INSERT_MAX = 8
 
 
-async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
+async def apply(db: AsyncSession, items: Sequence[Usage], *, commit: bool = False) -> int:
     """Record ``items`` in the session's transaction: one ``usage_deltas`` row per distinct
     (device, period), appended (PostgreSQL: ``COPY``; SQLite: one ``executemany``), so the
     ingest path never waits on a counter row another batch or node is updating. The metering
     tick folds them into ``usage_counters`` (:func:`fold_pending`). Returns the number of
-    delta rows written."""
+    delta rows written.
+
+    ``commit`` (SQLite only; ignored on PostgreSQL, whose caller commits): these rows are
+    the transaction's last statement, so the COMMIT goes to the database thread with them
+    (one trip instead of two; the session's ``commit()`` then sends nothing)."""
     rows = fold(items)
     if not rows:
         return 0
@@ -182,15 +187,35 @@ async def apply(db: AsyncSession, items: Sequence[Usage]) -> int:
         await raw.copy_records_to_table("usage_deltas", columns=(*_KEYS, *used),
                                         records=records)
     else:
-        # SQLite, the ingest hot path: to the driver directly, dates as SQLAlchemy's SQLite
-        # Date text (a batch spans one or two months)
-        days: dict[dt.date, str] = {}
-        for r in rows:
-            if r["period"] not in days:
-                days[r["period"]] = r["period"].isoformat()
-        await conn.exec_driver_sql(_insert(dialect, used), [
-            (r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
-             r["owner_user_id"], *[r[c] for c in used]) for r in rows])
+        # SQLite, the ingest hot path: to the driver directly
+        if commit:
+            await sqlite_driver.execute_and_commit(conn, _insert(dialect, used),
+                                                   _sqlite_params(rows, used))
+        else:
+            await conn.exec_driver_sql(_insert(dialect, used), _sqlite_params(rows, used))
+    return len(rows)
+
+
+def _sqlite_params(rows: Sequence[dict[str, Any]], used: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """Delta rows as the SQLite INSERT's parameters, dates as SQLAlchemy's SQLite Date text
+    (a batch spans one or two months)."""
+    days: dict[dt.date, str] = {}
+    for r in rows:
+        if r["period"] not in days:
+            days[r["period"]] = r["period"].isoformat()
+    return [(r["device_id"], days[r["period"]], r["product_id"], r["org_id"],
+             r["owner_user_id"], *[r[c] for c in used]) for r in rows]
+
+
+async def apply_alone(engine: AsyncEngine, items: Sequence[Usage]) -> int:
+    """SQLite: :func:`apply` in a transaction of its own, committed when this returns, as
+    one job on a pooled connection's thread (a function call's or variable read's count
+    when nothing else is queued with it). Returns the number of delta rows written."""
+    rows = fold(items)
+    if rows:
+        used = _used(rows)
+        await sqlite_driver.commit_alone(engine, _insert("sqlite", used),
+                                         _sqlite_params(rows, used))
     return len(rows)
 
 

@@ -608,20 +608,24 @@ class DeviceSession:
     async def _on_request(self, msg: Message) -> None:
         if msg.reply is None:
             return
+        try:
+            body = msg.json()  # once, for the answer and the call-result hooks
+        except ValueError:
+            body = None
         self._requests.add(msg)
         try:
-            reply = await self._answer(msg)
+            reply = await self._answer(body)
         except Exception:  # never leave the caller waiting for its timeout
             log.exception("request to %s failed", self.device_id)
             reply = _reply_error(502, "device_error", "The request to the device failed")
         finally:
             self._requests.discard(msg)
         if self.hub.call_results:  # counted before the caller has its answer, so a caller
-            self._count_call(msg, reply)  # that then reads fleet metrics finds its call
+            self._count_call(body, reply)  # that then reads fleet metrics finds its call
         with contextlib.suppress(Exception):
             await msg.respond(reply)
 
-    def _count_call(self, msg: Message, reply: dict[str, Any]) -> None:
+    def _count_call(self, body: Any, reply: dict[str, Any]) -> None:
         """Tell the call-result hooks (fleet rollups) how a call or read ended: success,
         failure (the device failed), timeout (it did not answer in time) or offline; a caller's mistake (an unknown
         name, a bad argument) or a paused account is not counted."""
@@ -635,9 +639,8 @@ class DeviceSession:
             outcome = "failure"
         else:
             return
-        try:
-            kind = msg.json().get("kind")
-        except (ValueError, AttributeError):
+        kind = body.get("kind") if isinstance(body, dict) else None
+        if not isinstance(kind, str):  # (a request without one was answered 400 anyway)
             return
         for hook in self.hub.call_results:
             try:
@@ -645,9 +648,9 @@ class DeviceSession:
             except Exception:
                 log.exception("call-result hook failed")
 
-    async def _answer(self, msg: Message) -> dict[str, Any]:
+    async def _answer(self, body: Any) -> dict[str, Any]:
+        """The reply to a request whose payload decoded to ``body`` (None: not JSON)."""
         try:
-            body = msg.json()
             kind, name = body["kind"], body["name"]
             timeout = float(body.get("timeout") or self.hub.settings.device_call_timeout_s)
         except (ValueError, KeyError, TypeError):
