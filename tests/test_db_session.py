@@ -104,3 +104,26 @@ async def test_a_plain_route_taking_the_session_is_refused(app):
         with pytest.raises(RuntimeError, match="TransactionRoute"):
             await c.post("/write")
     assert app.state.runtime.engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_a_console_error_page_returns_its_connections(app, client):
+    """A console page that fails (a product that does not exist) is rendered in a fresh
+    session after the request's was rolled back and closed; the layout of who is signed in
+    must read through that fresh session, not reopen the closed one. Reopened, its
+    connection stayed checked out in an open transaction, and on PostgreSQL the next test's
+    TRUNCATE waited for it for ever (the CI's PostgreSQL pass hung)."""
+    from corral.accounts.service import issue_token
+    from corral.console.session import CONSOLE_CLIENT
+
+    await new_user(client, "pages@example.com")
+    async with app.state.sessionmaker() as db:
+        user = (await db.execute(select(User).where(User.username == "pages@example.com"))
+                ).scalar_one()
+        token = issue_token(db, app.state.settings, user_id=user.id, client=CONSOLE_CLIENT,
+                            expires_at=None).access_token
+        await db.commit()
+    pool = app.state.runtime.engine.sync_engine.pool
+    r = await client.get("/console/products/no-such-product",
+                         headers={"Cookie": f"corral_session={token}"})
+    assert r.status_code == 404 and "pages@example.com" in r.text  # the signed-in layout
+    assert pool.checkedout() == 0

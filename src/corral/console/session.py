@@ -74,7 +74,7 @@ async def console_ctx(request: Request, db: Db) -> Ctx:
     ``request.state`` so that error pages can show the layout of who is signed in, and made
     once per request (the console's guards call :func:`signed_in_context` themselves)."""
     made: Ctx | None = getattr(request.state, "console", None)
-    if made is not None:
+    if made is not None and made.db is db:  # an error page passes a fresh session: a new one
         return made
     subject: Subject | None = None
     token = session_token(request)
