@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sqlalchemy import bindparam, delete, or_, select
+from sqlalchemy import bindparam, delete, literal, null, or_, select, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -66,19 +66,31 @@ class ProductView(NamedTuple):
     org_slug: str
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class TeamMember:
-    """A person on a product team: their strongest membership and where it comes from."""
+    """A person on a product team: their strongest role and where it comes from."""
 
-    user: User
-    membership: Membership
+    id: int
+    username: str
+    no_password: bool
+    role: str
     scope: str  # organization | product
+
+
+@dataclass(frozen=True, slots=True)
+class TeamApiUser:
+    """An API user of the product, as the team lists it (no secret, no digest)."""
+
+    username: str
+    friendly_name: str | None
+    api_scopes: list[str]
+    api_product_id: int | None
 
 
 @dataclass
 class ProductTeam:
     people: list[TeamMember]
-    api_users: list[User]
+    api_users: list[TeamApiUser]
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -281,29 +293,46 @@ async def delete_product(db: AsyncSession, *, actor: Subject, product: Product, 
 
 async def product_team(db: AsyncSession, product: Product) -> ProductTeam:
     """People (org-scope members of the product's org and product-scope members, each once
-    with their strongest role) and the product's API users."""
+    with their strongest role) and the product's API users, in one statement of plain rows."""
     best: dict[int, TeamMember] = {}
-    rows = (await db.execute(_TEAM, {"org_id": product.org_id, "product_id": product.id})).all()
-    for user, m in rows:
-        scope = "organization" if m.product_id is None else "product"
-        current = best.get(user.id)
-        if current is None or Role.parse(m.role) > Role.parse(current.membership.role):
-            best[user.id] = TeamMember(user, m, scope)
-    api_users = list((await db.execute(_API_USERS, {"product_id": product.id})).scalars())
+    api_users: list[TeamApiUser] = []
+    rows = await db.execute(_TEAM, {"org_id": product.org_id, "product_id": product.id})
+    for part, _, _, user_id, username, no_password, friendly, scopes, api_product, role, \
+            member_product in rows:
+        if part:
+            api_users.append(TeamApiUser(username, friendly, list(scopes or []), api_product))
+            continue
+        current = best.get(user_id)
+        if current is None or Role.parse(role) > Role.parse(current.role):
+            best[user_id] = TeamMember(user_id, username, bool(no_password), role,
+                                       "organization" if member_product is None else "product")
     return ProductTeam(people=list(best.values()), api_users=api_users)
 
 
-# built once, the product and its organization as parameters (building a statement and its
-# compiled-cache key cost more CPU than running it: bench/README B1b). Both membership
-# scopes in one statement: the organization's members first, then the product's, each by
-# username.
-_TEAM = (select(User, Membership).join(Membership, Membership.user_id == User.id)
-         .where(Membership.org_id == bindparam("org_id"),
-                or_(Membership.product_id.is_(None),
-                    Membership.product_id == bindparam("product_id")))
-         .order_by(Membership.product_id.is_not(None), User.username))
-_API_USERS = (select(User).where(User.kind == "api", User.api_product_id == bindparam("product_id"))
-              .order_by(User.id))
+def _team_statement() -> Any:
+    """The team as one UNION ALL, built once (building a statement and its compiled-cache key
+    cost more CPU than running it: bench/README B1b), the product and its organization as
+    parameters: part 0 the people (both membership scopes: the organization's members first,
+    then the product's, each by username), part 1 the API users by id."""
+    people = (select(literal(0).label("part"),
+                     Membership.product_id.is_not(None).label("product_scope"),
+                     User.username.label("sort_name"), User.id, User.username,
+                     User.password_hash.is_(None).label("no_password"), User.friendly_name,
+                     User.api_scopes, User.api_product_id, Membership.role,
+                     Membership.product_id)
+              .join(Membership, Membership.user_id == User.id)
+              .where(Membership.org_id == bindparam("org_id"),
+                     or_(Membership.product_id.is_(None),
+                         Membership.product_id == bindparam("product_id"))))
+    api = (select(literal(1), literal(False), null(), User.id, User.username,
+                  literal(False), User.friendly_name, User.api_scopes, User.api_product_id,
+                  null(), null())
+           .where(User.kind == "api", User.api_product_id == bindparam("product_id")))
+    both = union_all(people, api).subquery()
+    return select(both).order_by(both.c.part, both.c.product_scope, both.c.sort_name, both.c.id)
+
+
+_TEAM = _team_statement()
 
 
 @dataclass

@@ -7,9 +7,16 @@ from typing import Any
 
 from corral.accounts.service import IssuedToken
 from corral.auth.models import OAuthClient, User
+from corral.auth.policy import Role
 from corral.kit import clock
 from corral.orgs import service as orgs
-from corral.products.service import MemberUpdate, ProductTeam, ProductView, TeamAddition
+from corral.products.service import (
+    MemberUpdate,
+    ProductTeam,
+    ProductView,
+    TeamAddition,
+    TeamApiUser,
+)
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "location": {"opt_in": False},
@@ -41,7 +48,7 @@ def product_json(pv: ProductView) -> dict[str, Any]:
     }
 
 
-def api_user_json(user: User) -> dict[str, Any]:
+def api_user_json(user: User | TeamApiUser) -> dict[str, Any]:
     return {
         "username": user.username,
         "friendly_name": user.friendly_name,
@@ -56,8 +63,15 @@ def tokens_json(issued: IssuedToken) -> list[dict[str, Any]]:
 
 
 def team_json(team: ProductTeam) -> list[dict[str, Any]]:
-    people = [{**orgs.team_member_json(m.user, m.membership), "scope": m.scope}
-              for m in team.people]
+    """The people (the fields of :func:`corral.orgs.service.team_member_json`, and their
+    scope), then the API users."""
+    people: list[dict[str, Any]] = []
+    for m in team.people:
+        role = Role.parse(m.role)
+        people.append({"_id": str(m.id), "username": m.username,
+                       "role": {"id": role.label.lower(), "name": role.label},
+                       "no_mfa": True, "scim_provisioned": False, "no_password": m.no_password,
+                       "scope": m.scope})
     return people + [api_user_json(u) for u in team.api_users]
 
 
