@@ -5,6 +5,8 @@
 # One worker is measured on a core of its own: the server is pinned to CPU 0 and wrk to the
 # others (PIN=0 shares every core between them, as runs before 2026-12-06 07:00 UTC did: the
 # server's threads and wrk's then compete for both cores, and the tail is the machine's).
+# Routes: the five of the first table (the device list of an empty product), then a device's
+# pages in a second product, with CONNECTIONS in flight and one at a time (issue 22).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # this checkout's code (the shared venv's editable install may point at another checkout)
@@ -33,18 +35,34 @@ TOKEN=$(curl -sf -X POST "$BASE/oauth/token" -d grant_type=password -d username=
   -d password=wrk-password -d client_id=bench -d client_secret=bench | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 curl -sf -X POST "$BASE/v1/user/products" -H "Authorization: Bearer $TOKEN" \
   -H 'content-type: application/json' -d '{"product":{"name":"Bench"}}' >/dev/null
+# a second product with one device, for the device pages (issue 22: p99 under 10 ms)
+DEV=0123456789abcdef01234567
+curl -sf -X POST "$BASE/v1/user/products" -H "Authorization: Bearer $TOKEN" \
+  -H 'content-type: application/json' -d '{"product":{"name":"Fleet"}}' >/dev/null
+curl -sf -X POST "$BASE/v1/products/fleet/devices" -H "Authorization: Bearer $TOKEN" \
+  -H 'content-type: application/json' -d "{\"id\":\"$DEV\"}" >/dev/null
 # server CPU (user + system) of the uvicorn process, in clock ticks: robust to other load
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
 TICK=$(getconf CLK_TCK)
-printf '%-34s %9s %9s %9s %9s\n' route req/s p50_ms p99_ms cpu_ms/req
-for path in /healthz /v1/user /v1/products/bench /v1/products/bench/team /v1/products/bench/devices; do
+printf '%-60s %9s %9s %9s %9s\n' route req/s p50_ms p99_ms cpu_ms/req
+run() {  # run CONNECTIONS PATH: one row of the table
+  local conns=$1 path=$2 wrk=("${WRK[@]}")
+  [ "$conns" = 1 ] && wrk=("${WRK[@]:0:${#WRK[@]}-1}" -t1)
   c0=$(cpu_ticks)
-  out=$("${WRK[@]}" -c"$CONNS" -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$BASE$path")
+  out=$("${wrk[@]}" -c"$conns" -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$BASE$path")
   c1=$(cpu_ticks)
   nreq=$(awk '/requests in/ {print $1}' <<<"$out")
   cpu=$(awk -v a="$c0" -v b="$c1" -v t="$TICK" -v n="$nreq" 'BEGIN { printf "%.2f", (b - a) * 1000 / t / n }')
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-  printf '%-34s %9s %9s %9s %9s %s\n' "GET $path" "$rps" "$p50" "$p99" "$cpu" "${non2xx:+non-2xx=$non2xx}"
+  printf '%-60s %9s %9s %9s %9s %s\n' "GET $path${3:-}" "$rps" "$p50" "$p99" "$cpu" "${non2xx:+non-2xx=$non2xx}"
+}
+for path in /healthz /v1/user /v1/products/bench /v1/products/bench/team /v1/products/bench/devices; do
+  run "$CONNS" "$path"
+done
+# the device pages: with CONNECTIONS in flight, then one at a time (wrk -c1)
+for path in "/v1/products/fleet/devices/$DEV" "/v1/devices/$DEV"; do
+  run "$CONNS" "$path"
+  run 1 "$path" " (1 conn)"
 done

@@ -198,6 +198,20 @@ async def test_a_rolled_back_batch_counts_nothing(app):
             got[(A, dt.date(2026, 1, 1))].events_published) == (8, 2)
 
 
+async def test_a_rolled_back_copy_counts_nothing_after_the_sessions_reads(app):
+    """More rows than one INSERT takes: on PostgreSQL the COPY on the bare connection, after
+    reads that began no transaction (corral.db.pg_driver), must still roll back with it."""
+    many = [pub(f"0123456789abcdef0000d{i:03x}") for i in range(ledger.PG_INSERT_MAX + 2)]
+    async with app.state.sessionmaker() as db:
+        assert (await db.execute(select(func.count()).select_from(UsageDelta))
+                ).scalar_one() == 0
+        assert await ledger.apply(db, many) == len(many)
+        await db.rollback()
+    assert await deltas(app) == 0
+    assert await apply(app, many) == len(many)
+    assert await deltas(app) == len(many)
+
+
 async def test_a_rolled_back_fold_keeps_the_deltas(app):
     await apply(app, [pub(A, 10)])
     async with app.state.sessionmaker() as db:

@@ -162,25 +162,24 @@ async def check_csrf(request: Request) -> None:
 
 # --- guards ---------------------------------------------------------------------------------
 
-class ConsoleProductGuard(ProductGuard):
-    """:class:`ProductGuard` for console pages (the session cookie's subject)."""
+class _SignedIn:
+    """A guard judging the console's signed-in user (the session cookie's subject) instead of
+    an API caller: put first among a console guard's bases."""
 
     async def context(self, request: Request) -> Ctx:
         return await signed_in_context(request)
 
 
-class ConsoleOrgGuard(OrgGuard):
+class ConsoleProductGuard(_SignedIn, ProductGuard):
+    """:class:`ProductGuard` for console pages."""
+
+
+class ConsoleOrgGuard(_SignedIn, OrgGuard):
     """:class:`OrgGuard` for console pages."""
 
-    async def context(self, request: Request) -> Ctx:
-        return await signed_in_context(request)
 
-
-class ConsoleDeviceGuard(DeviceGuard):
+class ConsoleDeviceGuard(_SignedIn, DeviceGuard):
     """:class:`DeviceGuard` for console pages (owners, customers and product members)."""
-
-    async def context(self, request: Request) -> Ctx:
-        return await signed_in_context(request)
 
 
 def safe_next(value: str | None) -> str:

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from corral.db import sqlite_driver
+from corral.db import pg_driver, sqlite_driver
 
 # SQLite connections the pool keeps. Above the pool's size, SQLAlchemy opens an overflow
 # connection for a request and closes it when the request ends; on SQLite that is a new
@@ -52,7 +52,14 @@ def make_engine(url: str, **kw: Any) -> AsyncEngine:
     # just appended and not analyzed yet (the pending usage the metering tick folds) pushed
     # their cost past jit_above_cost: a 90,000-row fold spent 330 ms compiling, 200 running.
     connect_args = dict(kw.pop("connect_args", {}))
-    connect_args["server_settings"] = {"jit": "off", **connect_args.get("server_settings", {})}
+    # READ COMMITTED whatever the server's default: corral is written for it, and the driver
+    # runs a session's reads before its first write outside a transaction (pg_driver)
+    settings = {"jit": "off", "default_transaction_isolation": "read committed",
+                **connect_args.get("server_settings", {})}
+    connect_args["server_settings"] = settings
+    if (make_url(url).drivername == "postgresql+asyncpg"
+            and settings["default_transaction_isolation"] == "read committed"):
+        kw.setdefault("module", pg_driver.dbapi())
     engine = create_async_engine(url, connect_args=connect_args, **kw)
     if local_check:
         event.listen(engine.sync_engine, "checkout", _closed_by_server)

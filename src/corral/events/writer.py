@@ -413,6 +413,8 @@ class EventWriter:
         ids = [int(i) for i in (await conn.exec_driver_sql(sql, args)).scalars()]
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
+        if not raw.is_in_transaction():  # the WITH above is no plain read (pg_driver)
+            raise RuntimeError("the events' COPY must run in the batch's transaction")
         records = [(i, r.published_at, r.name, r.data, r.ttl, r.source, r.device_id,
                     r.product_id, r.org_id, r.owner_user_id, r.customer_id, r.private)
                    for i, r in zip(ids, rows, strict=True)]

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from corral.db import sqlite_driver
+from corral.db import pg_driver, sqlite_driver
 from corral.kit import clock
 from corral.metering.models import COUNTERS
 
@@ -180,10 +180,9 @@ async def apply(db: AsyncSession, items: Sequence[Usage], *, commit: bool = Fals
             return len(rows)
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
-        if not raw.is_in_transaction():
-            # the session's transaction begins at the adapter's first statement; a COPY on
-            # the bare asyncpg connection before that would commit on its own
-            await conn.exec_driver_sql("SELECT 1")
+        # the session's transaction may not have begun (reads run outside one: pg_driver);
+        # a COPY on the bare asyncpg connection before it would commit on its own
+        await pg_driver.begin(conn)
         await raw.copy_records_to_table("usage_deltas", columns=(*_KEYS, *used),
                                         records=records)
     else:
