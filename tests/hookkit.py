@@ -62,6 +62,7 @@ class Answer:
     body: str = "ok"
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     delay: float = 0.0
+    hold: asyncio.Event | None = None  # the answer waits until the test sets it
 
 
 class Target:
@@ -98,6 +99,8 @@ class Target:
         self.got.set()
         answer = (self.handler(seen) if self.handler else
                   self.script.pop(0) if self.script else self.default)
+        if answer.hold is not None:
+            await answer.hold.wait()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         headers = [(b"content-type", b"text/plain")] + [

@@ -409,6 +409,34 @@ async def test_redeliver_one_event_keeps_its_idempotency_id(client, app, worker)
         assert r.status_code == 404
 
 
+async def test_a_redelivery_made_while_the_event_is_in_flight_is_sent(client, app, worker):
+    """A user redelivers an event whose request is still waiting for its answer. The
+    recorder used to write that request's outcome over the redelivery's reset (status,
+    attempts, due time), so the redelivery was never sent. Here the target holds its first
+    answer until the redelivery is committed."""
+    ada = await new_user(client, "ada@example.com")
+    answered = asyncio.Event()
+    async with serve() as target:
+        target.script = [Answer(200, "first", hold=answered)]
+        hook = await create(client, ada, {"event": "one", "url": target.url})
+        await publish(client, ada, "one", "1")
+        [first] = await target.wait(1)  # in flight: the answer is held
+        [ev] = await events(app, "one")
+        r = await client.post(f"/v1/integrations/{hook['id']}/redeliver", headers=bearer(ada),
+                              json={"event_id": ev.id})
+        assert r.status_code == 200 and r.json()["delivery"]["status"] == "pending", r.text
+        answered.set()
+        second = (await target.wait(2))[1]
+        assert second.headers["webhook-id"] == first.headers["webhook-id"]
+
+        async def done() -> bool:
+            return [(d.status, d.attempts) for d in await deliveries(app)] == [("success", 1)]
+
+        await eventually(done)
+        await asyncio.sleep(0.3)  # a third request would have been sent by now
+        assert len(target.seen) == 2
+
+
 async def test_tenancy_and_roles(client, app, worker):
     token, product = await owner_and_product(client)
     base = f"/v1/products/{product['id']}/integrations"

@@ -733,11 +733,21 @@ async def test_mosquitto_sub_receives_requests_and_events(gw):
         "-t", t("requests", "+"), "-t", t("inbox", "#"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        await until(lambda: _online(gw.app), what="mosquitto_sub online")
-        await until(lambda: _requests_subscribed(gw), what="subscriptions")
+        # what the test relies on is the session's subscriptions (the device is online by
+        # then: the session commits that before its CONNACK). mosquitto_sub starts, connects
+        # and subscribes on its own schedule: a loaded machine may take seconds (5 s was
+        # missed once), so the deadline is generous; a client that ended says why
+        async def subscribed() -> bool:
+            if proc.returncode is not None:
+                assert proc.stdout is not None
+                raise AssertionError(f"mosquitto_sub ended: {(await proc.stdout.read())!r}")
+            return _requests_subscribed(gw)
+
+        await until(subscribed, within=60.0, what="mosquitto_sub's subscriptions")
+        assert await _online(gw.app)
         await cloud_event(gw, "hello", "world")
         await gw.hub.bus.publish(contract.control_subject(DEV), {"op": "describe"})
-        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
     finally:
         if proc.returncode is None:
             proc.kill()

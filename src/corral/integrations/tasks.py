@@ -146,6 +146,11 @@ class Result:
     status: str  # pending (retry later) | success | failed
     attempts: int
     next_attempt_at: dt.datetime
+    # the delivery's next_attempt_at when the lane took it: the recorder writes the outcome
+    # only over that same row state. A redelivery made while the request was in flight set
+    # a new due time (and attempts 0); the outcome must not overwrite it, so the lane takes
+    # the delivery again once this outcome is recorded
+    taken_due: dt.datetime
     outcome: Outcome
     at: dt.datetime
     failures: int = 0  # the integration's consecutive failures after this outcome
@@ -479,7 +484,8 @@ def _insert_ignore(db: AsyncSession) -> Any:
 # --- lanes -----------------------------------------------------------------------------------
 
 _DUE = (
-    select(Delivery.id, Delivery.event_id, Delivery.attempts, Event.name, Event.data,
+    select(Delivery.id, Delivery.event_id, Delivery.attempts, Delivery.next_attempt_at,
+           Event.name, Event.data,
            Event.published_at, Event.device_id, Event.product_id, Event.org_id,
            Event.owner_user_id, Event.customer_id, Device.firmware_version)
     .outerjoin(Event, Event.id == Delivery.event_id)
@@ -658,8 +664,8 @@ class Lane:
             self._health(outcome)
             decided = self.disabling and not decided  # this failure disables the integration
             await self.worker.recorder.add(Result(
-                self, row.id, row.event_id, status, attempts, nxt, outcome, now,
-                self.failures, self.failing_since, decided))
+                self, row.id, row.event_id, status, attempts, nxt, row.next_attempt_at,
+                outcome, now, self.failures, self.failing_since, decided))
         finally:
             self.inflight -= 1
             self._wake.set()
@@ -789,11 +795,12 @@ class Recorder:
             table: Any = Delivery.__table__  # core: an executemany, not an ORM bulk update
             await db.execute(
                 update(table).where(table.c.id == bindparam("b_id"))
+                .where(table.c.next_attempt_at == bindparam("b_taken"))  # not redelivered since
                 .values(status=bindparam("b_status"), attempts=bindparam("b_attempts"),
                         next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_done"),
                         last_status_code=bindparam("b_code"), last_error=bindparam("b_error")),
                 [{"b_id": r.delivery_id, "b_status": r.status, "b_attempts": r.attempts,
-                  "b_next": r.next_attempt_at,
+                  "b_next": r.next_attempt_at, "b_taken": r.taken_due,
                   "b_done": None if r.status == "pending" else r.at,
                   "b_code": r.outcome.status_code,
                   "b_error": (r.outcome.error or None) and r.outcome.error[:500]}
