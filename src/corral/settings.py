@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy async URL; default: SQLite in data_dir"
     )
+    # PostgreSQL connections one process keeps open, and how many more it may open for a
+    # burst (closed again when returned): requests beyond pool + overflow wait for one. A
+    # connection opened per request is a PostgreSQL backend forked per request, so the pool
+    # should cover the process's usual concurrency (bench/README B1); nodes x (pool +
+    # overflow) must stay under the server's max_connections.
+    database_pool_size: int = Field(default=30, ge=1, le=1000)
+    database_max_overflow: int = Field(default=10, ge=0, le=1000)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

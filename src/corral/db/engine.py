@@ -42,6 +42,7 @@ def make_engine(url: str, **kw: Any) -> AsyncEngine:
             cur.close()
 
         return engine
+    # the server's own defaults are Settings.database_pool_size / database_max_overflow
     kw.setdefault("pool_size", 10)
     kw.setdefault("max_overflow", 20)
     # SQLAlchemy's pre-ping on asyncpg is three round trips per checkout (BEGIN, ";",
