@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -168,16 +170,27 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--events", type=int, default=100)
     ap.add_argument("--database-url")
+    ap.add_argument("--shared", action="store_true",
+                    help="server and load generator share every core (runs before "
+                         "2026-12-06 09:30 UTC); default: the server on CPU 0, the rest on the "
+                         "others, as bench_api_wrk.sh and bench_particle.py")
     a = ap.parse_args()
+    cores = os.cpu_count() or 1
+    pinned = not a.shared and cores >= 2 and shutil.which("taskset") is not None
+    if pinned:
+        os.sched_setaffinity(0, set(range(1, cores)))
     with tempfile.TemporaryDirectory() as tmp, corral_serve(
-            Path(tmp), database_url=a.database_url) as srv:
+            Path(tmp), database_url=a.database_url,
+            prefix=["taskset", "-c", "0"] if pinned else None) as srv:
         if a.what == "held":
             asyncio.run(held(srv, a.devices or 10_000))
         elif a.what == "calls":
             asyncio.run(calls(srv, a.devices or 1000, a.calls, a.concurrency))
         else:
             asyncio.run(sse(srv, a.devices or 1000, a.streams, a.events))
-    print(f"(database: {'PostgreSQL' if a.database_url else 'SQLite'})")
+    where = ("the server on CPU 0, the load generator on the others" if pinned
+             else f"{cores} cores shared by server and load generator")
+    print(f"(database: {'PostgreSQL' if a.database_url else 'SQLite'}; {where})")
 
 
 if __name__ == "__main__":
