@@ -437,6 +437,38 @@ async def test_a_redelivery_made_while_the_event_is_in_flight_is_sent(client, ap
         assert len(target.seen) == 2
 
 
+async def test_an_integration_disabled_while_a_request_is_in_flight_keeps_it_skipped(
+        client, app, worker):
+    """The user disables the integration while a request waits for its answer: its delivery
+    is skipped at once. The request's late failure used to write "pending, retry later" over
+    that, so re-enabling the integration sent the event again unasked."""
+    ada = await new_user(client, "ada@example.com")
+    answered = asyncio.Event()
+    async with serve() as target:
+        target.script = [Answer(500, "down", hold=answered)]
+        target.default = Answer(200, "back")
+        hook = await create(client, ada, {"event": "one", "url": target.url})
+        await publish(client, ada, "one", "1")
+        await target.wait(1)  # in flight: the answer is held
+        r = await client.put(f"/v1/integrations/{hook['id']}", headers=bearer(ada),
+                             json={"disabled": True})
+        assert r.status_code == 200 and r.json()["integration"]["status"] == "disabled", r.text
+        answered.set()
+
+        async def logged() -> bool:  # the attempt is logged, and the delivery left alone
+            r = await client.get(f"/v1/integrations/{hook['id']}/log", headers=bearer(ada))
+            return r.status_code == 200 and len(r.json()["log"]) == 1
+
+        await eventually(logged)
+        assert [d.status for d in await deliveries(app)] == ["skipped"]
+        r = await client.put(f"/v1/integrations/{hook['id']}", headers=bearer(ada),
+                             json={"disabled": False})
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(0.5)  # a retry would have been sent by now
+        assert len(target.seen) == 1
+        assert [d.status for d in await deliveries(app)] == ["skipped"]
+
+
 async def test_tenancy_and_roles(client, app, worker):
     token, product = await owner_and_product(client)
     base = f"/v1/products/{product['id']}/integrations"

@@ -795,7 +795,10 @@ class Recorder:
             table: Any = Delivery.__table__  # core: an executemany, not an ORM bulk update
             await db.execute(
                 update(table).where(table.c.id == bindparam("b_id"))
-                .where(table.c.next_attempt_at == bindparam("b_taken"))  # not redelivered since
+                # only over the delivery as its lane took it: still pending (not skipped by a
+                # user's disable meanwhile) and not redelivered since (a new due time)
+                .where(table.c.status == "pending",
+                       table.c.next_attempt_at == bindparam("b_taken"))
                 .values(status=bindparam("b_status"), attempts=bindparam("b_attempts"),
                         next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_done"),
                         last_status_code=bindparam("b_code"), last_error=bindparam("b_error")),
