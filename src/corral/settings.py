@@ -26,12 +26,10 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy async URL; default: SQLite in data_dir"
     )
     # PostgreSQL connections one process keeps open, and how many more it may open for a
-    # burst (closed again when returned): requests beyond pool + overflow wait for one. A
-    # connection opened per request is a PostgreSQL backend forked per request, so the pool
-    # should cover the process's usual concurrency (bench/README B1); nodes x (pool +
-    # overflow) must stay under the server's max_connections.
-    database_pool_size: int = Field(default=30, ge=1, le=1000)
-    database_max_overflow: int = Field(default=10, ge=0, le=1000)
+    # burst (closed again when returned); None: corral.db.engine's PG_POOL_SIZE (30) and
+    # PG_MAX_OVERFLOW (10). Nodes x (pool + overflow) must stay under max_connections.
+    database_pool_size: int | None = Field(default=None, ge=1, le=1000)
+    database_max_overflow: int | None = Field(default=None, ge=0, le=1000)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

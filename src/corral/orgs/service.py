@@ -252,10 +252,15 @@ async def list_team(db: AsyncSession, *, org_id: int, product_id: int | None
 
 
 def team_member_json(user: User, membership: Membership) -> dict[str, Any]:
-    role = Role.parse(membership.role)
-    return {"_id": str(user.id), "username": user.username,
-            "role": {"id": role.label.lower(), "name": role.label},
-            "no_mfa": True, "scim_provisioned": False, "no_password": user.password_hash is None}
+    return member_json(user.id, user.username, membership.role, user.password_hash is None)
+
+
+def member_json(user_id: int, username: str, role: str, no_password: bool) -> dict[str, Any]:
+    """A team member in Particle's shape (from a user and membership, or from plain rows)."""
+    label = Role.parse(role).label
+    return {"_id": str(user_id), "username": username,
+            "role": {"id": label.lower(), "name": label},
+            "no_mfa": True, "scim_provisioned": False, "no_password": no_password}
 
 
 async def _find_member(db: AsyncSession, org_id: int, product_id: int | None, username: str

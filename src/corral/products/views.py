@@ -7,7 +7,6 @@ from typing import Any
 
 from corral.accounts.service import IssuedToken
 from corral.auth.models import OAuthClient, User
-from corral.auth.policy import Role
 from corral.kit import clock
 from corral.orgs import service as orgs
 from corral.products.service import (
@@ -63,15 +62,9 @@ def tokens_json(issued: IssuedToken) -> list[dict[str, Any]]:
 
 
 def team_json(team: ProductTeam) -> list[dict[str, Any]]:
-    """The people (the fields of :func:`corral.orgs.service.team_member_json`, and their
-    scope), then the API users."""
-    people: list[dict[str, Any]] = []
-    for m in team.people:
-        role = Role.parse(m.role)
-        people.append({"_id": str(m.id), "username": m.username,
-                       "role": {"id": role.label.lower(), "name": role.label},
-                       "no_mfa": True, "scim_provisioned": False, "no_password": m.no_password,
-                       "scope": m.scope})
+    """The people, each with their scope, then the API users."""
+    people = [{**orgs.member_json(m.id, m.username, m.role, m.no_password), "scope": m.scope}
+              for m in team.people]
     return people + [api_user_json(u) for u in team.api_users]
 
 

@@ -114,11 +114,10 @@ class Runtime:
                                "CORRAL_DATABASE_URL=postgresql+asyncpg://... (docs/deploy.md)")
         if url.startswith("sqlite"):
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if url.startswith("sqlite"):
-            self.engine = make_engine(url)
-        else:
-            self.engine = make_engine(url, pool_size=self.settings.database_pool_size,
-                                      max_overflow=self.settings.database_max_overflow)
+        pool = {"pool_size": self.settings.database_pool_size,
+                "max_overflow": self.settings.database_max_overflow}
+        self.engine = make_engine(url, **({} if url.startswith("sqlite") else
+                                          {k: v for k, v in pool.items() if v is not None}))
         if migrate_db:
             await migrate.upgrade(self.engine)
         if self.settings.bus_url and self._own_bus:
