@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from corral.events.models import Event
-from corral.integrations import signing
-from corral.integrations.models import Delivery
+from corral.integrations import signing, tasks
+from corral.integrations.models import Attempt, Delivery
 from corral.settings import Settings
 from devicekit import eventually
 from helpers import add_role, audit_actions, bearer, new_user, owner_and_product
@@ -710,3 +710,43 @@ async def test_the_disable_commits_with_the_failure_that_causes_it(client, app, 
         await eventually(all_done)
         r = await client.get(f"/v1/integrations/{hook['id']}", headers=bearer(ada))
         assert r.json()["integration"]["status"] == "active"
+
+
+async def test_a_failure_after_a_batch_committed_does_not_log_it_twice(
+        client, app, worker, monkeypatch):
+    """Trimming the delivery log runs after the batch of outcomes committed. When it
+    failed, the recorder used to put the batch back and write it again: the deliveries were
+    guarded, but every attempt of the batch was logged twice."""
+    app.state.settings.integrations_log_keep = 20  # a trim once 10 attempts are logged
+    trims: list[str] = []
+    real_trim = tasks.Recorder._trim
+
+    async def trim_fails_once(self: Any, integration_id: str, keep: int) -> None:
+        trims.append(integration_id)
+        if len(trims) == 1:
+            raise RuntimeError("the database went away after the commit")
+        await real_trim(self, integration_id, keep)
+
+    monkeypatch.setattr(tasks.Recorder, "_trim", trim_fails_once)
+    ada = await new_user(client, "ada@example.com")
+    async with serve() as target:
+        target.default = Answer(200, "ok")
+        hook = await create(client, ada, {"event": "one", "url": target.url})
+        for i in range(10):
+            await publish(client, ada, "one", str(i))
+
+        async def delivered() -> bool:
+            return [d.status for d in await deliveries(app)] == ["success"] * 10
+
+        await eventually(delivered)
+
+        async def trimmed() -> bool:
+            return bool(trims)
+
+        await eventually(trimmed)
+        await asyncio.sleep(1.5)  # the recorder's retry after a failure comes 1 s later
+        async with app.state.sessionmaker() as db:
+            logged = (await db.execute(select(func.count(Attempt.id)).where(
+                Attempt.integration_id == hook["id"]))).scalar_one()
+        assert logged == 10
+        assert len(target.seen) == 10

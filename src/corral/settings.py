@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     token_lifetime_s: int = 7_776_000  # Particle default: 90 days
     # token -> subject kept this long per process; cleared at once on any change (auth/cache)
     token_cache_s: float = Field(default=10.0, ge=0, le=3600)
+    # (caller, product) -> product, role, tenant facts, for reads; cleared likewise
+    tenant_cache_s: float = Field(default=10.0, ge=0, le=3600)
     refresh_token_lifetime_s: int = 1_209_600  # 14 days beyond the access token
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65_536

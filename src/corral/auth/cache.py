@@ -1,28 +1,38 @@
-"""A short-lived, revocation-aware cache of token → subject (one per process).
+"""Short-lived, revocation-aware caches of who the caller is and what they may do (one of
+each per process).
 
-Resolving a bearer token costs a database round trip on every authenticated request; the
-answer changes only when a token, its user, its customer or its OAuth client changes.
-So the subject is kept for ``CORRAL_TOKEN_CACHE_S`` seconds (default 10; 0 turns the cache
-off), and it is dropped at once when anything it was built from changes:
+:class:`SubjectCache`, token → subject: resolving a bearer token costs a database round trip
+on every authenticated request, and the answer changes only when a token, its user, its
+customer or its OAuth client changes. :class:`TenantCache`, (caller, product) → the product,
+the caller's role on it and the tenant checks' facts (``corral.products.access``): a product
+route's guard reads them in one query, and they change only when a product, an
+organization, a membership or a table a tenant check reads (the billing subscription)
+changes. The tenant cache answers reads only (GET and HEAD): a write is always judged on
+the role the database holds at that moment.
 
-* every transaction that updates or deletes a row of ``access_tokens``, ``users``,
-  ``customers`` or ``oauth_clients``, or deletes a product or an organization (whose
-  cascades remove tokens) — ORM objects or bulk statements, through any session — marks
-  itself; when it commits, the process clears its cache (in SQLAlchemy's
-  ``after_commit`` event, before the request answers) and tells the other nodes over the
-  bus (``auth.changed``), whose caches clear when it arrives. Revoking a token, signing out,
+Entries are kept for ``CORRAL_TOKEN_CACHE_S`` / ``CORRAL_TENANT_CACHE_S`` seconds (default
+10; 0 turns a cache off), and a cache is dropped at once when anything it was built from
+changes:
+
+* every transaction that writes a table a cache is built from marks itself — ORM objects or
+  bulk statements, through any session — and when it commits, the process clears that
+  cache (in SQLAlchemy's ``after_commit`` event, before the request answers) and tells the
+  other nodes over the bus (``auth.changed``, naming the caches), whose caches clear when it
+  arrives. The subject cache: an update or delete of ``access_tokens``, ``users``,
+  ``customers`` or ``oauth_clients``, or the deletion of a product or an organization (the
+  database's cascades remove their tokens). The tenant cache: an insert, update or delete of
+  ``products``, ``organizations``, ``memberships`` or a tenant check's tables, or the
+  deletion of a user (cascades remove their memberships). Revoking a token, signing out,
   changing a password, changing an API user's scopes, removing a user, a customer or an
-  OAuth client: all are such writes.
-* an entry also carries the token's own expiry, checked on every hit.
+  OAuth client, granting, changing or removing a team member's role, renaming a product,
+  locking a subscription: all are such writes.
+* a subject entry also carries the token's own expiry, checked on every hit.
 * a lookup that read the database before a clear cannot store its (possibly stale) answer
   after it: entries are stored only if no clear happened since the lookup began
-  (:attr:`SubjectCache.generation`).
+  (:attr:`TtlCache.generation`).
 
-Roles are never cached: a guard reads the caller's role with the tenant in one query on
-each request (``corral.products.access``), so a role change applies to the next request.
-
-What the cache cannot see is a write that bypasses corral's sessions (SQL typed into the
-database by hand): that is seen when the entry expires.
+What the caches cannot see is a write that bypasses corral's sessions (SQL typed into the
+database by hand, another process's CLI command): that is seen when the entry expires.
 """
 
 from __future__ import annotations
@@ -30,9 +40,9 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
@@ -41,21 +51,36 @@ from corral.auth.subject import Subject
 from corral.kit import clock
 
 AUTH_TABLES = frozenset({"access_tokens", "users", "customers", "oauth_clients"})
-# their owners: deleting one removes tokens by the database's cascades, which no session sees
-OWNER_TABLES = frozenset({"products", "organizations"})
-CHANGED = "auth_changed"  # session.info flag: this transaction wrote a table above
-HOOK = "auth_changed_hook"  # session.info (from the sessionmaker): called after such a commit
+# what a guard reads with a tenant (the product, the caller's memberships, the organization:
+# deleting one of the owners also removes tokens by the database's cascades, which no session
+# sees), and the tables the tenant checks read (watch_tenant_tables): any write clears
+TENANT_TABLES: set[str] = {"products", "organizations", "memberships"}
+# the caches a write makes stale
+SUBJECTS, TENANTS = "subjects", "tenants"
+NOTHING: frozenset[str] = frozenset()
+SUBJECTS_ONLY, TENANTS_ONLY = frozenset({SUBJECTS}), frozenset({TENANTS})
+BOTH = SUBJECTS_ONLY | TENANTS_ONLY
+OWNERS = frozenset({"products", "organizations"})  # deleting one deletes tokens (cascades)
+CHANGED = "auth_changed"  # session.info: the caches this transaction's writes made stale
+# session.info (from the sessionmaker): called with them after such a commit
+HOOK = "auth_changed_hook"
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
-    subject: Subject
+class _Entry(Generic[V]):
+    value: V
     until: float  # time.monotonic() deadline
-    expires_at: dt.datetime | None  # the token's own expiry
+    expires_at: dt.datetime | None  # the entry's own expiry (a token's), if any
 
 
-class SubjectCache:
-    """token digest → :class:`Subject`, for ``ttl_s`` seconds, at most ``max_entries``."""
+class TtlCache(Generic[K, V]):
+    """key → value, for ``ttl_s`` seconds, at most ``max_entries``; :meth:`clear` drops
+    everything and bumps :attr:`generation`, so an answer read before a clear is not
+    stored after it."""
 
     def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
         self.ttl_s = ttl_s
@@ -63,7 +88,7 @@ class SubjectCache:
         self.generation = 0  # bumped by every clear
         self.hits = 0
         self.misses = 0
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[K, _Entry[V]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +97,7 @@ class SubjectCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> Subject | None:
+    def get(self, key: K) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -83,50 +108,84 @@ class SubjectCache:
             self.misses += 1
             return None
         self.hits += 1
-        return entry.subject
+        return entry.value
 
-    def put(self, key: str, subject: Subject, expires_at: dt.datetime | None,
+    def put(self, key: K, value: V, expires_at: dt.datetime | None,
             generation: int) -> None:
-        """Store ``subject`` unless the cache was cleared since ``generation`` was read."""
+        """Store ``value`` unless the cache was cleared since ``generation`` was read."""
         if not self.enabled or generation != self.generation:
             return
         if len(self._entries) >= self.max_entries:  # full: drop the oldest tenth
             for old in list(itertools.islice(self._entries, self.max_entries // 10 + 1)):
                 del self._entries[old]
-        self._entries[key] = _Entry(subject, time.monotonic() + self.ttl_s, expires_at)
+        self._entries[key] = _Entry(value, time.monotonic() + self.ttl_s, expires_at)
 
     def clear(self) -> None:
         self._entries.clear()
         self.generation += 1
 
 
-# --- noticing the writes that change a subject --------------------------------------------
+class SubjectCache(TtlCache[str, Subject]):
+    """token digest → :class:`Subject` (an entry also ends with its token)."""
+
+
+class TenantCache(TtlCache[tuple[Any, ...], tuple[Any, ...]]):
+    """(caller, tenant key) → what a guard read of the tenant and the caller's role on it
+    (``corral.products.access``); used for reads only (GET and HEAD)."""
+
+
+def watch_tenant_tables(*names: str) -> None:
+    """Writes to ``names`` also clear the caches: a tenant check reads them (registered
+    with :func:`corral.auth.guards.add_tenant_check`)."""
+    TENANT_TABLES.update(names)
+
+
+# --- noticing the writes that change a subject or a tenant --------------------------------
 
 def _table(obj: Any) -> Any:
     return getattr(obj, "__tablename__", None)
 
 
+def _changes(name: Any, write: str) -> frozenset[str]:
+    """The caches a committed ``write`` ("insert", "update", "delete") to table ``name``
+    makes stale. Deletes cascade: an owner's deletion removes tokens, a user's deletion
+    their memberships."""
+    if name in TENANT_TABLES:
+        return BOTH if write == "delete" and name in OWNERS else TENANTS_ONLY
+    if name in AUTH_TABLES and write != "insert":
+        return BOTH if write == "delete" else SUBJECTS_ONLY
+    return NOTHING
+
+
+def _mark(info: dict[str, Any], caches: frozenset[str]) -> None:
+    if caches:
+        info[CHANGED] = info.get(CHANGED, NOTHING) | caches
+
+
 @event.listens_for(Session, "after_flush")
 def _flushed(session: Session, _ctx: Any) -> None:
-    if any(_table(o) in AUTH_TABLES for o in itertools.chain(session.dirty, session.deleted)) \
-            or any(_table(o) in OWNER_TABLES for o in session.deleted):
-        session.info[CHANGED] = True
+    for objs, write in ((session.new, "insert"), (session.dirty, "update"),
+                        (session.deleted, "delete")):
+        for o in objs:
+            _mark(session.info, _changes(_table(o), write))
 
 
 @event.listens_for(Session, "do_orm_execute")
 def _executed(state: ORMExecuteState) -> None:
-    if state.is_update or state.is_delete:
+    write = ("insert" if state.is_insert else "update" if state.is_update
+             else "delete" if state.is_delete else None)
+    if write is not None:
         name = getattr(getattr(state.statement, "table", None), "name", None)
-        if name in AUTH_TABLES or (state.is_delete and name in OWNER_TABLES):
-            state.session.info[CHANGED] = True
+        _mark(state.session.info, _changes(name, write))
 
 
 @event.listens_for(Session, "after_commit")
 def _committed(session: Session) -> None:
-    if session.info.pop(CHANGED, False):
-        hook: Callable[[dict[str, Any]], None] | None = session.info.get(HOOK)
+    caches: frozenset[str] | None = session.info.pop(CHANGED, None)
+    if caches:
+        hook: Callable[[dict[str, Any], frozenset[str]], None] | None = session.info.get(HOOK)
         if hook is not None:
-            hook(session.info)
+            hook(session.info, caches)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from corral.auth.cache import watch_tenant_tables
 from corral.auth.deps import Ctx, auth_ctx
 
 
@@ -58,11 +59,14 @@ _tenant_checks: list[_Check] = []
 
 
 def add_tenant_check(check: TenantCheck, *, fact: TenantFact | None = None,
-                     judge: TenantJudge | None = None) -> None:
+                     judge: TenantJudge | None = None, tables: Sequence[str] = ()) -> None:
     """Register ``check`` (once; registering it again changes nothing). A check that can
     also be answered from one value read with the tenant gives ``fact`` (the SQL of that
     value, given the organization id column) and ``judge`` (raises on the value): a guard
-    that loads its tenant in one query (:func:`tenant_facts`) then needs no extra one."""
+    that loads its tenant in one query (:func:`tenant_facts`) then needs no extra one.
+    ``tables``: those the check reads; a committed write to one clears the tenant cache,
+    which keeps the facts (:mod:`corral.auth.cache`)."""
+    watch_tenant_tables(*tables)
     if all(c.check is not check for c in _tenant_checks):
         _tenant_checks.append(_Check(check, fact, judge))
 

@@ -774,16 +774,23 @@ class Recorder:
             if not batch:
                 return
             try:
-                await self._write(batch)
+                written = await self._write(batch)
             except BaseException:
                 self.pending[:0] = batch  # keep them for the next try
                 raise
-        self.flushes += 1
-        for r in batch:
-            r.lane.settled.add(r.delivery_id)
-            r.lane.wake()
+            # committed: whatever fails from here on must not write the batch again (its
+            # log rows would be doubled)
+            self.flushes += 1
+            for r in batch:
+                r.lane.settled.add(r.delivery_id)
+                r.lane.wake()
+            if written is not None:
+                await self._after_commit(*written)
 
-    async def _write(self, batch: list[Result]) -> None:
+    async def _write(self, batch: list[Result]
+                     ) -> tuple[dict[str, Result], dict[str, Result]] | None:
+        """The batch's outcomes in one transaction; what :meth:`_after_commit` needs (None
+        when nothing was written)."""
         worker = self.worker
         async with worker.sessionmaker() as db:
             # an integration deleted while its requests were in flight: nothing to record
@@ -791,7 +798,7 @@ class Recorder:
                 Integration.id.in_({r.lane.id for r in batch})))).scalars())
             batch = [r for r in batch if r.lane.id in alive]
             if not batch:
-                return
+                return None
             table: Any = Delivery.__table__  # core: an executemany, not an ORM bulk update
             await db.execute(
                 update(table).where(table.c.id == bindparam("b_id"))
@@ -840,18 +847,25 @@ class Recorder:
                         f"(last error: {r.outcome.error})"[:300],
                         public_url=worker.public_url)
             await commit(db)  # runs the after-commit hooks (the mailer's wake-up)
+        return last, disabling
+
+    async def _after_commit(self, last: dict[str, Result],
+                            disabling: dict[str, Result]) -> None:
+        """After a batch committed: the lanes' snapshot, the log's trim, a rescan if one
+        was disabled."""
+        worker = self.worker
         for iid, r in last.items():
             info = worker.snapshot.get(iid)
             if info is not None:
                 worker.snapshot[iid] = dataclasses.replace(
                     info, consecutive_failures=r.failures, failing_since=r.failing_since)
+        if disabling:
+            worker.changed()
         keep = worker.settings.integrations_log_keep
         for iid, n in list(self.logged.items()):
             if n >= max(10, keep // 2):
                 self.logged[iid] = 0
                 await self._trim(iid, keep)
-        if disabling:
-            worker.changed()
 
     async def _trim(self, integration_id: str, keep: int) -> None:
         """Keep the newest ``keep`` log rows of an integration."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from sqlalchemy import Row, Select, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
+from corral.auth.cache import TenantCache
 from corral.auth.deps import Ctx
 from corral.auth.guards import Guard, check_tenant, tenant_checks_version, tenant_facts
 from corral.auth.models import Membership
@@ -100,6 +103,52 @@ async def load_product_and_org(db: AsyncSession, key: str, subject: Subject
             mine[0][1 + nfacts] or "")
 
 
+READS = frozenset({"GET", "HEAD"})  # the requests the tenant cache answers
+
+
+def tenant_cache(ctx: Ctx) -> TenantCache | None:
+    """The process's tenant cache if it may answer this request: on, and a read."""
+    if ctx.request.method not in READS:
+        return None
+    cache: TenantCache | None = getattr(ctx.runtime, "tenant_cache", None)
+    return cache if cache is not None and cache.enabled else None
+
+
+async def cached_product_and_org(ctx: Ctx, key: str, subject: Subject
+                                 ) -> tuple[Product, Role | None, list[Any], str] | None:
+    """:func:`load_product_and_org`, answered from the tenant cache on a read when it holds
+    the caller and ``key`` (corral.auth.cache says when it is cleared). The product is
+    merged into the request's session without a query (``load=False``): the route gets
+    an instance of its own, as it would from the query."""
+    cache = tenant_cache(ctx)
+    if cache is None:
+        return await load_product_and_org(ctx.db, key, subject)
+    people = is_person(subject)
+    # an API user's, a client's or a customer's read does not depend on who asks (the
+    # guard then compares the product with the token's); the facts are those of the tenant
+    # checks registered when the entry was read
+    ck = (subject.user_id if people else None, key, tenant_checks_version())
+    hit = cache.get(ck)
+    if hit is not None:
+        product: Product = await ctx.db.merge(hit[0], load=False)
+        return product, hit[1], hit[2], hit[3]
+    generation = cache.generation
+    found = await load_product_and_org(ctx.db, key, subject)
+    if found is not None:
+        cache.put(ck, (_detached_copy(found[0]), found[1], found[2], found[3]), None,
+                  generation)
+    return found
+
+
+def _detached_copy(product: Product) -> Product:
+    """A copy of ``product`` belonging to no session (what a cache keeps: the request that
+    read it goes on using its own)."""
+    copy = Product(**{a.key: deepcopy(getattr(product, a.key))
+                      for a in Product.__mapper__.column_attrs})
+    make_transient_to_detached(copy)
+    return copy
+
+
 # The guards' statements, built once per shape and reused with the request's values as
 # parameters: building one (coercing every comparison, the tenant facts' subqueries) cost
 # more CPU than compiling and running it, and a reused statement object also keeps its
@@ -179,7 +228,7 @@ class ProductGuard(Guard):
         """The product ``product`` (id or slug) if the caller may do ``permission`` on it
         (the console's guards call this with their own context)."""
         me = ctx.me
-        found = await load_product_and_org(ctx.db, product, me)
+        found = await cached_product_and_org(ctx, product, me)
         if found is None:
             raise NotFound("Product not found")
         row, role, facts, org_slug = found

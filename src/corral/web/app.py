@@ -19,8 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 import corral
 from corral import models
 from corral.auth import cache as auth_cache
-from corral.auth.cache import SubjectCache
+from corral.auth.cache import SubjectCache, TenantCache
 from corral.auth.guards import add_tenant_check
+from corral.billing.models import Subscription
 from corral.billing.providers import PaymentProvider, make_provider
 from corral.billing.subscriptions import judge_shut, lock_check, paused_orgs, shut_status_sql
 from corral.billing.tasks import BillingService
@@ -100,6 +101,8 @@ class Runtime:
         self.shared_budget: SharedBudget | None = None
         self.metering = MeteringService(settings, self.gate)
         self.subject_cache = SubjectCache(settings.token_cache_s)  # token -> subject
+        # (caller, product) -> the product and the caller's role on it, for reads
+        self.tenant_cache = TenantCache(settings.tenant_cache_s)
         # billing: the payment provider (fake | stripe) and the renewal/retry loop
         self.payments: PaymentProvider = payments or make_provider(settings)
         self.billing: BillingService | None = None
@@ -146,11 +149,15 @@ class Runtime:
         self.writer.after_commit.append(self.fleet)  # events, connects and disconnects
         self.writer.after_presence.append(self.fleet.presence)  # disconnect reasons
         self.writer.after_usage.append(self.fleet.usage)  # data operations without a row
-        self.integrations = IntegrationWorker(self.settings, self.sessionmaker, self.writer)
+        integrations = self.integrations = IntegrationWorker(self.settings, self.sessionmaker,
+                                                             self.writer)
         # a batch with an outbox row (events that may trigger an integration): dispatch now;
         # a batch of usage or presence only (a function call's count) has nothing for it
-        self.writer.after_commit.append(
-            lambda events: outbox.wanted(events) and self.integrations.wake())
+        def dispatch(events: Any) -> None:
+            if outbox.wanted(events):
+                integrations.wake()
+
+        self.writer.after_commit.append(dispatch)
         self.writer.start()
         cfg = self.settings
         self.leases = Leases(self.sessionmaker, self.node_id, cfg.lease_ttl_s,
@@ -298,19 +305,34 @@ class Runtime:
         self.metering.wake()
         self._tell_cluster("metering")
 
-    def _auth_changed(self, info: dict[str, Any]) -> None:
-        """A committed transaction changed tokens, users, customers or OAuth clients: this
-        node's token cache is cleared now, the others' when ``auth.changed`` reaches them.
-        The publish is awaited before the request answers (``corral.db.session.commit``)."""
-        self.subject_cache.clear()
-        task = self._publish_soon(AUTH_CHANGED, {"node": self.node_id})
+    def _auth_changed(self, info: dict[str, Any], caches: frozenset[str]) -> None:
+        """A committed transaction changed tokens, users, customers, OAuth clients, products,
+        organizations, memberships or a tenant check's table (corral.auth.cache): the
+        caches it made stale (``caches``: the token cache, the tenant cache) are cleared on
+        this node now, on the others when ``auth.changed`` reaches them. The publish is awaited before the request answers
+        (``corral.db.session.commit``)."""
+        self._clear_caches(caches)
+        task = self._publish_soon(AUTH_CHANGED, {"node": self.node_id,
+                                                 "caches": sorted(caches)})
         info.setdefault(AWAIT_AFTER_COMMIT, []).append(task)
 
     async def _on_auth_changed(self, msg: Message) -> None:
+        caches: Any = None
         with contextlib.suppress(ValueError, AttributeError):
-            if msg.json().get("node") == self.node_id:
+            body = msg.json()
+            if body.get("node") == self.node_id:
                 return
-        self.subject_cache.clear()
+            caches = body.get("caches")
+        # a message that names no caches (or is unreadable) clears both
+        named = frozenset(c for c in caches if isinstance(c, str)) \
+            if isinstance(caches, list) else None
+        self._clear_caches(named or auth_cache.BOTH)
+
+    def _clear_caches(self, caches: frozenset[str]) -> None:
+        if auth_cache.SUBJECTS in caches:
+            self.subject_cache.clear()
+        if auth_cache.TENANTS in caches:
+            self.tenant_cache.clear()
 
     def _tell_cluster(self, what: str) -> None:
         """Scaled out: the other nodes hear of a change their background work depends on."""
@@ -493,7 +515,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
     app.state.runtime = rt
     errors.install(app)
     # a locked or inactive organization answers 402
-    add_tenant_check(lock_check, fact=shut_status_sql, judge=judge_shut)
+    add_tenant_check(lock_check, fact=shut_status_sql, judge=judge_shut,
+                     tables=(Subscription.__tablename__,))
 
     api = routers()
     if settings.node_role in ("all", "api"):  # gateways and workers: health and metrics only

@@ -41,6 +41,12 @@ role, a product-scope member, API users and another tenant.
   scopes (`*:*` = every API-user scope).
 - Only an **Owner** can grant or revoke the Owner role; Administrators grant up to
   Administrator. An organization always keeps at least one Owner.
+- **A change applies to the next request**, on every node: granting, changing or removing a
+  role, deleting a product, a subscription locking. A node keeps a product and the caller's
+  role on it for reads (GET, for `CORRAL_TENANT_CACHE_S` seconds) and drops them the moment
+  such a change commits anywhere (`src/corral/auth/cache.py`); a write is always judged on
+  the role the database holds. A change made behind corral's back (SQL by hand) reaches
+  reads when the entry expires.
 """
 
 
