@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import event, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -126,25 +127,32 @@ async def test_a_bulk_role_update_applies_to_the_next_read(client: httpx.AsyncCl
     assert_error(await client.get(audit, headers=bearer(bob)), 403)
 
 
-async def test_a_deleted_product_is_gone_at_the_next_read(client: httpx.AsyncClient,
-                                                          app: Any) -> None:
-    ada, product = await owner_and_product(client)
-    path = f"/v1/products/{product['slug']}"
-    await _cached(client, app, ada, path)
-    assert (await client.delete(path, headers=bearer(ada))).status_code == 204
-    assert_error(await client.get(path, headers=bearer(ada)), 404)
+async def _delete_product(client: httpx.AsyncClient, _app: Any, ada: str,
+                          product: dict[str, Any]) -> None:
+    r = await client.delete(f"/v1/products/{product['slug']}", headers=bearer(ada))
+    assert r.status_code == 204
 
 
-async def test_a_locked_subscription_applies_to_the_next_read(client: httpx.AsyncClient,
-                                                              app: Any) -> None:
-    ada, product = await owner_and_product(client)
-    devices = f"/v1/products/{product['slug']}/devices"
-    await _cached(client, app, ada, devices)
+async def _lock_subscription(_client: httpx.AsyncClient, app: Any, _ada: str,
+                             product: dict[str, Any]) -> None:
     async with app.state.sessionmaker() as db:  # what billing writes after the third failure
         db.add(Subscription(org_id=product["org_id"], plan_code="basic", interval="month",
                             currency="usd", status="locked", provider="fake"))
         await db.commit()
-    assert_error(await client.get(devices, headers=bearer(ada)), 402, "subscription_inactive")
+
+
+@pytest.mark.parametrize(("change", "path", "status", "code"), [
+    (_delete_product, "", 404, None),  # the product is gone
+    (_lock_subscription, "/devices", 402, "subscription_inactive"),
+], ids=["deleted-product", "locked-subscription"])
+async def test_a_tenant_change_applies_to_the_next_read(
+        client: httpx.AsyncClient, app: Any, change: Any, path: str, status: int,
+        code: str | None) -> None:
+    ada, product = await owner_and_product(client)
+    url = f"/v1/products/{product['slug']}{path}"
+    await _cached(client, app, ada, url)
+    await change(client, app, ada, product)
+    assert_error(await client.get(url, headers=bearer(ada)), status, code)
 
 
 async def test_a_write_is_judged_on_the_role_the_database_holds(

@@ -135,7 +135,7 @@ class TenantCache(TtlCache[tuple[Any, ...], tuple[Any, ...]]):
 
 
 def watch_tenant_tables(*names: str) -> None:
-    """Writes to ``names`` also clear the caches: a tenant check reads them (registered
+    """Writes to ``names`` also clear the tenant cache: a tenant check reads them (registered
     with :func:`corral.auth.guards.add_tenant_check`)."""
     TENANT_TABLES.update(names)
 
