@@ -111,6 +111,7 @@ def test_create_a_product(page: Any, console_server: Any) -> None:
     page.get_by_role("link", name="New product").first.click()
     page.get_by_label("Name").fill("   ")  # blank: the server's rule says so
     page.get_by_role("button", name="Create product").click()
+    page.locator("#f-name-err").wait_for()  # the answer is a new page: wait for it, then look
     assert page.locator("#f-name-err").is_visible()
     audit(page)
     page.get_by_label("Name").fill("Weather station")
@@ -178,6 +179,7 @@ def test_import_dialog_with_a_real_file(page: Any, console_server: Any,
     ids_file.write_text("\n".join([*new_ids, "not-a-device-id", DEMO_FLEET_IDS[0], ""]) + "\n")
     page.get_by_role("link", name="Import").first.click()
     dialog = page.get_by_role("dialog", name="Import devices")
+    dialog.wait_for()  # a script opens it after the click
     assert dialog.is_visible()
     audit(page)
     dialog.get_by_label("File of device IDs (.txt)").set_input_files(str(ids_file))

@@ -72,6 +72,9 @@ def test_usage_chart_csv_blocks_and_invoice(page: Any, console_server: Any,
     first = page.locator("tr[data-invoice]").first
     number = first.get_attribute("data-invoice")
     first.get_by_role("link", name=number, exact=True).click()
+    # the click returns once the navigation commits, before the page is parsed: wait for the
+    # page to load (is_visible does not wait)
+    page.wait_for_url(re.compile(rf".*/billing/invoices/{number}$"))
     assert page.get_by_role("heading", name=f"Invoice {number}").is_visible()
     assert "Payment attempts" in page.content()
     audit(page)

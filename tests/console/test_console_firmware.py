@@ -126,6 +126,7 @@ def test_signing_keys(page: Any, console_server: Any) -> None:
     visit(page, base, f"{PRODUCT}/signing-keys")
     page.get_by_label("Public key (optional)").fill("not a key")
     page.get_by_role("button", name="Add key").click()
+    page.locator("#f-public_key-err").wait_for()  # the answer is a new page: wait for it, then look
     assert page.locator("#f-public_key-err").is_visible()
     page.get_by_label("Name").fill("release key")
     page.get_by_label("Public key (optional)").fill("")
