@@ -136,6 +136,7 @@ def test_alert_rules_added_edited_and_deleted(page: Any, console_server: Any) ->
     assert form.get_by_label("Threshold").get_attribute("aria-invalid") == "true"
     form.get_by_label("Threshold").fill("abc")
     form.get_by_role("button", name="Add rule").click()
+    page.wait_for_load_state()  # the answer is a new page (the old one had the error too)
     assert page.locator("form[data-new-rule] #f-new-threshold-err").count() == 1
     form = page.locator("form[data-new-rule]")
     name = f"Fleet down {int(time.time())}"

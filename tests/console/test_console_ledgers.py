@@ -62,6 +62,7 @@ def test_ledger_create_edit_history_rollback(page: Any, console_server: Any) -> 
     page.get_by_label("JSON document").fill('{"net": {"ssid": "b"}}')
     page.get_by_label("How to save").select_option("Merge")
     page.get_by_role("button", name="Save as a new version").click()
+    page.get_by_text("Saved as version 2.").wait_for()  # the answer is a new page
     assert page.get_by_text("Saved as version 2.").is_visible()
     shown = page.get_by_label("JSON document").input_value()
     assert '"ssid": "b"' in shown and '"tries": 3' in shown and '"interval": 60' in shown
@@ -72,6 +73,7 @@ def test_ledger_create_edit_history_rollback(page: Any, console_server: Any) -> 
     audit(page)
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Roll back to version 1").click()
+    page.get_by_text("Version 1 restored as version 3.").wait_for()  # the answer is a new page
     assert page.get_by_text("Version 1 restored as version 3.").is_visible()
     assert '"ssid": "a"' in page.get_by_label("JSON document").input_value()
     assert page.locator("tr[data-version='3']").inner_text().startswith("3")
@@ -80,6 +82,7 @@ def test_ledger_create_edit_history_rollback(page: Any, console_server: Any) -> 
     assert page.locator("tr[data-instance]").count() == 1
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Archive ledger").click()
+    page.get_by_text("Ledger config archived.").wait_for()  # the answer is a new page
     assert page.get_by_text("Ledger config archived.").is_visible()
 
 
@@ -126,6 +129,7 @@ def test_product_page_reaches_only_the_products_documents(page: Any,
     page.get_by_role("button", name="Open").click()
     page.get_by_label("JSON document").fill('{"interval": 30}')
     page.get_by_role("button", name="Save as a new version").click()
+    page.get_by_text("Saved as version 1.").wait_for()  # the answer is a new page
     assert page.get_by_text("Saved as version 1.").is_visible()
     visit(page, base, "/console/products/demo-product/ledgers/prodcfg/instance?scope=owner",
           status=404)
