@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _server import free_port, signup_and_login
+from _server import free_port, server_env, signup_and_login
 
 
 @dataclass
@@ -37,7 +37,7 @@ def corral_serve(data_dir: Path, *, database_url: str | None = None,
     """``corral serve`` (no demo, ``extra_args`` added) with MQTT on a free port.
     ``prefix``: a command the server runs under (valgrind ...); its PID is the server's."""
     http, mqtt = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env = server_env()
     env.update({"CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
                 "CORRAL_ARGON2_MEMORY_KIB": "8", "CORRAL_PARTICLE_UDP_PORT": "0",
                 **(extra_env or {})})

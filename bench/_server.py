@@ -16,6 +16,27 @@ from typing import Any
 
 import httpx
 
+# This checkout's code, for the benchmark and for the servers it starts. The shared venv's
+# editable install may point at another checkout: a "before" run in an old worktree then
+# measured main's code (its server subprocess imported the install's). A benchmark that
+# imported corral before this module from elsewhere stops here and says so.
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+_loaded = sys.modules.get("corral")
+if _loaded is not None and not Path(str(_loaded.__file__)).resolve().is_relative_to(SRC):
+    raise SystemExit(f"this benchmark imported corral from {_loaded.__file__}, not from this "
+                     f"checkout: run it with PYTHONPATH={SRC}")
+
+
+def server_env() -> dict[str, str]:
+    """The environment of a server subprocess: this one without CORRAL_* settings, importing
+    this checkout's code first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    return env
+
+
 # the page cache a seeding connection takes on SQLite (KiB): a million devices inserted at
 # random ids into a dozen indexes (and the name/serial search table) touch pages all over
 # the file; with SQLite's default 2 MB cache most inserts spill and re-read pages
@@ -60,7 +81,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def corral_server(data_dir: Path, *, database_url: str | None = None) -> Iterator[str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env = server_env()
     env.update({
         "CORRAL_DATA_DIR": str(data_dir), "CORRAL_HTTP_PORT": str(port),
         "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_ARGON2_TIME_COST": "1",
