@@ -10,7 +10,9 @@ import json
 import re
 from typing import Any
 
+import httpx
 import pytest
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,6 +132,25 @@ async def test_openapi_served(client):
     r = await client.get("/openapi.json")
     assert r.status_code == 200 and r.json()["info"]["title"] == "corral"
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_openapi_is_serialized_once(app, client, monkeypatch):
+    """The document is ~600 KB of JSON: the route sends bytes made once, the same bytes
+    FastAPI's JSONResponse would make; under a proxy's root_path the servers name it."""
+    first = await client.get("/openapi.json")
+    made = []
+    real = JSONResponse.render
+    monkeypatch.setattr(JSONResponse, "render", lambda self, c: made.append(1) or real(self, c))
+    again = await client.get("/openapi.json")
+    assert made == [] and again.content == first.content
+    assert again.headers["content-type"] == "application/json"
+    assert first.content == JSONResponse(app.openapi()).body
+    monkeypatch.undo()
+    transport = httpx.ASGITransport(app=app, root_path="/corral")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as proxied:
+        doc = (await proxied.get("/corral/openapi.json")).json()
+    assert doc["servers"][0] == {"url": "/corral"}
+    assert "servers" not in (await client.get("/openapi.json")).json()
 
 
 ODD_IDS = ["%C2%B2", "%D9%A3", "99999999999999999999", "60251084742432", "2147483648", "0"]

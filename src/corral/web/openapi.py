@@ -28,10 +28,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from starlette.routing import BaseRoute
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.staticfiles import StaticFiles
 
 from corral.auth.deps import auth_ctx
@@ -205,6 +207,7 @@ def install(app: FastAPI, routes: list[BaseRoute], *, docs_url: str = "/docs") -
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    _serve_once(app)
     assets = f"{docs_url}/assets"
     app.mount(assets, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 
@@ -215,3 +218,27 @@ def install(app: FastAPI, routes: list[BaseRoute], *, docs_url: str = "/docs") -
             swagger_js_url=f"{assets}/swagger-ui-bundle.js",
             swagger_css_url=f"{assets}/swagger-ui.css",
             swagger_favicon_url=f"{assets}/favicon-32x32.png")
+
+
+def _serve_once(app: FastAPI) -> None:
+    """``/openapi.json`` as bytes serialized once, in place of FastAPI's route, which
+    serialized the whole document (~600 KB) on every request: 8-22 ms of the event loop each
+    time (``bench_asgi.py``'s ``/openapi.json`` row), on a route anyone may call. Byte for
+    byte what FastAPI's ``JSONResponse`` sends; a request under a ``root_path`` (a proxy's
+    prefix, which FastAPI adds to ``servers``) still gets a document made for it."""
+    url = app.openapi_url or "/openapi.json"
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != url]
+    made: list[bytes] = []
+
+    async def openapi_json(request: Request) -> Response:
+        doc = app.openapi()
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        if root_path and app.root_path_in_servers and root_path not in {
+                s.get("url") for s in doc.get("servers", [])}:
+            return JSONResponse({**doc, "servers": [{"url": root_path},
+                                                    *doc.get("servers", [])]})
+        if not made:
+            made.append(bytes(JSONResponse(doc).body))
+        return Response(made[0], media_type="application/json")
+
+    app.router.routes.insert(0, Route(url, openapi_json, include_in_schema=False))
