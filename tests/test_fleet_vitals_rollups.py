@@ -23,6 +23,7 @@ from corral.fleet.tasks import fleet_retention
 from corral.kit import clock
 from corral.sessions.link import Hello, Refused
 from helpers import add_device, bearer, owner_and_product, restarted
+from test_billing_console_views import session_of
 from test_sessions_core import ScriptedLink
 
 # device: (product firmware, Device OS, groups)
@@ -202,3 +203,20 @@ async def test_non_finite_values_are_refused_and_retention_drops_the_rollups(
     async with app.state.sessionmaker() as db:
         for table in (FleetVitalsHour, FleetVitalsDay):
             assert (await db.execute(select(table))).first() is None
+
+
+async def test_the_console_page_shows_the_rollups_vitals(app, client, fleet):
+    """Every report of the range, not a sample: the API says so, and the console's Fleet
+    health page shows the vitals table (it answered 500 once the rollups held a report:
+    the template asked for ``sampled``, which only a dynamic group's answer had)."""
+    tok, prod = fleet["token"], fleet["product"]
+    r = await client.get(f"/v1/products/{prod['id']}/fleet/health", headers=bearer(tok),
+                         params=window("two days, hourly"))
+    assert r.status_code == 200, r.text
+    assert r.json()["vitals"]["sampled"] is False and r.json()["vitals"]["reports"] == 12
+    console = await session_of(app, "ada@example.com")  # the fixture's owner, signed in
+    page = await client.get(f"/console/products/{prod['slug']}/fleet?range=day",
+                            headers={"Cookie": f"corral_session={console}"})
+    assert page.status_code == 200, page.text
+    assert "Vitals over 12 reports" in page.text
+    assert "From all 12 reports in the range" in page.text

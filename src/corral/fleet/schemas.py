@@ -238,6 +238,8 @@ class Spread(Answer):
 
 class VitalsAggregates(Answer):
     reports: int
+    # true: a dynamic group's newest reports (it has no rollups), not every one in the range
+    sampled: bool
     rssi: Spread | None
     round_trip: Spread | None
     memory_used: Spread | None

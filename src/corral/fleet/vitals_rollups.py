@@ -144,10 +144,10 @@ def median_of(bins: Iterable[tuple[int, int, float, float]]) -> float | None:
 async def aggregates(db: AsyncSession, product_id: int, start: dt.datetime,
                      end: dt.datetime, *, segment: str | None, firmware: int | None
                      ) -> dict[str, Any]:
-    """``{"reports": n, "<vital>": {"median", "worst", "count"} | None}`` of the reports
-    in the hours from ``start`` (floored to its hour) to ``end``, or for a range longer than
-    ``HOURLY_UP_TO`` the UTC days (from ``start``'s day): one grouped range read of the
-    rollups."""
+    """``{"reports": n, "sampled": False, "<vital>": {"median", "worst", "count"} | None}``
+    of the reports in the hours from ``start`` (floored to its hour) to ``end``, or for a
+    range longer than ``HOURLY_UP_TO`` the UTC days (from ``start``'s day): one grouped
+    range read of the rollups."""
     daily = end - start > HOURLY_UP_TO
     t: Any = FleetVitalsDay if daily else FleetVitalsHour
     first = day_of(start) if daily else hour_of(start)
@@ -160,7 +160,9 @@ async def aggregates(db: AsyncSession, product_id: int, start: dt.datetime,
     by_vital: dict[str, list[tuple[int, int, float, float]]] = {}
     for vital, b, n, low, high in rows:
         by_vital.setdefault(vital, []).append((int(b), int(n), float(low), float(high)))
-    out: dict[str, Any] = {"reports": sum(n for _b, n, _lo, _hi in by_vital.get(REPORTS, []))}
+    # every report of the range ("sampled": a dynamic group's newest reports, metrics.py)
+    out: dict[str, Any] = {"reports": sum(n for _b, n, _lo, _hi in by_vital.get(REPORTS, [])),
+                           "sampled": False}
     for vital in VITAL_PATHS:
         bins = by_vital.get(vital)
         if not bins:
