@@ -232,3 +232,17 @@ def api_routes(routes: list[Any]) -> list[Any]:
         elif hasattr(route, "original_router"):  # an included router
             found += api_routes(route.original_router.routes)
     return found
+
+
+async def console_session(app: Any, username: str) -> str:
+    """A console session's token (the ``corral_session`` cookie) for an existing user, as
+    signing in to the console issues one."""
+    from corral.accounts.service import issue_token
+    from corral.console.session import CONSOLE_CLIENT
+
+    async with app.state.sessionmaker() as db:
+        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
+        token = issue_token(db, app.state.settings, user_id=user.id, client=CONSOLE_CLIENT,
+                            expires_at=None).access_token
+        await db.commit()
+    return token

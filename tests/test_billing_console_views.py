@@ -12,23 +12,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from corral.accounts.service import issue_token
-from corral.auth.models import User
 from corral.billing.models import Charge
-from corral.console.session import CONSOLE_CLIENT, csrf_for_session
+from corral.console.session import csrf_for_session
 from corral.kit import clock
-from helpers import add_member, make_org, new_user
+from helpers import add_member, console_session, make_org, new_user
 
 START = dt.datetime(2027, 1, 15, 12, 0, tzinfo=dt.UTC)
-
-
-async def session_of(app: Any, username: str) -> str:
-    async with app.state.sessionmaker() as db:
-        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
-        token = issue_token(db, app.state.settings, user_id=user.id, client=CONSOLE_CLIENT,
-                            expires_at=None).access_token
-        await db.commit()
-    return token
 
 
 class Browser:
@@ -57,7 +46,7 @@ async def test_subscribe_change_cancel_inactive_reactivate(client, app, manual_c
     owner = await new_user(client, "owner@example.com")
     org = await make_org(client, owner, "Acme Inc")
     base = f"/console/orgs/{org['slug']}/billing"
-    b = Browser(client, await session_of(app, "owner@example.com"))
+    b = Browser(client, await console_session(app, "owner@example.com"))
 
     r = await b.get(base)
     assert r.status_code == 200 and "<h1>Billing &amp; usage</h1>" in r.text
@@ -117,7 +106,7 @@ async def test_subscribe_change_cancel_inactive_reactivate(client, app, manual_c
     # Developer sees it without; nothing else of the organization is shown
     await new_user(client, "dev@example.com")
     await add_member(app, "dev@example.com", org_id=org["id"], role="Developer")
-    dev = Browser(client, await session_of(app, "dev@example.com"))
+    dev = Browser(client, await console_session(app, "dev@example.com"))
     for path in (f"/console/orgs/{org['slug']}", f"/console/orgs/{org['slug']}/team"):
         r = await dev.get(path)
         assert r.status_code == 402 and "Inactive subscription" in r.text
@@ -146,7 +135,7 @@ async def test_usage_warning_banner_and_sandbox(client, app):
 
     owner = await new_user(client, "owner@example.com")
     org = await make_org(client, owner, "Acme Inc")
-    b = Browser(client, await session_of(app, "owner@example.com"))
+    b = Browser(client, await console_session(app, "owner@example.com"))
     month = clock.now().date().replace(day=1)
     async with app.state.sessionmaker() as db:
         await db.execute(update(Plan).where(Plan.code == "free").values(max_data_ops=100))
@@ -160,7 +149,7 @@ async def test_usage_warning_banner_and_sandbox(client, app):
     assert 'data-usage-warning="90"' in (await b.get(f"/console/orgs/{org['slug']}")).text
     await new_user(client, "dev@example.com")
     await add_member(app, "dev@example.com", org_id=org["id"], role="Developer")
-    dev = Browser(client, await session_of(app, "dev@example.com"))
+    dev = Browser(client, await console_session(app, "dev@example.com"))
     r = await dev.get(f"/console/orgs/{org['slug']}")
     assert r.status_code == 200 and "data-usage-warning" not in r.text
     async with app.state.sessionmaker() as db:

@@ -17,7 +17,7 @@ from corral.auth.models import User
 from corral.db.session import TransactionRoute, get_db
 from corral.kit.errors import BadRequest
 from corral.web import errors
-from helpers import api_routes, new_user
+from helpers import api_routes, console_session, new_user
 
 
 async def test_write_flags(app, client):
@@ -112,16 +112,8 @@ async def test_a_console_error_page_returns_its_connections(app, client):
     must read through that fresh session, not reopen the closed one. Reopened, its
     connection stayed checked out in an open transaction, and on PostgreSQL the next test's
     TRUNCATE waited for it for ever (the CI's PostgreSQL pass hung)."""
-    from corral.accounts.service import issue_token
-    from corral.console.session import CONSOLE_CLIENT
-
     await new_user(client, "pages@example.com")
-    async with app.state.sessionmaker() as db:
-        user = (await db.execute(select(User).where(User.username == "pages@example.com"))
-                ).scalar_one()
-        token = issue_token(db, app.state.settings, user_id=user.id, client=CONSOLE_CLIENT,
-                            expires_at=None).access_token
-        await db.commit()
+    token = await console_session(app, "pages@example.com")
     pool = app.state.runtime.engine.sync_engine.pool
     r = await client.get("/console/products/no-such-product",
                          headers={"Cookie": f"corral_session={token}"})

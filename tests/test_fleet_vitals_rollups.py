@@ -22,8 +22,7 @@ from corral.fleet.models import DeviceVitals, FleetVitalsDay, FleetVitalsHour
 from corral.fleet.tasks import fleet_retention
 from corral.kit import clock
 from corral.sessions.link import Hello, Refused
-from helpers import add_device, bearer, owner_and_product, restarted
-from test_billing_console_views import session_of
+from helpers import add_device, bearer, console_session, owner_and_product, restarted
 from test_sessions_core import ScriptedLink
 
 # device: (product firmware, Device OS, groups)
@@ -214,7 +213,7 @@ async def test_the_console_page_shows_the_rollups_vitals(app, client, fleet):
                          params=window("two days, hourly"))
     assert r.status_code == 200, r.text
     assert r.json()["vitals"]["sampled"] is False and r.json()["vitals"]["reports"] == 12
-    console = await session_of(app, "ada@example.com")  # the fixture's owner, signed in
+    console = await console_session(app, "ada@example.com")  # the fixture's owner, signed in
     page = await client.get(f"/console/products/{prod['slug']}/fleet?range=day",
                             headers={"Cookie": f"corral_session={console}"})
     assert page.status_code == 200, page.text
