@@ -98,6 +98,8 @@ async def _list_page(request: Request, pc: ProductCtx, *, status: int = 200,
     except CorralError as exc:
         problem, filters = exc.description, ({"flag": "quarantined"} if quarantine else {})
         q = device_query(filters, "1")
+    if "sort" in filters:  # "deviceName" sorts as "deviceName:desc": the page shows it so
+        filters["sort"] = f"{q.sort_attr}:{q.sort_dir}"
     result = await devices.list_product_devices(pc.db, pc.product, q)
     bounded = counts.Count(0)
     if result.devices or q.page > 1:
