@@ -14,8 +14,10 @@ other once the bus message arrives.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ import pytest
 from sqlalchemy import event, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import corral.auth.cache as cache_module
 from corral.auth.cache import TenantCache
 from corral.auth.models import Membership
 from corral.billing.models import Subscription
@@ -173,6 +176,29 @@ async def test_a_write_is_judged_on_the_role_the_database_holds(
     assert (await client.get(path, headers=bearer(bob))).status_code == 200  # until it expires
     assert _cache(app).hits == hits + 1
     assert_error(await client.put(path, headers=bearer(bob), json={"description": "x"}), 403)
+
+
+async def test_a_change_made_outside_corral_is_read_once_the_entry_expires(
+        client: httpx.AsyncClient, app: Any, database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the README says of CORRAL_TENANT_CACHE_S: SQL typed by hand clears nothing, and
+    reads see it once the entry is CORRAL_TENANT_CACHE_S old."""
+    _ada, product, bob = await _team_of_two(client, app, "Administrator")
+    audit = f"/v1/products/{product['id']}/audit"  # Administrators read the audit log
+    await _cached(client, app, bob, audit)
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE memberships SET role = 'View-only' "
+                                    "WHERE user_id = :u"),
+                               {"u": await user_id(app, "bob@example.com")})
+    finally:
+        await engine.dispose()
+    assert (await client.get(audit, headers=bearer(bob))).status_code == 200  # the entry's
+    ttl = _cache(app).ttl_s
+    later = time.monotonic() + ttl + 0.001
+    monkeypatch.setattr(cache_module, "time", SimpleNamespace(monotonic=lambda: later))
+    assert_error(await client.get(audit, headers=bearer(bob)), 403)
 
 
 async def test_off_means_every_read_queries(settings: Settings, database_url: str) -> None:

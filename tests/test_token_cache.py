@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+import corral.auth.cache as cache_module
 from corral.auth.cache import SubjectCache
 from corral.auth.subject import Subject
 from corral.bus.inprocess import InProcessBus
@@ -74,6 +79,25 @@ async def test_logout_and_revocation_apply_to_the_next_request(client: httpx.Asy
     r = await client.delete("/v1/access_tokens", headers=bearer(other))
     assert r.status_code == 200, r.text
     assert_any_error(await client.get("/v1/user", headers=bearer(other)), 401, 'invalid_token')
+
+
+async def test_a_revocation_made_outside_corral_is_seen_once_the_entry_expires(
+        client: httpx.AsyncClient, app: Any, database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the README says of CORRAL_TOKEN_CACHE_S: tokens deleted by SQL typed by hand
+    clear nothing, and requests see it once the entry is CORRAL_TOKEN_CACHE_S old."""
+    ada = await new_user(client, "ada@example.com")
+    await _cached(client, app, ada)
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM access_tokens"))
+    finally:
+        await engine.dispose()
+    assert (await client.get("/v1/user", headers=bearer(ada))).status_code == 200  # cached
+    later = time.monotonic() + _cache(app).ttl_s + 0.001
+    monkeypatch.setattr(cache_module, "time", SimpleNamespace(monotonic=lambda: later))
+    assert_any_error(await client.get("/v1/user", headers=bearer(ada)), 401, "invalid_token")
 
 
 async def test_a_password_change_applies_to_the_next_request(client: httpx.AsyncClient,
