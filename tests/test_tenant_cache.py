@@ -158,12 +158,8 @@ async def test_a_tenant_change_applies_to_the_next_read(
     assert_error(await client.get(url, headers=bearer(ada)), status, code)
 
 
-async def test_a_write_is_judged_on_the_role_the_database_holds(
-        client: httpx.AsyncClient, app: Any, database_url: str) -> None:
-    _ada, product, bob = await _team_of_two(client, app, "Administrator")
-    path = f"/v1/products/{product['id']}"
-    await _cached(client, app, bob, path)
-    # SQL typed by hand: no corral session sees it, so the cache is not cleared
+async def _bob_made_view_only_by_hand(app: Any, database_url: str) -> None:
+    """SQL typed by hand: no corral session sees it, so the cache is not cleared."""
     engine = create_async_engine(database_url)
     try:
         async with engine.begin() as conn:
@@ -172,6 +168,14 @@ async def test_a_write_is_judged_on_the_role_the_database_holds(
                                {"u": await user_id(app, "bob@example.com")})
     finally:
         await engine.dispose()
+
+
+async def test_a_write_is_judged_on_the_role_the_database_holds(
+        client: httpx.AsyncClient, app: Any, database_url: str) -> None:
+    _ada, product, bob = await _team_of_two(client, app, "Administrator")
+    path = f"/v1/products/{product['id']}"
+    await _cached(client, app, bob, path)
+    await _bob_made_view_only_by_hand(app, database_url)
     hits = _cache(app).hits
     assert (await client.get(path, headers=bearer(bob))).status_code == 200  # until it expires
     assert _cache(app).hits == hits + 1
@@ -186,14 +190,7 @@ async def test_a_change_made_outside_corral_is_read_once_the_entry_expires(
     _ada, product, bob = await _team_of_two(client, app, "Administrator")
     audit = f"/v1/products/{product['id']}/audit"  # Administrators read the audit log
     await _cached(client, app, bob, audit)
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("UPDATE memberships SET role = 'View-only' "
-                                    "WHERE user_id = :u"),
-                               {"u": await user_id(app, "bob@example.com")})
-    finally:
-        await engine.dispose()
+    await _bob_made_view_only_by_hand(app, database_url)
     assert (await client.get(audit, headers=bearer(bob))).status_code == 200  # the entry's
     ttl = _cache(app).ttl_s
     later = time.monotonic() + ttl + 0.001
