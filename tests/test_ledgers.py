@@ -406,3 +406,38 @@ async def test_product_routes_reach_only_the_products_documents(app, client):
     assert_error(r, 403)
     assert (await client.get(f"{base}/cfg/instances/{DEV}", headers=bearer(reader))
             ).status_code == 200
+
+
+def _nested(levels: int) -> Any:
+    """A document of ``levels`` objects, one inside the other."""
+    doc: Any = 1
+    for _ in range(levels):
+        doc = {"a": doc}
+    return doc
+
+
+async def test_a_document_nested_too_deeply_is_a_400_and_stores_nothing(app, client):
+    """A body that parses but nests past MAX_JSON_DEPTH answered 500 (the answer's and the
+    database's encoders recurse through it); now Particle's 400 ``invalid_json``, as a body
+    too deep to parse already was. The body wraps the document in two objects. A form whose
+    field names nest as deeply answered 500 too (the NUL check recursed through them)."""
+    tok, p = await owner_and_product(client)
+    await add_device(app, DEV, p["id"])
+    await create(client, tok, name="config", scope="Device", direction="CloudToDevice")
+    path = f"/v1/ledgers/config/instances/{DEV}"
+    for levels in (300, 900, 63):
+        assert_error(await put(client, tok, path, _nested(levels)), 400, "invalid_json")
+    raw = '{"instance": {"data": ' + '{"a":' * 5_000 + "1" + "}" * 5_000 + "}}"
+    r = await client.put(path, headers={**bearer(tok), "content-type": "application/json"},
+                         content=raw)
+    assert_error(r, 400, "invalid_json")
+    # a form's bracketed names nest as deeply: ``instance[data][a][a]...``
+    for levels in (3_000, 63):
+        r = await client.put(path, headers=bearer(tok),
+                             data={"instance[data]" + "[a]" * levels: "1"})
+        assert_error(r, 400, "invalid_request")
+    async with app.state.sessionmaker() as db:
+        assert (await db.execute(select(func.count()).select_from(LedgerVersion))
+                ).scalar_one() == 0
+    r = await put(client, tok, path, _nested(62))  # 64 levels with the body's two
+    assert r.status_code == 200, r.text

@@ -382,6 +382,9 @@ async def test_refused_content_reason_codes(gw):
         (t("events", "bin"), b"\xff\xfe", 0x99),               # not UTF-8
         (t("describe"), "{not json", 0x99),
         (t("describe"), '{"variables": {"t": "complex"}}', 0x99),
+        (t("describe"), "[" * 5_000 + "]" * 5_000, 0x99),      # too deep to parse
+        (t("describe"), '{"functions": ' + "[" * 900 + "]" * 900 + "}", 0x99),
+        (t("diagnostics"), '{"a":' * 900 + "1" + "}" * 900, 0x99),  # parses, too deep
         (t("claim"), "NOSUCHCODE", 0x87),
     ]
     for i, (topic, payload, code) in enumerate(cases, start=1):

@@ -18,6 +18,7 @@ from corral.integrations import templates
 from corral.kit.body import Int, RequestModel, Timestamp
 from corral.kit.errors import BadRequest
 from corral.kit.responses import Answer
+from corral.kit.text import MAX_JSON_DEPTH, json_depth
 
 WEBHOOK = "Webhook"
 MQTT = "MQTT"
@@ -37,7 +38,7 @@ def _object(value: Any, field: str) -> Any:
         if text[0] in "{[":
             try:
                 return json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise ValueError(f"{field} must be a JSON object") from None
     return value
 
@@ -213,10 +214,14 @@ class WebhookConfig(Common):
                 parsed = json.loads(value)
                 if isinstance(parsed, dict | list):
                     value = parsed
+            except RecursionError:
+                raise ValueError(f"json nests more than {MAX_JSON_DEPTH} levels deep") from None
             except ValueError:
                 pass
         elif not isinstance(value, dict | list):
             raise ValueError("json must be an object or a template text")
+        if not isinstance(value, str) and json_depth(value) > MAX_JSON_DEPTH:
+            raise ValueError(f"json nests more than {MAX_JSON_DEPTH} levels deep")
         if len(json.dumps(value)) > 4 * TEMPLATE_MAX:
             raise ValueError("json is too large")
         return _template(value)

@@ -104,7 +104,7 @@ def build(settings: dict[str, Any], facts: templates.EventFacts, *, integration_
         if isinstance(value, str):  # a template of a JSON text: parse what it rendered to
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply: as text
                 pass
         if isinstance(value, dict):
             value = {**defaults, **value}

@@ -68,6 +68,7 @@ from pydantic import (
 from starlette.datastructures import UploadFile
 
 from corral.kit.errors import BadRequest, PayloadTooLarge
+from corral.kit.text import MAX_JSON_DEPTH, json_depth
 from corral.kit.text import reject_json_constant as _reject_constant
 
 M = TypeVar("M", bound="RequestModel")
@@ -173,9 +174,12 @@ def _no_bool(value: Any) -> Any:
 def _json_text(value: Any) -> Any:
     if isinstance(value, str):  # a form carries an object as its JSON text
         try:
-            return json.loads(value)
-        except ValueError:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
             raise ValueError("must be an object") from None
+        if json_depth(parsed) > MAX_JSON_DEPTH:
+            raise ValueError(f"nests more than {MAX_JSON_DEPTH} levels")
+        return parsed
     return value
 
 
@@ -258,6 +262,9 @@ def unbracket(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         parts = [p.rstrip("]") for p in key.split("[")] if "[" in key else [key]
+        if len(parts) > MAX_JSON_DEPTH:  # as a JSON body's depth: past it, encoders recurse out
+            raise BadRequest(f"A form field's name nests more than {MAX_JSON_DEPTH} levels",
+                             code="invalid_request")
         node = out
         for part in parts[:-1]:
             child = node.get(part)
@@ -266,6 +273,22 @@ def unbracket(data: dict[str, Any]) -> dict[str, Any]:
             node = child
         node[parts[-1]] = value
     return out
+
+
+def json_object_body(raw: bytes) -> dict[str, Any]:
+    """A JSON request body that must be an object. 400 (``invalid_json``) when it is not
+    JSON, not an object, or nests deeper than ``MAX_JSON_DEPTH``: a document that parses
+    can still be too deep for the answer's or the database's encoder (a 500 otherwise)."""
+    try:
+        parsed = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
+    if not isinstance(parsed, dict):
+        raise BadRequest("Request body must be a JSON object", code="invalid_json")
+    if json_depth(parsed) > MAX_JSON_DEPTH:
+        raise BadRequest(f"Request body nests more than {MAX_JSON_DEPTH} levels of objects "
+                         "and arrays", code="invalid_json")
+    return parsed
 
 
 async def raw_body(request: Request) -> dict[str, Any]:
@@ -279,12 +302,7 @@ async def raw_body(request: Request) -> dict[str, Any]:
         raw = await request.body()
         if not raw.strip():
             return {}
-        try:
-            parsed = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
-        if not isinstance(parsed, dict):
-            raise BadRequest("Request body must be a JSON object", code="invalid_json")
+        parsed = json_object_body(raw)
         parsed.pop("access_token", None)
         data = unbracket(parsed)
     check_no_nul(data)
@@ -335,7 +353,9 @@ def from_body(model: type[M], data: dict[str, Any]) -> M:
         if isinstance(inner, str):
             try:
                 inner = json.loads(inner)
-            except ValueError:
+            except (ValueError, RecursionError):
+                inner = None
+            if json_depth(inner) > MAX_JSON_DEPTH:
                 inner = None
         if not isinstance(inner, dict):
             raise BadRequest(f"{nest} must be an object", code="invalid_request")
@@ -415,12 +435,7 @@ async def read_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("Request body must be a JSON object", code="invalid_json")
+    data = json_object_body(raw)
     data.pop("access_token", None)
     check_no_nul(data)
     return data

@@ -31,8 +31,49 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# The deepest nesting of objects and arrays corral takes in JSON from outside (request
+# bodies, form fields, devices' documents): far beyond any real document, far below what
+# the encoders of answers and database columns recurse through before they fail
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` (parsed JSON) nests arrays and objects (a scalar: 0), counted
+    without recursion: a document that parses can still be too deep to encode again."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return deepest
+
+
 def strict_loads(raw: str | bytes) -> Any:
     """JSON as the standard has it: no ``NaN``/``Infinity``, and no number so large it
-    becomes infinite (PostgreSQL's JSON columns refuse both). Raises ValueError (and
-    UnicodeDecodeError, RecursionError) like ``json.loads``."""
-    return json.loads(raw, parse_constant=reject_json_constant, parse_float=_finite_float)
+    becomes infinite (PostgreSQL's JSON columns refuse both); nested at most
+    :data:`MAX_JSON_DEPTH` deep. Raises ValueError (and UnicodeDecodeError, RecursionError)
+    like ``json.loads``."""
+    doc = json.loads(raw, parse_constant=reject_json_constant, parse_float=_finite_float)
+    if json_depth(doc) > MAX_JSON_DEPTH:
+        raise ValueError(f"it nests more than {MAX_JSON_DEPTH} levels of objects and arrays")
+    return doc
+
+
+def bounded_loads(raw: str | bytes) -> Any:
+    """``json.loads`` for a peer's JSON (a device's payload): a document nested deeper than
+    :data:`MAX_JSON_DEPTH`, or too deeply to parse at all, raises ValueError like any other
+    malformed JSON, so the caller's one ``except ValueError`` answers it."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    if json_depth(doc) > MAX_JSON_DEPTH:
+        raise ValueError(f"it nests more than {MAX_JSON_DEPTH} levels of objects and arrays")
+    return doc

@@ -22,7 +22,7 @@ from corral.devices import claims as claim_rules
 from corral.devices import presence
 from corral.events.writer import EventWriter, NewEvent, WriterStopped
 from corral.kit import clock
-from corral.kit.text import strict_loads
+from corral.kit.text import bounded_loads, strict_loads
 from corral.metering import sims
 from corral.metering.ledger import Kind, Usage, uncounted_name
 from corral.sessions import contract
@@ -120,7 +120,7 @@ def _json_object(payload: bytes, what: str, limit: int) -> dict[str, Any]:
     if len(payload) > limit:
         raise Refused("too_large", f"{what} is at most {limit} bytes")
     try:
-        body = json.loads(payload)
+        body = bounded_loads(payload)
     except (ValueError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict):

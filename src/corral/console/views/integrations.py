@@ -29,6 +29,7 @@ from corral.integrations.service import Scope
 from corral.kit import clock
 from corral.kit.errors import BadRequest
 from corral.kit.ids import INT64_MAX, path_id
+from corral.kit.text import strict_loads
 from corral.orgs.access import OrgCtx
 from corral.products.access import ProductCtx
 
@@ -128,9 +129,9 @@ def _config(f: dict[str, Any]) -> dict[str, Any]:
     elif f["format"] == "body" and f["template"].strip():
         body["body"] = f["template"]
     if f["headers"].strip():
-        try:
-            headers = json.loads(f["headers"])
-        except ValueError:
+        try:  # strict, as /v1's JSON bodies: no NaN/Infinity; too deep is not JSON either
+            headers = strict_loads(f["headers"])
+        except (ValueError, RecursionError):
             raise BadRequest("headers must be a JSON object of names to values",
                              field="headers") from None
         body["headers"] = headers

@@ -25,6 +25,7 @@ from corral.db.session import TransactionRoute
 from corral.kit.body import from_body
 from corral.kit.errors import BadRequest
 from corral.kit.ids import path_id
+from corral.kit.text import strict_loads
 from corral.ledgers import schemas as S
 from corral.ledgers import service
 from corral.ledgers.models import LedgerDefinition
@@ -100,8 +101,10 @@ def _json_field(raw: str, name: str, *, required: bool) -> dict[str, Any] | None
         if required:
             raise BadRequest(f"{name} is required", field=name)
         return None
-    try:
-        value = json.loads(raw)
+    try:  # strict, as /v1: no NaN/Infinity (PostgreSQL's JSON columns refuse them), bounded depth
+        value = strict_loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{name} is not valid JSON: it nests too deeply", field=name) from None
     except ValueError as exc:
         raise BadRequest(f"{name} is not valid JSON: {exc}", field=name) from None
     if not isinstance(value, dict):

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable
 from typing import Any, Final, Protocol, cast
 
 from cryptography import x509
 
+from corral.kit.text import bounded_loads
 from corral.sessions.core import SessionHub
 from corral.sessions.link import (
     DeviceError,
@@ -647,7 +647,7 @@ class Connection(MqttLink):
 
     async def _describe(self, session: DeviceSession, payload: bytes) -> tuple[int, str | None]:
         try:
-            body = json.loads(payload)
+            body = bounded_loads(payload)
         except ValueError:
             return RC_PAYLOAD_INVALID, "describe must be a JSON object"
         if not isinstance(body, dict):
@@ -674,7 +674,7 @@ class Connection(MqttLink):
     def _on_reply(self, rid: str, payload: bytes) -> tuple[int, str | None]:
         fut = self.pending.get(rid)
         try:
-            body = json.loads(payload)
+            body = bounded_loads(payload)
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -689,7 +689,7 @@ class Connection(MqttLink):
         """``devices/{id}/ota/status``: {"state": "downloading"|"applied"|"failed",
         "reason", "bytes"} for the transfer waiting in :meth:`deliver_firmware`."""
         try:
-            body = json.loads(payload)
+            body = bounded_loads(payload)
         except ValueError:
             body = None
         if not isinstance(body, dict) or body.get("state") not in OTA_STATES:

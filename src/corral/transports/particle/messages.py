@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from corral.kit.text import bounded_loads
 from corral.transports.particle import coap
 from corral.transports.particle.coap import Message
 from corral.transports.particle.errors import ParticleProtocolError
@@ -275,7 +276,7 @@ class AppDescribe:
 def parse_app_describe(payload: bytes) -> AppDescribe:
     """Parse ``{"f":[...],"v":{name: type_int}}``; both keys are optional."""
     try:
-        doc = json.loads(payload)
+        doc = bounded_loads(payload)
     except (ValueError, UnicodeDecodeError):
         raise MessageError("application describe is not JSON") from None
     if not isinstance(doc, dict):

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from corral.devices.credentials import PublicKey
 from corral.kit import clock
+from corral.kit.text import bounded_loads
 from corral.sessions.core import SessionHub
 from corral.sessions.link import (
     DeviceError,
@@ -128,7 +129,7 @@ def product_id_of(hello: messages.Hello) -> int | None:
 def app_describe(payload: bytes) -> tuple[list[str] | None, dict[str, str] | None]:
     """Functions and variables from an application describe (``{"f": [...], "v": {...}}``)."""
     try:
-        doc = json.loads(payload.decode("utf-8"))
+        doc = bounded_loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise Refused("invalid", "the describe is not JSON") from None
     if not isinstance(doc, dict):
@@ -159,7 +160,7 @@ def system_iccid(payload: bytes, *, protobuf: bool) -> str | None:
         if protobuf or payload[:1] != b"{":
             iccid = messages.parse_system_describe(payload).iccid
         else:
-            doc = json.loads(payload.decode("utf-8"))
+            doc = bounded_loads(payload.decode("utf-8"))
             iccid = doc.get("iccid") if isinstance(doc, dict) else None
     except (messages.MessageError, UnicodeDecodeError, ValueError):
         log.info("a system describe of %d bytes could not be read", len(payload))
