@@ -526,7 +526,9 @@ def test_app_describe():
     assert d.functions == [] and d.variables == {"b": "bool", "d": "double"} and d.unknown == {"n": 5}
     assert messages.parse_app_describe(b"{}") == messages.AppDescribe([], {})
     for bad in (b"not json", b"[]", b'{"f":"echo"}', b'{"f":[1]}', b'{"v":[]}', b'{"v":{"x":"int"}}',
-                b'{"v":{"x":true}}', b"\xff"):
+                b'{"v":{"x":true}}', b"\xff",
+                b"[" * 5_000 + b"]" * 5_000,  # too deep to parse: RecursionError before
+                b'{"f":[], "x":' + b'{"a":' * 65 + b"1" + b"}" * 66):  # past MAX_JSON_DEPTH
         with pytest.raises(messages.MessageError):
             messages.parse_app_describe(bad)
 
