@@ -709,3 +709,18 @@ def test_system_iccid_from_protobuf_and_json() -> None:
     assert system_iccid(b"", protobuf=True) is None
     assert system_iccid(b"\x0a\xff", protobuf=True) is None  # truncated: ignored
     assert system_iccid(b'{"m": []}', protobuf=False) is None
+
+
+def test_a_describe_nested_too_deeply_is_refused_like_any_malformed_one() -> None:
+    """The server's describe and system-describe readers: JSON too deep to parse raised
+    RecursionError (the device's message failed with a traceback); one nested past
+    MAX_JSON_DEPTH is refused as invalid too."""
+    from corral.sessions.link import Refused
+    from corral.transports.particle.server import app_describe, system_iccid
+
+    too_deep = b"{" + b'"a":{' * 5_000 + b"}" * 5_001
+    past_bound = b'{"f": [], "x":' + b'{"a":' * 65 + b"1" + b"}" * 66
+    for payload in (too_deep, past_bound):
+        with pytest.raises(Refused):
+            app_describe(payload)
+        assert system_iccid(payload, protobuf=False) is None
