@@ -246,3 +246,25 @@ async def console_session(app: Any, username: str) -> str:
                             expires_at=None).access_token
         await db.commit()
     return token
+
+
+class ConsoleForms:
+    """Console requests as a signed-in browser sends them: the session cookie on each, a
+    form urlencoded with the CSRF token on each post (``console_session`` gives the token)."""
+
+    def __init__(self, client: httpx.AsyncClient, token: str) -> None:
+        self.client, self.token = client, token
+
+    async def get(self, path: str, **params: Any) -> httpx.Response:
+        return await self.client.get(path, params=params or None,
+                                     headers={"Cookie": f"corral_session={self.token}"})
+
+    async def post(self, path: str, **fields: str) -> httpx.Response:
+        from urllib.parse import urlencode
+
+        from corral.console.session import csrf_for_session
+
+        body = urlencode({"csrf_token": csrf_for_session(self.token), **fields}).encode()
+        return await self.client.post(path, content=body, headers={
+            "Cookie": f"corral_session={self.token}",
+            "Content-Type": "application/x-www-form-urlencoded"})

@@ -12,14 +12,13 @@ them.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from sqlalchemy import func, select
 
-from corral.console.session import csrf_for_session
 from corral.integrations.models import Integration
 from corral.ledgers.models import LedgerDefinition, LedgerInstance
+from helpers import ConsoleForms as Console
 from helpers import console_session, owner_and_product, seed
 
 DEVICE = "0123456789abcdef0123c0de"
@@ -30,20 +29,6 @@ NESTED = '{"a":' + "[" * 900 + "]" * 900 + "}"
 TOO_DEEP = '{"a":' * 65 + "1" + "}" * 65  # one level past MAX_JSON_DEPTH (64)
 AS_DEEP_AS_ALLOWED = '{"a":' * 64 + "1" + "}" * 64
 NON_STANDARD = ['{"a": NaN}', '{"a": Infinity}', '{"a": -Infinity}', '{"a": 1e999}']
-
-
-class Console:
-    """Console posts with a session cookie and the CSRF token (the form sent as the browser
-    sends it, urlencoded)."""
-
-    def __init__(self, client: Any, token: str) -> None:
-        self.client, self.token = client, token
-
-    async def post(self, path: str, **fields: str) -> Any:
-        body = urlencode({"csrf_token": csrf_for_session(self.token), **fields}).encode()
-        return await self.client.post(path, content=body, headers={
-            "Cookie": f"corral_session={self.token}",
-            "Content-Type": "application/x-www-form-urlencoded"})
 
 
 async def count(app: Any, model: Any) -> int:

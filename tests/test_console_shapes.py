@@ -8,29 +8,11 @@ Each test here reaches such a page the way a user would, with the shape that lac
 
 from __future__ import annotations
 
-from typing import Any
-
-from corral.console.session import csrf_for_session
+from helpers import ConsoleForms as Console
 from helpers import bearer, console_session, owner_and_product, seed
 from test_firmware_api import upload
 
 DEVICE = "0123456789abcdef0123c0de"
-
-
-class Console:
-    """Console requests with a session cookie (and the CSRF token on posts)."""
-
-    def __init__(self, client: Any, token: str) -> None:
-        self.client, self.token = client, token
-
-    async def get(self, path: str, **params: Any) -> Any:
-        return await self.client.get(path, params=params or None,
-                                     headers={"Cookie": f"corral_session={self.token}"})
-
-    async def post(self, path: str, **fields: Any) -> Any:
-        return await self.client.post(path, data={"csrf_token": csrf_for_session(self.token),
-                                                  **fields},
-                                      headers={"Cookie": f"corral_session={self.token}"})
 
 
 async def test_the_integrations_list_shows_an_mqtt_integration(app, client):

@@ -18,7 +18,7 @@ from corral.integrations import templates
 from corral.kit.body import Int, RequestModel, Timestamp
 from corral.kit.errors import BadRequest
 from corral.kit.responses import Answer
-from corral.kit.text import MAX_JSON_DEPTH, json_depth
+from corral.kit.text import MAX_JSON_DEPTH, bounded_loads, json_depth
 
 WEBHOOK = "Webhook"
 MQTT = "MQTT"
@@ -37,8 +37,8 @@ def _object(value: Any, field: str) -> Any:
             return None
         if text[0] in "{[":
             try:
-                return json.loads(text)
-            except (ValueError, RecursionError):  # RecursionError: nested too deeply
+                return bounded_loads(text)
+            except ValueError:
                 raise ValueError(f"{field} must be a JSON object") from None
     return value
 

@@ -29,6 +29,7 @@ from corral.integrations import signing, templates
 from corral.integrations.guard import Blocked, GuardedTransport, Policy
 from corral.integrations.secrets import mask_header, mask_url
 from corral.kit import clock
+from corral.kit.text import bounded_loads
 
 log = logging.getLogger("corral.integrations")
 
@@ -103,8 +104,8 @@ def build(settings: dict[str, Any], facts: templates.EventFacts, *, integration_
         value = templates.render_value(settings["json"], ctx)
         if isinstance(value, str):  # a template of a JSON text: parse what it rendered to
             try:
-                value = json.loads(value)
-            except (ValueError, RecursionError):  # not JSON, or nested too deeply: as text
+                value = bounded_loads(value)
+            except ValueError:  # not JSON, or nested too deeply to send again: as text
                 pass
         if isinstance(value, dict):
             value = {**defaults, **value}

@@ -68,7 +68,7 @@ from pydantic import (
 from starlette.datastructures import UploadFile
 
 from corral.kit.errors import BadRequest, PayloadTooLarge
-from corral.kit.text import MAX_JSON_DEPTH, json_depth
+from corral.kit.text import MAX_JSON_DEPTH, bounded_loads, json_depth
 from corral.kit.text import reject_json_constant as _reject_constant
 
 M = TypeVar("M", bound="RequestModel")
@@ -174,12 +174,9 @@ def _no_bool(value: Any) -> Any:
 def _json_text(value: Any) -> Any:
     if isinstance(value, str):  # a form carries an object as its JSON text
         try:
-            parsed = json.loads(value)
-        except (ValueError, RecursionError):
+            return bounded_loads(value)
+        except ValueError:
             raise ValueError("must be an object") from None
-        if json_depth(parsed) > MAX_JSON_DEPTH:
-            raise ValueError(f"nests more than {MAX_JSON_DEPTH} levels")
-        return parsed
     return value
 
 
@@ -352,10 +349,8 @@ def from_body(model: type[M], data: dict[str, Any]) -> M:
         inner = data[nest]
         if isinstance(inner, str):
             try:
-                inner = json.loads(inner)
-            except (ValueError, RecursionError):
-                inner = None
-            if json_depth(inner) > MAX_JSON_DEPTH:
+                inner = bounded_loads(inner)
+            except ValueError:
                 inner = None
         if not isinstance(inner, dict):
             raise BadRequest(f"{nest} must be an object", code="invalid_request")

@@ -55,25 +55,22 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def strict_loads(raw: str | bytes) -> Any:
-    """JSON as the standard has it: no ``NaN``/``Infinity``, and no number so large it
-    becomes infinite (PostgreSQL's JSON columns refuse both); nested at most
-    :data:`MAX_JSON_DEPTH` deep. Raises ValueError (and UnicodeDecodeError, RecursionError)
-    like ``json.loads``."""
-    doc = json.loads(raw, parse_constant=reject_json_constant, parse_float=_finite_float)
-    if json_depth(doc) > MAX_JSON_DEPTH:
-        raise ValueError(f"it nests more than {MAX_JSON_DEPTH} levels of objects and arrays")
-    return doc
-
-
-def bounded_loads(raw: str | bytes) -> Any:
-    """``json.loads`` for a peer's JSON (a device's payload): a document nested deeper than
-    :data:`MAX_JSON_DEPTH`, or too deeply to parse at all, raises ValueError like any other
-    malformed JSON, so the caller's one ``except ValueError`` answers it."""
+def bounded_loads(raw: str | bytes, **kw: Any) -> Any:
+    """``json.loads`` (``kw`` passed on) for JSON from outside (a device's payload, a form's
+    JSON text): a document nested deeper than :data:`MAX_JSON_DEPTH`, or too deeply to parse
+    at all, raises ValueError like any other malformed JSON (UnicodeDecodeError is one too),
+    so the caller's one ``except ValueError`` answers it."""
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, **kw)
     except RecursionError:
         raise ValueError("it nests too deeply") from None
     if json_depth(doc) > MAX_JSON_DEPTH:
         raise ValueError(f"it nests more than {MAX_JSON_DEPTH} levels of objects and arrays")
     return doc
+
+
+def strict_loads(raw: str | bytes) -> Any:
+    """JSON as the standard has it: no ``NaN``/``Infinity``, and no number so large it
+    becomes infinite (PostgreSQL's JSON columns refuse both); bounded as
+    :func:`bounded_loads`. Raises ValueError for all of it."""
+    return bounded_loads(raw, parse_constant=reject_json_constant, parse_float=_finite_float)

@@ -103,8 +103,6 @@ def _json_field(raw: str, name: str, *, required: bool) -> dict[str, Any] | None
         return None
     try:  # strict, as /v1: no NaN/Infinity (PostgreSQL's JSON columns refuse them), bounded depth
         value = strict_loads(raw)
-    except RecursionError:
-        raise BadRequest(f"{name} is not valid JSON: it nests too deeply", field=name) from None
     except ValueError as exc:
         raise BadRequest(f"{name} is not valid JSON: {exc}", field=name) from None
     if not isinstance(value, dict):
