@@ -16,7 +16,9 @@ directory, corral's engine and pragmas):
 * ``async session``: corral's session as a route's (``sessionmaker()``, ``execute``,
   ``close``);
 * ``async session, one greenlet``: the same two calls inside one ``greenlet_spawn`` (the
-  greenlet hand-offs' share).
+  greenlet hand-offs' share);
+* ``async session, LeanRead``: the session's connection, the statement sent on it by
+  ``corral.db.lean.LeanRead`` (compiled once), ``close``.
 
 On PostgreSQL (``--database-url postgresql+asyncpg://...``) the ``driver job`` row is
 asyncpg's ``fetch`` on one connection and there is no ``sync core`` row (no synchronous
@@ -38,11 +40,12 @@ from pathlib import Path
 import _server  # noqa: F401  (this checkout's code first)
 import aiosqlite
 import asyncpg
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, literal_column, select, text
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from corral.db.engine import make_engine, make_sessionmaker
+from corral.db.lean import LeanRead
 
 Run = Callable[[], Awaitable[None]]
 
@@ -120,8 +123,16 @@ async def main() -> None:
 
             await greenlet_spawn(work)
 
+        lean = LeanRead(select(literal_column("1")))
+
+        async def lean_read() -> None:
+            db = sessionmaker()
+            await lean.rows(db)
+            await db.close()
+
         rows += [("async core", async_core), ("async session", async_session),
-                 ("async session, one greenlet", one_greenlet)]
+                 ("async session, one greenlet", one_greenlet),
+                 ("async session, LeanRead", lean_read)]
         try:
             print(f"{url.split(':', 1)[0]}, --n {args.n}, Python {sys.version.split()[0]}")
             await measure(rows, args.n, args.rounds)

@@ -20,6 +20,7 @@ from corral.auth.models import AccessToken, Customer, Membership, OAuthClient, U
 from corral.auth.policy import Role
 from corral.auth.subject import Subject
 from corral.billing.models import Subscription
+from corral.db.lean import LeanRead
 from corral.kit import clock
 from corral.kit.errors import BadRequest, Conflict, Forbidden, LoginLocked, NotFound, OAuthError
 from corral.kit.passwords import hash_password, verify_password
@@ -377,15 +378,16 @@ async def user_orgs(db: AsyncSession, user_id: int) -> list[Organization]:
 # built once: the request's user id is its parameter (building it cost more CPU than
 # running it); columns, not entities: loading a User and an Organization into the session
 # cost ~10 % of the request (bench/README B1)
-_PROFILE = (select(User.username, User.first_name, User.last_name, User.business_account,
-                   User.password_hash.is_(None), Organization.id, Organization.name,
-                   Organization.slug, Organization.personal, Subscription.plan_code,
-                   Subscription.status)
-            .outerjoin(Membership, and_(Membership.user_id == User.id,
-                                        Membership.product_id.is_(None)))
-            .outerjoin(Organization, Organization.id == Membership.org_id)
-            .outerjoin(Subscription, Subscription.org_id == Organization.id)
-            .where(User.id == bindparam("user_id")).order_by(Organization.id))
+_PROFILE = LeanRead(
+    select(User.username, User.first_name, User.last_name, User.business_account,
+           User.password_hash.is_(None), Organization.id, Organization.name,
+           Organization.slug, Organization.personal, Subscription.plan_code,
+           Subscription.status)
+    .outerjoin(Membership, and_(Membership.user_id == User.id,
+                                Membership.product_id.is_(None)))
+    .outerjoin(Organization, Organization.id == Membership.org_id)
+    .outerjoin(Subscription, Subscription.org_id == Organization.id)
+    .where(User.id == bindparam("user_id")).order_by(Organization.id))
 
 
 async def profile(db: AsyncSession, user_id: int | None) -> Sequence[Any]:
@@ -393,7 +395,7 @@ async def profile(db: AsyncSession, user_id: int | None) -> Sequence[Any]:
     each): rows of the user's username, first and last name, business account, whether they
     have no password, then one organization's id, name, slug, personal flag, plan and
     subscription status (None for a user in no organization), by organization id."""
-    rows = (await db.execute(_PROFILE, {"user_id": user_id})).all()
+    rows = await _PROFILE.rows(db, user_id=user_id)
     if not rows:
         raise NotFound("User not found")
     return rows

@@ -60,13 +60,19 @@ def plain_read(operation: str) -> bool:
     return verdict
 
 
+def may_run_outside(conn: Any, operation: str) -> bool:
+    """Whether ``operation`` may run on ``conn`` (an adapted asyncpg connection with no
+    transaction begun) without beginning one."""
+    return (isinstance(conn, LazyBeginConnection) and conn.isolation_level in _LAZY_LEVELS
+            and not conn.readonly and not conn.deferrable and plain_read(operation))
+
+
 class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
     __slots__ = ()
 
     async def _prepare_and_execute(self, operation: Any, parameters: Any) -> None:
         conn = self._adapt_connection
-        if (conn._transaction is None and conn.isolation_level in _LAZY_LEVELS
-                and not conn.readonly and not conn.deferrable and plain_read(operation)):
+        if conn._transaction is None and may_run_outside(conn, operation):
             # the adapter begins no transaction in autocommit; the connection is used by one
             # session, one statement at a time, so the level is back before anything else runs
             level = conn.isolation_level

@@ -34,6 +34,7 @@ from corral.auth.models import Customer, Membership, User
 from corral.auth.policy import Role, api_users_not_allowed, role_allows
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
+from corral.db.lean import LeanRead
 from corral.devices import dynquery, estimates, search, signals
 from corral.devices import groups as group_rules
 from corral.devices import tags as tag_rules
@@ -532,7 +533,7 @@ async def _count(db: AsyncSession, conds: list[ColumnElement[bool]],
         params: dict[str, Any] = {"product_id": all_of}
         if cap is not None:
             params["cap"] = cap + 1
-        return int((await db.execute(_COUNT_ALL[cap is not None], params)).scalar_one())
+        return int((await _COUNT_ALL[cap is not None].rows(db, **params))[0][0])
     source = (select(members.c.device_id) if members is not None
               else select(ident).where(*conds))
     if cap is not None:
@@ -562,7 +563,7 @@ def _count_all_statement(capped: bool) -> Select[Any]:
     return select(func.count()).select_from(ids.subquery())
 
 
-_COUNT_ALL = {capped: _count_all_statement(capped) for capped in (True, False)}
+_COUNT_ALL = {capped: LeanRead(_count_all_statement(capped)) for capped in (True, False)}
 
 
 def _filter_key(product: Product, q: DeviceQuery) -> tuple[Any, ...]:

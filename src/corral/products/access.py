@@ -130,7 +130,9 @@ async def cached_product_and_org(ctx: Ctx, key: str, subject: Subject
     ck = (subject.user_id if people else None, key, tenant_checks_version())
     hit = cache.get(ck)
     if hit is not None:
-        product: Product = await ctx.db.merge(hit[0], load=False)
+        # load=False sends no SQL and flushes nothing: the synchronous call needs no
+        # greenlet (the async wrapper's hand-off cost a quarter of the merge)
+        product: Product = ctx.db.sync_session.merge(hit[0], load=False)
         return product, hit[1], hit[2], hit[3]
     generation = cache.generation
     found = await load_product_and_org(ctx.db, key, subject)

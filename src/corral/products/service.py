@@ -23,6 +23,7 @@ from corral.auth.models import AccessToken, Membership, OAuthClient, User
 from corral.auth.policy import API_USER_SCOPES, Role
 from corral.auth.subject import Subject
 from corral.billing import locks as billing_locks
+from corral.db.lean import LeanRead
 from corral.db.slugs import unique_slug
 from corral.kit.errors import BadRequest, Conflict, CorralError, NotFound
 from corral.kit.secrets import digest, new_secret, new_short_id
@@ -296,7 +297,7 @@ async def product_team(db: AsyncSession, product: Product) -> ProductTeam:
     with their strongest role) and the product's API users, in one statement of plain rows."""
     best: dict[int, TeamMember] = {}
     api_users: list[TeamApiUser] = []
-    rows = await db.execute(_TEAM, {"org_id": product.org_id, "product_id": product.id})
+    rows = await _TEAM.rows(db, org_id=product.org_id, product_id=product.id)
     for part, _, _, user_id, username, no_password, friendly, scopes, api_product, role, \
             member_product in rows:
         if part:
@@ -332,7 +333,7 @@ def _team_statement() -> Any:
     return select(both).order_by(both.c.part, both.c.product_scope, both.c.sort_name, both.c.id)
 
 
-_TEAM = _team_statement()
+_TEAM = LeanRead(_team_statement())
 
 
 @dataclass
