@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.auth.cache import SubjectCache
 from corral.auth.subject import Subject, resolve_token
-from corral.db.session import get_db
+from corral.db.session import REQUEST_SCOPED, get_db
 from corral.kit.errors import OAuthError, Unauthorized
 from corral.settings import Settings
 
@@ -85,7 +85,8 @@ class Ctx:
         return self.request.app.state.runtime
 
 
-_CTX = "corral.ctx"  # the request's Ctx, in its ASGI scope once made
+_CTX = "corral.ctx"  # the request's Ctx, in its ASGI scope once made (until the route ends)
+REQUEST_SCOPED.add(_CTX)
 
 
 async def optional_ctx(request: Request) -> Ctx:
