@@ -6,7 +6,9 @@ suite's PostgreSQL pass."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,8 +20,10 @@ from sqlalchemy import (
     String,
     bindparam,
     event,
+    func,
     insert,
     literal,
+    literal_column,
     select,
     text,
 )
@@ -158,6 +162,37 @@ async def test_a_read_alone_begins_no_transaction_on_postgresql(engine: Any) -> 
         await db.execute(insert(T).values(id=7, name="seven"))
         assert raw.is_in_transaction()
         assert _tuples(await BY_NAME.rows(db, name="seven")) == [(7,)]
+
+
+async def test_a_cancelled_read_hands_no_busy_connection_to_the_next(
+        engine: Any, database_url: str) -> None:
+    """A read cancelled while the database still works on it (a client gone) stops it or
+    closes its pooled connection, instead of handing the next request a connection still
+    busy with it: with one pooled connection, the next read is answered at once."""
+    if engine.dialect.name == "sqlite":  # a statement that runs for seconds
+        slow = select(literal_column(
+            "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+            "WHERE x < 200000000) SELECT count(*) FROM c)"))
+    else:
+        slow = select(func.pg_sleep(30))
+    read = LeanRead(slow)
+    one = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        sessions = make_sessionmaker(one)
+        async with sessions() as db:
+            task = asyncio.create_task(read.rows(db))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            started = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - started < 10  # stopped, not waited for
+        assert one.sync_engine.pool.checkedout() == 0
+        async with sessions() as db:
+            rows = await asyncio.wait_for(BY_NAME.rows(db, name="one"), 10)
+            assert _tuples(rows) == [(1,)]
+    finally:
+        await one.dispose()
 
 
 def test_a_statement_the_lean_path_cannot_send_is_refused_when_built() -> None:

@@ -6,7 +6,14 @@ result objects and the greenlet hand-offs around each call. For the few statemen
 busiest routes send on every request (the team, the device list's count), :class:`LeanRead`
 compiles the statement once per dialect and sends it on the connection the session holds:
 the same connection and transaction the session's own statements use, so what it reads is
-what ``db.execute`` would have read, before or after a write of the same request.
+what ``db.execute`` would have read, before or after a write of the same request. A session
+that holds no connection yet has no transaction either, and there the read takes a pooled
+connection for itself and returns it at once: what it sees is what the session's first
+statement would have seen (on PostgreSQL a plain read outside a transaction, on SQLite the
+last commit), and the request holds no connection afterwards. Pending objects in the session
+send the read through the session instead, which flushes them first. The engine's
+``before_cursor_execute``/``after_cursor_execute`` listeners are told of the statement, as
+of any other.
 
 Bind values go through the column types' bind processors and rows through their result
 processors, as SQLAlchemy's own execution would (a DateTime stored as text on SQLite comes
@@ -30,6 +37,7 @@ refused when it is built, not at its first request.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,6 +167,18 @@ class LeanRead:
                 await greenlet_spawn(pooled.invalidate)
                 pooled = None
             return list((await db.execute(self.statement, params)).all())
+        except BaseException:
+            # cancelled mid-read (a client gone, a timeout): on SQLite the statement would
+            # run on, and the next request's queue behind it (tests/test_lean_read.py), so
+            # it is interrupted; the connection is closed rather than handed on either way
+            # (asyncpg cancels its statement itself: there it costs a reconnect, on a
+            # cancel only). The session's own connection is the session's to end.
+            if pooled is not None:
+                gone, pooled = pooled, None
+                if dialect.name == "sqlite":  # stop the statement (thread-safe in sqlite3)
+                    adapted._connection._conn.interrupt()
+                await asyncio.shield(greenlet_spawn(gone.invalidate))
+            raise
         finally:
             if pooled is not None:
                 await greenlet_spawn(pooled.close)
