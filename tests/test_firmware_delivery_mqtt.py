@@ -430,3 +430,38 @@ async def test_ota_still_works_while_communication_is_paused(w):
     await release(w, 2, intelligent=True)
     await until(lambda: state_is(w, did, "applied"), WAIT, "applied while paused")
     assert u.applied == [2]
+
+
+async def test_an_intelligent_release_reaches_a_device_whose_online_state_was_not_stored(w):
+    """The race the Free-plan test above once lost: the device's connect check ran before
+    the release (nothing to do then), and its online state was not yet stored when the
+    release read who is online, so it got no intent. The release's announcement on
+    ``firmware.released`` makes its node check it again."""
+    from sqlalchemy import update as sql_update
+
+    from corral.devices.models import Device as DeviceRow
+
+    await upload(w, 2)
+    d, u = w.device(0)
+    did = w.ids[0]
+    await d.connect()
+    await until(lambda: _version(w, did, 1), WAIT, "described")
+    delivery = w.app.state.runtime.delivery
+    await until(lambda: delivery._checked.get(did) is not None, WAIT, "connect checked")
+    await delivery.idle()
+    await until(lambda: device_row(w.app, did), WAIT, "the device row")
+    await until(lambda: _online(w, did), WAIT, "online stored")
+    # as it was between the connect check and the event writer's next batch
+    async with w.app.state.sessionmaker() as db:
+        await db.execute(sql_update(DeviceRow).where(DeviceRow.id == did).values(online=False))
+        await db.commit()
+    assert delivery.released(w.product["id"] + 1000) == 0  # another product's release
+    await release(w, 2, intelligent=True)
+    await until(lambda: state_is(w, did, "applied"), WAIT, "applied")
+    assert u.applied == [2]
+    [up] = await updates_of(w, did)
+    assert up["trigger"] == "intelligent", up
+
+
+async def _online(w: Any, did: str) -> bool:
+    return bool((await device_row(w.app, did)).online)

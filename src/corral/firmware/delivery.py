@@ -7,6 +7,12 @@ It follows the session hub as a :class:`~corral.sessions.session.SessionObserver
   does) -> standard releases ("update a device when it next connects");
 * a ``firmware`` control op on ``device.<id>.control`` (intelligent release, lock + flash)
   -> the device's node updates it at once;
+* an intelligent release announced on ``firmware.released`` -> devices of that product that
+  connected in the last :data:`RECHECK_S` seconds and were checked on connect are checked
+  again. The release sends intents only to devices stored as online when it read them, and a
+  device's online state is stored in the event writer's next batch; a device whose connect
+  check ran before the release committed, and whose online state was not yet stored when the
+  release read it, would otherwise wait for its next connect;
 * a describe that changes ``updates_enabled`` (Particle: the device's
   ``particle/device/updates/enabled`` event) -> a deferred update goes ahead.
 
@@ -46,6 +52,7 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from corral.bus.base import Message, Subscription
 from corral.devices.cohort_models import Cohort, CohortMember
 from corral.devices.models import Device
 from corral.firmware import links, signing, updates
@@ -57,6 +64,7 @@ from corral.firmware.models import (
     ProductFirmware,
     SigningKey,
 )
+from corral.firmware.signals import RELEASED
 from corral.firmware.storage import blob_path
 from corral.kit import clock
 from corral.sessions.core import SessionHub
@@ -71,6 +79,7 @@ FLASH_STATUS = "spark/flash/status"
 UPDATES_PENDING = "particle/device/updates/pending"
 UPDATES_FORCED = "particle/device/updates/forced"
 TRIGGERS = {"binary", "flash", "intelligent", "lock", "release"}
+RECHECK_S = 60.0  # how far back an intelligent release looks for connects it may have missed
 
 
 @dataclass(frozen=True)
@@ -112,18 +121,25 @@ class FirmwareDelivery:
         self._checked: dict[str, str] = {}  # device -> the session id its connect was checked in
         self._delivered: dict[str, str] = {}  # device -> the session that got a whole image
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._released_sub: Subscription | None = None
         # on connect, one coalesced read says whether there can be anything to do at all
         self._connect_rows = DeviceRows(sessionmaker.kw["bind"], _CONNECT_CHECK)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self not in self.hub.observers:
             self.hub.observers.append(self)
+        if self._released_sub is None:
+            self._released_sub = await self.hub.bus.subscribe(RELEASED, self._on_released)
 
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.hub.observers.remove(self)
+        sub, self._released_sub = self._released_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         tasks = [*self._runs.values(), *self._tasks]
         for t in tasks:
             t.cancel()
@@ -157,6 +173,31 @@ class FirmwareDelivery:
         if body.get("op") == "firmware":
             trigger = body.get("trigger")
             self.check(session, trigger if trigger in TRIGGERS else "flash")
+
+    async def _on_released(self, msg: Message) -> None:
+        try:
+            body = msg.json()
+            product_id = int(body["product_id"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("a firmware.released message without a product: %r", msg.data[:200])
+            return
+        self.released(product_id)
+
+    def released(self, product_id: int) -> int:
+        """An intelligent release of ``product_id`` committed: check again this node's
+        devices of that product that connected in the last :data:`RECHECK_S` seconds and
+        whose connect check has started (one not yet checked sees the release when it is).
+        A device that already got the release's intent has its update open, and the check
+        finds it so. How many were checked."""
+        since = clock.now() - dt.timedelta(seconds=RECHECK_S)
+        n = 0
+        for session in list(self.hub.sessions.values()):
+            if (session.facts.product_id == product_id and not session.closed
+                    and self._checked.get(session.device_id) == session.id
+                    and _aware(session.handshake_at) >= since):
+                self.check(session, "intelligent")
+                n += 1
+        return n
 
     # -- runs ----------------------------------------------------------------------------------
 

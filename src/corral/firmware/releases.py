@@ -35,7 +35,7 @@ from corral.firmware.resolver import (
 )
 from corral.firmware.schemas import ImpactQuery, Release
 from corral.firmware.service import firmware_view, flush_or_conflict, get_firmware
-from corral.firmware.signals import UpdateIntent, request_updates
+from corral.firmware.signals import UpdateIntent, announce_release, request_updates
 from corral.firmware.updates import begin_update
 from corral.kit import clock
 from corral.kit.errors import BadRequest, Forbidden
@@ -217,6 +217,7 @@ async def release(db: AsyncSession, *, actor: Subject, ip: str, product: Product
     await cancel_stale_updates(db, [(c.device.id, c.after.version) for c in changes])
     if req.intelligent:
         await _intelligent_intents(db, product, fw, devices, after, rollout_id)
+        announce_release(db, product.id, fw.id)  # for devices connecting meanwhile
     audit.record(db, actor=actor, ip=ip, action="firmware.released", org_id=product.org_id,
                  product_id=product.id, target_type="firmware", target_id=fw.version,
                  details={"product_default": req.product_default, "groups": sorted(ids),

@@ -8,6 +8,12 @@ never triggers an update). Two ways out, both optional:
   node holding the device's session picks it up (sessions ignore ops they do not know);
 * every callable in :data:`UPDATE_HOOKS` is called with the same :class:`UpdateIntent`
   (the delivery engine registers one; a coroutine function is scheduled as a task).
+
+An intelligent release also says so once on :data:`RELEASED` (``{"product_id",
+"firmware_id"}``), after its commit: a device whose connection was not yet stored as online
+when the release read who is online got no intent, and its connect check may have run before
+the release was committed. Each node's delivery engine checks such devices again
+(:meth:`~corral.firmware.delivery.FirmwareDelivery.released`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class UpdateIntent:
     trigger: str  # flash | intelligent
 
 
+RELEASED = "firmware.released"
 UPDATE_HOOKS: list[Callable[[UpdateIntent], Any]] = []
 _tasks: set[asyncio.Task[Any]] = set()
 
@@ -72,3 +79,18 @@ def request_updates(db: AsyncSession, intents: list[UpdateIntent]) -> None:
     bus = db.info.get("bus")
     queued = list(intents)
     after_commit(db, lambda: _deliver(bus, queued))
+
+
+def announce_release(db: AsyncSession, product_id: int, firmware_id: int) -> None:
+    """After the commit, tell every node that ``firmware_id`` was released intelligently."""
+    bus = db.info.get("bus")
+    if bus is None:
+        return
+
+    async def publish() -> None:
+        try:
+            await bus.publish(RELEASED, {"product_id": product_id, "firmware_id": firmware_id})
+        except Exception:
+            log.warning("could not announce the release of firmware %s", firmware_id)
+
+    after_commit(db, lambda: _spawn(publish()))

@@ -185,7 +185,7 @@ class Runtime:
         from corral.firmware.delivery import FirmwareDelivery
 
         self.delivery = FirmwareDelivery(self.settings, self.sessionmaker, self.hub)
-        self.delivery.start()
+        await self.delivery.start()
         from corral.ledgers.sync import LedgerSync
 
         self.ledger_sync = LedgerSync(self.sessionmaker, self.hub, self.bus)
