@@ -72,7 +72,10 @@ async def render_error(request: Request, err: CorralError) -> Response:
 
     async with request.app.state.sessionmaker() as db:
         await console_ctx(request, db)
-        return await _render_error(request, err)
+        try:
+            return await _render_error(request, err)
+        finally:
+            request.scope.get("state", {}).pop("console", None)  # no cycle via the request
 
 
 async def _render_error(request: Request, err: CorralError) -> Response:

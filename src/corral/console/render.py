@@ -171,8 +171,10 @@ async def page(request: Request, template: str, *, status: int = 200,
         return role is not None and role_allows(role, permission)
 
     flash = take_flash(request)
+    # not the request itself: Jinja's rendering leaves its context in cycles, and a request
+    # named there would wait for the garbage collector with it (tests/test_request_garbage)
     html = ENV.get_template(template).render(
-        request=request, layout=layout, org=org, product=product, role=role, title=title,
+        layout=layout, org=org, product=product, role=role, title=title,
         section=section, can=can, csrf=csrf_token(request), flash=flash,
         path=request.url.path, now=clock.now(), **data)
     response = HTMLResponse(html, status_code=status, headers={**PAGE_HEADERS, **(headers or {})})

@@ -27,7 +27,7 @@ from fastapi import Depends, Request, Response
 
 from corral.auth.deps import Ctx, Db, client_ip
 from corral.auth.subject import Subject, resolve_token
-from corral.db.session import get_db
+from corral.db.session import REQUEST_STATE, get_db
 from corral.devices.access import DeviceGuard
 from corral.kit.errors import CorralError, Forbidden, Unauthorized
 from corral.orgs.access import OrgGuard
@@ -38,6 +38,7 @@ SESSION_COOKIE = "corral_session"
 CSRF_COOKIE = "corral_csrf"
 CSRF_FIELD = "csrf_token"
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+REQUEST_STATE.add("console")  # request.state.console: dropped as the route ends
 
 
 class SignInRequired(CorralError):
@@ -71,8 +72,11 @@ def session_token(request: Request) -> str | None:
 
 async def console_ctx(request: Request, db: Db) -> Ctx:
     """The request's context with the signed-in subject (None when signed out). Kept on
-    ``request.state`` so that error pages can show the layout of who is signed in, and made
-    once per request (the console's guards call :func:`signed_in_context` themselves)."""
+    ``request.state`` while the route runs (the layout shows who is signed in), and made
+    once per request (the console's guards call :func:`signed_in_context` themselves). The
+    route's end drops it (:data:`~corral.db.session.REQUEST_STATE`): the context refers to
+    the request, so kept it would leave the request's graph in a cycle; an error page makes
+    its own (:func:`corral.console.errors.render_error`)."""
     made: Ctx | None = getattr(request.state, "console", None)
     if made is not None and made.db is db:  # an error page passes a fresh session: a new one
         return made

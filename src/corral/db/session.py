@@ -84,6 +84,8 @@ _ENDS_SESSION = "corral.db.ended_by_route"
 # way, 20,000 allocations at a time, they paused a node 13-32 ms every ~0.4 s under load
 # (bench/README B1); dropped here, reference counting frees them as the request ends.
 REQUEST_SCOPED: set[str] = set()
+# the same for attributes of ``request.state`` (kept in the scope's "state" dict)
+REQUEST_STATE: set[str] = set()
 
 
 async def get_db(request: Request) -> AsyncSession:
@@ -140,5 +142,9 @@ class TransactionRoute(APIRoute):
             finally:
                 for key in REQUEST_SCOPED:
                     scope.pop(key, None)
+                state = scope.get("state")
+                if state:
+                    for key in REQUEST_STATE:
+                        state.pop(key, None)
 
         return handle
